@@ -1,0 +1,253 @@
+"""The resolved configuration of a run: a tree of frozen dataclasses, built from a recipe plus ``key=value``
+overrides, validated field by field, and hashed to name the run's directory."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic building and validation
+# --------------------------------------------------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Converts a YAML/CLI value to the annotated field type, or raises ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (tuple, Tuple):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, where) for v in value)
+    if origin in (dict, Dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return build_dataclass(annotation, value, where)
+    return value
+
+
+def build_dataclass(cls: type, values: Mapping[str, Any], where: str = ""):
+    """Instantiates ``cls`` from ``values``; unknown keys and ill-typed values raise a ConfigError that names
+    the field and lists the allowed ones."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(repr(k) for k in unknown)} in {where or cls.__name__}; "
+                          f"allowed: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(items: Tuple[str, ...] | list) -> Dict[str, Any]:
+    """``["optim.lr=0.1", "method.stages=[1,2]"]`` -> nested dict, values parsed as YAML."""
+    nested: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=0.1)")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run configuration
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    root: Optional[str] = None          # None: the dataset's default location
+    download: bool = False              # torchvision datasets only; needs a network
+    pipeline: str = "small"             # 'small' (demo resolution) or 'paper224' (the papers' CIFAR-at-224)
+    img_size: int = 32
+    train_subset: int = 0               # 0: the whole training set; else the first N of a seeded permutation
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    workers: int = 4                    # DataLoader workers for the per-image path
+    in_memory: str = "auto"             # 'auto', 'yes', 'no': the whole-set uint8 tensor fast path
+    hflip: float = 0.5
+    rrc_scale: Tuple[float, ...] = (0.08, 1.0)
+    crop_padding: int = 4               # 'small' pipeline random crop padding
+    color_jitter: float = 0.0
+    auto_augment: Optional[str] = None  # e.g. 'rand-m9-mstd0.5-inc1'
+    reprob: float = 0.0                 # random erasing probability
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    crop_pct: Optional[float] = None    # None: the student's crop_pct from the zoo
+
+    def __post_init__(self):
+        if self.pipeline not in ("small", "paper224"):
+            raise ValueError(f"data.pipeline must be 'small' or 'paper224', got {self.pipeline!r}")
+        if self.in_memory not in ("auto", "yes", "no"):
+            raise ValueError(f"data.in_memory must be 'auto', 'yes' or 'no', got {self.in_memory!r}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"                   # 'sgd' or 'adamw'
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: Tuple[float, ...] = (0.9, 0.999)
+    warmup_epochs: float = 0.0
+    warmup_lr: float = 1e-4
+    min_lr: float = 0.0
+    clip_grad: float = 0.0              # 0: no clipping (norm clipping otherwise)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {self.name!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    seed: int = 0
+    precision: str = "auto"             # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
+    channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
+    ema_decay: float = 0.0              # student EMA; 0 disables
+    eval_every: int = 1
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.channels_last not in ("auto", "yes", "no"):
+            raise ValueError(f"train.channels_last must be auto, yes or no, got {self.channels_last!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    checkpoint: Optional[str] = None    # a state dict to load (teachers: instead of training one)
+    checkpoint_ema: bool = False        # take the EMA weights from a timm checkpoint that has them
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str                           # 'student' or 'teacher'
+    student: ModelConfig
+    method: str
+    method_cfg: Dict[str, Any]
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    teacher: Optional[ModelConfig] = None
+    teacher_recipe: Optional[str] = None  # the recipe the teacher is trained with when it has no checkpoint
+    recipe: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return to_dict(self)
+
+    def run_hash(self) -> str:
+        """A stable hash of everything that changes the result (not where it runs or how many workers load it)."""
+        body = self.to_dict()
+        body["data"].pop("workers", None)
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        seed = f"s{self.train.seed}"
+        if self.kind == "teacher":
+            return f"teacher_{self.student.name}_{self.data.dataset}_{seed}_{self.run_hash()}"
+        teacher = self.teacher.name if self.teacher else "none"
+        return f"{self.method}_{teacher}_to_{self.student.name}_{self.data.dataset}_{seed}_{self.run_hash()}"
+
+
+def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
+    """Rebuilds a RunConfig from its stored JSON form."""
+    return build_dataclass(RunConfig, d)

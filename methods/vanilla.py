@@ -1,0 +1,24 @@
+"""``none``: the student trained alone with the task loss (the papers' "from scratch" baseline)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Distiller
+from .registry import register_method
+
+
+@register_method
+class Vanilla(Distiller):
+    name = "none"
+    paper = "student alone (cross-entropy)"
+
+    @dataclass(frozen=True)
+    class Config:
+        gt_weight: float = 1.0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return False
+
+    def losses(self, student, teacher, targets, epoch=0):
+        return {"ce": self.cfg.gt_weight * self.task_loss(student.logits, targets)}
