@@ -53,6 +53,8 @@ class Distiller(nn.Module):
         # plain references: not submodules, so they are not in this module's parameters or state dict
         self.__dict__["student"] = student
         self.__dict__["teacher"] = teacher
+        if teacher is not None:  # the teacher is frozen; a method may still back-propagate *through* it
+            teacher.requires_grad_(False).eval()
         self.__dict__["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
 
     # -- what the method needs from the models -------------------------------------------------------------------
