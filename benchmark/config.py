@@ -228,6 +228,7 @@ class RunConfig:
     train: TrainConfig
     teacher: Optional[ModelConfig] = None
     teacher_recipe: Optional[str] = None  # the recipe the teacher is trained with when it has no checkpoint
+    teacher_overrides: Tuple[str, ...] = ()  # key=value overrides of that teacher run (part of this run's hash)
     recipe: str = ""
 
     def to_dict(self) -> Dict[str, Any]:

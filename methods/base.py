@@ -44,6 +44,8 @@ class Distiller(nn.Module):
     # Set when the method back-propagates through the teacher (e.g. PAT's prompts); the trainer then does not
     # wrap the teacher forward in no_grad for it (the teacher's weights stay frozen all the same).
     needs_teacher_grad: ClassVar[bool] = False
+    # False for methods that train the student alone (no teacher is built or trained for them)
+    uses_teacher: ClassVar[bool] = True
 
     def __init__(self, cfg, student: TappedModel, teacher: Optional[TappedModel], num_classes: int,
                  criterion: Optional[nn.Module] = None):
@@ -63,10 +65,6 @@ class Distiller(nn.Module):
 
     def teacher_stages(self) -> Tuple[int, ...]:
         return ()
-
-    @property
-    def uses_teacher(self) -> bool:
-        return True
 
     # -- the step -------------------------------------------------------------------------------------------------
     def task_loss(self, logits: torch.Tensor, targets: Targets) -> torch.Tensor:

@@ -16,9 +16,7 @@ class Vanilla(Distiller):
     class Config:
         gt_weight: float = 1.0
 
-    @property
-    def uses_teacher(self) -> bool:
-        return False
+    uses_teacher = False
 
     def losses(self, student, teacher, targets, epoch=0):
         return {"ce": self.cfg.gt_weight * self.task_loss(student.logits, targets)}

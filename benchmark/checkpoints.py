@@ -1,0 +1,58 @@
+"""Loading teacher checkpoints from a path, including state dicts written by the timm 0.6.x of the HKD papers
+(e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm and DDP put around the weights are removed and
+the keys whose layout changed since are remapped by the model family's timm filter (Swin: the patch merging
+moved from the end of stage i to the start of stage i+1, the classifier from ``head`` to ``head.fc``, and the
+relative-position index and attention mask stopped being saved)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+_WRAPPERS = ("state_dict", "model", "module")
+_EMA_WRAPPERS = ("state_dict_ema", "model_ema")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"teacher checkpoint {path!r} does not exist")
+    raw: Any = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(raw, dict):
+        keys = _EMA_WRAPPERS + _WRAPPERS if use_ema else _WRAPPERS
+        for key in keys:
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+        else:
+            if use_ema:
+                raise CheckpointError(f"{path} has no EMA weights (looked for {', '.join(_EMA_WRAPPERS)})")
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    # DDP / DataParallel prefix
+    return {k[7:] if k.startswith("module.") else k: v for k, v in raw.items()}
+
+
+def remap_legacy_keys(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Applies the timm filter of the model's family (the conversions timm ships for old checkpoints)."""
+    module = importlib.import_module(type(model).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        return state
+    return filter_fn(state, model)
+
+
+def load_state_dict_into(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    state = remap_legacy_keys(read_state_dict(path, use_ema), model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (is the model name or the "
+            "number of classes right?)")

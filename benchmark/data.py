@@ -1,0 +1,417 @@
+"""Datasets by name and the two input pipelines.
+
+* ``fashion-mnist`` (the offline default): the four gzipped IDX files of Debian's ``dataset-fashion-mnist``
+  package (``/usr/share/datasets/fashion-mnist``) or of a torchvision root (``ROOT/FashionMNIST/raw``).
+* ``cifar10`` / ``cifar100``: torchvision datasets under a root (``data.download=true`` fetches them where the
+  machine is online).
+* ``imagenet``: an ImageFolder root with ``train/`` and ``val/``.
+
+Pipelines: ``paper224`` is the papers' CIFAR-at-224 pipeline (RandomResizedCrop 224, scale 0.08-1, flip; eval
+resize to 224/crop_pct + center crop; RandAugment / mixup / cutmix / random erasing when the recipe asks), and
+``small`` keeps the native resolution (padded to ``img_size``) with random-crop + flip for the demo and tests.
+
+Datasets that fit in memory take the fast path: the whole split is one uint8 tensor on the training device and
+every augmentation is a batched tensor op (crops and resizes as one ``grid_sample``), no per-image PIL work.
+ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image transforms.
+Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    in_chans: int
+    native_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    in_memory: bool  # small enough for the whole-set tensor fast path
+
+
+DATASETS = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), True),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
+}
+
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Raw arrays
+# --------------------------------------------------------------------------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_fashion_mnist(root: Optional[str]) -> Path:
+    candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else []
+    candidates += [FASHION_MNIST_DEBIAN_DIR]
+    for folder in candidates:
+        if all(any((folder / f"{stem}{ext}").exists() for ext in (".gz", "")) for stem in _FMNIST_FILES[True]):
+            return folder
+    tried = ", ".join(str(c) for c in candidates)
+    raise DataNotFoundError(
+        f"Fashion-MNIST not found (looked in {tried}). Install it with "
+        "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four IDX files from "
+        "https://github.com/zalandoresearch/fashion-mnist under ROOT/FashionMNIST/raw and pass data.root=ROOT")
+
+
+def _load_fashion_mnist(root: Optional[str], train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    folder = _find_fashion_mnist(root)
+    arrays = []
+    for stem in _FMNIST_FILES[train]:
+        path = folder / f"{stem}.gz"
+        arrays.append(_read_idx(path if path.exists() else folder / stem))
+    images, labels = arrays
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_cifar(name: str, root: Optional[str], train: bool, download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    import torchvision
+
+    if not root:
+        raise DataNotFoundError(f"{name} needs data.root=PATH (a torchvision root; add data.download=true to "
+                                "fetch it on a machine with internet access)")
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(root, train=train, download=download)
+    except RuntimeError as err:
+        raise DataNotFoundError(f"{name} not found under {root!r} ({err}); pass data.download=true on a machine "
+                                "with internet access, or point data.root at a torchvision CIFAR root") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def load_tensors(cfg: DataConfig, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The whole split as (uint8 images (N, C, H, W), int64 labels (N,))."""
+    if cfg.dataset == "fashion-mnist":
+        return _load_fashion_mnist(cfg.root, train)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        return _load_cifar(cfg.dataset, cfg.root, train, cfg.download)
+    raise ValueError(f"{cfg.dataset} has no in-memory loader")
+
+
+def check_data_available(cfg: DataConfig) -> None:
+    """Fails at once, before any model is built, when the data is not where the config says."""
+    dataset_info(cfg.dataset)
+    if cfg.dataset == "fashion-mnist":
+        _find_fashion_mnist(cfg.root)
+    elif cfg.dataset == "imagenet":
+        if not cfg.root or not (Path(cfg.root) / "train").is_dir() or not (Path(cfg.root) / "val").is_dir():
+            raise DataNotFoundError(f"imagenet needs data.root=PATH with train/ and val/ ImageFolder directories, "
+                                    f"got {cfg.root!r}")
+    elif not cfg.download:
+        if not cfg.root:
+            raise DataNotFoundError(f"{cfg.dataset} needs data.root=PATH (a torchvision root; add "
+                                    "data.download=true to fetch it on a machine with internet access)")
+        folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
+        if not (Path(cfg.root) / folder).is_dir():
+            raise DataNotFoundError(f"{cfg.dataset} not found: {Path(cfg.root) / folder} does not exist; pass "
+                                    "data.download=true on a machine with internet access")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batched tensor augmentation
+# --------------------------------------------------------------------------------------------------------------
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _rrc_boxes(batch: int, scale: Tuple[float, float], ratio=(3 / 4, 4 / 3), device=None) -> torch.Tensor:
+    """RandomResizedCrop boxes as (cx, cy, w, h) fractions of the image, drawn as torchvision does
+    (10 tries of area x log-uniform aspect, falling back to the whole image)."""
+    tries = 10
+    area = torch.empty(batch, tries, device=device).uniform_(scale[0], scale[1])
+    log_r = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = log_r.exp()
+    w = (area * aspect).sqrt()
+    h = (area / aspect).sqrt()
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((batch,), -1, device=device))
+    idx = first.clamp(min=0).unsqueeze(1)
+    w = torch.where(first >= 0, w.gather(1, idx).squeeze(1), torch.ones(batch, device=device))
+    h = torch.where(first >= 0, h.gather(1, idx).squeeze(1), torch.ones(batch, device=device))
+    cx = torch.rand(batch, device=device) * (1 - w) + w / 2
+    cy = torch.rand(batch, device=device) * (1 - h) + h / 2
+    return torch.stack([cx, cy, w, h], 1)
+
+
+def _crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops each image to its box (fractions), flips where ``flip``, and resizes to size x size, all in one
+    bilinear grid_sample. ``images`` are float (B, C, H, W)."""
+    b = images.shape[0]
+    cx, cy, w, h = boxes.unbind(1)
+    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = w * torch.where(flip, -1.0, 1.0)
+    theta[:, 0, 2] = cx * 2 - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy * 2 - 1
+    grid = F.affine_grid(theta, (b, images.shape[1], size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    if h == size and w == size:
+        return images
+    if h > size or w > size:
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (left, size - w - left, top, size - h - top))
+
+
+def _random_crop_flip(images: torch.Tensor, padding: int, hflip: float) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip for the whole batch via gather indices."""
+    b, c, h, w = images.shape
+    if padding:
+        images = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
+        dx = torch.randint(0, 2 * padding + 1, (b,), device=images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device)[None])  # (B, H)
+        cols = (dx[:, None] + torch.arange(w, device=images.device)[None])  # (B, W)
+    else:
+        rows = torch.arange(h, device=images.device).expand(b, h)
+        cols = torch.arange(w, device=images.device).expand(b, w)
+    flip = torch.rand(b, device=images.device) < hflip
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    images = images.gather(2, rows[:, None, :, None].expand(b, c, h, images.shape[3]))
+    return images.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+class TensorLoader:
+    """Batches of one in-memory split, augmented on the device. Iterating starts at ``start_step``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, info: DatasetInfo,
+                 train: bool, device: torch.device, crop_pct: float):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.cfg, self.info, self.train, self.device, self.crop_pct = cfg, info, train, device, crop_pct
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
+        self.rand_augment = _rand_augment(cfg.auto_augment) if train and cfg.auto_augment else None
+        self.erasing = _random_erasing(cfg, device) if train and cfg.reprob > 0 else None
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = epoch_permutation(n, seed, epoch).to(self.device) if self.train else torch.arange(n, device=self.device)
+        for step in range(start_step, len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield self._transform(self.images[idx]), self.labels[idx]
+
+    def _transform(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.rand_augment is not None:  # per image, on uint8 tensors on the device
+            images = torch.stack([self.rand_augment(img) for img in images])
+        x = images.float()
+        if cfg.pipeline == "paper224":
+            if self.train:
+                boxes = _rrc_boxes(x.shape[0], tuple(cfg.rrc_scale), device=x.device)
+                flip = torch.rand(x.shape[0], device=x.device) < cfg.hflip
+                x = _crop_resize(x, boxes, flip, cfg.img_size)
+            else:
+                resize = math.floor(cfg.img_size / self.crop_pct)
+                x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+                top = (resize - cfg.img_size) // 2
+                x = x[..., top:top + cfg.img_size, top:top + cfg.img_size]
+        else:
+            x = _pad_to(x, cfg.img_size)
+            if self.train:
+                x = _random_crop_flip(x, cfg.crop_padding, cfg.hflip)
+        if self.train and cfg.color_jitter > 0:
+            x = _color_jitter(x, cfg.color_jitter)
+        x = (x - self.mean) / self.std
+        if self.erasing is not None:
+            x = self.erasing(x)
+        return x
+
+
+def _color_jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Brightness, contrast and saturation jitter by factors in [1-s, 1+s], per image (0-255 floats)."""
+    b = x.shape[0]
+    factor = lambda: torch.empty(b, 1, 1, 1, device=x.device).uniform_(1 - strength, 1 + strength)  # noqa: E731
+    x = x * factor()
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * factor() + mean
+    if x.shape[1] == 3:
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (x - gray) * factor() + gray
+    return x.clamp(0, 255)
+
+
+def _rand_augment(spec: str):
+    """timm-style 'rand-mM-nN...' string -> torchvision's tensor RandAugment (magnitude M, N ops)."""
+    from torchvision.transforms import v2
+
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"data.auto_augment {spec!r}: only RandAugment ('rand-m9-mstd0.5-inc1') is supported")
+    magnitude, num_ops = 9, 2
+    for part in parts[1:]:
+        if part.startswith("mstd") or part.startswith("inc"):
+            continue
+        if part.startswith("m"):
+            magnitude = int(part[1:])
+        elif part.startswith("n"):
+            num_ops = int(part[1:])
+    return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+
+
+def _random_erasing(cfg: DataConfig, device):
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability=cfg.reprob, mode="pixel", device=str(device))
+
+
+def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):
+    """timm's batch Mixup/CutMix (soft targets), or None when the recipe has neither."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=label_smoothing,
+                 num_classes=num_classes, mode="batch")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-image path (ImageNet, or data.in_memory=no)
+# --------------------------------------------------------------------------------------------------------------
+
+class ImageLoader:
+    """A DataLoader over a torchvision dataset with timm transforms; same interface as TensorLoader."""
+
+    def __init__(self, dataset, cfg: DataConfig, train: bool, device: torch.device):
+        self.dataset, self.cfg, self.train, self.device = dataset, cfg, train, device
+        self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0):
+        n = len(self.dataset)
+        order = epoch_permutation(n, seed, epoch) if self.train else torch.arange(n)
+        order = order[start_step * self.batch_size: len(self) * self.batch_size].tolist()
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.cfg.workers,
+            pin_memory=self.device.type == "cuda", drop_last=self.train, persistent_workers=False)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+
+
+def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
+    import torchvision
+    from timm.data import create_transform
+
+    size = cfg.img_size
+    transform = create_transform(
+        size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+        interpolation="bilinear", mean=info.mean, std=info.std, crop_pct=crop_pct)
+    if cfg.dataset == "imagenet":
+        return torchvision.datasets.ImageFolder(os.path.join(cfg.root, "train" if train else "val"), transform)
+    if cfg.dataset == "fashion-mnist":
+        images, labels = load_tensors(cfg, train)
+        return _TensorImageDataset(images, labels, transform)
+    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    return cls(cfg.root, train=train, download=cfg.download, transform=transform)
+
+
+class _TensorImageDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, transform):
+        from PIL import Image
+
+        self._to_pil = lambda a: Image.fromarray(a.squeeze(0).numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()).convert("RGB")
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self._to_pil(self.images[i])), int(self.labels[i])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+def train_subset_indices(n: int, subset: int) -> torch.Tensor:
+    """The first ``subset`` items of a fixed permutation: every run of a sweep sees the same subset."""
+    if subset <= 0 or subset >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(12345))[:subset].sort().values
+
+
+def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float):
+    """(train loader, eval loader, DatasetInfo) for a data config."""
+    info = dataset_info(cfg.dataset)
+    check_data_available(cfg)
+    use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
+    if use_memory and not info.in_memory:
+        raise ValueError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")
+    if use_memory:
+        train_x, train_y = load_tensors(cfg, train=True)
+        keep = train_subset_indices(len(train_y), cfg.train_subset)
+        test_x, test_y = load_tensors(cfg, train=False)
+        train = TensorLoader(train_x[keep], train_y[keep], cfg, info, True, device, crop_pct)
+        test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct)
+    else:
+        if cfg.dataset == "fashion-mnist" or info.in_chans != 3:
+            info = DatasetInfo(**{**info.__dict__, "in_chans": 3})  # the PIL path converts to RGB
+        train_ds = _image_dataset(cfg, info, True, crop_pct)
+        if cfg.train_subset:
+            train_ds = torch.utils.data.Subset(train_ds, train_subset_indices(len(train_ds), cfg.train_subset).tolist())
+        train = ImageLoader(train_ds, cfg, True, device)
+        test = ImageLoader(_image_dataset(cfg, info, False, crop_pct), cfg, False, device)
+    if len(train) == 0:
+        raise ValueError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
+                         "data.batch_size or raise data.train_subset")
+    return train, test, info

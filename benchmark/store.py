@@ -1,0 +1,227 @@
+"""The run store: one directory per run, named by the hash of its resolved config.
+
+    <runs>/<name>-<hash>/
+        config.json      the resolved config (written once; a different config never lands in this directory)
+        env.json         python/torch/timm versions, git sha, device, world size
+        metrics.jsonl    one line per finished epoch
+        checkpoint.pt    the latest training state (atomic: temp file + rename)
+        summary.json     the result, written only when the run completed
+        DONE             completion marker (written last)
+        FAILED           a JSON reason, for runs that diverged or crashed
+        lock             held (flock) by the process training the run
+
+Every write is atomic, so a kill at any moment leaves either the previous or the new file, never half of one.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from .config import RunConfig, run_config_from_dict
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+def runs_root(path: Optional[str] = None) -> Path:
+    return Path(path or os.environ.get("HKDBENCH_RUNS", DEFAULT_RUNS_DIR))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def git_sha() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
+    import timm
+
+    import hkdbench
+
+    env = {
+        "hkdbench": hkdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "timm": timm.__version__, "git_sha": git_sha(), "host": platform.node(), "device": str(device),
+        "world_size": world_size, "cpu_threads": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    config_file = property(lambda self: self.path / "config.json")
+    env_file = property(lambda self: self.path / "env.json")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    checkpoint_file = property(lambda self: self.path / "checkpoint.pt")
+    summary_file = property(lambda self: self.path / "summary.json")
+    done_file = property(lambda self: self.path / "DONE")
+    failed_file = property(lambda self: self.path / "FAILED")
+    log_file = property(lambda self: self.path / "log.txt")
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    @property
+    def is_done(self) -> bool:
+        return self.done_file.exists() and self.summary_file.exists()
+
+    @property
+    def is_failed(self) -> bool:
+        return self.failed_file.exists() and not self.is_done
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_file.exists()
+
+    def status(self) -> str:
+        if self.is_done:
+            return "done"
+        if self.is_failed:
+            return "failed"
+        if self.is_locked():
+            return "running"
+        if self.has_checkpoint:
+            return "partial"
+        return "pending"
+
+    def config(self) -> RunConfig:
+        return run_config_from_dict(json.loads(self.config_file.read_text()))
+
+    def summary(self) -> Dict[str, Any]:
+        return json.loads(self.summary_file.read_text())
+
+    def failure(self) -> Dict[str, Any]:
+        return json.loads(self.failed_file.read_text())
+
+    def metrics(self) -> List[Dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    # -- writes ---------------------------------------------------------------------------------------------------
+    def claim(self, cfg: RunConfig) -> None:
+        """Creates the directory for ``cfg``, or checks that the existing one holds the same config."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        body = cfg.to_dict()
+        if self.config_file.exists():
+            stored = json.loads(self.config_file.read_text())
+            if stored != json.loads(json.dumps(body, default=str)):
+                raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
+                                   "refusing to overwrite another run")
+        else:
+            atomic_write_json(self.config_file, body)
+
+    def write_metrics(self, records: List[Dict[str, Any]]) -> None:
+        atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+    def mark_failed(self, reason: str, **details: Any) -> None:
+        atomic_write_json(self.failed_file, {"reason": reason, **details,
+                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def mark_done(self, summary: Dict[str, Any]) -> None:
+        atomic_write_json(self.summary_file, summary)
+        with contextlib.suppress(FileNotFoundError):
+            self.failed_file.unlink()
+        atomic_write_bytes(self.done_file, b"")
+
+    def reset(self) -> None:
+        """Forgets the run's progress (``--restart``); keeps config.json."""
+        for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file):
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+
+    # -- locking --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, wait: bool = True) -> Iterator[None]:
+        """An exclusive flock on ``lock``: never two processes training the same run."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / "lock", "a+") as f:
+            flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
+            try:
+                fcntl.flock(f, flags)
+            except BlockingIOError:
+                raise RunLockedError(f"{self.path} is being trained by another process") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def is_locked(self) -> bool:
+        lock_file = self.path / "lock"
+        if not lock_file.exists():
+            return False
+        with open(lock_file, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+class RunStore:
+    def __init__(self, root: Optional[str | Path] = None):
+        self.root = runs_root(str(root) if root else None)
+
+    def run_dir(self, cfg: RunConfig) -> RunDir:
+        return RunDir(self.root / cfg.run_name())
+
+    def runs(self) -> List[RunDir]:
+        if not self.root.is_dir():
+            return []
+        return [RunDir(p) for p in sorted(self.root.iterdir()) if (p / "config.json").exists()]

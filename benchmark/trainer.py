@@ -1,0 +1,525 @@
+"""The common training harness: one loop for every method, teacher runs included.
+
+Per step: the distiller's ``training_step`` (student forward with taps, teacher forward once without
+gradients, loss terms), the sum of the terms, backward (with a GradScaler under fp16), optional gradient
+clipping, the optimiser step, the student EMA. Per epoch: evaluation (student and EMA), one metrics line, an
+atomic checkpoint. A resumed run continues bit for bit: the data order and every random draw come from
+(seed, epoch), and a checkpoint taken mid-epoch (on a stop request such as Slurm's USR2) also stores the RNG
+states and the partial epoch's sums.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from hkdbench.methods import Distiller, Targets, get_method, method_config
+
+from . import data as data_lib
+from .config import RunConfig
+from .models import TappedModel, create_model, zoo_entry
+from .store import RunDir, RunStore, atomic_torch_save, environment
+
+log = logging.getLogger("hkdbench")
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite; the run is marked FAILED."""
+
+
+class TeacherUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    status: str                      # 'done', 'interrupted'
+    run_dir: RunDir
+    summary: Optional[Dict[str, Any]] = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices, precision, optimiser, schedule
+# --------------------------------------------------------------------------------------------------------------
+
+def select_device(requested: Optional[str] = None) -> torch.device:
+    if requested and requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """None for fp32; bf16 where the GPU supports it ('auto'), fp16 otherwise. CPU runs fp32 on 'auto'."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
+    """Weight decay on weights only: biases and norm parameters (ndim <= 1) are exempt, as in timm."""
+    decay, no_decay, seen = [], [], set()
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg, modules: List[nn.Module]) -> torch.optim.Optimizer:
+    groups = param_groups(modules, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_at(cfg, epochs: int, progress: float) -> float:
+    """Linear warm-up from warmup_lr to lr over warmup_epochs, then cosine down to min_lr at the end.
+    ``progress`` is in epochs (fractional: the schedule is applied every step)."""
+    if progress < cfg.warmup_epochs:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * progress / cfg.warmup_epochs
+    span = max(epochs - cfg.warmup_epochs, 1e-8)
+    t = min(max((progress - cfg.warmup_epochs) / span, 0.0), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype],
+             channels_last: bool) -> Dict[str, float]:
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for images, labels in loader.batches():
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, dtype):
+            logits = model(images).logits if isinstance(model, TappedModel) else model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(1).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _EpochSums:
+    """Running sums of one epoch's per-term losses and statistics (kept in checkpoints mid-epoch)."""
+
+    def __init__(self, state: Optional[Dict[str, Any]] = None):
+        state = state or {}
+        self.sums: Dict[str, float] = dict(state.get("sums", {}))
+        self.steps: int = state.get("steps", 0)
+        self.images: int = state.get("images", 0)
+        self.correct: int = state.get("correct", 0)
+        self.seconds: float = state.get("seconds", 0.0)
+
+    def add(self, values: Dict[str, float], images: int, correct: int, seconds: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+        self.correct += correct
+        self.seconds += seconds
+
+    def means(self) -> Dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def state(self) -> Dict[str, Any]:
+        return {"sums": self.sums, "steps": self.steps, "images": self.images, "correct": self.correct,
+                "seconds": self.seconds}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building the pieces of a run
+# --------------------------------------------------------------------------------------------------------------
+
+class TrainModule(nn.Module):
+    """The student and the method's modules as one module (what the optimiser, DDP and checkpoints see)."""
+
+    def __init__(self, student: TappedModel, method: Distiller):
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, images, targets: Targets, epoch: int):
+        return self.method.training_step(images, targets, epoch)
+
+
+def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False) -> None:
+    from .checkpoints import load_state_dict_into
+
+    load_state_dict_into(teacher.model, path, use_ema=use_ema)
+
+
+def build_criterion(cfg: RunConfig) -> nn.Module:
+    from timm.loss import SoftTargetCrossEntropy
+
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        return SoftTargetCrossEntropy()  # mixup already folds label smoothing into the soft targets
+    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, store: RunStore, device: Optional[str] = None, progress: Optional[bool] = None,
+                 should_stop: Callable[[], bool] = lambda: False, dist_ctx=None, echo: bool = True):
+        self.cfg, self.store = cfg, store
+        self.device = select_device(device)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.should_stop = should_stop
+        self.dist = dist_ctx
+        self.echo = echo
+        self.run_dir = store.run_dir(cfg)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.rank == 0
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
+            if self.echo:
+                print(message, flush=True)
+            with open(self.run_dir.log_file, "a") as f:
+                f.write(message + "\n")
+
+    # -- teacher --------------------------------------------------------------------------------------------------
+    def prepare_teacher(self, num_classes: int, in_chans: int) -> Tuple[Optional[TappedModel], Optional[float]]:
+        cfg = self.cfg
+        if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+            return None, None
+        teacher = create_model(cfg.teacher.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size)
+        if cfg.teacher.checkpoint:
+            load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+            return teacher.to(self.device), None
+        from .recipes import teacher_run_config
+
+        t_cfg = teacher_run_config(cfg)
+        t_dir = self.store.run_dir(t_cfg)
+        if not t_dir.is_done:
+            self.say(f"teacher {cfg.teacher.name}: no finished run at {t_dir.path}; training it first")
+            result = Trainer(t_cfg, self.store, device=str(self.device), progress=self.progress,
+                             should_stop=self.should_stop, dist_ctx=self.dist, echo=self.echo).run(resume=True)
+            if result.status != "done":
+                raise TeacherUnavailableError("interrupted while training the teacher")
+        state = torch.load(t_dir.path / "final.pt", map_location="cpu", weights_only=True)
+        teacher.model.load_state_dict(state)
+        return teacher.to(self.device), t_dir.summary()["best_top1"]
+
+    # -- main loop ------------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, restart: bool = False) -> RunResult:
+        with self.run_dir.lock():
+            return self._run_locked(resume, restart)
+
+    def _run_locked(self, resume: bool, restart: bool) -> RunResult:
+        cfg, rd = self.cfg, self.run_dir
+        if self.is_main:
+            rd.claim(cfg)
+        if restart and self.is_main:
+            rd.reset()
+        if rd.is_done:
+            self.say(f"{rd.path.name}: already done")
+            return RunResult("done", rd, rd.summary())
+        if rd.has_checkpoint and not resume:
+            raise RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to "
+                                 "continue it or --restart to start over")
+
+        entry = zoo_entry(cfg.student.name)
+        crop_pct = cfg.data.crop_pct or entry.crop_pct
+        train_loader, test_loader, info = data_lib.build_loaders(cfg.data, self.device, crop_pct)
+        teacher, teacher_top1 = self.prepare_teacher(info.num_classes, info.in_chans)
+
+        data_lib.seed_everything(cfg.train.seed)
+        student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
+                               img_size=cfg.data.img_size)
+        criterion = build_criterion(cfg)
+        method_cls = get_method(cfg.method)
+        method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
+                            criterion)
+        module = TrainModule(student, method).to(self.device)
+        channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto"
+                                                            and self.device.type == "cuda")
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+            if teacher is not None:
+                teacher.to(memory_format=torch.channels_last)
+        dtype = autocast_dtype(cfg.train.precision, self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        optimizer = build_optimizer(cfg.optim, [module])
+        ema = _make_ema(student, cfg.train.ema_decay)
+        mixup = data_lib.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
+        wrapped = self.dist.wrap(module) if self.dist else module
+
+        state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
+        if rd.has_checkpoint:
+            state = self._load_checkpoint(module, optimizer, scaler, ema, state)
+            self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
+        elif self.is_main:
+            from .store import atomic_write_json
+            atomic_write_json(rd.env_file, {**environment(self.device, self.world_size),
+                                            "global_batch": cfg.data.batch_size * self.world_size,
+                                            "lr": cfg.optim.lr, "channels_last": channels_last,
+                                            "autocast": str(dtype) if dtype else "fp32"})
+        if state["teacher_top1"] is None and teacher is not None:
+            state["teacher_top1"] = evaluate(teacher, test_loader, self.device, dtype, channels_last)["top1"]
+            self.say(f"teacher {cfg.teacher.name}: top-1 {state['teacher_top1']:.2f}")
+
+        self.say(f"{rd.path.name}: {cfg.method} {cfg.teacher.name if cfg.teacher else '-'} -> {cfg.student.name} "
+                 f"on {cfg.data.dataset}, {cfg.train.epochs} epochs, {len(train_loader)} steps/epoch, "
+                 f"device {self.device}{', ' + str(dtype) if dtype else ''}")
+        history: List[Dict[str, Any]] = state["history"]
+        ctx = _StepContext(cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last,
+                           train_loader, self.device, len(train_loader))
+        for epoch in range(state["epoch"], cfg.train.epochs):
+            start_step = state["step"] if epoch == state["epoch"] else 0
+            sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
+            if start_step == 0:
+                data_lib.seed_everything(cfg.train.seed * 100_003 + epoch)
+            else:
+                _set_rng(state["rng"])
+            stopped_at = self._train_epoch(ctx, epoch, start_step, sums)
+            if stopped_at is not None:
+                self._save_checkpoint(module, optimizer, scaler, ema, epoch, stopped_at, history, sums,
+                                      state["teacher_top1"])
+                self.say(f"{rd.path.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {stopped_at}")
+                return RunResult("interrupted", rd)
+            record = self._epoch_record(ctx, epoch, sums, test_loader, ema, method)
+            history.append(record)
+            self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
+            if self.is_main:
+                rd.write_metrics(history)
+            self.say(_format_epoch(record, cfg.train.epochs))
+        summary = self._summary(history, student, method, state["teacher_top1"])
+        if self.is_main:
+            atomic_torch_save(rd.path / "final.pt", student.model.state_dict())
+            if ema is not None:
+                atomic_torch_save(rd.path / "final_ema.pt", ema.module.state_dict())
+            rd.mark_done(summary)
+        self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
+                 f"last {summary['last_top1']:.2f}")
+        return RunResult("done", rd, summary)
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size if self.dist else 1
+
+    def _train_epoch(self, ctx: "_StepContext", epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
+        """Runs the epoch from ``start_step``; returns the step to resume at if a stop was requested."""
+        bar = _progress_bar(self.progress and self.is_main, ctx.steps, start_step, f"epoch {epoch + 1}")
+        step = start_step
+        for images, labels in ctx.loader.batches(self.cfg.train.seed, epoch, start_step):
+            tic = time.perf_counter()
+            values, correct = ctx.step(images, labels, epoch, step)
+            total = sum(v for k, v in values.items() if k.startswith("loss/"))
+            if not math.isfinite(total):
+                self._fail_diverged(epoch, step, values)
+            sums.add(values, labels.shape[0] * self.world_size, correct, time.perf_counter() - tic)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+            if self.should_stop() and step < ctx.steps:
+                if bar is not None:
+                    bar.close()
+                return step
+        if bar is not None:
+            bar.close()
+        return None
+
+    def _fail_diverged(self, epoch: int, step: int, values: Dict[str, float]) -> None:
+        terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
+        reason = f"non-finite loss at epoch {epoch + 1}, step {step}: " + ", ".join(
+            f"{k}={v}" for k, v in terms.items())
+        if self.is_main:
+            self.run_dir.mark_failed(reason, epoch=epoch + 1, step=step, losses=terms)
+        self.say(f"{self.run_dir.path.name}: FAILED: {reason}")
+        raise DivergedError(reason)
+
+    def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema, method) -> Dict[str, Any]:
+        cfg = self.cfg
+        record: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, cfg.train.epochs, epoch + 1 - 1e-9)}
+        means = sums.means()
+        record.update({k: v for k, v in means.items()})
+        record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
+        record["train_top1"] = 100.0 * sums.correct / max(sums.images / self.world_size, 1)
+        record["epoch_time_s"] = sums.seconds
+        record["images_per_s"] = sums.images / max(sums.seconds, 1e-9)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            ev = evaluate(ctx.module.student, test_loader, self.device, ctx.dtype, ctx.channels_last)
+            record.update({"top1": ev["top1"], "top5": ev["top5"], "eval_loss": ev["loss"]})
+            if ema is not None:
+                ev = evaluate(ema.module, test_loader, self.device, ctx.dtype, ctx.channels_last)
+                record.update({"ema_top1": ev["top1"], "ema_top5": ev["top5"]})
+        return record
+
+    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
+        cfg = self.cfg
+        evaluated = [r for r in history if "top1" in r]
+        best = max(evaluated, key=lambda r: r["top1"])
+        last = evaluated[-1]
+        summary = {
+            "run": self.run_dir.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
+            "teacher": cfg.teacher.name if cfg.teacher else None, "student": cfg.student.name,
+            "teacher_family": zoo_entry(cfg.teacher.name).family if cfg.teacher else None,
+            "student_family": zoo_entry(cfg.student.name).family, "dataset": cfg.data.dataset,
+            "recipe": cfg.recipe, "seed": cfg.train.seed, "epochs": cfg.train.epochs,
+            "best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
+            "last_top5": last["top5"], "best_top5": max(r["top5"] for r in evaluated),
+            "teacher_top1": teacher_top1, "student_params": student.deploy_parameter_count(),
+            "method_extra_params": method.extra_parameter_count(),
+            "train_time_s": sum(r["epoch_time_s"] for r in history),
+            "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
+            "global_batch": cfg.data.batch_size * self.world_size, "device": str(self.device),
+        }
+        if "ema_top1" in last:
+            summary.update({"ema_best_top1": max(r["ema_top1"] for r in evaluated if "ema_top1" in r),
+                            "ema_last_top1": last["ema_top1"]})
+        return summary
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, module, optimizer, scaler, ema, epoch, step, history, sums, teacher_top1):
+        if not self.is_main:
+            return
+        state = {
+            "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
+            "history": history, "partial": sums.state() if sums is not None else None,
+            "rng": _get_rng(), "teacher_top1": teacher_top1, "config_hash": self.cfg.run_hash(),
+        }
+        atomic_torch_save(self.run_dir.checkpoint_file, state)
+
+    def _load_checkpoint(self, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
+        state = torch.load(self.run_dir.checkpoint_file, map_location=self.device, weights_only=False)
+        if state.get("config_hash") != self.cfg.run_hash():
+            raise RuntimeError(f"{self.run_dir.checkpoint_file} belongs to another config")
+        module.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        return {**defaults, **{k: state[k] for k in ("epoch", "step", "history", "partial", "rng", "teacher_top1")}}
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+class _StepContext:
+    """Everything one optimisation step needs."""
+
+    def __init__(self, cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last, loader,
+                 device, steps):
+        self.cfg, self.wrapped, self.module, self.method = cfg, wrapped, module, method
+        self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
+        self.dtype, self.channels_last, self.loader, self.device, self.steps = dtype, channels_last, loader, device, steps
+
+    def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
+        cfg = self.cfg
+        lr = lr_at(cfg.optim, cfg.train.epochs, epoch + step / self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        targets = Targets(hard=labels)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, labels)
+            targets = Targets(hard=soft.argmax(-1), soft=soft)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.module.train()
+        with _autocast(self.device, self.dtype):
+            s_out, losses = self.wrapped(images, targets, epoch)
+        loss = sum(v.float() for v in losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.module.student.model)
+        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
+        correct = (s_out.logits.detach().argmax(-1) == labels).sum()
+        host = {k: v.item() for k, v in values.items()}  # one sync per step: NaN checks and logging
+        host.update({f"stat/{k}": float(v) for k, v in self.method.statistics().items()})
+        host["lr"] = lr
+        return host, int(correct.item())
+
+
+def _make_ema(student: TappedModel, decay: float):
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(student.model, decay=decay)  # the bare timm model: evaluated, never tapped
+
+
+def _get_rng() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _format_epoch(r: Dict[str, Any], epochs: int) -> str:
+    terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in r.items() if k.startswith("loss/"))
+    acc = f" top1={r['top1']:.2f} top5={r['top5']:.2f}" if "top1" in r else ""
+    ema = f" ema_top1={r['ema_top1']:.2f}" if "ema_top1" in r else ""
+    return (f"epoch {r['epoch']}/{epochs} {terms}{acc}{ema} lr={r['lr']:.2e} "
+            f"time={r['epoch_time_s']:.1f}s {r['images_per_s']:.0f} img/s")
+
+
+def train(cfg: RunConfig, runs_dir: Optional[str] = None, resume: bool = False, restart: bool = False,
+          device: Optional[str] = None, progress: Optional[bool] = None, **kwargs) -> RunResult:
+    """Trains one run (its teacher first when needed) in the run store at ``runs_dir``."""
+    return Trainer(cfg, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(resume, restart)
