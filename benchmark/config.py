@@ -150,6 +150,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 256
     workers: int = 4                    # DataLoader workers for the per-image path
+    eval_subset: int = 0                # 0: the whole test set; else its first N images (quick checks only)
     in_memory: str = "auto"             # 'auto', 'yes', 'no': the whole-set uint8 tensor fast path
     hflip: float = 0.5
     rrc_scale: Tuple[float, ...] = (0.08, 1.0)
@@ -198,8 +199,19 @@ class TrainConfig:
     channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
     ema_decay: float = 0.0              # student EMA; 0 disables
     eval_every: int = 1
+    # Probes (benchmark/probing.py), logged into metrics.jsonl; 0 turns a probe off.
+    probe_every: int = 0                # epochs between CKA probes (teacher stage x student stage)
+    probe_images: int = 512             # fixed probe set, drawn deterministically from the test set
+    probe_kernel: str = "linear"        # 'linear' or 'rbf'
+    conflict_every: int = 0             # steps between gradient-conflict measurements (task vs distillation)
 
     def __post_init__(self):
+        if self.probe_every < 0 or self.conflict_every < 0:
+            raise ValueError("train.probe_every and train.conflict_every must be >= 0 (0 turns the probe off)")
+        if self.probe_images < 4:
+            raise ValueError(f"train.probe_images must be >= 4 (unbiased HSIC), got {self.probe_images}")
+        if self.probe_kernel not in ("linear", "rbf"):
+            raise ValueError(f"train.probe_kernel must be 'linear' or 'rbf', got {self.probe_kernel!r}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

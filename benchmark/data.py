@@ -401,6 +401,8 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float):
         train_x, train_y = load_tensors(cfg, train=True)
         keep = train_subset_indices(len(train_y), cfg.train_subset)
         test_x, test_y = load_tensors(cfg, train=False)
+        if cfg.eval_subset:
+            test_x, test_y = test_x[:cfg.eval_subset], test_y[:cfg.eval_subset]
         train = TensorLoader(train_x[keep], train_y[keep], cfg, info, True, device, crop_pct)
         test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct)
     else:
@@ -410,7 +412,10 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float):
         if cfg.train_subset:
             train_ds = torch.utils.data.Subset(train_ds, train_subset_indices(len(train_ds), cfg.train_subset).tolist())
         train = ImageLoader(train_ds, cfg, True, device)
-        test = ImageLoader(_image_dataset(cfg, info, False, crop_pct), cfg, False, device)
+        test_ds = _image_dataset(cfg, info, False, crop_pct)
+        if cfg.eval_subset:
+            test_ds = torch.utils.data.Subset(test_ds, range(min(cfg.eval_subset, len(test_ds))))
+        test = ImageLoader(test_ds, cfg, False, device)
     if len(train) == 0:
         raise ValueError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
                          "data.batch_size or raise data.train_subset")

@@ -91,10 +91,12 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     from hkdbench.methods import get_method, method_config
 
     zoo_entry(student)
-    get_method(method)
     if teacher is not None:
         zoo_entry(teacher)
-    elif kind == "student" and method != "none":
+    if not get_method(method).uses_teacher:
+        # the student-alone baseline does not depend on a teacher: one run serves every teacher of a student
+        teacher = teacher_checkpoint = None
+    elif kind == "student" and teacher is None:
         raise ConfigError(f"method {method!r} needs a teacher (--teacher NAME)")
     recipe_name = resolve_recipe_name(recipe, dataset, student)
     body = deep_merge(RECIPES[recipe_name], {"data": {"dataset": dataset}})
@@ -121,7 +123,8 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
 def teacher_run_config(cfg: RunConfig) -> RunConfig:
     """The config of the run that trains ``cfg``'s teacher: the same dataset, the teacher's own recipe and
     ``teacher_overrides``, seed 0. Every student run with the same teacher settings reuses that one run."""
-    located = {"data": {"root": cfg.data.root, "download": cfg.data.download}}
     extra = parse_overrides(list(cfg.teacher_overrides))
+    # the teacher sees the students' inputs: same data location and resolution, whatever its overrides say
+    located = {"data": {"root": cfg.data.root, "download": cfg.data.download, "img_size": cfg.data.img_size}}
     return resolve_run_config(kind="teacher", student=cfg.teacher.name, method="none", dataset=cfg.data.dataset,
-                              recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(located, extra))
+                              recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located))

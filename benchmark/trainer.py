@@ -305,6 +305,8 @@ class Trainer:
         history: List[Dict[str, Any]] = state["history"]
         ctx = _StepContext(cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last,
                            train_loader, self.device, len(train_loader))
+        from .probing import build_probes  # CKA / gradient-conflict probes (None when off)
+        ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
             sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
@@ -385,6 +387,8 @@ class Trainer:
             if ema is not None:
                 ev = evaluate(ema.module, test_loader, self.device, ctx.dtype, ctx.channels_last)
                 record.update({"ema_top1": ev["top1"], "ema_top5": ev["top5"]})
+        if ctx.probes is not None:
+            record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record
 
     def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
@@ -441,6 +445,7 @@ class RunExistsError(RuntimeError):
 
 class _StepContext:
     """Everything one optimisation step needs."""
+    probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last, loader,
                  device, steps):
@@ -463,6 +468,8 @@ class _StepContext:
         with _autocast(self.device, self.dtype):
             s_out, losses = self.wrapped(images, targets, epoch)
         loss = sum(v.float() for v in losses.values())
+        if self.probes is not None:  # gradient conflict needs the terms before backward
+            self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.optim.clip_grad > 0:

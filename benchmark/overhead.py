@@ -1,0 +1,301 @@
+"""The overhead benchmark: what each method costs to train, for one teacher/student pair and batch size.
+
+For every method, in one process (so the numbers are comparable), on synthetic images and labels:
+
+* **step time**: one full train step (the method's ``training_step`` with the teacher forward, the summed loss,
+  ``backward()``, the optimiser step), ``warmup`` untimed steps then ``repeats`` timed ones (CUDA synchronised
+  around each, as timm's ``benchmark.py``); the median is reported, with images/s = batch / median.
+* **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` from before the models are built to the end of
+  the timed steps, i.e. weights + gradients + optimiser state + activations of the step. On CPU the increase of
+  the process's peak resident set: ``/proc/self/clear_refs`` is written ``5`` (resets ``VmHWM``) after a
+  garbage collection and ``malloc_trim``, ``VmRSS`` is read as the baseline, and ``VmHWM`` after the steps. This
+  is a whole-process measure (the allocator may keep freed memory), coarser than the CUDA counter; ``None`` where
+  ``/proc`` does not allow it.
+* **train FLOPs per image**: ``torch.utils.flop_counter.FlopCounterMode`` over one full train step (teacher
+  forward, student forward and backward, the method's modules), divided by the batch size.
+* **extra parameters**: the method's own trainable parameters (``Distiller.extra_parameter_count``).
+
+Each value also as a ratio to the student trained alone (method ``none``) and to ``kd``. Each method's result is
+stored as a run of kind ``'overhead'`` in the run store (``config.json``, ``env.json``, ``summary.json``,
+``DONE``), named by the hash of its measurement config, so ``hkdbench collect`` picks it up with the training
+runs. Teachers and students have random weights: cost does not depend on them.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .store import RunDir, RunStore, atomic_write_json, environment
+
+BASELINES = ("none", "kd")
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    teacher: str
+    student: str
+    method: str
+    batch_size: int = 32
+    img_size: int = 32
+    num_classes: int = 100
+    in_chans: int = 3
+    warmup: int = 3
+    repeats: int = 10
+    precision: str = "fp32"          # 'fp32', 'bf16', 'fp16' (autocast)
+    optimizer: str = "adamw"
+    device: str = "cpu"
+    seed: int = 0
+
+    def run_hash(self) -> str:
+        body = json.dumps({"kind": "overhead", **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        return (f"overhead_{self.method}_{self.teacher}_to_{self.student}_b{self.batch_size}_{self.img_size}px_"
+                f"{torch.device(self.device).type}_{self.run_hash()}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a window: CUDA allocator peak on GPU, resident-set increase (VmHWM - VmRSS) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start: Optional[int] = None
+        self.ok = True
+
+    def __enter__(self) -> "PeakMemory":
+        _trim_heap()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                self.ok = False
+            self.start = _proc_status_kb("VmRSS")
+            self.ok = self.ok and self.start is not None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def peak_mb(self) -> Optional[float]:
+        """Peak memory in MiB above the window's start (the models and optimiser state are built inside)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2 ** 20
+        if not self.ok:
+            return None
+        hwm = _proc_status_kb("VmHWM")
+        return None if hwm is None else (hwm - self.start) / 1024
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One method
+# --------------------------------------------------------------------------------------------------------------
+
+def _autocast(device: torch.device, precision: str):
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
+    """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
+    from hkdbench.methods import Targets, get_method, method_config
+
+    from .data import seed_everything
+    from .models import create_model
+    from .trainer import TrainModule, build_optimizer
+    from .config import OptimConfig
+
+    device = torch.device(cfg.device)
+    method_cls = get_method(cfg.method)
+    seed_everything(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    images = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
+    targets = Targets(hard=labels)
+
+    with PeakMemory(device) as mem:
+        teacher = None
+        if method_cls.uses_teacher:
+            teacher = create_model(cfg.teacher, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
+        student = create_model(cfg.student, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
+        method = method_cls(method_config(cfg.method), student, teacher, cfg.num_classes, nn.CrossEntropyLoss())
+        module = TrainModule(student, method).to(device)
+        if teacher is not None:
+            teacher.to(device)
+        optimizer = build_optimizer(OptimConfig(name=cfg.optimizer, lr=1e-4), [module])
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        module.train()
+
+        def step() -> None:
+            with _autocast(device, cfg.precision):
+                _, losses = module(images, targets, 0)
+            loss = sum(v.float() for v in losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        for _ in range(cfg.warmup):
+            step()
+        times: List[float] = []
+        for _ in range(cfg.repeats):
+            _sync(device)
+            tic = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - tic)
+        peak = mem.peak_mb()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+
+    median = statistics.median(times)
+    result = {
+        "step_time_ms": 1000 * median, "step_time_ms_mean": 1000 * statistics.fmean(times),
+        "step_time_ms_min": 1000 * min(times), "images_per_s": cfg.batch_size / median,
+        "peak_memory_mb": peak, "train_gflops_per_image": flops / cfg.batch_size / 1e9,
+        "extra_params": method.extra_parameter_count(), "student_params": student.deploy_parameter_count(),
+        "teacher_params": teacher.deploy_parameter_count() if teacher is not None else None,
+    }
+    del module, method, student, teacher, optimizer
+    _trim_heap()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+RATIO_KEYS = ("step_time_ms", "images_per_s", "peak_memory_mb", "train_gflops_per_image")
+
+
+def add_ratios(results: Dict[str, Dict[str, Any]]) -> None:
+    """``<key>_vs_none`` / ``<key>_vs_kd`` for every measured value, and ``extra_params_vs_*`` as a ratio of
+    the training parameters (student + method modules), in place."""
+    for base in BASELINES:
+        ref = results.get(base)
+        for r in results.values():
+            for key in RATIO_KEYS:
+                a, b = r.get(key), (ref or {}).get(key)
+                r[f"{key}_vs_{base}"] = (a / b) if (a is not None and b) else None
+            if ref is not None:
+                r[f"train_params_vs_{base}"] = ((r["student_params"] + r["extra_params"])
+                                               / (ref["student_params"] + ref["extra_params"]))
+
+
+def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = None, batch_size: int = 32,
+                 img_size: Optional[int] = None, warmup: int = 3, repeats: int = 10, device: Optional[str] = None,
+                 runs_dir: Optional[str] = None, num_classes: int = 100, precision: str = "fp32",
+                 restart: bool = False, echo=print) -> Dict[str, Dict[str, Any]]:
+    """Measures every method (default: all registered) and stores one ``overhead`` run per method."""
+    from hkdbench.methods import get_method, list_methods
+
+    from .models import zoo_entry
+    from .trainer import select_device
+
+    zoo_entry(teacher), zoo_entry(student)
+    names = list(methods) if methods else list(list_methods())
+    for name in names:
+        get_method(name)  # unknown names fail before anything is measured
+    # the baselines first, so that ratios are always available
+    ordered = [b for b in BASELINES if b in names or True] + [n for n in names if n not in BASELINES]
+    if img_size is None:
+        img_size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
+    if warmup < 0 or repeats < 1 or batch_size < 1:
+        raise ValueError("overhead needs --warmup >= 0, --repeats >= 1 and --batch-size >= 1")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    dev = select_device(device)
+    store = RunStore(runs_dir)
+    results: Dict[str, Dict[str, Any]] = {}
+    configs: Dict[str, OverheadConfig] = {}
+    for name in ordered:
+        cfg = OverheadConfig(teacher=teacher, student=student, method=name, batch_size=batch_size,
+                             img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
+                             precision=precision, device=str(dev))
+        try:
+            results[name] = measure_method(cfg)
+        except NotImplementedError as err:
+            echo(f"{name:<8} not supported for {teacher} -> {student}: {err}")
+            continue
+        configs[name] = cfg
+        r = results[name]
+        echo(f"{name:<8} {r['step_time_ms']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
+             f"{_fmt(r['peak_memory_mb'], '9.1f')} MiB {r['train_gflops_per_image']:9.3f} GFLOP/img "
+             f"{r['extra_params'] / 1e6:8.3f}M extra")
+    add_ratios(results)
+    env = environment(dev)
+    for name, r in results.items():
+        if name not in names:
+            continue  # a baseline measured only for the ratios is not stored
+        cfg = configs[name]
+        rd = RunDir(store.root / cfg.run_name())
+        if rd.is_done and not restart:
+            echo(f"{rd.path.name}: replacing nothing (already done; pass --restart to measure again)")
+            continue
+        rd.path.mkdir(parents=True, exist_ok=True)
+        with rd.lock():
+            rd.reset()
+            atomic_write_json(rd.config_file, {"kind": "overhead", **asdict(cfg)})
+            atomic_write_json(rd.env_file, env)
+            summary = {"run": rd.path.name, "hash": cfg.run_hash(), "kind": "overhead", "method": name,
+                       "teacher": teacher if get_method(name).uses_teacher else None, "student": student,
+                       "teacher_family": zoo_entry(teacher).family if get_method(name).uses_teacher else None,
+                       "student_family": zoo_entry(student).family, "dataset": "synthetic",
+                       "overhead_teacher": teacher, "batch_size": batch_size, "img_size": img_size,
+                       "num_classes": num_classes, "precision": precision, "warmup": warmup, "repeats": repeats,
+                       "device": str(dev), **r}
+            rd.mark_done(summary)
+    return results
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if v is not None else format("n/a", spec.split(".")[0].rstrip("f") or "")

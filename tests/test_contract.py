@@ -1,0 +1,127 @@
+"""The contract every registered method passes, for every teacher x student family pair.
+
+A method registered later (even from a user's own module) is picked up by these tests automatically."""
+import copy
+
+import pytest
+import torch
+
+from hkdbench.methods import Targets, get_method, list_methods, method_config
+from _support import PAIRS, TEST_CLASSES, TEST_IMG, small_model
+
+METHODS = list(list_methods())
+
+
+def _batch(seed=0, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 1, TEST_IMG, TEST_IMG, generator=g),
+            torch.randint(0, TEST_CLASSES, (n,), generator=g))
+
+
+def _build(method, teacher_name, student_name, seed=0):
+    cls = get_method(method)
+    student, teacher = small_model(student_name), small_model(teacher_name)
+    torch.manual_seed(seed)
+    distiller = cls(method_config(method), student, teacher if cls.uses_teacher else None, TEST_CLASSES)
+    distiller.train()
+    student.train()
+    return distiller, student, teacher
+
+
+def _step(distiller, seed=0, epoch=0):
+    images, labels = _batch(seed)
+    s_out, losses = distiller.training_step(images, Targets(labels), epoch)
+    return s_out, losses
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("teacher_name,student_name", PAIRS)
+def test_one_step_on_every_pair(method, teacher_name, student_name):
+    distiller, student, teacher = _build(method, teacher_name, student_name)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    s_out, losses = _step(distiller)
+
+    assert losses, "a method returns at least one loss term"
+    assert s_out.logits.shape == (4, TEST_CLASSES)
+    for name, value in losses.items():
+        assert value.ndim == 0, name
+        assert torch.isfinite(value), f"{method} {teacher_name}->{student_name}: {name}={value}"
+    sum(losses.values()).backward()
+
+    # gradients reach the student ...
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    # ... and the method's own modules (every trainable one gets a gradient tensor)
+    own = [(n, p) for n, p in distiller.named_parameters() if p.requires_grad]
+    reached = [n for n, p in own if p.grad is not None]
+    assert not own or reached, f"{method}: no gradient reached any of its modules"
+    # ... and never the teacher's weights
+    assert all(p.grad is None for p in teacher.parameters())
+    if get_method(method).uses_teacher:
+        assert not any(p.requires_grad for p in teacher.parameters())
+        assert not teacher.training, "the teacher must stay in eval mode"
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"the teacher's {k} changed"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip_and_determinism(method):
+    teacher_name, student_name = "swin_mini", "resnet_mini"
+    first, student_a, _ = _build(method, teacher_name, student_name, seed=1)
+    for step in range(2):  # methods with state (feedback, EMA baselines) have it after a step or two
+        _, losses_a = _step(first, seed=step)
+        sum(losses_a.values()).backward()
+
+    second, student_b, _ = _build(method, teacher_name, student_name, seed=2)
+    second.load_state_dict(first.state_dict())
+    student_b.load_state_dict(student_a.state_dict())
+    for key, value in first.state_dict().items():
+        assert torch.equal(second.state_dict()[key], value), key
+
+    torch.manual_seed(5)
+    _, next_a = _step(first, seed=7)
+    torch.manual_seed(5)
+    _, next_b = _step(second, seed=7)
+    assert next_a.keys() == next_b.keys()
+    for key in next_a:
+        assert torch.equal(next_a[key], next_b[key]), f"{method}: {key} differs after a state-dict round trip"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_losses(method):
+    runs = []
+    for _ in range(2):
+        distiller, _, _ = _build(method, "vit_mini", "mixer_mini", seed=3)
+        torch.manual_seed(11)
+        _, losses = _step(distiller, seed=4)
+        runs.append({k: v.item() for k, v in losses.items()})
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deployed_student_is_unchanged_in_size(method):
+    alone = small_model("vit_mini").deploy_parameter_count()
+    distiller, student, _ = _build(method, "resnet_mini", "vit_mini")
+    assert student.deploy_parameter_count() == alone
+    # the method's modules are its own, never registered inside the student
+    student_ids = {id(p) for p in student.parameters()}
+    assert not any(id(p) in student_ids for p in distiller.parameters())
+
+
+def test_registering_a_duplicate_name_fails():
+    from dataclasses import dataclass
+
+    from hkdbench.methods import Distiller, register_method
+
+    with pytest.raises(ValueError, match="already registered"):
+        @register_method
+        class AnotherKD(Distiller):
+            name = "kd"
+
+            @dataclass(frozen=True)
+            class Config:
+                pass
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(KeyError, match="known methods: .*kd"):
+        get_method("does-not-exist")

@@ -1,0 +1,145 @@
+"""The training harness: schedule, run store files, divergence, stop/resume bit for bit, teacher reuse."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hkdbench.benchmark.config import OptimConfig
+from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.trainer import DivergedError, RunExistsError, lr_at, param_groups, train
+
+TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
+TINY_TEACHER = ["train.epochs=1", "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64"]
+
+
+def tiny_cfg(method="kd", student="vit_mini", teacher="resnet_mini", epochs=2, extra=()):
+    return resolve_run_config(kind="student", student=student, teacher=teacher, method=method, recipe="demo",
+                              overrides=TINY + [f"train.epochs={epochs}", *extra], teacher_overrides=TINY_TEACHER)
+
+
+def test_warmup_then_cosine_schedule_by_hand():
+    cfg = OptimConfig(lr=1.0, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1)
+    assert lr_at(cfg, 10, 0) == 0.0
+    assert lr_at(cfg, 10, 1) == pytest.approx(0.5)
+    assert lr_at(cfg, 10, 2) == pytest.approx(1.0)
+    assert lr_at(cfg, 10, 6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(cfg, 10, 10) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    decay, no_decay = param_groups([model], 0.05)
+    assert [p.shape for p in decay["params"]] == [(4, 3)]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_a_run_writes_the_run_store(fmnist_available, runs_dir):
+    cfg = tiny_cfg()
+    result = train(cfg, runs_dir=runs_dir, progress=False)
+    rd = result.run_dir
+    assert result.status == "done" and rd.is_done
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "final.pt"):
+        assert (rd.path / name).exists(), name
+    assert rd.path.name.endswith(cfg.run_hash())
+    metrics = rd.metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert {"loss/ce", "loss/kd", "top1", "top5", "lr", "epoch_time_s", "images_per_s"} <= set(metrics[0])
+    summary = rd.summary()
+    assert summary["best_top1"] == max(m["top1"] for m in metrics)
+    assert summary["last_top1"] == metrics[-1]["top1"]
+    assert summary["teacher_top1"] is not None and summary["method"] == "kd"
+    env = json.loads(rd.env_file.read_text())
+    assert {"python", "torch", "timm", "git_sha", "device"} <= set(env)
+    # the teacher was trained once, as its own run, and is reused by the next student of that teacher
+    teacher_runs = [r for r in RunStore(runs_dir).runs() if r.config().kind == "teacher"]
+    assert len(teacher_runs) == 1 and teacher_runs[0].is_done
+    stamp = teacher_runs[0].summary_file.stat().st_mtime_ns
+    train(tiny_cfg(method="fitnet", epochs=1), runs_dir=runs_dir, progress=False)
+    assert teacher_runs[0].summary_file.stat().st_mtime_ns == stamp
+    # a finished run is not trained again
+    again = train(cfg, runs_dir=runs_dir, progress=False)
+    assert again.summary == summary
+
+
+def test_divergence_marks_the_run_failed_without_a_summary(fmnist_available, runs_dir):
+    cfg = tiny_cfg(method="none", extra=["optim.lr=1e30", "optim.warmup_epochs=0", "optim.clip_grad=0"])
+    with pytest.raises(DivergedError, match="non-finite loss"):
+        train(cfg, runs_dir=runs_dir, progress=False)
+    rd = RunStore(runs_dir).run_dir(cfg)
+    assert rd.is_failed and not rd.summary_file.exists() and not rd.done_file.exists()
+    assert "non-finite loss at epoch" in rd.failure()["reason"]
+
+
+def _weights(run_dir):
+    return torch.load(run_dir.path / "final.pt", weights_only=True)
+
+
+def _strip_times(metrics):
+    return [{k: v for k, v in m.items() if k not in ("epoch_time_s", "images_per_s")} for m in metrics]
+
+
+@pytest.mark.parametrize("method", ["fitnet"])
+def test_stop_mid_epoch_then_resume_is_bit_for_bit(fmnist_available, tmp_path, method):
+    reference = train(tiny_cfg(method, epochs=2), runs_dir=str(tmp_path / "a"), progress=False)
+
+    steps = {"n": 0}
+
+    def stop_after_five():
+        steps["n"] += 1
+        return steps["n"] == 5  # mid-epoch 2 (4 steps per epoch)
+
+    cfg = tiny_cfg(method, epochs=2)
+    train(teacher_run_config(cfg), runs_dir=str(tmp_path / "b"), progress=False)  # so only student steps count
+    first = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, should_stop=stop_after_five)
+    assert first.status == "interrupted" and not first.run_dir.is_done
+    state = torch.load(first.run_dir.checkpoint_file, weights_only=False)
+    assert (state["epoch"], state["step"]) == (1, 1)
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg, runs_dir=str(tmp_path / "b"), progress=False)
+    resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
+    assert resumed.status == "done"
+    ref_w, res_w = _weights(reference.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+    assert _strip_times(resumed.run_dir.metrics()) == _strip_times(reference.run_dir.metrics())
+
+
+def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
+    """SIGKILL in the middle of epoch 2 (after the epoch-1 checkpoint), then `hkdbench train --resume`."""
+    args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
+            *TINY, "train.epochs=3", *[f"--teacher-override={o}" for o in TINY_TEACHER]]
+    reference = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir",
+                                str(tmp_path / "a"), *args], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    runs_b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir", str(runs_b),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and proc.poll() is None:
+        found = [p for p in runs_b.glob("kd_*/metrics.jsonl")]
+        if found:
+            checkpoint = found[0].parent / "checkpoint.pt"
+            break
+        time.sleep(0.05)
+    assert checkpoint is not None, "the run never finished an epoch"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = RunStore(str(runs_b)).runs()
+    student_dir = next(r for r in run if r.path.name.startswith("kd_"))
+    assert not student_dir.is_done and student_dir.has_checkpoint
+    done = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir", str(runs_b),
+                           "--resume", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming at epoch" in done.stdout
+    ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
+    a, b = _weights(ref_dir), _weights(student_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
