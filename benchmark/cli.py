@@ -76,6 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
+        from hkdbench.methods import load_plugins
+
+        load_plugins()
         return _dispatch(args)
     except (ConfigError, KeyError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)

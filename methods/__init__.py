@@ -1,6 +1,7 @@
 """The distillers. Importing this package registers every method module in this folder: a new built-in
 method is one new file here."""
 import importlib
+import importlib.util
 import pkgutil
 
 from .base import Distiller, Targets, kd_kl
@@ -11,5 +12,33 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Distiller", "Targets", "kd_kl", "get_method", "list_methods", "method_config", "register_method",
+
+
+def load_plugins(spec: str | None = None) -> list:
+    """Imports user methods named in ``spec`` or $HKDBENCH_METHODS: a comma-separated list of module names
+    (importable) or paths to .py files. Their ``@register_method`` classes then work everywhere, the CLI
+    included. Returns the imported modules."""
+    import os
+    import sys
+    from pathlib import Path
+
+    spec = spec if spec is not None else os.environ.get("HKDBENCH_METHODS", "")
+    modules = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        if item.endswith(".py"):
+            path = Path(item).resolve()
+            if not path.is_file():
+                raise FileNotFoundError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
+            name = f"hkdbench_plugin_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(item)
+        modules.append(module)
+    return modules
+
+
+__all__ = ["load_plugins", "Distiller", "Targets", "kd_kl", "get_method", "list_methods", "method_config", "register_method",
            "unregister_method"]

@@ -1,0 +1,104 @@
+"""The command line as a user drives it."""
+import itertools
+import textwrap
+
+import pytest
+
+from hkdbench.benchmark.cli import main
+from hkdbench.benchmark.store import RunStore
+from hkdbench.methods import list_methods, unregister_method
+from _support import FAMILY_MODELS
+
+TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=32", "data.img_size=16",
+        "train.epochs=1"]
+TINY_TEACHER = [f"--teacher-override={o}" for o in TINY]
+
+
+def _train(runs_dir, teacher, student, method, *extra):
+    return main(["train", "--teacher", teacher, "--student", student, "--method", method, "--recipe", "demo",
+                 "--runs-dir", runs_dir, *TINY_TEACHER, *TINY, *extra])
+
+
+@pytest.mark.parametrize("method", ["kd", "fitnet"])
+def test_train_every_family_pair_for_one_short_epoch(fmnist_available, runs_dir, method, capsys):
+    for teacher, student in itertools.product(FAMILY_MODELS.values(), FAMILY_MODELS.values()):
+        assert _train(runs_dir, teacher, student, method) == 0, f"{teacher} -> {student}"
+    runs = RunStore(runs_dir).runs()
+    students = [r for r in runs if r.config().kind == "student"]
+    assert len(students) == 25 and all(r.is_done for r in students)
+    assert len([r for r in runs if r.config().kind == "teacher"]) == 5  # one per teacher, reused
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--teacher", "resnet_mini", "--student", "vit_tiny"], "unknown model 'vit_tiny'; known models:"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "ofakd"],
+     "unknown method 'ofakd'; known methods:"),
+    (["train", "--student", "vit_mini", "--method", "kd"], "needs a teacher"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--dataset", "cifar100", "--data-root",
+      "/nonexistent"], "cifar100 not found"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--dataset", "svhn"], "known datasets"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--recipe", "fast"], "known recipes"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "optim.momentun=0.9"], "allowed: betas"),
+    (["teacher", "--model", "resnet_mini", "--resume", "--restart"], "exclude each other"),
+])
+def test_bad_input_fails_at_once_with_what_is_allowed(argv, message, capsys, runs_dir):
+    assert main([*argv, "--runs-dir", runs_dir]) == 2
+    assert message in capsys.readouterr().err
+    assert not RunStore(runs_dir).runs(), "nothing is written for a run that cannot start"
+
+
+def test_nan_from_a_huge_learning_rate_fails_the_run(fmnist_available, runs_dir, capsys):
+    rc = main(["teacher", "--model", "resnet_mini", "--recipe", "demo", "--runs-dir", runs_dir, *TINY,
+               "optim.lr=1e30", "optim.warmup_epochs=0"])
+    assert rc == 2
+    assert "non-finite loss" in capsys.readouterr().err
+    (run,) = RunStore(runs_dir).runs()
+    assert run.status() == "failed" and not run.summary_file.exists()
+
+
+def test_methods_and_models_listings(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("none", "kd", "fitnet"):
+        assert f"\n{name} " in "\n" + out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "swin_pico" in out and "vit_mini" in out
+
+
+def test_methods_pair_reports_extra_parameters(capsys):
+    assert main(["methods", "--pair", "swin_mini", "resnet_mini", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in list_methods()}
+    assert "0.000M" in rows["kd"] and "0.000M" not in rows["fitnet"]
+
+
+def test_a_user_method_in_its_own_file_runs_through_the_cli(fmnist_available, runs_dir, tmp_path, monkeypatch):
+    plugin = tmp_path / "my_method.py"
+    plugin.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        import torch.nn.functional as F
+        from hkdbench.methods import Distiller, register_method
+
+        @register_method
+        class LogitMSE(Distiller):
+            """Matches the student's logits to the teacher's with MSE."""
+            name = "logit_mse"
+            paper = "a test method"
+
+            @dataclass(frozen=True)
+            class Config:
+                weight: float = 0.5
+
+            def losses(self, student, teacher, targets, epoch=0):
+                return {"ce": self.task_loss(student.logits, targets),
+                        "mse": self.cfg.weight * F.mse_loss(student.logits, teacher.logits)}
+    '''))
+    monkeypatch.setenv("HKDBENCH_METHODS", str(plugin))
+    try:
+        assert _train(runs_dir, "resnet_mini", "vit_mini", "logit_mse", "method.weight=2") == 0
+        (run,) = [r for r in RunStore(runs_dir).runs() if r.config().method == "logit_mse"]
+        assert run.is_done and "loss/mse" in run.metrics()[0]
+        assert run.config().method_cfg == {"weight": 2.0}
+    finally:
+        unregister_method("logit_mse")
