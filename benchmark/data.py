@@ -226,7 +226,8 @@ class TensorLoader:
     """Batches of one in-memory split, augmented on the device. Iterating starts at ``start_step``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, info: DatasetInfo,
-                 train: bool, device: torch.device, crop_pct: float):
+                 train: bool, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size  # DDP: each rank takes its slice of every global batch
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.cfg, self.info, self.train, self.device, self.crop_pct = cfg, info, train, device, crop_pct
@@ -237,14 +238,13 @@ class TensorLoader:
         self.erasing = _random_erasing(cfg, device) if train and cfg.reprob > 0 else None
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        return _num_batches(len(self.labels), self.batch_size, self.train, self.rank, self.world_size)
 
     def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = epoch_permutation(n, seed, epoch).to(self.device) if self.train else torch.arange(n, device=self.device)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            idx = order[_batch_slice(step, self.batch_size, self.train, self.rank, self.world_size)]
             yield self._transform(self.images[idx]), self.labels[idx]
 
     def _transform(self, images: torch.Tensor) -> torch.Tensor:
@@ -328,18 +328,20 @@ def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):
 class ImageLoader:
     """A DataLoader over a torchvision dataset with timm transforms; same interface as TensorLoader."""
 
-    def __init__(self, dataset, cfg: DataConfig, train: bool, device: torch.device):
+    def __init__(self, dataset, cfg: DataConfig, train: bool, device: torch.device, rank: int = 0,
+                 world_size: int = 1):
         self.dataset, self.cfg, self.train, self.device = dataset, cfg, train, device
+        self.rank, self.world_size = rank, world_size
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        return _num_batches(len(self.dataset), self.batch_size, self.train, self.rank, self.world_size)
 
     def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0):
         n = len(self.dataset)
         order = epoch_permutation(n, seed, epoch) if self.train else torch.arange(n)
-        order = order[start_step * self.batch_size: len(self) * self.batch_size].tolist()
+        order = torch.cat([order[_batch_slice(s, self.batch_size, self.train, self.rank, self.world_size)]
+                           for s in range(start_step, len(self))] or [order[:0]]).tolist()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda", drop_last=self.train, persistent_workers=False)
@@ -347,15 +349,27 @@ class ImageLoader:
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
 
 
+def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
+    """Per-image transforms: timm's for the 224 pipeline, pad + random crop + flip for the small one."""
+    from torchvision import transforms as T
+
+    if cfg.pipeline == "paper224":
+        from timm.data import create_transform
+
+        return create_transform(
+            cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+            interpolation="bilinear", mean=info.mean, std=info.std, crop_pct=crop_pct)
+    steps = [T.ToTensor(), T.Lambda(lambda x: _pad_to(x.unsqueeze(0), cfg.img_size).squeeze(0))]
+    if train:
+        steps += [T.RandomCrop(cfg.img_size, padding=cfg.crop_padding), T.RandomHorizontalFlip(cfg.hflip)]
+    return T.Compose(steps + [T.Normalize(info.mean, info.std)])
+
+
 def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
     import torchvision
-    from timm.data import create_transform
 
-    size = cfg.img_size
-    transform = create_transform(
-        size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
-        interpolation="bilinear", mean=info.mean, std=info.std, crop_pct=crop_pct)
+    transform = _image_transform(cfg, info, train, crop_pct)
     if cfg.dataset == "imagenet":
         return torchvision.datasets.ImageFolder(os.path.join(cfg.root, "train" if train else "val"), transform)
     if cfg.dataset == "fashion-mnist":
@@ -366,22 +380,43 @@ def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: fl
 
 
 class _TensorImageDataset(torch.utils.data.Dataset):
-    def __init__(self, images, labels, transform):
-        from PIL import Image
+    """uint8 (N, C, H, W) images served as PIL images (grayscale or RGB) to per-image transforms."""
 
-        self._to_pil = lambda a: Image.fromarray(a.squeeze(0).numpy() if a.shape[0] == 1 else a.permute(1, 2, 0).numpy()).convert("RGB")
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return self.transform(self._to_pil(self.images[i])), int(self.labels[i])
+        from PIL import Image
+
+        image = self.images[i]
+        array = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+        return self.transform(Image.fromarray(array)), int(self.labels[i])
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------------
+
+def _num_batches(n: int, batch: int, train: bool, rank: int, world: int) -> int:
+    """Steps per epoch (train: whole global batches of batch x world) or this rank's eval batches (rank-strided
+    batches of the test set: rank r evaluates batches r, r + world, ...)."""
+    if train:
+        return n // (batch * world)
+    total = math.ceil(n / batch)
+    return len(range(rank, total, world))
+
+
+def _batch_slice(step: int, batch: int, train: bool, rank: int, world: int) -> slice:
+    """The items of this rank's ``step``-th batch in the epoch's order (world 1: ``[step*B:(step+1)*B]``)."""
+    if train:
+        start = step * batch * world + rank * batch
+    else:
+        start = (rank + step * world) * batch
+    return slice(start, start + batch)
+
 
 def train_subset_indices(n: int, subset: int) -> torch.Tensor:
     """The first ``subset`` items of a fixed permutation: every run of a sweep sees the same subset."""
@@ -390,8 +425,10 @@ def train_subset_indices(n: int, subset: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(12345))[:subset].sort().values
 
 
-def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float):
-    """(train loader, eval loader, DatasetInfo) for a data config."""
+def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
+    """(train loader, eval loader, DatasetInfo) for a data config; with ``world_size > 1`` each loader yields
+    rank ``rank``'s share (see benchmark/distributed.py)."""
+    shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)
     use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
@@ -403,19 +440,17 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float):
         test_x, test_y = load_tensors(cfg, train=False)
         if cfg.eval_subset:
             test_x, test_y = test_x[:cfg.eval_subset], test_y[:cfg.eval_subset]
-        train = TensorLoader(train_x[keep], train_y[keep], cfg, info, True, device, crop_pct)
-        test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct)
+        train = TensorLoader(train_x[keep], train_y[keep], cfg, info, True, device, crop_pct, **shard)
+        test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct, **shard)
     else:
-        if cfg.dataset == "fashion-mnist" or info.in_chans != 3:
-            info = DatasetInfo(**{**info.__dict__, "in_chans": 3})  # the PIL path converts to RGB
         train_ds = _image_dataset(cfg, info, True, crop_pct)
         if cfg.train_subset:
             train_ds = torch.utils.data.Subset(train_ds, train_subset_indices(len(train_ds), cfg.train_subset).tolist())
-        train = ImageLoader(train_ds, cfg, True, device)
+        train = ImageLoader(train_ds, cfg, True, device, **shard)
         test_ds = _image_dataset(cfg, info, False, crop_pct)
         if cfg.eval_subset:
             test_ds = torch.utils.data.Subset(test_ds, range(min(cfg.eval_subset, len(test_ds))))
-        test = ImageLoader(test_ds, cfg, False, device)
+        test = ImageLoader(test_ds, cfg, False, device, **shard)
     if len(train) == 0:
         raise ValueError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
                          "data.batch_size or raise data.train_subset")

@@ -111,3 +111,17 @@ def test_train_subset_is_fixed_across_runs():
     a = D.train_subset_indices(1000, 100)
     assert torch.equal(a, D.train_subset_indices(1000, 100)) and len(a.unique()) == 100
     assert len(D.train_subset_indices(1000, 0)) == 1000
+
+
+def test_per_image_path_gives_the_same_eval_tensors_as_the_fast_path(fmnist_available):
+    cfg = DataConfig(eval_subset=20, eval_batch_size=10, workers=0, train_subset=64, batch_size=16)
+    fast_train, fast_test, info = D.build_loaders(cfg, torch.device("cpu"), 1.0)
+    slow_train, slow_test, _ = D.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}),
+                                               torch.device("cpu"), 1.0)
+    assert isinstance(slow_test, D.ImageLoader) and isinstance(fast_test, D.TensorLoader)
+    for (xa, ya), (xb, yb) in zip(fast_test.batches(), slow_test.batches()):
+        assert torch.equal(ya, yb)
+        assert torch.allclose(xa, xb, atol=1e-5)
+    xa, ya = next(fast_train.batches(seed=3, epoch=1))
+    xb, yb = next(slow_train.batches(seed=3, epoch=1))
+    assert torch.equal(ya, yb) and xa.shape == xb.shape == (16, 1, 32, 32)
