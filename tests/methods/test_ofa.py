@@ -15,30 +15,6 @@ MINI = ("resnet_mini", "vit_mini", "swin_mini", "convnext_mini", "mixer_mini")
 NUM_CLASSES = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster than several on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    torch.manual_seed(0)
-    return {n: create_model(n, NUM_CLASSES, in_chans=1, img_size=16) for n in MINI}
-
-
-@pytest.fixture
-def minis(zoo):
-    """The shared mini models, all trainable again (a method freezes its teacher, which may be another test's
-    student)."""
-    for model in zoo.values():
-        model.requires_grad_(True).zero_grad(set_to_none=True)
-    return zoo
-
-
 # -- the loss ----------------------------------------------------------------------------------------------------
 
 def test_eps_one_is_soft_label_cross_entropy():
