@@ -102,3 +102,19 @@ def test_a_user_method_in_its_own_file_runs_through_the_cli(fmnist_available, ru
         assert run.config().method_cfg == {"weight": 2.0}
     finally:
         unregister_method("logit_mse")
+
+
+def test_teacher_from_an_old_timm_checkpoint(fmnist_available, runs_dir, tmp_path):
+    import torch
+
+    from hkdbench.benchmark.models import create_model
+    from test_checkpoints import _to_timm_065_swin_layout
+
+    teacher = create_model("swin_mini", 10, in_chans=1, img_size=16)
+    path = tmp_path / "swin_mini_fmnist.pth"
+    torch.save(_to_timm_065_swin_layout(teacher.model.state_dict()), path)
+    rc = main(["train", "--teacher", "swin_mini", "--teacher-checkpoint", str(path), "--student", "resnet_mini",
+               "--method", "kd", "--recipe", "demo", "--runs-dir", runs_dir, *TINY])
+    assert rc == 0
+    (run,) = RunStore(runs_dir).runs()  # no teacher run: the checkpoint was used
+    assert run.config().teacher.checkpoint == str(path) and run.summary()["teacher_top1"] is not None
