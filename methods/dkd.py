@@ -16,8 +16,9 @@ Defaults: alpha=1, beta=8, T=4, warm-up 20 epochs, CE weight 1 -- the DKD author
 ``beta=2, temperature=1, warmup_epochs=0`` to follow it.
 
 The target class is ``targets.hard`` (under mixup/cutmix the trainer's hard label, as the reference takes the
-arg-max of the soft row). ``epoch`` is taken as the trainer passes it: counted from 0 the DKD term is zero for
-the whole first epoch (mdistiller counts epochs from 1); ``warmup_epochs=0`` disables the warm-up.
+arg-max of the soft row). The trainer counts epochs from 0 and mdistiller from 1, so the warm-up uses
+``epoch + 1``: the first epoch already has 1/warmup_epochs of the DKD term, as in mdistiller;
+``warmup_epochs=0`` disables the warm-up.
 
 The non-target classes are gathered out exactly (no "subtract 1000" mask), and everything is computed in float32
 without host synchronisation, so the loss is autocast-safe and runs on any device.
@@ -100,7 +101,7 @@ class DKD(Distiller):
     def losses(self, student, teacher, targets, epoch=0):
         cfg = self.cfg
         tckd, nckd, _ = decoupled_kl(student.logits, teacher.logits, targets.hard, cfg.temperature)
-        scale = warmup_factor(epoch, cfg.warmup_epochs) * cfg.temperature ** 2
+        scale = warmup_factor(epoch + 1, cfg.warmup_epochs) * cfg.temperature ** 2
         return {
             "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
             "dkd": scale * (cfg.alpha * tckd.mean() + cfg.beta * nckd.mean()),
