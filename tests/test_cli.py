@@ -118,3 +118,14 @@ def test_teacher_from_an_old_timm_checkpoint(fmnist_available, runs_dir, tmp_pat
     assert rc == 0
     (run,) = RunStore(runs_dir).runs()  # no teacher run: the checkpoint was used
     assert run.config().teacher.checkpoint == str(path) and run.summary()["teacher_top1"] is not None
+
+
+def test_demo_quick_prints_the_comparison_table(fmnist_available, runs_dir, capsys):
+    assert main(["demo", "--quick", "--runs-dir", runs_dir]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [line.split("|")[1].strip() for line in table] == ["none", "kd", "fitnet"]
+    assert "teacher top-1" in out
+    # a second demo reuses every finished run
+    assert main(["demo", "--quick", "--runs-dir", runs_dir]) == 0
+    assert capsys.readouterr().out.count("already done") == 3
