@@ -1,0 +1,204 @@
+"""The analysis layer on a synthetic run store with known numbers (no training)."""
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hkdbench.analysis.collect import collect_epochs, collect_runs
+from hkdbench.analysis.plots import all_plots
+from hkdbench.analysis.published import ofa_cifar100
+from hkdbench.analysis.report import make_report
+from hkdbench.analysis.tables import comparison_tables, published_side_by_side
+from hkdbench.benchmark.cli import main
+
+FAMILY = {"resnet_mini": "cnn", "vit_mini": "vit", "mixer_mini": "mlp", "swin_tiny": "swin", "resnet18": "cnn"}
+
+
+def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fashion-mnist", recipe="demo",
+              epochs=3, teacher_top1=80.0, conflict=True, status="done"):
+    name = f"{method}_{teacher or 'none'}_to_{student}_{dataset}_{epochs}_s{seed}"
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"kind": "student", "method": method, "method_cfg": {"temperature": 4.0},
+              "student": {"name": student, "checkpoint": None, "checkpoint_ema": False},
+              "teacher": {"name": teacher, "checkpoint": None, "checkpoint_ema": False} if teacher else None,
+              "teacher_recipe": recipe if teacher else None, "teacher_overrides": [], "recipe": recipe,
+              "data": {"dataset": dataset, "img_size": 32, "batch_size": 128, "workers": 4},
+              "optim": {"name": "adamw", "lr": 0.002},
+              "train": {"epochs": epochs, "seed": seed, "probe_every": 1, "conflict_every": 1}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "env.json").write_text(json.dumps({"torch": "2.x", "timm": "1.x", "git_sha": "abc123", "device": "cpu",
+                                            "python": "3.11", "hkdbench": "0.1.0", "host": "h"}))
+    metrics = []
+    for e in range(1, epochs + 1):
+        r = {"epoch": e, "lr": 1e-3, "loss/ce": 2.0 / e, "train_loss": 2.5 / e, "top1": best - (epochs - e),
+             "top5": 99.0, "eval_loss": 1.0 / e, "epoch_time_s": 1.0, "images_per_s": 100.0}
+        if teacher:
+            r["loss/kd"] = 0.5 / e
+            r.update({f"cka/linear/t{i}_s{j}": 0.9 - 0.1 * abs(i - j) for i in range(1, 5) for j in range(1, 5)})
+            if conflict:
+                r.update({"conflict/cosine": 0.5 - 0.3 * e, "conflict/fraction": min(1.0, 0.3 * e),
+                          "conflict/norm_ratio": 0.5 * e, "conflict/steps": 4, "conflict/block/stem": 0.1})
+        metrics.append(r)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    if status == "failed":
+        (d / "FAILED").write_text(json.dumps({"reason": "non-finite loss at epoch 2"}))
+        return d
+    summary = {"run": name, "hash": f"h{seed}", "kind": "student", "method": method, "teacher": teacher,
+               "student": student, "teacher_family": FAMILY.get(teacher) if teacher else None,
+               "student_family": FAMILY[student], "dataset": dataset, "recipe": recipe, "seed": seed,
+               "epochs": epochs, "best_top1": best, "best_epoch": epochs, "last_top1": best - 0.5,
+               "last_top5": 99.0, "best_top5": 99.5, "teacher_top1": teacher_top1 if teacher else None,
+               "student_params": 1000, "method_extra_params": 10 if method == "fitnet" else 0, "train_time_s": 3.0,
+               "images_per_s": 100.0, "global_batch": 128, "device": "cpu"}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "DONE").write_text("")
+    return d
+
+
+def write_overhead(root: Path, method, step_ms, extra):
+    d = root / f"overhead_{method}"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"kind": "overhead", "method": method, "teacher": "resnet_mini",
+                                               "student": "vit_mini", "batch_size": 8}))
+    (d / "env.json").write_text(json.dumps({"device": "cpu"}))
+    summary = {"run": d.name, "kind": "overhead", "method": method, "teacher": "resnet_mini", "student": "vit_mini",
+               "overhead_teacher": "resnet_mini", "batch_size": 8, "img_size": 16, "device": "cpu",
+               "precision": "fp32", "step_time_ms": step_ms, "images_per_s": 8000 / step_ms,
+               "peak_memory_mb": step_ms / 2, "train_gflops_per_image": step_ms / 100, "extra_params": extra,
+               "student_params": 1000, "step_time_ms_vs_none": step_ms / 10.0,
+               "peak_memory_mb_vs_none": step_ms / 10.0, "train_gflops_per_image_vs_none": step_ms / 10.0,
+               "train_params_vs_none": (1000 + extra) / 1000}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "DONE").write_text("")
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "runs"
+    # pair A: resnet_mini -> vit_mini; the student alone (teacher None) serves both pairs of vit_mini
+    for seed, best in enumerate([60.0, 62.0]):
+        write_run(root, "none", None, "vit_mini", seed, best)
+    for seed, best in enumerate([64.0, 66.0, 68.0]):
+        write_run(root, "kd", "resnet_mini", "vit_mini", seed, best)
+    for seed, best in enumerate([70.0, 74.0]):
+        write_run(root, "fitnet", "resnet_mini", "vit_mini", seed, best)
+    # pair B: mixer_mini -> vit_mini
+    for seed, best in enumerate([63.0, 65.0]):
+        write_run(root, "kd", "mixer_mini", "vit_mini", seed, best, teacher_top1=85.0)
+    write_run(root, "fitnet", "mixer_mini", "vit_mini", 0, 61.0, teacher_top1=85.0)
+    # another setting (more epochs): its own table, never pooled with the above
+    write_run(root, "kd", "resnet_mini", "vit_mini", 0, 90.0, epochs=5)
+    # a failed run: in the tidy table, in no comparison
+    write_run(root, "kd", "resnet_mini", "vit_mini", 7, 0.0, status="failed")
+    for method, ms, extra in (("none", 10.0, 0), ("kd", 12.0, 0), ("fitnet", 15.0, 5000)):
+        write_overhead(root, method, ms, extra)
+    return root
+
+
+def test_collect_one_row_per_run(store):
+    runs = collect_runs(store)
+    assert len(runs) == 2 + 3 + 2 + 2 + 1 + 1 + 1 + 3
+    assert set(runs["status"]) == {"done", "failed"}
+    failed = runs[runs["status"] == "failed"].iloc[0]
+    assert failed["method"] == "kd" and failed["seed"] == 7 and "non-finite" in failed["failure"]
+    for col in ("method", "teacher", "student", "teacher_family", "student_family", "seed", "best_top1",
+                "last_top1", "best_top5", "teacher_top1", "epochs", "step_time_ms", "hash", "git_sha", "device",
+                "torch", "timm", "setting", "conflict_cosine_mean"):
+        assert col in runs.columns, col
+    assert (runs[runs["kind"] == "overhead"]["step_time_ms"].notna()).all()
+    students = runs[(runs["kind"] == "student") & (runs["status"] == "done")]
+    assert students[students["epochs"] == 3]["setting"].nunique() == 1
+    assert students["setting"].nunique() == 2
+    epochs = collect_epochs(store, runs)
+    assert len(epochs) == 10 * 3 + 1 * 5  # finished student runs only
+    assert "cka/linear/t1_s1" in epochs.columns and "conflict/cosine" in epochs.columns
+
+
+def test_comparison_table_numbers(store, tmp_path):
+    tables = comparison_tables(collect_runs(store))
+    assert len(tables) == 2
+    table = next(t for t in tables if t.key["epochs"] == 3)
+    assert table.methods == ["kd", "fitnet"]
+    assert table.rows == [("mixer_mini", "vit_mini"), ("resnet_mini", "vit_mini")]
+    a, b = ("resnet_mini", "vit_mini"), ("mixer_mini", "vit_mini")
+    alone = table.student_alone["vit_mini"]
+    assert alone.mean == pytest.approx(61.0) and alone.std == pytest.approx(math.sqrt(2.0)) and alone.n == 2
+    kd, fitnet = table.cells[(a, "kd")], table.cells[(a, "fitnet")]
+    assert (kd.mean, kd.std, kd.n) == (pytest.approx(66.0), pytest.approx(2.0), 3)
+    assert (fitnet.mean, fitnet.std, fitnet.n) == (pytest.approx(72.0), pytest.approx(math.sqrt(8.0)), 2)
+    assert kd.gain == pytest.approx(5.0) and fitnet.gain == pytest.approx(11.0)
+    assert fitnet.best and not kd.best
+    kd_b, fitnet_b = table.cells[(b, "kd")], table.cells[(b, "fitnet")]
+    assert kd_b.best and not fitnet_b.best
+    assert fitnet_b.std is None and fitnet_b.gain == pytest.approx(0.0)
+    assert table.teacher_acc[a].mean == 80.0 and table.teacher_acc[b].mean == 85.0
+
+    md = table.to_markdown()
+    assert "**72.00 ± 2.83** (+11.00)" in md and "66.00 ± 2.00 (+5.00)" in md
+    assert "**64.00 ± 1.41** (+3.00)" in md and "| 61.00 (+0.00) |" in md
+    tex = table.to_latex()
+    assert "\\textbf{72.00 $\\pm$ 2.83}" in tex and "resnet\\_mini" in tex and tex.count("\\\\") >= 3
+    paths = table.write(tmp_path / "tables")
+    assert [p.suffix for p in paths] == [".md", ".tex", ".csv"] and all(p.stat().st_size for p in paths)
+    frame = pd.read_csv(paths[2])
+    row = frame[(frame["teacher"] == "resnet_mini") & (frame["column"] == "fitnet")].iloc[0]
+    assert row["mean"] == pytest.approx(72.0) and row["gain"] == pytest.approx(11.0) and bool(row["best"])
+    other = next(t for t in tables if t.key["epochs"] == 5)
+    assert other.student_alone == {} and other.cells[(a, "kd")].gain is None  # no 'none' run in that setting
+
+
+def test_published_numbers_side_by_side(tmp_path):
+    pub = ofa_cifar100()
+    assert len(pub) == 12 and pub["source"].str.contains("PUBLISHED").all()
+    row = pub[(pub["teacher"] == "convnext_tiny") & (pub["student"] == "resmlp_12")].iloc[0]
+    assert row["ofa"] - row["dkd"] == pytest.approx(8.0)
+    root = tmp_path / "runs"
+    write_run(root, "kd", "swin_tiny", "resnet18", 0, 78.0, dataset="cifar100", recipe="cifar-cnn")
+    write_run(root, "none", None, "resnet18", 0, 74.5, dataset="cifar100", recipe="cifar-cnn")
+    table = comparison_tables(collect_runs(root))[0]
+    side = published_side_by_side(table)
+    kd = side[side["column"] == "kd"].iloc[0]
+    assert kd["published"] == pytest.approx(78.74) and kd["delta"] == pytest.approx(78.0 - 78.74)
+    assert set(side["column"]) == {"teacher", "none", "kd"}
+    index = make_report(root, tmp_path / "results")
+    assert "Published numbers side by side" in index.read_text()
+
+
+def test_plots_written(store, tmp_path):
+    runs = collect_runs(store)
+    figures = all_plots(runs, collect_epochs(store, runs), tmp_path / "figs")
+    for kind in ("accuracy", "overhead", "cka", "conflict", "convergence"):
+        paths = figures[kind]
+        assert {p.suffix for p in paths} == {".png", ".pdf"}, kind
+        assert all(p.exists() and p.stat().st_size > 1000 for p in paths), kind
+    assert len(figures["cka"]) == 2 * 3  # two pairs (setting 3 ep) + one (5 ep), PNG + PDF each
+
+
+def test_report_index_and_cli(store, tmp_path):
+    out = tmp_path / "results"
+    assert main(["report", "--runs-dir", str(store), "--out", str(out)]) == 0
+    index = (out / "README.md").read_text()
+    assert (out / "runs.csv").exists() and (out / "epochs.csv").exists()
+    figures = sorted((out / "figures").glob("*.png"))
+    tables = sorted((out / "tables").glob("*.md"))
+    assert figures and tables
+    for f in figures:
+        assert f"figures/{f.name}" in index and f"figures/{f.with_suffix('.pdf').name}" in index
+    for t in tables:
+        assert f"tables/{t.name}" in index
+    assert "**72.00 ± 2.83** (+11.00)" in index  # the tables are inline
+    # the other commands
+    assert main(["collect", "--runs-dir", str(store), "--out", str(tmp_path / "c")]) == 0
+    assert len(pd.read_csv(tmp_path / "c" / "runs.csv")) == 15
+    assert main(["table", "--runs-dir", str(store), "--out", str(tmp_path / "t")]) == 0
+    assert len(list((tmp_path / "t").glob("*.tex"))) == 2
+    assert main(["plot", "--runs-dir", str(store), "--out", str(tmp_path / "p")]) == 0
+    assert len(list((tmp_path / "p").glob("*.pdf"))) == len(figures)
+
+
+def test_missing_store_fails_loudly(tmp_path, capsys):
+    assert main(["collect", "--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""The overhead benchmark on a tiny pair on CPU."""
+import json
+from pathlib import Path
+
+import pytest
+
+from hkdbench.analysis.collect import collect_runs
+from hkdbench.benchmark.cli import main
+from hkdbench.benchmark.overhead import run_overhead
+
+PAIR = dict(teacher="resnet_mini", student="vit_mini", batch_size=8, img_size=16, warmup=1, repeats=2,
+            num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("overhead") / "runs"
+    results = run_overhead(methods=["fitnet"], runs_dir=str(runs), device="cpu", echo=lambda *_: None, **PAIR)
+    return runs, results
+
+
+def test_ratios_params_and_flops(measured):
+    _, results = measured
+    assert set(results) == {"none", "kd", "fitnet"}  # the baselines are always measured, for the ratios
+    none, kd, fitnet = results["none"], results["kd"], results["fitnet"]
+    for key in ("step_time_ms", "images_per_s", "train_gflops_per_image", "peak_memory_mb"):
+        if none[key] is not None:
+            assert none[f"{key}_vs_none"] == pytest.approx(1.0)
+            assert kd[f"{key}_vs_kd"] == pytest.approx(1.0)
+    assert none["train_params_vs_none"] == 1.0
+    assert none["extra_params"] == 0 and kd["extra_params"] == 0 and fitnet["extra_params"] > 0
+    assert fitnet["train_params_vs_none"] > 1.0
+    assert kd["train_gflops_per_image"] >= none["train_gflops_per_image"] > 0
+    assert fitnet["train_gflops_per_image"] >= none["train_gflops_per_image"]
+    assert kd["train_gflops_per_image_vs_none"] >= 1.0
+    for r in results.values():
+        assert r["step_time_ms"] > 0 and r["images_per_s"] == pytest.approx(8000 / r["step_time_ms"])
+        assert r["peak_memory_mb"] is None or r["peak_memory_mb"] >= 0
+
+
+def test_stored_as_runs_and_collected(measured):
+    runs, results = measured
+    dirs = sorted(p for p in Path(runs).iterdir() if p.is_dir())
+    assert len(dirs) == 3
+    for d in dirs:
+        assert (d / "DONE").exists() and (d / "env.json").exists()
+        assert json.loads((d / "config.json").read_text())["kind"] == "overhead"
+        assert json.loads((d / "summary.json").read_text())["kind"] == "overhead"
+    table = collect_runs(runs)
+    assert set(table["kind"]) == {"overhead"} and set(table["method"]) == {"none", "kd", "fitnet"}
+    fit = table[table["method"] == "fitnet"].iloc[0]
+    assert fit["extra_params"] == results["fitnet"]["extra_params"]
+    assert fit["step_time_ms_vs_none"] == pytest.approx(results["fitnet"]["step_time_ms_vs_none"])
+
+
+def test_cli(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ["overhead", "--teacher", "resnet_mini", "--student", "vit_mini", "--methods", "kd", "--batch-size", "4",
+            "--img-size", "16", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--num-classes", "10",
+            "--runs-dir", str(runs)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "GFLOP/img" in out
+    assert len(list(runs.iterdir())) == 2  # kd, and the student alone (always measured, for the ratios)
+    assert main(argv) == 0
+    assert "already done" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--methods", "nope", "--runs-dir", str(runs)]) == 2
+    assert "unknown method" in capsys.readouterr().err
