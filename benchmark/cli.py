@@ -69,7 +69,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    _add_analysis_commands(sub)
+    _add_sweep_commands(sub)
     return parser
+
+
+def _add_analysis_commands(sub) -> None:
+    """overhead, collect, table, plot, report (benchmark/overhead.py and the analysis package)."""
+    p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
+                                        "parameters for one pair (stored as runs of kind 'overhead')")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method ('none' and "
+                                                               "'kd' are always measured, for the ratios)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=None, help="default: the larger of the two models' sizes")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
+    p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
+    for name, text in (("collect", "write the tidy table of every run (runs.csv, epochs.csv)"),
+                       ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
+                       ("plot", "draw every figure (PNG and PDF)"),
+                       ("report", "regenerate every table and figure with an index README.md")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
+        p.add_argument("--out", "-o", default="results" if name == "report" else "analysis_out",
+                       help="output folder (default: %(default)s)")
+        if name in ("table", "report"):
+            p.add_argument("--metric", default="best_top1", help="best_top1 (default), last_top1, best_top5, ...")
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Positionals (the preset, then key=value overrides) may come before, between and after options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def _add_sweep_commands(sub) -> None:
+    """sweep and status (benchmark/sweep.py, benchmark/dispatch.py)."""
+    p = sub.add_parser("sweep", help="run a preset's teacher x student x method x seed grid inline, on local "
+                                     "processes or as Slurm job arrays (skips done runs, resumes cut-off ones)")
+    p.add_argument("--executor", default="inline", choices=["inline", "local", "slurm"])
+    p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the expanded grid, each run's status and what "
+                                                          "would be submitted; submit nothing")
+    p.add_argument("--teachers", default=None, help="inline grid: comma-separated teachers (replaces the pairs)")
+    p.add_argument("--students", default=None, help="inline grid: comma-separated students (replaces the pairs)")
+    p.add_argument("--methods", default=None, help="comma-separated methods")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--parallel", type=int, default=0, help="local executor: jobs at a time (default: CPUs / "
+                                                           "slurm.cpus_per_task)")
+    p.add_argument("--wait", action="store_true", help="slurm: wait until the submitted runs end, then print the "
+                                                       "status table")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
+    for flag, key, typ in (("--partition", "partition", str), ("--time", "time", int),
+                           ("--gpus-per-node", "gpus_per_node", int), ("--cpus-per-task", "cpus_per_task", int),
+                           ("--mem-gb", "mem_gb", float), ("--account", "account", str), ("--qos", "qos", str),
+                           ("--constraint", "constraint", str), ("--array-parallelism", "array_parallelism", int),
+                           ("--signal-delay-s", "signal_delay_s", int)):
+        p.add_argument(flag, dest=f"slurm_{key}", type=typ, default=None, help=f"same as slurm.{key}=VALUE")
+    p.__class__ = _IntermixedParser
+    p.add_argument("--sbatch-flag", action="append", default=[], metavar="--FLAG[=VALUE]",
+                   help="an extra sbatch flag (repeatable), e.g. --sbatch-flag=--exclusive")
+    p.add_argument("settings", nargs="*", metavar="[PRESET_OR_YAML] key=value",
+                   help="a shipped preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa) or a YAML file "
+                        "(optional with an inline grid: --students ...), then preset overrides: seeds=[0], "
+                        "methods=[kd,ofa], train.epochs=1, data.root=PATH, teacher.train.epochs=1, "
+                        "method.ofa.eps=[1.5], slurm.partition=gpu")
+
+    p = sub.add_parser("status", help="where every run of a preset or sweep stands: done / running / queued / "
+                                      "pending / failed (with the reason and log)")
+    p.__class__ = _IntermixedParser
+    p.add_argument("settings", nargs="+", metavar="PRESET_OR_SWEEP_DIR [key=value]",
+                   help="a preset name or YAML file (expanded with the same key=value overrides as the sweep), "
+                        "or a sweep directory (runs/_sweeps/ID)")
+    p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
+    p.add_argument("--teachers", default=None)
+    p.add_argument("--students", default=None)
+    p.add_argument("--methods", default=None)
+    p.add_argument("--seeds", default=None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -111,3 +111,156 @@ def cmd_demo(args, _overrides) -> int:
     from .demo import run_demo
 
     return run_demo(runs_dir=args.runs_dir, device=args.device, quick=args.quick)
+
+
+def cmd_overhead(args, _overrides) -> int:
+    from .overhead import run_overhead
+
+    run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
+                 img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
+                 runs_dir=args.runs_dir, num_classes=args.num_classes, precision=args.precision,
+                 restart=args.restart)
+    return 0
+
+
+def _analysis_paths(args):
+    from pathlib import Path
+
+    from .store import runs_root
+
+    return runs_root(args.runs_dir), Path(args.out)
+
+
+def cmd_collect(args, _overrides) -> int:
+    from hkdbench.analysis.report import write_tidy
+
+    runs_dir, out = _analysis_paths(args)
+    for name, path in write_tidy(runs_dir, out).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_table(args, _overrides) -> int:
+    from hkdbench.analysis.collect import collect_runs
+    from hkdbench.analysis.tables import comparison_tables
+
+    runs_dir, out = _analysis_paths(args)
+    tables = comparison_tables(collect_runs(runs_dir), args.metric)
+    if not tables:
+        print(f"no finished distillation runs in {runs_dir}")
+    for table in tables:
+        print(table.to_markdown() + "\n")
+        for path in table.write(out):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args, _overrides) -> int:
+    from hkdbench.analysis.collect import collect_epochs, collect_runs
+    from hkdbench.analysis.plots import all_plots
+
+    runs_dir, out = _analysis_paths(args)
+    runs = collect_runs(runs_dir)
+    for kind, paths in all_plots(runs, collect_epochs(runs_dir, runs), out).items():
+        for path in paths:
+            print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_report(args, _overrides) -> int:
+    import shlex
+    import sys
+
+    from hkdbench.analysis.report import make_report
+
+    runs_dir, out = _analysis_paths(args)
+    command = "hkdbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
+    index = make_report(runs_dir, out, args.metric, command=command)
+    print(f"wrote {index}")
+    return 0
+
+
+def _sweep_grid(args) -> Dict[str, object]:
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
+    seeds = split(args.seeds)
+    try:
+        seeds = [int(s) for s in seeds] if seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    return {"teachers": split(args.teachers), "students": split(args.students), "methods": split(args.methods),
+            "seeds": seeds}
+
+
+def _sweep_settings(args) -> List[str]:
+    items = list(args.settings)
+    for key in ("partition", "time", "gpus_per_node", "cpus_per_task", "mem_gb", "account", "qos", "constraint",
+                "array_parallelism", "signal_delay_s"):
+        value = getattr(args, f"slurm_{key}", None)
+        if value is not None:
+            items.append(f"slurm.{key}={value}")
+    if getattr(args, "sbatch_flag", None):
+        import json
+
+        items.append(f"slurm.extra={json.dumps(list(args.sbatch_flag))}")
+    return items
+
+
+def cmd_sweep(args, _overrides) -> int:
+    from .dispatch import Sweep
+    from .sweep import expand, load_preset
+
+    preset_arg = None
+    if args.settings and "=" not in args.settings[0] or args.settings and args.settings[0].endswith((".yaml", ".yml")):
+        preset_arg, args.settings = args.settings[0], args.settings[1:]  # positionals: [PRESET] key=value...
+    stray = [item for item in args.settings if "=" not in item]
+    if stray:
+        raise ConfigError(f"expected key=value overrides after the preset, got {' '.join(stray)}")
+    grid = _sweep_grid(args)
+    if preset_arg is None and not grid["students"]:
+        raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
+                          "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
+    preset = load_preset(preset_arg, _sweep_settings(args), grid)
+    start = time.time()
+    plan = expand(preset)
+    sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
+    if args.dry_run:
+        sweep.dry_run(args.executor, args.retry_failed)
+        return 0
+    result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait)
+    if args.executor != "slurm" or args.wait:
+        from .dispatch import format_state_table, run_states
+
+        print()
+        print(format_state_table(run_states(plan.runs, sweep.store), order=plan.runs))
+        print(f"\nwall time {time.time() - start:.0f} s; sweep dir {result.sweep_dir}")
+        return 0 if result.failed == 0 else 1
+    return 0
+
+
+def cmd_status(args, _overrides) -> int:
+    import json
+    from pathlib import Path
+
+    from .dispatch import format_state_table, run_states
+    from .store import RunStore
+    from .sweep import RunSpec, expand, load_preset
+
+    args.target, args.settings = args.settings[0], args.settings[1:]
+    target = Path(args.target)
+    if target.is_dir() and (target / "sweep.json").exists():
+        manifest = json.loads((target / "sweep.json").read_text())
+        from .config import run_config_from_dict
+
+        specs = [RunSpec(run_config_from_dict(r["config"]), r["kind"], r.get("teacher_run"),
+                         [tuple(c) for c in r.get("cells", [])]) for r in manifest["runs"]]
+        runs_dir = args.runs_dir or manifest.get("runs_dir")
+        title = f"sweep {manifest['sweep']} ({target})"
+    elif target.is_dir() and not target.suffix:
+        raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/_sweeps/")
+    else:
+        plan = expand(load_preset(args.target, list(args.settings), _sweep_grid(args)))
+        specs, runs_dir, title = plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
+    store = RunStore(runs_dir)
+    print(f"{title}; run store {store.root}")
+    print(format_state_table(run_states(specs, store), order=specs))
+    return 0

@@ -38,7 +38,7 @@ class DivergedError(RuntimeError):
 
 
 class TeacherUnavailableError(RuntimeError):
-    pass
+    """A stop request arrived while the teacher of this run was being trained (its checkpoint is saved)."""
 
 
 @dataclass
@@ -108,6 +108,9 @@ def lr_at(cfg, epochs: int, progress: float) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype],
              channels_last: bool) -> Dict[str, float]:
+    from .distributed import reduce_sums, sync_buffers
+
+    sync_buffers(model)  # DDP: every rank evaluates rank 0's model (BN statistics), on its shard of the test set
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
@@ -125,6 +128,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[tor
         correct5 += hits.any(1).sum().item()
         total += labels.numel()
     model.train(was_training)
+    correct1, correct5, total, loss_sum = reduce_sums([correct1, correct5, total, loss_sum])
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
 
 
@@ -243,7 +247,8 @@ class Trainer:
 
     # -- main loop ------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, restart: bool = False) -> RunResult:
-        with self.run_dir.lock():
+        # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
+        with self.run_dir.lock() if self.is_main else contextlib.nullcontext():
             return self._run_locked(resume, restart)
 
     def _run_locked(self, resume: bool, restart: bool) -> RunResult:
@@ -261,7 +266,9 @@ class Trainer:
 
         entry = zoo_entry(cfg.student.name)
         crop_pct = cfg.data.crop_pct or entry.crop_pct
-        train_loader, test_loader, info = data_lib.build_loaders(cfg.data, self.device, crop_pct)
+        train_loader, test_loader, info = data_lib.build_loaders(cfg.data, self.device, crop_pct,
+                                                                 rank=self.dist.rank if self.dist else 0,
+                                                                 world_size=self.world_size)
         teacher, teacher_top1 = self.prepare_teacher(info.num_classes, info.in_chans)
 
         data_lib.seed_everything(cfg.train.seed)

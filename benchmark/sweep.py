@@ -1,0 +1,370 @@
+"""Sweep presets and their expansion into runs.
+
+A preset (YAML under ``benchmark/presets/`` or any file) names the teacher -> student pairs (an explicit list,
+as in the papers' tables, or a ``teachers`` x ``students`` product), the methods, the seeds, the dataset and
+recipe, config overrides for the student and teacher runs, and the Slurm options::
+
+    name: cifar100-ofa
+    dataset: cifar100
+    recipe: auto                 # cifar-cnn for CNN students, cifar-vit for ViT/Swin/MLP students
+    teacher_recipe: cifar-teacher
+    pairs: [swin_tiny -> resnet18, vit_small -> resnet18, ...]
+    methods: [none, kd, fitnet, dkd, ofa]
+    seeds: [0, 1, 2]
+    overrides: {data: {...}, optim: {...}, train: {...}}   # every student run
+    teacher_overrides: {train: {...}}                     # every teacher run
+    method_overrides: {ofa: {eps: [1.0]}}                 # method.* of one method
+    teacher_checkpoints: {swin_tiny: /path/to/ckpt.pth}   # load these teachers instead of training them
+    requires: [data.root]                                 # must be given at run time
+    slurm: {partition: gpu, time: 1440, gpus_per_node: 1, ...}
+
+Every field is validated (a typo names the field and lists the allowed ones); models and methods are checked
+against the registries; every run of the grid is resolved through ``resolve_run_config`` at expansion, so a
+config error surfaces before anything is submitted. ``key=value`` overrides reach every field:
+``seeds=[0]``, ``methods=[kd,ofa]``, ``slurm.partition=gpu``; ``data.*``/``optim.*``/``train.*`` go to the
+student runs' overrides, ``teacher.data.*`` (etc.) to the teacher runs', ``method.<name>.<field>`` to one
+method's config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from .config import ConfigError, RunConfig, build_dataclass, deep_merge, parse_overrides, to_dict
+
+RUN_SECTIONS = ("data", "optim", "train")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    partition: Optional[str] = None
+    time: int = 60                      # minutes (the job's time limit; submitit requeues on timeout)
+    gpus_per_node: int = 0              # > 1: one process per GPU with DDP
+    tasks_per_node: int = 0             # processes per job (0: one per GPU, at least one); > 1 without GPUs: DDP on gloo
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    array_parallelism: int = 64
+    signal_delay_s: int = 120           # --signal=USR2@N: the checkpoint lead time before the time limit
+    stop_wait_s: float = 0.0            # how long checkpoint() waits for the trainer to save (0: signal_delay_s - 15)
+    max_num_timeout: int = 3            # requeues after time-outs (preemptions do not count)
+    extra: Tuple[str, ...] = ()         # more sbatch flags, e.g. ["--exclusive", "--nice=10"]
+    job_name: str = "hkdbench"
+
+    def __post_init__(self):
+        if self.time < 1:
+            raise ValueError(f"slurm.time must be >= 1 minute, got {self.time}")
+        if self.gpus_per_node < 0 or self.cpus_per_task < 1 or self.array_parallelism < 1:
+            raise ValueError("slurm.gpus_per_node must be >= 0, slurm.cpus_per_task and slurm.array_parallelism >= 1")
+        if self.signal_delay_s < 0:
+            raise ValueError(f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
+        for flag in self.extra:
+            if not flag.startswith("--"):
+                raise ValueError(f"slurm.extra: sbatch flags are given as '--name' or '--name=value', got {flag!r}")
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def stop_wait(self) -> float:
+        return self.stop_wait_s if self.stop_wait_s > 0 else max(self.signal_delay_s - 15, 5)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str = "custom"
+    description: str = ""
+    dataset: str = "fashion-mnist"
+    recipe: str = "auto"
+    teacher_recipe: Optional[str] = None
+    pairs: Tuple[Any, ...] = ()         # "teacher -> student" strings or [teacher, student] lists
+    teachers: Tuple[str, ...] = ()      # with students: the product teachers x students (when pairs is empty)
+    students: Tuple[str, ...] = ()
+    methods: Tuple[str, ...] = ("none",)
+    seeds: Tuple[int, ...] = (0,)
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    teacher_overrides: Dict[str, Any] = field(default_factory=dict)
+    method_overrides: Dict[str, Any] = field(default_factory=dict)
+    teacher_checkpoints: Dict[str, Any] = field(default_factory=dict)
+    requires: Tuple[str, ...] = ()
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    def pair_list(self) -> List[Tuple[str, str]]:
+        if self.pairs:
+            return [_parse_pair(p, i) for i, p in enumerate(self.pairs)]
+        return [(t, s) for t in self.teachers for s in self.students]
+
+
+def _parse_pair(p: Any, i: int) -> Tuple[str, str]:
+    if isinstance(p, str) and "->" in p:
+        t, s = (x.strip() for x in p.split("->", 1))
+    elif isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, str) for x in p):
+        t, s = p
+    elif isinstance(p, Mapping) and set(p) == {"teacher", "student"}:
+        t, s = p["teacher"], p["student"]
+    else:
+        raise ConfigError(f"pairs[{i}]: expected 'teacher -> student', [teacher, student] or "
+                          f"{{teacher: ..., student: ...}}, got {p!r}")
+    if not t or not s:
+        raise ConfigError(f"pairs[{i}]: empty model name in {p!r}")
+    return str(t), str(s)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+def preset_names() -> List[str]:
+    folder = resources.files("hkdbench.benchmark") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_preset(name_or_path: str) -> Tuple[Dict[str, Any], str]:
+    """The raw mapping of a preset by name (shipped) or path, and where it came from."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"preset file {name_or_path} does not exist")
+        text, origin = path.read_text(), str(path)
+    else:
+        res = resources.files("hkdbench.benchmark") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
+                              "(or give the path of a YAML file)")
+        text, origin = res.read_text(), f"preset {name_or_path}"
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin}: a preset is a mapping of fields, got {type(raw).__name__}")
+    raw = dict(raw)
+    if not path.is_file():
+        raw.setdefault("name", name_or_path)
+    else:
+        raw.setdefault("name", path.stem)
+    return raw, origin
+
+
+def split_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """CLI ``key=value`` items -> a nested mapping of preset fields. ``data.*``, ``optim.*``, ``train.*`` go to
+    ``overrides``; ``teacher.<section>.*`` to ``teacher_overrides``; ``method.<name>.*`` to ``method_overrides``;
+    anything else (``seeds``, ``methods``, ``slurm.*``, ``dataset``, ...) to the preset field of that name."""
+    nested = parse_overrides(list(items))
+    out: Dict[str, Any] = {}
+    for key, value in nested.items():
+        if key in RUN_SECTIONS:
+            out = deep_merge(out, {"overrides": {key: value}})
+        elif key == "teacher":
+            if not isinstance(value, Mapping):
+                raise ConfigError("teacher.* overrides are teacher.<section>.<field>=value, e.g. "
+                                  "teacher.train.epochs=3")
+            out = deep_merge(out, {"teacher_overrides": value})
+        elif key == "method":
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise ConfigError("method.* overrides name the method: method.<name>.<field>=value, e.g. "
+                                  "method.ofa.eps=[1.5] (each method has its own config)")
+            out = deep_merge(out, {"method_overrides": value})
+        else:
+            out = deep_merge(out, {key: value})
+    return out
+
+
+def load_preset(name_or_path: Optional[str], overrides: Sequence[str] = (),
+                grid: Optional[Mapping[str, Any]] = None) -> Preset:
+    """Loads, merges ``key=value`` overrides and an inline grid (``teachers``/``students``/``methods``/``seeds``
+    lists) and validates the preset. ``name_or_path=None``: an empty preset (the grid must name students)."""
+    if name_or_path:
+        raw, origin = find_preset(name_or_path)
+    else:
+        raw, origin = {"name": "custom"}, "inline grid"
+    raw = deep_merge(raw, split_overrides(overrides))
+    grid = {k: v for k, v in (grid or {}).items() if v is not None}
+    if "teachers" in grid or "students" in grid:
+        # an inline grid replaces the preset's pairs by a product (keeping the side that was not given)
+        base = build_dataclass(Preset, {k: v for k, v in raw.items() if k != "slurm"}, origin).pair_list() \
+            if raw.get("pairs") or raw.get("teachers") else []
+        teachers = grid.get("teachers") or raw.get("teachers") or sorted({t for t, _ in base})
+        students = grid.get("students") or raw.get("students") or sorted({s for _, s in base})
+        raw = {**raw, "pairs": [], "teachers": list(teachers), "students": list(students)}
+    for key in ("methods", "seeds"):
+        if key in grid:
+            raw[key] = list(grid[key])
+    preset = build_dataclass(Preset, raw, origin)
+    validate_preset(preset, origin)
+    return preset
+
+
+def validate_preset(p: Preset, origin: str) -> None:
+    from hkdbench.methods import get_method, list_methods
+
+    from .models import zoo, zoo_entry
+    from .recipes import recipe_names
+
+    known_models = ", ".join(zoo())
+    pairs = p.pair_list()
+    if not pairs:
+        raise ConfigError(f"{origin}: no teacher -> student pairs (give pairs, or teachers and students)")
+    for t, s in pairs:
+        for role, name in (("teacher", t), ("student", s)):
+            try:
+                zoo_entry(name)
+            except (KeyError, ValueError):
+                raise ConfigError(f"{origin}: unknown {role} model {name!r}; known models: {known_models}") from None
+    if not p.methods:
+        raise ConfigError(f"{origin}: methods is empty")
+    for m in p.methods:
+        try:
+            get_method(m)
+        except (KeyError, ValueError):
+            raise ConfigError(f"{origin}: unknown method {m!r}; known methods: {', '.join(list_methods())}") from None
+    for m in p.method_overrides:
+        if m not in p.methods:
+            raise ConfigError(f"{origin}: method_overrides names {m!r}, which is not in methods "
+                              f"({', '.join(p.methods)})")
+    if not p.seeds:
+        raise ConfigError(f"{origin}: seeds is empty")
+    if len(set(p.seeds)) != len(p.seeds):
+        raise ConfigError(f"{origin}: seeds repeat: {list(p.seeds)}")
+    for r in (p.recipe, p.teacher_recipe):
+        if r is not None and r not in recipe_names():
+            raise ConfigError(f"{origin}: unknown recipe {r!r}; known recipes: {', '.join(recipe_names())}")
+    for section, where in ((p.overrides, "overrides"), (p.teacher_overrides, "teacher_overrides")):
+        unknown = sorted(set(section) - set(RUN_SECTIONS))
+        if unknown:
+            hint = " (method settings go to method_overrides.<method>)" if "method" in unknown else ""
+            raise ConfigError(f"{origin}: unknown section(s) {', '.join(unknown)} in {where}; allowed: "
+                              f"{', '.join(RUN_SECTIONS)}{hint}")
+    for t in p.teacher_checkpoints:
+        if t not in {t for t, _ in pairs}:
+            raise ConfigError(f"{origin}: teacher_checkpoints names {t!r}, which is not a teacher of the sweep")
+    for key in p.requires:
+        if key.split(".")[0] not in RUN_SECTIONS:
+            raise ConfigError(f"{origin}: requires: {key!r} is not a data./optim./train. field")
+
+
+def missing_requirements(p: Preset) -> List[str]:
+    """The ``requires`` keys the preset (with its overrides) leaves unset."""
+    missing = []
+    for key in p.requires:
+        node: Any = p.overrides
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node in (None, ""):
+            missing.append(key)
+    return missing
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Expansion
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    """One run of a sweep: its resolved config and the grid cells (teacher, student, method, seed) it serves
+    (the student-alone baseline serves every teacher of its student)."""
+    cfg: RunConfig
+    kind: str                           # 'teacher' or 'student'
+    teacher_run: Optional[str] = None   # the name of the teacher run a student run needs (trained by the sweep)
+    cells: List[Tuple[str, str, str, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run_name()
+
+
+@dataclass
+class SweepPlan:
+    preset: Preset
+    cells: List[Tuple[str, str, str, int]]      # (teacher, student, method, seed), in grid order
+    teachers: List[RunSpec]                     # the distinct teacher runs, trained first
+    students: List[RunSpec]                     # the distinct student runs
+
+    @property
+    def runs(self) -> List[RunSpec]:
+        return self.teachers + self.students
+
+    def digest(self) -> str:
+        names = sorted(r.name for r in self.runs)
+        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:10]
+
+    def sweep_id(self) -> str:
+        return f"{self.preset.name}-{self.digest()}"
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """A nested mapping as sorted ``key=value`` strings (values as YAML flow scalars/lists)."""
+    items: List[str] = []
+    for key in sorted(mapping):
+        value = mapping[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items.extend(flatten(value, path + "."))
+        else:
+            items.append(f"{path}={_scalar(value)}")
+    return items
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "," not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+def expand(p: Preset) -> SweepPlan:
+    """Every (pair, method, seed) cell resolved to its run config; the distinct teacher runs they need."""
+    from hkdbench.methods import get_method
+
+    from .recipes import resolve_run_config, teacher_run_config
+
+    cells: List[Tuple[str, str, str, int]] = []
+    students: Dict[str, RunSpec] = {}
+    teachers: Dict[str, RunSpec] = {}
+    t_overrides = flatten(p.teacher_overrides)
+    for t, s in p.pair_list():
+        for m in p.methods:
+            for seed in p.seeds:
+                cell = (t, s, m, seed)
+                cells.append(cell)
+                body = deep_merge(p.overrides, {"train": {"seed": seed}})
+                if m in p.method_overrides:
+                    body = {**body, "method": p.method_overrides[m]}
+                ckpt = p.teacher_checkpoints.get(t)
+                try:
+                    cfg = resolve_run_config(kind="student", student=s, teacher=t, method=m, dataset=p.dataset,
+                                             recipe=p.recipe, teacher_checkpoint=str(ckpt) if ckpt else None,
+                                             teacher_recipe=p.teacher_recipe, overrides=body,
+                                             teacher_overrides=t_overrides)
+                except (ConfigError, KeyError, ValueError) as err:
+                    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                    raise ConfigError(f"preset {p.name}, run {m} {t} -> {s} seed {seed}: {message}") from None
+                name = cfg.run_name()
+                spec = students.get(name)
+                if spec is None:
+                    spec = students[name] = RunSpec(cfg, "student")
+                    if cfg.teacher is not None and cfg.teacher.checkpoint is None and get_method(m).uses_teacher:
+                        t_cfg = teacher_run_config(cfg)
+                        t_name = t_cfg.run_name()
+                        teachers.setdefault(t_name, RunSpec(t_cfg, "teacher"))
+                        teachers[t_name].cells.append(cell)
+                        spec.teacher_run = t_name
+                spec.cells.append(cell)
+    return SweepPlan(p, cells, list(teachers.values()), list(students.values()))
+
+
+def preset_summary(p: Preset) -> Dict[str, Any]:
+    return to_dict(p)
+

@@ -1,0 +1,137 @@
+"""Data-parallel training on the CPU: 2 processes, gloo, tiny models, a couple of steps.
+
+* a DDP run over 2 x 64 images per step ends with the same student weights on both ranks, and they match a
+  single-process run with batch 128 (same images per step, no augmentation, a BatchNorm-free student);
+* methods with state work under DDP: SPOFA's EMA baselines are identical on every rank, PAT's feedback is
+  per rank; the run store holds one run (rank 0's files) with world size 2 and global batch 128;
+* the loaders shard every global batch disjointly and keep the single-process order.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.data import TensorLoader, dataset_info
+from hkdbench.benchmark.recipes import resolve_run_config
+
+pytestmark = pytest.mark.usefixtures("fmnist_available")
+
+TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.eval_batch_size=32",
+        "data.img_size=16", "data.hflip=0", "data.crop_padding=0", "train.epochs=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from hkdbench.benchmark.config import run_config_from_dict
+    from hkdbench.benchmark.distributed import DistContext
+    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.trainer import Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    captured = {}
+
+    class Ctx(DistContext):
+        def wrap(self, module):
+            captured["module"] = module
+            return super().wrap(module)
+
+    ctx = Ctx(rank=rank, world_size=world, backend="gloo")
+    result = Trainer(run_config_from_dict(cfg_dict), RunStore(runs_dir), device="cpu", progress=False,
+                     dist_ctx=ctx, echo=False).run(resume=True)
+    module = captured["module"]
+    torch.save({"student": module.student.model.state_dict(), "module": module.state_dict(),
+                "status": result.status, "top1": result.summary["last_top1"] if result.summary else None},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(cfg, tmp_path, world=2):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), str(runs), str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)], runs
+
+
+def _teacher_checkpoint(tmp_path) -> str:
+    from hkdbench.benchmark.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("resnet_mini", 10, in_chans=1, img_size=16)
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.model.state_dict(), path)
+    return str(path)
+
+
+def test_loader_shards_global_batches_disjointly():
+    cfg = DataConfig(batch_size=4, eval_batch_size=3, img_size=28, crop_padding=0, hflip=0)
+    info = dataset_info("fashion-mnist")
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).expand(20, 1, 28, 28).contiguous()
+    labels = torch.arange(20)
+    single = TensorLoader(images, labels, cfg.__class__(**{**cfg.__dict__, "batch_size": 8}), info, True, "cpu", 1.0)
+    shards = [TensorLoader(images, labels, cfg, info, True, "cpu", 1.0, rank=r, world_size=2) for r in range(2)]
+    assert len(single) == len(shards[0]) == len(shards[1]) == 2
+    for step, (_, y) in enumerate(single.batches(seed=3, epoch=1)):
+        parts = [list(sh.batches(seed=3, epoch=1, start_step=step))[0][1] for sh in shards]
+        assert torch.equal(torch.cat(parts), y)  # rank 0 takes the first half of the global batch, rank 1 the rest
+    evals = [TensorLoader(images, labels, cfg, info, False, "cpu", 1.0, rank=r, world_size=2) for r in range(2)]
+    seen = torch.cat([y for ev in evals for _, y in ev.batches()])
+    assert sorted(seen.tolist()) == list(range(20))  # rank-strided eval batches cover the test set once
+
+
+def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
+    from hkdbench.benchmark.trainer import train
+
+    cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo", overrides=TINY)
+    ranks, runs = _spawn(cfg, tmp_path)
+    assert [r["status"] for r in ranks] == ["done", "done"]
+    for k, v in ranks[0]["student"].items():
+        assert torch.equal(v, ranks[1]["student"][k]), k  # identical weights on both ranks
+    # the same run in one process with the global batch of 2 x 64 sees the same images at every step
+    single_cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
+                                    overrides=TINY + ["data.batch_size=128"])
+    single = train(single_cfg, runs_dir=str(tmp_path / "single"), progress=False)
+    reference = torch.load(single.run_dir.path / "final.pt", weights_only=True)
+    for k, v in reference.items():
+        torch.testing.assert_close(ranks[0]["student"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # one run in the store, written by rank 0: world size 2, global batch 128, evaluated on the whole test set
+    (run,) = [p for p in runs.iterdir() if (p / "config.json").exists()]
+    summary = json.loads((run / "summary.json").read_text())
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 2 and env["global_batch"] == 128 and summary["global_batch"] == 128
+    assert ranks[0]["top1"] == ranks[1]["top1"]
+    assert summary["last_top1"] == pytest.approx(single.summary["last_top1"], abs=1.0)
+    saved = torch.load(run / "final.pt", weights_only=True)
+    assert all(torch.equal(saved[k], ranks[0]["student"][k]) for k in saved)
+
+
+@pytest.mark.parametrize("method", ["spofa", "pat"])
+def test_stateful_methods_under_ddp(tmp_path, method):
+    cfg = resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method=method,
+                             recipe="demo", teacher_checkpoint=_teacher_checkpoint(tmp_path), overrides=TINY)
+    ranks, _ = _spawn(cfg, tmp_path)
+    assert [r["status"] for r in ranks] == ["done", "done"]
+    for k, v in ranks[0]["student"].items():
+        assert torch.equal(v, ranks[1]["student"][k]), k
+    m0, m1 = ranks[0]["module"], ranks[1]["module"]
+    if method == "spofa":
+        ema = [k for k in m0 if k.endswith(".mu")]
+        assert ema, "SPOFA has EMA baselines"
+        for k in ema:  # the batch statistic is averaged over ranks: the same baseline everywhere
+            assert torch.equal(m0[k], m1[k]), k
+    else:
+        feedback = [k for k in m0 if k.endswith(".feedback") and m0[k].numel()]
+        assert feedback, "PAT stores feedback"
+        assert any(not torch.equal(m0[k], m1[k]) for k in feedback)  # each rank keeps its own
