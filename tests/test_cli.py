@@ -29,6 +29,14 @@ def test_train_every_family_pair_for_one_short_epoch(fmnist_available, runs_dir,
     assert len([r for r in runs if r.config().kind == "teacher"]) == 5  # one per teacher, reused
 
 
+@pytest.mark.parametrize("method", sorted(set(list_methods()) - {"kd", "fitnet"}))
+def test_train_every_method_through_the_cli(fmnist_available, runs_dir, method):
+    """Every registered method, one short epoch, on a pair with a token teacher and a token student."""
+    assert _train(runs_dir, "swin_mini", "vit_mini", method) == 0
+    (run,) = [r for r in RunStore(runs_dir).runs() if r.config().method == method]
+    assert run.is_done and run.summary()["method"] == method
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--teacher", "resnet_mini", "--student", "vit_tiny"], "unknown model 'vit_tiny'; known models:"),
     (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "ofakd"],
