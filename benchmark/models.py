@@ -105,24 +105,22 @@ _register("swin_nano", "swin", 224, 0.9, "Swin-N: embed 64, depths 2-2-2-2", pap
 
 
 # Small-resolution configurations of the same families (32x32 input) for the demo and the tests.
-@_register("resnet_mini", "cnn", 32, 1.0, "ResNet, BasicBlock 1-1-1-1, widths 16-32-64-128, 3x3 stride-2 stem")
-def _resnet_mini(num_classes, in_chans, img_size):
-    model = timm_resnet.ResNet(block=timm_resnet.BasicBlock, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128),
-                               num_classes=num_classes, in_chans=in_chans)
-    # Small-image stem: one stride-2 3x3 conv (timm's plain stem is 64 wide) and no max-pool, so stage 4
-    # keeps a 2x2 map at 32 px.
-    model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=2, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+def _small_resnet(layers, channels, stem_stride: int):
+    def build(num_classes, in_chans, img_size):
+        model = timm_resnet.ResNet(block=timm_resnet.BasicBlock, layers=layers, channels=channels,
+                                   num_classes=num_classes, in_chans=in_chans)
+        # Small-image stem: one 3x3 conv (timm's plain stem is 64 wide) and no max-pool, so stage 4 keeps a
+        # 2x2 (stride 2) or 4x4 (stride 1) map at 32 px.
+        model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=stem_stride, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    return build
 
 
-@_register("resnet_small", "cnn", 32, 1.0, "ResNet, BasicBlock 2-2-2-2, widths 32-64-128-256, 3x3 stride-1 stem")
-def _resnet_small(num_classes, in_chans, img_size):
-    model = timm_resnet.ResNet(block=timm_resnet.BasicBlock, layers=(2, 2, 2, 2), channels=(32, 64, 128, 256),
-                               num_classes=num_classes, in_chans=in_chans)
-    model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
+_register("resnet_mini", "cnn", 32, 1.0, "ResNet, BasicBlock 1-1-1-1, widths 16-32-64-128, 3x3 stride-2 stem")(
+    _small_resnet((1, 1, 1, 1), (16, 32, 64, 128), stem_stride=2))
+_register("resnet_small", "cnn", 32, 1.0, "ResNet, BasicBlock 2-2-2-2, widths 32-64-128-256, 3x3 stride-1 stem")(
+    _small_resnet((2, 2, 2, 2), (32, 64, 128, 256), stem_stride=1))
 
 
 @_register("vit_mini", "vit", 32, 1.0, "ViT with cls token, patch 4, dim 64, depth 4, 2 heads")
