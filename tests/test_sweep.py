@@ -80,7 +80,7 @@ def test_other_presets_expand():
     assert {r.cfg.recipe for r in imagenet.students} == {"imagenet-cnn", "imagenet-vit"}
     assert imagenet.preset.slurm.gpus_per_node == 8
     demo = expand(load_preset("demo"))
-    assert len(demo.teachers) == 1 and len(demo.students) == 2 * 5 * 2
+    assert len(demo.teachers) == 1 and len(demo.students) == 2 * 9 * 2
     assert {r.cfg.data.img_size for r in demo.runs} == {32}
 
 
