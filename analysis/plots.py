@@ -125,6 +125,8 @@ def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1") ->
             _first_column_only(ax, "teacher")
         for ax in list(axes.flat)[len(methods):]:
             ax.axis("off")
+        # room between rows for the rotated student names, so they do not run into the next row's titles
+        fig.subplots_adjust(hspace=0.6 + 0.05 * max(len(s) for s in students))
         sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(vmin, vmax))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (%)")
         k = dict(zip(keys, key))
