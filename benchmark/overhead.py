@@ -129,14 +129,6 @@ class PeakMemory:
 # One method
 # --------------------------------------------------------------------------------------------------------------
 
-def _autocast(device: torch.device, precision: str):
-    import contextlib
-
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -148,7 +140,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
 
     from .data import seed_everything
     from .models import create_model
-    from .trainer import TrainModule, build_optimizer
+    from .trainer import TrainModule, _autocast, autocast_dtype, build_optimizer
     from .config import OptimConfig
 
     device = torch.device(cfg.device)
@@ -173,7 +165,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         module.train()
 
         def step() -> None:
-            with _autocast(device, cfg.precision):
+            with _autocast(device, autocast_dtype(cfg.precision, device)):
                 _, losses = module(images, targets, 0)
             loss = sum(v.float() for v in losses.values())
             optimizer.zero_grad(set_to_none=True)

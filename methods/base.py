@@ -27,6 +27,14 @@ class Targets:
     soft: Optional[torch.Tensor] = None
 
 
+def check_stages(stages, field: str = "stages", allow_empty: bool = False) -> None:
+    """A method's stage list: distinct values among 1-4 (non-empty unless ``allow_empty``)."""
+    stages = tuple(stages)
+    if (not stages and not allow_empty) or any(s not in (1, 2, 3, 4) for s in stages) \
+            or len(set(stages)) != len(stages):
+        raise ValueError(f"{field} must be distinct values of 1,2,3,4, got {stages}")
+
+
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton's KD term: KL(softmax(z_t/T) || softmax(z_s/T)) * T^2, averaged over the batch."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models import StageInfo, nchw_to_tokens, tokens_to_nchw
 
-from .base import Distiller, kd_kl
+from .base import Distiller, check_stages, kd_kl
 from .registry import register_method
 
 
@@ -82,8 +82,7 @@ class FitNet(Distiller):
         temperature: float = 1.0
 
         def __post_init__(self):
-            if not self.stages or any(s not in (1, 2, 3, 4) for s in self.stages):
-                raise ValueError(f"fitnet stages must be a non-empty subset of 1,2,3,4, got {self.stages}")
+            check_stages(self.stages, "fitnet stages")
 
     def __init__(self, cfg, student, teacher, num_classes, criterion=None):
         super().__init__(cfg, student, teacher, num_classes, criterion)

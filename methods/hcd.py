@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Distiller, kd_kl
-from .ofa import _check_stages, build_branch_projector, init_weights
+from .base import Distiller, check_stages, kd_kl
+from .ofa import build_branch_projector, init_weights
 from .registry import register_method
 
 MASK_VALUE = 1e6
@@ -101,7 +101,7 @@ class HCD(Distiller):
         target_grid: int = 7
 
         def __post_init__(self):
-            _check_stages(tuple(self.stages))
+            check_stages(self.stages)
             if self.n_sub < 1:
                 raise ValueError(f"n_sub must be >= 1, got {self.n_sub}")
             if self.stage_reduce not in ("sum", "mean"):

@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 
 from hkdbench.benchmark.models import StageInfo
 
-from .base import Distiller
+from .base import Distiller, check_stages
 from .registry import register_method
 
 PROJECTOR_STYLES = ("ofa", "spofa")
@@ -259,11 +259,6 @@ def build_branch_projector(info: StageInfo, student_dim: int, teacher_dim: int, 
 # The method
 # --------------------------------------------------------------------------------------------------------------
 
-def _check_stages(stages: Tuple[int, ...]) -> None:
-    if not stages or any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"stages must be distinct values of 1,2,3,4, got {stages}")
-
-
 @register_method
 class OFA(Distiller):
     name = "ofa"
@@ -282,7 +277,7 @@ class OFA(Distiller):
         target_grid: int = 7              # token branches merge towards this grid
 
         def __post_init__(self):
-            _check_stages(tuple(self.stages))
+            check_stages(self.stages)
             if len(self.eps) not in (1, len(self.stages) + 1):
                 raise ValueError(f"eps must have 1 or len(stages)+1={len(self.stages) + 1} values, got {self.eps}")
             if any(e <= 0 for e in self.eps):

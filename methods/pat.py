@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models import StageInfo, nchw_to_tokens, tokens_to_nchw
 
-from .base import Distiller, kd_kl
+from .base import Distiller, check_stages, kd_kl
 from .registry import register_method
 
 STAGES = (1, 2, 3, 4)
@@ -384,8 +384,7 @@ class PAT(Distiller):
         def __post_init__(self):
             if self.temperature <= 0:
                 raise ValueError(f"pat temperature must be > 0, got {self.temperature}")
-            if any(s not in STAGES for s in self.afp_stages) or len(set(self.afp_stages)) != len(self.afp_stages):
-                raise ValueError(f"pat afp_stages must be distinct stages among 1,2,3,4, got {self.afp_stages}")
+            check_stages(self.afp_stages, "pat afp_stages", allow_empty=True)
             per_stage = self.raa_num_queries // 4
             if self.raa_num_queries % 4 or math.isqrt(per_stage) ** 2 != per_stage or per_stage == 0:
                 raise ValueError("pat raa_num_queries must be 4 times a square (16 tokens per stage = 64), "
