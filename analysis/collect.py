@@ -32,11 +32,12 @@ OVERHEAD_COLUMNS = ["overhead_teacher", "batch_size", "img_size", "precision", "
                                              ("step_time_ms", "images_per_s", "peak_memory_mb",
                                               "train_gflops_per_image")]
 PROBE_COLUMNS = ["conflict_cosine_mean", "conflict_fraction_mean", "cka_diag_last"]
-PROVENANCE_COLUMNS = ["hash", "device", "gpu", "git_sha", "hkdbench", "torch", "timm", "python", "host",
-                      "world_size", "started", "failure", "path"]
+PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads", "git_sha", "hkdbench", "torch", "timm", "python",
+                      "host", "world_size", "started", "finished", "failure", "path"]
 
 INT_COLUMNS = ["seed", "epochs", "best_epoch", "student_params", "method_extra_params", "global_batch", "batch_size",
-               "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size"]
+               "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size",
+               "cpu_count", "cpu_threads"]
 
 # Config keys that do not change a result and so do not split a setting.
 _NOT_SETTING = {("train", "seed"), ("train", "probe_every"), ("train", "probe_images"), ("train", "probe_kernel"),
@@ -139,7 +140,9 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
         row.update(summary)
     row["setting"] = setting_of(config)
     row["method_variant"] = method_variant(config)
-    row.update({"gpu": env.get("gpu"), "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
+    row.update({"gpu": env.get("gpu"), "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
+                "cpu_threads": env.get("cpu_threads"),
+                "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
                 "host": env.get("host"), "world_size": env.get("world_size"), "started": env.get("time")})
     row.setdefault("device", env.get("device"))

@@ -10,9 +10,11 @@ Only the stored files of the runs are read (config.json, env.json, summary.json,
 """
 from __future__ import annotations
 
+import json
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -40,6 +42,98 @@ def _rel(path: Path, base: Path) -> str:
     return Path(os.path.relpath(path, base)).as_posix()
 
 
+def _hardware(row) -> str:
+    if str(row.get("device", "")).startswith("cuda"):
+        return f"{row.get('world_size') or 1} x {row.get('gpu') or 'CUDA GPU (model not recorded)'}"
+    cpu = row.get("cpu")
+    if not isinstance(cpu, str):
+        return "CPU (model not recorded)"
+    cores = f", {int(row['cpu_count'])} cores" if pd.notna(row.get("cpu_count")) else ""
+    threads = f", {int(row['cpu_threads'])} thread(s) per run" if pd.notna(row.get("cpu_threads")) else ""
+    return f"{cpu} CPU{cores}{threads}"
+
+
+def _time(stamp) -> Optional[datetime]:
+    try:
+        return datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return None
+
+
+def _finish_time(row) -> Tuple[Optional[datetime], bool]:
+    """When a run finished, and whether that is exact (older runs lack ``finished``: start + training time)."""
+    finished = _time(row.get("finished"))
+    if finished is not None:
+        return finished, True
+    started, seconds = _time(row.get("started")), pd.to_numeric(row.get("train_time_s"), errors="coerce")
+    if started is None or pd.isna(seconds):
+        return None, False
+    return started + timedelta(seconds=float(seconds)), False
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def read_sweeps(runs_dir) -> List[Dict[str, Any]]:
+    """The sweep manifests of a run store (``_sweeps/<id>/sweep.json``) with their submission records."""
+    sweeps = []
+    for manifest in sorted(Path(runs_dir).glob("_sweeps/*/sweep.json")):
+        body = json.loads(manifest.read_text())
+        subs_file = manifest.parent / "submissions.jsonl"
+        subs = [json.loads(line) for line in subs_file.read_text().splitlines() if line.strip()] \
+            if subs_file.exists() else []
+        sweeps.append({**body, "submissions": subs})
+    return sweeps
+
+
+def sweep_lines(sweep: Dict[str, Any], runs: pd.DataFrame) -> List[str]:
+    """How one sweep was run: its command lines, and the wall time from its first submission to the last
+    finish of the runs it submitted."""
+    preset = sweep.get("preset", {})
+    line = f"- sweep `{sweep.get('sweep')}`, preset `{preset.get('name')}`"
+    line += f" ({preset['description']})" if preset.get("description") else ""
+    commands = [i for i in sweep.get("invocations", []) if i.get("command")]
+    if commands:
+        line += ": " + "; ".join(f"`{i['command']}` ({i['executor']}, {i['time']})" for i in commands)
+    submitted = {s["run"] for s in sweep["submissions"]}
+    mine = runs[runs["run"].isin(submitted) & (runs["status"] == "done")]
+    starts = [t for t in (_time(s.get("time")) for s in sweep["submissions"]) if t is not None]
+    finishes = [_finish_time(r) for _, r in mine.iterrows()]
+    ends = [t for t, _ in finishes if t is not None]
+    if starts and ends and len(mine) == len(submitted):
+        exact = "" if all(ok for _, ok in finishes) else " (some finish times estimated as start + training time)"
+        line += (f". It trained {len(submitted)} runs from {min(starts):%Y-%m-%d %H:%M} to {max(ends):%H:%M %Z}: "
+                 f"wall time {_duration((max(ends) - min(starts)).total_seconds())}{exact}.")
+    elif submitted:
+        line += f". It submitted {len(submitted)} runs, {len(mine)} of them done."
+    return [line]
+
+
+def provenance_lines(runs_dir, runs: pd.DataFrame) -> List[str]:
+    """Hardware, software, training time and, per sweep of the store, its command and wall time."""
+    train = runs[(runs["status"] == "done") & runs["kind"].isin(["student", "teacher"])]
+    if train.empty:
+        return []
+    lines = ["## Provenance", ""]
+    hardware = train.apply(_hardware, axis=1).value_counts()
+    lines += ["Hardware: " + "; ".join(f"{name} ({n} runs)" for name, n in hardware.items()) + ".", ""]
+    hours = pd.to_numeric(train["train_time_s"], errors="coerce").sum() / 3600
+    versions = sorted({f"torch {r.torch}, timm {r.timm}, python {r.python}" for r in train.itertuples()
+                       if isinstance(r.torch, str)})
+    shas = sorted({str(s) for s in train["git_sha"].dropna()})
+    lines += [f"Software: {'; '.join(versions) or 'versions unknown'}; hkdbench git {', '.join(shas) or 'unknown'}.",
+              "", f"Summed training time of the finished runs: {hours:.2f} h.", ""]
+    sweeps = read_sweeps(runs_dir)
+    if sweeps:
+        lines += ["Sweeps in the store:", ""]
+        for sweep in sweeps:
+            lines += sweep_lines(sweep, runs)
+        lines += [""]
+    return lines
+
+
 def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[str] = None) -> Path:
     """Regenerates everything into ``out_dir`` and returns the index (README.md)."""
     out = Path(out_dir)
@@ -59,17 +153,9 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
               f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}); "
               f"{int((runs['status'] == 'failed').sum())} failed, {int((runs['status'] == 'unfinished').sum())} "
               "unfinished.", ""]
-    train = done[done["kind"].isin(["student", "teacher"])]
-    if not train.empty:
-        devices = ", ".join(sorted({str(d) for col in ("device", "gpu") if col in train
-                                    for d in train[col].dropna()}))
-        hours = pd.to_numeric(train["train_time_s"], errors="coerce").sum() / 3600
-        versions = sorted({f"torch {r.torch}, timm {r.timm}" for r in train.itertuples() if isinstance(r.torch, str)})
-        shas = sorted({str(s) for s in train["git_sha"].dropna()})
-        lines += [f"Hardware: {devices or 'unknown'}; summed training time {hours:.2f} h; "
-                  f"{'; '.join(versions) or 'versions unknown'}; git {', '.join(shas) or 'unknown'}.", ""]
     lines += ["Data: [runs.csv](runs.csv) (one row per run), [epochs.csv](epochs.csv) (one row per run and epoch).",
               ""]
+    lines += provenance_lines(runs_dir, runs)
 
     lines += ["## Comparison tables", ""]
     tables = comparison_tables(runs, metric)

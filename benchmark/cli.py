@@ -164,7 +164,9 @@ def _add_sweep_commands(sub) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command line as given, for provenance (sweep manifests)
     try:
         from hkdbench.methods import load_plugins
 

@@ -1,6 +1,7 @@
 """The implementations of the ``hkdbench`` subcommands (argument parsing lives in cli.py)."""
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Dict, List
 
@@ -226,7 +227,9 @@ def cmd_sweep(args, _overrides) -> int:
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0
-    result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait)
+    command = shlex.join(["hkdbench", *args.argv]) if getattr(args, "argv", None) is not None else None
+    result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait,
+                       command=command)
     if args.executor != "slurm" or args.wait:
         from .dispatch import format_state_table, run_states
 

@@ -321,14 +321,22 @@ class Sweep:
                 todo.append(st)
         return todo, skip
 
-    def write_manifest(self) -> None:
+    def write_manifest(self, executor: Optional[str] = None, command: Optional[str] = None) -> None:
+        """``sweep.json``: the preset, every run's config and, one entry per ``run``, when, how (executor) and
+        with which command line the sweep was invoked (the report's provenance)."""
         from .config import to_dict
 
+        path = self.sweep_dir / "sweep.json"
+        invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
+        if executor is not None:
+            invocations.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor,
+                                "command": command})
         body = {"sweep": self.plan.sweep_id(), "preset": to_dict(self.preset), "runs_dir": str(self.root),
+                "invocations": invocations,
                 "runs": [{"name": r.name, "kind": r.kind, "teacher_run": r.teacher_run,
                           "cells": [list(c) for c in r.cells], "config": r.cfg.to_dict()}
                          for r in self.plan.runs]}
-        atomic_write_json(self.sweep_dir / "sweep.json", body)
+        atomic_write_json(path, body)
 
     def dry_run(self, executor: str, retry_failed: bool = False) -> None:
         todo, skip = self.decide(retry_failed, query_slurm=True)
@@ -365,7 +373,8 @@ class Sweep:
         self.say(f"skipped: {len(skip)} ({_count(skip)})")
 
     # -- submission -----------------------------------------------------------------------------------------------
-    def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False) -> SweepResult:
+    def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False,
+            command: Optional[str] = None) -> SweepResult:
         if executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
         missing = missing_requirements(self.preset)
@@ -376,7 +385,7 @@ class Sweep:
         for spec in self.plan.runs[:1] + self.plan.students[:1]:
             check_data_available(spec.cfg.data)
         todo, skip = self.decide(retry_failed, query_slurm=True)
-        self.write_manifest()
+        self.write_manifest(executor, command)
         self.say(f"sweep {self.plan.sweep_id()}: {len(self.plan.runs)} runs; {len(todo)} to run, "
                  f"{len(skip)} skipped ({_count(skip)}); run store {self.root}")
         for st in todo:

@@ -2,9 +2,10 @@
 
 For every method, in one process (so the numbers are comparable), on synthetic images and labels:
 
-* **step time**: one full train step (the method's ``training_step`` with the teacher forward, the summed loss,
-  ``backward()``, the optimiser step), ``warmup`` untimed steps then ``repeats`` timed ones (CUDA synchronised
-  around each, as timm's ``benchmark.py``); the median is reported, with images/s = batch / median.
+* **step time**: the trainer's own step (``trainer.TrainStep``: lr schedule, the method's forward with the
+  teacher under autocast, the summed loss, ``backward()``, clipping, the optimiser step and the one host sync the
+  trainer does per step), ``warmup`` untimed steps then ``repeats`` timed ones (CUDA synchronised around each, as
+  timm's ``benchmark.py``); the median is reported, with images/s = batch / median.
 * **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` from before the models are built to the end of
   the timed steps, i.e. weights + gradients + optimiser state + activations of the step. On CPU the increase of
   the process's peak resident set: ``/proc/self/clear_refs`` is written ``5`` (resets ``VmHWM``) after a
@@ -55,6 +56,7 @@ class OverheadConfig:
     optimizer: str = "adamw"
     device: str = "cpu"
     seed: int = 0
+    protocol: int = 2                # what is timed; 2: the trainer's TrainStep (1 timed a bare forward/backward)
 
     def run_hash(self) -> str:
         body = json.dumps({"kind": "overhead", **asdict(self)}, sort_keys=True, separators=(",", ":"))
@@ -136,11 +138,11 @@ def _sync(device: torch.device) -> None:
 
 def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
-    from hkdbench.methods import Targets, get_method, method_config
+    from hkdbench.methods import get_method, method_config
 
     from .data import seed_everything
     from .models import create_model
-    from .trainer import TrainModule, _autocast, autocast_dtype, build_optimizer
+    from .trainer import TrainModule, TrainStep, autocast_dtype, build_optimizer
     from .config import OptimConfig
 
     device = torch.device(cfg.device)
@@ -149,7 +151,6 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(cfg.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g).to(device)
-    targets = Targets(hard=labels)
 
     with PeakMemory(device) as mem:
         teacher = None
@@ -160,18 +161,23 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         module = TrainModule(student, method).to(device)
         if teacher is not None:
             teacher.to(device)
-        optimizer = build_optimizer(OptimConfig(name=cfg.optimizer, lr=1e-4), [module])
+        channels_last = device.type == "cuda"  # as the trainer's train.channels_last=auto
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+            if teacher is not None:
+                teacher.to(memory_format=torch.channels_last)
+        optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
+        optimizer = build_optimizer(optim, [module])
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        module.train()
+        total_steps = cfg.warmup + cfg.repeats + 1
+        # the trainer's own step (schedule, autocast, backward, clipping, optimiser, the one host sync)
+        train_step = TrainStep(optim, 1, total_steps, module, module, method, optimizer, scaler,
+                               dtype=autocast_dtype(cfg.precision, device), channels_last=channels_last,
+                               device=device)
+        step_index = iter(range(total_steps))
 
         def step() -> None:
-            with _autocast(device, autocast_dtype(cfg.precision, device)):
-                _, losses = module(images, targets, 0)
-            loss = sum(v.float() for v in losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            train_step.step(images, labels, 0, next(step_index))
 
         for _ in range(cfg.warmup):
             step()

@@ -81,6 +81,17 @@ def git_sha() -> Optional[str]:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
     import timm
 
@@ -89,8 +100,8 @@ def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
     env = {
         "hkdbench": hkdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "timm": timm.__version__, "git_sha": git_sha(), "host": platform.node(), "device": str(device),
-        "world_size": world_size, "cpu_threads": torch.get_num_threads(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world_size": world_size, "cpu_threads": torch.get_num_threads(), "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -187,8 +187,13 @@ def load_preset(name_or_path: Optional[str], overrides: Sequence[str] = (),
         raw, origin = find_preset(name_or_path)
     else:
         raw, origin = {"name": "custom"}, "inline grid"
-    raw = deep_merge(raw, split_overrides(overrides))
+    extra = split_overrides(overrides)
     grid = {k: v for k, v in (grid or {}).items() if v is not None}
+    for key in ("teachers", "students"):  # as key=value they act as the inline grid (else pairs would hide them)
+        if key in extra and key not in grid:
+            value = extra.pop(key)
+            grid[key] = [value] if isinstance(value, str) else value
+    raw = deep_merge(raw, extra)
     if "teachers" in grid or "students" in grid:
         # an inline grid replaces the preset's pairs by a product (keeping the side that was not given)
         base = build_dataclass(Preset, {k: v for k, v in raw.items() if k != "slurm"}, origin).pair_list() \

@@ -26,7 +26,7 @@ import torch.nn as nn
 from hkdbench.methods import Distiller, Targets, get_method, method_config
 
 from . import data as data_lib
-from .config import RunConfig
+from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
 from .store import RunDir, RunStore, atomic_torch_save, environment
 
@@ -310,8 +310,8 @@ class Trainer:
                  f"on {cfg.data.dataset}, {cfg.train.epochs} epochs, {len(train_loader)} steps/epoch, "
                  f"device {self.device}{', ' + str(dtype) if dtype else ''}")
         history: List[Dict[str, Any]] = state["history"]
-        ctx = _StepContext(cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last,
-                           train_loader, self.device, len(train_loader))
+        ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, module, method, optimizer, scaler,
+                        ema, mixup, dtype, channels_last, self.device)
         from .probing import build_probes  # CKA / gradient-conflict probes (None when off)
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -321,7 +321,7 @@ class Trainer:
                 data_lib.seed_everything(cfg.train.seed * 100_003 + epoch)
             else:
                 _set_rng(state["rng"])
-            stopped_at = self._train_epoch(ctx, epoch, start_step, sums)
+            stopped_at = self._train_epoch(ctx, train_loader, epoch, start_step, sums)
             if stopped_at is not None:
                 self._save_checkpoint(module, optimizer, scaler, ema, epoch, stopped_at, history, sums,
                                       state["teacher_top1"])
@@ -347,11 +347,11 @@ class Trainer:
     def world_size(self) -> int:
         return self.dist.world_size if self.dist else 1
 
-    def _train_epoch(self, ctx: "_StepContext", epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
+    def _train_epoch(self, ctx: "TrainStep", loader, epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
         """Runs the epoch from ``start_step``; returns the step to resume at if a stop was requested."""
         bar = _progress_bar(self.progress and self.is_main, ctx.steps, start_step, f"epoch {epoch + 1}")
         step = start_step
-        for images, labels in ctx.loader.batches(self.cfg.train.seed, epoch, start_step):
+        for images, labels in loader.batches(self.cfg.train.seed, epoch, start_step):
             tic = time.perf_counter()
             values, correct = ctx.step(images, labels, epoch, step)
             total = sum(v for k, v in values.items() if k.startswith("loss/"))
@@ -416,6 +416,7 @@ class Trainer:
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
             "global_batch": cfg.data.batch_size * self.world_size, "device": str(self.device),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if "ema_top1" in last:
             summary.update({"ema_best_top1": max(r["ema_top1"] for r in evaluated if "ema_top1" in r),
@@ -450,19 +451,21 @@ class RunExistsError(RuntimeError):
     pass
 
 
-class _StepContext:
-    """Everything one optimisation step needs."""
+class TrainStep:
+    """One optimisation step: lr schedule, mixup, forward (method + teacher) under autocast, summed loss,
+    backward, clipping, optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
     probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
 
-    def __init__(self, cfg, wrapped, module, method, optimizer, scaler, ema, mixup, dtype, channels_last, loader,
-                 device, steps):
-        self.cfg, self.wrapped, self.module, self.method = cfg, wrapped, module, method
+    def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
+                 ema=None, mixup=None, dtype=None, channels_last: bool = False, device=None):
+        self.optim, self.epochs, self.steps = optim, epochs, steps
+        self.wrapped, self.module, self.method = wrapped, module, method
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
-        self.dtype, self.channels_last, self.loader, self.device, self.steps = dtype, channels_last, loader, device, steps
+        self.dtype, self.channels_last = dtype, channels_last
+        self.device = device if device is not None else next(module.parameters()).device
 
     def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
-        cfg = self.cfg
-        lr = lr_at(cfg.optim, cfg.train.epochs, epoch + step / self.steps)
+        lr = lr_at(self.optim, self.epochs, epoch + step / self.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         targets = Targets(hard=labels)
@@ -479,9 +482,9 @@ class _StepContext:
             self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if cfg.optim.clip_grad > 0:
+        if self.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.clip_grad)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:

@@ -202,3 +202,36 @@ def test_report_index_and_cli(store, tmp_path):
 def test_missing_store_fails_loudly(tmp_path, capsys):
     assert main(["collect", "--runs-dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_provenance_hardware_command_and_wall_time(store):
+    """The index says on what the runs ran, how the sweep was invoked, and its wall time: from the first
+    submission to the last finish of the runs it submitted (start + training time where no finish is stored)."""
+    kd_runs = sorted(p for p in store.iterdir() if p.name.startswith("kd_resnet_mini_to_vit_mini_fashion-mnist_3_"))
+    for i, run in enumerate(kd_runs[:2]):
+        env = json.loads((run / "env.json").read_text())
+        env.update({"cpu": "Test CPU 9000", "cpu_count": 2, "cpu_threads": 1, "time": "2026-01-01T10:00:00+0000"})
+        (run / "env.json").write_text(json.dumps(env))
+        summary = json.loads((run / "summary.json").read_text())
+        summary["finished"] = f"2026-01-01T1{i}:05:00+0000"  # 10:05 and 11:05
+        (run / "summary.json").write_text(json.dumps(summary))
+    sweep = store / "_sweeps" / "demo-abc"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({
+        "sweep": "demo-abc", "preset": {"name": "demo", "description": "a test"},
+        "invocations": [{"time": "2026-01-01T10:00:00+0000", "executor": "local",
+                         "command": "hkdbench sweep demo --executor local"}]}))
+    (sweep / "submissions.jsonl").write_text("".join(
+        json.dumps({"run": run.name, "time": "2026-01-01T10:00:00+0000"}) + "\n" for run in kd_runs[:2]))
+    index = make_report(store, store.parent / "out").read_text()
+    assert "Test CPU 9000 CPU, 2 cores, 1 thread(s) per run (2 runs)" in index
+    assert "CPU (model not recorded) (9 runs)" in index
+    assert ("sweep `demo-abc`, preset `demo` (a test): `hkdbench sweep demo --executor local` (local, "
+            "2026-01-01T10:00:00+0000). It trained 2 runs from 2026-01-01 10:00 to 11:05 UTC: wall time 1 h 05 min."
+            in index)
+    # without a stored finish time: estimated as start + training time (3 s here), and said so
+    summary = json.loads((kd_runs[1] / "summary.json").read_text())
+    del summary["finished"]
+    (kd_runs[1] / "summary.json").write_text(json.dumps(summary))
+    index = make_report(store, store.parent / "out").read_text()
+    assert "to 10:05 UTC: wall time 5 min (some finish times estimated as start + training time)." in index

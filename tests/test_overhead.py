@@ -66,3 +66,21 @@ def test_cli(tmp_path, capsys):
     assert "already done" in capsys.readouterr().out
     assert main(argv[:-2] + ["--methods", "nope", "--runs-dir", str(runs)]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_times_the_trainers_own_step(monkeypatch):
+    """The benchmark must measure the step training runs (trainer.TrainStep), not a copy of it."""
+    from hkdbench.benchmark import trainer
+    from hkdbench.benchmark.overhead import OverheadConfig, measure_method
+
+    calls = []
+    real_step = trainer.TrainStep.step
+
+    def counting_step(self, images, labels, epoch, step):
+        calls.append(step)
+        return real_step(self, images, labels, epoch, step)
+
+    monkeypatch.setattr(trainer.TrainStep, "step", counting_step)
+    measure_method(OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4,
+                                  img_size=16, num_classes=10, warmup=2, repeats=3))
+    assert calls == [0, 1, 2, 3, 4, 5]  # warm-up, timed repeats, then the FLOP-counted step

@@ -2,6 +2,7 @@
 import contextlib
 import io
 import itertools
+import json
 import threading
 import time
 from pathlib import Path
@@ -80,7 +81,9 @@ def test_other_presets_expand():
     assert {r.cfg.recipe for r in imagenet.students} == {"imagenet-cnn", "imagenet-vit"}
     assert imagenet.preset.slurm.gpus_per_node == 8
     demo = expand(load_preset("demo"))
-    assert len(demo.teachers) == 1 and len(demo.students) == 2 * 9 * 2
+    # every cross-family pair of resnet/vit/mixer; `none` runs once per student, not once per pair
+    assert len(demo.preset.pair_list()) == 6 and all(t != s for t, s in demo.preset.pair_list())
+    assert len(demo.teachers) == 3 and len(demo.students) == 6 * 8 * 2 + 3 * 2
     assert {r.cfg.data.img_size for r in demo.runs} == {32}
 
 
@@ -120,7 +123,11 @@ def test_inline_grid():
     assert len(plan.cells) == 2 * 1 * 2 * 2 and len(plan.teachers) == 2
     # on top of a preset: keeps the preset's teachers, replaces the students
     p = load_preset("demo", grid={"students": ["swin_mini"]})
-    assert p.pair_list() == [("resnet_mini", "swin_mini")]
+    assert p.pair_list() == [(t, "swin_mini") for t in ("mixer_mini", "resnet_mini", "vit_mini")]
+    # the same as key=value overrides: they replace the preset's explicit pairs too, not silently nothing
+    assert load_preset("demo", ["students=[swin_mini]"]).pair_list() == p.pair_list()
+    assert load_preset("demo", ["students=swin_mini", "teachers=[vit_mini]"]).pair_list() == [("vit_mini",
+                                                                                                "swin_mini")]
     code, out, _ = hkdbench("sweep", "--teachers", "resnet_mini", "--students", "vit_mini,mixer_mini",
                             "--methods", "kd", "--seeds", "0,1", "--dry-run", "train.epochs=1")
     assert code == 0 and "4 cells = 2 pairs x 1 methods x 2 seeds -> 4 student runs + 1 teacher runs" in out
@@ -155,6 +162,19 @@ def test_inline_sweep_then_rerun_runs_nothing(tmp_path):
     # the teacher was trained by its own run, once; the kd run reused it
     kd = next(p for p in dirs if p.name.startswith("kd_"))
     assert "training it first" not in (kd / "log.txt").read_text()
+    # provenance: both command lines in the manifest; the report gives them and the wall time of the sweep
+    manifest = json.loads(next(runs.glob("_sweeps/*/sweep.json")).read_text())
+    command = f"hkdbench sweep {preset} --runs-dir {runs}"
+    assert [i["command"] for i in manifest["invocations"]] == [command, command]
+    assert {i["executor"] for i in manifest["invocations"]} == {"inline"}
+    for p in dirs:
+        env, summary = json.loads((p / "env.json").read_text()), json.loads((p / "summary.json").read_text())
+        assert env["cpu"] and env["cpu_count"] >= 1 and summary["finished"] >= env["time"][:19]
+    from hkdbench.analysis.report import make_report
+
+    index = make_report(runs, tmp_path / "report").read_text()
+    assert f"`{command}` (inline, " in index and "It trained 3 runs from " in index and "wall time " in index
+    assert "(some finish times estimated" not in index
 
 
 @pytest.mark.usefixtures("fmnist_available")
