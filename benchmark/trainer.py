@@ -382,10 +382,17 @@ class Trainer:
     def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema, method) -> Dict[str, Any]:
         cfg = self.cfg
         record: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, cfg.train.epochs, epoch + 1 - 1e-9)}
-        means = sums.means()
-        record.update({k: v for k, v in means.items()})
+        means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size
+        if self.dist:  # the epoch of every rank, not rank 0's share alone (ranks see equal batch sizes)
+            from .distributed import reduce_sums
+
+            keys = sorted(means)
+            reduced = reduce_sums([means[k] for k in keys] + [correct, images])
+            means = {k: v / self.world_size for k, v in zip(keys, reduced)}
+            correct, images = reduced[-2], reduced[-1]
+        record.update(means)
         record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
-        record["train_top1"] = 100.0 * sums.correct / max(sums.images / self.world_size, 1)
+        record["train_top1"] = 100.0 * correct / max(images, 1)
         record["epoch_time_s"] = sums.seconds
         record["images_per_s"] = sums.images / max(sums.seconds, 1e-9)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:

@@ -115,6 +115,12 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
     assert summary["last_top1"] == pytest.approx(single.summary["last_top1"], abs=1.0)
     saved = torch.load(run / "final.pt", weights_only=True)
     assert all(torch.equal(saved[k], ranks[0]["student"][k]) for k in saved)
+    # the logged training loss and accuracy are those of the whole global batch (both ranks), as in one process
+    ddp_epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    one_epochs = [json.loads(line) for line in (single.run_dir.path / "metrics.jsonl").read_text().splitlines()]
+    for ddp, one in zip(ddp_epochs, one_epochs, strict=True):
+        assert ddp["loss/ce"] == pytest.approx(one["loss/ce"], rel=1e-4)
+        assert ddp["train_top1"] == pytest.approx(one["train_top1"], abs=0.5)
 
 
 @pytest.mark.parametrize("method", ["spofa", "pat"])
