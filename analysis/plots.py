@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -87,23 +87,44 @@ def _grid(n: int, max_cols: int = 4):
 # Accuracy heatmaps
 # --------------------------------------------------------------------------------------------------------------
 
-def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1") -> List[Path]:
+SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
+
+
+def cell_means(runs: pd.DataFrame, metric: str = "best_top1", gain: bool = False) -> pd.Series:
+    """The mean ``metric`` over seeds of every distilled (setting, method, teacher, student) cell; with ``gain``,
+    minus the mean of the student trained alone in the same setting (NaN where there is no such run)."""
+    done = runs[(runs["kind"] == "student") & (runs["status"] == "done")]
+    df = keyed(done[done["method"] != BASELINE], SETTING_KEYS)
+    mean = df.groupby(SETTING_KEYS + ["method", "teacher", "student"])[metric].mean()
+    if gain:
+        alone = keyed(done[done["method"] == BASELINE], SETTING_KEYS).groupby(SETTING_KEYS + ["student"])[metric]
+        alone = alone.mean()
+        mean = mean - [alone.get((*key[:4], key[-1]), np.nan) for key in mean.index]
+    return mean
+
+
+def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1", gain: bool = False) -> List[Path]:
+    """Per setting, one panel per method of :func:`cell_means` over teacher x student (``gain``: a diverging map
+    centred on 0)."""
     import seaborn as sns
 
     _style()
     out_dir = Path(out_dir)
-    df = runs[(runs["kind"] == "student") & (runs["status"] == "done") & (runs["method"] != BASELINE)].copy()
-    if df.empty:
-        return []
-    keys = ["dataset", "recipe", "epochs", "setting"]
-    df = keyed(df, keys)
+    means = cell_means(runs, metric, gain)
+    keys = SETTING_KEYS
     paths: List[Path] = []
-    for key, g in df.groupby(keys):
-        methods = _methods(g["method"])
-        teachers = sorted(g["teacher"].unique())
-        students = sorted(g["student"].unique())
-        mean = g.groupby(["method", "teacher", "student"])[metric].mean()
-        vmin, vmax = float(mean.min()), float(mean.max())
+    for key, setting_means in means.groupby(level=keys):
+        mean = setting_means.droplevel(keys)
+        if mean.isna().all():
+            continue
+        methods = _methods(mean.index.get_level_values("method"))
+        teachers = sorted(set(mean.index.get_level_values("teacher")))
+        students = sorted(set(mean.index.get_level_values("student")))
+        if gain:
+            limit = float(np.nanmax(np.abs(mean.values))) or 1.0
+            vmin, vmax, cmap, fmt = -limit, limit, "RdBu", "+.1f"
+        else:
+            vmin, vmax, cmap, fmt = float(mean.min()), float(mean.max()), "viridis", ".1f"
         rows, cols = _grid(len(methods))
         cell_w = 0.9 * len(students) + 1.6
         cell_h = 0.6 * len(teachers) + 1.2
@@ -114,11 +135,13 @@ def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1") ->
             for (mm, t, s), v in mean.items():
                 if mm == m:
                     grid.loc[t, s] = v
-            sns.heatmap(grid, ax=ax, annot=True, fmt=".1f", cmap="viridis", vmin=vmin, vmax=vmax, cbar=False,
+            sns.heatmap(grid, ax=ax, annot=True, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, cbar=False,
                         linewidths=0.5, linecolor="white", annot_kws={"fontsize": 11})
             ax.set_title(m)
             ax.grid(False)
-            ax.set_facecolor("#eeeeee")  # pairs without runs
+            ax.set_facecolor("#eeeeee")  # pairs without runs, said in words (light grey is also ~0 on a gain map)
+            for i, j in zip(*np.where(grid.isna().values)):
+                ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", color="#888888", fontsize=9)
             ax.set_xlabel("student")
             ax.tick_params(axis="x", rotation=30)
             ax.tick_params(axis="y", rotation=0)
@@ -127,13 +150,14 @@ def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1") ->
             ax.axis("off")
         # room between rows for the rotated student names, so they do not run into the next row's titles
         fig.subplots_adjust(hspace=0.6 + 0.05 * max(len(s) for s in students))
-        sm = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(vmin, vmax))
-        fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{metric} (%)")
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
+        label = f"{metric} (%)" + (" - student alone" if gain else "")
+        fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=label)
         k = dict(zip(keys, key))
-        fig.suptitle(f"Test {metric.replace('_', ' ')} (%), mean over seeds: {k['dataset']}, recipe {k['recipe']}, "
-                     f"{k['epochs']} epochs", y=1.07)
-        paths += _save(fig, out_dir, _slug("accuracy_heatmap", k["dataset"], k["recipe"], f"{k['epochs']}ep",
-                                           k["setting"]))
+        what = f"Test {metric.replace('_', ' ')} (%)" + (" gain over the student alone" if gain else "")
+        fig.suptitle(f"{what}, mean over seeds: {k['dataset']}, recipe {k['recipe']}, {k['epochs']} epochs", y=1.07)
+        paths += _save(fig, out_dir, _slug("gain_heatmap" if gain else "accuracy_heatmap", k["dataset"],
+                                           k["recipe"], f"{k['epochs']}ep", k["setting"]))
     return paths
 
 
@@ -257,7 +281,9 @@ def cka_heatmaps(epochs: pd.DataFrame, out_dir) -> List[Path]:
     return paths
 
 
-def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, tuple], methods: Sequence[str]) -> bool:
+def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, tuple], methods: Sequence[str],
+               limits: Tuple[float, float] = (-np.inf, np.inf)) -> bool:
+    """Mean over seeds per epoch with a +-1 std band, clipped to the quantity's ``limits``."""
     drawn = False
     for m in methods:
         mg = frame[frame["method"] == m][["epoch", y, "run"]].copy()
@@ -273,7 +299,8 @@ def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, tuple], methods: 
                 label=f"{label}, n={n}")
         if (stats["count"] > 1).any():
             sd = stats["std"].fillna(0)
-            ax.fill_between(stats["epoch"], stats["mean"] - sd, stats["mean"] + sd, color=pal[m], alpha=0.18, lw=0)
+            low, high = (stats["mean"] - sd).clip(*limits), (stats["mean"] + sd).clip(*limits)
+            ax.fill_between(stats["epoch"], low, high, color=pal[m], alpha=0.18, lw=0)
         drawn = True
     return drawn
 
@@ -283,8 +310,9 @@ def conflict_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
     out_dir = Path(out_dir)
     if "conflict/cosine" not in epochs.columns:
         return []
-    panels = [("conflict/cosine", "cosine(g_task, g_distill)"), ("conflict/fraction", "fraction of steps with cosine < 0"),
-              ("conflict/norm_ratio", "‖g_distill‖ / ‖g_task‖")]
+    panels = [("conflict/cosine", "cosine(g_task, g_distill)", (-1.0, 1.0)),
+              ("conflict/fraction", "fraction of steps with cosine < 0", (0.0, 1.0)),
+              ("conflict/norm_ratio", "‖g_distill‖ / ‖g_task‖", (0.0, np.inf))]
     paths: List[Path] = []
     for (t, s, d, st), g, _ in _pairs(epochs):
         g = g.dropna(subset=["conflict/cosine"])
@@ -293,9 +321,9 @@ def conflict_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
         methods = _methods(g["method"])
         pal = _palette(methods)
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-        for ax, (col, label) in zip(axes, panels):
+        for ax, (col, label, limits) in zip(axes, panels):
             if col in g:
-                _band_plot(ax, g, col, pal, methods)
+                _band_plot(ax, g, col, pal, methods, limits)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -307,7 +335,9 @@ def conflict_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
             from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
             axes[2].set_yscale("log")
-            axes[2].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            # 1-2-5 ticks over a few decades, decades alone over a wide range (they would crowd otherwise)
+            wide = ratio.max() / ratio.min() > 1e3
+            axes[2].yaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
             axes[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             axes[2].yaxis.set_minor_formatter(NullFormatter())
         handles, labels = axes[0].get_legend_handles_labels()
@@ -349,6 +379,7 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
 
 def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir) -> Dict[str, List[Path]]:
     """Every figure, by kind."""
-    return {"accuracy": accuracy_heatmaps(runs, out_dir), "overhead": overhead_bars(runs, out_dir),
+    return {"accuracy": accuracy_heatmaps(runs, out_dir), "gain": accuracy_heatmaps(runs, out_dir, gain=True),
+            "overhead": overhead_bars(runs, out_dir),
             "cka": cka_heatmaps(epochs, out_dir), "conflict": conflict_curves(epochs, out_dir),
             "convergence": convergence_curves(epochs, out_dir)}

@@ -23,6 +23,7 @@ from .plots import all_plots
 from .tables import comparison_tables, published_markdown, published_side_by_side
 
 FIGURE_TITLES = {"accuracy": "Accuracy heatmaps (teacher × student, per method)",
+                 "gain": "Gain over the student trained alone (teacher × student, per method)",
                  "overhead": "Training overhead per method", "cka": "CKA between teacher and student stages",
                  "conflict": "Gradient conflict over training", "convergence": "Convergence"}
 

@@ -235,3 +235,21 @@ def test_provenance_hardware_command_and_wall_time(store):
     (kd_runs[1] / "summary.json").write_text(json.dumps(summary))
     index = make_report(store, store.parent / "out").read_text()
     assert "to 10:05 UTC: wall time 5 min (some finish times estimated as start + training time)." in index
+
+
+def test_heatmap_cells_and_gains(store, tmp_path):
+    from hkdbench.analysis.plots import accuracy_heatmaps, cell_means
+
+    runs = collect_runs(store)
+    means = cell_means(runs).xs(3, level="epochs")
+    gains = cell_means(runs, gain=True).xs(3, level="epochs")
+    cell = ("fashion-mnist", "demo")
+    assert means.xs(cell + ("kd", "resnet_mini", "vit_mini"), level=[0, 1, 3, 4, 5]).item() == pytest.approx(66.0)
+    # over the student alone (vit_mini: 60 and 62 -> 61) of the same setting
+    assert gains.xs(cell + ("kd", "resnet_mini", "vit_mini"), level=[0, 1, 3, 4, 5]).item() == pytest.approx(5.0)
+    assert gains.xs(cell + ("fitnet", "resnet_mini", "vit_mini"), level=[0, 1, 3, 4, 5]).item() == pytest.approx(11.0)
+    assert gains.xs(cell + ("kd", "mixer_mini", "vit_mini"), level=[0, 1, 3, 4, 5]).item() == pytest.approx(3.0)
+    assert cell_means(runs, gain=True).xs(5, level="epochs").isna().all()  # no student-alone run at 5 epochs
+    paths = accuracy_heatmaps(runs, tmp_path, gain=True)
+    assert [p.name for p in paths if p.suffix == ".png"] == [f"gain_heatmap_fashion-mnist_demo_3ep_"
+                                                            f"{runs[runs['epochs'] == 3]['setting'].iloc[0]}.png"]
