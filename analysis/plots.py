@@ -195,14 +195,14 @@ def overhead_bars(runs: pd.DataFrame, out_dir) -> List[Path]:
             ax.barh(y, np.nan_to_num(vals), color=[pal[m] for m in methods])
             ax.set_title(label, fontsize=12)
             top = np.nanmax(vals) if np.isfinite(vals).any() else 1.0
-            ax.set_xlim(0, (top if top > 0 else 1.0) * 1.45)
+            ax.set_xlim(0, (top if top > 0 else 1.0) * 1.6)  # room for the value and ratio labels
             ratios = pd.to_numeric(g.get(ratio_col), errors="coerce") if ratio_col in g else None
             for i, m in enumerate(methods):
                 v = vals[i]
                 if not np.isfinite(v):
                     ax.text(0, i, " n/a", va="center", fontsize=10)
                     continue
-                text = f"{v:.3g}"
+                text = f"{v:.0f}" if v >= 100 else f"{v:.3g}"  # 1546, not 1.55e+03
                 if ratios is not None and np.isfinite(ratios.iloc[i]):
                     text += f"  ×{ratios.iloc[i]:.2f}"
                 ax.text(v, i, " " + text, va="center", fontsize=10)

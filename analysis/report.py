@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from .collect import collect_epochs, collect_runs
+from .collect import collect_epochs, collect_runs, keyed
 from .plots import all_plots
 from .tables import comparison_tables, published_markdown, published_side_by_side
 
@@ -37,6 +37,12 @@ def write_tidy(runs_dir, out_dir) -> Dict[str, Path]:
     runs.to_csv(paths["runs"], index=False)
     epochs.to_csv(paths["epochs"], index=False)
     return paths
+
+
+def _clear(folder: Path, suffixes) -> None:
+    for f in folder.glob("*"):
+        if f.is_file() and f.suffix in suffixes:
+            f.unlink()
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -112,6 +118,23 @@ def sweep_lines(sweep: Dict[str, Any], runs: pd.DataFrame) -> List[str]:
     return [line]
 
 
+def overhead_lines(runs: pd.DataFrame) -> List[str]:
+    """One line per overhead measurement: the command that repeats it (every setting is in the run's config)."""
+    done = runs[(runs["kind"] == "overhead") & (runs["status"] == "done")]
+    if done.empty:
+        return []
+    keys = ["overhead_teacher", "student", "batch_size", "img_size", "num_classes", "warmup", "repeats",
+            "precision", "device"]
+    lines = ["Overhead measurements:", ""]
+    for values, g in keyed(done, keys).groupby(keys):
+        k = dict(zip(keys, values))
+        command = (f"hkdbench overhead --teacher {k['overhead_teacher']} --student {k['student']} --batch-size "
+                   f"{k['batch_size']} --img-size {k['img_size']} --num-classes {k['num_classes']} --warmup "
+                   f"{k['warmup']} --repeats {k['repeats']} --precision {k['precision']} --device {k['device']}")
+        lines.append(f"- `{command}` ({len(g)} methods, {g['started'].min()}; {_hardware(g.iloc[0])})")
+    return lines + [""]
+
+
 def provenance_lines(runs_dir, runs: pd.DataFrame) -> List[str]:
     """Hardware, software, training time and, per sweep of the store, its command and wall time."""
     train = runs[(runs["status"] == "done") & runs["kind"].isin(["student", "teacher"])]
@@ -132,7 +155,7 @@ def provenance_lines(runs_dir, runs: pd.DataFrame) -> List[str]:
         for sweep in sweeps:
             lines += sweep_lines(sweep, runs)
         lines += [""]
-    return lines
+    return lines + overhead_lines(runs)
 
 
 def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[str] = None) -> Path:
@@ -140,6 +163,9 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
     out = Path(out_dir)
     tables_dir, figures_dir = out / "tables", out / "figures"
     out.mkdir(parents=True, exist_ok=True)
+    # the report owns these two folders: what an earlier report drew from runs no longer in the store goes
+    _clear(tables_dir, (".md", ".tex", ".csv"))
+    _clear(figures_dir, (".png", ".pdf"))
     runs = collect_runs(runs_dir)
     epochs = collect_epochs(runs_dir, runs)
     runs.to_csv(out / "runs.csv", index=False)
