@@ -47,7 +47,8 @@ def _save(fig, out_dir: Path, stem: str) -> List[Path]:
     paths = []
     for fmt in FORMATS:
         p = out_dir / f"{stem}.{fmt}"
-        fig.savefig(p, dpi=DPI)
+        # no creation date in the PDF: the same runs give byte-identical files (a clean diff after a re-report)
+        fig.savefig(p, dpi=DPI, metadata={"CreationDate": None} if fmt == "pdf" else None)
         paths.append(p)
     plt.close(fig)
     return paths

@@ -253,3 +253,27 @@ def test_heatmap_cells_and_gains(store, tmp_path):
     paths = accuracy_heatmaps(runs, tmp_path, gain=True)
     assert [p.name for p in paths if p.suffix == ".png"] == [f"gain_heatmap_fashion-mnist_demo_3ep_"
                                                             f"{runs[runs['epochs'] == 3]['setting'].iloc[0]}.png"]
+
+
+def test_report_drops_what_the_store_no_longer_has(store, tmp_path):
+    out = tmp_path / "results"
+    make_report(store, out)
+    stale = [out / "figures" / "accuracy_heatmap_old_setting.png", out / "tables" / "comparison_old.md"]
+    for f in stale:
+        f.write_text("from a run that was deleted")
+    keep = out / "figures" / "notes.txt"
+    keep.write_text("not the report's")
+    make_report(store, out)
+    assert not any(f.exists() for f in stale) and keep.exists()
+    assert sorted((out / "figures").glob("*.png"))  # everything the store supports is drawn again
+    index = (out / "README.md").read_text()
+    assert ("`hkdbench overhead --teacher resnet_mini --student vit_mini --batch-size 8 --img-size 16" in index
+            and "(3 methods, " in index)
+
+
+def test_figures_are_byte_identical_when_redrawn(store, tmp_path):
+    runs = collect_runs(store)
+    epochs = collect_epochs(store, runs)
+    first = {p.name: p.read_bytes() for paths in all_plots(runs, epochs, tmp_path / "a").values() for p in paths}
+    second = {p.name: p.read_bytes() for paths in all_plots(runs, epochs, tmp_path / "b").values() for p in paths}
+    assert any(name.endswith(".pdf") for name in first) and first == second
