@@ -32,8 +32,8 @@ OVERHEAD_COLUMNS = ["overhead_teacher", "batch_size", "img_size", "precision", "
                                              ("step_time_ms", "images_per_s", "peak_memory_mb",
                                               "train_gflops_per_image")]
 PROBE_COLUMNS = ["conflict_cosine_mean", "conflict_fraction_mean", "cka_diag_last"]
-PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads", "git_sha", "hkdbench", "torch", "timm", "python",
-                      "host", "world_size", "started", "finished", "failure", "path"]
+PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads", "git_sha", "hkdbench", "torch",
+                      "timm", "python", "host", "world_size", "started", "finished", "failure", "path"]
 
 INT_COLUMNS = ["seed", "epochs", "best_epoch", "student_params", "method_extra_params", "global_batch", "batch_size",
                "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size",
@@ -141,8 +141,7 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     row["setting"] = setting_of(config)
     row["method_variant"] = method_variant(config)
     row.update({"gpu": env.get("gpu"), "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
-                "cpu_threads": env.get("cpu_threads"),
-                "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
+                "cpu_threads": env.get("cpu_threads"), "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
                 "host": env.get("host"), "world_size": env.get("world_size"), "started": env.get("time")})
     row.setdefault("device", env.get("device"))
