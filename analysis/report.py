@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
+from hkdbench import TIME_FORMAT
+
 from .collect import collect_epochs, collect_runs, keyed
 from .plots import all_plots
 from .tables import comparison_tables, published_markdown, published_side_by_side
@@ -62,7 +64,7 @@ def _hardware(row) -> str:
 
 def _time(stamp) -> Optional[datetime]:
     try:
-        return datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S%z")
+        return datetime.strptime(str(stamp), TIME_FORMAT)
     except ValueError:
         return None
 

@@ -227,9 +227,8 @@ def cmd_sweep(args, _overrides) -> int:
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0
-    command = shlex.join(["hkdbench", *args.argv]) if getattr(args, "argv", None) is not None else None
     result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait,
-                       command=command)
+                       command=shlex.join(["hkdbench", *args.argv]))
     if args.executor != "slurm" or args.wait:
         from .dispatch import format_state_table, run_states
 

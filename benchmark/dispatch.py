@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import submitit
 
 from .config import ConfigError, run_config_from_dict
-from .store import RunDir, RunStore, atomic_write_json
+from .store import RunDir, RunStore, atomic_write_json, timestamp
 from .sweep import Preset, RunSpec, SweepPlan, missing_requirements
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -329,7 +329,7 @@ class Sweep:
         path = self.sweep_dir / "sweep.json"
         invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
         if executor is not None:
-            invocations.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": executor,
+            invocations.append({"time": timestamp(), "executor": executor,
                                 "command": command})
         body = {"sweep": self.plan.sweep_id(), "preset": to_dict(self.preset), "runs_dir": str(self.root),
                 "invocations": invocations,
@@ -407,7 +407,7 @@ class Sweep:
         rd = self.store.run_dir(spec.cfg)
         rd.claim(spec.cfg)
         record = {"job_id": job_id, "executor": executor, "sweep": self.plan.sweep_id(), "stdout": stdout,
-                  "stderr": stderr, "folder": str(self.folder), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "stderr": stderr, "folder": str(self.folder), "time": timestamp()}
         _append_jsonl(rd.path / "jobs.jsonl", record)
         _append_jsonl(self.sweep_dir / "submissions.jsonl", {**record, "run": spec.name})
 

@@ -171,9 +171,8 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         total_steps = cfg.warmup + cfg.repeats + 1
         # the trainer's own step (schedule, autocast, backward, clipping, optimiser, the one host sync)
-        train_step = TrainStep(optim, 1, total_steps, module, module, method, optimizer, scaler,
-                               dtype=autocast_dtype(cfg.precision, device), channels_last=channels_last,
-                               device=device)
+        train_step = TrainStep(optim, 1, total_steps, module, module, method, optimizer, scaler, device,
+                               dtype=autocast_dtype(cfg.precision, device), channels_last=channels_last)
         step_index = iter(range(total_steps))
 
         def step() -> None:

@@ -81,6 +81,13 @@ def git_sha() -> Optional[str]:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def timestamp() -> str:
+    """Now, in the run store's :data:`hkdbench.TIME_FORMAT`."""
+    from hkdbench import TIME_FORMAT
+
+    return time.strftime(TIME_FORMAT)
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo; the platform's processor string elsewhere)."""
     try:
@@ -101,7 +108,7 @@ def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
         "hkdbench": hkdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
         "timm": timm.__version__, "git_sha": git_sha(), "host": platform.node(), "device": str(device),
         "world_size": world_size, "cpu_threads": torch.get_num_threads(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cpu_count": os.cpu_count(), "time": timestamp(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -178,7 +185,7 @@ class RunDir:
 
     def mark_failed(self, reason: str, **details: Any) -> None:
         atomic_write_json(self.failed_file, {"reason": reason, **details,
-                                             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                                             "time": timestamp()})
 
     def mark_done(self, summary: Dict[str, Any]) -> None:
         atomic_write_json(self.summary_file, summary)

@@ -28,7 +28,7 @@ from hkdbench.methods import Distiller, Targets, get_method, method_config
 from . import data as data_lib
 from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
-from .store import RunDir, RunStore, atomic_torch_save, environment
+from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
 
 log = logging.getLogger("hkdbench")
 
@@ -311,7 +311,7 @@ class Trainer:
                  f"device {self.device}{', ' + str(dtype) if dtype else ''}")
         history: List[Dict[str, Any]] = state["history"]
         ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, module, method, optimizer, scaler,
-                        ema, mixup, dtype, channels_last, self.device)
+                        self.device, ema, mixup, dtype, channels_last)
         from .probing import build_probes  # CKA / gradient-conflict probes (None when off)
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
         for epoch in range(state["epoch"], cfg.train.epochs):
@@ -423,7 +423,7 @@ class Trainer:
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
             "global_batch": cfg.data.batch_size * self.world_size, "device": str(self.device),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "finished": timestamp(),
         }
         if "ema_top1" in last:
             summary.update({"ema_best_top1": max(r["ema_top1"] for r in evaluated if "ema_top1" in r),
@@ -464,12 +464,12 @@ class TrainStep:
     probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
-                 ema=None, mixup=None, dtype=None, channels_last: bool = False, device=None):
+                 device: torch.device, ema=None, mixup=None, dtype=None, channels_last: bool = False):
         self.optim, self.epochs, self.steps = optim, epochs, steps
         self.wrapped, self.module, self.method = wrapped, module, method
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
         self.dtype, self.channels_last = dtype, channels_last
-        self.device = device if device is not None else next(module.parameters()).device
+        self.device = device
 
     def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
         lr = lr_at(self.optim, self.epochs, epoch + step / self.steps)
