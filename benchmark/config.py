@@ -139,6 +139,10 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, 
 # The run configuration
 # --------------------------------------------------------------------------------------------------------------
 
+# timm's train interpolations: 'random' picks bilinear or bicubic per image (RandomResizedCropAndInterpolation)
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion-mnist"
@@ -154,6 +158,7 @@ class DataConfig:
     in_memory: str = "auto"             # 'auto', 'yes', 'no': the whole-set uint8 tensor fast path
     hflip: float = 0.5
     rrc_scale: Tuple[float, ...] = (0.08, 1.0)
+    train_interpolation: str = "bilinear"  # training resize: 'bilinear', 'bicubic' or 'random' (either, per image)
     crop_padding: int = 4               # 'small' pipeline random crop padding
     color_jitter: float = 0.0
     auto_augment: Optional[str] = None  # e.g. 'rand-m9-mstd0.5-inc1'
@@ -167,6 +172,9 @@ class DataConfig:
             raise ValueError(f"data.pipeline must be 'small' or 'paper224', got {self.pipeline!r}")
         if self.in_memory not in ("auto", "yes", "no"):
             raise ValueError(f"data.in_memory must be 'auto', 'yes' or 'no', got {self.in_memory!r}")
+        if self.train_interpolation not in TRAIN_INTERPOLATIONS:
+            raise ValueError(f"data.train_interpolation must be one of {', '.join(TRAIN_INTERPOLATIONS)}, "
+                             f"got {self.train_interpolation!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
 

@@ -18,6 +18,7 @@ Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees th
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
 import random
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from .config import DataConfig
 
+log = logging.getLogger("hkdbench")
 
 class DataNotFoundError(FileNotFoundError):
     pass
@@ -161,37 +163,109 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rrc_boxes(batch: int, scale: Tuple[float, float], ratio=(3 / 4, 4 / 3), device=None) -> torch.Tensor:
-    """RandomResizedCrop boxes as (cx, cy, w, h) fractions of the image, drawn as torchvision does
-    (10 tries of area x log-uniform aspect, falling back to the whole image)."""
+def _rrc_params(batch: int, height: int, width: int, scale: Tuple[float, float], ratio=(3 / 4, 4 / 3),
+                device=None) -> Tuple[torch.Tensor, ...]:
+    """Integer crop boxes (top, left, h, w) drawn as timm's RandomResizedCropAndInterpolation.get_params draws
+    them, for a batch: 10 tries of a target area (a ``scale`` fraction of the image) and a log-uniform aspect,
+    rounded to whole pixels; the first box that fits, placed uniformly; else timm's central fallback crop."""
     tries = 10
-    area = torch.empty(batch, tries, device=device).uniform_(scale[0], scale[1])
-    log_r = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = log_r.exp()
-    w = (area * aspect).sqrt()
-    h = (area / aspect).sqrt()
-    ok = (w <= 1) & (h <= 1)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((batch,), -1, device=device))
-    idx = first.clamp(min=0).unsqueeze(1)
-    w = torch.where(first >= 0, w.gather(1, idx).squeeze(1), torch.ones(batch, device=device))
-    h = torch.where(first >= 0, h.gather(1, idx).squeeze(1), torch.ones(batch, device=device))
-    cx = torch.rand(batch, device=device) * (1 - w) + w / 2
-    cy = torch.rand(batch, device=device) * (1 - h) + h / 2
-    return torch.stack([cx, cy, w, h], 1)
+    opts = {"device": device, "dtype": torch.float64}
+    target = torch.empty(batch, tries, **opts).uniform_(scale[0], scale[1]) * (height * width)
+    aspect = torch.empty(batch, tries, **opts).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w, h = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()  # round half to even, as Python
+    fits = (w <= width) & (h <= height)
+    found = fits.any(1)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    fallback_h, fallback_w = _central_crop_size(height, width, ratio)
+    h = torch.where(found, h.gather(1, first).squeeze(1), float(fallback_h)).clamp(min=1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), float(fallback_w)).clamp(min=1)
+    top = torch.where(found, (torch.rand(batch, **opts) * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(found, (torch.rand(batch, **opts) * (width - w + 1)).floor(), (width - w) // 2)
+    return top.long(), left.long(), h.long(), w.long()
 
 
-def _crop_resize(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Crops each image to its box (fractions), flips where ``flip``, and resizes to size x size, all in one
-    bilinear grid_sample. ``images`` are float (B, C, H, W)."""
-    b = images.shape[0]
-    cx, cy, w, h = boxes.unbind(1)
-    theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = w * torch.where(flip, -1.0, 1.0)
-    theta[:, 0, 2] = cx * 2 - 1
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy * 2 - 1
-    grid = F.affine_grid(theta, (b, images.shape[1], size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+def _central_crop_size(height: int, width: int, ratio) -> Tuple[int, int]:
+    """timm's fallback box (h, w): the whole image, cut to the nearest allowed aspect ratio."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return int(round(width / min(ratio))), width
+    if in_ratio > max(ratio):
+        return height, int(round(height * max(ratio)))
+    return height, width
+
+
+def _pil_kernel(x: torch.Tensor, bicubic: torch.Tensor) -> torch.Tensor:
+    """Pillow's resampling filters at distance ``x``: bilinear (triangle, support 1) or bicubic (a = -0.5,
+    support 2), chosen per element by ``bicubic``."""
+    ax, a = x.abs(), -0.5
+    triangle = (1 - ax).clamp(min=0)
+    cubic = torch.where(ax < 1, ((a + 2) * ax - (a + 3)) * ax * ax + 1,
+                        torch.where(ax < 2, (((ax - 5) * ax + 8) * ax - 4) * a, torch.zeros_like(ax)))
+    return torch.where(bicubic, cubic, triangle)
+
+
+def _resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                      bicubic: torch.Tensor) -> torch.Tensor:
+    """(B, out_size, in_size) fixed-point weights that resize the span [start, start + length) of an axis of
+    ``in_size`` pixels to ``out_size``, as Pillow's ``crop(...).resize(...)`` does (Resample.c
+    ``precompute_coeffs`` on the cropped image: the filter widened by the downscale factor, taps stopped at the
+    crop's edges and renormalised, then ``normalize_coeffs_8bpc``). Computed on each output pixel's few taps."""
+    opts = {"device": start.device, "dtype": torch.float64}
+    scale = length.to(torch.float64) / out_size
+    filter_scale = scale.clamp(min=1)[:, None, None]
+    support = torch.where(bicubic, 2.0, 1.0).to(torch.float64)[:, None, None] * filter_scale
+    center = ((torch.arange(out_size, **opts) + 0.5)[None] * scale[:, None])[..., None]  # (B, out, 1), crop coords
+    first = (center - support + 0.5).floor().clamp(min=0)
+    end = torch.minimum((center + support + 0.5).floor(), length[:, None, None].to(torch.float64))
+    taps = 2 * math.ceil(2 * max(in_size / out_size, 1)) + 1  # enough for any span of the axis (no device sync)
+    pixel = first + torch.arange(taps, **opts)  # (B, out, taps), crop coords
+    weights = _pil_kernel((pixel - center + 0.5) / filter_scale, bicubic[:, None, None])
+    weights = torch.where(pixel < end, weights, 0.0)
+    weights = _pil_fixed_point(weights / weights.sum(-1, keepdim=True))
+    index = (pixel + start[:, None, None]).clamp(max=in_size - 1).long()  # out-of-span taps carry weight 0
+    return torch.zeros(len(start), out_size, in_size, **opts).scatter_add_(2, index, weights)
+
+
+_PIL_PRECISION_BITS = 22  # Pillow's fixed-point weights for 8-bit images (32 - 8 - 2 bits)
+
+
+def _pil_fixed_point(weights: torch.Tensor) -> torch.Tensor:
+    """Weights as Pillow stores them: rounded (half away from zero) to whole multiples of 2**-22."""
+    scaled = weights * (1 << _PIL_PRECISION_BITS)
+    return torch.where(scaled < 0, scaled - 0.5, scaled + 0.5).trunc() / (1 << _PIL_PRECISION_BITS)
+
+
+def _pil_round_(sums: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8, in place: a weighted sum rounded half up and clipped to 0-255 (float64 sums of 8-bit
+    values and 22-bit weights are exact, so the rounding is Pillow's)."""
+    return sums.add_(0.5).floor_().clamp_(0, 255)
+
+
+def _resized_crop(images: torch.Tensor, box: Tuple[torch.Tensor, ...], flip: torch.Tensor, size: int,
+                  bicubic: torch.Tensor) -> torch.Tensor:
+    """timm's RandomResizedCrop resize then horizontal flip, batched, exactly as Pillow computes it: each image's
+    box (top, left, h, w) resized to size x size in Pillow's two passes, horizontal then vertical (Pillow before
+    2026; newer releases may run the vertical pass first when the height shrinks more), each pass with Pillow's
+    fixed-point weights and rounded to uint8 as Pillow stores it; flipped where ``flip``; bicubic where
+    ``bicubic``, else bilinear. ``images`` are float (B, C, H, W), values 0-255; the result (float32) holds the
+    whole numbers 0-255 of the uint8 image that timm's next transform receives. Float64 keeps the integer
+    sums exact."""
+    top, left, h, w = box
+    cols = _resample_weights(left, w, images.shape[-1], size, bicubic)  # (B, size, W)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    rows = _resample_weights(top, h, images.shape[-2], size, bicubic)  # (B, size, H)
+    b, c, height, width = images.shape
+    x = _pil_round_(torch.bmm(images.to(torch.float64).reshape(b, c * height, width), cols.transpose(1, 2)))
+    x = torch.bmm(rows, x.view(b, c, height, size).transpose(1, 2).reshape(b, height, c * size))
+    return _pil_round_(x).view(b, size, c, size).transpose(1, 2).to(torch.float32)
+
+
+def _per_image_bicubic(batch: int, interpolation: str, device) -> torch.Tensor:
+    """Which images are resized bicubic: none, all, or each with probability 1/2 ('random', timm's choice
+    between bilinear and bicubic per image)."""
+    if interpolation == "random":
+        return torch.rand(batch, device=device) < 0.5
+    return torch.full((batch,), interpolation == "bicubic", device=device)
 
 
 def _pad_to(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -234,7 +308,8 @@ class TensorLoader:
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
-        self.rand_augment = _rand_augment(cfg.auto_augment) if train and cfg.auto_augment else None
+        self.rand_augment = _rand_augment(cfg, info) if train and cfg.auto_augment else None
+        self.jitter = effective_color_jitter(cfg.color_jitter, cfg.auto_augment) if train else 0.0
         self.erasing = _random_erasing(cfg, device) if train and cfg.reprob > 0 else None
 
     def __len__(self) -> int:
@@ -248,30 +323,35 @@ class TensorLoader:
             yield self._transform(self.images[idx]), self.labels[idx]
 
     def _transform(self, images: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        if self.rand_augment is not None:  # per image, on uint8 tensors on the device
-            images = torch.stack([self.rand_augment(img) for img in images])
+        """timm's order: crop/resize and flip, then RandAugment or else colour jitter, normalise, random erasing."""
         x = images.float()
-        if cfg.pipeline == "paper224":
+        if self.cfg.pipeline == "paper224":
+            x = self._train_crop(x) if self.train else self._eval_crop(x)
+        else:  # 'small': the native image padded to img_size, random crop + flip (values stay whole numbers)
+            x = _pad_to(x, self.cfg.img_size)
             if self.train:
-                boxes = _rrc_boxes(x.shape[0], tuple(cfg.rrc_scale), device=x.device)
-                flip = torch.rand(x.shape[0], device=x.device) < cfg.hflip
-                x = _crop_resize(x, boxes, flip, cfg.img_size)
-            else:
-                resize = math.floor(cfg.img_size / self.crop_pct)
-                x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
-                top = (resize - cfg.img_size) // 2
-                x = x[..., top:top + cfg.img_size, top:top + cfg.img_size]
-        else:
-            x = _pad_to(x, cfg.img_size)
-            if self.train:
-                x = _random_crop_flip(x, cfg.crop_padding, cfg.hflip)
-        if self.train and cfg.color_jitter > 0:
-            x = _color_jitter(x, cfg.color_jitter)
+                x = _random_crop_flip(x, self.cfg.crop_padding, self.cfg.hflip)
+        if self.rand_augment is not None:
+            x = self.rand_augment(x)
+        elif self.jitter > 0:
+            x = _color_jitter(x, self.jitter)
         x = (x - self.mean) / self.std
         if self.erasing is not None:
             x = self.erasing(x)
         return x
+
+    def _train_crop(self, x: torch.Tensor) -> torch.Tensor:
+        cfg, b = self.cfg, x.shape[0]
+        box = _rrc_params(b, x.shape[-2], x.shape[-1], tuple(cfg.rrc_scale), device=x.device)
+        flip = torch.rand(b, device=x.device) < cfg.hflip
+        return _resized_crop(x, box, flip, cfg.img_size, _per_image_bicubic(b, cfg.train_interpolation, x.device))
+
+    def _eval_crop(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.cfg.img_size
+        resize = math.floor(size / self.crop_pct)
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+        top = (resize - size) // 2
+        return x[..., top:top + size, top:top + size]
 
 
 def _color_jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
@@ -287,22 +367,31 @@ def _color_jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
     return x.clamp(0, 255)
 
 
-def _rand_augment(spec: str):
-    """timm-style 'rand-mM-nN...' string -> torchvision's tensor RandAugment (magnitude M, N ops)."""
-    from torchvision.transforms import v2
+def effective_color_jitter(color_jitter: float, auto_augment: Optional[str]) -> float:
+    """The colour jitter a train transform applies: none under an auto-augment policy, as timm's
+    transforms_imagenet_train (0.6.5: RandAugment ``elif`` colour jitter; 1.x: off unless forced)."""
+    return 0.0 if auto_augment else color_jitter
 
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"data.auto_augment {spec!r}: only RandAugment ('rand-m9-mstd0.5-inc1') is supported")
-    magnitude, num_ops = 9, 2
-    for part in parts[1:]:
-        if part.startswith("mstd") or part.startswith("inc"):
-            continue
-        if part.startswith("m"):
-            magnitude = int(part[1:])
-        elif part.startswith("n"):
-            num_ops = int(part[1:])
-    return v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+
+def color_jitter_note(color_jitter: float, auto_augment: Optional[str]) -> str:
+    """A line saying that a recipe's colour jitter is not applied, or '' when it is (or is 0)."""
+    if color_jitter and not effective_color_jitter(color_jitter, auto_augment):
+        return (f"color_jitter {color_jitter:g} is not applied: timm turns colour jitter off under the "
+                f"auto-augment policy {auto_augment!r}")
+    return ""
+
+
+def randaugment_fill(mean: Tuple[float, ...]) -> Tuple[int, ...]:
+    """The fill colour of RandAugment's geometric ops: the dataset mean in 0-255, as timm's ``img_mean``."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
+def _rand_augment(cfg: DataConfig, info: DatasetInfo):
+    """timm's RandAugment for the policy string, batched on the device (benchmark/randaugment.py)."""
+    from .randaugment import BatchRandAugment
+
+    return BatchRandAugment(cfg.auto_augment, fill=randaugment_fill(info.mean),
+                            interpolation=cfg.train_interpolation)
 
 
 def _random_erasing(cfg: DataConfig, device):
@@ -356,14 +445,41 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
     if cfg.pipeline == "paper224":
         from timm.data import create_transform
 
-        return create_transform(
+        # timm itself turns colour jitter off under auto_augment, and hands a train interpolation other than
+        # 'random' to RandAugment's geometric ops too
+        transform = create_transform(
             cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
-            interpolation="bilinear", mean=info.mean, std=info.std, crop_pct=crop_pct)
+            interpolation=cfg.train_interpolation if train else "bilinear", mean=info.mean, std=info.std,
+            crop_pct=crop_pct)
+        return with_zero_bit_posterize(transform)
     steps = [T.ToTensor(), T.Lambda(lambda x: _pad_to(x.unsqueeze(0), cfg.img_size).squeeze(0))]
     if train:
         steps += [T.RandomCrop(cfg.img_size, padding=cfg.crop_padding), T.RandomHorizontalFlip(cfg.hflip)]
     return T.Compose(steps + [T.Normalize(info.mean, info.std)])
+
+
+def posterize_keeping_zero_bits(img, bits_to_keep, **_):
+    """timm's posterize op as it ran under the Pillow of timm 0.6.5's day: keeping 0 bits masks every value to 0
+    (a black image). timm's ``inc`` policies ask for 0 bits at magnitude 10; current Pillow refuses that."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep < 1:
+        return img.point([0] * 256 * len(img.getbands()))
+    return posterize(img, bits_to_keep)
+
+
+def with_zero_bit_posterize(transform):
+    """``transform`` (a timm Compose) with every RandAugment posterize op running
+    ``posterize_keeping_zero_bits``: a change to these op objects only, not to timm's module."""
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", ()):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize_keeping_zero_bits
+    return transform
 
 
 def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
@@ -431,6 +547,9 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: 
     shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)
+    note = color_jitter_note(cfg.color_jitter, cfg.auto_augment)
+    if note and rank == 0:
+        log.info(note)
     use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
     if use_memory and not info.in_memory:
         raise ValueError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")

@@ -13,13 +13,17 @@ from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfi
                      deep_merge, parse_overrides, to_dict)
 from .models import zoo_entry
 
-_CIFAR224 = {"pipeline": "paper224", "img_size": 224, "batch_size": 128, "rrc_scale": [0.08, 1.0], "hflip": 0.5}
+# train_interpolation 'random' is the --train-interpolation default of OFA-KD's, PAT's and spofaKD's train.py, which
+# no config overrides. PAT's and spofaKD's data_config["interpolation"] = "bilinear" (CIFAR) reaches only the eval
+# loader: their train.py falls back to it for training only under --no-aug or an empty --train-interpolation.
+_CIFAR224 = {"pipeline": "paper224", "img_size": 224, "batch_size": 128, "rrc_scale": [0.08, 1.0], "hflip": 0.5,
+             "train_interpolation": "random"}
 
 RECIPES: Dict[str, Dict[str, Any]] = {
     # The offline demo: Fashion-MNIST at 32 px on a CPU in minutes.
     "demo": {
         "data": {"dataset": "fashion-mnist", "pipeline": "small", "img_size": 32, "batch_size": 128,
-                 "crop_padding": 2, "hflip": 0.5},
+                 "crop_padding": 2, "hflip": 0.5, "train_interpolation": "bilinear"},
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 0.5, "warmup_lr": 1e-5,
                   "min_lr": 1e-5, "clip_grad": 5.0, "label_smoothing": 0.0},
         "train": {"epochs": 4},
@@ -49,7 +53,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     },
     # OFA-KD configs/imagenet/cnn.yaml (the paper's step decay is approximated by cosine here; see README)
     "imagenet-cnn": {
-        "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 64, "hflip": 0.5},
+        "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 64, "hflip": 0.5,
+                 "train_interpolation": "random"},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "warmup_epochs": 3,
                   "warmup_lr": 1e-4, "min_lr": 0.0, "label_smoothing": 0.1},
         "train": {"epochs": 100},
@@ -57,8 +62,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # OFA-KD configs/imagenet/vit_mlp.yaml
     "imagenet-vit": {
         "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 128,
-                 "color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8,
-                 "cutmix": 1.0},
+                 "train_interpolation": "random", "color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1",
+                 "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0},
         "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05, "warmup_epochs": 20, "warmup_lr": 5e-7,
                   "min_lr": 1e-6, "clip_grad": 5.0, "label_smoothing": 0.1},
         "train": {"epochs": 300, "ema_decay": 0.99996},

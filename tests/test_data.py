@@ -53,29 +53,108 @@ def test_epoch_order_is_a_deterministic_function_of_seed_and_epoch():
     assert sorted(a.tolist()) == list(range(100))
 
 
-def test_crop_resize_with_the_whole_image_box_is_identity_and_flip_mirrors():
-    x = torch.rand(2, 3, 8, 8) * 255
-    whole = torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2)
-    same = D._crop_resize(x, whole, torch.tensor([False, True]), 8)
-    assert torch.allclose(same[0], x[0], atol=1e-4)
-    assert torch.allclose(same[1], x[1].flip(-1), atol=1e-4)
+def _pil_resized_crop(image: torch.Tensor, box, size: int, bicubic: bool, flip: bool) -> torch.Tensor:
+    """Pillow's crop + resize of one uint8 (C, H, W) image, in Pillow's two passes, horizontal then vertical (a
+    single resize in Pillow >= 2026 may run the vertical pass first when the height shrinks most)."""
+    from PIL import Image
+
+    top, left, h, w = (int(v) for v in box)
+    array = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+    mode = Image.BICUBIC if bicubic else Image.BILINEAR
+    crop = Image.fromarray(array).crop((left, top, left + w, top + h))
+    out = crop.resize((size, h), mode).resize((size, size), mode)
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    out = torch.from_numpy(np.array(out))
+    return (out[None] if out.ndim == 2 else out.permute(2, 0, 1)).float()
 
 
-def test_crop_resize_of_a_quarter_box_upsamples_that_quarter():
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    top_left = torch.tensor([[0.25, 0.25, 0.5, 0.5]])
-    out = D._crop_resize(x, top_left, torch.tensor([False]), 2)
-    assert torch.allclose(out.view(-1), torch.tensor([0.0, 1.0, 4.0, 5.0]))
+@pytest.mark.parametrize("bicubic", [False, True])
+def test_resized_crop_is_pillows_crop_resize_and_flip_exactly(bicubic):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    edges = (torch.rand(6, 3, 32, 32, generator=g) > 0.5).to(torch.uint8) * 255  # bicubic overshoot is clipped
+    images = torch.cat([noise, edges])
+    torch.manual_seed(1)
+    box = D._rrc_params(len(images), 32, 32, (0.08, 1.0))
+    box[0][0], box[1][0], box[2][0], box[3][0] = 0, 0, 32, 32  # the whole image
+    box[0][1], box[1][1], box[2][1], box[3][1] = 0, 3, 31, 19  # shrinks vertically while growing horizontally
+    flip = torch.arange(len(images)) % 2 == 0
+    for size in (224, 20):  # up-sampling, and down-sampling (Pillow widens the filter)
+        ours = D._resized_crop(images.float(), box, flip, size, torch.full((len(images),), bicubic))
+        for i in range(len(images)):
+            ref = _pil_resized_crop(images[i], [b[i] for b in box], size, bicubic, bool(flip[i]))
+            assert torch.equal(ours[i], ref), (size, i)
 
 
-def test_rrc_boxes_lie_inside_the_image_with_the_scale_range():
+def test_train_crop_honours_train_interpolation_per_image():
+    images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    info = D.dataset_info("fashion-mnist")
+    for mode in ("bilinear", "bicubic", "random"):
+        cfg = DataConfig(pipeline="paper224", img_size=40, train_interpolation=mode)
+        loader = D.TensorLoader(images, torch.zeros(16, dtype=torch.long), cfg, info, True, torch.device("cpu"), 1.0)
+        torch.manual_seed(5)
+        out = loader._train_crop(images.float())
+        torch.manual_seed(5)  # the same draws: box, flip, then the per-image interpolation
+        box = D._rrc_params(16, 28, 28, (0.08, 1.0))
+        flip = torch.rand(16) < 0.5
+        bicubic = D._per_image_bicubic(16, mode, "cpu")
+        for i in range(16):
+            ref = _pil_resized_crop(images[i], [b[i] for b in box], 40, bool(bicubic[i]), bool(flip[i]))
+            assert torch.equal(out[i], ref), (mode, i)
+
+
+def test_random_interpolation_is_bicubic_for_half_the_images():
     torch.manual_seed(0)
-    boxes = D._rrc_boxes(2000, (0.08, 1.0))
-    cx, cy, w, h = boxes.unbind(1)
-    assert (cx - w / 2 >= -1e-6).all() and (cx + w / 2 <= 1 + 1e-6).all()
-    assert (cy - h / 2 >= -1e-6).all() and (cy + h / 2 <= 1 + 1e-6).all()
-    area = w * h
-    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1 + 1e-6
+    bicubic = D._per_image_bicubic(4000, "random", "cpu")
+    assert abs(bicubic.float().mean().item() - 0.5) < 4 * (0.25 / 4000) ** 0.5
+    assert not D._per_image_bicubic(10, "bilinear", "cpu").any() and D._per_image_bicubic(10, "bicubic", "cpu").all()
+
+
+def _ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution functions."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def _ks_critical(n: int, m: int) -> float:
+    """The KS statistic that two samples of one distribution exceed with probability about 1e-4."""
+    return 2.15 * ((n + m) / (n * m)) ** 0.5
+
+
+def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    n = 4000
+    torch.manual_seed(0)
+    top, left, h, w = D._rrc_params(n, 28, 28, (0.08, 1.0))
+    assert top.dtype == torch.long and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 28).all() and (left + w <= 28).all() and (h >= 1).all() and (w >= 1).all()
+    random.seed(0)
+    image = Image.new("L", (28, 28))
+    ref = torch.tensor([RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+                        for _ in range(n)])
+    crit = _ks_critical(n, n)
+    for ours, theirs in ((h * w, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (top, ref[:, 0]),
+                         (left + w / 2, ref[:, 1] + ref[:, 3] / 2)):
+        assert _ks_statistic(ours.double(), theirs.double()) < crit
+
+
+def test_rrc_falls_back_to_timms_central_crop():
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    # the whole area at aspect 2 (28 x 14) never fits a 40 x 10 image: timm crops the centre at the nearest ratio
+    torch.manual_seed(0)
+    ours = torch.stack(D._rrc_params(8, 10, 40, (1.0, 1.0), ratio=(2.0, 2.0)), 1)
+    ref = RandomResizedCropAndInterpolation.get_params(Image.new("L", (40, 10)), (1.0, 1.0), (2.0, 2.0))
+    assert ref == (0, 10, 10, 20) and (ours == torch.tensor(ref)).all()
+    assert D._central_crop_size(40, 10, (3 / 4, 4 / 3)) == (13, 10)
+    assert D._central_crop_size(12, 12, (3 / 4, 4 / 3)) == (12, 12)
 
 
 def test_random_crop_flip_without_padding_is_a_flip_or_identity():
