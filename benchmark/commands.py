@@ -55,14 +55,18 @@ def cmd_models(args, _overrides) -> int:
 
 
 def cmd_recipes(args, _overrides) -> int:
+    from .data import color_jitter_note
+
     print("auto: cifar-cnn / cifar-vit (CIFAR), imagenet-cnn / imagenet-vit (ImageNet) by student family; demo "
           "for fashion-mnist")
     for name, body in RECIPES.items():
         o, d, t = body["optim"], body["data"], body["train"]
         extras = [k for k in ("auto_augment", "mixup", "cutmix", "reprob") if d.get(k)]
+        jitter_note = color_jitter_note(d.get("color_jitter", 0.0), d.get("auto_augment"))
         print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} warmup {o['warmup_epochs']} "
-              f"epochs {t['epochs']} batch {d['batch_size']}/process img {d['img_size']} ({d['pipeline']})"
-              f"{' + ' + ', '.join(extras) if extras else ''}")
+              f"epochs {t['epochs']} batch {d['batch_size']}/process img {d['img_size']} ({d['pipeline']}, "
+              f"train interpolation {d.get('train_interpolation', 'bilinear')})"
+              f"{' + ' + ', '.join(extras) if extras else ''}{'; ' + jitter_note if jitter_note else ''}")
     return 0
 
 

@@ -1,0 +1,210 @@
+"""The training data pipeline against timm's own ``create_transform`` (the per-image path, ``data.in_memory=no``):
+the whole ``cifar-vit`` train transform in distribution on real images, colour jitter off under auto-augment,
+the train interpolation field, and timm's posterize at 0 bits."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from hkdbench.benchmark import data as D
+from hkdbench.benchmark.config import ConfigError, DataConfig, build_dataclass
+from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
+
+FMNIST = D.dataset_info("fashion-mnist")
+
+
+def _recipe_data(recipe: str, **changes) -> DataConfig:
+    body = {**RECIPES[recipe]["data"], "dataset": "fashion-mnist", "workers": 0, **changes}
+    return build_dataclass(DataConfig, body, "data")
+
+
+def _ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def _ks_critical(n: int, m: int) -> float:
+    """Exceeded with probability about 1e-4 by two samples of one distribution."""
+    return 2.15 * ((n + m) / (n * m)) ** 0.5
+
+
+def _per_image_moments(x: torch.Tensor):
+    flat = x.flatten(1).double()
+    return flat.mean(1), flat.std(1), flat.pow(2).mean(1)
+
+
+def _timm_steps(cfg: DataConfig):
+    """timm's train transform for ``cfg`` (the per-image path) cut after the crop/flip and after RandAugment."""
+    from timm.data.auto_augment import RandAugment
+
+    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
+    at = next(i for i, step in enumerate(steps) if isinstance(step, RandAugment))
+    return steps[:at], steps[at]
+
+
+def _uint8(image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).float()
+
+
+def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(fmnist_available):
+    """Both paths over the same 1536 Fashion-MNIST images at 64 px (RRC random interpolation, flip, RandAugment
+    rand-m9-mstd0.5-inc1, normalise, random erasing 0.25): per-image mean and std by KS test, the overall
+    pixel mean and second moment within 5 standard errors (from the per-image spread)."""
+    n, size = 1536, 64
+    cfg = _recipe_data("cifar-vit", img_size=size, batch_size=256, eval_batch_size=256, train_subset=n)
+    D.seed_everything(0)
+    fast, _, _ = D.build_loaders(cfg, torch.device("cpu"), 1.0)
+    slow, _, _ = D.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), torch.device("cpu"), 1.0)
+    assert isinstance(fast, D.TensorLoader) and isinstance(slow, D.ImageLoader)
+    ours = torch.cat([x for x, _ in fast.batches(seed=0, epoch=0)])
+    theirs = torch.cat([x for x, _ in slow.batches(seed=0, epoch=0)])
+    assert ours.shape == theirs.shape == (n, 1, size, size)
+    crit = _ks_critical(n, n)
+    for name, a, b in zip(("mean", "std", "second moment"), _per_image_moments(ours), _per_image_moments(theirs)):
+        quantiles = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+        detail = f"{name}: quantiles {a.quantile(quantiles).tolist()} vs {b.quantile(quantiles).tolist()}"
+        assert _ks_statistic(a, b) < crit, detail
+        if name != "std":
+            standard_error = ((a.var() + b.var()) / n).sqrt().item()
+            assert abs(a.mean().item() - b.mean().item()) < 5 * standard_error, detail
+
+
+def test_randaugment_on_the_crops_changes_them_as_timms_does(fmnist_available):
+    """RandAugment on the 64 px crops of 1200 images, ours against timm's: the share left unchanged (timm: both
+    ops skipped for 1/4, plus ops that change nothing) within 4.5 binomial standard errors, and each image's mean
+    absolute pixel change by KS test and in mean within 5 standard errors."""
+    n, size = 1200, 64
+    cfg = _recipe_data("cifar-vit", img_size=size, reprob=0.0)
+    images, _ = D.load_tensors(cfg, train=True)
+    images = images[:n]
+    loader = D.TensorLoader(images, torch.zeros(n, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
+    D.seed_everything(1)
+    crops = loader._train_crop(images.float())
+    ours = (loader.rand_augment(crops) - crops).abs().flatten(1).mean(1).double()
+    crop_flip, rand_augment = _timm_steps(cfg)
+    theirs = []
+    for image in images:
+        crop = Image.fromarray(image[0].numpy())
+        for step in crop_flip:
+            crop = step(crop)
+        theirs.append((_uint8(rand_augment(crop)) - _uint8(crop)).abs().mean().item())
+    theirs = torch.tensor(theirs, dtype=torch.float64)
+    same_ours, same_theirs = (ours == 0).double().mean().item(), (theirs == 0).double().mean().item()
+    p = (same_ours + same_theirs) / 2
+    assert 0.2 < same_theirs < 0.45
+    assert abs(same_ours - same_theirs) < 4.5 * (2 * p * (1 - p) / n) ** 0.5, (same_ours, same_theirs)
+    assert _ks_statistic(ours, theirs) < _ks_critical(n, n)
+    standard_error = ((ours.var() + theirs.var()) / n).sqrt().item()
+    assert abs(ours.mean().item() - theirs.mean().item()) < 5 * standard_error, (ours.mean(), theirs.mean())
+
+
+def test_colour_jitter_is_off_under_auto_augment_on_the_tensor_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "_color_jitter", lambda x, strength: calls.append(strength) or x)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    for auto_augment, expected in (("rand-m9-mstd0.5-inc1", []), (None, [0.4])):
+        calls.clear()
+        cfg = DataConfig(img_size=32, batch_size=8, color_jitter=0.4, auto_augment=auto_augment)
+        loader = D.TensorLoader(images, torch.zeros(8, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
+        next(loader.batches())
+        assert calls == expected
+
+
+def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path():
+    from torchvision.transforms import ColorJitter
+
+    def jitters(auto_augment):
+        cfg = DataConfig(pipeline="paper224", img_size=64, color_jitter=0.4, auto_augment=auto_augment)
+        return [s for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms if isinstance(s, ColorJitter)]
+
+    assert jitters("rand-m9-mstd0.5-inc1") == []
+    assert len(jitters(None)) == 1
+
+
+def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
+    from hkdbench.benchmark.commands import cmd_recipes
+
+    assert "not applied" in D.color_jitter_note(0.4, "rand-m9-mstd0.5-inc1")
+    assert D.color_jitter_note(0.4, None) == "" and D.color_jitter_note(0.0, "rand-m9-mstd0.5-inc1") == ""
+    cmd_recipes(None, None)
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "color_jitter 0.4 is not applied" in lines["cifar-vit"]
+    assert "not applied" not in lines["cifar-cnn"]
+
+
+def test_randaugment_fill_is_timms_img_mean():
+    assert D.randaugment_fill(FMNIST.mean) == (73,)
+    assert D.randaugment_fill(D.dataset_info("cifar100").mean) == (129, 124, 112)
+    cfg = DataConfig(img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
+    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+                            FMNIST, True, torch.device("cpu"), 1.0)
+    assert loader.rand_augment.fill == (73.0,) and loader.rand_augment.interpolation == "bilinear"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data.train_interpolation
+# --------------------------------------------------------------------------------------------------------------
+
+def test_train_interpolation_is_validated_with_the_allowed_values():
+    with pytest.raises(ValueError, match="data.train_interpolation must be one of bilinear, bicubic, random, "
+                                         "got 'nearest'"):
+        DataConfig(train_interpolation="nearest")
+    with pytest.raises(ConfigError, match="data.train_interpolation must be one of"):
+        resolve_run_config(kind="student", student="resnet_mini", overrides=["data.train_interpolation=area"])
+
+
+def test_recipes_carry_the_references_train_interpolation():
+    # OFA-KD, PAT and spofaKD train.py: --train-interpolation default 'random', set by none of their configs
+    expected = {"demo": "bilinear", "cifar-cnn": "random", "cifar-vit": "random", "cifar-teacher": "random",
+                "imagenet-cnn": "random", "imagenet-vit": "random"}
+    assert set(expected) == set(RECIPES)
+    for recipe, mode in expected.items():
+        dataset = "imagenet" if recipe.startswith("imagenet") else "fashion-mnist"
+        cfg = resolve_run_config(kind="student", student="resnet_mini", recipe=recipe, dataset=dataset)
+        assert cfg.data.train_interpolation == mode, recipe
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "random"])
+def test_per_image_path_hands_the_train_interpolation_to_timm(mode):
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode
+
+    cfg = DataConfig(pipeline="paper224", img_size=64, train_interpolation=mode, auto_augment="rand-m9-mstd0.5-inc1")
+    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
+    crop = next(s for s in steps if isinstance(s, RandomResizedCropAndInterpolation))
+    _, rand_augment = _timm_steps(cfg)
+    vision = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+    pil = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    if mode == "random":  # timm draws one of the two per image, and per RandAugment op
+        assert set(crop.interpolation) == set(vision.values())
+        assert all(set(op.kwargs["resample"]) == set(pil.values()) for op in rand_augment.ops)
+    else:
+        assert crop.interpolation == vision[mode]
+        assert all(op.kwargs["resample"] == pil[mode] for op in rand_augment.ops)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Posterize at 0 bits (per-image path)
+# --------------------------------------------------------------------------------------------------------------
+
+def test_posterize_keeps_zero_bits_as_a_black_image_and_otherwise_is_pillows():
+    rng = np.random.default_rng(0)
+    for mode, shape in (("L", (9, 7)), ("RGB", (9, 7, 3))):
+        image = Image.fromarray(rng.integers(1, 256, shape, dtype=np.uint8), mode)
+        assert not np.array(D.posterize_keeping_zero_bits(image, 0)).any()
+        for bits in range(1, 8):
+            assert np.array_equal(np.array(D.posterize_keeping_zero_bits(image, bits)),
+                                  np.array(ImageOps.posterize(image, bits)))
+        assert np.array_equal(np.array(D.posterize_keeping_zero_bits(image, 8)), np.array(image))
+
+
+def test_timms_posterize_op_at_magnitude_10_gives_black_instead_of_raising():
+    cfg = DataConfig(pipeline="paper224", img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
+    _, rand_augment = _timm_steps(cfg)
+    op = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # level 10: keep 4 - int(4) = 0 bits
+    image = Image.fromarray(np.full((32, 32), 200, dtype=np.uint8))
+    assert not np.array(op(image)).any()
+    with pytest.raises(ValueError, match="bits must be"):  # what the installed Pillow does with timm's own op
+        ImageOps.posterize(image, 0)
