@@ -6,14 +6,18 @@
   machine is online).
 * ``imagenet``: an ImageFolder root with ``train/`` and ``val/``.
 
-Pipelines: ``paper224`` is the papers' CIFAR-at-224 pipeline (RandomResizedCrop 224, scale 0.08-1, flip; eval
-resize to 224/crop_pct + center crop; RandAugment / mixup / cutmix / random erasing when the recipe asks), and
-``small`` keeps the native resolution (padded to ``img_size``) with random-crop + flip for the demo and tests.
+Pipelines: ``paper224`` is the papers' CIFAR-at-224 pipeline, timm 0.6.5's ``create_transform`` in its order:
+RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, ``data.train_interpolation``: bilinear, bicubic, or ``random``
+= either per image) -> horizontal flip -> RandAugment when ``data.auto_augment`` is set, else colour jitter (timm
+applies no colour jitter under an auto-augment policy) -> normalise -> random erasing; eval: resize to
+img_size / crop_pct + center crop. ``small`` keeps the native resolution (padded to ``img_size``) with random crop
++ flip for the demo and tests, then the same RandAugment-or-jitter, normalise, erasing steps.
 
 Datasets that fit in memory take the fast path: the whole split is one uint8 tensor on the training device and
-every augmentation is a batched tensor op (crops and resizes as one ``grid_sample``), no per-image PIL work.
-ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image transforms.
-Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
+every augmentation is a batched tensor op, no per-image PIL work: crop boxes drawn as timm draws them, the resize
+computed as Pillow computes it (equal to Pillow's uint8 output), RandAugment from ``benchmark/randaugment.py`` on
+the whole-number crop. ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image
+transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
 """
 from __future__ import annotations
 
@@ -439,7 +443,8 @@ class ImageLoader:
 
 
 def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
-    """Per-image transforms: timm's for the 224 pipeline, pad + random crop + flip for the small one."""
+    """Per-image transforms: timm's for the 224 pipeline; for the small one pad + random crop + flip, then timm's
+    RandAugment or else colour jitter, normalise, random erasing (the order of the in-memory path)."""
     from torchvision import transforms as T
 
     if cfg.pipeline == "paper224":
@@ -453,10 +458,42 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
             interpolation=cfg.train_interpolation if train else "bilinear", mean=info.mean, std=info.std,
             crop_pct=crop_pct)
         return with_zero_bit_posterize(transform)
-    steps = [T.ToTensor(), T.Lambda(lambda x: _pad_to(x.unsqueeze(0), cfg.img_size).squeeze(0))]
-    if train:
-        steps += [T.RandomCrop(cfg.img_size, padding=cfg.crop_padding), T.RandomHorizontalFlip(cfg.hflip)]
-    return T.Compose(steps + [T.Normalize(info.mean, info.std)])
+    if not train:
+        pad = T.Lambda(lambda x: _pad_to(x.unsqueeze(0), cfg.img_size).squeeze(0))
+        return T.Compose([T.ToTensor(), pad, T.Normalize(info.mean, info.std)])
+    return with_zero_bit_posterize(T.Compose(_small_train_steps(cfg, info)))
+
+
+def _small_train_steps(cfg: DataConfig, info: DatasetInfo) -> list:
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import str_to_pil_interp
+    from torchvision import transforms as T
+
+    steps = [T.Lambda(lambda image: _pad_image_to(image, cfg.img_size)),
+             T.RandomCrop(cfg.img_size, padding=cfg.crop_padding), T.RandomHorizontalFlip(cfg.hflip)]
+    jitter = effective_color_jitter(cfg.color_jitter, cfg.auto_augment)
+    if cfg.auto_augment:  # the hparams timm's create_transform gives RandAugment
+        hparams = {"translate_const": int(cfg.img_size * 0.45), "img_mean": randaugment_fill(info.mean)}
+        if cfg.train_interpolation != "random":
+            hparams["interpolation"] = str_to_pil_interp(cfg.train_interpolation)
+        steps.append(rand_augment_transform(cfg.auto_augment, hparams))
+    elif jitter > 0:
+        steps.append(T.ColorJitter(jitter, jitter, jitter))
+    steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    if cfg.reprob > 0:
+        steps.append(RandomErasing(probability=cfg.reprob, mode="pixel", device="cpu"))
+    return steps
+
+
+def _pad_image_to(image, size: int):
+    """A PIL image zero-padded to size x size, centred as ``_pad_to`` (larger ones resized down)."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    if image.width > size or image.height > size:
+        return image.resize((size, size), Image.BILINEAR)
+    return TF.center_crop(image, [size, size])
 
 
 def posterize_keeping_zero_bits(img, bits_to_keep, **_):

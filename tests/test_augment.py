@@ -47,12 +47,15 @@ def _uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).float()
 
 
-def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(fmnist_available):
-    """Both paths over the same 1536 Fashion-MNIST images at 64 px (RRC random interpolation, flip, RandAugment
-    rand-m9-mstd0.5-inc1, normalise, random erasing 0.25): per-image mean and std by KS test, the overall
-    pixel mean and second moment within 5 standard errors (from the per-image spread)."""
-    n, size = 1536, 64
-    cfg = _recipe_data("cifar-vit", img_size=size, batch_size=256, eval_batch_size=256, train_subset=n)
+@pytest.mark.parametrize("pipeline, size", [("paper224", 64), ("small", 32)])
+def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(fmnist_available, pipeline, size):
+    """Both paths over the same 1536 Fashion-MNIST images (paper224 at 64 px: RRC random interpolation, flip;
+    small: pad, random crop, flip; then RandAugment rand-m9-mstd0.5-inc1, normalise, random erasing 0.25):
+    per-image mean, std and second moment by KS test, the overall pixel mean and second moment within 5
+    standard errors (from the per-image spread)."""
+    n = 1536
+    cfg = _recipe_data("cifar-vit", pipeline=pipeline, img_size=size, batch_size=256, eval_batch_size=256,
+                       train_subset=n)
     D.seed_everything(0)
     fast, _, _ = D.build_loaders(cfg, torch.device("cpu"), 1.0)
     slow, _, _ = D.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), torch.device("cpu"), 1.0)
@@ -111,15 +114,17 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_tensor_path(monkeypatch)
         assert calls == expected
 
 
-def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path():
+@pytest.mark.parametrize("pipeline", ["paper224", "small"])
+def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path(pipeline):
+    from timm.data.auto_augment import RandAugment
     from torchvision.transforms import ColorJitter
 
-    def jitters(auto_augment):
-        cfg = DataConfig(pipeline="paper224", img_size=64, color_jitter=0.4, auto_augment=auto_augment)
-        return [s for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms if isinstance(s, ColorJitter)]
+    def steps(auto_augment):
+        cfg = DataConfig(pipeline=pipeline, img_size=64, color_jitter=0.4, auto_augment=auto_augment)
+        return [type(s) for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms]
 
-    assert jitters("rand-m9-mstd0.5-inc1") == []
-    assert len(jitters(None)) == 1
+    assert ColorJitter not in steps("rand-m9-mstd0.5-inc1") and RandAugment in steps("rand-m9-mstd0.5-inc1")
+    assert ColorJitter in steps(None) and RandAugment not in steps(None)
 
 
 def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
