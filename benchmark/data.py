@@ -22,7 +22,6 @@ transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-e
 from __future__ import annotations
 
 import gzip
-import logging
 import math
 import os
 import random
@@ -35,8 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
-
-log = logging.getLogger("hkdbench")
 
 class DataNotFoundError(FileNotFoundError):
     pass
@@ -584,9 +581,6 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: 
     shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)
-    note = color_jitter_note(cfg.color_jitter, cfg.auto_augment)
-    if note and rank == 0:
-        log.info(note)
     use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
     if use_memory and not info.in_memory:
         raise ValueError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")

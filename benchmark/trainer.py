@@ -269,6 +269,8 @@ class Trainer:
         train_loader, test_loader, info = data_lib.build_loaders(cfg.data, self.device, crop_pct,
                                                                  rank=self.dist.rank if self.dist else 0,
                                                                  world_size=self.world_size)
+        if jitter_note := data_lib.color_jitter_note(cfg.data.color_jitter, cfg.data.auto_augment):
+            self.say(f"{rd.path.name}: {jitter_note}")
         teacher, teacher_top1 = self.prepare_teacher(info.num_classes, info.in_chans)
 
         data_lib.seed_everything(cfg.train.seed)

@@ -213,3 +213,15 @@ def test_timms_posterize_op_at_magnitude_10_gives_black_instead_of_raising():
     assert not np.array(op(image)).any()
     with pytest.raises(ValueError, match="bits must be"):  # what the installed Pillow does with timm's own op
         ImageOps.posterize(image, 0)
+
+
+@pytest.mark.slow
+def test_a_run_under_auto_augment_logs_that_its_colour_jitter_is_off(fmnist_available, runs_dir):
+    from hkdbench.benchmark.trainer import train
+
+    cfg = resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="demo", overrides=[
+        "data.train_subset=128", "data.eval_subset=64", "data.batch_size=64", "data.img_size=16", "train.epochs=1",
+        "data.color_jitter=0.4", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25"])
+    result = train(cfg, runs_dir=runs_dir, progress=False)
+    assert result.status == "done"
+    assert "color_jitter 0.4 is not applied" in result.run_dir.log_file.read_text()
