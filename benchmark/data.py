@@ -395,10 +395,13 @@ def _rand_augment(cfg: DataConfig, info: DatasetInfo):
                             interpolation=cfg.train_interpolation)
 
 
+ERASING_MODE = "pixel"  # OFA-KD's / PAT's train.py --remode default: erase with per-pixel normal noise
+
+
 def _random_erasing(cfg: DataConfig, device):
     from timm.data.random_erasing import RandomErasing
 
-    return RandomErasing(probability=cfg.reprob, mode="pixel", device=str(device))
+    return RandomErasing(probability=cfg.reprob, mode=ERASING_MODE, device=str(device))
 
 
 def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):
@@ -448,12 +451,13 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
         from timm.data import create_transform
 
         # timm itself turns colour jitter off under auto_augment, and hands a train interpolation other than
-        # 'random' to RandAugment's geometric ops too
+        # 'random' to RandAugment's geometric ops too; random erasing as train.py's defaults (--remode pixel,
+        # --recount 1), not create_transform's ('const')
         transform = create_transform(
             cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
-            interpolation=cfg.train_interpolation if train else "bilinear", mean=info.mean, std=info.std,
-            crop_pct=crop_pct)
+            re_mode=ERASING_MODE, re_count=1, interpolation=cfg.train_interpolation if train else "bilinear",
+            mean=info.mean, std=info.std, crop_pct=crop_pct)
         return with_zero_bit_posterize(transform)
     if not train:
         pad = T.Lambda(lambda x: _pad_to(x.unsqueeze(0), cfg.img_size).squeeze(0))
@@ -479,7 +483,7 @@ def _small_train_steps(cfg: DataConfig, info: DatasetInfo) -> list:
         steps.append(T.ColorJitter(jitter, jitter, jitter))
     steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
     if cfg.reprob > 0:
-        steps.append(RandomErasing(probability=cfg.reprob, mode="pixel", device="cpu"))
+        steps.append(RandomErasing(probability=cfg.reprob, mode=ERASING_MODE, device="cpu"))
     return steps
 
 

@@ -138,6 +138,19 @@ def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
     assert "not applied" not in lines["cifar-cnn"]
 
 
+@pytest.mark.parametrize("pipeline", ["paper224", "small"])
+def test_random_erasing_is_train_pys_pixel_mode_on_both_paths(pipeline):
+    from timm.data.random_erasing import RandomErasing
+
+    cfg = DataConfig(pipeline=pipeline, img_size=32, reprob=0.25)
+    erasing = [s for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms if isinstance(s, RandomErasing)]
+    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+                            FMNIST, True, torch.device("cpu"), 1.0)
+    for each in (*erasing, loader.erasing):
+        assert each.per_pixel and each.probability == 0.25 and each.max_count == 1
+    assert len(erasing) == 1
+
+
 def test_randaugment_fill_is_timms_img_mean():
     assert D.randaugment_fill(FMNIST.mean) == (73,)
     assert D.randaugment_fill(D.dataset_info("cifar100").mean) == (129, 124, 112)
