@@ -274,8 +274,16 @@ def _quantize(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- level -> argument
 
+def _divide(numerator, denominator) -> torch.Tensor:
+    """IEEE division as Python's: torch turns a Python-number operand into a reciprocal multiply (scalar / tensor
+    everywhere, tensor / scalar on CUDA), one rounding more, which moves int() and floor() at exact ties."""
+    like = numerator if isinstance(numerator, torch.Tensor) else denominator
+    as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.full_like(like, v)  # noqa: E731
+    return torch.div(as_tensor(numerator), as_tensor(denominator))
+
+
 def _level(magnitude: torch.Tensor) -> torch.Tensor:
-    return magnitude / LEVEL_DENOM
+    return _divide(magnitude, LEVEL_DENOM)
 
 
 def _signed(value: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
@@ -322,7 +330,7 @@ def _auto_contrast(x, _magnitude, _negate):
     present = _histogram(x) > 0
     lo = present.long().argmax(-1, keepdim=True).double()
     hi = (255 - present.flip(-1).long().argmax(-1, keepdim=True)).double()
-    scale = 255.0 / (hi - lo).clamp(min=1.0)
+    scale = _divide(255.0, (hi - lo).clamp(min=1.0))
     offset = -lo * scale
     ramp = torch.arange(256, dtype=torch.float64, device=x.device)
     lut = torch.trunc(ramp * scale + offset).clamp(0, 255)
@@ -388,7 +396,7 @@ def _color_degenerate(x):
 def _contrast_degenerate(x):
     """A flat image of the L mean, rounded half up (int(mean + 0.5))."""
     luma = _luma(x)
-    mean = luma.double().sum(dim=(1, 2, 3), keepdim=True) / (luma.shape[-1] * luma.shape[-2])
+    mean = _divide(luma.double().sum(dim=(1, 2, 3), keepdim=True), float(luma.shape[-1] * luma.shape[-2]))
     return torch.floor(mean + 0.5).to(x.dtype).expand_as(x)
 
 
@@ -401,7 +409,7 @@ def _sharpness_degenerate(x):
     c = x.shape[1]
     kernel = torch.ones(c, 1, 3, 3, dtype=x.dtype, device=x.device)
     kernel[:, :, 1, 1] = 5.0
-    smooth = torch.floor(torch.nn.functional.conv2d(x, kernel, groups=c) / 13.0 + 0.5)  # integer sums: exact
+    smooth = torch.floor(_divide(torch.nn.functional.conv2d(x, kernel, groups=c), 13.0) + 0.5)
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = smooth
     return out
