@@ -105,9 +105,9 @@ def test_op_matches_timm_at_fixed_magnitude(name, fmnist, timm_065_pillow):
         for magnitude in MAGNITUDES:
             for negate in (False, True):
                 for interpolation in interpolations:
-                    n = len(images)
-                    ours = R.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64), torch.full((n,), negate), fill,
-                                      interpolation)
+                    n = len(images)  # float64 magnitudes: timm's are Python floats
+                    ours = R.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
+                                      torch.full((n,), negate), fill, interpolation)
                     reference = torch.stack([timm_op(name, magnitude, negate, im, fill, interpolation)
                                              for im in images])
                     assert ours.shape == images.shape
@@ -243,7 +243,8 @@ def magnitude_from_args(name, args, spec):
 def ks_statistic(a, b):
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+    cdf_a, cdf_b = np.searchsorted(a, grid, side="right") / len(a), np.searchsorted(b, grid, side="right") / len(b)
+    return np.abs(cdf_a - cdf_b).max()
 
 
 def assert_same_rate(k1, n1, k2, n2, what):
@@ -253,10 +254,15 @@ def assert_same_rate(k1, n1, k2, n2, what):
     assert abs(k1 / n1 - k2 / n2) <= 4.5 * se + 1e-12, f"{what}: ours {k1 / n1:.4f}, timm {k2 / n2:.4f}"
 
 
+def assert_rate(k, n, p, what):
+    """A binomial rate within 4.5 standard errors of the rate timm's code defines."""
+    assert abs(k / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n), f"{what}: {k / n:.4f}, expected {p}"
+
+
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m12-n3-mstd2-mmax15", "rand-m8-mstd101",
                                     "rand-m9-n3-w0"])
 def test_sampling_matches_timm_randaugment(policy):
-    n_images = 6000
+    n_images = 20000
     log, num_layers = timm_draws(policy, n_images, seed=0)
     augment = R.BatchRandAugment(policy, fill=FILL_RGB)
     draws = augment.draw(n_images, generator=torch.Generator().manual_seed(0))
@@ -281,6 +287,8 @@ def test_sampling_matches_timm_randaugment(policy):
     # applied with probability p
     applied = [r for r in log if r["applied"]]
     assert_same_rate(int(draws.applied.sum()), draws.applied.numel(), len(applied), len(log), f"{policy} applied")
+    assert_rate(int(draws.applied.sum()), draws.applied.numel(), spec.prob, f"{policy} applied, ours")
+    assert_rate(len(applied), len(log), spec.prob, f"{policy} applied, timm")
 
     # magnitudes (noise, clip) of the ops whose argument reveals it, and the random sign
     theirs = [magnitude_from_args(r["name"], r["args"], spec) for r in applied]
@@ -298,6 +306,8 @@ def test_sampling_matches_timm_randaugment(policy):
     symmetric = torch.tensor([magnitude_from_args(name, (1.5,), spec)[1] is not None for name in names])
     ours_signs = draws.negate[draws.applied & symmetric[draws.op]]
     assert_same_rate(int(ours_signs.sum()), len(ours_signs), sum(signs), len(signs), f"{policy} negated")
+    assert_rate(int(ours_signs.sum()), len(ours_signs), 0.5, f"{policy} negated, ours")
+    assert_rate(sum(signs), len(signs), 0.5, f"{policy} negated, timm")
 
     # resampling: bicubic or bilinear per geometric op call
     timm_bicubic = [r["bicubic"] for r in applied if r["name"] in GEOMETRIC]
@@ -305,6 +315,8 @@ def test_sampling_matches_timm_randaugment(policy):
     ours_bicubic = draws.bicubic[draws.applied & geometric[draws.op]]
     assert_same_rate(int(ours_bicubic.sum()), len(ours_bicubic), sum(timm_bicubic), len(timm_bicubic),
                      f"{policy} bicubic")
+    assert_rate(int(ours_bicubic.sum()), len(ours_bicubic), 0.5, f"{policy} bicubic, ours")
+    assert_rate(sum(timm_bicubic), len(timm_bicubic), 0.5, f"{policy} bicubic, timm")
 
 
 def test_posterize_bits_distribution_matches_timm():
@@ -370,6 +382,10 @@ def test_bad_arguments_are_rejected():
         augment(torch.zeros(2, 4, 8, 8))
     with pytest.raises(ValueError, match="fill has 3 values for 1-channel images"):
         augment(torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"RandAugmentSpec.prob must be in \[0, 1\], got 2"):
+        R.RandAugmentSpec(prob=2.0)
+    with pytest.raises(ValueError, match="RandAugmentSpec.num_ops must be >= 0"):
+        R.BatchRandAugment(R.RandAugmentSpec(num_ops=-1), fill=FILL_RGB)
     with pytest.raises(ValueError, match="unknown RandAugment op 'Cutout'"):
         R.apply_op(torch.zeros(1, 3, 8, 8), "Cutout", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_RGB)
 
