@@ -73,10 +73,11 @@ def timm_065_pillow(monkeypatch):
 
 
 def timm_op(name, magnitude, negate, image, fill, interpolation):
-    """timm's AugmentOp at a fixed magnitude, always applied, its random sign forced."""
+    """timm's AugmentOp at a fixed magnitude (its clip raised to 30 by 'magnitude_max'), always applied, its random
+    sign forced."""
     resample = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
     hparams = dict(translate_const=100, img_mean=fill if len(fill) > 1 else fill[0], magnitude_std=0,
-                   interpolation=resample)
+                   magnitude_max=30, interpolation=resample)
     op = taa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hparams)
     draw = random.random
     random.random = (lambda: 0.9) if negate else (lambda: 0.1)  # timm negates when random() > 0.5
@@ -113,6 +114,24 @@ def test_op_matches_timm_at_fixed_magnitude(name, fmnist, timm_065_pillow):
                     assert ours.shape == images.shape
                     assert_close_to_timm(ours, reference, name in GEOMETRIC,
                                          f"{name} m={magnitude} negate={negate} {interpolation} on {set_name}")
+
+
+def test_ops_beyond_magnitude_10_follow_timm_065(fmnist, timm_065_pillow, monkeypatch):
+    """With mmax > 10 the level exceeds 1; 0.6.5 does not clamp solarize thresholds or SolarizeAdd amounts (timm
+    >= 0.9 clamps them to 256 and 128), so timm's op runs with 0.6.5's level functions for those."""
+    monkeypatch.setitem(taa.LEVEL_TO_ARG, "Solarize", lambda level, _: (int(level / 10 * 256),))
+    monkeypatch.setitem(taa.LEVEL_TO_ARG, "SolarizeIncreasing", lambda level, _: (256 - int(level / 10 * 256),))
+    monkeypatch.setitem(taa.LEVEL_TO_ARG, "SolarizeAdd", lambda level, _: (int(level / 10 * 110),))
+    images, fill = image_sets(fmnist)["fmnist-rgb"]
+    n = len(images)
+    for name in ALL_OPS:
+        for magnitude in (12.0, 15.0, 23.0):
+            ours = R.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
+                              torch.full((n,), True), fill)
+            reference = torch.stack([timm_op(name, magnitude, True, im, fill, "bilinear") for im in images])
+            assert_close_to_timm(ours, reference, name in GEOMETRIC, f"{name} m={magnitude}")
+    add = R.apply_op(images, "SolarizeAdd", torch.full((n,), 12.0, dtype=torch.float64), torch.zeros(n).bool(), fill)
+    assert torch.equal(add[images < 128], (images[images < 128] + 132).clamp(max=255))  # int(1.2 * 110), no cap
 
 
 def test_ops_change_the_images(fmnist):
