@@ -147,6 +147,11 @@ def _parse_value(spec: str, part: str, key: str, value: str) -> Dict[str, object
                          "mstd<float>, mmax<int>, inc1, w0, p<float in [0, 1]>") from None
 
 
+def fill_from_mean(mean: Sequence[float]) -> Tuple[int, ...]:
+    """The geometric ops' fill as timm's create_transform sets hparams img_mean: round(255 * m), at most 255."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
 class RandAugmentDraws(NamedTuple):
     """Every random choice of one batch, (B, num_ops) each; the magnitude is already clipped."""
     op: torch.Tensor          # int64 index into the spec's op list

@@ -352,6 +352,25 @@ def test_posterize_bits_distribution_matches_timm():
     assert set(timm_bits) <= {0, 1, 2} and timm_bits.count(0) > 0
 
 
+@pytest.mark.parametrize("interpolation", ["random", "bilinear", "bicubic"])
+def test_fill_and_resampling_as_create_transform_passes_them(interpolation):
+    """timm's train transform hands RandAugment img_mean (the fill) and, unless 'random', the train interpolation."""
+    from timm.data import create_transform
+
+    mean = (0.5071, 0.4865, 0.4409)  # CIFAR-100
+    transform = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+                                 interpolation=interpolation, mean=mean)
+    rand_augment = next(t for t in transform.transforms if isinstance(t, taa.RandAugment))
+    kwargs = rand_augment.ops[0].kwargs
+    assert R.fill_from_mean(mean) == kwargs["fillcolor"] == (129, 124, 112)
+    resample = {"random": (Image.BILINEAR, Image.BICUBIC), "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+    assert kwargs["resample"] == resample[interpolation]
+    draws = R.BatchRandAugment("rand-m9-mstd0.5-inc1", R.fill_from_mean(mean), interpolation).draw(
+        4000, generator=torch.Generator().manual_seed(0))
+    expected_bicubic = {"random": 0.5, "bilinear": 0.0, "bicubic": 1.0}[interpolation]
+    assert abs(draws.bicubic.double().mean().item() - expected_bicubic) < 0.03
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-m7-n3", "rand-n1-mstd101",
