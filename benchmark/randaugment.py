@@ -5,10 +5,9 @@ What timm 0.6.5 does (``timm/data/auto_augment.py``; OFA-KD and PAT train with `
 - Policy string ``rand-`` then dash-separated parts, each a key followed by a value that starts at its first digit:
   ``m`` int magnitude (default 10), ``n`` int ops per image (default 2), ``mstd`` float std of the magnitude noise
   (> 100 means uniform in [0, m]), ``mmax`` int upper clip of the magnitude (default, and for 0, 10), ``inc`` the
-  "increasing" op set, ``w0`` the weighted op choice (no replacement). ``p`` (probability of each op, 0.5 in 0.6.5)
-  is timm >= 0.9's key, accepted here too.
+  "increasing" op set, ``w0`` the weighted op choice (no replacement).
 - Per image, ``n`` ops drawn uniformly *with* replacement (``numpy.random.choice``); each op is applied with
-  probability ``p``; an applied op draws its magnitude from N(m, mstd), clips it to [0, mmax] and maps
+  probability 0.5; an applied op draws its magnitude from N(m, mstd), clips it to [0, mmax] and maps
   ``level = magnitude / 10`` to its argument: rotate 30 deg, shear 0.3, translate 0.45 of the image side, enhance
   factor 0.1 + 1.8 level (plain) or max(0.1, 1 +- 0.9 level) (increasing), posterize int(4 level) bits (plain) or
   4 - int(4 level) (increasing), solarize threshold int(256 level) (plain) or 256 - int(256 level) (increasing),
@@ -21,22 +20,30 @@ What timm 0.6.5 does (``timm/data/auto_augment.py``; OFA-KD and PAT train with `
 
 How it is computed here: one draw of every random choice for the whole batch (from ``generator`` on the images'
 device, else torch's global RNG), then for each op slot the images are grouped by the op they drew and every group is
-processed at once; all geometric ops of a slot share one sampling pass. The sampler is PIL's: output pixel centres
-mapped by the affine matrix, points outside [0, W) x [0, H) take the fill colour, clamped taps inside, bilinear
-``a + (b - a) d`` and PIL's bicubic (a = -1 cubic convolution), computed in float64 and truncated to uint8 as PIL
-does. Colour ops reproduce PIL's integer arithmetic: ``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``, blends in
-float32 truncated and clipped, Contrast's rounded L mean, Sharpness' 3x3 SMOOTH kernel with the border kept,
-AutoContrast's and Equalize's per-channel lookup tables.
+processed at once; the geometric ops of a slot share one sampling pass per resampling filter and axis (rows only for
+ShearX/TranslateXRel, columns only for ShearY/TranslateYRel, 2-D for Rotate). The sampler is PIL's: output pixel
+centres mapped by the affine matrix, points outside [0, W) x [0, H) take the fill colour, clamped taps inside,
+bilinear ``a + (b - a) d`` and PIL's bicubic (a = -1 cubic convolution), computed in float64 and truncated to uint8
+as PIL does. Colour ops reproduce PIL's integer arithmetic: ``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``,
+blends in float32 truncated and clipped, Contrast's rounded L mean, Sharpness' 3x3 SMOOTH kernel with the border
+kept, AutoContrast's and Equalize's per-channel lookup tables.
+
+Where timm 1.0.31 (installed) or current Pillow differ, 0.6.5 is followed: posterize to 0 (or fewer) bits is a black
+image (the Pillow of 0.6.5's day; Pillow >= 10 raises), solarize thresholds and SolarizeAdd amounts are not clamped
+(1.0.31 clamps them, which only matters with mmax > 10), ``w0`` is 0.6.5's weighted choice (1.0.31 removed the key).
 
 Deliberate differences from timm 0.6.5, each said where it is coded:
 
 - Inputs are rounded to integers in [0, 255] first (timm's images are uint8 PIL images); outputs are integer-valued.
-- Posterize to 0 (or fewer) bits is a black image, as with the Pillow of timm 0.6.5's day; current Pillow raises.
 - A part without a digit, or ``inc0``, is an error here; 0.6.5 silently skips the former and reads ``inc0`` as the
   increasing set (``bool('0')``) where timm >= 0.9 reads the plain set.
+- ``p`` is accepted (timm >= 0.9's key; 0.6.5 asserts on it).
 
-Measured against timm's own ops on Pillow (tests/test_randaugment.py states each tolerance): colour ops agree
-exactly or within 1 at rare float ties; geometric ops agree within 1 except at a few edge pixels.
+Measured against timm's own ops on the installed Pillow (tests/test_randaugment.py; tolerance there: at most 0.1 %
+of the pixels may differ, colour ops by at most 1, geometric ops with a mean difference <= 0.05): on CPU every op
+equals timm's on every pixel, at magnitudes 0-10, both signs, both resamplings, grey and RGB, and whole policies
+replayed through timm's ops equal the batched result. The float64 sampler is written for the GPU; on a CPU core it
+is slower than timm's PIL ops, which the per-image DataLoader path keeps using.
 """
 from __future__ import annotations
 
@@ -72,6 +79,14 @@ class RandAugmentSpec:
     prob: float = 0.5
     increasing: bool = False
     weighted: bool = False             # 'w0': timm 0.6.5's weighted op choice, without replacement
+
+    def __post_init__(self):
+        allowed = {"num_ops": (self.num_ops >= 0, ">= 0"), "magnitude": (self.magnitude >= 0, ">= 0"),
+                   "magnitude_std": (self.magnitude_std >= 0, ">= 0 (inf: uniform)"),
+                   "magnitude_max": (self.magnitude_max > 0, "> 0"), "prob": (0 <= self.prob <= 1, "in [0, 1]")}
+        for field, (ok, what) in allowed.items():
+            if not ok:
+                raise ValueError(f"RandAugmentSpec.{field} must be {what}, got {getattr(self, field)}")
 
     @property
     def op_names(self) -> Tuple[str, ...]:
@@ -132,6 +147,11 @@ def _parse_value(spec: str, part: str, key: str, value: str) -> Dict[str, object
                          "mstd<float>, mmax<int>, inc1, w0, p<float in [0, 1]>") from None
 
 
+def fill_from_mean(mean: Sequence[float]) -> Tuple[int, ...]:
+    """The geometric ops' fill as timm's create_transform sets hparams img_mean: round(255 * m), at most 255."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
 class RandAugmentDraws(NamedTuple):
     """Every random choice of one batch, (B, num_ops) each; the magnitude is already clipped."""
     op: torch.Tensor          # int64 index into the spec's op list
@@ -177,7 +197,7 @@ class BatchRandAugment:
             magnitude = spec.magnitude + spec.magnitude_std * torch.randn(shape, dtype=torch.float64, **kw)
         magnitude = magnitude.clamp(0.0, spec.magnitude_max)
         negate = torch.rand(shape, dtype=torch.float64, **kw) > 0.5  # timm's _randomly_negate
-        bicubic = torch.rand(shape, dtype=torch.float64, **kw) < 0.5
+        bicubic = torch.rand(shape, dtype=torch.float64, **kw) < 0.5  # drawn always: one stream layout
         if self.interpolation != "random":
             bicubic = torch.full(shape, self.interpolation == "bicubic", dtype=torch.bool, device=device)
         return RandAugmentDraws(op, applied, magnitude, negate, bicubic)
@@ -210,7 +230,7 @@ def apply_op(images: torch.Tensor, name: str, magnitude: torch.Tensor, negate: t
         out = _COLOUR_OPS[name](x, magnitude, negate)
     else:
         mats = _GEOMETRIC_OPS[name](magnitude, negate, *x.shape[-2:])
-        out = _warp(x, mats, interpolation == "bicubic", _fill_for(_check_fill(fill), x))
+        out = _warp(x, mats, interpolation == "bicubic", _fill_for(_check_fill(fill), x), _AXIS[name])
     return out.to(images.dtype)
 
 
@@ -223,8 +243,7 @@ def _apply_slot(x, names, op, applied, magnitude, negate, bicubic, fill):
     key = torch.where(applied, 2 * op + (bicubic & geometric[op]).long(), 2 * n_ops)  # 2 * n_ops: not applied
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(key, minlength=2 * n_ops + 1).tolist()
-    out = x.clone()
-    warps = {False: ([], []), True: ([], [])}  # resampling bicubic? -> (image indices, matrices)
+    warps: Dict[Tuple[str, bool], Tuple[list, list]] = {}  # (axis, bicubic) -> (image indices, matrices)
     start = 0
     for k, count in enumerate(counts[:2 * n_ops]):
         idx = order[start:start + count]
@@ -233,15 +252,15 @@ def _apply_slot(x, names, op, applied, magnitude, negate, bicubic, fill):
             continue
         name = names[k // 2]
         if name in _COLOUR_OPS:
-            out[idx] = _COLOUR_OPS[name](x[idx], magnitude[idx], negate[idx])
+            x[idx] = _COLOUR_OPS[name](x[idx], magnitude[idx], negate[idx])  # in place: the groups are disjoint
         else:
-            warps[bool(k % 2)][0].append(idx)
-            warps[bool(k % 2)][1].append(_GEOMETRIC_OPS[name](magnitude[idx], negate[idx], *x.shape[-2:]))
-    for cubic, (indices, mats) in warps.items():  # all geometric ops of the slot in one pass per resampling
-        if indices:
-            idx = torch.cat(indices)
-            out[idx] = _warp(x[idx], torch.cat(mats), cubic, fill)
-    return out
+            indices, mats = warps.setdefault((_AXIS[name], bool(k % 2)), ([], []))
+            indices.append(idx)
+            mats.append(_GEOMETRIC_OPS[name](magnitude[idx], negate[idx], *x.shape[-2:]))
+    for (axis, cubic), (indices, mats) in warps.items():  # one sampling pass per axis and resampling
+        idx = torch.cat(indices)
+        x[idx] = _warp(x[idx], torch.cat(mats), cubic, fill, axis)
+    return x
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -274,8 +293,16 @@ def _quantize(images: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- level -> argument
 
+def _divide(numerator, denominator) -> torch.Tensor:
+    """IEEE division as Python's: torch turns a Python-number operand into a reciprocal multiply (scalar / tensor
+    everywhere, tensor / scalar on CUDA), one rounding more, which moves int() and floor() at exact ties."""
+    like = numerator if isinstance(numerator, torch.Tensor) else denominator
+    as_tensor = lambda v: v if isinstance(v, torch.Tensor) else torch.full_like(like, v)  # noqa: E731
+    return torch.div(as_tensor(numerator), as_tensor(denominator))
+
+
 def _level(magnitude: torch.Tensor) -> torch.Tensor:
-    return magnitude / LEVEL_DENOM
+    return _divide(magnitude, LEVEL_DENOM)
 
 
 def _signed(value: torch.Tensor, negate: torch.Tensor) -> torch.Tensor:
@@ -322,7 +349,7 @@ def _auto_contrast(x, _magnitude, _negate):
     present = _histogram(x) > 0
     lo = present.long().argmax(-1, keepdim=True).double()
     hi = (255 - present.flip(-1).long().argmax(-1, keepdim=True)).double()
-    scale = 255.0 / (hi - lo).clamp(min=1.0)
+    scale = _divide(255.0, (hi - lo).clamp(min=1.0))
     offset = -lo * scale
     ramp = torch.arange(256, dtype=torch.float64, device=x.device)
     lut = torch.trunc(ramp * scale + offset).clamp(0, 255)
@@ -388,7 +415,7 @@ def _color_degenerate(x):
 def _contrast_degenerate(x):
     """A flat image of the L mean, rounded half up (int(mean + 0.5))."""
     luma = _luma(x)
-    mean = luma.double().sum(dim=(1, 2, 3), keepdim=True) / (luma.shape[-1] * luma.shape[-2])
+    mean = _divide(luma.double().sum(dim=(1, 2, 3), keepdim=True), float(luma.shape[-1] * luma.shape[-2]))
     return torch.floor(mean + 0.5).to(x.dtype).expand_as(x)
 
 
@@ -401,7 +428,7 @@ def _sharpness_degenerate(x):
     c = x.shape[1]
     kernel = torch.ones(c, 1, 3, 3, dtype=x.dtype, device=x.device)
     kernel[:, :, 1, 1] = 5.0
-    smooth = torch.floor(torch.nn.functional.conv2d(x, kernel, groups=c) / 13.0 + 0.5)  # integer sums: exact
+    smooth = torch.floor(_divide(torch.nn.functional.conv2d(x, kernel, groups=c), 13.0) + 0.5)
     out = x.clone()
     out[:, :, 1:-1, 1:-1] = smooth
     return out
@@ -472,9 +499,13 @@ _GEOMETRIC_OPS: Dict[str, Callable] = {
     "TranslateXRel": _translate_x,
     "TranslateYRel": _translate_y,
 }
+# The ops whose output pixel reads its own input row ('x': d = 0, e = 1, f = 0) or column ('y'): PIL's 2-D filter
+# then has an exactly zero offset across, so sampling along the one axis gives the same bits, 4 (bicubic) or 2
+# (bilinear) times cheaper.
+_AXIS = {"Rotate": "xy", "ShearX": "x", "TranslateXRel": "x", "ShearY": "y", "TranslateYRel": "y"}
 
 
-def _warp(x: torch.Tensor, mats: torch.Tensor, bicubic: bool, fill: torch.Tensor) -> torch.Tensor:
+def _warp(x: torch.Tensor, mats: torch.Tensor, bicubic: bool, fill: torch.Tensor, axis: str = "xy") -> torch.Tensor:
     """PIL Image.transform(AFFINE, BILINEAR or BICUBIC, fillcolor) of each image by its own matrix."""
     g, c, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=x.device) + 0.5,
@@ -483,27 +514,56 @@ def _warp(x: torch.Tensor, mats: torch.Tensor, bicubic: bool, fill: torch.Tensor
     sx = a * xs + b * ys + c0  # PIL's affine_transform, in double as PIL
     sy = d * xs + e * ys + f
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-    sample = _bicubic if bicubic else _bilinear
-    value = sample(x.to(torch.float64).view(g, c, h * w), sx - 0.5, sy - 0.5, h, w)
+    pixels = x.to(torch.float64)
+    if axis == "x":
+        value = _along_rows(pixels, sx - 0.5, bicubic)
+    elif axis == "y":
+        value = _along_rows(pixels.transpose(2, 3), (sy - 0.5).transpose(1, 2), bicubic).transpose(2, 3)
+    else:
+        sample = _bicubic if bicubic else _bilinear
+        value = sample(pixels.reshape(g, c, h * w), sx - 0.5, sy - 0.5, h, w)
     return torch.where(inside.unsqueeze(1), value, fill.view(1, c, 1, 1)).to(x.dtype)
 
 
-def _taps(flat: torch.Tensor, yi: torch.Tensor, xi: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Pixels at integer positions (G, H, W), clamped to the image as PIL's XCLIP/YCLIP do."""
+def _along_rows(pixels: torch.Tensor, px: torch.Tensor, bicubic: bool) -> torch.Tensor:
+    """PIL's filter where each output pixel samples its own row at px (G, H, W): the taps of that row only."""
+    g, c, h, w = pixels.shape
+    x0 = torch.floor(px)
+    dx = (px - x0).unsqueeze(1)
+    first, count = (1, 4) if bicubic else (0, 2)
+    row_start = (torch.arange(h, device=px.device) * w).view(1, h, 1)
+    flat = pixels.reshape(g, c, h * w)
+    taps = [_tap(flat, row_start, (x0.long() - first + i).clamp(0, w - 1), (g, c, h, w)) for i in range(count)]
+    if bicubic:
+        return torch.trunc(_cubic(*taps, dx).clamp(0.0, 255.0))
+    return torch.trunc(taps[0] + (taps[1] - taps[0]) * dx)
+
+
+def _tap_grid(px: torch.Tensor, py: torch.Tensor, first: int, count: int, h: int, w: int):
+    """The fractional offsets (G, 1, H, W) and the clamped (PIL's XCLIP/YCLIP) row starts and columns of `count`
+    taps from floor - `first` on, each (G, H*W)."""
+    x0, y0 = torch.floor(px), torch.floor(py)
+    dx, dy = (px - x0).unsqueeze(1), (py - y0).unsqueeze(1)
+    x0, y0 = x0.long().flatten(1) - first, y0.long().flatten(1) - first
+    rows = [(y0 + j).clamp(0, h - 1) * w for j in range(count)]
+    cols = [(x0 + i).clamp(0, w - 1) for i in range(count)]
+    return dx, dy, rows, cols
+
+
+def _tap(flat: torch.Tensor, row: torch.Tensor, col: torch.Tensor, shape) -> torch.Tensor:
     g, c, _ = flat.shape
-    index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).view(g, 1, -1).expand(g, c, -1)
-    return torch.gather(flat, 2, index).view(g, c, *yi.shape[1:])
+    index = (row + col).reshape(g, 1, -1).expand(g, c, -1)
+    return torch.gather(flat, 2, index).view(shape)
 
 
 def _bilinear(flat, px, py, h, w):
-    x0, y0 = torch.floor(px), torch.floor(py)
-    dx, dy = (px - x0).unsqueeze(1), (py - y0).unsqueeze(1)
-    x0, y0 = x0.long(), y0.long()
-    rows = []
-    for yi in (y0, y0 + 1):
-        left, right = _taps(flat, yi, x0, h, w), _taps(flat, yi, x0 + 1, h, w)
-        rows.append(left + (right - left) * dx)
-    return torch.trunc(rows[0] + (rows[1] - rows[0]) * dy)  # PIL: (UINT8) cast of a value in [0, 255]
+    dx, dy, rows, cols = _tap_grid(px, py, 0, 2, h, w)
+    shape = (flat.shape[0], flat.shape[1], h, w)
+    lerped = []
+    for row in rows:
+        left, right = _tap(flat, row, cols[0], shape), _tap(flat, row, cols[1], shape)
+        lerped.append(left + (right - left) * dx)
+    return torch.trunc(lerped[0] + (lerped[1] - lerped[0]) * dy)  # PIL: (UINT8) cast of a value in [0, 255]
 
 
 def _cubic(v1, v2, v3, v4, d):
@@ -515,8 +575,7 @@ def _cubic(v1, v2, v3, v4, d):
 
 
 def _bicubic(flat, px, py, h, w):
-    x0, y0 = torch.floor(px), torch.floor(py)
-    dx, dy = (px - x0).unsqueeze(1), (py - y0).unsqueeze(1)
-    x0, y0 = x0.long() - 1, y0.long() - 1
-    rows = [_cubic(*(_taps(flat, y0 + j, x0 + i, h, w) for i in range(4)), dx) for j in range(4)]
-    return torch.trunc(_cubic(*rows, dy).clamp(0.0, 255.0))
+    dx, dy, rows, cols = _tap_grid(px, py, 1, 4, h, w)
+    shape = (flat.shape[0], flat.shape[1], h, w)
+    cubics = [_cubic(*(_tap(flat, row, col, shape) for col in cols), dx) for row in rows]
+    return torch.trunc(_cubic(*cubics, dy).clamp(0.0, 255.0))
