@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import DataConfig
+from .randaugment import BatchRandAugment, fill_from_mean
 
 class DataNotFoundError(FileNotFoundError):
     pass
@@ -382,17 +383,9 @@ def color_jitter_note(color_jitter: float, auto_augment: Optional[str]) -> str:
     return ""
 
 
-def randaugment_fill(mean: Tuple[float, ...]) -> Tuple[int, ...]:
-    """The fill colour of RandAugment's geometric ops: the dataset mean in 0-255, as timm's ``img_mean``."""
-    return tuple(min(255, round(255 * m)) for m in mean)
-
-
-def _rand_augment(cfg: DataConfig, info: DatasetInfo):
-    """timm's RandAugment for the policy string, batched on the device (benchmark/randaugment.py)."""
-    from .randaugment import BatchRandAugment
-
-    return BatchRandAugment(cfg.auto_augment, fill=randaugment_fill(info.mean),
-                            interpolation=cfg.train_interpolation)
+def _rand_augment(cfg: DataConfig, info: DatasetInfo) -> BatchRandAugment:
+    """timm's RandAugment for the policy string, batched on the device, filling with the dataset mean colour."""
+    return BatchRandAugment(cfg.auto_augment, fill=fill_from_mean(info.mean), interpolation=cfg.train_interpolation)
 
 
 ERASING_MODE = "pixel"  # OFA-KD's / PAT's train.py --remode default: erase with per-pixel normal noise
@@ -475,7 +468,7 @@ def _small_train_steps(cfg: DataConfig, info: DatasetInfo) -> list:
              T.RandomCrop(cfg.img_size, padding=cfg.crop_padding), T.RandomHorizontalFlip(cfg.hflip)]
     jitter = effective_color_jitter(cfg.color_jitter, cfg.auto_augment)
     if cfg.auto_augment:  # the hparams timm's create_transform gives RandAugment
-        hparams = {"translate_const": int(cfg.img_size * 0.45), "img_mean": randaugment_fill(info.mean)}
+        hparams = {"translate_const": int(cfg.img_size * 0.45), "img_mean": fill_from_mean(info.mean)}
         if cfg.train_interpolation != "random":
             hparams["interpolation"] = str_to_pil_interp(cfg.train_interpolation)
         steps.append(rand_augment_transform(cfg.auto_augment, hparams))

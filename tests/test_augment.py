@@ -151,13 +151,15 @@ def test_random_erasing_is_train_pys_pixel_mode_on_both_paths(pipeline):
     assert len(erasing) == 1
 
 
-def test_randaugment_fill_is_timms_img_mean():
-    assert D.randaugment_fill(FMNIST.mean) == (73,)
-    assert D.randaugment_fill(D.dataset_info("cifar100").mean) == (129, 124, 112)
+def test_randaugment_fill_is_timms_img_mean_of_the_dataset():
     cfg = DataConfig(img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
     loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
                             FMNIST, True, torch.device("cpu"), 1.0)
     assert loader.rand_augment.fill == (73.0,) and loader.rand_augment.interpolation == "bilinear"
+    cfg = DataConfig(dataset="cifar100", img_size=32, auto_augment="rand-m9-mstd0.5-inc1", train_interpolation="random")
+    loader = D.TensorLoader(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+                            D.dataset_info("cifar100"), True, torch.device("cpu"), 1.0)
+    assert loader.rand_augment.fill == (129.0, 124.0, 112.0) and loader.rand_augment.interpolation == "random"
 
 
 # --------------------------------------------------------------------------------------------------------------
