@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .config import DataConfig
 from .randaugment import BatchRandAugment, fill_from_mean
 
+
 class DataNotFoundError(FileNotFoundError):
     pass
 

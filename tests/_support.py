@@ -26,3 +26,15 @@ def small_model(name: str):
     model = create_model(name, TEST_CLASSES, in_chans=1, img_size=TEST_IMG)
     model.load_state_dict(_cached_model_state(name))
     return model
+
+
+def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution functions."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def ks_critical(n: int, m: int) -> float:
+    """The KS statistic that two samples of one distribution exceed with probability about 1e-4."""
+    return 2.15 * ((n + m) / (n * m)) ** 0.5

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from _support import ks_critical, ks_statistic
 from hkdbench.benchmark import data as D
 from hkdbench.benchmark.config import ConfigError, DataConfig, build_dataclass
 from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
@@ -16,17 +17,6 @@ FMNIST = D.dataset_info("fashion-mnist")
 def _recipe_data(recipe: str, **changes) -> DataConfig:
     body = {**RECIPES[recipe]["data"], "dataset": "fashion-mnist", "workers": 0, **changes}
     return build_dataclass(DataConfig, body, "data")
-
-
-def _ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
-    grid = torch.cat([a, b]).sort().values
-    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
-    return (cdf(a) - cdf(b)).abs().max().item()
-
-
-def _ks_critical(n: int, m: int) -> float:
-    """Exceeded with probability about 1e-4 by two samples of one distribution."""
-    return 2.15 * ((n + m) / (n * m)) ** 0.5
 
 
 def _per_image_moments(x: torch.Tensor):
@@ -63,11 +53,11 @@ def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(
     ours = torch.cat([x for x, _ in fast.batches(seed=0, epoch=0)])
     theirs = torch.cat([x for x, _ in slow.batches(seed=0, epoch=0)])
     assert ours.shape == theirs.shape == (n, 1, size, size)
-    crit = _ks_critical(n, n)
+    crit = ks_critical(n, n)
     for name, a, b in zip(("mean", "std", "second moment"), _per_image_moments(ours), _per_image_moments(theirs)):
         quantiles = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
         detail = f"{name}: quantiles {a.quantile(quantiles).tolist()} vs {b.quantile(quantiles).tolist()}"
-        assert _ks_statistic(a, b) < crit, detail
+        assert ks_statistic(a, b) < crit, detail
         if name != "std":
             standard_error = ((a.var() + b.var()) / n).sqrt().item()
             assert abs(a.mean().item() - b.mean().item()) < 5 * standard_error, detail
@@ -97,7 +87,7 @@ def test_randaugment_on_the_crops_changes_them_as_timms_does(fmnist_available):
     p = (same_ours + same_theirs) / 2
     assert 0.2 < same_theirs < 0.45
     assert abs(same_ours - same_theirs) < 4.5 * (2 * p * (1 - p) / n) ** 0.5, (same_ours, same_theirs)
-    assert _ks_statistic(ours, theirs) < _ks_critical(n, n)
+    assert ks_statistic(ours, theirs) < ks_critical(n, n)
     standard_error = ((ours.var() + theirs.var()) / n).sqrt().item()
     assert abs(ours.mean().item() - theirs.mean().item()) < 5 * standard_error, (ours.mean(), theirs.mean())
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from _support import ks_critical, ks_statistic
 from hkdbench.benchmark import data as D
 from hkdbench.benchmark.config import DataConfig
 
@@ -111,18 +112,6 @@ def test_random_interpolation_is_bicubic_for_half_the_images():
     assert not D._per_image_bicubic(10, "bilinear", "cpu").any() and D._per_image_bicubic(10, "bicubic", "cpu").all()
 
 
-def _ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution functions."""
-    grid = torch.cat([a, b]).sort().values
-    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True).double() / len(x)  # noqa: E731
-    return (cdf(a) - cdf(b)).abs().max().item()
-
-
-def _ks_critical(n: int, m: int) -> float:
-    """The KS statistic that two samples of one distribution exceed with probability about 1e-4."""
-    return 2.15 * ((n + m) / (n * m)) ** 0.5
-
-
 def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
     import random
 
@@ -138,10 +127,10 @@ def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
     image = Image.new("L", (28, 28))
     ref = torch.tensor([RandomResizedCropAndInterpolation.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
                         for _ in range(n)])
-    crit = _ks_critical(n, n)
+    crit = ks_critical(n, n)
     for ours, theirs in ((h * w, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (top, ref[:, 0]),
                          (left + w / 2, ref[:, 1] + ref[:, 3] / 2)):
-        assert _ks_statistic(ours.double(), theirs.double()) < crit
+        assert ks_statistic(ours.double(), theirs.double()) < crit
 
 
 def test_rrc_falls_back_to_timms_central_crop():
