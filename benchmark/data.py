@@ -350,10 +350,13 @@ class TensorLoader:
         return _resized_crop(x, box, flip, cfg.img_size, _per_image_bicubic(b, cfg.train_interpolation, x.device))
 
     def _eval_crop(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.cfg.img_size
+        """timm's eval transform: Pillow's bilinear resize to img_size / crop_pct, then the center crop."""
+        b, size = x.shape[0], self.cfg.img_size
         resize = math.floor(size / self.crop_pct)
-        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
-        top = (resize - size) // 2
+        whole = [torch.full((b,), v, device=x.device) for v in (0, 0, x.shape[-2], x.shape[-1])]
+        never = torch.zeros(b, dtype=torch.bool, device=x.device)
+        x = _resized_crop(x, whole, never, resize, bicubic=never)
+        top = int(round((resize - size) / 2))  # torchvision's CenterCrop
         return x[..., top:top + size, top:top + size]
 
 

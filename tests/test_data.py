@@ -175,6 +175,21 @@ def test_paper224_pipeline_shapes():
     assert next(test.batches())[0].shape == (4, 3, 224, 224)
 
 
+@pytest.mark.parametrize("crop_pct", [0.875, 0.9])
+def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct):
+    from PIL import Image
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, eval_batch_size=3)
+    info = D.dataset_info("cifar100")
+    loader = D.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"), crop_pct)
+    ours = next(loader.batches())[0]
+    transform = D._image_transform(cfg, info, False, crop_pct)  # timm's create_transform(is_training=False)
+    for image, out in zip(images, ours):
+        ref = transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
 def test_train_subset_is_fixed_across_runs():
     a = D.train_subset_indices(1000, 100)
     assert torch.equal(a, D.train_subset_indices(1000, 100)) and len(a.unique()) == 100
