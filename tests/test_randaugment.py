@@ -444,6 +444,14 @@ def test_seeded_generator_reproduces_the_batch_bit_for_bit(fmnist):
     assert torch.equal(global_first, augment(images))
 
 
+def test_channels_last_input_gives_the_same_batch(fmnist):
+    images, fill = image_sets(fmnist)["noise-rgb"]
+    augment = R.BatchRandAugment("rand-m9-n4-mstd0.5-inc1-p0.9", fill=fill)
+    draws = augment.draw(len(images), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(augment.apply(images.contiguous(memory_format=torch.channels_last), draws),
+                       augment.apply(images, draws))
+
+
 def test_dtype_shape_and_integer_values_are_kept(fmnist):
     images, fill = image_sets(fmnist)["fmnist-gray"]
     augment = R.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill, interpolation="bilinear")
