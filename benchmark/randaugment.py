@@ -334,14 +334,14 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
 def _histogram(x: torch.Tensor) -> torch.Tensor:
     """(G, C, 256) int64 counts of each channel's values."""
     g, c = x.shape[:2]
-    flat = x.long().view(g * c, -1) + 256 * torch.arange(g * c, device=x.device).view(-1, 1)
+    flat = x.long().reshape(g * c, -1) + 256 * torch.arange(g * c, device=x.device).view(-1, 1)
     return torch.bincount(flat.view(-1), minlength=g * c * 256).view(g, c, 256)
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """x (G, C, H, W) through per-image, per-channel tables (G, C, 256)."""
     g, c, h, w = x.shape
-    return torch.gather(lut.to(x.dtype), 2, x.long().view(g, c, h * w)).view(g, c, h, w)
+    return torch.gather(lut.to(x.dtype), 2, x.long().reshape(g, c, h * w)).view(g, c, h, w)
 
 
 def _auto_contrast(x, _magnitude, _negate):
