@@ -56,9 +56,10 @@ detached, so HCL back-propagates through the frozen teacher into the prompt bloc
 paper's joint objective needs it too: with a detached target the prompts would only see the ``reg`` term, whose
 minimum is the identity prompt, and AFP would do nothing.)
 
-Choices of this implementation where the spec gives no detail: SE is avg-pool -> Linear(C, C/16) -> ReLU ->
-Linear(C/16, C) -> sigmoid (with biases, as the 1x1 convs of the reference's detection code); the convolutions
-have biases and no activation between them (as listed); grouped 1x1 convolutions use gcd(4, C) groups;
+Details as the reference (``distillers/pat.py``) or where it leaves none: SE is avg-pool -> Linear(C, C/16) ->
+ReLU -> Linear(C/16, C) -> sigmoid, the reference's 1x1 convs with bias on the pooled map (same function, count
+and default init; hidden width at least 1 for C < 16, mini models only); the convolutions have biases and no
+activation between them; grouped 1x1 convolutions use gcd(4, C) groups (4, as the reference, for every C % 4 == 0);
 ``fb_aligner`` (when stage input and output shapes differ) is nearest resize + BN2d + 1x1 conv without bias, the
 reference's CNN2CNNProjector (a token-to-token feedback aligner, the reference's ViT2ViTProjector, is never needed:
 token teachers' stage inputs and outputs have the same shape); aligning to a teacher grid smaller than
