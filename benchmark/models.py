@@ -8,8 +8,9 @@ features (stages 1-4) in a recorded layout:
   in ``Features.prefix``.
 
 Stage outputs are taken with forward hooks on the stage modules and stage shapes are found by a dry run, so no
-model's forward is rewritten and no shape is hard-coded. The same stage modules take forward pre-hooks, through
-which a method can alter what enters a stage (PAT's prompts).
+model's forward is rewritten and no shape is hard-coded. Each stage's entry module takes forward pre-hooks, through
+which a method can alter what enters a stage (PAT's prompts): the stage module itself, the first block of a block
+stack (ViT, Mixer), or a Swin stage's first block (after timm >= 0.9's patch merging, where timm 0.6.5 had it).
 """
 from __future__ import annotations
 
@@ -232,8 +233,12 @@ def _stage_modules(model: nn.Module) -> Tuple[List[str], List[str], str, int]:
         names = [f"stages.{i}" for i in range(4)]
         return names, names, "nchw", 0
     if isinstance(model, timm_swin.SwinTransformer):
-        names = [f"layers.{i}" for i in range(4)]
-        return names, names, "nhwc", 0
+        # A Swin stage is its blocks (OFA-KD's split, timm 0.6.5 merged at the *end* of a BasicLayer). timm >= 0.9
+        # merges at the *start* of SwinTransformerStage, so the stage's input is what enters its first block,
+        # after the merge: a pre-hook on layers.i would see the pre-merge tensor (what PAT's reference never prompts).
+        outputs = [f"layers.{i}" for i in range(4)]
+        entries = [f"layers.{i}.blocks.0" for i in range(4)]
+        return outputs, entries, "nhwc", 0
     if isinstance(model, (timm_vit.VisionTransformer, timm_mixer.MlpMixer)):
         ends = _vit_like_stage_blocks(len(model.blocks))
         starts = [0] + [e + 1 for e in ends[:-1]]
