@@ -15,7 +15,7 @@ def cmd_train(args, overrides) -> int:
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
                              dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
                              teacher_recipe=args.teacher_recipe, overrides=overrides(args),
-                             teacher_overrides=args.teacher_override)
+                             teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights)
     _check_flags(args, cfg)
     result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart, device=args.device)
     return 0 if result.status == "done" else 3

@@ -222,11 +222,25 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+WEIGHTS_KINDS = ("best", "last")       # the weights a run keeps: its best evaluated epoch and its last epoch
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
     checkpoint: Optional[str] = None    # a state dict to load (teachers: instead of training one)
     checkpoint_ema: bool = False        # take the EMA weights from a timm checkpoint that has them
+    # A teacher trained here: which weights of its run students load. 'best' (its best epoch by top-1), as the
+    # references' teachers are the model_best of timm's train.py; 'last' for its last epoch.
+    weights: str = "best"
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS_KINDS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS_KINDS)} (the teacher run's best or last "
+                             f"epoch), got {self.weights!r}")
+        if self.checkpoint and self.weights != "best":
+            raise ValueError(f"weights={self.weights!r} picks the weights of a teacher trained here; a teacher "
+                             "checkpoint is loaded as it is (leave weights at 'best')")
 
 
 @dataclass(frozen=True)

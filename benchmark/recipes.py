@@ -85,9 +85,10 @@ def resolve_recipe_name(recipe: str, dataset: str, student: str) -> str:
 def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher: Optional[str] = None,
                        dataset: str = "fashion-mnist", recipe: str = "auto", teacher_checkpoint: Optional[str] = None,
                        teacher_recipe: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = (),
-                       teacher_overrides: Sequence[str] = ()) -> RunConfig:
+                       teacher_overrides: Sequence[str] = (), teacher_weights: str = "best") -> RunConfig:
     """Builds and validates the complete config of one run: recipe, then the dataset, then ``key=value``
-    overrides (``data.*``, ``optim.*``, ``train.*``, ``method.*``)."""
+    overrides (``data.*``, ``optim.*``, ``train.*``, ``method.*``). ``teacher_weights``: which weights of a
+    teacher trained here the student loads ('best' or 'last' epoch)."""
     from hkdbench.methods import get_method, method_config
 
     zoo_entry(student)
@@ -115,9 +116,16 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     return RunConfig(
         kind=kind, student=ModelConfig(student), method=method, method_cfg=to_dict(method_cfg), data=data,
         optim=optim, train=train,
-        teacher=ModelConfig(teacher, checkpoint=teacher_checkpoint) if teacher else None,
+        teacher=_teacher_model(teacher, teacher_checkpoint, teacher_weights) if teacher else None,
         teacher_recipe=t_recipe, teacher_overrides=tuple(teacher_overrides) if t_recipe else (),
         recipe=recipe_name)
+
+
+def _teacher_model(name: str, checkpoint: Optional[str], weights: str) -> ModelConfig:
+    try:
+        return ModelConfig(name, checkpoint=checkpoint, weights=weights)
+    except ValueError as err:
+        raise ConfigError(f"teacher: {err}") from None
 
 
 def teacher_run_config(cfg: RunConfig) -> RunConfig:

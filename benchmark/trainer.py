@@ -241,9 +241,12 @@ class Trainer:
                              should_stop=self.should_stop, dist_ctx=self.dist, echo=self.echo).run(resume=True)
             if result.status != "done":
                 raise TeacherUnavailableError("interrupted while training the teacher")
-        state = torch.load(t_dir.path / "final.pt", map_location="cpu", weights_only=True)
-        teacher.model.load_state_dict(state)
-        return teacher.to(self.device), t_dir.summary()["best_top1"]
+        which = cfg.teacher.weights
+        teacher.model.load_state_dict(t_dir.load_weights(which))
+        recorded = t_dir.summary()
+        self.say(f"teacher {cfg.teacher.name}: the {which} weights of {t_dir.path.name} "
+                 f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
+        return teacher.to(self.device), recorded[f"{which}_top1"]
 
     # -- main loop ------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, restart: bool = False) -> RunResult:
@@ -295,6 +298,7 @@ class Trainer:
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
         if rd.has_checkpoint:
             state = self._load_checkpoint(module, optimizer, scaler, ema, state)
+            self._check_kept_best(state["history"])
             self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
         elif self.is_main:
             from .store import atomic_write_json
@@ -329,15 +333,16 @@ class Trainer:
                 return RunResult("interrupted", rd)
             record = self._epoch_record(ctx, epoch, sums, test_loader, ema, method)
             history.append(record)
+            self._keep_best(history, student, ema)  # before the checkpoint: a kill in between redoes this epoch
             self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
             if self.is_main:
                 rd.write_metrics(history)
             self.say(_format_epoch(record, cfg.train.epochs))
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
-            atomic_torch_save(rd.path / "final.pt", student.model.state_dict())
+            rd.save_weights("last", student.model.state_dict())
             if ema is not None:
-                atomic_torch_save(rd.path / "final_ema.pt", ema.module.state_dict())
+                rd.save_weights("last", ema.module.state_dict(), ema=True)
             rd.mark_done(summary)
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}")
@@ -405,10 +410,43 @@ class Trainer:
             record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record
 
-    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
+    def _keep_best(self, history: List[Dict[str, Any]], student: TappedModel, ema) -> None:
+        """Keeps the weights of the epoch just recorded as best.pt (best_ema.pt) when it beats every earlier
+        evaluated epoch, as timm's CheckpointSaver keeps model_best (a tie keeps the earlier epoch)."""
+        if not self.is_main:
+            return
+        if best_record(history, "top1") is history[-1]:
+            self.run_dir.save_weights("best", student.model.state_dict())
+        if ema is not None and best_record(history, "ema_top1") is history[-1]:
+            self.run_dir.save_weights("best", ema.module.state_dict(), ema=True)
+
+    def _check_kept_best(self, history: List[Dict[str, Any]]) -> None:
+        """A checkpoint whose history has a best epoch comes with that epoch's weights (written before it)."""
+        if not self.is_main:
+            return
+        for key, ema in (("top1", False), ("ema_top1", True)):
+            best = best_record(history, key)
+            path = self.run_dir.weights_file("best", ema)
+            if best is not None and not path.exists():
+                raise RuntimeError(f"{self.run_dir.checkpoint_file} records a best epoch {best['epoch']} but "
+                                   f"{path.name} is missing (a checkpoint from before best weights were kept, or "
+                                   "a deleted file); pass --restart to train the run again")
+
+    def _teacher_provenance(self) -> Dict[str, Any]:
+        """Which teacher weights the run used: the best or last of a teacher run here, or a checkpoint file."""
         cfg = self.cfg
+        if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+            return {"teacher_weights": None, "teacher_run": None}
+        if cfg.teacher.checkpoint:
+            return {"teacher_weights": "checkpoint", "teacher_run": None}
+        from .recipes import teacher_run_config
+
+        return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
+
+    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
+        cfg, rd = self.cfg, self.run_dir
         evaluated = [r for r in history if "top1" in r]
-        best = max(evaluated, key=lambda r: r["top1"])
+        best = best_record(history, "top1")
         last = evaluated[-1]
         summary = {
             "run": self.run_dir.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
@@ -416,9 +454,13 @@ class Trainer:
             "teacher_family": zoo_entry(cfg.teacher.name).family if cfg.teacher else None,
             "student_family": zoo_entry(cfg.student.name).family, "dataset": cfg.data.dataset,
             "recipe": cfg.recipe, "seed": cfg.train.seed, "epochs": cfg.train.epochs,
-            "best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
-            "last_top5": last["top5"], "best_top5": max(r["top5"] for r in evaluated),
-            "teacher_top1": teacher_top1, "student_params": student.deploy_parameter_count(),
+            # each accuracy is that of weights the run keeps: best.pt (best epoch by top-1) and final.pt
+            "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+            "best_weights": rd.weights_file("best").name,
+            "last_top1": last["top1"], "last_top5": last["top5"], "last_epoch": last["epoch"],
+            "last_weights": rd.weights_file("last").name,
+            "teacher_top1": teacher_top1, **self._teacher_provenance(),
+            "student_params": student.deploy_parameter_count(),
             "method_extra_params": method.extra_parameter_count(),
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
@@ -426,8 +468,11 @@ class Trainer:
             "finished": timestamp(),
         }
         if "ema_top1" in last:
-            summary.update({"ema_best_top1": max(r["ema_top1"] for r in evaluated if "ema_top1" in r),
-                            "ema_last_top1": last["ema_top1"]})
+            ema_best = best_record(history, "ema_top1")
+            summary.update({"ema_best_top1": ema_best["ema_top1"], "ema_best_epoch": ema_best["epoch"],
+                            "ema_best_weights": rd.weights_file("best", ema=True).name,
+                            "ema_last_top1": last["ema_top1"],
+                            "ema_last_weights": rd.weights_file("last", ema=True).name})
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -456,6 +501,16 @@ class Trainer:
 
 class RunExistsError(RuntimeError):
     pass
+
+
+def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Dict[str, Any]]:
+    """The first epoch record with the highest ``key`` among those evaluated (None before any): a later epoch
+    must beat it strictly, as timm's CheckpointSaver replaces model_best only on a greater metric."""
+    best = None
+    for record in history:
+        if key in record and (best is None or record[key] > best[key]):
+            best = record
+    return best
 
 
 class TrainStep:

@@ -47,7 +47,8 @@ def test_a_run_writes_the_run_store(fmnist_available, runs_dir):
     result = train(cfg, runs_dir=runs_dir, progress=False)
     rd = result.run_dir
     assert result.status == "done" and rd.is_done
-    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "final.pt"):
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "best.pt",
+                 "final.pt"):
         assert (rd.path / name).exists(), name
     assert rd.path.name.endswith(cfg.run_hash())
     metrics = rd.metrics()
@@ -79,8 +80,18 @@ def test_divergence_marks_the_run_failed_without_a_summary(fmnist_available, run
     assert "non-finite loss at epoch" in rd.failure()["reason"]
 
 
-def _weights(run_dir):
-    return torch.load(run_dir.path / "final.pt", weights_only=True)
+def _weights(run_dir, name="final.pt"):
+    return torch.load(run_dir.path / name, weights_only=True)
+
+
+def _assert_same_kept_files(a, b):
+    """Both runs kept the same best and last weights, and their summaries agree on everything but time."""
+    for name in ("best.pt", "final.pt"):
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    timing = ("train_time_s", "images_per_s", "finished")
+    assert ({k: v for k, v in a.summary().items() if k not in timing}
+            == {k: v for k, v in b.summary().items() if k not in timing})
 
 
 def _strip_times(metrics):
@@ -107,8 +118,7 @@ def test_stop_mid_epoch_then_resume_is_bit_for_bit(fmnist_available, tmp_path, m
         train(cfg, runs_dir=str(tmp_path / "b"), progress=False)
     resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
     assert resumed.status == "done"
-    ref_w, res_w = _weights(reference.run_dir), _weights(resumed.run_dir)
-    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+    _assert_same_kept_files(reference.run_dir, resumed.run_dir)
     assert _strip_times(resumed.run_dir.metrics()) == _strip_times(reference.run_dir.metrics())
 
 
@@ -141,5 +151,4 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch" in done.stdout
     ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
-    a, b = _weights(ref_dir), _weights(student_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_kept_files(ref_dir, student_dir)
