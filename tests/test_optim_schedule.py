@@ -192,6 +192,12 @@ def test_resumed_optimizer_state_does_not_shift_the_schedule():
     assert again.apply(150, 3) == schedule.value(150, 3) == reference_trace(reference_args("cifar-cnn"))[150]
 
 
+def test_an_epoch_without_a_full_batch_is_refused_with_the_fields_to_change():
+    o = our_cfg("cifar-cnn").optim
+    with pytest.raises(ValueError, match="data.batch_size"):
+        LRSchedule(o, build_optimizer(o, [nn.Linear(2, 2)]), 300, 0)
+
+
 def test_train_step_sets_the_scheduled_lr_on_every_step():
     """The trainer's (and overhead's) TrainStep uses the schedule: per epoch for a reference recipe."""
     from hkdbench.benchmark.models import create_model
