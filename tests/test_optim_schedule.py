@@ -219,6 +219,41 @@ def test_train_step_sets_the_scheduled_lr_on_every_step():
     assert seen == pytest.approx([lr for lr in expected for _ in range(2)], rel=1e-12)
 
 
+def test_train_step_clips_as_train_pys_dispatch_clip_grad():
+    """One TrainStep with optim.clip_grad against the reference's step on a copy: timm's optimiser, backward,
+    dispatch_clip_grad(model_parameters(distiller), value, mode='norm'), step."""
+    import copy
+
+    from timm.models import model_parameters
+    from timm.optim import create_optimizer_v2
+    from timm.utils import dispatch_clip_grad
+
+    from hkdbench.benchmark.models import create_model
+    from hkdbench.benchmark.trainer import TrainModule, TrainStep
+    from hkdbench.methods import Targets, get_method, method_config
+
+    cfg = our_cfg("cifar-cnn", extra=["optim.clip_grad=0.01"])
+    torch.manual_seed(0)
+    student = create_model("resnet_mini", 10, in_chans=1, img_size=16)
+    method = get_method("none")(method_config("none"), student, None, 10, nn.CrossEntropyLoss(label_smoothing=0.1))
+    module = TrainModule(student, method)
+    reference = copy.deepcopy(module)
+    images, labels = torch.randn(8, 1, 16, 16), torch.arange(8)
+    ctx = TrainStep(cfg.optim, 300, 10, module, module, method, build_optimizer(cfg.optim, [module]),
+                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    lr = ctx.step(images, labels, 40, 0)[0]["lr"]
+    o = cfg.optim
+    optimizer = create_optimizer_v2(reference, o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    _, losses = reference(images, Targets(hard=labels), 40)
+    sum(losses.values()).backward()
+    norm = torch.norm(torch.stack([p.grad.norm() for p in reference.parameters() if p.grad is not None]))
+    assert norm > 10 * cfg.optim.clip_grad  # the clipping acts
+    dispatch_clip_grad(model_parameters(reference), value=cfg.optim.clip_grad, mode="norm")
+    optimizer.step()
+    for (name, ours), theirs in zip(module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-8, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The optimiser
 # ---------------------------------------------------------------------------------------------------------------
