@@ -221,6 +221,7 @@ class TrainConfig:
     precision: str = "auto"             # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
     channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
     ema_decay: float = 0.0              # student EMA; 0 disables
+    drop_path: Optional[float] = None   # student stochastic depth; None: the timm model's default (train.py)
     eval_every: int = 1
     # Probes (benchmark/probing.py), logged into metrics.jsonl; 0 turns a probe off.
     probe_every: int = 0                # epochs between CKA probes (teacher stage x student stage)
@@ -243,6 +244,8 @@ class TrainConfig:
             raise ValueError(f"train.channels_last must be auto, yes or no, got {self.channels_last!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"train.drop_path must be in [0, 1) or null (the model's default), got {self.drop_path}")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                  "cutmix": 1.0},
         "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 20,
                   "warmup_lr": 5e-7, "min_lr": 1e-6, "clip_grad": 5.0, "label_smoothing": 0.1},
-        "train": {"epochs": 300, "ema_decay": 0.99996},
+        "train": {"epochs": 300, "ema_decay": 0.99996, "drop_path": 0.0},
     },
 }
 

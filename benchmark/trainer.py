@@ -245,7 +245,7 @@ class Trainer:
 
         data_lib.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
-                               img_size=cfg.data.img_size)
+                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
         method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,

@@ -23,7 +23,7 @@ TRAIN_PY_DEFAULTS = dict(
     decay_epochs=100, decay_rate=0.1, lr_noise=None, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
     lr_k_decay=1.0, smoothing=0.1, batch_size=128, hflip=0.5, scale=[0.08, 1.0], color_jitter=0.4, aa=None,
     reprob=0.0, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
-    model_ema=False, model_ema_decay=[0.9998], seed=42)
+    model_ema=False, model_ema_decay=[0.9998], drop=0.0, drop_path=None, seed=42)
 REFERENCE_YAML = {
     # OFAKD (and PAT) configs/cifar/cnn.yaml
     "cifar-cnn": dict(epochs=300, batch_size=128, lr=0.05, min_lr=1e-3, opt="sgd", weight_decay=2e-3,
@@ -43,7 +43,7 @@ REFERENCE_YAML = {
     "imagenet-vit": dict(epochs=300, batch_size=128, lr=5e-4, min_lr=1e-6, opt="adamw", weight_decay=0.05,
                          sched="cosine", warmup_epochs=20, warmup_lr=5e-7, clip_grad=5.0, smoothing=0.1,
                          color_jitter=0.4, reprob=0.25, aa="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0,
-                         model_ema=True, model_ema_decay=[0.99996]),
+                         model_ema=True, model_ema_decay=[0.99996], drop=0, drop_path=0),
 }
 REFERENCE_RECIPES = tuple(REFERENCE_YAML)
 DATASET = {"cifar-cnn": "cifar100", "cifar-vit": "cifar100", "cifar-teacher": "cifar100",
@@ -349,9 +349,26 @@ def test_recipe_fields_are_the_reference_arguments(recipe):
         assert (o.decay_epochs, o.decay_rate) == (ref.decay_epochs, ref.decay_rate)
     assert t.epochs == ref.epochs
     assert t.ema_decay == (ref.model_ema_decay[0] if ref.model_ema else 0.0)
+    assert t.drop_path == ref.drop_path and ref.drop == 0  # None: the model's default (dropout is 0 in every model)
     assert (d.batch_size, d.hflip, list(d.rrc_scale)) == (ref.batch_size, ref.hflip, ref.scale)
     assert (d.color_jitter, d.auto_augment, d.reprob) == (ref.color_jitter, ref.aa, ref.reprob)
     assert (d.mixup, d.cutmix) == (ref.mixup, ref.cutmix)
+
+
+def test_drop_path_none_keeps_the_models_default_and_a_value_replaces_it():
+    """train.py passes --drop-path only when set (timm's create_model drops None kwargs): Swin's default is 0.1,
+    imagenet-vit's YAML sets 0."""
+    from timm.layers import DropPath
+
+    from hkdbench.benchmark.models import create_model
+
+    def rates(drop_path_rate):
+        model = create_model("swin_mini", 10, img_size=32, drop_path_rate=drop_path_rate).model
+        return [m.drop_prob for m in model.modules() if isinstance(m, DropPath)]
+
+    assert max(rates(None)) == pytest.approx(0.1) and rates(0.0) == [] and max(rates(0.3)) == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="train.drop_path must be in"):
+        our_cfg("imagenet-vit", extra=["train.drop_path=1.5"])
 
 
 def test_every_recipe_is_audited():
