@@ -52,7 +52,8 @@ def timm_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: i
     defaults: one cosine cycle (``lr_cycle_limit`` 1, so ``lr_cycle_mul`` 1 and ``lr_cycle_decay`` 0.5 never act), no
     ``lr_noise``, ``lr_k_decay`` 1, ``cooldown_epochs`` 0 (so the run is exactly ``epochs`` long). The warm-up
     counts inside the schedule (``warmup_prefix=False``): 0.6.5's ``StepLRScheduler`` has no prefix option,
-    and 1.x's defaults to True, so it is pinned here. ``updates_per_epoch`` > 0 steps it per update."""
+    and 1.x's defaults to True, so it is pinned here. Under ``optim.sched_on_updates`` every length in epochs is
+    multiplied by ``updates_per_epoch`` (timm 1.x's conversion)."""
     from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
     per_update = cfg.sched_on_updates
