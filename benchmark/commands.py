@@ -60,7 +60,10 @@ def cmd_recipes(args, _overrides) -> int:
     for name, body in RECIPES.items():
         o, d, t = body["optim"], body["data"], body["train"]
         extras = [k for k in ("auto_augment", "mixup", "cutmix", "reprob") if d.get(k)]
-        print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} warmup {o['warmup_epochs']} "
+        sched = o.get("sched", "cosine") + (f" every {o['decay_epochs']}" if o.get("sched") == "step" else "")
+        stepping = "per update" if o.get("sched_on_updates") else "per epoch"
+        print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} {sched} ({stepping}) "
+              f"warmup {o['warmup_epochs']} "
               f"epochs {t['epochs']} batch {d['batch_size']}/process img {d['img_size']} ({d['pipeline']})"
               f"{' + ' + ', '.join(extras) if extras else ''}")
     return 0

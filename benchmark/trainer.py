@@ -28,6 +28,7 @@ from hkdbench.methods import Distiller, Targets, get_method, method_config
 from . import data as data_lib
 from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
+from .optim import LRSchedule, build_optimizer, param_groups  # noqa: F401  (re-exported: overhead, tests)
 from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
 
 log = logging.getLogger("hkdbench")
@@ -49,7 +50,7 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Devices, precision, optimiser, schedule
+# Devices, precision (the optimiser and the schedule are in optim.py)
 # --------------------------------------------------------------------------------------------------------------
 
 def select_device(requested: Optional[str] = None) -> torch.device:
@@ -70,35 +71,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
-    """Weight decay on weights only: biases and norm parameters (ndim <= 1) are exempt, as in timm."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg, modules: List[nn.Module]) -> torch.optim.Optimizer:
-    groups = param_groups(modules, cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def lr_at(cfg, epochs: int, progress: float) -> float:
-    """Linear warm-up from warmup_lr to lr over warmup_epochs, then cosine down to min_lr at the end.
-    ``progress`` is in epochs (fractional: the schedule is applied every step)."""
-    if progress < cfg.warmup_epochs:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * progress / cfg.warmup_epochs
-    span = max(epochs - cfg.warmup_epochs, 1e-8)
-    t = min(max((progress - cfg.warmup_epochs) / span, 0.0), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,7 +248,7 @@ class Trainer:
 
         data_lib.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
-                               img_size=cfg.data.img_size)
+                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
         method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
@@ -386,7 +358,7 @@ class Trainer:
 
     def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema, method) -> Dict[str, Any]:
         cfg = self.cfg
-        record: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, cfg.train.epochs, epoch + 1 - 1e-9)}
+        record: Dict[str, Any] = {"epoch": epoch + 1}
         means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size
         if self.dist:  # the epoch of every rank, not rank 0's share alone (ranks see equal batch sizes)
             from .distributed import reduce_sums
@@ -396,6 +368,7 @@ class Trainer:
             means = {k: v / self.world_size for k, v in zip(keys, reduced)}
             correct, images = reduced[-2], reduced[-1]
         record.update(means)
+        record["lr"] = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
         record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
         record["train_top1"] = 100.0 * correct / max(images, 1)
         record["epoch_time_s"] = sums.seconds
@@ -525,11 +498,10 @@ class TrainStep:
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
         self.dtype, self.channels_last = dtype, channels_last
         self.device = device
+        self.schedule = LRSchedule(optim, optimizer, epochs, steps)
 
     def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
-        lr = lr_at(self.optim, self.epochs, epoch + step / self.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.apply(epoch, step)
         targets = Targets(hard=labels)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
