@@ -23,8 +23,11 @@ import pandas as pd
 
 ID_COLUMNS = ["run", "kind", "status", "method", "teacher", "student", "teacher_family", "student_family",
               "dataset", "recipe", "setting", "method_variant", "seed", "epochs"]
-RESULT_COLUMNS = ["best_top1", "best_epoch", "last_top1", "best_top5", "last_top5", "teacher_top1",
-                  "ema_best_top1", "ema_last_top1", "student_params", "method_extra_params", "train_time_s",
+# best_* / last_* are the accuracies of the weights the run keeps (best_weights / last_weights in its directory);
+# teacher_top1 is that of the teacher weights the run loaded (teacher_weights: best, last or checkpoint).
+RESULT_COLUMNS = ["best_top1", "best_epoch", "last_top1", "last_epoch", "best_top5", "last_top5", "best_weights",
+                  "last_weights", "teacher_top1", "teacher_weights", "teacher_run", "ema_best_top1",
+                  "ema_best_epoch", "ema_last_top1", "student_params", "method_extra_params", "train_time_s",
                   "images_per_s", "global_batch"]
 OVERHEAD_COLUMNS = ["overhead_teacher", "batch_size", "img_size", "precision", "step_time_ms", "peak_memory_mb",
                     "train_gflops_per_image", "extra_params", "teacher_params", "train_params_vs_none",
@@ -35,8 +38,8 @@ PROBE_COLUMNS = ["conflict_cosine_mean", "conflict_fraction_mean", "cka_diag_las
 PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads", "git_sha", "hkdbench", "torch",
                       "timm", "python", "host", "world_size", "started", "finished", "failure", "path"]
 
-INT_COLUMNS = ["seed", "epochs", "best_epoch", "student_params", "method_extra_params", "global_batch", "batch_size",
-               "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size",
+INT_COLUMNS = ["seed", "epochs", "best_epoch", "last_epoch", "ema_best_epoch", "student_params", "method_extra_params",
+               "global_batch", "batch_size", "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size",
                "cpu_count", "cpu_threads"]
 
 # Config keys that do not change a result and so do not split a setting.

@@ -7,7 +7,7 @@ training setting; a ``none`` run has no teacher, so one S run serves every row o
 each row is in bold. One table per (dataset, recipe, epochs, setting): only comparable runs share a table.
 
 Each table is written as Markdown, LaTeX (booktabs) and CSV (tidy: one line per cell with mean, std, n, gain).
-For CIFAR-100 tables, :func:`published_side_by_side` sets the OFA paper's published numbers next to ours.
+Where a public source gives the OFA-KD paper's number for a cell, :func:`published_side_by_side` sets it next to ours.
 """
 from __future__ import annotations
 
@@ -249,41 +249,46 @@ def write_tables(runs: pd.DataFrame, out_dir, metric: str = "best_top1") -> List
 # --------------------------------------------------------------------------------------------------------------
 
 def published_side_by_side(table: ComparisonTable) -> Optional[pd.DataFrame]:
-    """Our mean next to the OFA paper's published CIFAR-100 number, for every cell of a CIFAR-100 table whose
-    pair and method the paper reports; None when there is none."""
-    from .published import ofa_cifar100
+    """Our mean next to the published number of every cell of ``table`` that a public source gives (see
+    ``published.py``: only sourced cells exist), with the source and any note; None when there is none."""
+    from .published import PAPER, lookup, published_cells
 
-    if table.key.get("dataset") != "cifar100":
+    pub = published_cells()
+    dataset = table.key.get("dataset")
+    if dataset not in set(pub["dataset"]):
         return None
-    pub = ofa_cifar100()
     out = []
     for pair in table.rows:
         t, s = pair
-        prow = pub[(pub["teacher"] == t) & (pub["student"] == s)]
-        if prow.empty:
-            continue
-        prow = prow.iloc[0]
-        entries = [("teacher", table.teacher_acc.get(pair), prow["teacher_top1"]),
-                   (BASELINE, table.student_alone.get(s), prow["student_top1"])]
-        entries += [(m, table.cells.get((pair, m)), prow.get(m)) for m in table.methods]
-        for column, ours, paper in entries:
-            if paper is None or (isinstance(paper, float) and math.isnan(paper)):
+        entries = [("teacher", table.teacher_acc.get(pair)), (BASELINE, table.student_alone.get(s))]
+        entries += [(m, table.cells.get((pair, m))) for m in table.methods if m != BASELINE]
+        for column, ours in entries:
+            row = lookup(pub, dataset, t, s, column)
+            if row is None:
                 continue
             out.append({"teacher": t, "student": s, "column": column, "ours": ours.mean if ours else None,
-                        "ours_n": ours.n if ours else 0, "published": float(paper),
-                        "delta": (ours.mean - float(paper)) if ours else None, "status": prow["status"],
-                        "source": "OFA paper (NeurIPS 2023), CIFAR-100; published numbers, not measured here"})
+                        "ours_n": ours.n if ours else 0, "published": float(row["top1"]),
+                        "delta": (ours.mean - float(row["top1"])) if ours else None, "source": row["source"],
+                        "note": row["note"], "paper": PAPER})
     return pd.DataFrame(out) if out else None
 
 
 def published_markdown(df: pd.DataFrame) -> str:
-    lines = ["| Teacher → Student | column | ours | published (OFA paper) | ours − published | status |",
+    from .published import PAPER, SOURCES, source_lines
+
+    lines = [f"| Teacher → Student | column | ours | published ({PAPER}) | ours − published | source |",
              "|:---|:---|---:|---:|---:|:---|"]
+    notes = []
     for _, r in df.iterrows():
         ours = f"{r['ours']:.2f}" if r["ours"] is not None and not pd.isna(r["ours"]) else "–"
         delta = f"{r['delta']:+.2f}" if r["delta"] is not None and not pd.isna(r["delta"]) else "–"
+        mark = ""
+        if r["note"]:
+            notes.append(r["note"])
+            mark = f" (note {len(notes)})"
         lines.append(f"| {r['teacher']} → {r['student']} | {r['column']} | {ours} | {r['published']:.2f} | "
-                     f"{delta} | {r['status']} |")
-    lines += ["", "Published numbers: OFA-KD paper (Hao et al., NeurIPS 2023), CIFAR-100 top-1; status C = "
-                  "corroborated by a second source, R = recalled, to be checked against the PDF."]
+                     f"{delta} | {SOURCES[r['source']].label}{mark} |")
+    lines += ["", "Published numbers, not measured here; only cells that a public source states are shown:"]
+    lines += source_lines(dict.fromkeys(df["source"]))
+    lines += [f"- note {i}: {n}" for i, n in enumerate(notes, 1)]
     return "\n".join(lines)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
     p.add_argument("--teacher-override", action="append", default=[], metavar="key=value",
                    help="override of the teacher run's config (repeatable)")
+    p.add_argument("--teacher-weights", default="best", choices=("best", "last"),
+                   help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
+                        "timm's model_best) or its last; teacher_top1 is theirs")
     _add_run_options(p)
 
     p = sub.add_parser("teacher", help="train a teacher once per teacher config (reused by every student run)")

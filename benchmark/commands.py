@@ -15,7 +15,7 @@ def cmd_train(args, overrides) -> int:
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
                              dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
                              teacher_recipe=args.teacher_recipe, overrides=overrides(args),
-                             teacher_overrides=args.teacher_override)
+                             teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights)
     _check_flags(args, cfg)
     result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart, device=args.device)
     return 0 if result.status == "done" else 3
@@ -63,7 +63,10 @@ def cmd_recipes(args, _overrides) -> int:
         o, d, t = body["optim"], body["data"], body["train"]
         extras = [k for k in ("auto_augment", "mixup", "cutmix", "reprob") if d.get(k)]
         jitter_note = color_jitter_note(d.get("color_jitter", 0.0), d.get("auto_augment"))
-        print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} warmup {o['warmup_epochs']} "
+        sched = o.get("sched", "cosine") + (f" every {o['decay_epochs']}" if o.get("sched") == "step" else "")
+        stepping = "per update" if o.get("sched_on_updates") else "per epoch"
+        print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} {sched} ({stepping}) "
+              f"warmup {o['warmup_epochs']} "
               f"epochs {t['epochs']} batch {d['batch_size']}/process img {d['img_size']} ({d['pipeline']}, "
               f"train interpolation {d.get('train_interpolation', 'bilinear')})"
               f"{' + ' + ', '.join(extras) if extras else ''}{'; ' + jitter_note if jitter_note else ''}")

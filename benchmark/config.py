@@ -181,20 +181,43 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "sgd"                   # 'sgd' or 'adamw'
+    """timm 0.6.5 ``train.py``'s optimiser and schedule arguments (see ``benchmark/optim.py``)."""
+    name: str = "sgd"                   # 'sgd' (timm's: Nesterov momentum) or 'adamw'
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    betas: Tuple[float, ...] = (0.9, 0.999)
+    betas: Tuple[float, ...] = (0.9, 0.999)  # adamw
+    eps: float = 1e-8                   # adamw (torch's default, which timm keeps without --opt-eps)
+    sched: str = "cosine"               # 'cosine' (CosineLRScheduler) or 'step' (StepLRScheduler)
+    sched_on_updates: bool = False      # False: stepped once per epoch, as the reference; True: per update
     warmup_epochs: float = 0.0
     warmup_lr: float = 1e-4
-    min_lr: float = 0.0
-    clip_grad: float = 0.0              # 0: no clipping (norm clipping otherwise)
+    min_lr: float = 0.0                 # cosine floor (the step schedule has none, as in timm)
+    decay_epochs: float = 100.0         # step: decay every decay_epochs (OFA-KD train.py default 100)
+    decay_rate: float = 0.1             # step: the factor per decay
+    clip_grad: float = 0.0              # 0: no clipping (norm clipping otherwise, timm's clip_mode 'norm')
     label_smoothing: float = 0.0
 
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):
             raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {self.name!r}")
+        if self.sched not in ("cosine", "step"):
+            raise ValueError(f"optim.sched must be 'cosine' or 'step', got {self.sched!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        for key in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "clip_grad"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.name == "sgd" and not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"optim.momentum must be in (0, 1) for sgd (Nesterov momentum), got {self.momentum}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
+        if not self.decay_epochs > 0:
+            raise ValueError(f"optim.decay_epochs must be > 0, got {self.decay_epochs}")
+        if not 0.0 < self.decay_rate <= 1.0:
+            raise ValueError(f"optim.decay_rate must be in (0, 1], got {self.decay_rate}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -206,6 +229,7 @@ class TrainConfig:
     precision: str = "auto"             # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
     channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
     ema_decay: float = 0.0              # student EMA; 0 disables
+    drop_path: Optional[float] = None   # student stochastic depth; None: the timm model's default (train.py)
     eval_every: int = 1
     # Probes (benchmark/probing.py), logged into metrics.jsonl; 0 turns a probe off.
     probe_every: int = 0                # epochs between CKA probes (teacher stage x student stage)
@@ -228,6 +252,11 @@ class TrainConfig:
             raise ValueError(f"train.channels_last must be auto, yes or no, got {self.channels_last!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"train.drop_path must be in [0, 1) or null (the model's default), got {self.drop_path}")
+
+
+WEIGHTS_KINDS = ("best", "last")       # the weights a run keeps: its best evaluated epoch and its last epoch
 
 
 @dataclass(frozen=True)
@@ -235,6 +264,17 @@ class ModelConfig:
     name: str
     checkpoint: Optional[str] = None    # a state dict to load (teachers: instead of training one)
     checkpoint_ema: bool = False        # take the EMA weights from a timm checkpoint that has them
+    # A teacher trained here: which weights of its run students load. 'best' (its best epoch by top-1), as the
+    # references' teachers are the model_best of timm's train.py; 'last' for its last epoch.
+    weights: str = "best"
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS_KINDS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS_KINDS)} (the teacher run's best or last "
+                             f"epoch), got {self.weights!r}")
+        if self.checkpoint and self.weights != "best":
+            raise ValueError(f"weights={self.weights!r} picks the weights of a teacher trained here; a teacher "
+                             "checkpoint is loaded as it is (leave weights at 'best')")
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ features (stages 1-4) in a recorded layout:
   in ``Features.prefix``.
 
 Stage outputs are taken with forward hooks on the stage modules and stage shapes are found by a dry run, so no
-model's forward is rewritten and no shape is hard-coded. The same stage modules take forward pre-hooks, through
-which a method can alter what enters a stage (PAT's prompts).
+model's forward is rewritten and no shape is hard-coded. Each stage's entry module takes forward pre-hooks, through
+which a method can alter what enters a stage (PAT's prompts): the stage module itself, the first block of a block
+stack (ViT, Mixer), or a Swin stage's first block (after timm >= 0.9's patch merging, where timm 0.6.5 had it).
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def _register(name, family, img_size, crop_pct, description, paper=False):
 
 
 def _timm(name: str, **fixed):
-    def build(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-        kwargs = dict(fixed)
+    def build(num_classes: int, in_chans: int, img_size: int, **options) -> nn.Module:
+        kwargs = {**fixed, **options}
         if img_size != 224 and "img_size" not in kwargs and _accepts_img_size(name):
             kwargs["img_size"] = img_size
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
@@ -92,10 +93,10 @@ for _name, _family, _timm_name, _crop in [
 
 
 def _small_swin(embed_dim: int):
-    def build(num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    def build(num_classes: int, in_chans: int, img_size: int, **options) -> nn.Module:
         return timm_swin.SwinTransformer(
             img_size=img_size, patch_size=4, window_size=7, embed_dim=embed_dim, depths=(2, 2, 2, 2),
-            num_heads=(2, 4, 8, 16), num_classes=num_classes, in_chans=in_chans)
+            num_heads=(2, 4, 8, 16), num_classes=num_classes, in_chans=in_chans, **options)
     return build
 
 
@@ -106,9 +107,9 @@ _register("swin_nano", "swin", 224, 0.9, "Swin-N: embed 64, depths 2-2-2-2", pap
 
 # Small-resolution configurations of the same families (32x32 input) for the demo and the tests.
 def _small_resnet(layers, channels, stem_stride: int):
-    def build(num_classes, in_chans, img_size):
+    def build(num_classes, in_chans, img_size, **options):
         model = timm_resnet.ResNet(block=timm_resnet.BasicBlock, layers=layers, channels=channels,
-                                   num_classes=num_classes, in_chans=in_chans)
+                                   num_classes=num_classes, in_chans=in_chans, **options)
         # Small-image stem: one 3x3 conv (timm's plain stem is 64 wide) and no max-pool, so stage 4 keeps a
         # 2x2 (stride 2) or 4x4 (stride 1) map at 32 px.
         model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=stem_stride, padding=1, bias=False)
@@ -124,35 +125,35 @@ _register("resnet_small", "cnn", 32, 1.0, "ResNet, BasicBlock 2-2-2-2, widths 32
 
 
 @_register("vit_mini", "vit", 32, 1.0, "ViT with cls token, patch 4, dim 64, depth 4, 2 heads")
-def _vit_mini(num_classes, in_chans, img_size):
+def _vit_mini(num_classes, in_chans, img_size, **options):
     return timm_vit.VisionTransformer(img_size=img_size, patch_size=4, embed_dim=64, depth=4, num_heads=2,
-                                      mlp_ratio=2.0, num_classes=num_classes, in_chans=in_chans)
+                                      mlp_ratio=2.0, num_classes=num_classes, in_chans=in_chans, **options)
 
 
 @_register("swin_mini", "swin", 32, 1.0, "Swin, patch 2, window 4, dim 32, depths 1-1-1-1")
-def _swin_mini(num_classes, in_chans, img_size):
+def _swin_mini(num_classes, in_chans, img_size, **options):
     return timm_swin.SwinTransformer(img_size=img_size, patch_size=2, window_size=4, embed_dim=32,
                                      depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0,
-                                     num_classes=num_classes, in_chans=in_chans)
+                                     num_classes=num_classes, in_chans=in_chans, **options)
 
 
 @_register("convnext_mini", "convnext", 32, 1.0, "ConvNeXt, patch-1 stem, dims 16-32-64-128, depths 1-1-1-1")
-def _convnext_mini(num_classes, in_chans, img_size):
+def _convnext_mini(num_classes, in_chans, img_size, **options):
     return timm_convnext.ConvNeXt(in_chans=in_chans, num_classes=num_classes, depths=(1, 1, 1, 1),
-                                  dims=(16, 32, 64, 128), patch_size=1)
+                                  dims=(16, 32, 64, 128), patch_size=1, **options)
 
 
 @_register("mixer_mini", "mlp", 32, 1.0, "MLP-Mixer, patch 4, dim 64, depth 4")
-def _mixer_mini(num_classes, in_chans, img_size):
+def _mixer_mini(num_classes, in_chans, img_size, **options):
     return timm_mixer.MlpMixer(num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=4,
-                               num_blocks=4, embed_dim=64, mlp_ratio=(0.5, 2.0))
+                               num_blocks=4, embed_dim=64, mlp_ratio=(0.5, 2.0), **options)
 
 
 @_register("resmlp_mini", "mlp", 32, 1.0, "ResMLP, patch 4, dim 64, depth 4")
-def _resmlp_mini(num_classes, in_chans, img_size):
+def _resmlp_mini(num_classes, in_chans, img_size, **options):
     return timm_mixer.MlpMixer(num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=4,
                                num_blocks=4, embed_dim=64, mlp_ratio=4, block_layer=timm_mixer.ResBlock,
-                               norm_layer=timm_mixer.Affine, stem_norm=False)
+                               norm_layer=timm_mixer.Affine, stem_norm=False, **options)
 
 
 def zoo() -> Dict[str, ZooEntry]:
@@ -166,10 +167,13 @@ def zoo_entry(name: str) -> ZooEntry:
         raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(_ZOO)}") from None
 
 
-def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optional[int] = None) -> "TappedModel":
+def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optional[int] = None,
+                 drop_path_rate: Optional[float] = None) -> "TappedModel":
+    """``drop_path_rate`` None keeps the timm model's default, as timm's ``create_model`` drops None kwargs."""
     entry = zoo_entry(name)
     size = img_size or entry.img_size
-    model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=size)
+    options = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=size, **options)
     return TappedModel(model, name=name, family=entry.family, img_size=size, in_chans=in_chans)
 
 
@@ -232,8 +236,12 @@ def _stage_modules(model: nn.Module) -> Tuple[List[str], List[str], str, int]:
         names = [f"stages.{i}" for i in range(4)]
         return names, names, "nchw", 0
     if isinstance(model, timm_swin.SwinTransformer):
-        names = [f"layers.{i}" for i in range(4)]
-        return names, names, "nhwc", 0
+        # A Swin stage is its blocks (OFA-KD's split, timm 0.6.5 merged at the *end* of a BasicLayer). timm >= 0.9
+        # merges at the *start* of SwinTransformerStage, so the stage's input is what enters its first block,
+        # after the merge: a pre-hook on layers.i would see the pre-merge tensor (what PAT's reference never prompts).
+        outputs = [f"layers.{i}" for i in range(4)]
+        entries = [f"layers.{i}.blocks.0" for i in range(4)]
+        return outputs, entries, "nhwc", 0
     if isinstance(model, (timm_vit.VisionTransformer, timm_mixer.MlpMixer)):
         ends = _vit_like_stage_blocks(len(model.blocks))
         starts = [0] + [e + 1 for e in ends[:-1]]

@@ -5,6 +5,11 @@
         env.json         python/torch/timm versions, git sha, device, world size
         metrics.jsonl    one line per finished epoch
         checkpoint.pt    the latest training state (atomic: temp file + rename)
+        best.pt          the student's (a teacher run's model's) weights at its best evaluated epoch by top-1,
+                         rewritten when an epoch beats it (timm's model_best); a state dict of the bare timm model
+        final.pt         the weights of the last epoch (timm's last), written when the run completes
+        best_ema.pt      with train.ema_decay > 0: the EMA's weights at the EMA's best epoch (its own top-1),
+        final_ema.pt       and at the last epoch (as OFA-KD's train.py keeps a saver per EMA)
         summary.json     the result, written only when the run completed
         DONE             completion marker (written last)
         FAILED           a JSON reason, for runs that diverged or crashed
@@ -116,6 +121,15 @@ def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
     return env
 
 
+class MissingWeightsError(FileNotFoundError):
+    """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
+
+
+# (which, ema) -> file name; which is 'best' or 'last' (config.WEIGHTS_KINDS)
+WEIGHTS_FILES = {("best", False): "best.pt", ("last", False): "final.pt",
+                 ("best", True): "best_ema.pt", ("last", True): "final_ema.pt"}
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -128,6 +142,12 @@ class RunDir:
     done_file = property(lambda self: self.path / "DONE")
     failed_file = property(lambda self: self.path / "FAILED")
     log_file = property(lambda self: self.path / "log.txt")
+
+    def weights_file(self, which: str, ema: bool = False) -> Path:
+        """Where the run keeps its ``which`` ('best' or 'last') weights (the EMA's with ``ema``)."""
+        if (which, ema) not in WEIGHTS_FILES:
+            raise ValueError(f"weights must be 'best' or 'last', got {which!r}")
+        return self.path / WEIGHTS_FILES[which, ema]
 
     # -- state ----------------------------------------------------------------------------------------------------
     @property
@@ -167,7 +187,21 @@ class RunDir:
             return []
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
 
+    def load_weights(self, which: str, ema: bool = False) -> Dict[str, torch.Tensor]:
+        """The state dict kept as the run's ``which`` weights; a clear error when the run never wrote it."""
+        path = self.weights_file(which, ema)
+        if not path.exists():
+            raise MissingWeightsError(
+                f"{self.path.name} has no {path.name} ({which} weights{' of the EMA' if ema else ''}): the run "
+                "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
+                "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
     # -- writes ---------------------------------------------------------------------------------------------------
+    def save_weights(self, which: str, state_dict: Dict[str, torch.Tensor], ema: bool = False) -> None:
+        """Keeps ``state_dict`` (moved to the CPU) as the run's ``which`` weights, atomically."""
+        atomic_torch_save(self.weights_file(which, ema), {k: v.detach().cpu() for k, v in state_dict.items()})
+
     def claim(self, cfg: RunConfig) -> None:
         """Creates the directory for ``cfg``, or checks that the existing one holds the same config."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -195,7 +229,8 @@ class RunDir:
 
     def reset(self) -> None:
         """Forgets the run's progress (``--restart``); keeps config.json."""
-        for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file):
+        kept = [self.path / name for name in WEIGHTS_FILES.values()]
+        for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file, *kept):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
 

@@ -28,6 +28,7 @@ from hkdbench.methods import Distiller, Targets, get_method, method_config
 from . import data as data_lib
 from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
+from .optim import LRSchedule, build_optimizer, param_groups  # noqa: F401  (re-exported: overhead, tests)
 from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
 
 log = logging.getLogger("hkdbench")
@@ -49,7 +50,7 @@ class RunResult:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Devices, precision, optimiser, schedule
+# Devices, precision (the optimiser and the schedule are in optim.py)
 # --------------------------------------------------------------------------------------------------------------
 
 def select_device(requested: Optional[str] = None) -> torch.device:
@@ -70,35 +71,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "fp16":
         return torch.float16
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
-    """Weight decay on weights only: biases and norm parameters (ndim <= 1) are exempt, as in timm."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg, modules: List[nn.Module]) -> torch.optim.Optimizer:
-    groups = param_groups(modules, cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def lr_at(cfg, epochs: int, progress: float) -> float:
-    """Linear warm-up from warmup_lr to lr over warmup_epochs, then cosine down to min_lr at the end.
-    ``progress`` is in epochs (fractional: the schedule is applied every step)."""
-    if progress < cfg.warmup_epochs:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * progress / cfg.warmup_epochs
-    span = max(epochs - cfg.warmup_epochs, 1e-8)
-    t = min(max((progress - cfg.warmup_epochs) / span, 0.0), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,9 +213,12 @@ class Trainer:
                              should_stop=self.should_stop, dist_ctx=self.dist, echo=self.echo).run(resume=True)
             if result.status != "done":
                 raise TeacherUnavailableError("interrupted while training the teacher")
-        state = torch.load(t_dir.path / "final.pt", map_location="cpu", weights_only=True)
-        teacher.model.load_state_dict(state)
-        return teacher.to(self.device), t_dir.summary()["best_top1"]
+        which = cfg.teacher.weights
+        teacher.model.load_state_dict(t_dir.load_weights(which))
+        recorded = t_dir.summary()
+        self.say(f"teacher {cfg.teacher.name}: the {which} weights of {t_dir.path.name} "
+                 f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
+        return teacher.to(self.device), recorded[f"{which}_top1"]
 
     # -- main loop ------------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, restart: bool = False) -> RunResult:
@@ -275,7 +250,7 @@ class Trainer:
 
         data_lib.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
-                               img_size=cfg.data.img_size)
+                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
         method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
@@ -297,6 +272,7 @@ class Trainer:
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
         if rd.has_checkpoint:
             state = self._load_checkpoint(module, optimizer, scaler, ema, state)
+            self._check_kept_best(state["history"])
             self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
         elif self.is_main:
             from .store import atomic_write_json
@@ -331,15 +307,16 @@ class Trainer:
                 return RunResult("interrupted", rd)
             record = self._epoch_record(ctx, epoch, sums, test_loader, ema, method)
             history.append(record)
+            self._keep_best(history, student, ema)  # before the checkpoint: a kill in between redoes this epoch
             self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
             if self.is_main:
                 rd.write_metrics(history)
             self.say(_format_epoch(record, cfg.train.epochs))
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
-            atomic_torch_save(rd.path / "final.pt", student.model.state_dict())
+            rd.save_weights("last", student.model.state_dict())
             if ema is not None:
-                atomic_torch_save(rd.path / "final_ema.pt", ema.module.state_dict())
+                rd.save_weights("last", ema.module.state_dict(), ema=True)
             rd.mark_done(summary)
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}")
@@ -383,7 +360,7 @@ class Trainer:
 
     def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema, method) -> Dict[str, Any]:
         cfg = self.cfg
-        record: Dict[str, Any] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, cfg.train.epochs, epoch + 1 - 1e-9)}
+        record: Dict[str, Any] = {"epoch": epoch + 1}
         means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size
         if self.dist:  # the epoch of every rank, not rank 0's share alone (ranks see equal batch sizes)
             from .distributed import reduce_sums
@@ -393,6 +370,7 @@ class Trainer:
             means = {k: v / self.world_size for k, v in zip(keys, reduced)}
             correct, images = reduced[-2], reduced[-1]
         record.update(means)
+        record["lr"] = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
         record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
         record["train_top1"] = 100.0 * correct / max(images, 1)
         record["epoch_time_s"] = sums.seconds
@@ -407,10 +385,43 @@ class Trainer:
             record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record
 
-    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
+    def _keep_best(self, history: List[Dict[str, Any]], student: TappedModel, ema) -> None:
+        """Keeps the weights of the epoch just recorded as best.pt (best_ema.pt) when it beats every earlier
+        evaluated epoch, as timm's CheckpointSaver keeps model_best (a tie keeps the earlier epoch)."""
+        if not self.is_main:
+            return
+        if best_record(history, "top1") is history[-1]:
+            self.run_dir.save_weights("best", student.model.state_dict())
+        if ema is not None and best_record(history, "ema_top1") is history[-1]:
+            self.run_dir.save_weights("best", ema.module.state_dict(), ema=True)
+
+    def _check_kept_best(self, history: List[Dict[str, Any]]) -> None:
+        """A checkpoint whose history has a best epoch comes with that epoch's weights (written before it)."""
+        if not self.is_main:
+            return
+        for key, ema in (("top1", False), ("ema_top1", True)):
+            best = best_record(history, key)
+            path = self.run_dir.weights_file("best", ema)
+            if best is not None and not path.exists():
+                raise RuntimeError(f"{self.run_dir.checkpoint_file} records a best epoch {best['epoch']} but "
+                                   f"{path.name} is missing (a checkpoint from before best weights were kept, or "
+                                   "a deleted file); pass --restart to train the run again")
+
+    def _teacher_provenance(self) -> Dict[str, Any]:
+        """Which teacher weights the run used: the best or last of a teacher run here, or a checkpoint file."""
         cfg = self.cfg
+        if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+            return {"teacher_weights": None, "teacher_run": None}
+        if cfg.teacher.checkpoint:
+            return {"teacher_weights": "checkpoint", "teacher_run": None}
+        from .recipes import teacher_run_config
+
+        return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
+
+    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
+        cfg, rd = self.cfg, self.run_dir
         evaluated = [r for r in history if "top1" in r]
-        best = max(evaluated, key=lambda r: r["top1"])
+        best = best_record(history, "top1")
         last = evaluated[-1]
         summary = {
             "run": self.run_dir.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
@@ -418,9 +429,13 @@ class Trainer:
             "teacher_family": zoo_entry(cfg.teacher.name).family if cfg.teacher else None,
             "student_family": zoo_entry(cfg.student.name).family, "dataset": cfg.data.dataset,
             "recipe": cfg.recipe, "seed": cfg.train.seed, "epochs": cfg.train.epochs,
-            "best_top1": best["top1"], "best_epoch": best["epoch"], "last_top1": last["top1"],
-            "last_top5": last["top5"], "best_top5": max(r["top5"] for r in evaluated),
-            "teacher_top1": teacher_top1, "student_params": student.deploy_parameter_count(),
+            # each accuracy is that of weights the run keeps: best.pt (best epoch by top-1) and final.pt
+            "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+            "best_weights": rd.weights_file("best").name,
+            "last_top1": last["top1"], "last_top5": last["top5"], "last_epoch": last["epoch"],
+            "last_weights": rd.weights_file("last").name,
+            "teacher_top1": teacher_top1, **self._teacher_provenance(),
+            "student_params": student.deploy_parameter_count(),
             "method_extra_params": method.extra_parameter_count(),
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
@@ -428,8 +443,11 @@ class Trainer:
             "finished": timestamp(),
         }
         if "ema_top1" in last:
-            summary.update({"ema_best_top1": max(r["ema_top1"] for r in evaluated if "ema_top1" in r),
-                            "ema_last_top1": last["ema_top1"]})
+            ema_best = best_record(history, "ema_top1")
+            summary.update({"ema_best_top1": ema_best["ema_top1"], "ema_best_epoch": ema_best["epoch"],
+                            "ema_best_weights": rd.weights_file("best", ema=True).name,
+                            "ema_last_top1": last["ema_top1"],
+                            "ema_last_weights": rd.weights_file("last", ema=True).name})
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -460,6 +478,16 @@ class RunExistsError(RuntimeError):
     pass
 
 
+def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Dict[str, Any]]:
+    """The first epoch record with the highest ``key`` among those evaluated (None before any): a later epoch
+    must beat it strictly, as timm's CheckpointSaver replaces model_best only on a greater metric."""
+    best = None
+    for record in history:
+        if key in record and (best is None or record[key] > best[key]):
+            best = record
+    return best
+
+
 class TrainStep:
     """One optimisation step: lr schedule, mixup, forward (method + teacher) under autocast, summed loss,
     backward, clipping, optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
@@ -472,11 +500,10 @@ class TrainStep:
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
         self.dtype, self.channels_last = dtype, channels_last
         self.device = device
+        self.schedule = LRSchedule(optim, optimizer, epochs, steps)
 
     def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
-        lr = lr_at(self.optim, self.epochs, epoch + step / self.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.apply(epoch, step)
         targets = Targets(hard=labels)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)

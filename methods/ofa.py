@@ -83,15 +83,17 @@ def ofa_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, hard: torch.Ten
 # --------------------------------------------------------------------------------------------------------------
 
 def init_weights(module: nn.Module) -> None:
-    """The reference's projector init: kaiming fan_out for convs, BN 1/0, trunc_normal(.02) for Linear."""
+    """The reference's init (OFAKD, PAT and spofaKD ``distillers/utils.py``), for ``module.apply``.
+
+    Conv2d: kaiming_normal fan_out (ReLU gain) on the weight; its bias (OFA's stage-4 1x1 conv) keeps PyTorch's
+    default uniform(+-1/sqrt(fan_in)). BatchNorm2d: weight 1, bias 0. Linear: trunc_normal std 0.02 (bounds
+    +-2, absolute, as timm's), bias 0. Everything else (LayerNorm, BatchNorm1d) keeps PyTorch's default (1, 0).
+    """
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
-        if module.weight is not None:
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

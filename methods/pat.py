@@ -20,11 +20,16 @@ MSE of adaptive-average-pooled maps at each level l in ``hcl_levels`` with l < H
 (1 + 1/2 + 1/4 + 1/8 = 1.875 when all levels apply, which is always the case at 224 px).
 
 Adaptive Feedback Prompts (AFP): one prompt block per teacher stage in ``afp_stages``, applied to what *enters*
-that stage through a forward pre-hook on ``teacher.stage_entry_module(s)``. The hooks are registered once and act
+that stage through a forward pre-hook on ``teacher.stage_entry_module(s)``, where the reference (timm 0.6.5)
+prompts: ResNet before layer1..4, ConvNeXt before each stage (before its downsample, as the reference), ViT/Mixer
+before the first block of each stage (blocks 0, 2, 4, 10 of 12), Swin before the first block of each stage, i.e.
+after the previous stage's patch merging (Swin-T: 96@56, 192@28, 384@14, 768@7), which timm >= 0.9 runs at the
+start of a stage and 0.6.5 at the end of the previous one. The hooks are registered once and act
 only inside the prompted teacher forward of :meth:`PAT.training_step`; a plain teacher call is untouched. A block
 maps x -> x + beta * prompt(x_fused), beta initialised to 0, x_fused = fusion(cat(x, feedback)) when feedback exists,
 else x. The feedback of stage s is the previous iteration's (aligned student - prompted teacher) at stage s,
-detached, mapped from the stage-output shape to the stage-input shape by ``fb_aligner`` (identity when equal).
+detached, mapped from the stage-output shape to the stage-input shape by ``fb_aligner`` (identity when equal:
+ViT, Mixer and Swin at every stage; ResNet and ConvNeXt stages 2-4 need one).
 It lives in registered buffers (``prompts.<s>.feedback`` plus a ``has_feedback`` flag), so it is checkpointed,
 and is only updated in training mode. When the batch size changes (e.g. a last short batch), the stored feedback
 rows are reused cyclically.
@@ -51,13 +56,19 @@ detached, so HCL back-propagates through the frozen teacher into the prompt bloc
 paper's joint objective needs it too: with a detached target the prompts would only see the ``reg`` term, whose
 minimum is the identity prompt, and AFP would do nothing.)
 
-Choices of this implementation where the spec gives no detail: SE is avg-pool -> Linear(C, C/16) -> ReLU ->
-Linear(C/16, C) -> sigmoid (with biases, as the 1x1 convs of the reference's detection code); the convolutions
-have biases and no activation between them (as listed); grouped 1x1 convolutions use gcd(4, C) groups;
-``fb_aligner`` (when stage input and output shapes differ) is nearest resize + BN2d + 1x1 conv, mirroring the CNN
-aligner (the reference's detection port uses nearest resize + 1x1 conv); aligning to a teacher grid smaller than
+Details as the reference (``distillers/pat.py``) or where it leaves none: SE is avg-pool -> Linear(C, C/16) ->
+ReLU -> Linear(C/16, C) -> sigmoid, the reference's 1x1 convs with bias on the pooled map (same function, count
+and default init; hidden width at least 1 for C < 16, mini models only); the convolutions have biases and no
+activation between them; grouped 1x1 convolutions use gcd(4, C) groups (4, as the reference, for every C % 4 == 0);
+``fb_aligner`` (when stage input and output shapes differ) is nearest resize + BN2d + 1x1 conv without bias, the
+reference's CNN2CNNProjector (a token-to-token feedback aligner, the reference's ViT2ViTProjector, is never needed:
+token teachers' stage inputs and outputs have the same shape); aligning to a teacher grid smaller than
 the RAA grid (tiny models only) uses adaptive average pooling instead of nearest sampling, which would drop most
 tokens. The HCL target for a ViT teacher is its patch tokens with the prefix split off the front in both modes.
+
+Initialisation as the reference: every aligner and feedback aligner gets OFA-KD's ``init_weights`` (kaiming
+fan_out convs, trunc_normal 0.02 Linear with zero bias, BN2d 1/0); the prompt blocks' fusion and prompt branches
+and the RAA (patch embeddings, LayerNorm, q/kv) keep PyTorch's defaults, as the reference leaves them.
 
 Distributed training: each rank keeps its own feedback, as in the reference. The feedback buffers are listed in
 ``_ddp_params_and_buffers_to_ignore`` so that DDP (when it wraps this module directly) neither broadcasts rank 0's
@@ -78,6 +89,7 @@ import torch.nn.functional as F
 from hkdbench.benchmark.models import StageInfo, nchw_to_tokens, tokens_to_nchw
 
 from .base import Distiller, check_stages, kd_kl
+from .ofa import init_weights
 from .registry import register_method
 
 STAGES = (1, 2, 3, 4)
@@ -212,8 +224,11 @@ class TokenAligner(nn.Module):
 
 def make_aligner(side: int, dim: int, target: StageInfo) -> nn.Module:
     if target.layout == "nchw":
-        return MapAligner(side, dim, target.channels, target.grid)
-    return TokenAligner(side * side, dim, target.grid[0] * target.grid[1], target.channels)
+        aligner = MapAligner(side, dim, target.channels, target.grid)
+    else:
+        aligner = TokenAligner(side * side, dim, target.grid[0] * target.grid[1], target.channels)
+    aligner.apply(init_weights)  # the reference's get_projector_module initialises every aligner so
+    return aligner
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,6 +301,7 @@ class PromptBlock(nn.Module):
         else:  # the feedback has the stage-output shape; bring it to the stage-input shape
             self.fb_aligner = nn.Sequential(nn.Upsample(size=entry.grid, mode="nearest"),
                                             nn.BatchNorm2d(out_channels), nn.Conv2d(out_channels, c, 1, bias=False))
+            self.fb_aligner.apply(init_weights)  # as every reference aligner; fusion and prompt keep PyTorch's
         self.fusion = nn.Sequential(
             nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2), nn.Conv2d(c, c, 1),
             SEBlock(c, 16, gate_only=quirks), nn.Conv2d(c, c, 1))

@@ -8,12 +8,13 @@ import pytest
 
 from hkdbench.analysis.collect import collect_epochs, collect_runs
 from hkdbench.analysis.plots import all_plots
-from hkdbench.analysis.published import ofa_cifar100
+from hkdbench.analysis.published import SOURCES, lookup, published_cells
 from hkdbench.analysis.report import make_report
-from hkdbench.analysis.tables import comparison_tables, published_side_by_side
+from hkdbench.analysis.tables import comparison_tables, published_markdown, published_side_by_side
 from hkdbench.benchmark.cli import main
 
-FAMILY = {"resnet_mini": "cnn", "vit_mini": "vit", "mixer_mini": "mlp", "swin_tiny": "swin", "resnet18": "cnn"}
+FAMILY = {"resnet_mini": "cnn", "vit_mini": "vit", "mixer_mini": "mlp", "swin_tiny": "swin", "resnet18": "cnn",
+          "convnext_tiny": "convnext", "resmlp_12": "mlp"}
 
 
 def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fashion-mnist", recipe="demo",
@@ -150,21 +151,43 @@ def test_comparison_table_numbers(store, tmp_path):
     assert other.student_alone == {} and other.cells[(a, "kd")].gain is None  # no 'none' run in that setting
 
 
+def test_published_cells_all_have_a_described_source():
+    pub = published_cells()
+    assert set(pub["source"]) <= set(SOURCES) and (pub["top1"] > 0).all()
+    assert not pub.duplicated(["dataset", "teacher", "student", "column"]).any()
+    # the cells no public source states (Mixer-B/16 rows, the DKD column, ...) are not kept
+    assert "mixer_b16" not in set(pub["teacher"]) and "dkd" not in set(pub["column"])
+    ofa = lookup(pub, "cifar100", "convnext_tiny", "resmlp_12", "ofa")
+    assert ofa["top1"] == pytest.approx(75.21) and ofa["source"] == "fbt" and "81.22" in ofa["note"]
+    assert lookup(pub, "cifar100", "swin_tiny", "anything", "teacher")["top1"] == pytest.approx(89.26)
+    assert lookup(pub, "cifar100", "anything", "resnet18", "none")["source"] == "ofakd#14"
+    assert lookup(pub, "imagenet", "deit_tiny", "resnet18", "ofa")["top1"] == pytest.approx(71.34)
+    assert lookup(pub, "cifar100", "deit_tiny", "resnet18", "ofa") is None
+
+
 def test_published_numbers_side_by_side(tmp_path):
-    pub = ofa_cifar100()
-    assert len(pub) == 12 and pub["source"].str.contains("PUBLISHED").all()
-    row = pub[(pub["teacher"] == "convnext_tiny") & (pub["student"] == "resmlp_12")].iloc[0]
-    assert row["ofa"] - row["dkd"] == pytest.approx(8.0)
     root = tmp_path / "runs"
     write_run(root, "kd", "swin_tiny", "resnet18", 0, 78.0, dataset="cifar100", recipe="cifar-cnn")
+    write_run(root, "dkd", "swin_tiny", "resnet18", 0, 79.0, dataset="cifar100", recipe="cifar-cnn")
     write_run(root, "none", None, "resnet18", 0, 74.5, dataset="cifar100", recipe="cifar-cnn")
     table = comparison_tables(collect_runs(root))[0]
     side = published_side_by_side(table)
     kd = side[side["column"] == "kd"].iloc[0]
     assert kd["published"] == pytest.approx(78.74) and kd["delta"] == pytest.approx(78.0 - 78.74)
-    assert set(side["column"]) == {"teacher", "none", "kd"}
+    assert kd["source"] == "fbt"
+    assert set(side["column"]) == {"teacher", "none", "kd"}  # no sourced DKD cell: not shown
+    md = published_markdown(side)
+    assert "| FBT reprint |" in md and "https://arxiv.org/abs/2410.12342" in md and "OFAKD #14" in md
     index = make_report(root, tmp_path / "results")
     assert "Published numbers side by side" in index.read_text()
+
+
+def test_published_note_shown_where_a_reprint_disagrees(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "ofa", "convnext_tiny", "resmlp_12", 0, 77.0, dataset="cifar100", recipe="cifar-vit")
+    side = published_side_by_side(comparison_tables(collect_runs(root))[0])
+    md = published_markdown(side)
+    assert "75.21" in md and "(note 1)" in md and "note 1: FBT's reprint gives 75.21" in md
 
 
 def test_plots_written(store, tmp_path):

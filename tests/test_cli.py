@@ -48,6 +48,8 @@ def test_train_every_method_through_the_cli(fmnist_available, runs_dir, method):
     (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--recipe", "fast"], "known recipes"),
     (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "optim.momentun=0.9"], "allowed: betas"),
     (["teacher", "--model", "resnet_mini", "--resume", "--restart"], "exclude each other"),
+    (["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--teacher-checkpoint", "t.pth",
+      "--teacher-weights", "last"], "a teacher checkpoint is loaded as it is"),
 ])
 def test_bad_input_fails_at_once_with_what_is_allowed(argv, message, capsys, runs_dir):
     assert main([*argv, "--runs-dir", runs_dir]) == 2
@@ -126,6 +128,7 @@ def test_teacher_from_an_old_timm_checkpoint(fmnist_available, runs_dir, tmp_pat
     assert rc == 0
     (run,) = RunStore(runs_dir).runs()  # no teacher run: the checkpoint was used
     assert run.config().teacher.checkpoint == str(path) and run.summary()["teacher_top1"] is not None
+    assert (run.summary()["teacher_weights"], run.summary()["teacher_run"]) == ("checkpoint", None)
 
 
 def test_demo_quick_prints_the_comparison_table(fmnist_available, runs_dir, capsys):

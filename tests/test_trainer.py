@@ -1,6 +1,5 @@
-"""The training harness: schedule, run store files, divergence, stop/resume bit for bit, teacher reuse."""
+"""The training harness: run store files, divergence, stop/resume bit for bit, teacher reuse."""
 import json
-import math
 import os
 import signal
 import subprocess
@@ -12,10 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import OptimConfig
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.store import RunStore
-from hkdbench.benchmark.trainer import DivergedError, RunExistsError, lr_at, param_groups, train
+from hkdbench.benchmark.trainer import DivergedError, RunExistsError, param_groups, train
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
 TINY_TEACHER = ["train.epochs=1", "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64"]
@@ -26,18 +24,9 @@ def tiny_cfg(method="kd", student="vit_mini", teacher="resnet_mini", epochs=2, e
                               overrides=TINY + [f"train.epochs={epochs}", *extra], teacher_overrides=TINY_TEACHER)
 
 
-def test_warmup_then_cosine_schedule_by_hand():
-    cfg = OptimConfig(lr=1.0, warmup_epochs=2, warmup_lr=0.0, min_lr=0.1)
-    assert lr_at(cfg, 10, 0) == 0.0
-    assert lr_at(cfg, 10, 1) == pytest.approx(0.5)
-    assert lr_at(cfg, 10, 2) == pytest.approx(1.0)
-    assert lr_at(cfg, 10, 6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(cfg, 10, 10) == pytest.approx(0.1)
-
-
 def test_no_weight_decay_on_biases_and_norms():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
-    decay, no_decay = param_groups([model], 0.05)
+    no_decay, decay = param_groups([model], 0.05)  # timm's order (schedule/optimiser: test_optim_schedule.py)
     assert [p.shape for p in decay["params"]] == [(4, 3)]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
@@ -47,7 +36,8 @@ def test_a_run_writes_the_run_store(fmnist_available, runs_dir):
     result = train(cfg, runs_dir=runs_dir, progress=False)
     rd = result.run_dir
     assert result.status == "done" and rd.is_done
-    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "final.pt"):
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "best.pt",
+                 "final.pt"):
         assert (rd.path / name).exists(), name
     assert rd.path.name.endswith(cfg.run_hash())
     metrics = rd.metrics()
@@ -79,8 +69,18 @@ def test_divergence_marks_the_run_failed_without_a_summary(fmnist_available, run
     assert "non-finite loss at epoch" in rd.failure()["reason"]
 
 
-def _weights(run_dir):
-    return torch.load(run_dir.path / "final.pt", weights_only=True)
+def _weights(run_dir, name="final.pt"):
+    return torch.load(run_dir.path / name, weights_only=True)
+
+
+def _assert_same_kept_files(a, b):
+    """Both runs kept the same best and last weights, and their summaries agree on everything but time."""
+    for name in ("best.pt", "final.pt"):
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    timing = ("train_time_s", "images_per_s", "finished")
+    assert ({k: v for k, v in a.summary().items() if k not in timing}
+            == {k: v for k, v in b.summary().items() if k not in timing})
 
 
 def _strip_times(metrics):
@@ -107,8 +107,7 @@ def test_stop_mid_epoch_then_resume_is_bit_for_bit(fmnist_available, tmp_path, m
         train(cfg, runs_dir=str(tmp_path / "b"), progress=False)
     resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
     assert resumed.status == "done"
-    ref_w, res_w = _weights(reference.run_dir), _weights(resumed.run_dir)
-    assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
+    _assert_same_kept_files(reference.run_dir, resumed.run_dir)
     assert _strip_times(resumed.run_dir.metrics()) == _strip_times(reference.run_dir.metrics())
 
 
@@ -141,5 +140,4 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch" in done.stdout
     ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
-    a, b = _weights(ref_dir), _weights(student_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_kept_files(ref_dir, student_dir)

@@ -173,6 +173,48 @@ def test_prefix_token_is_read_out():
         p(x, None)
 
 
+
+# -- initialisation (OFAKD distillers/utils.py init_weights, applied to every projector) ---------------------------
+
+def std_close(tensor, expected, rel=0.1):
+    """The sample std within ``rel`` of ``expected`` (10 %: the alternatives tested against are >= 40 % away)."""
+    return abs(float(tensor.detach().std()) - expected) <= rel * expected
+
+
+def assert_pytorch_default_bias(conv):
+    """PyTorch's Conv2d bias: uniform(+-1/sqrt(fan_in)), std bound/sqrt(3); the reference leaves it so."""
+    bound = 1 / math.sqrt(conv.weight[0].numel())
+    assert float(conv.bias.detach().abs().max()) <= bound
+    assert std_close(conv.bias, bound / math.sqrt(3), rel=0.15)  # 768 draws: the std is within ~5 %
+
+
+def test_cnn_projector_init_as_reference():
+    torch.manual_seed(0)
+    # ResNet18 (D_s 512) with a 768-wide teacher: stage 4 is Conv2d(512, 768, 1) with bias, then Linear(768, 100)
+    stage4 = build_branch_projector(StageInfo(4, "x", "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100)
+    conv = stage4.body.convs
+    assert std_close(conv.weight, math.sqrt(2 / 768))  # kaiming normal, fan_out = 768 * 1 * 1 (default: 0.026)
+    assert_pytorch_default_bias(conv)
+    assert std_close(stage4.head.weight, 0.02) and torch.count_nonzero(stage4.head.bias) == 0
+    # stage 1: SepConvs, depthwise 3x3 fan_out = 64 * 9, BN 1 / 0
+    stage1 = build_branch_projector(StageInfo(1, "x", "x", "nchw", (64, 56, 56), (56, 56)), 512, 768, 100)
+    depthwise = stage1.body.convs[0][0]
+    assert depthwise.groups == 64 and std_close(depthwise.weight, math.sqrt(2 / (64 * 9)), rel=0.15)
+    bns = [m for m in stage1.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.all(b.weight == 1) and torch.all(b.bias == 0) for b in bns)
+
+
+def test_token_projector_init_as_reference():
+    torch.manual_seed(0)
+    deit = StageInfo(1, "x", "x", "tokens", (196, 192), (14, 14), num_prefix=1)
+    p = build_branch_projector(deit, 192, 768, 100)
+    linears = [m for m in p.modules() if isinstance(m, torch.nn.Linear)]
+    big = [m for m in linears if m.weight.numel() >= 192 * 192]  # the merger, qkv, proj, mlp and head
+    assert len(big) >= 10 and all(std_close(m.weight, 0.02) for m in big)
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears if m.bias is not None)
+    norms = [m for m in p.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(torch.all(n.weight == 1) and torch.all(n.bias == 0) for n in norms)
+
 # -- the method ------------------------------------------------------------------------------------------------------
 
 def test_gradients_reach_projectors_and_student_not_teacher(minis):

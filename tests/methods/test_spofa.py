@@ -1,5 +1,6 @@
 """SPOFA: closed-form probe gradients vs autograd, the MEMA scaler arithmetic, checkpointed state, projectors."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -151,6 +152,20 @@ def test_layernorm_decoupling_projectors():
     with torch.no_grad():
         assert body(torch.randn(1, 196, 192), torch.randn(1, 1, 192)).shape == (1, 192)
 
+
+
+def test_projector_init_as_reference():
+    # spofaKD's init_weights is OFAKD's: the stage-4 conv bias keeps PyTorch's default, the LayerNorm before the
+    # head keeps its default 1 / 0, the head gets trunc_normal(0.02) and a zero bias
+    torch.manual_seed(0)
+    p = build_branch_projector(StageInfo(4, "x", "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100, style="spofa")
+    conv, (norm, head) = p.body.convs, p.head
+    bound = 1 / math.sqrt(512)
+    assert float(conv.bias.detach().abs().max()) <= bound and torch.count_nonzero(conv.bias) == 768
+    assert abs(float(conv.bias.detach().std()) - bound / math.sqrt(3)) <= 0.15 * bound / math.sqrt(3)
+    assert abs(float(conv.weight.detach().std()) - math.sqrt(2 / 768)) <= 0.1 * math.sqrt(2 / 768)
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    assert abs(float(head.weight.detach().std()) - 0.02) <= 0.002 and torch.count_nonzero(head.bias) == 0
 
 def test_method_projectors_have_layernorm(minis):
     method = _spofa(minis, student="convnext_mini", teacher="vit_mini")

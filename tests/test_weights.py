@@ -1,0 +1,157 @@
+"""Runs keep the weights of the epochs they report (best.pt, final.pt and the EMA's), and students load the teacher
+weights whose accuracy they record. Every accuracy is checked by evaluating the kept file again."""
+import pytest
+import torch
+
+from hkdbench.analysis.collect import collect_runs
+from hkdbench.benchmark.config import ConfigError, ModelConfig
+from hkdbench.benchmark.data import build_loaders
+from hkdbench.benchmark.models import create_model, zoo_entry
+from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.store import MissingWeightsError, RunStore
+from hkdbench.benchmark.trainer import Trainer, best_record, evaluate, train
+
+TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
+# A teacher whose best epoch is well above its last, so best.pt and final.pt hold different weights with different
+# accuracies: the warm-up raises the lr from 3e-3 to 0.3 over the whole run, which spoils the later epochs
+# (best epoch 2 at 33.6 % top-1, last 28.9 % at the time of writing).
+TEACHER = ["train.epochs=4", "optim.lr=0.3", "optim.warmup_lr=0.003", "optim.warmup_epochs=4",
+           "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64"]
+
+
+def student_cfg(weights="best", method="kd", epochs=1, extra=()):
+    return resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method=method,
+                              recipe="demo", overrides=TINY + [f"train.epochs={epochs}", *extra],
+                              teacher_overrides=TEACHER, teacher_weights=weights)
+
+
+def evaluate_state(cfg, state):
+    """Top-1/top-5 of a state dict of ``cfg``'s model on ``cfg``'s own evaluation set."""
+    device = torch.device("cpu")
+    crop_pct = cfg.data.crop_pct or zoo_entry(cfg.student.name).crop_pct
+    _, test_loader, info = build_loaders(cfg.data, device, crop_pct)
+    model = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
+    model.model.load_state_dict(state)
+    return evaluate(model, test_loader, device, None, False)
+
+
+def spy_on_teachers(monkeypatch):
+    """The state dict of every teacher the trainer hands to a student run, in order."""
+    used, prepare = [], Trainer.prepare_teacher
+
+    def recording(self, *args):
+        teacher, top1 = prepare(self, *args)
+        if teacher is not None:  # None in the teacher's own run
+            used.append({k: v.clone() for k, v in teacher.model.state_dict().items()})
+        return teacher, top1
+
+    monkeypatch.setattr(Trainer, "prepare_teacher", recording)
+    return used
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_kept_weights_reproduce_the_summary(rd):
+    summary, cfg = rd.summary(), rd.config()
+    assert (summary["best_weights"], summary["last_weights"]) == ("best.pt", "final.pt")
+    best, last = evaluate_state(cfg, rd.load_weights("best")), evaluate_state(cfg, rd.load_weights("last"))
+    assert (best["top1"], best["top5"]) == (summary["best_top1"], summary["best_top5"])
+    assert (last["top1"], last["top5"]) == (summary["last_top1"], summary["last_top5"])
+    record = {m["epoch"]: m for m in rd.metrics()}
+    assert record[summary["best_epoch"]]["top1"] == summary["best_top1"]
+    assert summary["last_epoch"] == cfg.train.epochs
+
+
+def test_best_record_keeps_the_first_of_equal_epochs_and_skips_unevaluated_ones():
+    history = [{"epoch": 1, "top1": 5.0}, {"epoch": 2}, {"epoch": 3, "top1": 7.0}, {"epoch": 4, "top1": 7.0}]
+    assert best_record(history)["epoch"] == 3  # timm's CheckpointSaver: model_best only on a strictly greater metric
+    assert best_record(history, "ema_top1") is None and best_record([]) is None
+
+
+def test_teacher_weights_field_is_validated():
+    with pytest.raises(ValueError, match="weights must be one of best, last.*'worst'"):
+        ModelConfig("resnet_mini", weights="worst")
+    with pytest.raises(ConfigError, match="teacher: weights='last' .*checkpoint is loaded as it is"):
+        resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method="kd", recipe="demo",
+                           teacher_checkpoint="/some/teacher.pth", teacher_weights="last")
+    best, last = student_cfg("best"), student_cfg("last")
+    assert best.teacher.weights == "best" and last.teacher.weights == "last"
+    assert best.run_hash() != last.run_hash()  # two students, one teacher run
+    assert teacher_run_config(best) == teacher_run_config(last)
+
+
+@pytest.mark.slow
+def test_students_load_the_teacher_weights_whose_accuracy_they_record(fmnist_available, runs_dir, monkeypatch):
+    store = RunStore(runs_dir)
+    used = spy_on_teachers(monkeypatch)
+    with_best = train(student_cfg("best", epochs=2), runs_dir=runs_dir, progress=False, echo=False).run_dir
+    t_dir = store.run_dir(teacher_run_config(student_cfg()))
+    teacher = t_dir.summary()
+    assert teacher["best_epoch"] < teacher["last_epoch"] and teacher["best_top1"] != teacher["last_top1"], (
+        "the tiny teacher must peak before its last epoch for this test to tell best from last; adjust TEACHER")
+    assert not torch.equal(t_dir.load_weights("best")["fc.weight"], t_dir.load_weights("last")["fc.weight"])
+    assert_kept_weights_reproduce_the_summary(t_dir)
+    assert_kept_weights_reproduce_the_summary(with_best)
+
+    summary = with_best.summary()
+    assert (summary["teacher_weights"], summary["teacher_run"]) == ("best", t_dir.path.name)
+    assert summary["teacher_top1"] == teacher["best_top1"]
+    assert same_weights(used[-1], t_dir.load_weights("best"))
+    assert summary["teacher_top1"] == evaluate_state(t_dir.config(), used[-1])["top1"]
+    assert f"the best weights of {t_dir.path.name} (epoch {teacher['best_epoch']}" in with_best.log_file.read_text()
+
+    with_last = train(student_cfg("last"), runs_dir=runs_dir, progress=False, echo=False).run_dir
+    summary = with_last.summary()
+    assert (summary["teacher_weights"], summary["teacher_run"]) == ("last", t_dir.path.name)
+    assert summary["teacher_top1"] == teacher["last_top1"]
+    assert same_weights(used[-1], t_dir.load_weights("last"))
+    assert summary["teacher_top1"] == evaluate_state(t_dir.config(), used[-1])["top1"]
+    assert len([r for r in store.runs() if r.config().kind == "teacher"]) == 1
+
+    rows = collect_runs(runs_dir).set_index("run")
+    assert rows.loc[with_last.path.name, "teacher_weights"] == "last"
+    assert rows.loc[t_dir.path.name, "best_weights"] == "best.pt"
+    assert rows.loc[t_dir.path.name, "last_epoch"] == 4
+
+    # a teacher run from before best.pt was kept: a clear error for 'best', never its final.pt in its place
+    t_dir.weights_file("best").unlink()
+    with pytest.raises(MissingWeightsError, match=r"has no best.pt .*--restart.*--teacher-weights last"):
+        train(student_cfg("best", extra=["train.seed=1"]), runs_dir=runs_dir, progress=False, echo=False)
+    assert train(student_cfg("last", extra=["train.seed=1"]), runs_dir=runs_dir, progress=False,
+                 echo=False).status == "done"
+
+
+@pytest.mark.slow
+def test_ema_best_and_last_weights_are_kept_and_reproduce_their_accuracy(fmnist_available, runs_dir):
+    cfg = resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="demo",
+                             overrides=TINY + ["train.epochs=3", "train.ema_decay=0.5"])
+    rd = train(cfg, runs_dir=runs_dir, progress=False, echo=False).run_dir
+    summary = rd.summary()
+    assert (summary["ema_best_weights"], summary["ema_last_weights"]) == ("best_ema.pt", "final_ema.pt")
+    assert summary["teacher_weights"] is None and summary["teacher_run"] is None
+    best = evaluate_state(cfg, rd.load_weights("best", ema=True))["top1"]
+    last = evaluate_state(cfg, rd.load_weights("last", ema=True))["top1"]
+    assert (best, last) == (summary["ema_best_top1"], summary["ema_last_top1"])
+    assert summary["ema_best_top1"] == max(m["ema_top1"] for m in rd.metrics())
+    assert_kept_weights_reproduce_the_summary(rd)
+
+
+@pytest.mark.slow
+def test_resume_without_the_best_weights_its_checkpoint_records_fails_clearly(fmnist_available, runs_dir):
+    cfg = resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="demo",
+                             overrides=TINY + ["train.epochs=2"])
+    calls = {"n": 0}
+
+    def stop_in_epoch_two():
+        calls["n"] += 1
+        return calls["n"] == 5  # 4 steps per epoch
+
+    first = train(cfg, runs_dir=runs_dir, progress=False, echo=False, should_stop=stop_in_epoch_two)
+    assert first.status == "interrupted" and first.run_dir.weights_file("best").exists()
+    first.run_dir.weights_file("best").unlink()
+    with pytest.raises(RuntimeError, match="records a best epoch 1 but best.pt is missing.*--restart"):
+        train(cfg, runs_dir=runs_dir, progress=False, echo=False, resume=True)
+    restarted = train(cfg, runs_dir=runs_dir, progress=False, echo=False, restart=True)
+    assert restarted.status == "done" and restarted.run_dir.weights_file("best").exists()
