@@ -9,7 +9,8 @@
 Pipelines: ``paper224`` is the papers' CIFAR-at-224 pipeline, timm 0.6.5's ``create_transform`` in its order:
 RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, ``data.train_interpolation``: bilinear, bicubic, or ``random``
 = either per image) -> horizontal flip -> RandAugment when ``data.auto_augment`` is set, else colour jitter (timm
-applies no colour jitter under an auto-augment policy) -> normalise -> random erasing; eval: resize to
+applies no colour jitter under an auto-augment policy) -> normalise -> random erasing (under mixup/cutmix in the
+train step after mixing, ``MixThenErase``, as timm train.py's prefetcher erases the mixed batch); eval: resize to
 img_size / crop_pct + center crop. ``small`` keeps the native resolution (padded to ``img_size``) with random crop
 + flip for the demo and tests, then the same RandAugment-or-jitter, normalise, erasing steps.
 
@@ -32,6 +33,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 
 from .config import DataConfig
 from .randaugment import BatchRandAugment, fill_from_mean
@@ -313,7 +315,8 @@ class TensorLoader:
         self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
         self.rand_augment = _rand_augment(cfg, info) if train and cfg.auto_augment else None
         self.jitter = effective_color_jitter(cfg.color_jitter, cfg.auto_augment) if train else 0.0
-        self.erasing = _random_erasing(cfg, device) if train and cfg.reprob > 0 else None
+        erases_here = train and cfg.reprob > 0 and not mixes(cfg)  # under mixup it erases after mixing
+        self.erasing = _random_erasing(cfg, device) if erases_here else None
 
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.train, self.rank, self.world_size)
@@ -401,14 +404,36 @@ def _random_erasing(cfg: DataConfig, device):
     return RandomErasing(probability=cfg.reprob, mode=ERASING_MODE, device=str(device))
 
 
-def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):
-    """timm's batch Mixup/CutMix (soft targets), or None when the recipe has neither."""
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    from timm.data import Mixup
+def mixes(cfg: DataConfig) -> bool:
+    return cfg.mixup > 0 or cfg.cutmix > 0
 
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=label_smoothing,
-                 num_classes=num_classes, mode="batch")
+
+def build_mixup(cfg: DataConfig, num_classes: int, label_smoothing: float):
+    """timm's batch Mixup/CutMix (soft targets) followed by the recipe's random erasing (``MixThenErase``), or
+    None when the recipe has neither mixup nor cutmix."""
+    if not mixes(cfg):
+        return None
+    return MixThenErase(cfg, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=label_smoothing,
+                        num_classes=num_classes, mode="batch")
+
+
+class MixThenErase(Mixup):
+    """timm's Mixup, then random erasing of the mixed batch: timm train.py's order with its default prefetcher
+    (FastCollateMixup mixes in the loader's collate, the prefetcher then normalises and erases), so an erased
+    patch is pure noise, never blended into another image. The loaders leave erasing to this step when the
+    recipe mixes."""
+
+    def __init__(self, cfg: DataConfig, **mixup_args):
+        super().__init__(**mixup_args)
+        self.data_cfg, self.erasing = cfg, None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        images, soft = super().__call__(images, labels)
+        if self.data_cfg.reprob > 0:
+            if self.erasing is None:
+                self.erasing = _random_erasing(self.data_cfg, images.device)
+            images = self.erasing(images)
+        return images, soft
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -452,7 +477,8 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
         # --recount 1), not create_transform's ('const')
         transform = create_transform(
             cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment, re_prob=cfg.reprob,
+            color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment,
+            re_prob=0.0 if mixes(cfg) else cfg.reprob,  # under mixup it erases after mixing (MixThenErase)
             re_mode=ERASING_MODE, re_count=1, interpolation=cfg.train_interpolation if train else "bilinear",
             mean=info.mean, std=info.std, crop_pct=crop_pct)
         return with_zero_bit_posterize(transform)
@@ -479,7 +505,7 @@ def _small_train_steps(cfg: DataConfig, info: DatasetInfo) -> list:
     elif jitter > 0:
         steps.append(T.ColorJitter(jitter, jitter, jitter))
     steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
-    if cfg.reprob > 0:
+    if cfg.reprob > 0 and not mixes(cfg):  # under mixup it erases after mixing (MixThenErase)
         steps.append(RandomErasing(probability=cfg.reprob, mode=ERASING_MODE, device="cpu"))
     return steps
 

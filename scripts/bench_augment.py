@@ -35,8 +35,9 @@ from hkdbench.benchmark.recipes import RECIPES
 
 
 def _config(args) -> DataConfig:
+    # mixup (and, after it, random erasing) runs in the train step; without it every contender erases itself
     body = {**RECIPES["cifar-vit"]["data"], "dataset": "fashion-mnist", "img_size": args.img_size,
-            "batch_size": args.batch_size, "workers": args.workers}
+            "batch_size": args.batch_size, "workers": args.workers, "mixup": 0.0, "cutmix": 0.0}
     return build_dataclass(DataConfig, body, "data")
 
 

@@ -40,7 +40,8 @@ def _uint8(image) -> torch.Tensor:
 @pytest.mark.parametrize("pipeline, size", [("paper224", 64), ("small", 32)])
 def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(fmnist_available, pipeline, size):
     """Both paths over the same 1536 Fashion-MNIST images (paper224 at 64 px: RRC random interpolation, flip;
-    small: pad, random crop, flip; then RandAugment rand-m9-mstd0.5-inc1, normalise, random erasing 0.25):
+    small: pad, random crop, flip; then RandAugment rand-m9-mstd0.5-inc1, normalise; the recipe mixes, so random
+    erasing comes after the mix step, not in the loaders):
     per-image mean, std and second moment by KS test, the overall pixel mean and second moment within 5
     standard errors (from the per-image spread)."""
     n = 1536
@@ -141,6 +142,37 @@ def test_random_erasing_is_train_pys_pixel_mode_on_both_paths(pipeline):
     assert len(erasing) == 1
 
 
+@pytest.mark.parametrize("pipeline", ["paper224", "small"])
+def test_under_mixup_the_loaders_leave_erasing_to_the_mix_step(pipeline):
+    from timm.data.random_erasing import RandomErasing
+
+    cfg = DataConfig(pipeline=pipeline, img_size=32, reprob=0.25, mixup=0.8, cutmix=1.0)
+    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
+    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+                            FMNIST, True, torch.device("cpu"), 1.0)
+    assert not any(isinstance(s, RandomErasing) for s in steps) and loader.erasing is None
+    assert isinstance(D.build_mixup(cfg, 10, 0.1), D.MixThenErase)
+    assert D.build_mixup(DataConfig(reprob=0.25), 10, 0.1) is None
+
+
+def test_erasing_comes_after_mixing_so_erased_patches_are_pure_noise():
+    """timm train.py (prefetcher): mix, then erase. Erasing first would blend the noise with the other image
+    (scaled by lam or 1 - lam); here every erased pixel is N(0, 1) and the rest is the mixed image."""
+    cfg = DataConfig(reprob=1.0, mixup=0.8)
+    mix = D.build_mixup(cfg, 4, 0.0)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    images = torch.arange(64.0).view(64, 1, 1, 1).expand(64, 1, 32, 32) * 100  # image i: constant 100 i
+    labels = torch.arange(64) % 4
+    out, soft = mix(images.clone(), labels)
+    lam = soft[0, labels[0]].item()  # image 0's own share
+    mixed = images * lam + images.flip(0) * (1 - lam)  # timm's batch mixup pairs image i with image B-1-i
+    erased = (out - mixed).abs() > 0.01  # the mixed values agree to float rounding
+    assert 0.02 < erased.double().mean() < 0.34  # one box of 2-33 % of the image in each (probability 1)
+    noise = out[erased]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+
+
 def test_randaugment_fill_is_timms_img_mean_of_the_dataset():
     cfg = DataConfig(img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
     loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
@@ -221,12 +253,12 @@ def test_timms_posterize_op_at_magnitude_10_gives_black_instead_of_raising():
 
 
 @pytest.mark.slow
-def test_a_run_under_auto_augment_logs_that_its_colour_jitter_is_off(fmnist_available, runs_dir):
+def test_a_run_under_auto_augment_and_mixup_trains_and_logs_that_its_colour_jitter_is_off(fmnist_available, runs_dir):
     from hkdbench.benchmark.trainer import train
 
     cfg = resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="demo", overrides=[
         "data.train_subset=128", "data.eval_subset=64", "data.batch_size=64", "data.img_size=16", "train.epochs=1",
-        "data.color_jitter=0.4", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25"])
+        "data.color_jitter=0.4", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25", "data.mixup=0.8"])
     result = train(cfg, runs_dir=runs_dir, progress=False)
     assert result.status == "done"
     assert "color_jitter 0.4 is not applied" in result.run_dir.log_file.read_text()
