@@ -68,7 +68,8 @@ def cmd_recipes(args, _overrides) -> int:
         print(f"{name}: {o['name']} lr {o['lr']} wd {o['weight_decay']} {sched} ({stepping}) "
               f"warmup {o['warmup_epochs']} "
               f"epochs {t['epochs']} batch {d['batch_size']}/process img {d['img_size']} ({d['pipeline']}, "
-              f"train interpolation {d.get('train_interpolation', 'bilinear')})"
+              f"train interpolation {d.get('train_interpolation', 'bilinear')}, "
+              f"eval {d.get('eval_interpolation', 'bilinear')})"
               f"{' + ' + ', '.join(extras) if extras else ''}{'; ' + jitter_note if jitter_note else ''}")
     return 0
 

@@ -141,6 +141,7 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, 
 
 # timm's train interpolations: 'random' picks bilinear or bicubic per image (RandomResizedCropAndInterpolation)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
+EVAL_INTERPOLATIONS = ("bilinear", "bicubic", "model")  # 'model': resolved to the student's default by the recipe
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class DataConfig:
     hflip: float = 0.5
     rrc_scale: Tuple[float, ...] = (0.08, 1.0)
     train_interpolation: str = "bilinear"  # training resize: 'bilinear', 'bicubic' or 'random' (either, per image)
+    eval_interpolation: str = "bilinear"   # evaluation resize: 'bilinear', 'bicubic' or 'model' (the model's default)
     crop_padding: int = 4               # 'small' pipeline random crop padding
     color_jitter: float = 0.0
     auto_augment: Optional[str] = None  # e.g. 'rand-m9-mstd0.5-inc1'
@@ -172,6 +174,9 @@ class DataConfig:
             raise ValueError(f"data.pipeline must be 'small' or 'paper224', got {self.pipeline!r}")
         if self.in_memory not in ("auto", "yes", "no"):
             raise ValueError(f"data.in_memory must be 'auto', 'yes' or 'no', got {self.in_memory!r}")
+        if self.eval_interpolation not in EVAL_INTERPOLATIONS:
+            raise ValueError(f"data.eval_interpolation must be one of {', '.join(EVAL_INTERPOLATIONS)}, "
+                             f"got {self.eval_interpolation!r}")
         if self.train_interpolation not in TRAIN_INTERPOLATIONS:
             raise ValueError(f"data.train_interpolation must be one of {', '.join(TRAIN_INTERPOLATIONS)}, "
                              f"got {self.train_interpolation!r}")

@@ -353,12 +353,14 @@ class TensorLoader:
         return _resized_crop(x, box, flip, cfg.img_size, _per_image_bicubic(b, cfg.train_interpolation, x.device))
 
     def _eval_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's eval transform: Pillow's bilinear resize to img_size / crop_pct, then the center crop."""
+        """timm's eval transform: Pillow's resize (``data.eval_interpolation``) to img_size / crop_pct, then the
+        center crop."""
         b, size = x.shape[0], self.cfg.img_size
         resize = math.floor(size / self.crop_pct)
         whole = [torch.full((b,), v, device=x.device) for v in (0, 0, x.shape[-2], x.shape[-1])]
         never = torch.zeros(b, dtype=torch.bool, device=x.device)
-        x = _resized_crop(x, whole, never, resize, bicubic=never)
+        bicubic = torch.full((b,), self.cfg.eval_interpolation == "bicubic", device=x.device)
+        x = _resized_crop(x, whole, never, resize, bicubic=bicubic)
         top = int(round((resize - size) / 2))  # torchvision's CenterCrop
         return x[..., top:top + size, top:top + size]
 
@@ -479,7 +481,7 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
             cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment,
             re_prob=0.0 if mixes(cfg) else cfg.reprob,  # under mixup it erases after mixing (MixThenErase)
-            re_mode=ERASING_MODE, re_count=1, interpolation=cfg.train_interpolation if train else "bilinear",
+            re_mode=ERASING_MODE, re_count=1, interpolation=cfg.train_interpolation if train else cfg.eval_interpolation,
             mean=info.mean, std=info.std, crop_pct=crop_pct)
         return with_zero_bit_posterize(transform)
     if not train:
@@ -605,6 +607,9 @@ def train_subset_indices(n: int, subset: int) -> torch.Tensor:
 def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
     """(train loader, eval loader, DatasetInfo) for a data config; with ``world_size > 1`` each loader yields
     rank ``rank``'s share (see benchmark/distributed.py)."""
+    if cfg.eval_interpolation == "model":
+        raise ValueError("data.eval_interpolation=model is resolved to the student's default when a run's config is "
+                         "built (recipes.resolve_run_config); pass 'bilinear' or 'bicubic' to build_loaders")
     shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)

@@ -50,16 +50,17 @@ class ZooEntry:
     crop_pct: float                  # evaluation resize = img_size / crop_pct, as timm's eval transform
     description: str
     paper: bool = False              # one of the papers' 224 px models
+    interpolation: str = "bilinear"  # timm 0.6.5's default_cfg interpolation (what data.eval_interpolation=model takes)
 
 
 _ZOO: Dict[str, ZooEntry] = {}
 
 
-def _register(name, family, img_size, crop_pct, description, paper=False):
+def _register(name, family, img_size, crop_pct, description, paper=False, interpolation="bilinear"):
     def wrap(fn):
         if name in _ZOO:
             raise ValueError(f"model {name!r} registered twice")
-        _ZOO[name] = ZooEntry(name, family, fn, img_size, crop_pct, description, paper)
+        _ZOO[name] = ZooEntry(name, family, fn, img_size, crop_pct, description, paper, interpolation)
         return fn
     return wrap
 
@@ -77,19 +78,21 @@ def _accepts_img_size(timm_name: str) -> bool:
     return any(k in timm_name for k in ("vit", "deit", "swin", "mixer", "resmlp"))
 
 
-# The papers' 224 px models (OFA-KD / PAT CIFAR-100 and ImageNet matrices).
-for _name, _family, _timm_name, _crop in [
-    ("resnet18", "cnn", "resnet18", 0.875),
-    ("resnet50", "cnn", "resnet50", 0.875),
-    ("mobilenetv2_100", "cnn", "mobilenetv2_100", 0.875),
-    ("deit_tiny", "vit", "deit_tiny_patch16_224", 0.9),
-    ("vit_small", "vit", "vit_small_patch16_224", 0.9),
-    ("swin_tiny", "swin", "swin_tiny_patch4_window7_224", 0.9),
-    ("convnext_tiny", "convnext", "convnext_tiny", 0.875),
-    ("mixer_b16", "mlp", "mixer_b16_224", 0.875),
-    ("resmlp_12", "mlp", "resmlp_12_224", 0.875),
+# The papers' 224 px models (OFA-KD / PAT CIFAR-100 and ImageNet matrices), with crop_pct and interpolation of
+# their default_cfg in timm 0.6.5 (what the references' resolve_data_config read; some changed in timm 1.x).
+for _name, _family, _timm_name, _crop, _interp in [
+    ("resnet18", "cnn", "resnet18", 0.875, "bilinear"),
+    ("resnet50", "cnn", "resnet50", 0.95, "bicubic"),  # 0.6.5's default weights are RSB-A1
+    ("mobilenetv2_100", "cnn", "mobilenetv2_100", 0.875, "bicubic"),
+    ("deit_tiny", "vit", "deit_tiny_patch16_224", 0.9, "bicubic"),
+    ("vit_small", "vit", "vit_small_patch16_224", 0.9, "bicubic"),
+    ("swin_tiny", "swin", "swin_tiny_patch4_window7_224", 0.9, "bicubic"),
+    ("convnext_tiny", "convnext", "convnext_tiny", 0.875, "bicubic"),
+    ("mixer_b16", "mlp", "mixer_b16_224", 0.875, "bicubic"),
+    ("resmlp_12", "mlp", "resmlp_12_224", 0.875, "bicubic"),
 ]:
-    _register(_name, _family, 224, _crop, f"timm {_timm_name}", paper=True)(_timm(_timm_name))
+    _register(_name, _family, 224, _crop, f"timm {_timm_name}", paper=True, interpolation=_interp)(
+        _timm(_timm_name))
 
 
 def _small_swin(embed_dim: int):
@@ -101,8 +104,10 @@ def _small_swin(embed_dim: int):
 
 
 # The papers' small Swins (OFAKD custom_model/swin_transformer.py): depths 2-2-2-2, heads 2-4-8-16, patch 4, window 7.
-_register("swin_pico", "swin", 224, 0.9, "Swin-P: embed 48, depths 2-2-2-2", paper=True)(_small_swin(48))
-_register("swin_nano", "swin", 224, 0.9, "Swin-N: embed 64, depths 2-2-2-2", paper=True)(_small_swin(64))
+_register("swin_pico", "swin", 224, 0.9, "Swin-P: embed 48, depths 2-2-2-2", paper=True, interpolation="bicubic")(
+    _small_swin(48))
+_register("swin_nano", "swin", 224, 0.9, "Swin-N: embed 64, depths 2-2-2-2", paper=True, interpolation="bicubic")(
+    _small_swin(64))
 
 
 # Small-resolution configurations of the same families (32x32 input) for the demo and the tests.

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, build_dataclass,
@@ -56,7 +57,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # step schedule does not use it)
     "imagenet-cnn": {
         "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 64, "hflip": 0.5,
-                 "train_interpolation": "random"},
+                 "train_interpolation": "random", "eval_interpolation": "model"},
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "sched": "step",
                   "decay_epochs": 30, "decay_rate": 0.1, "warmup_epochs": 3, "warmup_lr": 1e-4, "min_lr": 1e-6,
                   "label_smoothing": 0.1},
@@ -65,7 +66,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # OFA-KD configs/imagenet/vit_mlp.yaml
     "imagenet-vit": {
         "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 128,
-                 "train_interpolation": "random", "color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1",
+                 "train_interpolation": "random", "eval_interpolation": "model", "color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1",
                  "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0},
         "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 20,
                   "warmup_lr": 5e-7, "min_lr": 1e-6, "clip_grad": 5.0, "label_smoothing": 0.1},
@@ -115,6 +116,8 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
         raise ConfigError(f"unknown override section(s) {', '.join(unknown)}; allowed: data, optim, train, method")
     body = deep_merge(body, {k: v for k, v in extra.items() if k != "method"})
     data = build_dataclass(DataConfig, body.get("data", {}), "data")
+    if data.eval_interpolation == "model":  # the references' resolve_data_config: the student's own default
+        data = dataclasses.replace(data, eval_interpolation=zoo_entry(student).interpolation)
     optim = build_dataclass(OptimConfig, body.get("optim", {}), "optim")
     train = build_dataclass(TrainConfig, body.get("train", {}), "train")
     method_cfg = method_config(method, extra.get("method", {}))

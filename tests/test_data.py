@@ -175,16 +175,19 @@ def test_paper224_pipeline_shapes():
     assert next(test.batches())[0].shape == (4, 3, 224, 224)
 
 
-@pytest.mark.parametrize("crop_pct", [0.875, 0.9])
-def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct):
+@pytest.mark.parametrize("crop_pct,interpolation", [(0.875, "bilinear"), (0.9, "bilinear"), (0.875, "bicubic")])
+def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct, interpolation):
     from PIL import Image
+    from timm.data import create_transform
 
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, eval_batch_size=3)
+    cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, eval_batch_size=3,
+                     eval_interpolation=interpolation)
     info = D.dataset_info("cifar100")
     loader = D.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"), crop_pct)
     ours = next(loader.batches())[0]
-    transform = D._image_transform(cfg, info, False, crop_pct)  # timm's create_transform(is_training=False)
+    transform = create_transform(224, is_training=False, interpolation=interpolation, mean=info.mean, std=info.std,
+                                 crop_pct=crop_pct)
     for image, out in zip(images, ours):
         ref = transform(Image.fromarray(image.permute(1, 2, 0).numpy()))
         assert torch.allclose(out, ref, atol=1e-5)
@@ -208,3 +211,25 @@ def test_per_image_path_gives_the_same_eval_tensors_as_the_fast_path(fmnist_avai
     xa, ya = next(fast_train.batches(seed=3, epoch=1))
     xb, yb = next(slow_train.batches(seed=3, epoch=1))
     assert torch.equal(ya, yb) and xa.shape == xb.shape == (16, 1, 32, 32)
+
+
+def test_eval_interpolation_is_validated():
+    with pytest.raises(ValueError, match="data.eval_interpolation must be one of bilinear, bicubic, model, got .random."):
+        DataConfig(eval_interpolation="random")
+
+
+def test_eval_interpolation_model_takes_the_students_timm_065_default():
+    from hkdbench.benchmark.recipes import resolve_run_config
+
+    def resolved(student, recipe, dataset):
+        cfg = resolve_run_config(kind="student", student=student, method="none", dataset=dataset, recipe=recipe,
+                                 overrides=["data.root=/nowhere"])
+        return cfg.data.eval_interpolation
+
+    # timm 0.6.5 default_cfg: resnet18 bilinear, deit/mobilenetv2/resmlp bicubic
+    assert resolved("resnet18", "imagenet-cnn", "imagenet") == "bilinear"
+    assert resolved("mobilenetv2_100", "imagenet-cnn", "imagenet") == "bicubic"
+    assert resolved("deit_tiny", "imagenet-vit", "imagenet") == "bicubic"
+    assert resolved("deit_tiny", "cifar-vit", "cifar100") == "bilinear"  # PAT, and OFA-KD at the paper's time
+    with pytest.raises(ValueError, match="resolved to the student's default"):
+        D.build_loaders(DataConfig(eval_interpolation="model"), torch.device("cpu"), 1.0)
