@@ -24,9 +24,11 @@ import fcntl
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -130,6 +132,10 @@ WEIGHTS_FILES = {("best", False): "best.pt", ("last", False): "final.pt",
                  ("best", True): "best_ema.pt", ("last", True): "final_ema.pt"}
 
 
+# the name mkstemp gives an atomic write's temp file: "." + target name + "." + 8 random characters
+_TEMP_FILE = re.compile(r"\.(.+)\.[a-z0-9_]{8}")
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -183,9 +189,20 @@ class RunDir:
         return json.loads(self.failed_file.read_text())
 
     def metrics(self) -> List[Dict[str, Any]]:
+        """The epoch records; a line that does not parse (torn by a kill or an edit) is skipped with a warning
+        naming the file, never silently (the next open of the run rewrites the file from its checkpoint)."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.metrics_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                warnings.warn(f"{self.metrics_file}: line {number} is not valid JSON (torn or edited); skipped. "
+                              "Resume the run (--resume) to rewrite the file from its checkpoint", stacklevel=2)
+        return records
 
     def load_weights(self, which: str, ema: bool = False) -> Dict[str, torch.Tensor]:
         """The state dict kept as the run's ``which`` weights; a clear error when the run never wrote it."""
@@ -213,6 +230,17 @@ class RunDir:
                                    "refusing to overwrite another run")
         else:
             atomic_write_json(self.config_file, body)
+
+    def remove_stray_temp_files(self) -> List[str]:
+        """Deletes the temp files of atomic writes cut off by a kill (``.checkpoint.pt.XXXXXXXX``, ...).
+        Call it only under the run's lock: a live writer holds that lock, so no temp file in use is removed."""
+        removed = []
+        for path in self.path.glob(".*"):
+            if path.is_file() and _TEMP_FILE.fullmatch(path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path.name)
+        return sorted(removed)
 
     def write_metrics(self, records: List[Dict[str, Any]]) -> None:
         atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())

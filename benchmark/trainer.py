@@ -230,6 +230,8 @@ class Trainer:
         cfg, rd = self.cfg, self.run_dir
         if self.is_main:
             rd.claim(cfg)
+            if removed := rd.remove_stray_temp_files():  # left by a kill mid-write; we hold the lock
+                self.say(f"{rd.path.name}: removed temp files left by an interrupted write: {', '.join(removed)}")
         if restart and self.is_main:
             rd.reset()
         if rd.is_done:
@@ -273,6 +275,8 @@ class Trainer:
         if rd.has_checkpoint:
             state = self._load_checkpoint(module, optimizer, scaler, ema, state)
             self._check_kept_best(state["history"])
+            if self.is_main:  # the checkpoint's history is the truth: a kill may have cut off the metrics write
+                rd.write_metrics(state["history"])
             self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
         elif self.is_main:
             from .store import atomic_write_json
@@ -314,6 +318,7 @@ class Trainer:
             self.say(_format_epoch(record, cfg.train.epochs))
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
+            rd.write_metrics(history)  # DONE never comes with metrics short of the final epoch
             rd.save_weights("last", student.model.state_dict())
             if ema is not None:
                 rd.save_weights("last", ema.module.state_dict(), ema=True)
