@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shlex
+import signal
+import sys
 import time
 from typing import Dict, List
 
@@ -17,7 +19,27 @@ def cmd_train(args, overrides) -> int:
                              teacher_recipe=args.teacher_recipe, overrides=overrides(args),
                              teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights)
     _check_flags(args, cfg)
-    result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart, device=args.device)
+    return _train_until_done_or_stopped(train, cfg, args)
+
+
+def _train_until_done_or_stopped(train, cfg, args) -> int:
+    """Trains; on SIGTERM/SIGINT the run saves a checkpoint and the exit code is 128 + the signal's number."""
+    from .stopping import stop_signals
+    from .trainer import TeacherUnavailableError
+
+    with stop_signals() as stops:
+        try:
+            result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart,
+                           device=args.device, should_stop=stops.requested)
+        except TeacherUnavailableError:
+            if not stops.requested():
+                raise
+            result = None  # stopped while training the teacher: its own run holds the checkpoint
+    if stops.requested() and (result is None or result.status == "interrupted"):
+        where = f" in {result.run_dir.path}" if result is not None else " of the teacher's run"
+        print(f"hkdbench {args.command}: stopped by {signal.Signals(stops.signum).name}; checkpoint saved{where}. "
+              "Continue with the same command and --resume", file=sys.stderr)
+        return stops.exit_code
     return 0 if result.status == "done" else 3
 
 
@@ -27,8 +49,7 @@ def cmd_teacher(args, overrides) -> int:
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
                              recipe=args.recipe, overrides=overrides(args))
     _check_flags(args, cfg)
-    result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart, device=args.device)
-    return 0 if result.status == "done" else 3
+    return _train_until_done_or_stopped(train, cfg, args)
 
 
 def _check_flags(args, cfg) -> None:

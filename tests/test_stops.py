@@ -1,13 +1,17 @@
 """Stops that lose nothing: metrics repaired from the checkpoint, torn lines reported, stray temp files removed."""
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.store import RunDir, RunStore
 from hkdbench.benchmark.trainer import train
 
-from test_trainer import tiny_cfg
+from test_trainer import TINY, TINY_TEACHER, _assert_same_kept_files, _strip_times, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,34 @@ def test_stray_temp_files_are_removed_on_the_next_open_under_the_lock(finished_r
     train(cfg, runs_dir=str(rd.path.parent), progress=False)  # already done: opening it cleans up
     assert not [name for name in strays if (rd.path / name).exists()]
     assert (rd.path / ".keepme").exists() and rd.is_done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(fmnist_available, tmp_path,
+                                                                                   signum):
+    """The signal lands once epoch 1's metrics exist (mid-run); the process exits 128+signum saying how to resume."""
+    args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
+            *TINY, "train.epochs=6", *[f"--teacher-override={o}" for o in TINY_TEACHER]]
+    cli = [sys.executable, "-m", "hkdbench.benchmark.cli", "train"]
+    reference = subprocess.run([*cli, "--runs-dir", str(tmp_path / "a"), *args], capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    runs_b = tmp_path / "b"
+    proc = subprocess.Popen([*cli, "--runs-dir", str(runs_b), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(runs_b.glob("kd_*/metrics.jsonl")):
+        time.sleep(0.02)  # polling for the file, not a timed guess at when to signal
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "--resume" in err
+    assert "Traceback" not in err
+    student_dir = next(r for r in RunStore(str(runs_b)).runs() if r.path.name.startswith("kd_"))
+    assert student_dir.has_checkpoint and not student_dir.is_done
+    done = subprocess.run([*cli, "--runs-dir", str(runs_b), "--resume", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
+    _assert_same_kept_files(ref_dir, student_dir)
+    assert _strip_times(ref_dir.metrics()) == _strip_times(student_dir.metrics())
