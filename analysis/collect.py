@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -90,12 +91,13 @@ def read_metrics(path: Path) -> List[Dict[str, Any]]:
     out = []
     f = path / "metrics.jsonl"
     if f.exists():
-        for line in f.read_text().splitlines():
+        for number, line in enumerate(f.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     out.append(json.loads(line))
-                except ValueError:
-                    continue  # a torn line cannot happen with atomic writes; skip defensively
+                except ValueError:  # torn by a kill or an edit: said, never dropped silently
+                    warnings.warn(f"{f}: line {number} is not valid JSON (torn or edited); skipped. Resume the "
+                                  "run (--resume) to rewrite the file from its checkpoint", stacklevel=2)
     return out
 
 

@@ -101,3 +101,11 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_ru
     ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
     _assert_same_kept_files(ref_dir, student_dir)
     assert _strip_times(ref_dir.metrics()) == _strip_times(student_dir.metrics())
+
+
+def test_collect_warns_about_a_torn_metrics_line_naming_the_file(tmp_path):
+    from hkdbench.analysis.collect import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "to')
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl: line 2 is not valid JSON"):
+        assert read_metrics(tmp_path) == [{"epoch": 1}]
