@@ -37,10 +37,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import submitit
 
 from .config import ConfigError, run_config_from_dict
-from .store import RunDir, RunStore, atomic_write_json, timestamp
+from .store import RunDir, RunLockedError, RunStore, atomic_write_json, timestamp
 from .sweep import Preset, RunSpec, SweepPlan, missing_requirements
 
 EXECUTORS = ("inline", "local", "slurm")
+OWNED = "owned"  # a job's outcome when another live process holds its run's lock
 ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                        "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
 
@@ -108,8 +109,12 @@ class RunJob(submitit.helpers.Checkpointable):
         store = RunStore(self.runs_dir)
         try:
             result = Trainer(cfg, store, device=device, progress=False, should_stop=should_stop,
-                             dist_ctx=dist_ctx).run(resume=True)
+                             dist_ctx=dist_ctx).run(resume=True, wait_for_lock=False)
             self._outcome.update(status=result.status, run=result.run_dir.path.name)
+        except RunLockedError:  # a racing sweep's job trains this run: leave it to that one, free the slot
+            print(f"hkdbench: {cfg.run_name()} is owned by another process (its lock is held); this job exits "
+                  "without training it", file=sys.stderr, flush=True)
+            self._outcome.update(status=OWNED, run=cfg.run_name())
         except TeacherUnavailableError:  # a stop request arrived while the job was training the teacher
             self._outcome.update(status="interrupted", run=cfg.run_name())
         except BaseException as err:  # noqa: BLE001 -- recorded in the run dir, re-raised by __call__
@@ -411,9 +416,23 @@ class Sweep:
         _append_jsonl(rd.path / "jobs.jsonl", record)
         _append_jsonl(self.sweep_dir / "submissions.jsonl", {**record, "run": spec.name})
 
+    def _taken(self, spec: RunSpec) -> str:
+        """Why ``spec`` no longer needs a job (checked again right before submitting it, since a racing sweep
+        in the same store may have finished or started it meanwhile), or ''."""
+        rd = self.store.run_dir(spec.cfg)
+        if rd.is_done:
+            return "finished meanwhile by another process"
+        if rd.is_locked():  # flock: held only by a live process
+            return "owned by another process (its lock is held)"
+        return ""
+
     def _inline(self, specs: List[RunSpec], skip) -> SweepResult:
         failed = 0
         for i, spec in enumerate(specs, 1):
+            taken = self._taken(spec)
+            if taken:
+                self.say(f"[{i}/{len(specs)}] skipped {spec.name}: {taken}")
+                continue
             self.say(f"[{i}/{len(specs)}] {spec.name}")
             self._record(spec, "inline", f"inline-{os.getpid()}")
             job = self._job(spec)
@@ -437,6 +456,10 @@ class Sweep:
             while queue or running:
                 while queue and len(running) < parallel:
                     spec = queue.pop(0)
+                    taken = self._taken(spec)
+                    if taken:  # no worker slot for it
+                        self.say(f"skipped {phase} run {spec.name}: {taken}")
+                        continue
                     job = executor.submit(self._job(spec))
                     self._record(spec, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
                     submitted.append((spec.name, str(job.job_id)))
@@ -446,7 +469,12 @@ class Sweep:
                 for spec, job in list(running):
                     if job.done():
                         running.remove((spec, job))
-                        ok = self.store.run_dir(spec.cfg).is_done
+                        rd = self.store.run_dir(spec.cfg)
+                        if not rd.is_done and rd.is_locked():
+                            self.say(f"left to another process: {spec.name} (job {job.job_id} found its lock "
+                                     "held and exited without training it)")
+                            continue
+                        ok = rd.is_done
                         failed += not ok
                         self.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
                                  + ("" if ok else f", log {job.paths.stderr}") + ")")
