@@ -3,6 +3,7 @@ live workers behind."""
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ import pytest
 from hkdbench.benchmark.store import RunStore
 from hkdbench.benchmark.sweep import expand, load_preset
 
-from test_sweep import tiny_preset
+from test_sweep import TINY, tiny_preset
 
 
 def _students(preset):
@@ -91,3 +92,54 @@ def test_two_racing_identical_sweeps_train_every_run_once(tmp_path):
         assert rd.is_done and not rd.failed_file.exists()
         assert len(rd.metrics()) == spec.cfg.train.epochs  # nothing duplicated
         assert rd.log_file.read_text().count("steps/epoch") == 1  # trained by exactly one job
+
+
+def _processes_mentioning(text):
+    """Live processes whose command line names ``text`` (the test's run store)."""
+    found = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().decode(errors="replace")
+                state = open(f"/proc/{proc}/stat").read().rsplit(")", 1)[1].split()[0]
+                if text in cmdline and state != "Z":
+                    found.append((int(proc), cmdline.replace("\0", " ")))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fmnist_available")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_local_sweep_stops_its_workers_and_resumes_to_the_same_result(tmp_path, sig):
+    import torch
+
+    from hkdbench.benchmark.trainer import train
+
+    preset = tiny_preset(tmp_path, methods=["none"], overrides={"data": {**TINY, "train_subset": 2048},
+                                                                 "train": {"epochs": 2}})
+    (spec,) = _students(preset)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(_sweep_command(preset, runs, "--parallel", "1"), env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    log = runs / spec.name / "log.txt"
+    deadline = time.time() + 300
+    while not (log.exists() and "steps/epoch" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.1)  # polls for the chosen point: the worker is training
+    assert sweep.poll() is None, sweep.communicate()[0]
+    sweep.send_signal(sig)
+    out = sweep.communicate(timeout=180)[0]
+    assert sweep.returncode == 128 + sig, out
+    assert f"{sig.name}: stopping 1 running job(s)" in out and f"stopped: {spec.name}" in out, out
+    assert _processes_mentioning(str(runs)) == []  # no worker left training
+    rd = RunStore(runs).run_dir(spec.cfg)
+    assert rd.has_checkpoint and not rd.is_done and "stop requested; checkpoint saved" in log.read_text()
+
+    again = subprocess.run(_sweep_command(preset, runs), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming at epoch" in log.read_text()
+    reference = train(spec.cfg, runs_dir=str(tmp_path / "reference"), progress=False)
+    ours = torch.load(rd.path / "final.pt", weights_only=True)
+    theirs = torch.load(reference.run_dir.path / "final.pt", weights_only=True)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert len(rd.metrics()) == spec.cfg.train.epochs
