@@ -264,7 +264,7 @@ def cmd_sweep(args, _overrides) -> int:
         print()
         print(format_state_table(run_states(plan.runs, sweep.store), order=plan.runs))
         print(f"\nwall time {time.time() - start:.0f} s; sweep dir {result.sweep_dir}")
-        return 0 if result.failed == 0 else 1
+        return result.exit_code
     return 0
 
 

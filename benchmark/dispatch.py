@@ -22,9 +22,11 @@ jobs, with ``squeue``/``sacct``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,15 +34,16 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import submitit
 
 from .config import ConfigError, run_config_from_dict
-from .store import RunDir, RunStore, atomic_write_json, timestamp
+from .store import RunDir, RunLockedError, RunStore, atomic_write_json, timestamp
 from .sweep import Preset, RunSpec, SweepPlan, missing_requirements
 
 EXECUTORS = ("inline", "local", "slurm")
+OWNED = "owned"  # a job's outcome when another live process holds its run's lock
 ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                        "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
 
@@ -75,6 +78,10 @@ class RunJob(submitit.helpers.Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         torch.set_num_threads(max(int(self.threads), 1))
         self._stop = threading.Event()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
+            # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_stop_signal)
         self._outcome: Dict[str, Any] = {}
         dist_ctx = distributed.init_from_submitit()
         should_stop = self._stop.is_set if dist_ctx is None else dist_ctx.stop_fn(self._stop.is_set)
@@ -101,6 +108,17 @@ class RunJob(submitit.helpers.Checkpointable):
             distributed.shutdown()
         return outcome
 
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """First stop signal: the trainer finishes its step, saves a mid-epoch checkpoint and the job exits
+        (resumable); repeats are ignored, except a second Ctrl-C, which aborts."""
+        if self._stop.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self._stop.set()
+        print(f"hkdbench: {signal.Signals(signum).name}: stopping {self.name} after the current step (a checkpoint "
+              "is saved; re-running the sweep resumes it)", file=sys.stderr, flush=True)
+
     def _train(self, device, should_stop, dist_ctx) -> None:
         from .trainer import DivergedError, TeacherUnavailableError, Trainer
 
@@ -108,8 +126,12 @@ class RunJob(submitit.helpers.Checkpointable):
         store = RunStore(self.runs_dir)
         try:
             result = Trainer(cfg, store, device=device, progress=False, should_stop=should_stop,
-                             dist_ctx=dist_ctx).run(resume=True)
+                             dist_ctx=dist_ctx).run(resume=True, wait_for_lock=False)
             self._outcome.update(status=result.status, run=result.run_dir.path.name)
+        except RunLockedError:  # a racing sweep's job trains this run: leave it to that one, free the slot
+            print(f"hkdbench: {cfg.run_name()} is owned by another process (its lock is held); this job exits "
+                  "without training it", file=sys.stderr, flush=True)
+            self._outcome.update(status=OWNED, run=cfg.run_name())
         except TeacherUnavailableError:  # a stop request arrived while the job was training the teacher
             self._outcome.update(status="interrupted", run=cfg.run_name())
         except BaseException as err:  # noqa: BLE001 -- recorded in the run dir, re-raised by __call__
@@ -292,6 +314,11 @@ class SweepResult:
     skipped: List[RunState]
     folder: Optional[Path] = None
     failed: int = 0
+    stopped_by: int = 0                       # the signal that stopped the sweep (its workers saved and exited)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.stopped_by if self.stopped_by else int(self.failed > 0)
 
 
 class Sweep:
@@ -411,9 +438,23 @@ class Sweep:
         _append_jsonl(rd.path / "jobs.jsonl", record)
         _append_jsonl(self.sweep_dir / "submissions.jsonl", {**record, "run": spec.name})
 
+    def _taken(self, spec: RunSpec) -> str:
+        """Why ``spec`` no longer needs a job (checked again right before submitting it, since a racing sweep
+        in the same store may have finished or started it meanwhile), or ''."""
+        rd = self.store.run_dir(spec.cfg)
+        if rd.is_done:
+            return "finished meanwhile by another process"
+        if rd.is_locked():  # flock: held only by a live process
+            return "owned by another process (its lock is held)"
+        return ""
+
     def _inline(self, specs: List[RunSpec], skip) -> SweepResult:
         failed = 0
         for i, spec in enumerate(specs, 1):
+            taken = self._taken(spec)
+            if taken:
+                self.say(f"[{i}/{len(specs)}] skipped {spec.name}: {taken}")
+                continue
             self.say(f"[{i}/{len(specs)}] {spec.name}")
             self._record(spec, "inline", f"inline-{os.getpid()}")
             job = self._job(spec)
@@ -432,25 +473,71 @@ class Sweep:
         submitted: List[Tuple[str, str]] = []
         failed = 0
         self.say(f"local executor: at most {parallel} job(s) at a time; submitit logs in {self.folder}")
-        for phase, specs in (("teacher", teachers), ("student", students)):
-            queue, running = list(specs), []
-            while queue or running:
-                while queue and len(running) < parallel:
-                    spec = queue.pop(0)
+        with StopSignals() as stop:
+            for phase, specs in (("teacher", teachers), ("student", students)):
+                failed += self._local_phase(executor, phase, specs, parallel, submitted, stop)
+                if stop.signum:
+                    break
+        return SweepResult(self.sweep_dir, submitted, skip, self.folder, failed, stop.signum)
+
+    def _local_phase(self, executor, phase: str, specs, parallel: int, submitted, stop: "StopSignals") -> int:
+        """Runs one phase's jobs, ``parallel`` at a time; on a stop signal stops the running ones (returns at
+        once). Returns how many failed."""
+        failed = 0
+        queue, running = list(specs), []
+        while queue or running:
+            if stop.signum:
+                self._stop_local_jobs(running, stop.signum)
+                return failed
+            while queue and len(running) < parallel and not stop.signum:
+                spec = queue.pop(0)
+                taken = self._taken(spec)
+                if taken:  # no worker slot for it
+                    self.say(f"skipped {phase} run {spec.name}: {taken}")
+                    continue
+                with stop.ignoring_sigint():  # the job's processes inherit it: Ctrl-C reaches them only via us
                     job = executor.submit(self._job(spec))
-                    self._record(spec, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
-                    submitted.append((spec.name, str(job.job_id)))
-                    self.say(f"submitted {phase} run {spec.name} as local job {job.job_id}")
-                    running.append((spec, job))
-                time.sleep(0.5)
-                for spec, job in list(running):
-                    if job.done():
-                        running.remove((spec, job))
-                        ok = self.store.run_dir(spec.cfg).is_done
-                        failed += not ok
-                        self.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
-                                 + ("" if ok else f", log {job.paths.stderr}") + ")")
-        return SweepResult(self.sweep_dir, submitted, skip, self.folder, failed)
+                self._record(spec, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
+                submitted.append((spec.name, str(job.job_id)))
+                self.say(f"submitted {phase} run {spec.name} as local job {job.job_id}")
+                running.append((spec, job))
+            time.sleep(0.5)
+            for spec, job in list(running):
+                if job.done():
+                    running.remove((spec, job))
+                    rd = self.store.run_dir(spec.cfg)
+                    if not rd.is_done and rd.is_locked():
+                        self.say(f"left to another process: {spec.name} (job {job.job_id} found its lock "
+                                 "held and exited without training it)")
+                        continue
+                    ok = rd.is_done
+                    failed += not ok
+                    self.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
+                             + ("" if ok else f", log {job.paths.stderr}") + ")")
+        return failed
+
+    def _stop_local_jobs(self, running, signum: int) -> None:
+        """Stops the running local jobs cleanly: SIGTERM to each job's controller, which forwards it to the
+        worker (its RunJob saves a checkpoint and exits), repeated until they are gone (a worker still starting
+        may miss the first); past the trainer's stop wait, kills what is left."""
+        name = signal.Signals(signum).name
+        self.say(f"{name}: stopping {len(running)} running job(s); each saves a checkpoint and exits, and "
+                 "re-running this sweep resumes them")
+        deadline = time.monotonic() + self.preset.slurm.stop_wait + 30
+        alive = list(running)
+        while alive and time.monotonic() < deadline:
+            for _, job in alive:
+                _signal_pid(int(job.job_id), signal.SIGTERM)
+            time.sleep(1.0)
+            alive = [(spec, job) for spec, job in alive if not job.done()]
+        for spec, job in running:
+            if (spec, job) in alive:
+                _kill_tree(int(job.job_id))
+                self.say(f"killed: {spec.name} (job {job.job_id} did not stop in time; it resumes from its last "
+                         "checkpoint)")
+            else:
+                status = self.store.run_dir(spec.cfg).status()
+                self.say(f"stopped: {spec.name} (job {job.job_id}, {status})")
 
     def _slurm(self, teachers, students, skip, wait: bool) -> SweepResult:
         opts = self.preset.slurm
@@ -500,6 +587,56 @@ class Sweep:
             if not any(s.status in ("queued", "running") for s in states):
                 return sum(s.status != "done" for s in states)
             time.sleep(poll_s)
+
+
+class StopSignals:
+    """While a local sweep runs: SIGTERM and SIGINT are recorded (``signum``) instead of killing the sweep
+    process, which would leave its job processes training on, orphaned."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: Dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only; a sweep run from a thread keeps the defaults
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def ignoring_sigint(self) -> Iterator[None]:
+        """Processes started inside inherit an ignored SIGINT: a terminal's Ctrl-C (sent to the whole process
+        group) would otherwise make submitit's controller kill its worker a second later, before it saves."""
+        if not self._previous:
+            yield
+            return
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._record)
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL to a process and its children (Linux /proc; the process alone elsewhere)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    with contextlib.suppress(OSError):
+        for child in children.read_text().split():
+            _kill_tree(int(child))
+    _signal_pid(pid, signal.SIGKILL)
 
 
 def _slurm_params(opts, dependency: Optional[str]) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import subprocess
 import tempfile
 import time
@@ -43,9 +44,22 @@ def runs_root(path: Optional[str] = None) -> Path:
     return Path(path or os.environ.get("HKDBENCH_RUNS", DEFAULT_RUNS_DIR))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _open_temp(path: Path) -> tuple[int, str]:
+    """A new temp file ``.<name>.XXXXXXXX`` beside ``path``, opened for writing. Unlike mkstemp (always 0600)
+    it gets the mode the umask gives (0644 under umask 022), so colleagues sharing a run store can read results."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(tempfile.TMP_MAX):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = _open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,8 +77,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _open_temp(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)

@@ -221,9 +221,11 @@ class Trainer:
         return teacher.to(self.device), recorded[f"{which}_top1"]
 
     # -- main loop ------------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False, restart: bool = False) -> RunResult:
+    def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
+        """Trains the run under its flock; ``wait_for_lock=False`` raises RunLockedError at once when another
+        process holds it (a sweep's job for a run a racing sweep already trains)."""
         # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
-        with self.run_dir.lock() if self.is_main else contextlib.nullcontext():
+        with self.run_dir.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
             return self._run_locked(resume, restart)
 
     def _run_locked(self, resume: bool, restart: bool) -> RunResult:
