@@ -23,7 +23,15 @@ class CheckpointError(RuntimeError):
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise CheckpointError(f"teacher checkpoint {path!r} does not exist")
-    raw: Any = torch.load(path, map_location="cpu", weights_only=False)
+    if Path(path).stat().st_size == 0:
+        raise CheckpointError(f"teacher checkpoint {path} is empty (0 bytes; an interrupted copy?); copy it again "
+                              "or pass another --teacher-checkpoint")
+    try:
+        raw: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle garbage, ...: torch raises many kinds
+        raise CheckpointError(f"teacher checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is "
+                              "truncated or not a torch checkpoint: copy it again or pass another "
+                              "--teacher-checkpoint") from None
     if isinstance(raw, dict):
         keys = _EMA_WRAPPERS + _WRAPPERS if use_ema else _WRAPPERS
         for key in keys:

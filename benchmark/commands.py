@@ -59,6 +59,33 @@ def _check_flags(args, cfg) -> None:
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
     check_data_available(cfg.data)
+    _check_teacher(cfg)
+
+
+def _check_teacher(cfg) -> None:
+    """Before the run directory exists: the teacher's checkpoint loads into the teacher model, or the config of
+    the teacher run it would train (with --teacher-override) is valid and its data readable."""
+    from hkdbench.methods import get_method
+
+    from .data import check_data_available, dataset_info
+
+    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+        return
+    if cfg.teacher.checkpoint:
+        from .models import create_model
+        from .trainer import load_teacher_weights
+
+        info = dataset_info(cfg.data.dataset)
+        teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
+        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+        return
+    from .recipes import teacher_run_config
+
+    try:
+        t_cfg = teacher_run_config(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"--teacher-override: {err}") from None
+    check_data_available(t_cfg.data)
 
 
 def cmd_models(args, _overrides) -> int:

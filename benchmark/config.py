@@ -182,6 +182,18 @@ class DataConfig:
                              f"got {self.train_interpolation!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        for key in ("train_subset", "eval_subset", "workers", "crop_padding"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0 (0: {'all' if 'subset' in key else 'none'}), "
+                                 f"got {getattr(self, key)}")
+        if self.img_size < 1:
+            raise ValueError(f"data.img_size must be >= 1, got {self.img_size}")
+        for key in ("hflip", "reprob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self, key)}")
+        for key in ("color_jitter", "mixup", "cutmix"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

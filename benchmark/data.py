@@ -23,6 +23,7 @@ transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-e
 from __future__ import annotations
 
 import gzip
+import zlib
 import math
 import os
 import random
@@ -77,12 +78,27 @@ def dataset_info(name: str) -> DatasetInfo:
 # Raw arrays
 # --------------------------------------------------------------------------------------------------------------
 
+class DataCorruptError(ValueError):
+    """A data file exists but cannot be read as what it claims to be (truncated, wrong size)."""
+
+
 def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not) as an array; a damaged file raises DataCorruptError naming it."""
+    fix = "re-download or reinstall it (apt-get install --reinstall dataset-fashion-mnist, or the files of " \
+          "https://github.com/zalandoresearch/fashion-mnist)"
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # truncated or not gzip at all
+        raise DataCorruptError(f"{path} is damaged ({type(err).__name__}: {err or 'truncated'}); {fix}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataCorruptError(f"{path} is not an IDX file of bytes (bad header); {fix}")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataCorruptError(f"{path} has {len(raw)} bytes but its header {dims} says {expected}; {fix}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -138,7 +154,8 @@ def check_data_available(cfg: DataConfig) -> None:
     """Fails at once, before any model is built, when the data is not where the config says."""
     dataset_info(cfg.dataset)
     if cfg.dataset == "fashion-mnist":
-        _find_fashion_mnist(cfg.root)
+        _check_training_set_size(cfg, len(_load_fashion_mnist(cfg.root, train=True)[1]))
+        _load_fashion_mnist(cfg.root, train=False)  # every file read once: a damaged one fails here
     elif cfg.dataset == "imagenet":
         if not cfg.root or not (Path(cfg.root) / "train").is_dir() or not (Path(cfg.root) / "val").is_dir():
             raise DataNotFoundError(f"imagenet needs data.root=PATH with train/ and val/ ImageFolder directories, "
@@ -151,6 +168,14 @@ def check_data_available(cfg: DataConfig) -> None:
         if not (Path(cfg.root) / folder).is_dir():
             raise DataNotFoundError(f"{cfg.dataset} not found: {Path(cfg.root) / folder} does not exist; pass "
                                     "data.download=true on a machine with internet access")
+
+
+def _check_training_set_size(cfg: DataConfig, n: int) -> None:
+    kept = len(train_subset_indices(n, cfg.train_subset))
+    if kept < cfg.batch_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
+                         f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
+                         " or raise data.train_subset")
 
 
 # --------------------------------------------------------------------------------------------------------------

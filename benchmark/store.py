@@ -193,7 +193,17 @@ class RunDir:
         return "pending"
 
     def config(self) -> RunConfig:
-        return run_config_from_dict(json.loads(self.config_file.read_text()))
+        return run_config_from_dict(self._stored_config())
+
+    def _stored_config(self) -> Dict[str, Any]:
+        """config.json as a dict; a damaged one is named, with what to do."""
+        try:
+            return json.loads(self.config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            from .config import ConfigError
+
+            raise ConfigError(f"{self.config_file} is not valid JSON ({err}); the run directory is damaged: move "
+                              "it away (or delete it) and run again") from None
 
     def summary(self) -> Dict[str, Any]:
         return json.loads(self.summary_file.read_text())
@@ -237,7 +247,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         body = cfg.to_dict()
         if self.config_file.exists():
-            stored = json.loads(self.config_file.read_text())
+            stored = self._stored_config()
             if stored != json.loads(json.dumps(body, default=str)):
                 raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
                                    "refusing to overwrite another run")

@@ -33,11 +33,31 @@ def load_plugins(spec: str | None = None) -> list:
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
-            module_spec.loader.exec_module(module)
+            _import_plugin(item, lambda: module_spec.loader.exec_module(module))
         else:
-            module = importlib.import_module(item)
+            module = _import_plugin(item, lambda: importlib.import_module(item))
         modules.append(module)
     return modules
+
+
+def _import_plugin(item: str, do_import):
+    """Runs one plugin import; a plugin that cannot be imported fails with its name and the reason, not a
+    traceback from inside the import machinery."""
+    from hkdbench.benchmark.config import ConfigError
+
+    try:
+        return do_import()
+    except ModuleNotFoundError as err:
+        if not item.endswith(".py") and (err.name is None or item.startswith(err.name)):  # the plugin itself
+            raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) cannot be imported: {err}; give an "
+                              "importable module name or a path to a .py file") from None
+        raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) needs a module that is not "
+                          f"installed: {err}") from None
+    except SyntaxError as err:
+        raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) has a syntax error: {err.filename}, "
+                          f"line {err.lineno}: {err.msg}; fix it or remove it from HKDBENCH_METHODS") from None
+    except ImportError as err:
+        raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) cannot be imported: {err}") from None
 
 
 __all__ = ["load_plugins", "Distiller", "Targets", "kd_kl", "get_method", "list_methods", "method_config", "register_method",
