@@ -22,6 +22,7 @@ transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-e
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
 import math
@@ -83,7 +84,16 @@ class DataCorruptError(ValueError):
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped or not) as an array; a damaged file raises DataCorruptError naming it."""
+    """An IDX file (gzipped or not) as a read-only array; a damaged file raises DataCorruptError naming it.
+    Decoded once per file version: the pre-write checks and the loaders of a run (and its teacher's) read the
+    same files, and decompressing them is most of the set-up time."""
+    stat = path.stat()
+    return _decode_idx(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _decode_idx(name: str, _mtime_ns: int, _size: int) -> np.ndarray:
+    path = Path(name)
     fix = "re-download or reinstall it (apt-get install --reinstall dataset-fashion-mnist, or the files of " \
           "https://github.com/zalandoresearch/fashion-mnist)"
     opener = gzip.open if path.suffix == ".gz" else open
