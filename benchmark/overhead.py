@@ -142,7 +142,8 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
 
     from .data import seed_everything
     from .models import create_model
-    from .trainer import TrainModule, TrainStep, autocast_dtype, build_optimizer
+    from .optim import build_optimizer
+    from .trainer import TrainModule, TrainStep, autocast_dtype
     from .config import OptimConfig
 
     device = torch.device(cfg.device)

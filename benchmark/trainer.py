@@ -28,7 +28,7 @@ from hkdbench.methods import Distiller, Targets, get_method, method_config
 from . import data as data_lib
 from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
-from .optim import LRSchedule, build_optimizer, param_groups  # noqa: F401  (re-exported: overhead, tests)
+from .optim import LRSchedule, build_optimizer
 from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
 
 log = logging.getLogger("hkdbench")

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.store import RunStore
-from hkdbench.benchmark.trainer import DivergedError, RunExistsError, param_groups, train
+from hkdbench.benchmark.optim import param_groups
+from hkdbench.benchmark.trainer import DivergedError, RunExistsError, train
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
 TINY_TEACHER = ["train.epochs=1", "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64"]
