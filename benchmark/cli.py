@@ -21,7 +21,40 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an unfinished run from its checkpoint")
     p.add_argument("--restart", action="store_true", help="discard an existing run's progress and start over")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides: data.*, optim.*, train.*, method.* (e.g. optim.lr=0.1 method.eps=[1.5])")
+                   help="config overrides, before, between or after the options: data.*, optim.*, train.*, method.* "
+                        "(e.g. optim.lr=0.1 method.eps=[1.5]); train also takes teacher.<section>.<field>=value for "
+                        "the teacher run (e.g. teacher.train.epochs=3), as sweep does")
+
+
+def _comma_list(value: str) -> List[str]:
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return items
+
+
+def _add_list_option(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """The one spelling of a list option in every subcommand: ``--flag a,b`` or ``--flag a --flag b``."""
+    p.add_argument(flag, action="extend", type=_comma_list, default=None, metavar="A,B",
+                   help=f"{help} (comma-separated or repeated)")
+
+
+# The sweep's Slurm flags: --flag -> slurm.<key> (listed once: the parser and the preset override both use it)
+SLURM_FLAGS = (("--partition", "partition", str), ("--time", "time", int), ("--gpus-per-node", "gpus_per_node", int),
+               ("--cpus-per-task", "cpus_per_task", int), ("--mem-gb", "mem_gb", float), ("--account", "account", str),
+               ("--qos", "qos", str), ("--constraint", "constraint", str),
+               ("--array-parallelism", "array_parallelism", int), ("--signal-delay-s", "signal_delay_s", int))
+
+
+def slurm_settings(args) -> List[str]:
+    """The Slurm flags given, as the preset's ``slurm.<key>=value`` overrides."""
+    items = [f"slurm.{key}={getattr(args, f'slurm_{key}')}" for _, key, _ in SLURM_FLAGS
+             if getattr(args, f"slurm_{key}", None) is not None]
+    if getattr(args, "sbatch_flag", None):
+        import json
+
+        items.append(f"slurm.extra={json.dumps(list(args.sbatch_flag))}")
+    return items
 
 
 def _overrides(args) -> List[str]:
@@ -37,7 +70,8 @@ def _overrides(args) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkdbench", description="Heterogeneous knowledge distillation benchmark")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # every subcommand takes its positionals (key=value overrides, a preset) before, between and after options
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     p = sub.add_parser("train", help="distil a teacher into a student (the teacher is trained first if needed)")
     p.add_argument("--teacher", default=None, help="teacher model (see `hkdbench models`)")
@@ -47,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
-    p.add_argument("--teacher-override", action="append", default=[], metavar="key=value",
-                   help="override of the teacher run's config (repeatable)")
     p.add_argument("--teacher-weights", default="best", choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
                         "timm's model_best) or its last; teacher_top1 is theirs")
@@ -83,8 +115,8 @@ def _add_analysis_commands(sub) -> None:
                                         "parameters for one pair (stored as runs of kind 'overhead')")
     p.add_argument("--teacher", required=True)
     p.add_argument("--student", required=True)
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method ('none' and "
-                                                               "'kd' are always measured, for the ratios)")
+    _add_list_option(p, "--methods", "default: every registered method ('none' and 'kd' are always measured, for "
+                                     "the ratios)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=None, help="default: the larger of the two models' sizes")
     p.add_argument("--num-classes", type=int, default=100)
@@ -127,23 +159,15 @@ def _add_sweep_commands(sub) -> None:
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid, each run's status and what "
                                                           "would be submitted; submit nothing")
-    p.add_argument("--teachers", default=None, help="inline grid: comma-separated teachers (replaces the pairs)")
-    p.add_argument("--students", default=None, help="inline grid: comma-separated students (replaces the pairs)")
-    p.add_argument("--methods", default=None, help="comma-separated methods")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds")
+    _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
     p.add_argument("--parallel", type=int, default=0, help="local executor: jobs at a time (default: CPUs / "
                                                            "slurm.cpus_per_task)")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the submitted runs end, then print the "
                                                        "status table")
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
-    for flag, key, typ in (("--partition", "partition", str), ("--time", "time", int),
-                           ("--gpus-per-node", "gpus_per_node", int), ("--cpus-per-task", "cpus_per_task", int),
-                           ("--mem-gb", "mem_gb", float), ("--account", "account", str), ("--qos", "qos", str),
-                           ("--constraint", "constraint", str), ("--array-parallelism", "array_parallelism", int),
-                           ("--signal-delay-s", "signal_delay_s", int)):
+    for flag, key, typ in SLURM_FLAGS:
         p.add_argument(flag, dest=f"slurm_{key}", type=typ, default=None, help=f"same as slurm.{key}=VALUE")
-    p.__class__ = _IntermixedParser
     p.add_argument("--sbatch-flag", action="append", default=[], metavar="--FLAG[=VALUE]",
                    help="an extra sbatch flag (repeatable), e.g. --sbatch-flag=--exclusive")
     p.add_argument("settings", nargs="*", metavar="[PRESET_OR_YAML] key=value",
@@ -154,15 +178,19 @@ def _add_sweep_commands(sub) -> None:
 
     p = sub.add_parser("status", help="where every run of a preset or sweep stands: done / running / queued / "
                                       "pending / failed (with the reason and log)")
-    p.__class__ = _IntermixedParser
-    p.add_argument("settings", nargs="+", metavar="PRESET_OR_SWEEP_DIR [key=value]",
+    p.add_argument("settings", nargs="+", metavar="PRESET_OR_SWEEP [key=value]",
                    help="a preset name or YAML file (expanded with the same key=value overrides as the sweep), "
-                        "or a sweep directory (runs/_sweeps/ID)")
+                        "a sweep directory (runs/_sweeps/ID) or a sweep's ID (any executor's, inline included)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
-    p.add_argument("--teachers", default=None)
-    p.add_argument("--students", default=None)
-    p.add_argument("--methods", default=None)
-    p.add_argument("--seeds", default=None)
+    _add_grid_options(p)
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    """The inline grid of sweep and status."""
+    _add_list_option(p, "--teachers", "inline grid: teachers (replaces the preset's pairs)")
+    _add_list_option(p, "--students", "inline grid: students (replaces the preset's pairs)")
+    _add_list_option(p, "--methods", "methods")
+    _add_list_option(p, "--seeds", "seeds")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,12 +12,14 @@ from .recipes import RECIPES, recipe_names, resolve_run_config
 
 
 def cmd_train(args, overrides) -> int:
+    from .config import split_teacher_overrides
     from .trainer import train
 
+    run_items, teacher_items = split_teacher_overrides(overrides(args))
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
                              dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
-                             teacher_recipe=args.teacher_recipe, overrides=overrides(args),
-                             teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights)
+                             teacher_recipe=args.teacher_recipe, overrides=run_items,
+                             teacher_overrides=teacher_items, teacher_weights=args.teacher_weights)
     _check_flags(args, cfg)
     return _train_until_done_or_stopped(train, cfg, args)
 
@@ -64,7 +66,7 @@ def _check_flags(args, cfg) -> None:
 
 def _check_teacher(cfg) -> None:
     """Before the run directory exists: the teacher's checkpoint loads into the teacher model, or the config of
-    the teacher run it would train (with --teacher-override) is valid and its data readable."""
+    the teacher run it would train (its teacher.* overrides were validated with the config) has readable data."""
     from hkdbench.methods import get_method
 
     from .data import check_data_available, dataset_info
@@ -81,11 +83,7 @@ def _check_teacher(cfg) -> None:
         return
     from .recipes import teacher_run_config
 
-    try:
-        t_cfg = teacher_run_config(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"--teacher-override: {err}") from None
-    check_data_available(t_cfg.data)
+    check_data_available(teacher_run_config(cfg).data)
 
 
 def cmd_models(args, _overrides) -> int:
@@ -238,28 +236,11 @@ def cmd_report(args, _overrides) -> int:
 
 
 def _sweep_grid(args) -> Dict[str, object]:
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    seeds = split(args.seeds)
     try:
-        seeds = [int(s) for s in seeds] if seeds else None
+        seeds = [int(s) for s in args.seeds] if args.seeds else None
     except ValueError:
-        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    return {"teachers": split(args.teachers), "students": split(args.students), "methods": split(args.methods),
-            "seeds": seeds}
-
-
-def _sweep_settings(args) -> List[str]:
-    items = list(args.settings)
-    for key in ("partition", "time", "gpus_per_node", "cpus_per_task", "mem_gb", "account", "qos", "constraint",
-                "array_parallelism", "signal_delay_s"):
-        value = getattr(args, f"slurm_{key}", None)
-        if value is not None:
-            items.append(f"slurm.{key}={value}")
-    if getattr(args, "sbatch_flag", None):
-        import json
-
-        items.append(f"slurm.extra={json.dumps(list(args.sbatch_flag))}")
-    return items
+        raise ConfigError(f"--seeds takes integers, got {','.join(args.seeds)!r}") from None
+    return {"teachers": args.teachers, "students": args.students, "methods": args.methods, "seeds": seeds}
 
 
 def cmd_sweep(args, _overrides) -> int:
@@ -276,7 +257,9 @@ def cmd_sweep(args, _overrides) -> int:
     if preset_arg is None and not grid["students"]:
         raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
                           "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
-    preset = load_preset(preset_arg, _sweep_settings(args), grid)
+    from .cli import slurm_settings
+
+    preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
     start = time.time()
     plan = expand(preset)
     sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
@@ -300,11 +283,14 @@ def cmd_status(args, _overrides) -> int:
     from pathlib import Path
 
     from .dispatch import format_state_table, run_states
-    from .store import RunStore
+    from .store import RunStore, runs_root
     from .sweep import RunSpec, expand, load_preset
 
     args.target, args.settings = args.settings[0], args.settings[1:]
     target = Path(args.target)
+    by_id = runs_root(args.runs_dir) / "_sweeps" / args.target
+    if not target.exists() and "/" not in args.target and (by_id / "sweep.json").exists():
+        target = by_id  # a sweep named by its id, as the sweep printed it
     if target.is_dir() and (target / "sweep.json").exists():
         manifest = json.loads((target / "sweep.json").read_text())
         from .config import run_config_from_dict

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -19,6 +20,28 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # Generic building and validation
 # --------------------------------------------------------------------------------------------------------------
+
+# The one rule for booleans: YAML text (presets, key=value overrides) is read with YAML 1.2's booleans, so only
+# true/false are booleans and 'no', 'on', ... stay strings (a str field such as data.in_memory keeps "no"); a bool
+# field then accepts a boolean or one of these words, in any case.
+TRUE_WORDS = ("true", "yes", "on")
+FALSE_WORDS = ("false", "no", "off")
+
+
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (true/false) instead of YAML 1.1's (yes/no/on/off too)."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12BoolLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                        list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parses YAML text (a preset file, an override value) with the booleans rule above."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Converts a YAML/CLI value to the annotated field type, or raises ConfigError naming the field."""
@@ -43,9 +66,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        if isinstance(value, str) and value.lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+        raise ConfigError(f"{where}: expected a boolean ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}, any "
+                          f"case), got {value!r}")
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -103,7 +127,8 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_overrides(items: Tuple[str, ...] | list) -> Dict[str, Any]:
-    """``["optim.lr=0.1", "method.stages=[1,2]"]`` -> nested dict, values parsed as YAML."""
+    """``["optim.lr=0.1", "method.stages=[1,2]"]`` -> nested dict, values parsed as YAML (:func:`load_yaml`: only
+    true/false are booleans); :func:`build_dataclass` then reads each value by its field's type."""
     nested: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -112,7 +137,7 @@ def parse_overrides(items: Tuple[str, ...] | list) -> Dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = nested
@@ -123,6 +148,41 @@ def parse_overrides(items: Tuple[str, ...] | list) -> Dict[str, Any]:
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
         node[parts[-1]] = value
     return nested
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """A nested mapping as sorted ``key=value`` strings (values as YAML flow scalars/lists)."""
+    items: List[str] = []
+    for key in sorted(mapping):
+        value = mapping[key]
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            items.extend(flatten(value, path + "."))
+        else:
+            items.append(f"{path}={_scalar(value)}")
+    return items
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            if load_yaml(value) == value and "," not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+def split_teacher_overrides(items: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``key=value`` items -> (the run's own, the teacher run's): ``teacher.train.epochs=3`` is the teacher run's
+    ``train.epochs=3``, the spelling ``train`` and ``sweep`` share."""
+    own, teacher = [], []
+    for item in items:
+        if item.startswith("teacher."):
+            teacher.append(item[len("teacher."):])
+        else:
+            own.append(item)
+    return own, teacher
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
@@ -138,6 +198,8 @@ def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, 
 # --------------------------------------------------------------------------------------------------------------
 # The run configuration
 # --------------------------------------------------------------------------------------------------------------
+
+RUN_SECTIONS = ("data", "optim", "train")  # the sections of a run config that key=value overrides reach
 
 # timm's train interpolations: 'random' picks bilinear or bicubic per image (RandomResizedCropAndInterpolation)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
@@ -305,8 +367,12 @@ class RunConfig:
     train: TrainConfig
     teacher: Optional[ModelConfig] = None
     teacher_recipe: Optional[str] = None  # the recipe the teacher is trained with when it has no checkpoint
-    teacher_overrides: Tuple[str, ...] = ()  # key=value overrides of that teacher run (part of this run's hash)
+    # key=value overrides of that teacher run, canonical (sorted, each value as the teacher run reads it, none that
+    # changes nothing): the teacher run is rebuilt from them
+    teacher_overrides: Tuple[str, ...] = ()
     recipe: str = ""
+    # the name (with its hash) of the run that trains the teacher; a student's hash names its teacher by it
+    teacher_run: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)
@@ -315,6 +381,10 @@ class RunConfig:
         """A stable hash of everything that changes the result (not where it runs or how many workers load it)."""
         body = self.to_dict()
         body["data"].pop("workers", None)
+        if body.pop("teacher_run") is not None:  # the teacher run's own hash stands for how it is trained
+            body["teacher_run"] = self.teacher_run
+            body.pop("teacher_overrides")
+            body.pop("teacher_recipe")
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -56,15 +56,26 @@ class RunJob(submitit.helpers.Checkpointable):
     """Trains one run (resuming it if it has a checkpoint). Picklable: only plain data until it runs."""
 
     def __init__(self, cfg: Dict[str, Any], runs_dir: str, device: Optional[str] = None, threads: int = 1,
-                 stop_wait_s: float = 60.0):
+                 stop_wait_s: float = 60.0, plugins: Optional[str] = None):
         self.cfg = cfg
         self.runs_dir = str(runs_dir)
         self.device = device
         self.threads = threads
         self.stop_wait_s = stop_wait_s
+        # the submitting process's method plugins (HKDBENCH_METHODS), .py paths made absolute: the worker (a
+        # local process, a Slurm node) imports them before it looks its method up
+        self.plugins = _absolute_plugins(os.environ.get("HKDBENCH_METHODS", "") if plugins is None else plugins)
 
     def __getstate__(self) -> Dict[str, Any]:  # threads and events never travel
-        return {k: self.__dict__[k] for k in ("cfg", "runs_dir", "device", "threads", "stop_wait_s")}
+        return {k: self.__dict__[k] for k in ("cfg", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
+
+    def _load_plugins(self) -> None:
+        """Imports the submitter's plugins unless this process has them (an inline sweep's, or a requeue's)."""
+        from hkdbench.methods import list_methods, load_plugins
+
+        if self.plugins and self.cfg["method"] not in list_methods():
+            os.environ["HKDBENCH_METHODS"] = self.plugins
+            load_plugins(self.plugins)
 
     @property
     def name(self) -> str:
@@ -77,6 +88,7 @@ class RunJob(submitit.helpers.Checkpointable):
 
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         torch.set_num_threads(max(int(self.threads), 1))
+        self._load_plugins()
         self._stop = threading.Event()
         if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
             # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
@@ -172,7 +184,13 @@ class RunJob(submitit.helpers.Checkpointable):
                 print(f"hkdbench: trainer stopped ({self._outcome.get('status')}); requeueing", file=sys.stderr,
                       flush=True)
         return submitit.helpers.DelayedSubmission(
-            RunJob(self.cfg, self.runs_dir, self.device, self.threads, self.stop_wait_s))
+            RunJob(self.cfg, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
+
+
+def _absolute_plugins(spec: str) -> str:
+    """``HKDBENCH_METHODS`` with its .py paths absolute (a worker may start in another directory)."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    return ",".join(str(Path(item).resolve()) if item.endswith(".py") else item for item in items)
 
 
 def dist_rank() -> int:

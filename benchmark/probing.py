@@ -26,11 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from hkdbench.methods.base import TASK_LOSS
+
 from .probes import CKAAccumulator, ConflictTracker, gradient_conflict, student_blocks
 
 STAGES = (1, 2, 3, 4)
 PROBE_SEED = 20240501
-TASK_TERM = "ce"
 
 
 def _loader_size(loader) -> Optional[int]:
@@ -132,10 +133,10 @@ class TrainingProbes:
         if not self.conflict_every or global_step % self.conflict_every:
             return
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        distill = [v for k, v in losses.items() if k != TASK_TERM]
-        if TASK_TERM not in losses or not distill:
+        distill = [v for k, v in losses.items() if k != TASK_LOSS]
+        if TASK_LOSS not in losses or not distill:
             return  # the student alone (or a method without a task term): nothing to compare
-        task = losses[TASK_TERM].float() * scale
+        task = losses[TASK_LOSS].float() * scale
         distill_sum = sum(v.float() for v in distill) * scale
         stats = gradient_conflict(task, distill_sum, blocks=self.blocks)
         if scale != 1.0:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from .config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, build_dataclass,
-                     deep_merge, parse_overrides, to_dict)
+from .config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
+                     build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
 from .models import zoo_entry
 
 # train_interpolation 'random' is the --train-interpolation default of OFA-KD's, PAT's and spofaKD's train.py, which
@@ -111,7 +111,7 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     recipe_name = resolve_recipe_name(recipe, dataset, student)
     body = deep_merge(RECIPES[recipe_name], {"data": {"dataset": dataset}})
     extra = parse_overrides(list(overrides)) if not isinstance(overrides, Mapping) else dict(overrides)
-    unknown = sorted(set(extra) - {"data", "optim", "train", "method"})
+    unknown = sorted(set(extra) - {*RUN_SECTIONS, "method"})
     if unknown:
         raise ConfigError(f"unknown override section(s) {', '.join(unknown)}; allowed: data, optim, train, method")
     body = deep_merge(body, {k: v for k, v in extra.items() if k != "method"})
@@ -124,12 +124,30 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     t_recipe = None
     if teacher is not None and teacher_checkpoint is None:
         t_recipe = resolve_recipe_name(teacher_recipe or recipe, dataset, teacher)
-    return RunConfig(
+    cfg = RunConfig(
         kind=kind, student=ModelConfig(student), method=method, method_cfg=to_dict(method_cfg), data=data,
         optim=optim, train=train,
         teacher=_teacher_model(teacher, teacher_checkpoint, teacher_weights) if teacher else None,
         teacher_recipe=t_recipe, teacher_overrides=tuple(teacher_overrides) if t_recipe else (),
         recipe=recipe_name)
+    return _naming_teacher_run(cfg) if t_recipe else cfg
+
+
+def _naming_teacher_run(cfg: RunConfig) -> RunConfig:
+    """``cfg`` naming the run that trains its teacher (``teacher_run``, by that run's hash), with its teacher
+    overrides canonical: sorted, each value as the teacher run's config reads it, and only those that change
+    something. Equivalent spellings (another order, ``3.0`` for ``3``) therefore give one student run."""
+    try:
+        t_cfg = teacher_run_config(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"teacher override (teacher.<section>.<field>=value): {err}") from None
+    plain = teacher_run_config(dataclasses.replace(cfg, teacher_overrides=()))
+    changed = {}
+    for section in RUN_SECTIONS:
+        mine, default = to_dict(getattr(t_cfg, section)), to_dict(getattr(plain, section))
+        changed[section] = {k: v for k, v in mine.items() if v != default[k]}
+    canonical = tuple(flatten({k: v for k, v in changed.items() if v}))
+    return dataclasses.replace(cfg, teacher_overrides=canonical, teacher_run=t_cfg.run_name())
 
 
 def _teacher_model(name: str, checkpoint: Optional[str], weights: str) -> ModelConfig:

@@ -28,7 +28,6 @@ method's config.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,10 +35,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ConfigError, RunConfig, build_dataclass, deep_merge, parse_overrides, to_dict
-
-RUN_SECTIONS = ("data", "optim", "train")
-
+from .config import (RUN_SECTIONS, ConfigError, RunConfig, build_dataclass, deep_merge, flatten, load_yaml,
+                     parse_overrides, to_dict)
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -142,7 +139,7 @@ def find_preset(name_or_path: str) -> Tuple[Dict[str, Any], str]:
                               "(or give the path of a YAML file)")
         text, origin = res.read_text(), f"preset {name_or_path}"
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin}: not valid YAML: {err}") from None
     if not isinstance(raw, Mapping):
@@ -304,29 +301,6 @@ class SweepPlan:
 
     def sweep_id(self) -> str:
         return f"{self.preset.name}-{self.digest()}"
-
-
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> List[str]:
-    """A nested mapping as sorted ``key=value`` strings (values as YAML flow scalars/lists)."""
-    items: List[str] = []
-    for key in sorted(mapping):
-        value = mapping[key]
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            items.extend(flatten(value, path + "."))
-        else:
-            items.append(f"{path}={_scalar(value)}")
-    return items
-
-
-def _scalar(value: Any) -> str:
-    if isinstance(value, str):
-        try:
-            if yaml.safe_load(value) == value and "," not in value:
-                return value
-        except yaml.YAMLError:
-            pass
-    return json.dumps(value)
 
 
 def expand(p: Preset) -> SweepPlan:

@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models import Features, TappedModel
 
+# The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other
+# term against it.
+TASK_LOSS = "ce"
+
 
 @dataclass
 class Targets:

@@ -51,7 +51,7 @@ def test_a_bad_number_names_its_field_before_anything_is_written(fmnist_availabl
 
 
 def test_a_bad_teacher_override_is_an_error_before_the_student_run_exists(fmnist_available, runs_dir, capsys):
-    _fails_cleanly([*STUDENT, "--teacher-override", "train.epochs=-1"], runs_dir, capsys, "--teacher-override",
+    _fails_cleanly([*STUDENT, "teacher.train.epochs=-1"], runs_dir, capsys, "teacher override",
                    "train.epochs must be >= 1")
     _nothing_written(runs_dir)
 

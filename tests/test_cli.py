@@ -11,7 +11,7 @@ from _support import FAMILY_MODELS
 
 TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=32", "data.img_size=16",
         "train.epochs=1"]
-TINY_TEACHER = [f"--teacher-override={o}" for o in TINY]
+TINY_TEACHER = [f"teacher.{o}" for o in TINY]
 
 
 def _train(runs_dir, teacher, student, method, *extra):

@@ -1,14 +1,17 @@
 """The contract every registered method passes, for every teacher x student family pair.
 
-A method registered later (even from a user's own module) is picked up by these tests automatically."""
+A method registered later (even from a user's own module) is picked up by these tests automatically: the plugins
+named in $HKDBENCH_METHODS are imported before the methods are listed, so
+``HKDBENCH_METHODS=my_method.py pytest tests/test_contract.py`` tests a user's method too."""
 import copy
 
 import pytest
 import torch
 
-from hkdbench.methods import Targets, get_method, list_methods, method_config
+from hkdbench.methods import Targets, get_method, list_methods, load_plugins, method_config
 from _support import PAIRS, TEST_CLASSES, TEST_IMG, small_model
 
+load_plugins()
 METHODS = list(list_methods())
 
 

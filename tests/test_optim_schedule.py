@@ -324,7 +324,7 @@ def test_weight_decay_follows_the_module_handed_over_not_the_student():
     ("optim.eps=0", "optim.eps must be > 0"),
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
-    ("optim.sched_on_updates=maybe", "optim.sched_on_updates: expected true/false"),
+    ("optim.sched_on_updates=maybe", "optim.sched_on_updates: expected a boolean"),
 ])
 def test_bad_optim_fields_name_the_field_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):

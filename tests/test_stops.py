@@ -78,7 +78,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_ru
                                                                                    signum):
     """The signal lands once epoch 1's metrics exist (mid-run); the process exits 128+signum saying how to resume."""
     args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
-            *TINY, "train.epochs=6", *[f"--teacher-override={o}" for o in TINY_TEACHER]]
+            *TINY, "train.epochs=6", *[f"teacher.{o}" for o in TINY_TEACHER]]
     cli = [sys.executable, "-m", "hkdbench.benchmark.cli", "train"]
     reference = subprocess.run([*cli, "--runs-dir", str(tmp_path / "a"), *args], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr

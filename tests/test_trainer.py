@@ -115,7 +115,7 @@ def test_stop_mid_epoch_then_resume_is_bit_for_bit(fmnist_available, tmp_path, m
 def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     """SIGKILL in the middle of epoch 2 (after the epoch-1 checkpoint), then `hkdbench train --resume`."""
     args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
-            *TINY, "train.epochs=6", *[f"--teacher-override={o}" for o in TINY_TEACHER]]
+            *TINY, "train.epochs=6", *[f"teacher.{o}" for o in TINY_TEACHER]]
     reference = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir",
                                 str(tmp_path / "a"), *args], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
