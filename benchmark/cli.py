@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence
 
-from .config import ConfigError
+from hkdbench.benchmark.config import ConfigError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from . import commands
+    from hkdbench.benchmark import commands
 
     return getattr(commands, f"cmd_{args.command}")(args, _overrides if hasattr(args, "overrides") else None)
 

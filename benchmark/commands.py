@@ -7,13 +7,13 @@ import sys
 import time
 from typing import Dict, List
 
-from .config import ConfigError
-from .recipes import RECIPES, recipe_names, resolve_run_config
+from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
 
 
 def cmd_train(args, overrides) -> int:
-    from .config import split_teacher_overrides
-    from .trainer import train
+    from hkdbench.benchmark.config import split_teacher_overrides
+    from hkdbench.benchmark.engine.trainer import train
 
     run_items, teacher_items = split_teacher_overrides(overrides(args))
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
@@ -26,8 +26,8 @@ def cmd_train(args, overrides) -> int:
 
 def _train_until_done_or_stopped(train, cfg, args) -> int:
     """Trains; on SIGTERM/SIGINT the run saves a checkpoint and the exit code is 128 + the signal's number."""
-    from .stopping import stop_signals
-    from .trainer import TeacherUnavailableError
+    from hkdbench.benchmark.engine.stopping import stop_signals
+    from hkdbench.benchmark.engine.trainer import TeacherUnavailableError
 
     with stop_signals() as stops:
         try:
@@ -46,7 +46,7 @@ def _train_until_done_or_stopped(train, cfg, args) -> int:
 
 
 def cmd_teacher(args, overrides) -> int:
-    from .trainer import train
+    from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
                              recipe=args.recipe, overrides=overrides(args))
@@ -56,7 +56,7 @@ def cmd_teacher(args, overrides) -> int:
 
 def _check_flags(args, cfg) -> None:
     """Fails before anything is built or written: conflicting flags, missing data."""
-    from .data import check_data_available
+    from hkdbench.benchmark.data.datasets import check_data_available
 
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
@@ -69,25 +69,25 @@ def _check_teacher(cfg) -> None:
     the teacher run it would train (its teacher.* overrides were validated with the config) has readable data."""
     from hkdbench.methods import get_method
 
-    from .data import check_data_available, dataset_info
+    from hkdbench.benchmark.data.datasets import check_data_available, dataset_info
 
     if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
         return
     if cfg.teacher.checkpoint:
-        from .models import create_model
-        from .trainer import load_teacher_weights
+        from hkdbench.benchmark.models.zoo import create_model
+        from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
 
         info = dataset_info(cfg.data.dataset)
         teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
         load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
         return
-    from .recipes import teacher_run_config
+    from hkdbench.benchmark.recipes import teacher_run_config
 
     check_data_available(teacher_run_config(cfg).data)
 
 
 def cmd_models(args, _overrides) -> int:
-    from .models import create_model, zoo
+    from hkdbench.benchmark.models.zoo import create_model, zoo
 
     print(f"{'model':<16} {'family':<9} {'img':>4} {'crop':>5}  description")
     for name, entry in zoo().items():
@@ -101,7 +101,7 @@ def cmd_models(args, _overrides) -> int:
 
 
 def cmd_recipes(args, _overrides) -> int:
-    from .data import color_jitter_note
+    from hkdbench.benchmark.data.loaders import color_jitter_note
 
     print("auto: cifar-cnn / cifar-vit (CIFAR), imagenet-cnn / imagenet-vit (ImageNet) by student family; demo "
           "for fashion-mnist")
@@ -140,7 +140,7 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
 
     from hkdbench.methods import list_methods, method_config
 
-    from .models import create_model, zoo_entry
+    from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 
     size = max(zoo_entry(teacher_name).img_size, zoo_entry(student_name).img_size)
     teacher = create_model(teacher_name, num_classes, in_chans=3, img_size=size)
@@ -163,13 +163,13 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
 
 
 def cmd_demo(args, _overrides) -> int:
-    from .demo import run_demo
+    from hkdbench.benchmark.demo import run_demo
 
     return run_demo(runs_dir=args.runs_dir, device=args.device, quick=args.quick)
 
 
 def cmd_overhead(args, _overrides) -> int:
-    from .overhead import run_overhead
+    from hkdbench.benchmark.probes.overhead import run_overhead
 
     run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
@@ -181,7 +181,7 @@ def cmd_overhead(args, _overrides) -> int:
 def _analysis_paths(args):
     from pathlib import Path
 
-    from .store import runs_root
+    from hkdbench.benchmark.store import runs_root
 
     return runs_root(args.runs_dir), Path(args.out)
 
@@ -244,8 +244,9 @@ def _sweep_grid(args) -> Dict[str, object]:
 
 
 def cmd_sweep(args, _overrides) -> int:
-    from .dispatch import Sweep
-    from .sweep import expand, load_preset
+    from hkdbench.benchmark.sweep.dispatch import Sweep
+    from hkdbench.benchmark.sweep.plan import expand
+    from hkdbench.benchmark.sweep.preset import load_preset
 
     preset_arg = None
     if args.settings and "=" not in args.settings[0] or args.settings and args.settings[0].endswith((".yaml", ".yml")):
@@ -257,7 +258,7 @@ def cmd_sweep(args, _overrides) -> int:
     if preset_arg is None and not grid["students"]:
         raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
                           "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
-    from .cli import slurm_settings
+    from hkdbench.benchmark.cli import slurm_settings
 
     preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
     start = time.time()
@@ -269,7 +270,7 @@ def cmd_sweep(args, _overrides) -> int:
     result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait,
                        command=shlex.join(["hkdbench", *args.argv]))
     if args.executor != "slurm" or args.wait:
-        from .dispatch import format_state_table, run_states
+        from hkdbench.benchmark.sweep.status import format_state_table, run_states
 
         print()
         print(format_state_table(run_states(plan.runs, sweep.store), order=plan.runs))
@@ -282,9 +283,10 @@ def cmd_status(args, _overrides) -> int:
     import json
     from pathlib import Path
 
-    from .dispatch import format_state_table, run_states
-    from .store import RunStore, runs_root
-    from .sweep import RunSpec, expand, load_preset
+    from hkdbench.benchmark.sweep.status import format_state_table, run_states
+    from hkdbench.benchmark.store import RunStore, runs_root
+    from hkdbench.benchmark.sweep.plan import RunSpec, expand
+    from hkdbench.benchmark.sweep.preset import load_preset
 
     args.target, args.settings = args.settings[0], args.settings[1:]
     target = Path(args.target)
@@ -293,7 +295,7 @@ def cmd_status(args, _overrides) -> int:
         target = by_id  # a sweep named by its id, as the sweep printed it
     if target.is_dir() and (target / "sweep.json").exists():
         manifest = json.loads((target / "sweep.json").read_text())
-        from .config import run_config_from_dict
+        from hkdbench.benchmark.config import run_config_from_dict
 
         specs = [RunSpec(run_config_from_dict(r["config"]), r["kind"], r.get("teacher_run"),
                          [tuple(c) for c in r.get("cells", [])]) for r in manifest["runs"]]

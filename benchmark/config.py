@@ -2,12 +2,11 @@
 overrides, validated field by field, and hashed to name the run's directory."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-from .recipes import resolve_run_config
-from .trainer import train
+from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.engine.trainer import train
 
 TEACHER, STUDENT, METHODS = "resnet_mini", "vit_mini", ("none", "kd", "fitnet")
 TEACHER_SETTINGS = ["train.epochs=3"]

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from .config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
-                     build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
-from .models import zoo_entry
+from hkdbench.benchmark.config import RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict
+from hkdbench.benchmark.models.zoo import zoo_entry
 
 # train_interpolation 'random' is the --train-interpolation default of OFA-KD's, PAT's and spofaKD's train.py, which
 # no config overrides. PAT's and spofaKD's data_config["interpolation"] = "bilinear" (CIFAR) reaches only the eval

@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from .config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.config import RunConfig, run_config_from_dict
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -200,7 +200,7 @@ class RunDir:
         try:
             return json.loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            from .config import ConfigError
+            from hkdbench.benchmark.config import ConfigError
 
             raise ConfigError(f"{self.config_file} is not valid JSON ({err}); the run directory is damaged: move "
                               "it away (or delete it) and run again") from None

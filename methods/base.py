@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models import Features, TappedModel
+from hkdbench.benchmark.models.taps import Features, TappedModel
 
 # The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other
 # term against it.

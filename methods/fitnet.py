@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models import StageInfo, nchw_to_tokens, tokens_to_nchw
+from hkdbench.benchmark.models.taps import StageInfo, nchw_to_tokens, tokens_to_nchw
 
 from .base import Distiller, check_stages, kd_kl
 from .registry import register_method

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from hkdbench.benchmark.models import StageInfo
+from hkdbench.benchmark.models.taps import StageInfo
 
 from .base import Distiller, check_stages
 from .registry import register_method

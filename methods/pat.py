@@ -86,13 +86,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models import StageInfo, nchw_to_tokens, tokens_to_nchw
+from hkdbench.benchmark.models.taps import STAGES, StageInfo, nchw_to_tokens, tokens_to_nchw
 
 from .base import Distiller, check_stages, kd_kl
 from .ofa import init_weights
 from .registry import register_method
 
-STAGES = (1, 2, 3, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from hkdbench.benchmark.models import create_model
+from hkdbench.benchmark.models.zoo import create_model
 
 # One small model per family: the teacher x student matrix of the contract tests.
 FAMILY_MODELS = {"cnn": "resnet_mini", "vit": "vit_mini", "swin": "swin_mini", "convnext": "convnext_mini",

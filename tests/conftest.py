@@ -3,7 +3,7 @@ import pytest
 
 @pytest.fixture
 def fmnist_available():
-    from hkdbench.benchmark.data import FASHION_MNIST_DEBIAN_DIR
+    from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
     if not (FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")

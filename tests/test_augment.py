@@ -7,11 +7,12 @@ import torch
 from PIL import Image, ImageOps
 
 from _support import ks_critical, ks_statistic
-from hkdbench.benchmark import data as D
+from hkdbench.benchmark.data import datasets
+from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.config import ConfigError, DataConfig, build_dataclass
 from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
 
-FMNIST = D.dataset_info("fashion-mnist")
+FMNIST = datasets.dataset_info("fashion-mnist")
 
 
 def _recipe_data(recipe: str, **changes) -> DataConfig:
@@ -28,7 +29,7 @@ def _timm_steps(cfg: DataConfig):
     """timm's train transform for ``cfg`` (the per-image path) cut after the crop/flip and after RandAugment."""
     from timm.data.auto_augment import RandAugment
 
-    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
+    steps = loaders._image_transform(cfg, FMNIST, True, 1.0).transforms
     at = next(i for i, step in enumerate(steps) if isinstance(step, RandAugment))
     return steps[:at], steps[at]
 
@@ -47,10 +48,10 @@ def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(
     n = 1536
     cfg = _recipe_data("cifar-vit", pipeline=pipeline, img_size=size, batch_size=256, eval_batch_size=256,
                        train_subset=n)
-    D.seed_everything(0)
-    fast, _, _ = D.build_loaders(cfg, torch.device("cpu"), 1.0)
-    slow, _, _ = D.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), torch.device("cpu"), 1.0)
-    assert isinstance(fast, D.TensorLoader) and isinstance(slow, D.ImageLoader)
+    loaders.seed_everything(0)
+    fast, _, _ = loaders.build_loaders(cfg, torch.device("cpu"), 1.0)
+    slow, _, _ = loaders.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), torch.device("cpu"), 1.0)
+    assert isinstance(fast, loaders.TensorLoader) and isinstance(slow, loaders.ImageLoader)
     ours = torch.cat([x for x, _ in fast.batches(seed=0, epoch=0)])
     theirs = torch.cat([x for x, _ in slow.batches(seed=0, epoch=0)])
     assert ours.shape == theirs.shape == (n, 1, size, size)
@@ -70,10 +71,10 @@ def test_randaugment_on_the_crops_changes_them_as_timms_does(fmnist_available):
     absolute pixel change by KS test and in mean within 5 standard errors."""
     n, size = 1200, 64
     cfg = _recipe_data("cifar-vit", img_size=size, reprob=0.0)
-    images, _ = D.load_tensors(cfg, train=True)
+    images, _ = datasets.load_tensors(cfg, train=True)
     images = images[:n]
-    loader = D.TensorLoader(images, torch.zeros(n, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
-    D.seed_everything(1)
+    loader = loaders.TensorLoader(images, torch.zeros(n, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
+    loaders.seed_everything(1)
     crops = loader._train_crop(images.float())
     ours = (loader.rand_augment(crops) - crops).abs().flatten(1).mean(1).double()
     crop_flip, rand_augment = _timm_steps(cfg)
@@ -95,12 +96,12 @@ def test_randaugment_on_the_crops_changes_them_as_timms_does(fmnist_available):
 
 def test_colour_jitter_is_off_under_auto_augment_on_the_tensor_path(monkeypatch):
     calls = []
-    monkeypatch.setattr(D, "_color_jitter", lambda x, strength: calls.append(strength) or x)
+    monkeypatch.setattr(loaders, "_color_jitter", lambda x, strength: calls.append(strength) or x)
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     for auto_augment, expected in (("rand-m9-mstd0.5-inc1", []), (None, [0.4])):
         calls.clear()
         cfg = DataConfig(img_size=32, batch_size=8, color_jitter=0.4, auto_augment=auto_augment)
-        loader = D.TensorLoader(images, torch.zeros(8, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
+        loader = loaders.TensorLoader(images, torch.zeros(8, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
         next(loader.batches())
         assert calls == expected
 
@@ -112,7 +113,7 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path(pipeline)
 
     def steps(auto_augment):
         cfg = DataConfig(pipeline=pipeline, img_size=64, color_jitter=0.4, auto_augment=auto_augment)
-        return [type(s) for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms]
+        return [type(s) for s in loaders._image_transform(cfg, FMNIST, True, 1.0).transforms]
 
     assert ColorJitter not in steps("rand-m9-mstd0.5-inc1") and RandAugment in steps("rand-m9-mstd0.5-inc1")
     assert ColorJitter in steps(None) and RandAugment not in steps(None)
@@ -121,8 +122,8 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path(pipeline)
 def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
     from hkdbench.benchmark.commands import cmd_recipes
 
-    assert "not applied" in D.color_jitter_note(0.4, "rand-m9-mstd0.5-inc1")
-    assert D.color_jitter_note(0.4, None) == "" and D.color_jitter_note(0.0, "rand-m9-mstd0.5-inc1") == ""
+    assert "not applied" in loaders.color_jitter_note(0.4, "rand-m9-mstd0.5-inc1")
+    assert loaders.color_jitter_note(0.4, None) == "" and loaders.color_jitter_note(0.0, "rand-m9-mstd0.5-inc1") == ""
     cmd_recipes(None, None)
     lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "color_jitter 0.4 is not applied" in lines["cifar-vit"]
@@ -134,8 +135,8 @@ def test_random_erasing_is_train_pys_pixel_mode_on_both_paths(pipeline):
     from timm.data.random_erasing import RandomErasing
 
     cfg = DataConfig(pipeline=pipeline, img_size=32, reprob=0.25)
-    erasing = [s for s in D._image_transform(cfg, FMNIST, True, 1.0).transforms if isinstance(s, RandomErasing)]
-    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+    erasing = [s for s in loaders._image_transform(cfg, FMNIST, True, 1.0).transforms if isinstance(s, RandomErasing)]
+    loader = loaders.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
                             FMNIST, True, torch.device("cpu"), 1.0)
     for each in (*erasing, loader.erasing):
         assert each.per_pixel and each.probability == 0.25 and each.max_count == 1
@@ -147,19 +148,19 @@ def test_under_mixup_the_loaders_leave_erasing_to_the_mix_step(pipeline):
     from timm.data.random_erasing import RandomErasing
 
     cfg = DataConfig(pipeline=pipeline, img_size=32, reprob=0.25, mixup=0.8, cutmix=1.0)
-    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
-    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+    steps = loaders._image_transform(cfg, FMNIST, True, 1.0).transforms
+    loader = loaders.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
                             FMNIST, True, torch.device("cpu"), 1.0)
     assert not any(isinstance(s, RandomErasing) for s in steps) and loader.erasing is None
-    assert isinstance(D.build_mixup(cfg, 10, 0.1), D.MixThenErase)
-    assert D.build_mixup(DataConfig(reprob=0.25), 10, 0.1) is None
+    assert isinstance(loaders.build_mixup(cfg, 10, 0.1), loaders.MixThenErase)
+    assert loaders.build_mixup(DataConfig(reprob=0.25), 10, 0.1) is None
 
 
 def test_erasing_comes_after_mixing_so_erased_patches_are_pure_noise():
     """timm train.py (prefetcher): mix, then erase. Erasing first would blend the noise with the other image
     (scaled by lam or 1 - lam); here every erased pixel is N(0, 1) and the rest is the mixed image."""
     cfg = DataConfig(reprob=1.0, mixup=0.8)
-    mix = D.build_mixup(cfg, 4, 0.0)
+    mix = loaders.build_mixup(cfg, 4, 0.0)
     torch.manual_seed(0)
     np.random.seed(0)
     images = torch.arange(64.0).view(64, 1, 1, 1).expand(64, 1, 32, 32) * 100  # image i: constant 100 i
@@ -175,12 +176,12 @@ def test_erasing_comes_after_mixing_so_erased_patches_are_pure_noise():
 
 def test_randaugment_fill_is_timms_img_mean_of_the_dataset():
     cfg = DataConfig(img_size=32, auto_augment="rand-m9-mstd0.5-inc1")
-    loader = D.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+    loader = loaders.TensorLoader(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
                             FMNIST, True, torch.device("cpu"), 1.0)
     assert loader.rand_augment.fill == (73.0,) and loader.rand_augment.interpolation == "bilinear"
     cfg = DataConfig(dataset="cifar100", img_size=32, auto_augment="rand-m9-mstd0.5-inc1", train_interpolation="random")
-    loader = D.TensorLoader(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
-                            D.dataset_info("cifar100"), True, torch.device("cpu"), 1.0)
+    loader = loaders.TensorLoader(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.long), cfg,
+                            datasets.dataset_info("cifar100"), True, torch.device("cpu"), 1.0)
     assert loader.rand_augment.fill == (129.0, 124.0, 112.0) and loader.rand_augment.interpolation == "random"
 
 
@@ -213,7 +214,7 @@ def test_per_image_path_hands_the_train_interpolation_to_timm(mode):
     from torchvision.transforms import InterpolationMode
 
     cfg = DataConfig(pipeline="paper224", img_size=64, train_interpolation=mode, auto_augment="rand-m9-mstd0.5-inc1")
-    steps = D._image_transform(cfg, FMNIST, True, 1.0).transforms
+    steps = loaders._image_transform(cfg, FMNIST, True, 1.0).transforms
     crop = next(s for s in steps if isinstance(s, RandomResizedCropAndInterpolation))
     _, rand_augment = _timm_steps(cfg)
     vision = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -234,11 +235,11 @@ def test_posterize_keeps_zero_bits_as_a_black_image_and_otherwise_is_pillows():
     rng = np.random.default_rng(0)
     for mode, shape in (("L", (9, 7)), ("RGB", (9, 7, 3))):
         image = Image.fromarray(rng.integers(1, 256, shape, dtype=np.uint8), mode)
-        assert not np.array(D.posterize_keeping_zero_bits(image, 0)).any()
+        assert not np.array(loaders.posterize_keeping_zero_bits(image, 0)).any()
         for bits in range(1, 8):
-            assert np.array_equal(np.array(D.posterize_keeping_zero_bits(image, bits)),
+            assert np.array_equal(np.array(loaders.posterize_keeping_zero_bits(image, bits)),
                                   np.array(ImageOps.posterize(image, bits)))
-        assert np.array_equal(np.array(D.posterize_keeping_zero_bits(image, 8)), np.array(image))
+        assert np.array_equal(np.array(loaders.posterize_keeping_zero_bits(image, 8)), np.array(image))
 
 
 def test_timms_posterize_op_at_magnitude_10_gives_black_instead_of_raising():
@@ -254,7 +255,7 @@ def test_timms_posterize_op_at_magnitude_10_gives_black_instead_of_raising():
 
 @pytest.mark.slow
 def test_a_run_under_auto_augment_and_mixup_trains_and_logs_that_its_colour_jitter_is_off(fmnist_available, runs_dir):
-    from hkdbench.benchmark.trainer import train
+    from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="demo", overrides=[
         "data.train_subset=128", "data.eval_subset=64", "data.batch_size=64", "data.img_size=16", "train.epochs=1",

@@ -1,14 +1,13 @@
 """Bad inputs and damaged files: each fails at once with exit code 2 and a message that names the file or the
 field, what is wrong and what to do, and nothing is written to the run store (no training here)."""
 import gzip
-import json
 import shutil
 
 import pytest
 import torch
 
 from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.data import FASHION_MNIST_DEBIAN_DIR
+from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
 TEACHER = ["teacher", "--model", "resnet_mini", "--recipe", "demo"]
 STUDENT = ["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "kd", "--recipe", "demo"]

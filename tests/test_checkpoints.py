@@ -4,8 +4,8 @@ import re
 import pytest
 import torch
 
-from hkdbench.benchmark.checkpoints import CheckpointError, load_state_dict_into
-from hkdbench.benchmark.models import create_model
+from hkdbench.benchmark.engine.checkpoint import CheckpointError, load_state_dict_into
+from hkdbench.benchmark.models.zoo import create_model
 
 
 def _to_timm_065_swin_layout(state):

@@ -117,7 +117,7 @@ def test_a_user_method_in_its_own_file_runs_through_the_cli(fmnist_available, ru
 def test_teacher_from_an_old_timm_checkpoint(fmnist_available, runs_dir, tmp_path):
     import torch
 
-    from hkdbench.benchmark.models import create_model
+    from hkdbench.benchmark.models.zoo import create_model
     from test_checkpoints import _to_timm_065_swin_layout
 
     teacher = create_model("swin_mini", 10, in_chans=1, img_size=16)

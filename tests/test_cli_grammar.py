@@ -5,14 +5,15 @@ import pytest
 from hkdbench.benchmark.cli import build_parser, main
 from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.recipes import resolve_run_config
-from hkdbench.benchmark.sweep import expand, load_preset
+from hkdbench.benchmark.sweep.plan import expand
+from hkdbench.benchmark.sweep.preset import load_preset
 from test_sweep import hkdbench
 
 
 @pytest.fixture
 def trained_configs(monkeypatch):
     """``hkdbench train`` up to the trainer: the configs it would train, nothing trained."""
-    from hkdbench.benchmark import trainer
+    from hkdbench.benchmark.engine import trainer
 
     seen = []
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from _support import ks_critical, ks_statistic
-from hkdbench.benchmark import data as D
+from hkdbench.benchmark.data import datasets
+from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.config import DataConfig
 
 
@@ -25,32 +26,32 @@ def test_idx_reader_and_torchvision_root_layout(tmp_path):
     for split, n in (("train", 7), ("t10k", 7)):
         _write_idx(raw / f"{split}-images-idx3-ubyte.gz", images[:n])
         _write_idx(raw / f"{split}-labels-idx1-ubyte.gz", labels[:n])
-    x, y = D.load_tensors(DataConfig(root=str(tmp_path)), train=True)
+    x, y = datasets.load_tensors(DataConfig(root=str(tmp_path)), train=True)
     assert x.shape == (7, 1, 28, 28) and x.dtype == torch.uint8
     assert np.array_equal(x[:, 0].numpy(), images) and np.array_equal(y.numpy(), labels)
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "nothing")
-    with pytest.raises(D.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        D.check_data_available(DataConfig(root=str(tmp_path)))
-    with pytest.raises(D.DataNotFoundError, match="data.root"):
-        D.check_data_available(DataConfig(dataset="cifar100"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "nothing")
+    with pytest.raises(datasets.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        datasets.check_data_available(DataConfig(root=str(tmp_path)))
+    with pytest.raises(datasets.DataNotFoundError, match="data.root"):
+        datasets.check_data_available(DataConfig(dataset="cifar100"))
     with pytest.raises(ValueError, match="known datasets: fashion-mnist, cifar10, cifar100, imagenet"):
-        D.dataset_info("mnist")
+        datasets.dataset_info("mnist")
 
 
 def test_real_fashion_mnist(fmnist_available):
-    x, y = D.load_tensors(DataConfig(), train=True)
+    x, y = datasets.load_tensors(DataConfig(), train=True)
     assert x.shape == (60000, 1, 28, 28)
     assert torch.bincount(y).tolist() == [6000] * 10
     assert abs(x.float().mean().item() / 255 - 0.2860) < 1e-3
 
 
 def test_epoch_order_is_a_deterministic_function_of_seed_and_epoch():
-    a = D.epoch_permutation(100, seed=1, epoch=3)
-    assert torch.equal(a, D.epoch_permutation(100, 1, 3))
-    assert not torch.equal(a, D.epoch_permutation(100, 1, 4))
+    a = loaders.epoch_permutation(100, seed=1, epoch=3)
+    assert torch.equal(a, loaders.epoch_permutation(100, 1, 3))
+    assert not torch.equal(a, loaders.epoch_permutation(100, 1, 4))
     assert sorted(a.tolist()) == list(range(100))
 
 
@@ -77,12 +78,12 @@ def test_resized_crop_is_pillows_crop_resize_and_flip_exactly(bicubic):
     edges = (torch.rand(6, 3, 32, 32, generator=g) > 0.5).to(torch.uint8) * 255  # bicubic overshoot is clipped
     images = torch.cat([noise, edges])
     torch.manual_seed(1)
-    box = D._rrc_params(len(images), 32, 32, (0.08, 1.0))
+    box = loaders._rrc_params(len(images), 32, 32, (0.08, 1.0))
     box[0][0], box[1][0], box[2][0], box[3][0] = 0, 0, 32, 32  # the whole image
     box[0][1], box[1][1], box[2][1], box[3][1] = 0, 3, 31, 19  # shrinks vertically while growing horizontally
     flip = torch.arange(len(images)) % 2 == 0
     for size in (224, 20):  # up-sampling, and down-sampling (Pillow widens the filter)
-        ours = D._resized_crop(images.float(), box, flip, size, torch.full((len(images),), bicubic))
+        ours = loaders._resized_crop(images.float(), box, flip, size, torch.full((len(images),), bicubic))
         for i in range(len(images)):
             ref = _pil_resized_crop(images[i], [b[i] for b in box], size, bicubic, bool(flip[i]))
             assert torch.equal(ours[i], ref), (size, i)
@@ -90,16 +91,16 @@ def test_resized_crop_is_pillows_crop_resize_and_flip_exactly(bicubic):
 
 def test_train_crop_honours_train_interpolation_per_image():
     images = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    info = D.dataset_info("fashion-mnist")
+    info = datasets.dataset_info("fashion-mnist")
     for mode in ("bilinear", "bicubic", "random"):
         cfg = DataConfig(pipeline="paper224", img_size=40, train_interpolation=mode)
-        loader = D.TensorLoader(images, torch.zeros(16, dtype=torch.long), cfg, info, True, torch.device("cpu"), 1.0)
+        loader = loaders.TensorLoader(images, torch.zeros(16, dtype=torch.long), cfg, info, True, torch.device("cpu"), 1.0)
         torch.manual_seed(5)
         out = loader._train_crop(images.float())
         torch.manual_seed(5)  # the same draws: box, flip, then the per-image interpolation
-        box = D._rrc_params(16, 28, 28, (0.08, 1.0))
+        box = loaders._rrc_params(16, 28, 28, (0.08, 1.0))
         flip = torch.rand(16) < 0.5
-        bicubic = D._per_image_bicubic(16, mode, "cpu")
+        bicubic = loaders._per_image_bicubic(16, mode, "cpu")
         for i in range(16):
             ref = _pil_resized_crop(images[i], [b[i] for b in box], 40, bool(bicubic[i]), bool(flip[i]))
             assert torch.equal(out[i], ref), (mode, i)
@@ -107,9 +108,9 @@ def test_train_crop_honours_train_interpolation_per_image():
 
 def test_random_interpolation_is_bicubic_for_half_the_images():
     torch.manual_seed(0)
-    bicubic = D._per_image_bicubic(4000, "random", "cpu")
+    bicubic = loaders._per_image_bicubic(4000, "random", "cpu")
     assert abs(bicubic.float().mean().item() - 0.5) < 4 * (0.25 / 4000) ** 0.5
-    assert not D._per_image_bicubic(10, "bilinear", "cpu").any() and D._per_image_bicubic(10, "bicubic", "cpu").all()
+    assert not loaders._per_image_bicubic(10, "bilinear", "cpu").any() and loaders._per_image_bicubic(10, "bicubic", "cpu").all()
 
 
 def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
@@ -120,7 +121,7 @@ def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
 
     n = 4000
     torch.manual_seed(0)
-    top, left, h, w = D._rrc_params(n, 28, 28, (0.08, 1.0))
+    top, left, h, w = loaders._rrc_params(n, 28, 28, (0.08, 1.0))
     assert top.dtype == torch.long and (top >= 0).all() and (left >= 0).all()
     assert (top + h <= 28).all() and (left + w <= 28).all() and (h >= 1).all() and (w >= 1).all()
     random.seed(0)
@@ -139,16 +140,16 @@ def test_rrc_falls_back_to_timms_central_crop():
 
     # the whole area at aspect 2 (28 x 14) never fits a 40 x 10 image: timm crops the centre at the nearest ratio
     torch.manual_seed(0)
-    ours = torch.stack(D._rrc_params(8, 10, 40, (1.0, 1.0), ratio=(2.0, 2.0)), 1)
+    ours = torch.stack(loaders._rrc_params(8, 10, 40, (1.0, 1.0), ratio=(2.0, 2.0)), 1)
     ref = RandomResizedCropAndInterpolation.get_params(Image.new("L", (40, 10)), (1.0, 1.0), (2.0, 2.0))
     assert ref == (0, 10, 10, 20) and (ours == torch.tensor(ref)).all()
-    assert D._central_crop_size(40, 10, (3 / 4, 4 / 3)) == (13, 10)
-    assert D._central_crop_size(12, 12, (3 / 4, 4 / 3)) == (12, 12)
+    assert loaders._central_crop_size(40, 10, (3 / 4, 4 / 3)) == (13, 10)
+    assert loaders._central_crop_size(12, 12, (3 / 4, 4 / 3)) == (12, 12)
 
 
 def test_random_crop_flip_without_padding_is_a_flip_or_identity():
     x = torch.rand(6, 1, 5, 5)
-    out = D._random_crop_flip(x, padding=0, hflip=0.5)
+    out = loaders._random_crop_flip(x, padding=0, hflip=0.5)
     for a, b in zip(out, x):
         assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
 
@@ -157,7 +158,7 @@ def test_tensor_loader_batches_shapes_and_resume_offset():
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(40) % 10
     cfg = DataConfig(batch_size=8, img_size=32)
-    loader = D.TensorLoader(images, labels, cfg, D.dataset_info("fashion-mnist"), True, torch.device("cpu"), 1.0)
+    loader = loaders.TensorLoader(images, labels, cfg, datasets.dataset_info("fashion-mnist"), True, torch.device("cpu"), 1.0)
     assert len(loader) == 5
     batches = list(loader.batches(seed=0, epoch=2))
     resumed = list(loader.batches(seed=0, epoch=2, start_step=3))
@@ -168,9 +169,9 @@ def test_tensor_loader_batches_shapes_and_resume_offset():
 def test_paper224_pipeline_shapes():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, batch_size=4, eval_batch_size=4)
-    info = D.dataset_info("cifar100")
-    train = D.TensorLoader(images, torch.zeros(4, dtype=torch.long), cfg, info, True, torch.device("cpu"), 0.875)
-    test = D.TensorLoader(images, torch.zeros(4, dtype=torch.long), cfg, info, False, torch.device("cpu"), 0.875)
+    info = datasets.dataset_info("cifar100")
+    train = loaders.TensorLoader(images, torch.zeros(4, dtype=torch.long), cfg, info, True, torch.device("cpu"), 0.875)
+    test = loaders.TensorLoader(images, torch.zeros(4, dtype=torch.long), cfg, info, False, torch.device("cpu"), 0.875)
     assert next(train.batches())[0].shape == (4, 3, 224, 224)
     assert next(test.batches())[0].shape == (4, 3, 224, 224)
 
@@ -183,8 +184,8 @@ def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct, interp
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, eval_batch_size=3,
                      eval_interpolation=interpolation)
-    info = D.dataset_info("cifar100")
-    loader = D.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"), crop_pct)
+    info = datasets.dataset_info("cifar100")
+    loader = loaders.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"), crop_pct)
     ours = next(loader.batches())[0]
     transform = create_transform(224, is_training=False, interpolation=interpolation, mean=info.mean, std=info.std,
                                  crop_pct=crop_pct)
@@ -194,17 +195,17 @@ def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct, interp
 
 
 def test_train_subset_is_fixed_across_runs():
-    a = D.train_subset_indices(1000, 100)
-    assert torch.equal(a, D.train_subset_indices(1000, 100)) and len(a.unique()) == 100
-    assert len(D.train_subset_indices(1000, 0)) == 1000
+    a = datasets.train_subset_indices(1000, 100)
+    assert torch.equal(a, datasets.train_subset_indices(1000, 100)) and len(a.unique()) == 100
+    assert len(datasets.train_subset_indices(1000, 0)) == 1000
 
 
 def test_per_image_path_gives_the_same_eval_tensors_as_the_fast_path(fmnist_available):
     cfg = DataConfig(eval_subset=20, eval_batch_size=10, workers=0, train_subset=64, batch_size=16)
-    fast_train, fast_test, info = D.build_loaders(cfg, torch.device("cpu"), 1.0)
-    slow_train, slow_test, _ = D.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}),
+    fast_train, fast_test, info = loaders.build_loaders(cfg, torch.device("cpu"), 1.0)
+    slow_train, slow_test, _ = loaders.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}),
                                                torch.device("cpu"), 1.0)
-    assert isinstance(slow_test, D.ImageLoader) and isinstance(fast_test, D.TensorLoader)
+    assert isinstance(slow_test, loaders.ImageLoader) and isinstance(fast_test, loaders.TensorLoader)
     for (xa, ya), (xb, yb) in zip(fast_test.batches(), slow_test.batches()):
         assert torch.equal(ya, yb)
         assert torch.allclose(xa, xb, atol=1e-5)
@@ -232,4 +233,4 @@ def test_eval_interpolation_model_takes_the_students_timm_065_default():
     assert resolved("deit_tiny", "imagenet-vit", "imagenet") == "bicubic"
     assert resolved("deit_tiny", "cifar-vit", "cifar100") == "bilinear"  # PAT, and OFA-KD at the paper's time
     with pytest.raises(ValueError, match="resolved to the student's default"):
-        D.build_loaders(DataConfig(eval_interpolation="model"), torch.device("cpu"), 1.0)
+        loaders.build_loaders(DataConfig(eval_interpolation="model"), torch.device("cpu"), 1.0)

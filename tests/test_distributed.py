@@ -15,7 +15,8 @@ import torch
 import torch.multiprocessing as mp
 
 from hkdbench.benchmark.config import DataConfig
-from hkdbench.benchmark.data import TensorLoader, dataset_info
+from hkdbench.benchmark.data.loaders import TensorLoader
+from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.recipes import resolve_run_config
 
 pytestmark = pytest.mark.usefixtures("fmnist_available")
@@ -34,9 +35,9 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
     import torch.distributed as dist
 
     from hkdbench.benchmark.config import run_config_from_dict
-    from hkdbench.benchmark.distributed import DistContext
+    from hkdbench.benchmark.engine.distributed import DistContext
     from hkdbench.benchmark.store import RunStore
-    from hkdbench.benchmark.trainer import Trainer
+    from hkdbench.benchmark.engine.trainer import Trainer
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -66,7 +67,7 @@ def _spawn(cfg, tmp_path, world=2):
 
 
 def _teacher_checkpoint(tmp_path) -> str:
-    from hkdbench.benchmark.models import create_model
+    from hkdbench.benchmark.models.zoo import create_model
 
     torch.manual_seed(0)
     teacher = create_model("resnet_mini", 10, in_chans=1, img_size=16)
@@ -92,7 +93,7 @@ def test_loader_shards_global_batches_disjointly():
 
 
 def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
-    from hkdbench.benchmark.trainer import train
+    from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo", overrides=TINY)
     ranks, runs = _spawn(cfg, tmp_path)

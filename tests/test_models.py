@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hkdbench.benchmark.models import (FAMILIES, UnknownModelError, _vit_like_stage_blocks, create_model, zoo,
-                                       zoo_entry)
+from hkdbench.benchmark.models.zoo import FAMILIES, UnknownModelError, create_model, zoo, zoo_entry
+from hkdbench.benchmark.models.taps import _vit_like_stage_blocks
 from _support import FAMILY_MODELS, small_model
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import ConfigError, OptimConfig
-from hkdbench.benchmark.optim import LRSchedule, build_optimizer, param_groups
+from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, param_groups
 from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
 
 # OFA-KD train.py argparse defaults (identical in PAT's train.py) that reach the optimiser, scheduler, loss,
@@ -200,8 +200,8 @@ def test_an_epoch_without_a_full_batch_is_refused_with_the_fields_to_change():
 
 def test_train_step_sets_the_scheduled_lr_on_every_step():
     """The trainer's (and overhead's) TrainStep uses the schedule: per epoch for a reference recipe."""
-    from hkdbench.benchmark.models import create_model
-    from hkdbench.benchmark.trainer import TrainModule, TrainStep
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.engine.step import TrainModule, TrainStep
     from hkdbench.methods import get_method, method_config
 
     cfg = our_cfg("cifar-cnn", epochs=4, extra=["optim.warmup_epochs=2"])
@@ -228,8 +228,8 @@ def test_train_step_clips_as_train_pys_dispatch_clip_grad():
     from timm.optim import create_optimizer_v2
     from timm.utils import dispatch_clip_grad
 
-    from hkdbench.benchmark.models import create_model
-    from hkdbench.benchmark.trainer import TrainModule, TrainStep
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.engine.step import TrainModule, TrainStep
     from hkdbench.methods import Targets, get_method, method_config
 
     cfg = our_cfg("cifar-cnn", extra=["optim.clip_grad=0.01"])
@@ -264,7 +264,7 @@ class _Distillerish(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from hkdbench.benchmark.models import create_model
+        from hkdbench.benchmark.models.zoo import create_model
 
         self.student = create_model("vit_mini", 10, img_size=32).model
         self.projector = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.Linear(16, 10))
@@ -360,7 +360,7 @@ def test_drop_path_none_keeps_the_models_default_and_a_value_replaces_it():
     imagenet-vit's YAML sets 0."""
     from timm.layers import DropPath
 
-    from hkdbench.benchmark.models import create_model
+    from hkdbench.benchmark.models.zoo import create_model
 
     def rates(drop_path_rate):
         model = create_model("swin_mini", 10, img_size=32, drop_path_rate=drop_path_rate).model
@@ -382,7 +382,7 @@ def test_every_recipe_is_audited():
 def test_label_smoothing_criterion_equals_timms_label_smoothing_cross_entropy():
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    from hkdbench.benchmark.trainer import build_criterion
+    from hkdbench.benchmark.engine.step import build_criterion
 
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(64, 100, generator=g) * 3, torch.randint(0, 100, (64,), generator=g)
@@ -394,7 +394,7 @@ def test_label_smoothing_criterion_equals_timms_label_smoothing_cross_entropy():
 
 
 def test_mixup_arguments_are_train_pys():
-    from hkdbench.benchmark.data import build_mixup
+    from hkdbench.benchmark.data.loaders import build_mixup
 
     cfg, ref = our_cfg("cifar-vit"), reference_args("cifar-vit")
     mixup = build_mixup(cfg.data, 100, cfg.optim.label_smoothing)
@@ -407,8 +407,8 @@ def test_mixup_arguments_are_train_pys():
 def test_student_ema_is_timm_065_model_ema_v2():
     """0.6.5 ModelEmaV2: every float state entry (weights and BN statistics) becomes decay * ema + (1 - decay) *
     model after each update, with a constant decay (no warm-up)."""
-    from hkdbench.benchmark.models import create_model
-    from hkdbench.benchmark.trainer import _make_ema
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.engine.step import _make_ema
 
     torch.manual_seed(0)
     student = create_model("resnet_mini", 10, in_chans=1, img_size=16)

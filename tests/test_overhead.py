@@ -6,7 +6,7 @@ import pytest
 
 from hkdbench.analysis.collect import collect_runs
 from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.overhead import run_overhead
+from hkdbench.benchmark.probes.overhead import run_overhead
 
 PAIR = dict(teacher="resnet_mini", student="vit_mini", batch_size=8, img_size=16, warmup=1, repeats=2,
             num_classes=10)
@@ -69,18 +69,18 @@ def test_cli(tmp_path, capsys):
 
 
 def test_times_the_trainers_own_step(monkeypatch):
-    """The benchmark must measure the step training runs (trainer.TrainStep), not a copy of it."""
-    from hkdbench.benchmark import trainer
-    from hkdbench.benchmark.overhead import OverheadConfig, measure_method
+    """The benchmark must measure the step training runs (step.TrainStep), not a copy of it."""
+    from hkdbench.benchmark.engine import step
+    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
 
     calls = []
-    real_step = trainer.TrainStep.step
+    real_step = step.TrainStep.step
 
     def counting_step(self, images, labels, epoch, step):
         calls.append(step)
         return real_step(self, images, labels, epoch, step)
 
-    monkeypatch.setattr(trainer.TrainStep, "step", counting_step)
+    monkeypatch.setattr(step.TrainStep, "step", counting_step)
     measure_method(OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4,
                                   img_size=16, num_classes=10, warmup=2, repeats=3))
     assert calls == [0, 1, 2, 3, 4, 5]  # warm-up, timed repeats, then the FLOP-counted step

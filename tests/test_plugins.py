@@ -81,7 +81,7 @@ def test_a_plugin_method_trains_in_a_local_sweep(tmp_path, plugin):
 def test_a_pickled_job_loads_its_plugins_where_the_variable_is_unset(tmp_path, plugin, monkeypatch):
     """What a Slurm node does: unpickle the RunJob and call it, in a process whose environment may lack
     HKDBENCH_METHODS (here: it is removed)."""
-    from hkdbench.benchmark.dispatch import RunJob
+    from hkdbench.benchmark.sweep.job import RunJob
     from hkdbench.benchmark.recipes import resolve_run_config
     from hkdbench.methods import load_plugins, unregister_method
 

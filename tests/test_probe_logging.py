@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from hkdbench.benchmark.probing import TrainingProbes, probe_set
+from hkdbench.benchmark.probes.hooks import TrainingProbes, probe_set
 from hkdbench.benchmark.recipes import resolve_run_config
-from hkdbench.benchmark.trainer import train
+from hkdbench.benchmark.engine.trainer import train
 
 from _support import small_model
 

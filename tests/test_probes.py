@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark import probes
-from hkdbench.benchmark.models import create_model
+from hkdbench.benchmark.probes import cka
+
+from hkdbench.benchmark.probes import conflict
+from hkdbench.benchmark.models.zoo import create_model
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# numpy reference (written from the formulas, not from probes.py)
+# numpy reference (written from the formulas, not from probes/cka.py, probes/conflict.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def np_gram(x, kernel, sigma_frac=0.8):
@@ -64,7 +66,7 @@ def xy():
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_cka_matches_numpy(xy, kernel, unbiased):
     x, y = xy
-    got = probes.cka(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32),
+    got = cka.cka(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32),
                      kernel=kernel, unbiased=unbiased)
     want = np_cka(x, y, kernel, unbiased)
     assert 0.05 < want < 1.0
@@ -75,7 +77,7 @@ def test_cka_matches_numpy(xy, kernel, unbiased):
 def test_hsic_matches_numpy(xy, unbiased):
     x, y = xy
     k, l = np_gram(x, "rbf", 0.5), np_gram(y, "linear")
-    got = probes.hsic(torch.tensor(k), torch.tensor(l), unbiased=unbiased).item()
+    got = cka.hsic(torch.tensor(k), torch.tensor(l), unbiased=unbiased).item()
     want = (np_hsic_unbiased if unbiased else np_hsic_biased)(k, l)
     assert got == pytest.approx(want, rel=1e-10)
 
@@ -83,7 +85,7 @@ def test_hsic_matches_numpy(xy, unbiased):
 def test_rbf_gram_bandwidth_follows_median(xy):
     x, _ = xy
     for frac in (0.5, 0.8, 2.0):
-        got = probes.gram_rbf(torch.tensor(x), sigma_frac=frac).numpy()
+        got = cka.gram_rbf(torch.tensor(x), sigma_frac=frac).numpy()
         np.testing.assert_allclose(got, np_gram(x, "rbf", frac), rtol=1e-10, atol=1e-12)
 
 
@@ -93,9 +95,9 @@ def test_linear_cka_invariant_to_orthogonal_and_isotropic_scaling(xy, unbiased):
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.normal(size=(7, 7)))
     assert np.allclose(q.T @ q, np.eye(7))
-    base = probes.cka(torch.tensor(x), torch.tensor(y), unbiased=unbiased)
-    rotated = probes.cka(torch.tensor(x), torch.tensor(y @ q), unbiased=unbiased)
-    scaled = probes.cka(torch.tensor(3.7 * x), torch.tensor(0.01 * y), unbiased=unbiased)
+    base = cka.cka(torch.tensor(x), torch.tensor(y), unbiased=unbiased)
+    rotated = cka.cka(torch.tensor(x), torch.tensor(y @ q), unbiased=unbiased)
+    scaled = cka.cka(torch.tensor(3.7 * x), torch.tensor(0.01 * y), unbiased=unbiased)
     assert rotated == pytest.approx(base, rel=1e-9)
     assert scaled == pytest.approx(base, rel=1e-9)
 
@@ -104,38 +106,38 @@ def test_rbf_cka_invariant_to_orthogonal_and_isotropic_scaling(xy):
     # The median-scaled bandwidth makes RBF CKA invariant to isotropic scaling too.
     x, y = xy
     q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(5, 5)))
-    base = probes.cka(torch.tensor(x), torch.tensor(y), kernel="rbf")
-    assert probes.cka(torch.tensor(5.0 * x @ q), torch.tensor(y), kernel="rbf") == pytest.approx(base, rel=1e-9)
+    base = cka.cka(torch.tensor(x), torch.tensor(y), kernel="rbf")
+    assert cka.cka(torch.tensor(5.0 * x @ q), torch.tensor(y), kernel="rbf") == pytest.approx(base, rel=1e-9)
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_cka_self_is_one(xy, kernel, unbiased):
     x, _ = xy
-    assert probes.cka(torch.tensor(x), torch.tensor(x), kernel=kernel, unbiased=unbiased) == pytest.approx(1.0)
+    assert cka.cka(torch.tensor(x), torch.tensor(x), kernel=kernel, unbiased=unbiased) == pytest.approx(1.0)
 
 
 def test_cka_errors():
     x = torch.randn(3, 5)
     with pytest.raises(ValueError, match="more than 3 samples"):
-        probes.cka(x, x, unbiased=True)
+        cka.cka(x, x, unbiased=True)
     with pytest.raises(ValueError, match="more than 3 samples"):
-        probes.hsic_unbiased(x @ x.T, x @ x.T)
-    assert probes.cka(x, x, unbiased=False) == pytest.approx(1.0)
+        cka.hsic_unbiased(x @ x.T, x @ x.T)
+    assert cka.cka(x, x, unbiased=False) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="unknown CKA kernel"):
-        probes.cka(torch.randn(8, 3), torch.randn(8, 3), kernel="poly")
+        cka.cka(torch.randn(8, 3), torch.randn(8, 3), kernel="poly")
     with pytest.raises(ValueError, match="same examples"):
-        probes.cka(torch.randn(8, 3), torch.randn(9, 3))
+        cka.cka(torch.randn(8, 3), torch.randn(9, 3))
     with pytest.raises(ValueError, match="flatten_features"):
-        probes.cka(torch.randn(8, 3, 2), torch.randn(8, 3))
+        cka.cka(torch.randn(8, 3, 2), torch.randn(8, 3))
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_cka_constant_features_is_nan(kernel, unbiased):
     x = torch.full((8, 4), 0.37)
-    assert math.isnan(probes.cka(x, torch.randn(8, 3), kernel=kernel, unbiased=unbiased))
-    acc = probes.CKAAccumulator({1: "tokens"}, {1: "tokens"}, kernel=kernel, unbiased=unbiased)
+    assert math.isnan(cka.cka(x, torch.randn(8, 3), kernel=kernel, unbiased=unbiased))
+    acc = cka.CKAAccumulator({1: "tokens"}, {1: "tokens"}, kernel=kernel, unbiased=unbiased)
     acc.update({1: x[:, None]}, {1: torch.randn(8, 1, 3)})
     assert torch.isnan(acc.result()).all()
 
@@ -143,20 +145,20 @@ def test_cka_constant_features_is_nan(kernel, unbiased):
 def test_flatten_features():
     nchw = torch.randn(6, 3, 4, 5)
     tokens = torch.randn(6, 20, 3)
-    assert probes.flatten_features(nchw, "nchw").shape == (6, 60)
-    assert probes.flatten_features(tokens, "tokens").shape == (6, 60)
-    torch.testing.assert_close(probes.flatten_features(nchw, "nchw", pool="mean"), nchw.mean(dim=(2, 3)))
-    torch.testing.assert_close(probes.flatten_features(tokens, "tokens", pool="mean"), tokens.mean(dim=1))
+    assert cka.flatten_features(nchw, "nchw").shape == (6, 60)
+    assert cka.flatten_features(tokens, "tokens").shape == (6, 60)
+    torch.testing.assert_close(cka.flatten_features(nchw, "nchw", pool="mean"), nchw.mean(dim=(2, 3)))
+    torch.testing.assert_close(cka.flatten_features(tokens, "tokens", pool="mean"), tokens.mean(dim=1))
     # Same map as tokens or as nchw: mean pooling agrees.
     as_tokens = nchw.flatten(2).transpose(1, 2)
-    torch.testing.assert_close(probes.flatten_features(as_tokens, "tokens", pool="mean"),
-                               probes.flatten_features(nchw, "nchw", pool="mean"))
+    torch.testing.assert_close(cka.flatten_features(as_tokens, "tokens", pool="mean"),
+                               cka.flatten_features(nchw, "nchw", pool="mean"))
     with pytest.raises(ValueError, match="layouts are"):
-        probes.flatten_features(nchw, "nhwc")
+        cka.flatten_features(nchw, "nhwc")
     with pytest.raises(ValueError, match="pools are"):
-        probes.flatten_features(nchw, "nchw", pool="max")
+        cka.flatten_features(nchw, "nchw", pool="max")
     with pytest.raises(ValueError, match="4 dimensions"):
-        probes.flatten_features(tokens, "nchw")
+        cka.flatten_features(tokens, "nchw")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_accumulator_matches_numpy_per_batch_hsic(kernel, unbiased):
     student_layouts = {2: "tokens", 4: "nchw", 1: "nchw"}
     shapes_t = {1: (2, 3, 3), 3: (5, 4)}
     shapes_s = {2: (4, 3), 4: (3, 2, 2), 1: (6, 1, 2)}
-    acc = probes.CKAAccumulator(teacher_layouts, student_layouts, kernel=kernel, unbiased=unbiased)
+    acc = cka.CKAAccumulator(teacher_layouts, student_layouts, kernel=kernel, unbiased=unbiased)
     hsic = np_hsic_unbiased if unbiased else np_hsic_biased
     sums_kl = np.zeros((2, 3))
     sums_kk, sums_ll = np.zeros(2), np.zeros(3)
@@ -211,14 +213,14 @@ def test_accumulator_single_batch_equals_one_shot_cka():
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 2, 2), torch.randn(16, 9, 5)
     y[:, :, :4] += x.reshape(16, 3, 4).repeat(1, 3, 1)
-    acc = probes.CKAAccumulator({1: "nchw"}, {2: "tokens"}, kernel="linear")
+    acc = cka.CKAAccumulator({1: "nchw"}, {2: "tokens"}, kernel="linear")
     acc.update({1: x}, {2: y})
-    want = probes.cka(x.reshape(16, -1), y.reshape(16, -1))
+    want = cka.cka(x.reshape(16, -1), y.reshape(16, -1))
     assert acc.result()[0, 0].item() == pytest.approx(want, rel=1e-9)
 
 
 def test_accumulator_batch_of_three_raises():
-    acc = probes.CKAAccumulator({1: "nchw"}, {1: "tokens"})
+    acc = cka.CKAAccumulator({1: "nchw"}, {1: "tokens"})
     with pytest.raises(ValueError, match="at least 4 samples"):
         acc.update({1: torch.randn(3, 2, 2, 2)}, {1: torch.randn(3, 4, 2)})
     with pytest.raises(ValueError, match="differ in batch size"):
@@ -231,7 +233,7 @@ def test_accumulator_on_tapped_models():
     torch.manual_seed(0)
     teacher = create_model("resnet_mini", 10, in_chans=1, img_size=16).eval()
     student = create_model("vit_mini", 10, in_chans=1, img_size=16).eval()
-    acc = probes.CKAAccumulator.for_models(teacher, student, kernel="rbf", pool="mean")
+    acc = cka.CKAAccumulator.for_models(teacher, student, kernel="rbf", pool="mean")
     with torch.no_grad():
         for _ in range(2):
             x = torch.randn(6, 1, 16, 16)
@@ -253,9 +255,9 @@ def test_against_ckatorch():
     for kernel in ("linear", "rbf"):
         for unbiased in (False, True):
             want = ckatorch.cka_base(x, y, kernel=kernel, unbiased=unbiased, threshold=0.8).item()
-            assert probes.cka(x, y, kernel=kernel, unbiased=unbiased) == pytest.approx(want, rel=1e-8)
+            assert cka.cka(x, y, kernel=kernel, unbiased=unbiased) == pytest.approx(want, rel=1e-8)
     xs, ys = x[:20].reshape(4, 5, 5), y[:20].reshape(4, 5, 7)
-    acc = probes.CKAAccumulator({0: "tokens"}, {0: "tokens"})
+    acc = cka.CKAAccumulator({0: "tokens"}, {0: "tokens"})
     for i in range(4):
         acc.update({0: xs[i][:, None, :]}, {0: ys[i][:, None, :]})
     assert acc.result()[0, 0].item() == pytest.approx(ckatorch.cka_batch(xs, ys).item(), rel=1e-8)
@@ -275,7 +277,7 @@ def _tiny():
 def test_conflict_same_loss_agrees():
     model, x, y = _tiny()
     loss = nn.functional.cross_entropy(model(x), y)
-    s = probes.gradient_conflict(loss, loss, model.parameters())
+    s = conflict.gradient_conflict(loss, loss, model.parameters())
     assert s.cosine == pytest.approx(1.0) and s.norm_ratio == pytest.approx(1.0)
     assert s.task_norm == pytest.approx(s.distill_norm) and s.task_norm > 0
     assert not s.degenerate and not s.conflicting
@@ -287,7 +289,7 @@ def test_conflict_same_loss_agrees():
 def test_conflict_opposite_losses():
     model, x, y = _tiny()
     loss = nn.functional.cross_entropy(model(x), y)
-    s = probes.gradient_conflict(loss, -2.0 * loss, list(model.named_parameters()))
+    s = conflict.gradient_conflict(loss, -2.0 * loss, list(model.named_parameters()))
     assert s.cosine == pytest.approx(-1.0) and s.norm_ratio == pytest.approx(2.0)
     assert s.conflicting
 
@@ -298,7 +300,7 @@ def test_conflict_per_block_matches_manual():
     task = nn.functional.cross_entropy(out, y)
     distill = ((out - torch.randn(10, 3)) ** 2).mean() + 0.1 * model[0].weight.pow(2).sum()
     blocks = {"layer0": list(model[0].parameters()), "layer2": list(model[2].parameters())}
-    s = probes.gradient_conflict(task, distill, model.parameters(), blocks=blocks)
+    s = conflict.gradient_conflict(task, distill, model.parameters(), blocks=blocks)
 
     params = list(model.parameters())
     gt = torch.autograd.grad(task, params, retain_graph=True)
@@ -321,26 +323,26 @@ def test_conflict_zero_gradients():
     # distillation only on the first layer's weight: the second layer gets no distillation gradient
     distill = model[0].weight.pow(2).sum()
     blocks = {"first": list(model[0].parameters()), "second": list(model[2].parameters())}
-    s = probes.gradient_conflict(task, distill, model.parameters(), blocks=blocks)
+    s = conflict.gradient_conflict(task, distill, model.parameters(), blocks=blocks)
     assert s.block_degenerate["second"] and s.block_cosines["second"] == 0.0
     assert s.block_norm_ratios["second"] == 0.0
     assert not s.degenerate and math.isfinite(s.cosine)
     # a constant distillation loss (no graph), e.g. a zero-weight warm-up
-    z = probes.gradient_conflict(task, torch.tensor(0.0), model.parameters())
+    z = conflict.gradient_conflict(task, torch.tensor(0.0), model.parameters())
     assert z.degenerate and z.cosine == 0.0 and z.norm_ratio == 0.0 and z.distill_norm == 0.0
     # frozen parameters count as zero gradient
     model[2].weight.requires_grad_(False)
-    f = probes.gradient_conflict(task, task, model.parameters())
+    f = conflict.gradient_conflict(task, task, model.parameters())
     assert f.cosine == pytest.approx(1.0)
     with pytest.raises(ValueError, match="scalar"):
-        probes.gradient_conflict(out, task, model.parameters())
+        conflict.gradient_conflict(out, task, model.parameters())
     with pytest.raises(ValueError, match="not in params"):
-        probes.gradient_conflict(task, task, model[0].parameters(), blocks=blocks)
+        conflict.gradient_conflict(task, task, model[0].parameters(), blocks=blocks)
 
 
 def test_conflict_tracker_summary():
-    tr = probes.ConflictTracker()
-    mk = probes.ConflictStats
+    tr = conflict.ConflictTracker()
+    mk = conflict.ConflictStats
     tr.update(mk(0.5, 1.0, 2.0, 2.0, False, {"a": 0.2}, {"a": False}, {"a": 1.0}))
     tr.update(mk(-0.3, 3.0, 1.0, 3.0, False, {"a": -0.4}, {"a": False}, {"a": 1.0}))
     tr.update(mk(0.0, math.inf, 0.0, 1.0, True, {"a": 0.0}, {"a": True}, {"a": math.inf}))
@@ -364,12 +366,12 @@ def test_conflict_tracker_summary():
 @pytest.mark.parametrize("name", ["resnet_mini", "vit_mini", "swin_mini", "convnext_mini", "mixer_mini", "resmlp_mini"])
 def test_student_blocks_partition(name):
     m = create_model(name, 10, in_chans=1, img_size=16)
-    blocks = probes.student_blocks(m)
-    assert tuple(blocks) == probes.BLOCK_NAMES
+    blocks = conflict.student_blocks(m)
+    assert tuple(blocks) == conflict.BLOCK_NAMES
     ids = [id(p) for ps in blocks.values() for p in ps]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in m.parameters()}
-    assert all(blocks[b] for b in probes.BLOCK_NAMES), {b: len(ps) for b, ps in blocks.items()}
+    assert all(blocks[b] for b in conflict.BLOCK_NAMES), {b: len(ps) for b, ps in blocks.items()}
     names = {id(p): n for n, p in m.model.named_parameters()}
     for stage in (1, 2, 3, 4):
         out = m._stage_module_names[stage]
@@ -384,7 +386,7 @@ def test_student_blocks_drive_per_block_conflict():
     f = m(x, stages=(2,))
     task = nn.functional.cross_entropy(f.logits, y)
     distill = f.stages[2].pow(2).mean()
-    s = probes.gradient_conflict(task, distill, m.parameters(), blocks=probes.student_blocks(m))
+    s = conflict.gradient_conflict(task, distill, m.parameters(), blocks=conflict.student_blocks(m))
     # a stage-2 feature loss sends no gradient to stages 3, 4 or the head
     for b in ("stage3", "stage4", "head"):
         assert s.block_degenerate[b]

@@ -18,12 +18,12 @@ import torch
 from PIL import Image, ImageOps
 
 import timm.data.auto_augment as taa
-from hkdbench.benchmark import randaugment as R
+from hkdbench.benchmark.data import randaugment
 
 FILL_RGB = (124, 116, 104)  # timm's img_mean for the ImageNet mean colour
 FILL_GRAY = (73,)
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-ALL_OPS = tuple(dict.fromkeys(R.PLAIN_OPS + R.INCREASING_OPS))
+ALL_OPS = tuple(dict.fromkeys(randaugment.PLAIN_OPS + randaugment.INCREASING_OPS))
 MAGNITUDES = (0.0, 2.0, 4.3, 6.5, 9.0, 10.0)
 MAX_DIFFERING = 1e-3
 MAX_GEOMETRIC_MEAN_DIFF = 0.05
@@ -34,7 +34,7 @@ MAX_GEOMETRIC_MEAN_DIFF = 0.05
 @pytest.fixture(scope="module")
 def fmnist():
     from hkdbench.benchmark.config import DataConfig
-    from hkdbench.benchmark.data import DataNotFoundError, load_tensors
+    from hkdbench.benchmark.data.datasets import DataNotFoundError, load_tensors
 
     try:
         images, _ = load_tensors(DataConfig(dataset="fashion-mnist"), train=False)
@@ -106,7 +106,7 @@ def test_op_matches_timm_at_fixed_magnitude(name, fmnist, timm_065_pillow):
             for negate in (False, True):
                 for interpolation in interpolations:
                     n = len(images)  # float64 magnitudes: timm's are Python floats
-                    ours = R.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
+                    ours = randaugment.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
                                       torch.full((n,), negate), fill, interpolation)
                     reference = torch.stack([timm_op(name, magnitude, negate, im, fill, interpolation)
                                              for im in images])
@@ -125,11 +125,11 @@ def test_ops_beyond_magnitude_10_follow_timm_065(fmnist, timm_065_pillow, monkey
     n = len(images)
     for name in ALL_OPS:
         for magnitude in (12.0, 15.0, 23.0):
-            ours = R.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
+            ours = randaugment.apply_op(images, name, torch.full((n,), magnitude, dtype=torch.float64),
                               torch.full((n,), True), fill)
             reference = torch.stack([timm_op(name, magnitude, True, im, fill, "bilinear") for im in images])
             assert_close_to_timm(ours, reference, name in GEOMETRIC, f"{name} m={magnitude}")
-    add = R.apply_op(images, "SolarizeAdd", torch.full((n,), 12.0, dtype=torch.float64), torch.zeros(n).bool(), fill)
+    add = randaugment.apply_op(images, "SolarizeAdd", torch.full((n,), 12.0, dtype=torch.float64), torch.zeros(n).bool(), fill)
     assert torch.equal(add[images < 128], (images[images < 128] + 132).clamp(max=255))  # int(1.2 * 110), no cap
 
 
@@ -138,7 +138,7 @@ def test_ops_change_the_images(fmnist):
     images, fill = image_sets(fmnist)["fmnist-rgb"]
     n = len(images)
     for name in ALL_OPS:
-        ours = R.apply_op(images, name, torch.full((n,), 9.0), torch.full((n,), True), fill)
+        ours = randaugment.apply_op(images, name, torch.full((n,), 9.0), torch.full((n,), True), fill)
         assert (ours != images).float().mean() > 0.01, name
 
 
@@ -147,16 +147,16 @@ def test_posterize_to_zero_bits_is_black_as_in_timm_065(fmnist):
     images, fill = image_sets(fmnist)["fmnist-rgb"]
     n = len(images)
     for name, magnitude in (("PosterizeIncreasing", 10.0), ("Posterize", 2.4)):
-        out = R.apply_op(images, name, torch.full((n,), magnitude), torch.zeros(n, dtype=torch.bool), fill)
+        out = randaugment.apply_op(images, name, torch.full((n,), magnitude), torch.zeros(n, dtype=torch.bool), fill)
         assert out.abs().max() == 0, name
-    one_bit = R.apply_op(images, "PosterizeIncreasing", torch.full((n,), 9.9), torch.zeros(n, dtype=torch.bool), fill)
+    one_bit = randaugment.apply_op(images, "PosterizeIncreasing", torch.full((n,), 9.9), torch.zeros(n, dtype=torch.bool), fill)
     assert set(one_bit.unique().tolist()) <= {0.0, 128.0} and one_bit.max() == 128
 
 
 def test_equalize_table_above_255_is_clipped_as_pillow():
     """Few distinct values make equalize's table exceed 255 for the top value; Pillow's point() clips it."""
     image = torch.tensor([0.0] * 200 + [10.0] * 100 + [255.0] * 300).view(1, 1, 20, 30)
-    ours = R.apply_op(image, "Equalize", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_GRAY)
+    ours = randaugment.apply_op(image, "Equalize", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_GRAY)
     reference = from_pil(ImageOps.equalize(to_pil(image[0])))
     assert torch.equal(ours[0], reference)
     assert sorted(ours.unique().tolist()) == [0.0, 200.0, 255.0]  # (0 + 200) // 1 and min(300, 255)
@@ -171,7 +171,7 @@ def test_batched_policy_matches_timm_replaying_the_same_draws(policy, interpolat
     """Each image through timm's ops in the drawn order, with the drawn magnitude, sign and resampling."""
     noise = torch.randint(0, 256, (32, 3, 24, 20), generator=torch.Generator().manual_seed(4)).float()
     for images, fill in (image_sets(fmnist)["fmnist-rgb"], (noise, FILL_RGB)):
-        augment = R.BatchRandAugment(policy, fill=fill, interpolation=interpolation)
+        augment = randaugment.BatchRandAugment(policy, fill=fill, interpolation=interpolation)
         draws = augment.draw(len(images), generator=torch.Generator().manual_seed(3))
         ours = augment.apply(images, draws)
         names = augment.spec.op_names
@@ -191,11 +191,11 @@ def test_batched_policy_matches_timm_replaying_the_same_draws(policy, interpolat
 def test_a_batch_equals_its_images_augmented_one_by_one(fmnist):
     """Grouping by op, the index arithmetic and the shared geometric pass give each image its own result."""
     images, fill = image_sets(fmnist)["noise-rgb"]
-    augment = R.BatchRandAugment("rand-m9-n4-mstd0.5-inc1-p0.8", fill=fill)
+    augment = randaugment.BatchRandAugment("rand-m9-n4-mstd0.5-inc1-p0.8", fill=fill)
     draws = augment.draw(len(images), generator=torch.Generator().manual_seed(5))
     batched = augment.apply(images, draws)
     for i in range(len(images)):
-        alone = augment.apply(images[i:i + 1], R.RandAugmentDraws(*(t[i:i + 1] for t in draws)))
+        alone = augment.apply(images[i:i + 1], randaugment.RandAugmentDraws(*(t[i:i + 1] for t in draws)))
         assert torch.equal(batched[i:i + 1], alone), i
 
 
@@ -232,7 +232,7 @@ def timm_transform(policy):
     if "-w0" not in policy:
         return taa.rand_augment_transform(policy, hparams)
     plain = taa.rand_augment_transform(policy.replace("-w0", ""), hparams)
-    weights = np.array([WEIGHTS_065[name] for name in R.PLAIN_OPS])
+    weights = np.array([WEIGHTS_065[name] for name in randaugment.PLAIN_OPS])
     return taa.RandAugment(plain.ops, plain.num_layers, choice_weights=weights / weights.sum())
 
 
@@ -285,7 +285,7 @@ def assert_rate(k, n, p, what):
 def test_sampling_matches_timm_randaugment(policy):
     n_images = 20000
     log, num_layers = timm_draws(policy, n_images, seed=0)
-    augment = R.BatchRandAugment(policy, fill=FILL_RGB)
+    augment = randaugment.BatchRandAugment(policy, fill=FILL_RGB)
     draws = augment.draw(n_images, generator=torch.Generator().manual_seed(0))
     spec, names = augment.spec, augment.spec.op_names
     assert num_layers == spec.num_ops and len(log) == n_images * num_layers
@@ -345,7 +345,7 @@ def test_posterize_bits_distribution_matches_timm():
     n_images = 6000
     log, _ = timm_draws("rand-m9-mstd0.5-inc1", n_images, seed=1)
     timm_bits = [r["args"][0] for r in log if r["applied"] and r["name"] == "PosterizeIncreasing"]
-    augment = R.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=FILL_RGB)
+    augment = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=FILL_RGB)
     draws = augment.draw(n_images, generator=torch.Generator().manual_seed(1))
     chosen = draws.applied & (draws.op == augment.spec.op_names.index("PosterizeIncreasing"))
     ours_bits = (4 - torch.trunc(draws.magnitude[chosen] / 10 * 4)).long().tolist()
@@ -364,10 +364,10 @@ def test_fill_and_resampling_as_create_transform_passes_them(interpolation):
                                  interpolation=interpolation, mean=mean)
     rand_augment = next(t for t in transform.transforms if isinstance(t, taa.RandAugment))
     kwargs = rand_augment.ops[0].kwargs
-    assert R.fill_from_mean(mean) == kwargs["fillcolor"] == (129, 124, 112)
+    assert randaugment.fill_from_mean(mean) == kwargs["fillcolor"] == (129, 124, 112)
     resample = {"random": (Image.BILINEAR, Image.BICUBIC), "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
     assert kwargs["resample"] == resample[interpolation]
-    draws = R.BatchRandAugment("rand-m9-mstd0.5-inc1", R.fill_from_mean(mean), interpolation).draw(
+    draws = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1", randaugment.fill_from_mean(mean), interpolation).draw(
         4000, generator=torch.Generator().manual_seed(0))
     expected_bicubic = {"random": 0.5, "bilinear": 0.0, "bicubic": 1.0}[interpolation]
     assert abs(draws.bicubic.double().mean().item() - expected_bicubic) < 0.03
@@ -378,7 +378,7 @@ def test_fill_and_resampling_as_create_transform_passes_them(interpolation):
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-m7-n3", "rand-n1-mstd101",
                                     "rand-m12-mstd1-mmax15", "rand-mmax0", "rand"])
 def test_parse_agrees_with_timm(policy):
-    spec = R.parse_rand_augment(policy)
+    spec = randaugment.parse_rand_augment(policy)
     transform = taa.rand_augment_transform(policy, {"translate_const": 100, "img_mean": FILL_RGB})
     op = transform.ops[0]
     assert spec.num_ops == transform.num_layers
@@ -390,10 +390,10 @@ def test_parse_agrees_with_timm(policy):
 
 
 def test_parse_fields():
-    assert R.parse_rand_augment("rand-m9-mstd0.5-inc1") == R.RandAugmentSpec(
+    assert randaugment.parse_rand_augment("rand-m9-mstd0.5-inc1") == randaugment.RandAugmentSpec(
         num_ops=2, magnitude=9.0, magnitude_std=0.5, magnitude_max=10.0, prob=0.5, increasing=True)
-    assert R.parse_rand_augment("rand-w0-p0.8").weighted and R.parse_rand_augment("rand-p0.8").prob == 0.8
-    assert R.parse_rand_augment("rand-mstd200").magnitude_std == math.inf
+    assert randaugment.parse_rand_augment("rand-w0-p0.8").weighted and randaugment.parse_rand_augment("rand-p0.8").prob == 0.8
+    assert randaugment.parse_rand_augment("rand-mstd200").magnitude_std == math.inf
 
 
 @pytest.mark.parametrize("policy,message", [
@@ -409,32 +409,32 @@ def test_parse_fields():
 ])
 def test_parse_errors_name_the_part_and_what_is_allowed(policy, message):
     with pytest.raises(ValueError, match=message):
-        R.parse_rand_augment(policy)
+        randaugment.parse_rand_augment(policy)
 
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic, random"):
-        R.BatchRandAugment("rand-m9", fill=FILL_RGB, interpolation="nearest")
+        randaugment.BatchRandAugment("rand-m9", fill=FILL_RGB, interpolation="nearest")
     with pytest.raises(ValueError, match="fill must be 1 or 3 values in"):
-        R.BatchRandAugment("rand-m9", fill=(300, 0, 0))
-    augment = R.BatchRandAugment("rand-m9", fill=FILL_RGB)
+        randaugment.BatchRandAugment("rand-m9", fill=(300, 0, 0))
+    augment = randaugment.BatchRandAugment("rand-m9", fill=FILL_RGB)
     with pytest.raises(ValueError, match="C = 1 or 3"):
         augment(torch.zeros(2, 4, 8, 8))
     with pytest.raises(ValueError, match="fill has 3 values for 1-channel images"):
         augment(torch.zeros(2, 1, 8, 8))
     with pytest.raises(ValueError, match=r"RandAugmentSpec.prob must be in \[0, 1\], got 2"):
-        R.RandAugmentSpec(prob=2.0)
+        randaugment.RandAugmentSpec(prob=2.0)
     with pytest.raises(ValueError, match="RandAugmentSpec.num_ops must be >= 0"):
-        R.BatchRandAugment(R.RandAugmentSpec(num_ops=-1), fill=FILL_RGB)
+        randaugment.BatchRandAugment(randaugment.RandAugmentSpec(num_ops=-1), fill=FILL_RGB)
     with pytest.raises(ValueError, match="unknown RandAugment op 'Cutout'"):
-        R.apply_op(torch.zeros(1, 3, 8, 8), "Cutout", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_RGB)
+        randaugment.apply_op(torch.zeros(1, 3, 8, 8), "Cutout", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_RGB)
 
 
 # ----------------------------------------------------------------------------------------------- reproducibility
 
 def test_seeded_generator_reproduces_the_batch_bit_for_bit(fmnist):
     images, fill = image_sets(fmnist)["fmnist-rgb"]
-    augment = R.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill)
+    augment = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill)
     first = augment(images, torch.Generator().manual_seed(11))
     assert torch.equal(first, augment(images, torch.Generator().manual_seed(11)))
     assert not torch.equal(first, augment(images, torch.Generator().manual_seed(12)))
@@ -446,7 +446,7 @@ def test_seeded_generator_reproduces_the_batch_bit_for_bit(fmnist):
 
 def test_channels_last_input_gives_the_same_batch(fmnist):
     images, fill = image_sets(fmnist)["noise-rgb"]
-    augment = R.BatchRandAugment("rand-m9-n4-mstd0.5-inc1-p0.9", fill=fill)
+    augment = randaugment.BatchRandAugment("rand-m9-n4-mstd0.5-inc1-p0.9", fill=fill)
     draws = augment.draw(len(images), generator=torch.Generator().manual_seed(6))
     assert torch.equal(augment.apply(images.contiguous(memory_format=torch.channels_last), draws),
                        augment.apply(images, draws))
@@ -454,7 +454,7 @@ def test_channels_last_input_gives_the_same_batch(fmnist):
 
 def test_dtype_shape_and_integer_values_are_kept(fmnist):
     images, fill = image_sets(fmnist)["fmnist-gray"]
-    augment = R.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill, interpolation="bilinear")
+    augment = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill, interpolation="bilinear")
     for dtype in (torch.float32, torch.float64, torch.uint8):
         out = augment(images.to(dtype), torch.Generator().manual_seed(0))
         assert out.dtype == dtype and out.shape == images.shape
@@ -464,9 +464,9 @@ def test_dtype_shape_and_integer_values_are_kept(fmnist):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu_for_the_same_draws(fmnist):
     images, fill = image_sets(fmnist)["fmnist-rgb"]
-    augment = R.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill)
+    augment = randaugment.BatchRandAugment("rand-m9-mstd0.5-inc1", fill=fill)
     draws = augment.draw(len(images), generator=torch.Generator().manual_seed(2))
-    on_cuda = augment.apply(images.cuda(), R.RandAugmentDraws(*(t.cuda() for t in draws)))
+    on_cuda = augment.apply(images.cuda(), randaugment.RandAugmentDraws(*(t.cuda() for t in draws)))
     assert on_cuda.device.type == "cuda"
     assert_close_to_timm(on_cuda.cpu(), augment.apply(images, draws), True, "cuda vs cpu")
     generator = torch.Generator(device="cuda").manual_seed(0)

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from hkdbench.benchmark.store import RunDir, RunStore
-from hkdbench.benchmark.trainer import train
+from hkdbench.benchmark.engine.trainer import train
 
 from test_trainer import TINY, TINY_TEACHER, _assert_same_kept_files, _strip_times, tiny_cfg
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from hkdbench.benchmark.data import FASHION_MNIST_DEBIAN_DIR
+    from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
     if not (FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST is not installed")

@@ -12,8 +12,9 @@ import torch
 import yaml
 
 from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.models import zoo_entry
-from hkdbench.benchmark.sweep import expand, load_preset, missing_requirements, preset_names
+from hkdbench.benchmark.models.zoo import zoo_entry
+from hkdbench.benchmark.sweep.plan import expand
+from hkdbench.benchmark.sweep.preset import load_preset, missing_requirements, preset_names
 
 OFA_CIFAR_PAIRS = [  # spec section 8.1, in the table's order
     ("swin_tiny", "resnet18"), ("vit_small", "resnet18"), ("mixer_b16", "resnet18"),
@@ -220,8 +221,8 @@ def test_status_reports_done_failed_partial_and_pending(tmp_path):
 @pytest.mark.usefixtures("fmnist_available")
 def test_checkpoint_stops_the_trainer_saves_and_the_requeued_job_resumes(tmp_path):
     """What submitit's USR2 handler does, without Slurm: checkpoint() while __call__ runs."""
-    from hkdbench.benchmark.dispatch import RunJob
-    from hkdbench.benchmark.trainer import train
+    from hkdbench.benchmark.sweep.job import RunJob
+    from hkdbench.benchmark.engine.trainer import train
 
     preset = tiny_preset(tmp_path, methods=["none"], overrides={"data": {**TINY, "train_subset": 2048},
                                                                  "train": {"epochs": 2}})

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from hkdbench.benchmark.store import RunStore
-from hkdbench.benchmark.sweep import expand, load_preset
+from hkdbench.benchmark.sweep.plan import expand
+from hkdbench.benchmark.sweep.preset import load_preset
 
 from test_sweep import TINY, tiny_preset
 
@@ -31,7 +31,7 @@ def held_locks(store, specs):
 
 
 def test_a_job_whose_run_is_owned_exits_at_once_without_writing(tmp_path, capsys):
-    from hkdbench.benchmark.dispatch import OWNED, RunJob
+    from hkdbench.benchmark.sweep.job import OWNED, RunJob
 
     (spec,) = _students(tiny_preset(tmp_path, methods=["none"]))
     store = RunStore(tmp_path / "runs")
@@ -49,7 +49,7 @@ def test_a_job_whose_run_is_owned_exits_at_once_without_writing(tmp_path, capsys
 @pytest.mark.usefixtures("fmnist_available")
 def test_runs_claimed_after_planning_are_skipped_at_submission(tmp_path, monkeypatch):
     """A racing sweep's workers take the runs' locks between this sweep's planning and its submissions."""
-    from hkdbench.benchmark.dispatch import Sweep
+    from hkdbench.benchmark.sweep.dispatch import Sweep
 
     preset = tiny_preset(tmp_path, methods=["none"], seeds=[0, 1])
     plan = expand(load_preset(preset))
@@ -113,7 +113,7 @@ def _processes_mentioning(text):
 def test_a_stopped_local_sweep_stops_its_workers_and_resumes_to_the_same_result(tmp_path, sig):
     import torch
 
-    from hkdbench.benchmark.trainer import train
+    from hkdbench.benchmark.engine.trainer import train
 
     preset = tiny_preset(tmp_path, methods=["none"], overrides={"data": {**TINY, "train_subset": 2048},
                                                                  "train": {"epochs": 2}})

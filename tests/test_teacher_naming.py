@@ -6,7 +6,8 @@ import pytest
 
 from hkdbench.benchmark.config import run_config_from_dict
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
-from hkdbench.benchmark.sweep import expand, load_preset
+from hkdbench.benchmark.sweep.plan import expand
+from hkdbench.benchmark.sweep.preset import load_preset
 
 
 def _student(teacher_overrides, **kw):

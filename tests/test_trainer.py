@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,8 @@ import torch.nn as nn
 
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.store import RunStore
-from hkdbench.benchmark.optim import param_groups
-from hkdbench.benchmark.trainer import DivergedError, RunExistsError, train
+from hkdbench.benchmark.engine.optim import param_groups
+from hkdbench.benchmark.engine.trainer import DivergedError, RunExistsError, train
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
 TINY_TEACHER = ["train.epochs=1", "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64"]

@@ -5,11 +5,12 @@ import torch
 
 from hkdbench.analysis.collect import collect_runs
 from hkdbench.benchmark.config import ConfigError, ModelConfig
-from hkdbench.benchmark.data import build_loaders
-from hkdbench.benchmark.models import create_model, zoo_entry
+from hkdbench.benchmark.data.loaders import build_loaders
+from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.store import MissingWeightsError, RunStore
-from hkdbench.benchmark.trainer import Trainer, best_record, evaluate, train
+from hkdbench.benchmark.engine.trainer import Trainer, best_record, train
+from hkdbench.benchmark.engine.evaluation import evaluate
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
 # A teacher whose best epoch is well above its last, so best.pt and final.pt hold different weights with different

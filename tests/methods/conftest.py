@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hkdbench.benchmark.models import create_model
+from hkdbench.benchmark.models.zoo import create_model
 
 MINI = ("resnet_mini", "vit_mini", "swin_mini", "convnext_mini", "mixer_mini")
 

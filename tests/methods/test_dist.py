@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.models import Features, create_model
+from hkdbench.benchmark.models.taps import Features
+from hkdbench.benchmark.models.zoo import create_model
 from hkdbench.methods import Targets, get_method, list_methods, method_config
 from hkdbench.methods.dist import DIST, dist_terms, pearson_rows
 

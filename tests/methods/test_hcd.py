@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models import create_model
 from hkdbench.methods import Targets, get_method, kd_kl
 from hkdbench.methods.hcd import HCD, orthogonality_loss
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.models import Features, StageInfo, create_model
+from hkdbench.benchmark.models.taps import Features, StageInfo
+from hkdbench.benchmark.models.zoo import create_model
 from hkdbench.methods import Targets, get_method, method_config
 from hkdbench.methods.ofa import OFA, PatchMerging, build_branch_projector, heads_for, merge_count, ofa_loss
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hkdbench.benchmark.models import create_model
+from hkdbench.benchmark.models.zoo import create_model
 from hkdbench.methods import Targets, get_method
 from hkdbench.methods.pat import STAGES, EntryLayout, hcl_loss, probe_entry_layouts
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models import StageInfo, create_model
+from hkdbench.benchmark.models.taps import StageInfo
 from hkdbench.methods import Targets, get_method
 from hkdbench.methods.ofa import build_branch_projector, ofa_loss
 from hkdbench.methods.spofa import SPOFA, EmaBaseline, soft_ce_logit_grad

@@ -92,8 +92,9 @@ def test_sweep_as_job_arrays_then_resubmit_runs_nothing(slurm_cluster, tmp_path)
 
 def test_preempted_job_resumes_bit_exact_and_cancelled_job_is_reported(slurm_cluster, tmp_path):
     from hkdbench.benchmark.store import RunDir
-    from hkdbench.benchmark.sweep import expand, load_preset
-    from hkdbench.benchmark.trainer import train
+    from hkdbench.benchmark.sweep.plan import expand
+    from hkdbench.benchmark.sweep.preset import load_preset
+    from hkdbench.benchmark.engine.trainer import train
 
     runs = tmp_path / "runs"
     data = {**TINY, "train_subset": 4096}  # 64 steps per epoch: seconds of training, time to interrupt it

@@ -10,10 +10,8 @@ states and the partial epoch's sums.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -21,15 +19,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from hkdbench.methods import Distiller, Targets, get_method, method_config
+from hkdbench.methods import Distiller, get_method, method_config
 
-from . import data as data_lib
-from .config import OptimConfig, RunConfig
-from .models import TappedModel, create_model, zoo_entry
-from .optim import LRSchedule, build_optimizer
-from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
+from hkdbench.benchmark.data import loaders
+from hkdbench.benchmark.config import RunConfig
+from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.models.zoo import create_model, zoo_entry
+from hkdbench.benchmark.engine.optim import build_optimizer
+from hkdbench.benchmark.store import RunDir, RunStore, atomic_torch_save, environment, timestamp
+from hkdbench.benchmark.engine.checkpoint import _get_rng, _set_rng, load_teacher_weights
+from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
+from hkdbench.benchmark.engine.step import TrainModule, TrainStep, _EpochSums, _make_ema, build_criterion
 
 log = logging.getLogger("hkdbench")
 
@@ -53,118 +54,15 @@ class RunResult:
 # Devices, precision (the optimiser and the schedule are in optim.py)
 # --------------------------------------------------------------------------------------------------------------
 
-def select_device(requested: Optional[str] = None) -> torch.device:
-    if requested and requested != "auto":
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None for fp32; bf16 where the GPU supports it ('auto'), fp16 otherwise. CPU runs fp32 on 'auto'."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype],
-             channels_last: bool) -> Dict[str, float]:
-    from .distributed import reduce_sums, sync_buffers
-
-    sync_buffers(model)  # DDP: every rank evaluates rank 0's model (BN statistics), on its shard of the test set
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for images, labels in loader.batches():
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, dtype):
-            logits = model(images).logits if isinstance(model, TappedModel) else model(images)
-        logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(1).sum().item()
-        total += labels.numel()
-    model.train(was_training)
-    correct1, correct5, total, loss_sum = reduce_sums([correct1, correct5, total, loss_sum])
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class _EpochSums:
-    """Running sums of one epoch's per-term losses and statistics (kept in checkpoints mid-epoch)."""
-
-    def __init__(self, state: Optional[Dict[str, Any]] = None):
-        state = state or {}
-        self.sums: Dict[str, float] = dict(state.get("sums", {}))
-        self.steps: int = state.get("steps", 0)
-        self.images: int = state.get("images", 0)
-        self.correct: int = state.get("correct", 0)
-        self.seconds: float = state.get("seconds", 0.0)
-
-    def add(self, values: Dict[str, float], images: int, correct: int, seconds: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        self.images += images
-        self.correct += correct
-        self.seconds += seconds
-
-    def means(self) -> Dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-
-    def state(self) -> Dict[str, Any]:
-        return {"sums": self.sums, "steps": self.steps, "images": self.images, "correct": self.correct,
-                "seconds": self.seconds}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Building the pieces of a run
 # --------------------------------------------------------------------------------------------------------------
-
-class TrainModule(nn.Module):
-    """The student and the method's modules as one module (what the optimiser, DDP and checkpoints see)."""
-
-    def __init__(self, student: TappedModel, method: Distiller):
-        super().__init__()
-        self.student = student
-        self.method = method
-
-    def forward(self, images, targets: Targets, epoch: int):
-        return self.method.training_step(images, targets, epoch)
-
-
-def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False) -> None:
-    from .checkpoints import load_state_dict_into
-
-    load_state_dict_into(teacher.model, path, use_ema=use_ema)
-
-
-def build_criterion(cfg: RunConfig) -> nn.Module:
-    from timm.loss import SoftTargetCrossEntropy
-
-    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
-        return SoftTargetCrossEntropy()  # mixup already folds label smoothing into the soft targets
-    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,7 +101,7 @@ class Trainer:
         if cfg.teacher.checkpoint:
             load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
             return teacher.to(self.device), None
-        from .recipes import teacher_run_config
+        from hkdbench.benchmark.recipes import teacher_run_config
 
         t_cfg = teacher_run_config(cfg)
         t_dir = self.store.run_dir(t_cfg)
@@ -245,14 +143,14 @@ class Trainer:
 
         entry = zoo_entry(cfg.student.name)
         crop_pct = cfg.data.crop_pct or entry.crop_pct
-        train_loader, test_loader, info = data_lib.build_loaders(cfg.data, self.device, crop_pct,
+        train_loader, test_loader, info = loaders.build_loaders(cfg.data, self.device, crop_pct,
                                                                  rank=self.dist.rank if self.dist else 0,
                                                                  world_size=self.world_size)
-        if jitter_note := data_lib.color_jitter_note(cfg.data.color_jitter, cfg.data.auto_augment):
+        if jitter_note := loaders.color_jitter_note(cfg.data.color_jitter, cfg.data.auto_augment):
             self.say(f"{rd.path.name}: {jitter_note}")
         teacher, teacher_top1 = self.prepare_teacher(info.num_classes, info.in_chans)
 
-        data_lib.seed_everything(cfg.train.seed)
+        loaders.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
                                img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
         criterion = build_criterion(cfg)
@@ -270,7 +168,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
         optimizer = build_optimizer(cfg.optim, [module])
         ema = _make_ema(student, cfg.train.ema_decay)
-        mixup = data_lib.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
+        mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
         wrapped = self.dist.wrap(module) if self.dist else module
 
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
@@ -281,7 +179,7 @@ class Trainer:
                 rd.write_metrics(state["history"])
             self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
         elif self.is_main:
-            from .store import atomic_write_json
+            from hkdbench.benchmark.store import atomic_write_json
             atomic_write_json(rd.env_file, {**environment(self.device, self.world_size),
                                             "global_batch": cfg.data.batch_size * self.world_size,
                                             "lr": cfg.optim.lr, "channels_last": channels_last,
@@ -296,13 +194,13 @@ class Trainer:
         history: List[Dict[str, Any]] = state["history"]
         ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, module, method, optimizer, scaler,
                         self.device, ema, mixup, dtype, channels_last)
-        from .probing import build_probes  # CKA / gradient-conflict probes (None when off)
+        from hkdbench.benchmark.probes.hooks import build_probes
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
             sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
             if start_step == 0:
-                data_lib.seed_everything(cfg.train.seed * 100_003 + epoch)
+                loaders.seed_everything(cfg.train.seed * 100_003 + epoch)
             else:
                 _set_rng(state["rng"])
             stopped_at = self._train_epoch(ctx, train_loader, epoch, start_step, sums)
@@ -370,7 +268,7 @@ class Trainer:
         record: Dict[str, Any] = {"epoch": epoch + 1}
         means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size
         if self.dist:  # the epoch of every rank, not rank 0's share alone (ranks see equal batch sizes)
-            from .distributed import reduce_sums
+            from hkdbench.benchmark.engine.distributed import reduce_sums
 
             keys = sorted(means)
             reduced = reduce_sums([means[k] for k in keys] + [correct, images])
@@ -421,7 +319,7 @@ class Trainer:
             return {"teacher_weights": None, "teacher_run": None}
         if cfg.teacher.checkpoint:
             return {"teacher_weights": "checkpoint", "teacher_run": None}
-        from .recipes import teacher_run_config
+        from hkdbench.benchmark.recipes import teacher_run_config
 
         return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
 
@@ -493,74 +391,6 @@ def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Di
         if key in record and (best is None or record[key] > best[key]):
             best = record
     return best
-
-
-class TrainStep:
-    """One optimisation step: lr schedule, mixup, forward (method + teacher) under autocast, summed loss,
-    backward, clipping, optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
-    probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
-
-    def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
-                 device: torch.device, ema=None, mixup=None, dtype=None, channels_last: bool = False):
-        self.optim, self.epochs, self.steps = optim, epochs, steps
-        self.wrapped, self.module, self.method = wrapped, module, method
-        self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
-        self.dtype, self.channels_last = dtype, channels_last
-        self.device = device
-        self.schedule = LRSchedule(optim, optimizer, epochs, steps)
-
-    def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
-        lr = self.schedule.apply(epoch, step)
-        targets = Targets(hard=labels)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, labels)
-            targets = Targets(hard=soft.argmax(-1), soft=soft)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        self.module.train()
-        with _autocast(self.device, self.dtype):
-            s_out, losses = self.wrapped(images, targets, epoch)
-        loss = sum(v.float() for v in losses.values())
-        if self.probes is not None:  # gradient conflict needs the terms before backward
-            self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.optim.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.module.student.model)
-        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
-        correct = (s_out.logits.detach().argmax(-1) == labels).sum()
-        host = {k: v.item() for k, v in values.items()}  # one sync per step: NaN checks and logging
-        host.update({f"stat/{k}": float(v) for k, v in self.method.statistics().items()})
-        host["lr"] = lr
-        return host, int(correct.item())
-
-
-def _make_ema(student: TappedModel, decay: float):
-    if decay <= 0:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(student.model, decay=decay)  # the bare timm model: evaluated, never tapped
-
-
-def _get_rng() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _progress_bar(enabled: bool, total: int, initial: int, desc: str):

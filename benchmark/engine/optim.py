@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 
-from .config import OptimConfig
+from hkdbench.benchmark.config import OptimConfig
 
 
 def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:

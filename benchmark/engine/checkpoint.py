@@ -11,6 +11,11 @@ from typing import Any, Dict
 
 import torch
 import torch.nn as nn
+import random
+
+import numpy as np
+
+from hkdbench.benchmark.models.taps import TappedModel
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
@@ -64,3 +69,24 @@ def load_state_dict_into(model: nn.Module, path: str, use_ema: bool = False) -> 
             f"{path} does not fit {type(model).__name__}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (is the model name or the "
             "number of classes right?)")
+
+
+def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False) -> None:
+    from hkdbench.benchmark.engine.checkpoint import load_state_dict_into
+
+    load_state_dict_into(teacher.model, path, use_ema=use_ema)
+
+
+def _get_rng() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -27,7 +27,6 @@ method's config.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,8 +34,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import (RUN_SECTIONS, ConfigError, RunConfig, build_dataclass, deep_merge, flatten, load_yaml,
-                     parse_overrides, to_dict)
+from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, build_dataclass, deep_merge, load_yaml,
+                                       parse_overrides, to_dict)
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -209,8 +208,8 @@ def load_preset(name_or_path: Optional[str], overrides: Sequence[str] = (),
 def validate_preset(p: Preset, origin: str) -> None:
     from hkdbench.methods import get_method, list_methods
 
-    from .models import zoo, zoo_entry
-    from .recipes import recipe_names
+    from hkdbench.benchmark.models.zoo import zoo, zoo_entry
+    from hkdbench.benchmark.recipes import recipe_names
 
     known_models = ", ".join(zoo())
     pairs = p.pair_list()
@@ -269,79 +268,6 @@ def missing_requirements(p: Preset) -> List[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Expansion
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class RunSpec:
-    """One run of a sweep: its resolved config and the grid cells (teacher, student, method, seed) it serves
-    (the student-alone baseline serves every teacher of its student)."""
-    cfg: RunConfig
-    kind: str                           # 'teacher' or 'student'
-    teacher_run: Optional[str] = None   # the name of the teacher run a student run needs (trained by the sweep)
-    cells: List[Tuple[str, str, str, int]] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return self.cfg.run_name()
-
-
-@dataclass
-class SweepPlan:
-    preset: Preset
-    cells: List[Tuple[str, str, str, int]]      # (teacher, student, method, seed), in grid order
-    teachers: List[RunSpec]                     # the distinct teacher runs, trained first
-    students: List[RunSpec]                     # the distinct student runs
-
-    @property
-    def runs(self) -> List[RunSpec]:
-        return self.teachers + self.students
-
-    def digest(self) -> str:
-        names = sorted(r.name for r in self.runs)
-        return hashlib.sha256("\n".join(names).encode()).hexdigest()[:10]
-
-    def sweep_id(self) -> str:
-        return f"{self.preset.name}-{self.digest()}"
-
-
-def expand(p: Preset) -> SweepPlan:
-    """Every (pair, method, seed) cell resolved to its run config; the distinct teacher runs they need."""
-    from hkdbench.methods import get_method
-
-    from .recipes import resolve_run_config, teacher_run_config
-
-    cells: List[Tuple[str, str, str, int]] = []
-    students: Dict[str, RunSpec] = {}
-    teachers: Dict[str, RunSpec] = {}
-    t_overrides = flatten(p.teacher_overrides)
-    for t, s in p.pair_list():
-        for m in p.methods:
-            for seed in p.seeds:
-                cell = (t, s, m, seed)
-                cells.append(cell)
-                body = deep_merge(p.overrides, {"train": {"seed": seed}})
-                if m in p.method_overrides:
-                    body = {**body, "method": p.method_overrides[m]}
-                ckpt = p.teacher_checkpoints.get(t)
-                try:
-                    cfg = resolve_run_config(kind="student", student=s, teacher=t, method=m, dataset=p.dataset,
-                                             recipe=p.recipe, teacher_checkpoint=str(ckpt) if ckpt else None,
-                                             teacher_recipe=p.teacher_recipe, overrides=body,
-                                             teacher_overrides=t_overrides)
-                except (ConfigError, KeyError, ValueError) as err:
-                    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                    raise ConfigError(f"preset {p.name}, run {m} {t} -> {s} seed {seed}: {message}") from None
-                name = cfg.run_name()
-                spec = students.get(name)
-                if spec is None:
-                    spec = students[name] = RunSpec(cfg, "student")
-                    if cfg.teacher is not None and cfg.teacher.checkpoint is None and get_method(m).uses_teacher:
-                        t_cfg = teacher_run_config(cfg)
-                        t_name = t_cfg.run_name()
-                        teachers.setdefault(t_name, RunSpec(t_cfg, "teacher"))
-                        teachers[t_name].cells.append(cell)
-                        spec.teacher_run = t_name
-                spec.cells.append(cell)
-    return SweepPlan(p, cells, list(teachers.values()), list(students.values()))
 
 
 def preset_summary(p: Preset) -> Dict[str, Any]:

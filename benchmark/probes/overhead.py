@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .store import RunDir, RunStore, atomic_write_json, environment
+from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json, environment
 
 BASELINES = ("none", "kd")
 
@@ -140,11 +140,12 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
     from hkdbench.methods import get_method, method_config
 
-    from .data import seed_everything
-    from .models import create_model
-    from .optim import build_optimizer
-    from .trainer import TrainModule, TrainStep, autocast_dtype
-    from .config import OptimConfig
+    from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.engine.optim import build_optimizer
+    from hkdbench.benchmark.engine.step import TrainModule, TrainStep
+    from hkdbench.benchmark.engine.evaluation import autocast_dtype
+    from hkdbench.benchmark.config import OptimConfig
 
     device = torch.device(cfg.device)
     method_cls = get_method(cfg.method)
@@ -236,8 +237,8 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     """Measures every method (default: all registered) and stores one ``overhead`` run per method."""
     from hkdbench.methods import get_method, list_methods
 
-    from .models import zoo_entry
-    from .trainer import select_device
+    from hkdbench.benchmark.models.zoo import zoo_entry
+    from hkdbench.benchmark.engine.evaluation import select_device
 
     zoo_entry(teacher), zoo_entry(student)
     names = list(methods) if methods else list(list_methods())

@@ -25,300 +25,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import submitit
 
-from .config import ConfigError, run_config_from_dict
-from .store import RunDir, RunLockedError, RunStore, atomic_write_json, timestamp
-from .sweep import Preset, RunSpec, SweepPlan, missing_requirements
+from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.store import RunStore, atomic_write_json, timestamp
+from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
+from hkdbench.benchmark.sweep.plan import RunSpec, SweepPlan
+from hkdbench.benchmark.sweep.job import RunJob
+from hkdbench.benchmark.sweep.status import RunState, _append_jsonl, _count, format_state_table, run_states
 
 EXECUTORS = ("inline", "local", "slurm")
-OWNED = "owned"  # a job's outcome when another live process holds its run's lock
-ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
-                       "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The job
 # --------------------------------------------------------------------------------------------------------------
 
-class RunJob(submitit.helpers.Checkpointable):
-    """Trains one run (resuming it if it has a checkpoint). Picklable: only plain data until it runs."""
-
-    def __init__(self, cfg: Dict[str, Any], runs_dir: str, device: Optional[str] = None, threads: int = 1,
-                 stop_wait_s: float = 60.0, plugins: Optional[str] = None):
-        self.cfg = cfg
-        self.runs_dir = str(runs_dir)
-        self.device = device
-        self.threads = threads
-        self.stop_wait_s = stop_wait_s
-        # the submitting process's method plugins (HKDBENCH_METHODS), .py paths made absolute: the worker (a
-        # local process, a Slurm node) imports them before it looks its method up
-        self.plugins = _absolute_plugins(os.environ.get("HKDBENCH_METHODS", "") if plugins is None else plugins)
-
-    def __getstate__(self) -> Dict[str, Any]:  # threads and events never travel
-        return {k: self.__dict__[k] for k in ("cfg", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
-
-    def _load_plugins(self) -> None:
-        """Imports the submitter's plugins unless this process has them (an inline sweep's, or a requeue's)."""
-        from hkdbench.methods import list_methods, load_plugins
-
-        if self.plugins and self.cfg["method"] not in list_methods():
-            os.environ["HKDBENCH_METHODS"] = self.plugins
-            load_plugins(self.plugins)
-
-    @property
-    def name(self) -> str:
-        return run_config_from_dict(self.cfg).run_name()
-
-    def __call__(self) -> Dict[str, Any]:
-        import torch
-
-        from . import distributed
-
-        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
-        torch.set_num_threads(max(int(self.threads), 1))
-        self._load_plugins()
-        self._stop = threading.Event()
-        if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
-            # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_stop_signal)
-        self._outcome: Dict[str, Any] = {}
-        dist_ctx = distributed.init_from_submitit()
-        should_stop = self._stop.is_set if dist_ctx is None else dist_ctx.stop_fn(self._stop.is_set)
-        device = self.device
-        if dist_ctx is not None and dist_ctx.backend == "nccl":
-            device = str(dist_ctx.device())
-        self._thread = threading.Thread(target=self._train, args=(device, should_stop, dist_ctx), daemon=True,
-                                        name="hkdbench-train")
-        self._thread.start()
-        try:
-            while self._thread.is_alive():  # the main thread stays free for submitit's signal handlers
-                self._thread.join(0.5)
-        except KeyboardInterrupt:  # Ctrl-C (inline sweeps): stop after the current step and save
-            self._stop.set()
-            self._thread.join(self.stop_wait_s)
-            raise
-        if "error" in self._outcome:
-            raise self._outcome["error"]
-        outcome = {k: v for k, v in self._outcome.items() if k != "error"}
-        if outcome.get("status") == "interrupted" and dist_ctx is not None and dist_ctx.rank != 0:
-            # rank 0 is checkpointing and requeueing the whole job: wait to be stopped rather than exit early
-            time.sleep(self.stop_wait_s + 60)
-        if dist_ctx is not None and outcome.get("status") == "done":
-            distributed.shutdown()
-        return outcome
-
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """First stop signal: the trainer finishes its step, saves a mid-epoch checkpoint and the job exits
-        (resumable); repeats are ignored, except a second Ctrl-C, which aborts."""
-        if self._stop.is_set():
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self._stop.set()
-        print(f"hkdbench: {signal.Signals(signum).name}: stopping {self.name} after the current step (a checkpoint "
-              "is saved; re-running the sweep resumes it)", file=sys.stderr, flush=True)
-
-    def _train(self, device, should_stop, dist_ctx) -> None:
-        from .trainer import DivergedError, TeacherUnavailableError, Trainer
-
-        cfg = run_config_from_dict(self.cfg)
-        store = RunStore(self.runs_dir)
-        try:
-            result = Trainer(cfg, store, device=device, progress=False, should_stop=should_stop,
-                             dist_ctx=dist_ctx).run(resume=True, wait_for_lock=False)
-            self._outcome.update(status=result.status, run=result.run_dir.path.name)
-        except RunLockedError:  # a racing sweep's job trains this run: leave it to that one, free the slot
-            print(f"hkdbench: {cfg.run_name()} is owned by another process (its lock is held); this job exits "
-                  "without training it", file=sys.stderr, flush=True)
-            self._outcome.update(status=OWNED, run=cfg.run_name())
-        except TeacherUnavailableError:  # a stop request arrived while the job was training the teacher
-            self._outcome.update(status="interrupted", run=cfg.run_name())
-        except BaseException as err:  # noqa: BLE001 -- recorded in the run dir, re-raised by __call__
-            if not isinstance(err, DivergedError):  # the trainer has written that reason itself
-                self._fail(store, cfg)
-            self._outcome["error"] = err
-
-    def _fail(self, store: RunStore, cfg) -> None:
-        if dist_rank() != 0:
-            return
-        rd = store.run_dir(cfg)
-        err = sys.exc_info()[1]
-        details: Dict[str, Any] = {"traceback": traceback.format_exc(limit=20)}
-        try:
-            paths = submitit.JobEnvironment().paths
-            details.update(job_id=submitit.JobEnvironment().job_id, log=str(paths.stderr))
-        except RuntimeError:
-            pass
-        rd.path.mkdir(parents=True, exist_ok=True)
-        rd.mark_failed(f"{type(err).__name__}: {err}", **details)
-        if "error" not in self._outcome and err is not None:
-            self._outcome["error"] = err
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on USR2 (time-out or preemption), in the main thread while ``__call__`` runs:
-        asks the trainer to stop after its current step, waits for the checkpoint to be saved, and hands a
-        fresh job to the requeue (which resumes from the run dir)."""
-        stop = getattr(self, "_stop", None)
-        thread = getattr(self, "_thread", None)
-        if stop is not None:
-            stop.set()
-        if thread is not None:
-            thread.join(self.stop_wait_s)
-            if thread.is_alive():
-                print(f"hkdbench: the trainer did not stop within {self.stop_wait_s:.0f} s; the requeued job "
-                      "resumes from the last saved checkpoint", file=sys.stderr, flush=True)
-            else:
-                print(f"hkdbench: trainer stopped ({self._outcome.get('status')}); requeueing", file=sys.stderr,
-                      flush=True)
-        return submitit.helpers.DelayedSubmission(
-            RunJob(self.cfg, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
-
-
-def _absolute_plugins(spec: str) -> str:
-    """``HKDBENCH_METHODS`` with its .py paths absolute (a worker may start in another directory)."""
-    items = [item.strip() for item in spec.split(",") if item.strip()]
-    return ",".join(str(Path(item).resolve()) if item.endswith(".py") else item for item in items)
-
-
-def dist_rank() -> int:
-    from .distributed import rank_and_world
-
-    return rank_and_world()[0]
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Run states
 # --------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class RunState:
-    spec: RunSpec
-    status: str                       # done / running / queued / partial / pending / failed / cancelled
-    reason: str = ""
-    log: str = ""
-    job_id: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-def read_jobs(rd: RunDir) -> List[Dict[str, Any]]:
-    path = rd.path / "jobs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
-    """job id -> (state, reason) from squeue (active jobs, array tasks one per line) and sacct (finished)."""
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids or shutil.which("squeue") is None:
-        return {}
-    states: Dict[str, Tuple[str, str]] = {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30)
-        for line in out.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] in ids:
-                states[parts[0]] = (parts[1], parts[2] if parts[2] not in ("None", "") else "")
-        rest = [j for j in ids if j not in states]
-        if rest and shutil.which("sacct"):
-            out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(rest)],
-                                 capture_output=True, text=True, timeout=30)
-            for line in out.stdout.splitlines():
-                parts = line.strip().split("|")
-                if len(parts) >= 3 and parts[0] in rest:
-                    states[parts[0]] = (parts[1], f"exit code {parts[2]}" if parts[2] not in ("0:0", "") else "")
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return states
-
-
-def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = True) -> List[RunState]:
-    """Where every run stands, from the run store, the job records and (for Slurm jobs) squeue/sacct."""
-    dirs = [store.run_dir(s.cfg) for s in specs]
-    last_jobs = [(read_jobs(rd) or [None])[-1] for rd in dirs]
-    slurm = slurm_states(j["job_id"] for j in last_jobs if j and j.get("executor") == "slurm") \
-        if query_slurm else {}
-    states = []
-    for spec, rd, job in zip(specs, dirs, last_jobs):
-        job_id = str(job["job_id"]) if job else ""
-        log = job.get("stderr", "") if job else ""
-        status = rd.status()
-        reason = ""
-        if status == "failed":
-            failure = rd.failure()
-            reason = failure.get("reason", "")
-            log = failure.get("log", log) or str(rd.log_file)
-        elif status in ("partial", "pending") and job:
-            state, why = slurm.get(job_id, ("", "")) if job.get("executor") == "slurm" else _local_state(job)
-            word = state.split()[0] if state else ""
-            if word in ACTIVE_SLURM_STATES:
-                status = "running" if word in ("RUNNING", "COMPLETING") else "queued"
-                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
-            elif word in ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
-                status = "cancelled" if word == "CANCELLED" else "failed"
-                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
-                error = _job_error(job)
-                if error:
-                    reason += f": {error}"
-            elif word == "COMPLETED":
-                status, reason = "failed", f"job {job_id} ended without finishing the run"
-        states.append(RunState(spec, status, reason, log, job_id))
-    return states
-
-
-def _local_state(job: Dict[str, Any]) -> Tuple[str, str]:
-    """A local job's state from its submitit files (the pid is the job id)."""
-    folder = Path(job.get("folder", ""))
-    result = folder / f"{job['job_id']}_0_result.pkl"
-    if result.exists():
-        err = _job_error(job)
-        return ("FAILED", err) if err else ("COMPLETED", "")
-    try:
-        os.kill(int(job["job_id"]), 0)
-        return "RUNNING", ""
-    except (OSError, ValueError):
-        return "CANCELLED", "the process is gone"
-
-
-def _job_error(job: Dict[str, Any]) -> str:
-    """The last line of the exception a job pickled, if any."""
-    folder = Path(job.get("folder", ""))
-    path = folder / f"{job['job_id']}_0_result.pkl"
-    if not path.exists():
-        return ""
-    try:
-        import pickle
-
-        with open(path, "rb") as f:
-            kind, payload = pickle.load(f)
-    except Exception:  # noqa: BLE001
-        return ""
-    if kind != "error":
-        return ""
-    lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -369,7 +103,7 @@ class Sweep:
     def write_manifest(self, executor: Optional[str] = None, command: Optional[str] = None) -> None:
         """``sweep.json``: the preset, every run's config and, one entry per ``run``, when, how (executor) and
         with which command line the sweep was invoked (the report's provenance)."""
-        from .config import to_dict
+        from hkdbench.benchmark.config import to_dict
 
         path = self.sweep_dir / "sweep.json"
         invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
@@ -395,7 +129,7 @@ class Sweep:
             self.say(f"note: {', '.join(missing)} must be given at submission (e.g. {missing[0]}=PATH)")
         self.say(f"methods: {', '.join(p.methods)}; seeds: {', '.join(map(str, p.seeds))}")
         self.say("pairs (teacher -> student: student recipe, teacher recipe):")
-        from .models import zoo_entry
+        from hkdbench.benchmark.models.zoo import zoo_entry
 
         for i, (t, s) in enumerate(p.pair_list(), 1):
             specs = [r for r in self.plan.students if (t, s) in {(c[0], c[1]) for c in r.cells}]
@@ -425,7 +159,7 @@ class Sweep:
         missing = missing_requirements(self.preset)
         if missing:
             raise ConfigError(f"preset {self.preset.name} needs {', '.join(missing)} (e.g. {missing[0]}=PATH)")
-        from .data import check_data_available
+        from hkdbench.benchmark.data.datasets import check_data_available
 
         for spec in self.plan.runs[:1] + self.plan.students[:1]:
             check_data_available(spec.cfg.data)
@@ -687,31 +421,4 @@ def _slurm_params(opts, dependency: Optional[str]) -> Dict[str, Any]:
 # Tables
 # --------------------------------------------------------------------------------------------------------------
 
-STATUS_ORDER = ("done", "running", "queued", "partial", "pending", "failed", "cancelled")
 
-
-def _count(states: Sequence[RunState]) -> str:
-    counts = {s: sum(st.status == s for st in states) for s in STATUS_ORDER}
-    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"
-
-
-def format_state_table(states: Sequence[RunState], order: Optional[Sequence[RunSpec]] = None,
-                       details: bool = True) -> str:
-    if order is not None:
-        rank = {s.name: i for i, s in enumerate(order)}
-        states = sorted(states, key=lambda st: rank.get(st.name, 1 << 30))
-    rows = [("status", "kind", "method", "teacher", "student", "seed", "job", "run")]
-    for st in states:
-        cfg = st.spec.cfg
-        rows.append((st.status, st.spec.kind, cfg.method if st.spec.kind == "student" else "-",
-                     cfg.teacher.name if cfg.teacher else "-", cfg.student.name, str(cfg.train.seed),
-                     st.job_id or "-", st.name))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    if details:
-        for st in states:
-            if st.status in ("failed", "cancelled") or (st.status == "queued" and "NeverSatisfied" in st.reason):
-                lines.append(f"  {st.name}: {st.status}: {st.reason or 'no reason recorded'}"
-                             + (f"\n      log: {st.log}" if st.log else ""))
-    lines.append(f"{len(states)} runs: {_count(states)}")
-    return "\n".join(lines)

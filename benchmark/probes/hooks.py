@@ -26,11 +26,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from hkdbench.benchmark.models.taps import STAGES
 from hkdbench.methods.base import TASK_LOSS
 
-from .probes import CKAAccumulator, ConflictTracker, gradient_conflict, student_blocks
+from hkdbench.benchmark.probes.cka import CKAAccumulator
+from hkdbench.benchmark.probes.conflict import ConflictTracker, gradient_conflict, student_blocks
 
-STAGES = (1, 2, 3, 4)
 PROBE_SEED = 20240501
 
 

@@ -1,0 +1,65 @@
+"""The device, the autocast precision and the evaluation pass (top-1/top-5 and loss on the test loader)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+
+from hkdbench.benchmark.models.taps import TappedModel
+
+
+def select_device(requested: Optional[str] = None) -> torch.device:
+    if requested and requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """None for fp32; bf16 where the GPU supports it ('auto'), fp16 otherwise. CPU runs fp32 on 'auto'."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[torch.dtype],
+             channels_last: bool) -> Dict[str, float]:
+    from hkdbench.benchmark.engine.distributed import reduce_sums, sync_buffers
+
+    sync_buffers(model)  # DDP: every rank evaluates rank 0's model (BN statistics), on its shard of the test set
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    for images, labels in loader.batches():
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, dtype):
+            logits = model(images).logits if isinstance(model, TappedModel) else model(images)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == labels[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(1).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    correct1, correct5, total, loss_sum = reduce_sums([correct1, correct5, total, loss_sum])
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

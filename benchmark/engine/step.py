@@ -1,0 +1,117 @@
+"""One optimisation step (:class:`TrainStep`: the distiller's forward passes and losses, backward, clipping, the
+optimiser, the schedule, the student EMA), the module that holds student and method together, the criterion and
+the running sums of an epoch (kept in mid-epoch checkpoints)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from hkdbench.methods import Distiller, Targets
+
+from hkdbench.benchmark.config import OptimConfig, RunConfig
+from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.engine.optim import LRSchedule
+from hkdbench.benchmark.engine.evaluation import _autocast
+
+
+class _EpochSums:
+    """Running sums of one epoch's per-term losses and statistics (kept in checkpoints mid-epoch)."""
+
+    def __init__(self, state: Optional[Dict[str, Any]] = None):
+        state = state or {}
+        self.sums: Dict[str, float] = dict(state.get("sums", {}))
+        self.steps: int = state.get("steps", 0)
+        self.images: int = state.get("images", 0)
+        self.correct: int = state.get("correct", 0)
+        self.seconds: float = state.get("seconds", 0.0)
+
+    def add(self, values: Dict[str, float], images: int, correct: int, seconds: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.images += images
+        self.correct += correct
+        self.seconds += seconds
+
+    def means(self) -> Dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def state(self) -> Dict[str, Any]:
+        return {"sums": self.sums, "steps": self.steps, "images": self.images, "correct": self.correct,
+                "seconds": self.seconds}
+
+
+class TrainModule(nn.Module):
+    """The student and the method's modules as one module (what the optimiser, DDP and checkpoints see)."""
+
+    def __init__(self, student: TappedModel, method: Distiller):
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, images, targets: Targets, epoch: int):
+        return self.method.training_step(images, targets, epoch)
+
+
+def build_criterion(cfg: RunConfig) -> nn.Module:
+    from timm.loss import SoftTargetCrossEntropy
+
+    if cfg.data.mixup > 0 or cfg.data.cutmix > 0:
+        return SoftTargetCrossEntropy()  # mixup already folds label smoothing into the soft targets
+    return nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+
+
+class TrainStep:
+    """One optimisation step: lr schedule, mixup, forward (method + teacher) under autocast, summed loss,
+    backward, clipping, optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
+    probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
+
+    def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
+                 device: torch.device, ema=None, mixup=None, dtype=None, channels_last: bool = False):
+        self.optim, self.epochs, self.steps = optim, epochs, steps
+        self.wrapped, self.module, self.method = wrapped, module, method
+        self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
+        self.dtype, self.channels_last = dtype, channels_last
+        self.device = device
+        self.schedule = LRSchedule(optim, optimizer, epochs, steps)
+
+    def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
+        lr = self.schedule.apply(epoch, step)
+        targets = Targets(hard=labels)
+        if self.mixup is not None:
+            images, soft = self.mixup(images, labels)
+            targets = Targets(hard=soft.argmax(-1), soft=soft)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.module.train()
+        with _autocast(self.device, self.dtype):
+            s_out, losses = self.wrapped(images, targets, epoch)
+        loss = sum(v.float() for v in losses.values())
+        if self.probes is not None:  # gradient conflict needs the terms before backward
+            self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.module.student.model)
+        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
+        correct = (s_out.logits.detach().argmax(-1) == labels).sum()
+        host = {k: v.item() for k, v in values.items()}  # one sync per step: NaN checks and logging
+        host.update({f"stat/{k}": float(v) for k, v in self.method.statistics().items()})
+        host["lr"] = lr
+        return host, int(correct.item())
+
+
+def _make_ema(student: TappedModel, decay: float):
+    if decay <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(student.model, decay=decay)  # the bare timm model: evaluated, never tapped

@@ -1,0 +1,1 @@
+"""The executors a sweep submits its runs with, one module each."""

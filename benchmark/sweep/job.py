@@ -1,0 +1,175 @@
+"""The job that trains one run of a sweep, on any executor.
+
+A :class:`RunJob` is a ``submitit.helpers.Checkpointable``. Its ``__call__`` trains in a worker thread while the
+main thread waits, because submitit calls ``checkpoint()`` from its USR2 handler in the main thread while
+``__call__`` is still running, then requeues the job and exits at once. ``checkpoint()`` sets the stop flag, waits
+(at most ``stop_wait_s``) for the trainer to finish its current step and save a mid-epoch checkpoint, and returns a
+fresh ``RunJob`` for the requeued job, which resumes from the run dir. The job carries the submitter's method
+plugins and imports them in the worker. Results are never taken from ``job.result()``: the run store says.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import submitit
+
+from hkdbench.benchmark.config import run_config_from_dict
+from hkdbench.benchmark.store import RunLockedError, RunStore
+
+
+OWNED = "owned"  # a job's outcome when another live process holds its run's lock
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """Trains one run (resuming it if it has a checkpoint). Picklable: only plain data until it runs."""
+
+    def __init__(self, cfg: Dict[str, Any], runs_dir: str, device: Optional[str] = None, threads: int = 1,
+                 stop_wait_s: float = 60.0, plugins: Optional[str] = None):
+        self.cfg = cfg
+        self.runs_dir = str(runs_dir)
+        self.device = device
+        self.threads = threads
+        self.stop_wait_s = stop_wait_s
+        # the submitting process's method plugins (HKDBENCH_METHODS), .py paths made absolute: the worker (a
+        # local process, a Slurm node) imports them before it looks its method up
+        self.plugins = _absolute_plugins(os.environ.get("HKDBENCH_METHODS", "") if plugins is None else plugins)
+
+    def __getstate__(self) -> Dict[str, Any]:  # threads and events never travel
+        return {k: self.__dict__[k] for k in ("cfg", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
+
+    def _load_plugins(self) -> None:
+        """Imports the submitter's plugins unless this process has them (an inline sweep's, or a requeue's)."""
+        from hkdbench.methods import list_methods, load_plugins
+
+        if self.plugins and self.cfg["method"] not in list_methods():
+            os.environ["HKDBENCH_METHODS"] = self.plugins
+            load_plugins(self.plugins)
+
+    @property
+    def name(self) -> str:
+        return run_config_from_dict(self.cfg).run_name()
+
+    def __call__(self) -> Dict[str, Any]:
+        import torch
+
+        from hkdbench.benchmark.engine import distributed
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
+        torch.set_num_threads(max(int(self.threads), 1))
+        self._load_plugins()
+        self._stop = threading.Event()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
+            # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_stop_signal)
+        self._outcome: Dict[str, Any] = {}
+        dist_ctx = distributed.init_from_submitit()
+        should_stop = self._stop.is_set if dist_ctx is None else dist_ctx.stop_fn(self._stop.is_set)
+        device = self.device
+        if dist_ctx is not None and dist_ctx.backend == "nccl":
+            device = str(dist_ctx.device())
+        self._thread = threading.Thread(target=self._train, args=(device, should_stop, dist_ctx), daemon=True,
+                                        name="hkdbench-train")
+        self._thread.start()
+        try:
+            while self._thread.is_alive():  # the main thread stays free for submitit's signal handlers
+                self._thread.join(0.5)
+        except KeyboardInterrupt:  # Ctrl-C (inline sweeps): stop after the current step and save
+            self._stop.set()
+            self._thread.join(self.stop_wait_s)
+            raise
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        outcome = {k: v for k, v in self._outcome.items() if k != "error"}
+        if outcome.get("status") == "interrupted" and dist_ctx is not None and dist_ctx.rank != 0:
+            # rank 0 is checkpointing and requeueing the whole job: wait to be stopped rather than exit early
+            time.sleep(self.stop_wait_s + 60)
+        if dist_ctx is not None and outcome.get("status") == "done":
+            distributed.shutdown()
+        return outcome
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        """First stop signal: the trainer finishes its step, saves a mid-epoch checkpoint and the job exits
+        (resumable); repeats are ignored, except a second Ctrl-C, which aborts."""
+        if self._stop.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self._stop.set()
+        print(f"hkdbench: {signal.Signals(signum).name}: stopping {self.name} after the current step (a checkpoint "
+              "is saved; re-running the sweep resumes it)", file=sys.stderr, flush=True)
+
+    def _train(self, device, should_stop, dist_ctx) -> None:
+        from hkdbench.benchmark.engine.trainer import DivergedError, TeacherUnavailableError, Trainer
+
+        cfg = run_config_from_dict(self.cfg)
+        store = RunStore(self.runs_dir)
+        try:
+            result = Trainer(cfg, store, device=device, progress=False, should_stop=should_stop,
+                             dist_ctx=dist_ctx).run(resume=True, wait_for_lock=False)
+            self._outcome.update(status=result.status, run=result.run_dir.path.name)
+        except RunLockedError:  # a racing sweep's job trains this run: leave it to that one, free the slot
+            print(f"hkdbench: {cfg.run_name()} is owned by another process (its lock is held); this job exits "
+                  "without training it", file=sys.stderr, flush=True)
+            self._outcome.update(status=OWNED, run=cfg.run_name())
+        except TeacherUnavailableError:  # a stop request arrived while the job was training the teacher
+            self._outcome.update(status="interrupted", run=cfg.run_name())
+        except BaseException as err:  # noqa: BLE001 -- recorded in the run dir, re-raised by __call__
+            if not isinstance(err, DivergedError):  # the trainer has written that reason itself
+                self._fail(store, cfg)
+            self._outcome["error"] = err
+
+    def _fail(self, store: RunStore, cfg) -> None:
+        if dist_rank() != 0:
+            return
+        rd = store.run_dir(cfg)
+        err = sys.exc_info()[1]
+        details: Dict[str, Any] = {"traceback": traceback.format_exc(limit=20)}
+        try:
+            paths = submitit.JobEnvironment().paths
+            details.update(job_id=submitit.JobEnvironment().job_id, log=str(paths.stderr))
+        except RuntimeError:
+            pass
+        rd.path.mkdir(parents=True, exist_ok=True)
+        rd.mark_failed(f"{type(err).__name__}: {err}", **details)
+        if "error" not in self._outcome and err is not None:
+            self._outcome["error"] = err
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on USR2 (time-out or preemption), in the main thread while ``__call__`` runs:
+        asks the trainer to stop after its current step, waits for the checkpoint to be saved, and hands a
+        fresh job to the requeue (which resumes from the run dir)."""
+        stop = getattr(self, "_stop", None)
+        thread = getattr(self, "_thread", None)
+        if stop is not None:
+            stop.set()
+        if thread is not None:
+            thread.join(self.stop_wait_s)
+            if thread.is_alive():
+                print(f"hkdbench: the trainer did not stop within {self.stop_wait_s:.0f} s; the requeued job "
+                      "resumes from the last saved checkpoint", file=sys.stderr, flush=True)
+            else:
+                print(f"hkdbench: trainer stopped ({self._outcome.get('status')}); requeueing", file=sys.stderr,
+                      flush=True)
+        return submitit.helpers.DelayedSubmission(
+            RunJob(self.cfg, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
+
+
+def _absolute_plugins(spec: str) -> str:
+    """``HKDBENCH_METHODS`` with its .py paths absolute (a worker may start in another directory)."""
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    return ",".join(str(Path(item).resolve()) if item.endswith(".py") else item for item in items)
+
+
+def dist_rank() -> int:
+    from hkdbench.benchmark.engine.distributed import rank_and_world
+
+    return rank_and_world()[0]

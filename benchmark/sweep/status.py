@@ -1,0 +1,168 @@
+"""Where every run of a sweep stands: the run store's status joined with the job records (``jobs.jsonl``) and,
+for Slurm jobs, ``squeue``/``sacct``; local jobs from their submitit files. And the status table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+
+from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.sweep.plan import RunSpec
+
+
+ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
+                       "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
+
+
+@dataclass
+class RunState:
+    spec: RunSpec
+    status: str                       # done / running / queued / partial / pending / failed / cancelled
+    reason: str = ""
+    log: str = ""
+    job_id: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def read_jobs(rd: RunDir) -> List[Dict[str, Any]]:
+    path = rd.path / "jobs.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
+    """job id -> (state, reason) from squeue (active jobs, array tasks one per line) and sacct (finished)."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids or shutil.which("squeue") is None:
+        return {}
+    states: Dict[str, Tuple[str, str]] = {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30)
+        for line in out.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] in ids:
+                states[parts[0]] = (parts[1], parts[2] if parts[2] not in ("None", "") else "")
+        rest = [j for j in ids if j not in states]
+        if rest and shutil.which("sacct"):
+            out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(rest)],
+                                 capture_output=True, text=True, timeout=30)
+            for line in out.stdout.splitlines():
+                parts = line.strip().split("|")
+                if len(parts) >= 3 and parts[0] in rest:
+                    states[parts[0]] = (parts[1], f"exit code {parts[2]}" if parts[2] not in ("0:0", "") else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return states
+
+
+def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = True) -> List[RunState]:
+    """Where every run stands, from the run store, the job records and (for Slurm jobs) squeue/sacct."""
+    dirs = [store.run_dir(s.cfg) for s in specs]
+    last_jobs = [(read_jobs(rd) or [None])[-1] for rd in dirs]
+    slurm = slurm_states(j["job_id"] for j in last_jobs if j and j.get("executor") == "slurm") \
+        if query_slurm else {}
+    states = []
+    for spec, rd, job in zip(specs, dirs, last_jobs):
+        job_id = str(job["job_id"]) if job else ""
+        log = job.get("stderr", "") if job else ""
+        status = rd.status()
+        reason = ""
+        if status == "failed":
+            failure = rd.failure()
+            reason = failure.get("reason", "")
+            log = failure.get("log", log) or str(rd.log_file)
+        elif status in ("partial", "pending") and job:
+            state, why = slurm.get(job_id, ("", "")) if job.get("executor") == "slurm" else _local_state(job)
+            word = state.split()[0] if state else ""
+            if word in ACTIVE_SLURM_STATES:
+                status = "running" if word in ("RUNNING", "COMPLETING") else "queued"
+                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
+            elif word in ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
+                status = "cancelled" if word == "CANCELLED" else "failed"
+                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
+                error = _job_error(job)
+                if error:
+                    reason += f": {error}"
+            elif word == "COMPLETED":
+                status, reason = "failed", f"job {job_id} ended without finishing the run"
+        states.append(RunState(spec, status, reason, log, job_id))
+    return states
+
+
+def _local_state(job: Dict[str, Any]) -> Tuple[str, str]:
+    """A local job's state from its submitit files (the pid is the job id)."""
+    folder = Path(job.get("folder", ""))
+    result = folder / f"{job['job_id']}_0_result.pkl"
+    if result.exists():
+        err = _job_error(job)
+        return ("FAILED", err) if err else ("COMPLETED", "")
+    try:
+        os.kill(int(job["job_id"]), 0)
+        return "RUNNING", ""
+    except (OSError, ValueError):
+        return "CANCELLED", "the process is gone"
+
+
+def _job_error(job: Dict[str, Any]) -> str:
+    """The last line of the exception a job pickled, if any."""
+    folder = Path(job.get("folder", ""))
+    path = folder / f"{job['job_id']}_0_result.pkl"
+    if not path.exists():
+        return ""
+    try:
+        import pickle
+
+        with open(path, "rb") as f:
+            kind, payload = pickle.load(f)
+    except Exception:  # noqa: BLE001
+        return ""
+    if kind != "error":
+        return ""
+    lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+STATUS_ORDER = ("done", "running", "queued", "partial", "pending", "failed", "cancelled")
+
+
+def _count(states: Sequence[RunState]) -> str:
+    counts = {s: sum(st.status == s for st in states) for s in STATUS_ORDER}
+    return ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "none"
+
+
+def format_state_table(states: Sequence[RunState], order: Optional[Sequence[RunSpec]] = None,
+                       details: bool = True) -> str:
+    if order is not None:
+        rank = {s.name: i for i, s in enumerate(order)}
+        states = sorted(states, key=lambda st: rank.get(st.name, 1 << 30))
+    rows = [("status", "kind", "method", "teacher", "student", "seed", "job", "run")]
+    for st in states:
+        cfg = st.spec.cfg
+        rows.append((st.status, st.spec.kind, cfg.method if st.spec.kind == "student" else "-",
+                     cfg.teacher.name if cfg.teacher else "-", cfg.student.name, str(cfg.train.seed),
+                     st.job_id or "-", st.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    if details:
+        for st in states:
+            if st.status in ("failed", "cancelled") or (st.status == "queued" and "NeverSatisfied" in st.reason):
+                lines.append(f"  {st.name}: {st.status}: {st.reason or 'no reason recorded'}"
+                             + (f"\n      log: {st.log}" if st.log else ""))
+    lines.append(f"{len(states)} runs: {_count(states)}")
+    return "\n".join(lines)
