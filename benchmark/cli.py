@@ -155,7 +155,10 @@ def _add_sweep_commands(sub) -> None:
     """sweep and status (benchmark/sweep.py, benchmark/dispatch.py)."""
     p = sub.add_parser("sweep", help="run a preset's teacher x student x method x seed grid inline, on local "
                                      "processes or as Slurm job arrays (skips done runs, resumes cut-off ones)")
-    p.add_argument("--executor", default="inline", choices=["inline", "local", "slurm"])
+    from hkdbench.benchmark.sweep.executors import EXECUTORS
+
+    p.add_argument("--executor", default="inline", choices=list(EXECUTORS),
+                   help="; ".join(f"{name}: {what}" for name, what in EXECUTORS.items()))
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid, each run's status and what "
                                                           "would be submitted; submit nothing")

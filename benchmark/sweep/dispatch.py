@@ -1,39 +1,20 @@
-"""Dispatching a sweep's runs: inline (in this process, one after the other), local (submitit's LocalExecutor,
-a few processes at a time) or Slurm (submitit job arrays), and reading where every run stands.
+"""Submitting a sweep: which runs to do (the run store decides: done runs are skipped, cut-off ones resumed,
+failed ones only with --retry-failed), the sweep's manifest (``sweep.json``), the dry run, and the submission
+through one executor of ``executors/`` (inline, local, slurm), teachers first.
 
 What is never done: taking a result from ``job.result()``. Every job trains one run in the run store and the
-store says what is finished (``DONE``), cut off (a checkpoint), failed (``FAILED`` with its reason) or being
-trained (the run's flock). A sweep therefore skips what is done, resumes what has a checkpoint and submits the
-rest, and re-submitting a finished sweep runs nothing.
-
-Teachers first: the sweep's distinct teacher runs are one job array; the students' array depends on it
-(``--dependency=afterok:<array>``, ``--kill-on-invalid-dep=yes``), and a student job that still finds its teacher
-unfinished trains it under the teacher run's flock, so no two jobs ever train the same teacher.
-
-Checkpoint and requeue: a :class:`RunJob` is a ``submitit.helpers.Checkpointable``. Its ``__call__`` trains in
-a worker thread while the main thread waits, because submitit calls ``checkpoint()`` from its USR2 handler in
-the main thread while ``__call__`` is still running, then requeues the job and exits at once. ``checkpoint()``
-sets the stop flag, waits (at most ``stop_wait_s``) for the trainer to finish its current step and save a
-mid-epoch checkpoint, and returns a fresh ``RunJob`` for the requeued job, which resumes from the run dir.
-
-Bookkeeping: every submission appends a line to ``<run>/jobs.jsonl`` (job id, executor, log paths) and to the
-sweep's ``<runs>/_sweeps/<sweep id>/submissions.jsonl``; ``status`` joins that with the run store and, for Slurm
-jobs, with ``squeue``/``sacct``.
+store says what is finished, cut off, failed or being trained (the run's flock); re-submitting a finished sweep
+runs nothing. Every submission appends a line to ``<run>/jobs.jsonl`` and to the sweep's
+``<runs>/_sweeps/<sweep id>/submissions.jsonl``; ``status`` joins them with the run store (``status.py``).
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
-
-import submitit
+from typing import List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.store import RunStore, atomic_write_json, timestamp
@@ -42,7 +23,6 @@ from hkdbench.benchmark.sweep.plan import RunSpec, SweepPlan
 from hkdbench.benchmark.sweep.job import RunJob
 from hkdbench.benchmark.sweep.status import RunState, _append_jsonl, _count, format_state_table, run_states
 
-EXECUTORS = ("inline", "local", "slurm")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -58,6 +38,12 @@ EXECUTORS = ("inline", "local", "slurm")
 # --------------------------------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    parallel: int = 0                         # local: jobs at a time (0: CPUs / slurm.cpus_per_task)
+    wait: bool = False                        # slurm: wait until the submitted runs end
+
 
 @dataclass
 class SweepResult:
@@ -147,15 +133,19 @@ class Sweep:
                  + (" as a first job array" if executor == "slurm" and t_todo else "")
                  + f", then {len(s_todo)} student run(s)"
                  + (" as a second job array depending on it (afterok)" if executor == "slurm" and t_todo else ""))
-        if executor == "slurm":
-            self.say("slurm: " + " ".join(f"{k}={v}" for k, v in _slurm_params(p.slurm, dependency=None).items()))
+        from hkdbench.benchmark.sweep.executors import get_executor
+
+        note = getattr(get_executor(executor), "dry_run_note", None)
+        if note is not None:
+            self.say(note(self))
         self.say(f"skipped: {len(skip)} ({_count(skip)})")
 
     # -- submission -----------------------------------------------------------------------------------------------
     def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False,
             command: Optional[str] = None) -> SweepResult:
-        if executor not in EXECUTORS:
-            raise ConfigError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
+        from hkdbench.benchmark.sweep.executors import get_executor
+
+        submitter = get_executor(executor)
         missing = missing_requirements(self.preset)
         if missing:
             raise ConfigError(f"preset {self.preset.name} needs {', '.join(missing)} (e.g. {missing[0]}=PATH)")
@@ -172,17 +162,13 @@ class Sweep:
                 self.store.run_dir(st.spec.cfg).failed_file.unlink(missing_ok=True)
         teachers = [s.spec for s in todo if s.spec.kind == "teacher"]
         students = [s.spec for s in todo if s.spec.kind == "student"]
-        if executor == "inline":
-            return self._inline(teachers + students, skip)
-        if executor == "local":
-            return self._local(teachers, students, skip, parallel)
-        return self._slurm(teachers, students, skip, wait)
+        return submitter.submit(self, teachers, students, skip, SubmitOptions(parallel, wait))
 
-    def _job(self, spec: RunSpec) -> RunJob:
+    def job(self, spec: RunSpec) -> RunJob:
         threads = self.preset.slurm.cpus_per_task
         return RunJob(spec.cfg.to_dict(), str(self.root), self.device, threads, self.preset.slurm.stop_wait)
 
-    def _record(self, spec: RunSpec, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
+    def record(self, spec: RunSpec, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
         rd = self.store.run_dir(spec.cfg)
         rd.claim(spec.cfg)
         record = {"job_id": job_id, "executor": executor, "sweep": self.plan.sweep_id(), "stdout": stdout,
@@ -190,7 +176,7 @@ class Sweep:
         _append_jsonl(rd.path / "jobs.jsonl", record)
         _append_jsonl(self.sweep_dir / "submissions.jsonl", {**record, "run": spec.name})
 
-    def _taken(self, spec: RunSpec) -> str:
+    def taken(self, spec: RunSpec) -> str:
         """Why ``spec`` no longer needs a job (checked again right before submitting it, since a racing sweep
         in the same store may have finished or started it meanwhile), or ''."""
         rd = self.store.run_dir(spec.cfg)
@@ -200,137 +186,6 @@ class Sweep:
             return "owned by another process (its lock is held)"
         return ""
 
-    def _inline(self, specs: List[RunSpec], skip) -> SweepResult:
-        failed = 0
-        for i, spec in enumerate(specs, 1):
-            taken = self._taken(spec)
-            if taken:
-                self.say(f"[{i}/{len(specs)}] skipped {spec.name}: {taken}")
-                continue
-            self.say(f"[{i}/{len(specs)}] {spec.name}")
-            self._record(spec, "inline", f"inline-{os.getpid()}")
-            job = self._job(spec)
-            try:
-                job()
-            except Exception as err:  # noqa: BLE001 -- recorded as FAILED; the sweep goes on
-                failed += 1
-                self.say(f"  FAILED: {type(err).__name__}: {err}")
-        return SweepResult(self.sweep_dir, [(s.name, "inline") for s in specs], skip, None, failed)
-
-    def _local(self, teachers, students, skip, parallel: int) -> SweepResult:
-        parallel = parallel or max(1, (os.cpu_count() or 1) // self.preset.slurm.cpus_per_task)
-        os.environ.setdefault("OMP_NUM_THREADS", str(self.preset.slurm.cpus_per_task))
-        executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="local")
-        executor.update_parameters(timeout_min=self.preset.slurm.time, tasks_per_node=1)
-        submitted: List[Tuple[str, str]] = []
-        failed = 0
-        self.say(f"local executor: at most {parallel} job(s) at a time; submitit logs in {self.folder}")
-        with StopSignals() as stop:
-            for phase, specs in (("teacher", teachers), ("student", students)):
-                failed += self._local_phase(executor, phase, specs, parallel, submitted, stop)
-                if stop.signum:
-                    break
-        return SweepResult(self.sweep_dir, submitted, skip, self.folder, failed, stop.signum)
-
-    def _local_phase(self, executor, phase: str, specs, parallel: int, submitted, stop: "StopSignals") -> int:
-        """Runs one phase's jobs, ``parallel`` at a time; on a stop signal stops the running ones (returns at
-        once). Returns how many failed."""
-        failed = 0
-        queue, running = list(specs), []
-        while queue or running:
-            if stop.signum:
-                self._stop_local_jobs(running, stop.signum)
-                return failed
-            while queue and len(running) < parallel and not stop.signum:
-                spec = queue.pop(0)
-                taken = self._taken(spec)
-                if taken:  # no worker slot for it
-                    self.say(f"skipped {phase} run {spec.name}: {taken}")
-                    continue
-                with stop.ignoring_sigint():  # the job's processes inherit it: Ctrl-C reaches them only via us
-                    job = executor.submit(self._job(spec))
-                self._record(spec, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
-                submitted.append((spec.name, str(job.job_id)))
-                self.say(f"submitted {phase} run {spec.name} as local job {job.job_id}")
-                running.append((spec, job))
-            time.sleep(0.5)
-            for spec, job in list(running):
-                if job.done():
-                    running.remove((spec, job))
-                    rd = self.store.run_dir(spec.cfg)
-                    if not rd.is_done and rd.is_locked():
-                        self.say(f"left to another process: {spec.name} (job {job.job_id} found its lock "
-                                 "held and exited without training it)")
-                        continue
-                    ok = rd.is_done
-                    failed += not ok
-                    self.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
-                             + ("" if ok else f", log {job.paths.stderr}") + ")")
-        return failed
-
-    def _stop_local_jobs(self, running, signum: int) -> None:
-        """Stops the running local jobs cleanly: SIGTERM to each job's controller, which forwards it to the
-        worker (its RunJob saves a checkpoint and exits), repeated until they are gone (a worker still starting
-        may miss the first); past the trainer's stop wait, kills what is left."""
-        name = signal.Signals(signum).name
-        self.say(f"{name}: stopping {len(running)} running job(s); each saves a checkpoint and exits, and "
-                 "re-running this sweep resumes them")
-        deadline = time.monotonic() + self.preset.slurm.stop_wait + 30
-        alive = list(running)
-        while alive and time.monotonic() < deadline:
-            for _, job in alive:
-                _signal_pid(int(job.job_id), signal.SIGTERM)
-            time.sleep(1.0)
-            alive = [(spec, job) for spec, job in alive if not job.done()]
-        for spec, job in running:
-            if (spec, job) in alive:
-                _kill_tree(int(job.job_id))
-                self.say(f"killed: {spec.name} (job {job.job_id} did not stop in time; it resumes from its last "
-                         "checkpoint)")
-            else:
-                status = self.store.run_dir(spec.cfg).status()
-                self.say(f"stopped: {spec.name} (job {job.job_id}, {status})")
-
-    def _slurm(self, teachers, students, skip, wait: bool) -> SweepResult:
-        opts = self.preset.slurm
-        submitted: List[Tuple[str, str]] = []
-        # teachers still queued or running from an earlier submission: the students wait for those jobs too
-        pending_teachers = {st.job_id for st in skip if st.spec.kind == "teacher" and st.status in ("queued", "running")
-                            and st.job_id}
-        dependency: Optional[str] = None
-        if teachers:
-            jobs = self._submit_array(teachers, opts, None)
-            submitted += [(s.name, j.job_id) for s, j in zip(teachers, jobs)]
-            array_id = jobs[0].job_id.split("_")[0]
-            self.say(f"submitted {len(jobs)} teacher run(s) as job array {array_id}: "
-                     + ", ".join(j.job_id for j in jobs))
-            pending_teachers.add(array_id)
-        if pending_teachers:
-            dependency = "afterok:" + ":".join(sorted(pending_teachers))
-        if students:
-            jobs = self._submit_array(students, opts, dependency)
-            submitted += [(s.name, j.job_id) for s, j in zip(students, jobs)]
-            array_id = jobs[0].job_id.split("_")[0]
-            self.say(f"submitted {len(jobs)} student run(s) as job array {array_id}"
-                     + (f" (dependency {dependency})" if dependency else "") + ": "
-                     + ", ".join(j.job_id for j in jobs))
-        self.say(f"submitit logs: {self.folder}")
-        self.say(f"sweep dir: {self.sweep_dir}  (hkdbench status {self.sweep_dir})")
-        result = SweepResult(self.sweep_dir, submitted, skip, self.folder)
-        if wait and submitted:
-            result.failed = self.wait([n for n, _ in submitted])
-        return result
-
-    def _submit_array(self, specs: List[RunSpec], opts, dependency: Optional[str]):
-        executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster="slurm",
-                                         slurm_max_num_timeout=opts.max_num_timeout)
-        executor.update_parameters(**_slurm_params(opts, dependency))
-        with executor.batch():
-            jobs = [executor.submit(self._job(spec)) for spec in specs]
-        for spec, job in zip(specs, jobs):
-            self._record(spec, "slurm", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
-        return jobs
-
     def wait(self, names: Sequence[str], poll_s: float = 2.0) -> int:
         """Waits until none of the runs is queued or running; returns how many did not finish."""
         specs = [s for s in self.plan.runs if s.name in set(names)]
@@ -339,82 +194,6 @@ class Sweep:
             if not any(s.status in ("queued", "running") for s in states):
                 return sum(s.status != "done" for s in states)
             time.sleep(poll_s)
-
-
-class StopSignals:
-    """While a local sweep runs: SIGTERM and SIGINT are recorded (``signum``) instead of killing the sweep
-    process, which would leave its job processes training on, orphaned."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: Dict[int, Any] = {}
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.signum = self.signum or signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach the main thread only; a sweep run from a thread keeps the defaults
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._record)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @contextlib.contextmanager
-    def ignoring_sigint(self) -> Iterator[None]:
-        """Processes started inside inherit an ignored SIGINT: a terminal's Ctrl-C (sent to the whole process
-        group) would otherwise make submitit's controller kill its worker a second later, before it saves."""
-        if not self._previous:
-            yield
-            return
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, self._record)
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL to a process and its children (Linux /proc; the process alone elsewhere)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    with contextlib.suppress(OSError):
-        for child in children.read_text().split():
-            _kill_tree(int(child))
-    _signal_pid(pid, signal.SIGKILL)
-
-
-def _slurm_params(opts, dependency: Optional[str]) -> Dict[str, Any]:
-    additional: Dict[str, Any] = {}
-    for flag in opts.extra:
-        key, _, value = flag[2:].partition("=")
-        additional[key.replace("-", "_")] = value if value else True
-    if dependency:
-        additional["dependency"] = dependency
-        additional["kill_on_invalid_dep"] = "yes"
-    params: Dict[str, Any] = {
-        "name": opts.job_name, "timeout_min": opts.time, "nodes": 1, "tasks_per_node": opts.tasks,
-        "cpus_per_task": opts.cpus_per_task, "slurm_signal_delay_s": opts.signal_delay_s,
-        "slurm_array_parallelism": opts.array_parallelism,
-        "slurm_setup": [f"export OMP_NUM_THREADS={opts.cpus_per_task}"],
-    }
-    if opts.gpus_per_node:
-        params["gpus_per_node"] = opts.gpus_per_node
-    if opts.mem_gb:
-        params["mem_gb"] = opts.mem_gb
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(opts, key):
-            params[f"slurm_{key}"] = getattr(opts, key)
-    if additional:
-        params["slurm_additional_parameters"] = additional
-    return params
 
 
 # --------------------------------------------------------------------------------------------------------------

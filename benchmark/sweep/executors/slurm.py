@@ -1,0 +1,86 @@
+"""The Slurm executor: submitit job arrays, the teachers' first and the students' depending on it
+(``--dependency=afterok:<array>``, ``--kill-on-invalid-dep=yes``); a student job that still finds its teacher
+unfinished trains it under the teacher run's flock, so no two jobs ever train the same teacher."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import submitit
+
+from hkdbench.benchmark.sweep.dispatch import SubmitOptions, Sweep, SweepResult
+from hkdbench.benchmark.sweep.plan import RunSpec
+from hkdbench.benchmark.sweep.status import RunState
+
+
+def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip: List[RunState],
+           options: SubmitOptions) -> SweepResult:
+    opts = sweep.preset.slurm
+    submitted: List[Tuple[str, str]] = []
+    # teachers still queued or running from an earlier submission: the students wait for those jobs too
+    pending_teachers = {st.job_id for st in skip if st.spec.kind == "teacher" and st.status in ("queued", "running")
+                        and st.job_id}
+    dependency: Optional[str] = None
+    if teachers:
+        jobs = _submit_array(sweep, teachers, opts, None)
+        submitted += [(s.name, j.job_id) for s, j in zip(teachers, jobs)]
+        array_id = jobs[0].job_id.split("_")[0]
+        sweep.say(f"submitted {len(jobs)} teacher run(s) as job array {array_id}: "
+                 + ", ".join(j.job_id for j in jobs))
+        pending_teachers.add(array_id)
+    if pending_teachers:
+        dependency = "afterok:" + ":".join(sorted(pending_teachers))
+    if students:
+        jobs = _submit_array(sweep, students, opts, dependency)
+        submitted += [(s.name, j.job_id) for s, j in zip(students, jobs)]
+        array_id = jobs[0].job_id.split("_")[0]
+        sweep.say(f"submitted {len(jobs)} student run(s) as job array {array_id}"
+                 + (f" (dependency {dependency})" if dependency else "") + ": "
+                 + ", ".join(j.job_id for j in jobs))
+    sweep.say(f"submitit logs: {sweep.folder}")
+    sweep.say(f"sweep dir: {sweep.sweep_dir}  (hkdbench status {sweep.sweep_dir})")
+    result = SweepResult(sweep.sweep_dir, submitted, skip, sweep.folder)
+    if options.wait and submitted:
+        result.failed = sweep.wait([n for n, _ in submitted])
+    return result
+
+
+def _submit_array(sweep, specs: List[RunSpec], opts, dependency: Optional[str]):
+    executor = submitit.AutoExecutor(folder=str(sweep.folder / "%j"), cluster="slurm",
+                                     slurm_max_num_timeout=opts.max_num_timeout)
+    executor.update_parameters(**_slurm_params(opts, dependency))
+    with executor.batch():
+        jobs = [executor.submit(sweep.job(spec)) for spec in specs]
+    for spec, job in zip(specs, jobs):
+        sweep.record(spec, "slurm", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
+    return jobs
+
+
+def _slurm_params(opts, dependency: Optional[str]) -> Dict[str, Any]:
+    additional: Dict[str, Any] = {}
+    for flag in opts.extra:
+        key, _, value = flag[2:].partition("=")
+        additional[key.replace("-", "_")] = value if value else True
+    if dependency:
+        additional["dependency"] = dependency
+        additional["kill_on_invalid_dep"] = "yes"
+    params: Dict[str, Any] = {
+        "name": opts.job_name, "timeout_min": opts.time, "nodes": 1, "tasks_per_node": opts.tasks,
+        "cpus_per_task": opts.cpus_per_task, "slurm_signal_delay_s": opts.signal_delay_s,
+        "slurm_array_parallelism": opts.array_parallelism,
+        "slurm_setup": [f"export OMP_NUM_THREADS={opts.cpus_per_task}"],
+    }
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.mem_gb:
+        params["mem_gb"] = opts.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(opts, key):
+            params[f"slurm_{key}"] = getattr(opts, key)
+    if additional:
+        params["slurm_additional_parameters"] = additional
+    return params
+
+
+def dry_run_note(sweep: Sweep) -> str:
+    """What a dry run says about the submission: the sbatch parameters."""
+    return "slurm: " + " ".join(f"{k}={v}" for k, v in _slurm_params(sweep.preset.slurm, dependency=None).items())
