@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
+
+from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
 
 ID_COLUMNS = ["run", "kind", "status", "method", "teacher", "student", "teacher_family", "student_family",
               "dataset", "recipe", "setting", "method_variant", "seed", "epochs"]
@@ -47,13 +48,6 @@ INT_COLUMNS = ["seed", "epochs", "best_epoch", "last_epoch", "ema_best_epoch", "
 _NOT_SETTING = {("train", "seed"), ("train", "probe_every"), ("train", "probe_images"), ("train", "probe_kernel"),
                 ("train", "conflict_every"), ("train", "eval_every"), ("data", "workers"), ("data", "root"),
                 ("data", "download")}
-
-
-def _read_json(path: Path) -> Optional[Dict[str, Any]]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _short_hash(obj: Any) -> str:
@@ -84,21 +78,13 @@ def run_dirs(root: Path) -> List[Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"run store {str(root)!r} does not exist")
-    return sorted(p.parent for p in root.rglob("config.json") if not p.parent.name.startswith("."))
+    return sorted(p.parent for p in root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
-    out = []
-    f = path / "metrics.jsonl"
-    if f.exists():
-        for number, line in enumerate(f.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:  # torn by a kill or an edit: said, never dropped silently
-                    warnings.warn(f"{f}: line {number} is not valid JSON (torn or edited); skipped. Resume the "
-                                  "run (--resume) to rewrite the file from its checkpoint", stacklevel=2)
-    return out
+    """A run directory's epoch records, through the store's reader (a torn line is warned about, not dropped
+    silently)."""
+    return RunDir(path).metrics()
 
 
 def _finite(values: Iterable) -> List[float]:
@@ -134,11 +120,12 @@ def _identity_from_config(config: Dict[str, Any]) -> Dict[str, Any]:
 def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     """The tidy row of one run directory."""
     path = Path(path)
-    config = _read_json(path / "config.json") or {}
-    env = _read_json(path / "env.json") or {}
-    done = (path / "DONE").exists() and (path / "summary.json").exists()
-    summary = _read_json(path / "summary.json") if done else None
-    failed = _read_json(path / "FAILED") if (path / "FAILED").exists() and not done else None
+    rd = RunDir(path)
+    config = read_json_or_none(rd.config_file) or {}
+    env = read_json_or_none(rd.env_file) or {}
+    done = rd.is_done
+    summary = read_json_or_none(rd.summary_file) if done else None
+    failed = read_json_or_none(rd.failed_file) if rd.is_failed else None
     row: Dict[str, Any] = {"run": path.name, **_identity_from_config(config)}
     row["status"] = "done" if done else ("failed" if failed is not None else "unfinished")
     if summary:

@@ -280,21 +280,20 @@ def cmd_sweep(args, _overrides) -> int:
 
 
 def cmd_status(args, _overrides) -> int:
-    import json
     from pathlib import Path
 
     from hkdbench.benchmark.sweep.status import format_state_table, run_states
-    from hkdbench.benchmark.store import RunStore, runs_root
+    from hkdbench.benchmark.store import SWEEPS_DIR, RunStore, SweepDir
     from hkdbench.benchmark.sweep.plan import RunSpec, expand
     from hkdbench.benchmark.sweep.preset import load_preset
 
     args.target, args.settings = args.settings[0], args.settings[1:]
     target = Path(args.target)
-    by_id = runs_root(args.runs_dir) / "_sweeps" / args.target
-    if not target.exists() and "/" not in args.target and (by_id / "sweep.json").exists():
-        target = by_id  # a sweep named by its id, as the sweep printed it
-    if target.is_dir() and (target / "sweep.json").exists():
-        manifest = json.loads((target / "sweep.json").read_text())
+    by_id = RunStore(args.runs_dir).sweep_dir(args.target)
+    if not target.exists() and "/" not in args.target and by_id.exists:
+        target = by_id.path  # a sweep named by its id, as the sweep printed it
+    if SweepDir(target).exists:
+        manifest = SweepDir(target).manifest()
         from hkdbench.benchmark.config import run_config_from_dict
 
         specs = [RunSpec(run_config_from_dict(r["config"]), r["kind"], r.get("teacher_run"),
@@ -302,7 +301,7 @@ def cmd_status(args, _overrides) -> int:
         runs_dir = args.runs_dir or manifest.get("runs_dir")
         title = f"sweep {manifest['sweep']} ({target})"
     elif target.is_dir() and not target.suffix:
-        raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/_sweeps/")
+        raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/{SWEEPS_DIR}/")
     else:
         plan = expand(load_preset(args.target, list(args.settings), _sweep_grid(args)))
         specs, runs_dir, title = plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"

@@ -1,6 +1,6 @@
 """The run store: one directory per run, named by the hash of its resolved config.
 
-    <runs>/<name>-<hash>/
+    <runs>/<name>_<hash>/
         config.json      the resolved config (written once; a different config never lands in this directory)
         env.json         python/torch/timm versions, git sha, device, world size
         metrics.jsonl    one line per finished epoch
@@ -14,6 +14,14 @@
         DONE             completion marker (written last)
         FAILED           a JSON reason, for runs that diverged or crashed
         lock             held (flock) by the process training the run
+        jobs.jsonl       one line per submission of the run (job id, executor, log paths)
+    <runs>/_sweeps/<sweep id>/
+        sweep.json       the sweep's manifest: preset, every run's config, one entry per invocation
+        submissions.jsonl  one line per job the sweep submitted
+    <runs>/_submitit/    submitit's job folders (logs, pickled jobs and results)
+
+This module is torch-free (the analysis reads the store through it); the torch side (weights, checkpoints) is
+``engine/checkpoint.py``, which takes its file names from :class:`RunDir`.
 
 Every write is atomic, so a kill at any moment leaves either the previous or the new file, never half of one.
 """
@@ -33,18 +41,19 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-import torch
-
 from hkdbench.benchmark.config import RunConfig, run_config_from_dict
 
 DEFAULT_RUNS_DIR = "runs"
+SWEEPS_DIR = "_sweeps"
+SUBMITIT_DIR = "_submitit"
+CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
 
 
 def runs_root(path: Optional[str] = None) -> Path:
     return Path(path or os.environ.get("HKDBENCH_RUNS", DEFAULT_RUNS_DIR))
 
 
-def _open_temp(path: Path) -> tuple[int, str]:
+def open_temp(path: Path) -> tuple[int, str]:
     """A new temp file ``.<name>.XXXXXXXX`` beside ``path``, opened for writing. Unlike mkstemp (always 0600)
     it gets the mode the umask gives (0644 under umask 022), so colleagues sharing a run store can read results."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +68,7 @@ def _open_temp(path: Path) -> tuple[int, str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = _open_temp(path)
+    fd, tmp = open_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -76,16 +85,35 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    fd, tmp = _open_temp(path)
-    os.close(fd)
+def read_json_or_none(path: Path) -> Optional[Dict[str, Any]]:
+    """A JSON file's content; None when it is missing or does not parse."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file ([] when it is missing); a line that does not parse (torn by a kill or an
+    edit) is skipped with a warning naming the file and the line, never silently."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            warnings.warn(f"{path}: line {number} is not valid JSON (torn or edited); skipped.{hint}", stacklevel=3)
+    return records
+
+
+def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def git_sha() -> Optional[str]:
@@ -119,27 +147,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:
-    import timm
-
-    import hkdbench
-
-    env = {
-        "hkdbench": hkdbench.__version__, "python": platform.python_version(), "torch": torch.__version__,
-        "timm": timm.__version__, "git_sha": git_sha(), "host": platform.node(), "device": str(device),
-        "world_size": world_size, "cpu_threads": torch.get_num_threads(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "time": timestamp(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
-
-
 # (which, ema) -> file name; which is 'best' or 'last' (config.WEIGHTS_KINDS)
 WEIGHTS_FILES = {("best", False): "best.pt", ("last", False): "final.pt",
                  ("best", True): "best_ema.pt", ("last", True): "final_ema.pt"}
@@ -153,7 +160,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    config_file = property(lambda self: self.path / "config.json")
+    config_file = property(lambda self: self.path / CONFIG_FILE)
     env_file = property(lambda self: self.path / "env.json")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     checkpoint_file = property(lambda self: self.path / "checkpoint.pt")
@@ -161,6 +168,8 @@ class RunDir:
     done_file = property(lambda self: self.path / "DONE")
     failed_file = property(lambda self: self.path / "FAILED")
     log_file = property(lambda self: self.path / "log.txt")
+    jobs_file = property(lambda self: self.path / "jobs.jsonl")
+    lock_file = property(lambda self: self.path / "lock")
 
     def weights_file(self, which: str, ema: bool = False) -> Path:
         """Where the run keeps its ``which`` ('best' or 'last') weights (the EMA's with ``ema``)."""
@@ -212,36 +221,15 @@ class RunDir:
         return json.loads(self.failed_file.read_text())
 
     def metrics(self) -> List[Dict[str, Any]]:
-        """The epoch records; a line that does not parse (torn by a kill or an edit) is skipped with a warning
-        naming the file, never silently (the next open of the run rewrites the file from its checkpoint)."""
-        if not self.metrics_file.exists():
-            return []
-        records = []
-        for number, line in enumerate(self.metrics_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                warnings.warn(f"{self.metrics_file}: line {number} is not valid JSON (torn or edited); skipped. "
-                              "Resume the run (--resume) to rewrite the file from its checkpoint", stacklevel=2)
-        return records
+        """The epoch records; a torn line is skipped with a warning (the next open of the run rewrites the file
+        from its checkpoint)."""
+        return read_jsonl(self.metrics_file, " Resume the run (--resume) to rewrite the file from its checkpoint")
 
-    def load_weights(self, which: str, ema: bool = False) -> Dict[str, torch.Tensor]:
-        """The state dict kept as the run's ``which`` weights; a clear error when the run never wrote it."""
-        path = self.weights_file(which, ema)
-        if not path.exists():
-            raise MissingWeightsError(
-                f"{self.path.name} has no {path.name} ({which} weights{' of the EMA' if ema else ''}): the run "
-                "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
-                "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    def jobs(self) -> List[Dict[str, Any]]:
+        """The run's submission records, oldest first."""
+        return read_jsonl(self.jobs_file)
 
     # -- writes ---------------------------------------------------------------------------------------------------
-    def save_weights(self, which: str, state_dict: Dict[str, torch.Tensor], ema: bool = False) -> None:
-        """Keeps ``state_dict`` (moved to the CPU) as the run's ``which`` weights, atomically."""
-        atomic_torch_save(self.weights_file(which, ema), {k: v.detach().cpu() for k, v in state_dict.items()})
-
     def claim(self, cfg: RunConfig) -> None:
         """Creates the directory for ``cfg``, or checks that the existing one holds the same config."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -290,7 +278,7 @@ class RunDir:
     def lock(self, wait: bool = True) -> Iterator[None]:
         """An exclusive flock on ``lock``: never two processes training the same run."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / "lock", "a+") as f:
+        with open(self.lock_file, "a+") as f:
             flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
             try:
                 fcntl.flock(f, flags)
@@ -302,10 +290,9 @@ class RunDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def is_locked(self) -> bool:
-        lock_file = self.path / "lock"
-        if not lock_file.exists():
+        if not self.lock_file.exists():
             return False
-        with open(lock_file, "a+") as f:
+        with open(self.lock_file, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -328,4 +315,39 @@ class RunStore:
     def runs(self) -> List[RunDir]:
         if not self.root.is_dir():
             return []
-        return [RunDir(p) for p in sorted(self.root.iterdir()) if (p / "config.json").exists()]
+        return [RunDir(p) for p in sorted(self.root.iterdir()) if (p / CONFIG_FILE).exists()]
+
+    def sweep_dir(self, sweep_id: str) -> "SweepDir":
+        return SweepDir(self.root / SWEEPS_DIR / sweep_id)
+
+    @property
+    def submitit_folder(self) -> Path:
+        return self.root / SUBMITIT_DIR
+
+
+class SweepDir:
+    """A sweep's records: ``sweep.json`` (its manifest) and ``submissions.jsonl``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    manifest_file = property(lambda self: self.path / "sweep.json")
+    submissions_file = property(lambda self: self.path / "submissions.jsonl")
+
+    @property
+    def exists(self) -> bool:
+        return self.manifest_file.exists()
+
+    def manifest(self) -> Dict[str, Any]:
+        """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
+        ``runs`` (name, kind, teacher_run, cells, config)."""
+        return json.loads(self.manifest_file.read_text())
+
+    def write_manifest(self, body: Dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_file, body)
+
+    def record_submission(self, record: Dict[str, Any]) -> None:
+        append_jsonl(self.submissions_file, record)
+
+    def submissions(self) -> List[Dict[str, Any]]:
+        return read_jsonl(self.submissions_file)

@@ -6,7 +6,8 @@ import stat
 import pytest
 import torch
 
-from hkdbench.benchmark.store import atomic_torch_save, atomic_write_json
+from hkdbench.benchmark.engine.checkpoint import atomic_torch_save
+from hkdbench.benchmark.store import atomic_write_json
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ from hkdbench.benchmark.config import ConfigError, ModelConfig
 from hkdbench.benchmark.data.loaders import build_loaders
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
-from hkdbench.benchmark.store import MissingWeightsError, RunStore
+from hkdbench.benchmark.engine.checkpoint import MissingWeightsError, load_weights
+from hkdbench.benchmark.store import RunStore
 from hkdbench.benchmark.engine.trainer import Trainer, best_record, train
 from hkdbench.benchmark.engine.evaluation import evaluate
 
@@ -57,7 +58,7 @@ def same_weights(a, b):
 def assert_kept_weights_reproduce_the_summary(rd):
     summary, cfg = rd.summary(), rd.config()
     assert (summary["best_weights"], summary["last_weights"]) == ("best.pt", "final.pt")
-    best, last = evaluate_state(cfg, rd.load_weights("best")), evaluate_state(cfg, rd.load_weights("last"))
+    best, last = evaluate_state(cfg, load_weights(rd, "best")), evaluate_state(cfg, load_weights(rd, "last"))
     assert (best["top1"], best["top5"]) == (summary["best_top1"], summary["best_top5"])
     assert (last["top1"], last["top5"]) == (summary["last_top1"], summary["last_top5"])
     record = {m["epoch"]: m for m in rd.metrics()}
@@ -92,14 +93,14 @@ def test_students_load_the_teacher_weights_whose_accuracy_they_record(fmnist_ava
     teacher = t_dir.summary()
     assert teacher["best_epoch"] < teacher["last_epoch"] and teacher["best_top1"] != teacher["last_top1"], (
         "the tiny teacher must peak before its last epoch for this test to tell best from last; adjust TEACHER")
-    assert not torch.equal(t_dir.load_weights("best")["fc.weight"], t_dir.load_weights("last")["fc.weight"])
+    assert not torch.equal(load_weights(t_dir, "best")["fc.weight"], load_weights(t_dir, "last")["fc.weight"])
     assert_kept_weights_reproduce_the_summary(t_dir)
     assert_kept_weights_reproduce_the_summary(with_best)
 
     summary = with_best.summary()
     assert (summary["teacher_weights"], summary["teacher_run"]) == ("best", t_dir.path.name)
     assert summary["teacher_top1"] == teacher["best_top1"]
-    assert same_weights(used[-1], t_dir.load_weights("best"))
+    assert same_weights(used[-1], load_weights(t_dir, "best"))
     assert summary["teacher_top1"] == evaluate_state(t_dir.config(), used[-1])["top1"]
     assert f"the best weights of {t_dir.path.name} (epoch {teacher['best_epoch']}" in with_best.log_file.read_text()
 
@@ -107,7 +108,7 @@ def test_students_load_the_teacher_weights_whose_accuracy_they_record(fmnist_ava
     summary = with_last.summary()
     assert (summary["teacher_weights"], summary["teacher_run"]) == ("last", t_dir.path.name)
     assert summary["teacher_top1"] == teacher["last_top1"]
-    assert same_weights(used[-1], t_dir.load_weights("last"))
+    assert same_weights(used[-1], load_weights(t_dir, "last"))
     assert summary["teacher_top1"] == evaluate_state(t_dir.config(), used[-1])["top1"]
     assert len([r for r in store.runs() if r.config().kind == "teacher"]) == 1
 
@@ -132,8 +133,8 @@ def test_ema_best_and_last_weights_are_kept_and_reproduce_their_accuracy(fmnist_
     summary = rd.summary()
     assert (summary["ema_best_weights"], summary["ema_last_weights"]) == ("best_ema.pt", "final_ema.pt")
     assert summary["teacher_weights"] is None and summary["teacher_run"] is None
-    best = evaluate_state(cfg, rd.load_weights("best", ema=True))["top1"]
-    last = evaluate_state(cfg, rd.load_weights("last", ema=True))["top1"]
+    best = evaluate_state(cfg, load_weights(rd, "best", ema=True))["top1"]
+    last = evaluate_state(cfg, load_weights(rd, "last", ema=True))["top1"]
     assert (best, last) == (summary["ema_best_top1"], summary["ema_last_top1"])
     assert summary["ema_best_top1"] == max(m["ema_top1"] for m in rd.metrics())
     assert_kept_weights_reproduce_the_summary(rd)

@@ -1,21 +1,24 @@
-"""Loading teacher checkpoints from a path, including state dicts written by the timm 0.6.x of the HKD papers
+"""The torch side of the run store: atomic ``torch.save``, a run's kept weights (file names from ``RunDir``), the
+RNG states a mid-epoch checkpoint keeps, and loading teacher checkpoints from a path, including state dicts written by the timm 0.6.x of the HKD papers
 (e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm and DDP put around the weights are removed and
 the keys whose layout changed since are remapped by the model family's timm filter (Swin: the patch merging
 moved from the end of stage i to the start of stage i+1, the classifier from ``head`` to ``head.fc``, and the
 relative-position index and attention mask stopped being saved)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import random
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy as np
 import torch
 import torch.nn as nn
-import random
-
-import numpy as np
 
 from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.store import RunDir, open_temp
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
@@ -90,3 +93,35 @@ def _set_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    fd, tmp = open_temp(path)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
+
+
+def save_weights(rd: RunDir, which: str, state_dict: Dict[str, torch.Tensor], ema: bool = False) -> None:
+    """Keeps ``state_dict`` (moved to the CPU) as the run's ``which`` weights, atomically."""
+    atomic_torch_save(rd.weights_file(which, ema), {k: v.detach().cpu() for k, v in state_dict.items()})
+
+
+def load_weights(rd: RunDir, which: str, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state dict kept as the run's ``which`` weights; a clear error when the run never wrote it."""
+    path = rd.weights_file(which, ema)
+    if not path.exists():
+        raise MissingWeightsError(
+            f"{rd.path.name} has no {path.name} ({which} weights{' of the EMA' if ema else ''}): the run "
+            "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
+            "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -27,8 +27,10 @@ from hkdbench.benchmark.config import RunConfig
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.optim import build_optimizer
-from hkdbench.benchmark.store import RunDir, RunStore, atomic_torch_save, environment, timestamp
-from hkdbench.benchmark.engine.checkpoint import _get_rng, _set_rng, load_teacher_weights
+from hkdbench.benchmark.engine.environment import environment
+from hkdbench.benchmark.store import RunDir, RunStore, timestamp
+from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
+                                                  load_weights, save_weights)
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
 from hkdbench.benchmark.engine.step import TrainModule, TrainStep, _EpochSums, _make_ema, build_criterion
 
@@ -112,7 +114,7 @@ class Trainer:
             if result.status != "done":
                 raise TeacherUnavailableError("interrupted while training the teacher")
         which = cfg.teacher.weights
-        teacher.model.load_state_dict(t_dir.load_weights(which))
+        teacher.model.load_state_dict(load_weights(t_dir, which))
         recorded = t_dir.summary()
         self.say(f"teacher {cfg.teacher.name}: the {which} weights of {t_dir.path.name} "
                  f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
@@ -219,9 +221,9 @@ class Trainer:
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
             rd.write_metrics(history)  # DONE never comes with metrics short of the final epoch
-            rd.save_weights("last", student.model.state_dict())
+            save_weights(rd, "last", student.model.state_dict())
             if ema is not None:
-                rd.save_weights("last", ema.module.state_dict(), ema=True)
+                save_weights(rd, "last", ema.module.state_dict(), ema=True)
             rd.mark_done(summary)
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}")
@@ -296,9 +298,9 @@ class Trainer:
         if not self.is_main:
             return
         if best_record(history, "top1") is history[-1]:
-            self.run_dir.save_weights("best", student.model.state_dict())
+            save_weights(self.run_dir, "best", student.model.state_dict())
         if ema is not None and best_record(history, "ema_top1") is history[-1]:
-            self.run_dir.save_weights("best", ema.module.state_dict(), ema=True)
+            save_weights(self.run_dir, "best", ema.module.state_dict(), ema=True)
 
     def _check_kept_best(self, history: List[Dict[str, Any]]) -> None:
         """A checkpoint whose history has a best epoch comes with that epoch's weights (written before it)."""

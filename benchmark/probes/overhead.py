@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json, environment
+from hkdbench.benchmark.engine.environment import environment
+from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json
 
 BASELINES = ("none", "kd")
 

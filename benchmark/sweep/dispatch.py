@@ -9,7 +9,6 @@ runs nothing. Every submission appends a line to ``<run>/jobs.jsonl`` and to the
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -17,11 +16,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.store import RunStore, atomic_write_json, timestamp
+from hkdbench.benchmark.store import RunStore, append_jsonl, timestamp
 from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
 from hkdbench.benchmark.sweep.plan import RunSpec, SweepPlan
 from hkdbench.benchmark.sweep.job import RunJob
-from hkdbench.benchmark.sweep.status import RunState, _append_jsonl, _count, format_state_table, run_states
+from hkdbench.benchmark.sweep.status import RunState, _count, format_state_table, run_states
 
 
 
@@ -68,8 +67,9 @@ class Sweep:
         self.root = self.store.root.resolve()
         self.device = device
         self.out = out or sys.stdout
-        self.sweep_dir = self.root / "_sweeps" / plan.sweep_id()
-        self.folder = self.root / "_submitit"
+        self.records = self.store.sweep_dir(plan.sweep_id())
+        self.sweep_dir = self.records.path
+        self.folder = self.store.submitit_folder
 
     def say(self, message: str = "") -> None:
         print(message, file=self.out, flush=True)
@@ -91,8 +91,7 @@ class Sweep:
         with which command line the sweep was invoked (the report's provenance)."""
         from hkdbench.benchmark.config import to_dict
 
-        path = self.sweep_dir / "sweep.json"
-        invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
+        invocations = self.records.manifest().get("invocations", []) if self.records.exists else []
         if executor is not None:
             invocations.append({"time": timestamp(), "executor": executor,
                                 "command": command})
@@ -101,7 +100,7 @@ class Sweep:
                 "runs": [{"name": r.name, "kind": r.kind, "teacher_run": r.teacher_run,
                           "cells": [list(c) for c in r.cells], "config": r.cfg.to_dict()}
                          for r in self.plan.runs]}
-        atomic_write_json(path, body)
+        self.records.write_manifest(body)
 
     def dry_run(self, executor: str, retry_failed: bool = False) -> None:
         todo, skip = self.decide(retry_failed, query_slurm=True)
@@ -173,8 +172,8 @@ class Sweep:
         rd.claim(spec.cfg)
         record = {"job_id": job_id, "executor": executor, "sweep": self.plan.sweep_id(), "stdout": stdout,
                   "stderr": stderr, "folder": str(self.folder), "time": timestamp()}
-        _append_jsonl(rd.path / "jobs.jsonl", record)
-        _append_jsonl(self.sweep_dir / "submissions.jsonl", {**record, "run": spec.name})
+        append_jsonl(rd.jobs_file, record)
+        self.records.record_submission({**record, "run": spec.name})
 
     def taken(self, spec: RunSpec) -> str:
         """Why ``spec`` no longer needs a job (checked again right before submitting it, since a racing sweep

@@ -3,7 +3,6 @@ for Slurm jobs, ``squeue``/``sacct``; local jobs from their submitit files. And 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 
-from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.store import RunStore
 from hkdbench.benchmark.sweep.plan import RunSpec
 
 
@@ -31,19 +30,6 @@ class RunState:
     @property
     def name(self) -> str:
         return self.spec.name
-
-
-def read_jobs(rd: RunDir) -> List[Dict[str, Any]]:
-    path = rd.path / "jobs.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
@@ -74,7 +60,7 @@ def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
 def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = True) -> List[RunState]:
     """Where every run stands, from the run store, the job records and (for Slurm jobs) squeue/sacct."""
     dirs = [store.run_dir(s.cfg) for s in specs]
-    last_jobs = [(read_jobs(rd) or [None])[-1] for rd in dirs]
+    last_jobs = [(rd.jobs() or [None])[-1] for rd in dirs]
     slurm = slurm_states(j["job_id"] for j in last_jobs if j and j.get("executor") == "slurm") \
         if query_slurm else {}
     states = []
