@@ -103,8 +103,10 @@ def cmd_models(args, _overrides) -> int:
 def cmd_recipes(args, _overrides) -> int:
     from hkdbench.benchmark.data.loaders import color_jitter_note
 
-    print("auto: cifar-cnn / cifar-vit (CIFAR), imagenet-cnn / imagenet-vit (ImageNet) by student family; demo "
-          "for fashion-mnist")
+    from hkdbench.benchmark.recipes import AUTO_RECIPES
+
+    print("auto, by dataset (CNN students / the others): "
+          + "; ".join(f"{d}: {r['cnn']} / {r['other']}" for d, r in AUTO_RECIPES.items()))
     for name, body in RECIPES.items():
         o, d, t = body["optim"], body["data"], body["train"]
         extras = [k for k in ("auto_augment", "mixup", "cutmix", "reprob") if d.get(k)]

@@ -66,3 +66,14 @@ def test_teacher_run_is_shared_by_students_of_the_same_teacher():
     a = teacher_run_config(_cfg(student="vit_mini"))
     b = teacher_run_config(_cfg(student="mixer_mini", method="fitnet"))
     assert a.run_hash() == b.run_hash() and a.kind == "teacher" and a.student.name == "resnet_mini"
+
+
+def test_auto_has_a_recipe_per_dataset_and_names_the_missing_one():
+    from hkdbench.benchmark.recipes import AUTO_RECIPES
+
+    assert _cfg(dataset="cifar10", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"
+    assert _cfg(dataset="imagenet", student="deit_tiny", teacher="resnet18").recipe == "imagenet-vit"
+    assert "svhn" not in AUTO_RECIPES
+    with pytest.raises(ConfigError, match="--recipe auto has no recipe for dataset 'svhn'"):
+        _cfg(dataset="svhn")
+    assert _cfg(dataset="svhn", recipe="cifar-cnn", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"

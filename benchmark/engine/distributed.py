@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,10 +90,6 @@ class DistContext:
     local_rank: int = 0
     backend: str = "gloo"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def device(self) -> torch.device:
         if self.backend == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
@@ -120,11 +116,6 @@ class DistContext:
             return bool(flag.item() > 0)
 
         return should_stop
-
-    def barrier(self) -> None:
-        if is_distributed():
-            dist.barrier()
-
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -166,9 +157,3 @@ def init_from_submitit(backend: Optional[str] = None) -> Optional[DistContext]:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def describe(ctx: Optional[DistContext]) -> Dict[str, object]:
-    if ctx is None:
-        return {"world_size": 1}
-    return {"world_size": ctx.world_size, "rank": ctx.rank, "backend": ctx.backend}

@@ -211,7 +211,7 @@ class Trainer:
                                       state["teacher_top1"])
                 self.say(f"{rd.path.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {stopped_at}")
                 return RunResult("interrupted", rd)
-            record = self._epoch_record(ctx, epoch, sums, test_loader, ema, method)
+            record = self._epoch_record(ctx, epoch, sums, test_loader, ema)
             history.append(record)
             self._keep_best(history, student, ema)  # before the checkpoint: a kill in between redoes this epoch
             self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
@@ -265,7 +265,7 @@ class Trainer:
         self.say(f"{self.run_dir.path.name}: FAILED: {reason}")
         raise DivergedError(reason)
 
-    def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema, method) -> Dict[str, Any]:
+    def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema) -> Dict[str, Any]:
         cfg = self.cfg
         record: Dict[str, Any] = {"epoch": epoch + 1}
         means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size

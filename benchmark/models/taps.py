@@ -113,9 +113,6 @@ class TappedModel(nn.Module):
         self.num_features = self._pre_logits_dim
 
     # -- stage modules, for methods that hook into the model --------------------------------------------------
-    def stage_module(self, stage: int) -> nn.Module:
-        return self.model.get_submodule(self._stage_module_names[_check_stage(stage)])
-
     def stage_entry_module(self, stage: int) -> nn.Module:
         """The module whose input is the stage's input (a forward pre-hook there alters what enters the stage)."""
         return self.model.get_submodule(self._entry_module_names[_check_stage(stage)])

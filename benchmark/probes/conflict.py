@@ -212,10 +212,6 @@ class ConflictTracker:
         self.history.append(stats)
         return stats
 
-    def measure(self, task_loss, distill_loss, params=None, blocks=None) -> ConflictStats:
-        """:func:`gradient_conflict` then :meth:`update`."""
-        return self.update(gradient_conflict(task_loss, distill_loss, params, blocks))
-
     def __len__(self) -> int:
         return len(self.history)
 

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, build_dataclass, deep_merge, load_yaml,
-                                       parse_overrides, to_dict)
+                                       parse_overrides)
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -268,8 +268,3 @@ def missing_requirements(p: Preset) -> List[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Expansion
 # --------------------------------------------------------------------------------------------------------------
-
-
-def preset_summary(p: Preset) -> Dict[str, Any]:
-    return to_dict(p)
-
