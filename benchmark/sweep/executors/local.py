@@ -67,12 +67,12 @@ def _run_phase(sweep, executor, phase: str, specs, parallel: int, submitted, sto
                 rd = sweep.store.run_dir(spec.cfg)
                 if not rd.is_done and rd.is_locked():
                     sweep.say(f"left to another process: {spec.name} (job {job.job_id} found its lock "
-                             "held and exited without training it)")
+                              "held and exited without training it)")
                     continue
                 ok = rd.is_done
                 failed += not ok
                 sweep.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
-                         + ("" if ok else f", log {job.paths.stderr}") + ")")
+                          + ("" if ok else f", log {job.paths.stderr}") + ")")
     return failed
 
 
@@ -82,7 +82,7 @@ def _stop_jobs(sweep, running, signum: int) -> None:
     may miss the first); past the trainer's stop wait, kills what is left."""
     name = signal.Signals(signum).name
     sweep.say(f"{name}: stopping {len(running)} running job(s); each saves a checkpoint and exits, and "
-             "re-running this sweep resumes them")
+              "re-running this sweep resumes them")
     deadline = time.monotonic() + sweep.preset.slurm.stop_wait + 30
     alive = list(running)
     while alive and time.monotonic() < deadline:
@@ -94,7 +94,7 @@ def _stop_jobs(sweep, running, signum: int) -> None:
         if (spec, job) in alive:
             _kill_tree(int(job.job_id))
             sweep.say(f"killed: {spec.name} (job {job.job_id} did not stop in time; it resumes from its last "
-                     "checkpoint)")
+                      "checkpoint)")
         else:
             status = sweep.store.run_dir(spec.cfg).status()
             sweep.say(f"stopped: {spec.name} (job {job.job_id}, {status})")

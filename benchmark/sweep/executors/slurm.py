@@ -25,7 +25,7 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
         submitted += [(s.name, j.job_id) for s, j in zip(teachers, jobs)]
         array_id = jobs[0].job_id.split("_")[0]
         sweep.say(f"submitted {len(jobs)} teacher run(s) as job array {array_id}: "
-                 + ", ".join(j.job_id for j in jobs))
+                  + ", ".join(j.job_id for j in jobs))
         pending_teachers.add(array_id)
     if pending_teachers:
         dependency = "afterok:" + ":".join(sorted(pending_teachers))
@@ -34,8 +34,8 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
         submitted += [(s.name, j.job_id) for s, j in zip(students, jobs)]
         array_id = jobs[0].job_id.split("_")[0]
         sweep.say(f"submitted {len(jobs)} student run(s) as job array {array_id}"
-                 + (f" (dependency {dependency})" if dependency else "") + ": "
-                 + ", ".join(j.job_id for j in jobs))
+                  + (f" (dependency {dependency})" if dependency else "") + ": "
+                  + ", ".join(j.job_id for j in jobs))
     sweep.say(f"submitit logs: {sweep.folder}")
     sweep.say(f"sweep dir: {sweep.sweep_dir}  (hkdbench status {sweep.sweep_dir})")
     result = SweepResult(sweep.sweep_dir, submitted, skip, sweep.folder)
