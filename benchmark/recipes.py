@@ -94,6 +94,9 @@ def resolve_recipe_name(recipe: str, dataset: str, student: str) -> str:
             raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(recipe_names())}")
         return recipe
     if dataset not in AUTO_RECIPES:
+        from hkdbench.benchmark.data.datasets import dataset_info
+
+        dataset_info(dataset)  # an unknown dataset is named as such, with the known ones
         raise ConfigError(f"--recipe auto has no recipe for dataset {dataset!r} (it knows {', '.join(AUTO_RECIPES)}); "
                           f"name one (--recipe, known: {', '.join(RECIPES)}) or add the dataset to AUTO_RECIPES")
     return AUTO_RECIPES[dataset]["cnn" if zoo_entry(student).family == "cnn" else "other"]

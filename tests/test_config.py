@@ -68,12 +68,15 @@ def test_teacher_run_is_shared_by_students_of_the_same_teacher():
     assert a.run_hash() == b.run_hash() and a.kind == "teacher" and a.student.name == "resnet_mini"
 
 
-def test_auto_has_a_recipe_per_dataset_and_names_the_missing_one():
-    from hkdbench.benchmark.recipes import AUTO_RECIPES
+def test_auto_has_a_recipe_per_dataset_and_names_the_missing_one(monkeypatch):
+    from hkdbench.benchmark import recipes
 
     assert _cfg(dataset="cifar10", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"
     assert _cfg(dataset="imagenet", student="deit_tiny", teacher="resnet18").recipe == "imagenet-vit"
-    assert "svhn" not in AUTO_RECIPES
-    with pytest.raises(ConfigError, match="--recipe auto has no recipe for dataset 'svhn'"):
+    # a dataset the registry knows but auto has no recipe for fails, instead of silently taking CIFAR's
+    monkeypatch.delitem(recipes.AUTO_RECIPES, "cifar10")
+    with pytest.raises(ConfigError, match="--recipe auto has no recipe for dataset 'cifar10'"):
+        _cfg(dataset="cifar10", student="resnet18", teacher="swin_tiny")
+    assert _cfg(dataset="cifar10", recipe="cifar-cnn", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"
+    with pytest.raises(ValueError, match="unknown dataset .svhn.; known datasets"):
         _cfg(dataset="svhn")
-    assert _cfg(dataset="svhn", recipe="cifar-cnn", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"
