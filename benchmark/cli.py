@@ -132,6 +132,9 @@ def _add_sweep_commands(sub) -> None:
     p.add_argument("--methods", default=None, help="comma-separated methods")
     p.add_argument("--seeds", default=None, help="comma-separated seeds")
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--no-input-check", action="store_true",
+                   help="skip reading the data and teacher checkpoints before submitting (when they exist only "
+                        "on the compute nodes)")
     p.add_argument("--parallel", type=int, default=0, help="local executor: jobs at a time (default: CPUs / "
                                                            "slurm.cpus_per_task)")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the submitted runs end, then print the "
@@ -178,6 +181,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, KeyError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"hkdbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write the store's own checks did not see coming (a log line on a full disk)
+        from .store import WRITE_ERRNOS, describe_write_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"hkdbench {args.command}: error: {describe_write_error(err.filename or '?', err)}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,7 @@
 """The implementations of the ``hkdbench`` subcommands (argument parsing lives in cli.py)."""
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import sys
@@ -54,38 +55,11 @@ def cmd_teacher(args, overrides) -> int:
 
 def _check_flags(args, cfg) -> None:
     """Fails before anything is built or written: conflicting flags, missing data."""
-    from .data import check_data_available
+    from .preflight import check_run_inputs
 
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
-    check_data_available(cfg.data)
-    _check_teacher(cfg)
-
-
-def _check_teacher(cfg) -> None:
-    """Before the run directory exists: the teacher's checkpoint loads into the teacher model, or the config of
-    the teacher run it would train (with --teacher-override) is valid and its data readable."""
-    from hkdbench.methods import get_method
-
-    from .data import check_data_available, dataset_info
-
-    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
-        return
-    if cfg.teacher.checkpoint:
-        from .models import create_model
-        from .trainer import load_teacher_weights
-
-        info = dataset_info(cfg.data.dataset)
-        teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
-        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
-        return
-    from .recipes import teacher_run_config
-
-    try:
-        t_cfg = teacher_run_config(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"--teacher-override: {err}") from None
-    check_data_available(t_cfg.data)
+    check_run_inputs(cfg)
 
 
 def cmd_models(args, _overrides) -> int:
@@ -256,8 +230,6 @@ def _sweep_settings(args) -> List[str]:
         if value is not None:
             items.append(f"slurm.{key}={value}")
     if getattr(args, "sbatch_flag", None):
-        import json
-
         items.append(f"slurm.extra={json.dumps(list(args.sbatch_flag))}")
     return items
 
@@ -284,7 +256,7 @@ def cmd_sweep(args, _overrides) -> int:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0
     result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait,
-                       command=shlex.join(["hkdbench", *args.argv]))
+                       command=shlex.join(["hkdbench", *args.argv]), check_inputs=not args.no_input_check)
     if args.executor != "slurm" or args.wait:
         from .dispatch import format_state_table, run_states
 
@@ -296,7 +268,6 @@ def cmd_sweep(args, _overrides) -> int:
 
 
 def cmd_status(args, _overrides) -> int:
-    import json
     from pathlib import Path
 
     from .dispatch import format_state_table, run_states

@@ -78,9 +78,13 @@ class RunJob(submitit.helpers.Checkpointable):
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         torch.set_num_threads(max(int(self.threads), 1))
         self._stop = threading.Event()
-        if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
-            # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
-            for sig in (signal.SIGTERM, signal.SIGINT):
+        executor = os.environ.get("SUBMITIT_EXECUTOR")
+        if executor in ("local", "slurm") and threading.current_thread() is threading.main_thread():
+            # submitit ignores SIGTERM. A local sweep stops its workers with it (Ctrl-C stops them too); Slurm
+            # sends it on scancel, on preemption and at the time limit (after the USR2 of --signal, if that came
+            # in time): each stops after the current step with a mid-epoch checkpoint, which the requeued job or
+            # the next submission of the sweep resumes.
+            for sig in (signal.SIGTERM, signal.SIGINT) if executor == "local" else (signal.SIGTERM,):
                 signal.signal(sig, self._on_stop_signal)
         self._outcome: Dict[str, Any] = {}
         dist_ctx = distributed.init_from_submitit()
@@ -401,16 +405,16 @@ class Sweep:
 
     # -- submission -----------------------------------------------------------------------------------------------
     def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False,
-            command: Optional[str] = None) -> SweepResult:
+            command: Optional[str] = None, check_inputs: bool = True) -> SweepResult:
         if executor not in EXECUTORS:
             raise ConfigError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
         missing = missing_requirements(self.preset)
         if missing:
             raise ConfigError(f"preset {self.preset.name} needs {', '.join(missing)} (e.g. {missing[0]}=PATH)")
-        from .data import check_data_available
+        if check_inputs:  # off where the data or checkpoints exist only on the compute nodes
+            from .preflight import check_sweep_inputs
 
-        for spec in self.plan.runs[:1] + self.plan.students[:1]:
-            check_data_available(spec.cfg.data)
+            check_sweep_inputs(spec.cfg for spec in self.plan.runs)
         todo, skip = self.decide(retry_failed, query_slurm=True)
         self.write_manifest(executor, command)
         self.say(f"sweep {self.plan.sweep_id()}: {len(self.plan.runs)} runs; {len(todo)} to run, "

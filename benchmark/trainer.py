@@ -29,7 +29,7 @@ from . import data as data_lib
 from .config import OptimConfig, RunConfig
 from .models import TappedModel, create_model, zoo_entry
 from .optim import LRSchedule, build_optimizer
-from .store import RunDir, RunStore, atomic_torch_save, environment, timestamp
+from .store import RunDir, RunStore, StoreWriteError, atomic_torch_save, environment, timestamp
 
 log = logging.getLogger("hkdbench")
 
@@ -224,9 +224,17 @@ class Trainer:
     def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
         """Trains the run under its flock; ``wait_for_lock=False`` raises RunLockedError at once when another
         process holds it (a sweep's job for a run a racing sweep already trains)."""
-        # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
-        with self.run_dir.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
-            return self._run_locked(resume, restart)
+        rd = self.run_dir
+        try:
+            # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
+            with rd.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
+                return self._run_locked(resume, restart)
+        except StoreWriteError:
+            if not rd.is_done or restart:
+                raise
+            if self.echo:  # a read-only store: a finished run needs no write
+                print(f"{rd.path.name}: already done (read-only store: nothing written)", flush=True)
+            return RunResult("done", rd, rd.summary())
 
     def _run_locked(self, resume: bool, restart: bool) -> RunResult:
         cfg, rd = self.cfg, self.run_dir
@@ -242,6 +250,7 @@ class Trainer:
         if rd.has_checkpoint and not resume:
             raise RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to "
                                  "continue it or --restart to start over")
+        saved = self._read_checkpoint() if rd.has_checkpoint else None  # a damaged one fails before any work
 
         entry = zoo_entry(cfg.student.name)
         crop_pct = cfg.data.crop_pct or entry.crop_pct
@@ -274,8 +283,8 @@ class Trainer:
         wrapped = self.dist.wrap(module) if self.dist else module
 
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
-        if rd.has_checkpoint:
-            state = self._load_checkpoint(module, optimizer, scaler, ema, state)
+        if saved is not None:
+            state = self._load_checkpoint(saved, module, optimizer, scaler, ema, state)
             self._check_kept_best(state["history"])
             if self.is_main:  # the checkpoint's history is the truth: a kill may have cut off the metrics write
                 rd.write_metrics(state["history"])
@@ -469,10 +478,25 @@ class Trainer:
         }
         atomic_torch_save(self.run_dir.checkpoint_file, state)
 
-    def _load_checkpoint(self, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
-        state = torch.load(self.run_dir.checkpoint_file, map_location=self.device, weights_only=False)
-        if state.get("config_hash") != self.cfg.run_hash():
-            raise RuntimeError(f"{self.run_dir.checkpoint_file} belongs to another config")
+    def _read_checkpoint(self) -> Dict[str, Any]:
+        """The saved training state; a file that is empty, truncated or foreign is named with what to do."""
+        path = self.run_dir.checkpoint_file
+        what_to_do = ("start the run over with --restart (its progress is lost), or put back a good copy of the "
+                      "file and --resume")
+        if path.stat().st_size == 0:
+            raise DamagedCheckpointError(f"{path} is empty (0 bytes: a disk fault or a copy cut short; hkdbench "
+                                         f"itself writes it atomically); {what_to_do}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a truncated zip, pickle garbage, ...: torch raises many kinds
+            raise DamagedCheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated "
+                                         f"or not a checkpoint of this run; {what_to_do}") from None
+        if not isinstance(state, dict) or state.get("config_hash") != self.cfg.run_hash():
+            raise DamagedCheckpointError(f"{path} is not a checkpoint of this run (its config hash differs from "
+                                         f"{self.cfg.run_hash()}); {what_to_do}")
+        return state
+
+    def _load_checkpoint(self, state, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -482,6 +506,10 @@ class Trainer:
 
 
 class RunExistsError(RuntimeError):
+    pass
+
+
+class DamagedCheckpointError(RuntimeError):
     pass
 
 
