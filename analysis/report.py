@@ -4,7 +4,7 @@
     <out>/runs.csv           the tidy table, one row per run
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
     <out>/tables/*.md|tex|csv  comparison tables (and published numbers side by side, CIFAR-100 only)
-    <out>/figures/*.png|pdf  accuracy heatmaps, overhead bars, CKA heatmaps, conflict and convergence curves
+    <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict, convergence)
 
 Only the stored files of the runs are read (config.json, env.json, summary.json, metrics.jsonl, DONE/FAILED).
 """
@@ -21,13 +21,8 @@ import pandas as pd
 from hkdbench import TIME_FORMAT
 
 from .collect import collect_epochs, collect_runs, keyed
-from .plots import all_plots
+from .plots import FIGURES, all_plots
 from .tables import comparison_tables, published_markdown, published_side_by_side
-
-FIGURE_TITLES = {"accuracy": "Accuracy heatmaps (teacher × student, per method)",
-                 "gain": "Gain over the student trained alone (teacher × student, per method)",
-                 "overhead": "Training overhead per method", "cka": "CKA between teacher and student stages",
-                 "conflict": "Gradient conflict over training", "convergence": "Convergence"}
 
 
 def write_tidy(runs_dir, out_dir) -> Dict[str, Path]:
@@ -202,9 +197,10 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
             lines += ["#### Published numbers side by side", "", published_markdown(pub), ""]
 
     lines += ["## Figures", ""]
-    figures = all_plots(runs, epochs, figures_dir)
-    for kind, paths in figures.items():
-        lines += [f"### {FIGURE_TITLES[kind]}", ""]
+    figures = all_plots(runs, epochs, figures_dir, metric, tables)
+    for figure in FIGURES:
+        paths = figures[figure.kind]
+        lines += [f"### {figure.title}", ""]
         pngs = [p for p in paths if p.suffix == ".png"]
         if not pngs:
             lines += ["No runs with this data.", ""]
