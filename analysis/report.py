@@ -22,7 +22,24 @@ from hkdbench import TIME_FORMAT
 
 from .collect import collect_epochs, collect_runs, keyed
 from .plots import FIGURES, all_plots
-from .tables import comparison_tables, published_markdown, published_side_by_side
+from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
+
+
+STATISTICS_LINES = [
+    "How to read them (`analysis/stats.py`):", "",
+    "- Accuracy cells: mean ± sample std over seeds with the 95 % t interval of the mean; the seeds per cell are "
+    "stated, a cell with one seed says so and has no interval.",
+    f"- Differences from the student alone (S) and from KD: seed by seed over the seeds both have, with a 95 % t "
+    f"interval; `*` where it excludes 0. Pairs are by seed only: the runs of one seed share the seed, not (yet) their "
+    f"batches (a later issue pairs them by batch too).",
+    f"- Bold: the method beats S, i.e. its paired interval lies above 0 (nothing else is bold). "
+    f"W/T/L: {TIE_RULE}.",
+    f"- Ranks: within each pair by mean, 1 = best, S included, ties share their mean rank; averaged over the pairs "
+    f"with every method, with a percentile bootstrap interval over pairs ({BOOTSTRAP_RESAMPLES} resamples, "
+    f"seed {BOOTSTRAP_SEED}).",
+    "- Cost figures: training time per run in device-hours (the runs' own `train_time_s`), and train GFLOPs per image "
+    "from `hkdbench overhead` (only the pairs it measured).", ""]
 
 
 def write_tidy(runs_dir, out_dir) -> Dict[str, Path]:
@@ -181,7 +198,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
               ""]
     lines += provenance_lines(runs_dir, runs)
 
-    lines += ["## Comparison tables", ""]
+    lines += ["## Comparison tables", ""] + STATISTICS_LINES
     tables = comparison_tables(runs, metric)
     if not tables:
         lines += ["No finished distillation runs.", ""]
