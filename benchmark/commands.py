@@ -145,12 +145,14 @@ def cmd_demo(args, _overrides) -> int:
 
 
 def cmd_overhead(args, _overrides) -> int:
+    from hkdbench.analysis.overhead_table import print_overhead_table
     from .overhead import run_overhead
 
-    run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
+    results = run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
                  runs_dir=args.runs_dir, num_classes=args.num_classes, precision=args.precision,
                  restart=args.restart)
+    print_overhead_table(results)
     return 0
 
 

@@ -200,7 +200,8 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     median = statistics.median(times)
     result = {
         "step_time_ms": 1000 * median, "step_time_ms_mean": 1000 * statistics.fmean(times),
-        "step_time_ms_min": 1000 * min(times), "images_per_s": cfg.batch_size / median,
+        "step_time_ms_min": 1000 * min(times), "step_times_ms": [1000 * t for t in times],
+        "images_per_s": cfg.batch_size / median,
         "peak_memory_mb": peak, "train_gflops_per_image": flops / cfg.batch_size / 1e9,
         "extra_params": method.extra_parameter_count(), "student_params": student.deploy_parameter_count(),
         "teacher_params": teacher.deploy_parameter_count() if teacher is not None else None,
