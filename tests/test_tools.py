@@ -14,6 +14,8 @@ from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.progress import EpochProgress, format_duration
 from hkdbench.benchmark.recipes import resolve_run_config
 
+from _support import hub_cache as _hub_cache
+
 TINY = ["train.epochs=2", "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64",
         "train.log_interval=2"]
 
@@ -153,19 +155,6 @@ def test_wandb_offline_run_holds_the_metrics_name_and_config(fmnist_available, r
 
 # -- pretrained teachers from a hub cache -------------------------------------------------------------------------
 
-def _hub_cache(root: Path, repo: str, state: dict, revision: str = "0" * 40) -> Path:
-    """A Hugging Face hub cache with one weights file, laid out by hand as the hub client lays it out."""
-    from safetensors.torch import save_file
-
-    folder = root / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
-    (folder / "refs" / "main").write_text(revision)
-    snapshot = folder / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
-    return snapshot / "model.safetensors"
-
-
 @pytest.fixture
 def resnet18_cache(tmp_path, monkeypatch):
     """resnet18.a1_in1k 'pretrained' weights (a seeded random init) in a temporary hub cache, offline."""
@@ -236,14 +225,11 @@ def test_weights_missing_offline_fail_before_anything_is_written(tmp_path):
 
 
 def test_imagenet_preset_uses_pretrained_teachers_and_scratch_teachers_warn(tmp_path, monkeypatch):
-    from huggingface_hub import constants
+    from _support import imagenet_preset_weights
 
     from hkdbench.benchmark.sweep import expand, load_preset
 
-    for repo in ("timm/swin_tiny_patch4_window7_224.ms_in1k", "timm/convnext_tiny.fb_in1k"):
-        _hub_cache(tmp_path, repo, {"w": torch.zeros(1)})  # expansion only hashes the files
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    imagenet_preset_weights(tmp_path, monkeypatch)
     plan = expand(load_preset("imagenet-ofa"))
     assert plan.teachers == []  # ImageNet weights on ImageNet: used as they are, no teacher run
     teachers = {r.cfg.teacher.pretrained for r in plan.students if r.cfg.teacher is not None}
