@@ -334,3 +334,20 @@ def test_export_refuses_a_model_timm_cannot_build_before_writing(tmp_path):
         check_format("timm", None, "resnet_mini")
     with pytest.raises(ConfigError, match="unknown export format 'tflite'"):
         check_format("tflite", "resnet18", "resnet18")
+
+
+@pytest.mark.slow
+def test_eval_scores_the_teacher_the_run_distilled_from(fmnist_available, runs_dir):
+    from hkdbench.benchmark.evaluate import evaluate_run
+
+    code, _, err = hkdbench("train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "kd",
+                            "--runs-dir", runs_dir, "--teacher-override", "train.epochs=1", "--teacher-override",
+                            "data.eval_subset=128", "--teacher-override", "data.train_subset=256", "train.epochs=1",
+                            "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64")
+    assert code == 0, err
+    run = only_run(runs_dir, "kd_")
+    summary = json.loads((run / "summary.json").read_text())
+    scores = evaluate_run(run, teacher=True)  # the same 128 test images the teacher run evaluated on
+    assert scores["teacher"]["top1"] == pytest.approx(summary["teacher_top1"])
+    assert scores["teacher"]["weights"] == f"best weights of {summary['teacher_run']}"
+    assert scores["student"]["top1"] == pytest.approx(summary["best_top1"])
