@@ -291,6 +291,10 @@ def cmd_sweep(args, _overrides) -> int:
     preset = load_preset(preset_arg, _sweep_settings(args), grid)
     start = time.time()
     plan = expand(preset)
+    from .tracking import check_tracker_available
+
+    for kind in sorted({r.cfg.train.log for r in plan.runs}):  # before anything is submitted or written
+        check_tracker_available(kind)
     sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)

@@ -351,3 +351,15 @@ def test_eval_scores_the_teacher_the_run_distilled_from(fmnist_available, runs_d
     assert scores["teacher"]["top1"] == pytest.approx(summary["teacher_top1"])
     assert scores["teacher"]["weights"] == f"best weights of {summary['teacher_run']}"
     assert scores["student"]["top1"] == pytest.approx(summary["best_top1"])
+
+
+def test_the_teacher_run_is_watched_like_the_student_run():
+    from hkdbench.benchmark.recipes import teacher_run_config
+
+    args = dict(kind="student", student="vit_mini", teacher="resnet_mini", method="kd")
+    watched = resolve_run_config(**args, overrides=["train.log=tensorboard", "train.log_interval=5"])
+    t_cfg = teacher_run_config(watched)
+    assert (t_cfg.train.log, t_cfg.train.log_interval) == ("tensorboard", 5)
+    assert t_cfg.run_name() == teacher_run_config(resolve_run_config(**args)).run_name()
+    quiet = resolve_run_config(**args, overrides=["train.log=wandb"], teacher_overrides=["train.log=none"])
+    assert teacher_run_config(quiet).train.log == "none"
