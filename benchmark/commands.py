@@ -18,7 +18,8 @@ def cmd_train(args, overrides) -> int:
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
                              dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
                              teacher_recipe=args.teacher_recipe, overrides=overrides(args),
-                             teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights)
+                             teacher_overrides=args.teacher_override, teacher_weights=args.teacher_weights,
+                             teacher_pretrained=args.teacher_pretrained)
     _check_flags(args, cfg)
     return _train_until_done_or_stopped(train, cfg, args)
 
@@ -48,7 +49,7 @@ def cmd_teacher(args, overrides) -> int:
     from .trainer import train
 
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
-                             recipe=args.recipe, overrides=overrides(args))
+                             recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
     _check_flags(args, cfg)
     return _train_until_done_or_stopped(train, cfg, args)
 
@@ -60,6 +61,13 @@ def _check_flags(args, cfg) -> None:
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
     check_run_inputs(cfg)
+    from .tracking import check_tracker_available
+
+    check_tracker_available(cfg.train.log)
+    if cfg.kind == "teacher":
+        from .pretrained import warn_scratch_imagenet_teacher
+
+        warn_scratch_imagenet_teacher(cfg)
 
 
 def cmd_models(args, _overrides) -> int:
@@ -253,6 +261,10 @@ def cmd_sweep(args, _overrides) -> int:
     preset = load_preset(preset_arg, _sweep_settings(args), grid)
     start = time.time()
     plan = expand(preset)
+    from .tracking import check_tracker_available
+
+    for kind in sorted({r.cfg.train.log for r in plan.runs}):  # before anything is submitted or written
+        check_tracker_available(kind)
     sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
@@ -294,4 +306,22 @@ def cmd_status(args, _overrides) -> int:
     store = RunStore(runs_dir)
     print(f"{title}; run store {store.root}")
     print(format_state_table(run_states(specs, store), order=specs))
+    return 0
+
+
+def cmd_eval(args, _overrides) -> int:
+    from .evaluate import evaluate_run
+
+    items = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    results = evaluate_run(args.run, weights=args.weights, ema=args.ema, teacher=args.teacher, overrides=items,
+                           device=args.device)
+    for role, r in results.items():
+        print(f"{role}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} loss {r['loss']:.4f} ({r['weights']})")
+    return 0
+
+
+def cmd_export(args, _overrides) -> int:
+    from .export import export_run
+
+    print(f"wrote {export_run(args.run, args.format, out=args.out, weights=args.weights, ema=args.ema)}")
     return 0

@@ -387,7 +387,10 @@ class Sweep:
             specs = [r for r in self.plan.students if (t, s) in {(c[0], c[1]) for c in r.cells}]
             spec = next((r for r in specs if r.cfg.teacher is not None), specs[0])
             t_recipe = spec.cfg.teacher_recipe or (
-                f"checkpoint {spec.cfg.teacher.checkpoint}" if spec.cfg.teacher else "-")
+                f"checkpoint {spec.cfg.teacher.checkpoint}" if spec.cfg.teacher and spec.cfg.teacher.checkpoint else
+                f"timm pretrained {spec.cfg.teacher.pretrained}" if spec.cfg.teacher else "-")
+            if spec.cfg.teacher_recipe and spec.cfg.teacher.pretrained:
+                t_recipe += f" from timm pretrained {spec.cfg.teacher.pretrained}"
             self.say(f"  {i:2d}. {t} ({zoo_entry(t).family}) -> {s} ({zoo_entry(s).family}): {spec.cfg.recipe}, "
                      f"teacher {t_recipe}")
         self.say("")

@@ -31,6 +31,9 @@ def check_teacher(cfg: RunConfig) -> None:
         teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
         load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
         return
+    if cfg.teacher_recipe is None:  # timm's pretrained weights as they are: found in the cache with the config
+        return
+    from .pretrained import warn_scratch_imagenet_teacher
     from .recipes import teacher_run_config
 
     try:
@@ -38,6 +41,7 @@ def check_teacher(cfg: RunConfig) -> None:
     except ConfigError as err:
         raise ConfigError(f"--teacher-override: {err}") from None
     check_data_available(t_cfg.data)
+    warn_scratch_imagenet_teacher(t_cfg)
 
 
 def check_sweep_inputs(configs: Iterable[RunConfig]) -> None:

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import secrets
 import shutil
 import subprocess
@@ -224,6 +225,7 @@ class RunDir:
     done_file = property(lambda self: self.path / "DONE")
     failed_file = property(lambda self: self.path / "FAILED")
     log_file = property(lambda self: self.path / "log.txt")
+    tracking_dir = property(lambda self: self.path / "tracking")  # TensorBoard events, W&B's offline files
 
     def weights_file(self, which: str, ema: bool = False) -> Path:
         """Where the run keeps its ``which`` ('best' or 'last') weights (the EMA's with ``ema``)."""
@@ -311,8 +313,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         body = cfg.to_dict()
         if self.config_file.exists():
-            stored = self._stored_config()
-            if stored != json.loads(json.dumps(body, default=str)):
+            # the same run whatever its non-result settings (train.log, data.workers, ...) or fields added since
+            stored = run_config_from_dict(self._stored_config()).run_hash()
+            if stored != cfg.run_hash():
                 raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
                                    "refusing to overwrite another run")
         else:
@@ -348,6 +351,7 @@ class RunDir:
         for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file, *kept):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+        shutil.rmtree(self.tracking_dir, ignore_errors=True)  # a restarted run's curves start afresh
 
     # -- locking --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -15,6 +15,8 @@ recipe, config overrides for the student and teacher runs, and the Slurm options
     teacher_overrides: {train: {...}}                     # every teacher run
     method_overrides: {ofa: {eps: [1.0]}}                 # method.* of one method
     teacher_checkpoints: {swin_tiny: /path/to/ckpt.pth}   # load these teachers instead of training them
+    teacher_pretrained: {swin_tiny: swin_tiny_patch4_window7_224.ms_in1k}  # timm's weights (as they are on
+                                                          # ImageNet, fine-tuned by the teacher run elsewhere)
     requires: [data.root]                                 # must be given at run time
     slurm: {partition: gpu, time: 1440, gpus_per_node: 1, ...}
 
@@ -95,6 +97,7 @@ class Preset:
     teacher_overrides: Dict[str, Any] = field(default_factory=dict)
     method_overrides: Dict[str, Any] = field(default_factory=dict)
     teacher_checkpoints: Dict[str, Any] = field(default_factory=dict)
+    teacher_pretrained: Dict[str, Any] = field(default_factory=dict)
     requires: Tuple[str, ...] = ()
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
@@ -249,9 +252,12 @@ def validate_preset(p: Preset, origin: str) -> None:
             hint = " (method settings go to method_overrides.<method>)" if "method" in unknown else ""
             raise ConfigError(f"{origin}: unknown section(s) {', '.join(unknown)} in {where}; allowed: "
                               f"{', '.join(RUN_SECTIONS)}{hint}")
-    for t in p.teacher_checkpoints:
-        if t not in {t for t, _ in pairs}:
-            raise ConfigError(f"{origin}: teacher_checkpoints names {t!r}, which is not a teacher of the sweep")
+    for where, named in (("teacher_checkpoints", p.teacher_checkpoints), ("teacher_pretrained", p.teacher_pretrained)):
+        for t in named:
+            if t not in {t for t, _ in pairs}:
+                raise ConfigError(f"{origin}: {where} names {t!r}, which is not a teacher of the sweep")
+    for t in set(p.teacher_checkpoints) & set(p.teacher_pretrained):
+        raise ConfigError(f"{origin}: teacher {t!r} is in both teacher_checkpoints and teacher_pretrained; give one")
     for key in p.requires:
         if key.split(".")[0] not in RUN_SECTIONS:
             raise ConfigError(f"{origin}: requires: {key!r} is not a data./optim./train. field")
@@ -333,6 +339,7 @@ def expand(p: Preset) -> SweepPlan:
     """Every (pair, method, seed) cell resolved to its run config; the distinct teacher runs they need."""
     from hkdbench.methods import get_method
 
+    from .pretrained import warn_scratch_imagenet_teacher
     from .recipes import resolve_run_config, teacher_run_config
 
     cells: List[Tuple[str, str, str, int]] = []
@@ -352,7 +359,8 @@ def expand(p: Preset) -> SweepPlan:
                     cfg = resolve_run_config(kind="student", student=s, teacher=t, method=m, dataset=p.dataset,
                                              recipe=p.recipe, teacher_checkpoint=str(ckpt) if ckpt else None,
                                              teacher_recipe=p.teacher_recipe, overrides=body,
-                                             teacher_overrides=t_overrides)
+                                             teacher_overrides=t_overrides,
+                                             teacher_pretrained=p.teacher_pretrained.get(t))
                 except (ConfigError, KeyError, ValueError) as err:
                     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                     raise ConfigError(f"preset {p.name}, run {m} {t} -> {s} seed {seed}: {message}") from None
@@ -360,9 +368,11 @@ def expand(p: Preset) -> SweepPlan:
                 spec = students.get(name)
                 if spec is None:
                     spec = students[name] = RunSpec(cfg, "student")
-                    if cfg.teacher is not None and cfg.teacher.checkpoint is None and get_method(m).uses_teacher:
+                    if cfg.teacher_recipe is not None and get_method(m).uses_teacher:  # the teacher is trained
                         t_cfg = teacher_run_config(cfg)
                         t_name = t_cfg.run_name()
+                        if t_name not in teachers:
+                            warn_scratch_imagenet_teacher(t_cfg)
                         teachers.setdefault(t_name, RunSpec(t_cfg, "teacher"))
                         teachers[t_name].cells.append(cell)
                         spec.teacher_run = t_name

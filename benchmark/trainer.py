@@ -176,7 +176,8 @@ class Trainer:
                  should_stop: Callable[[], bool] = lambda: False, dist_ctx=None, echo: bool = True):
         self.cfg, self.store = cfg, store
         self.device = select_device(device)
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        # a tqdm bar when the output is a terminal; else (a Slurm log, a redirect) a line every train.log_interval steps
+        self.progress = sys.stdout.isatty() and sys.stderr.isatty() if progress is None else progress
         self.should_stop = should_stop
         self.dist = dist_ctx
         self.echo = echo
@@ -199,9 +200,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
             return None, None
-        teacher = create_model(cfg.teacher.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size)
+        as_is = cfg.teacher_recipe is None  # a checkpoint, or pretrained weights used as they are: no teacher run
+        teacher = create_model(cfg.teacher.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size,
+                               pretrained=cfg.teacher.pretrained if as_is else None,
+                               pretrained_sha256=cfg.teacher.pretrained_sha256)
         if cfg.teacher.checkpoint:
             load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+        if as_is:
             return teacher.to(self.device), None
         from .recipes import teacher_run_config
 
@@ -224,6 +229,9 @@ class Trainer:
     def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
         """Trains the run under its flock; ``wait_for_lock=False`` raises RunLockedError at once when another
         process holds it (a sweep's job for a run a racing sweep already trains)."""
+        from .tracking import check_tracker_available
+
+        check_tracker_available(self.cfg.train.log)  # a missing tracker package fails before anything is written
         rd = self.run_dir
         try:
             # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
@@ -263,7 +271,8 @@ class Trainer:
 
         data_lib.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
-                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
+                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
+                               pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
         method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
@@ -307,6 +316,9 @@ class Trainer:
                         self.device, ema, mixup, dtype, channels_last)
         from .probing import build_probes  # CKA / gradient-conflict probes (None when off)
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
+        from .tracking import NullTracker, open_tracker  # TensorBoard / W&B mirror of metrics.jsonl (train.log)
+
+        tracker = open_tracker(cfg, rd.path.name, str(rd.tracking_dir), len(history)) if self.is_main else NullTracker()
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
             sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
@@ -319,6 +331,7 @@ class Trainer:
                 self._save_checkpoint(module, optimizer, scaler, ema, epoch, stopped_at, history, sums,
                                       state["teacher_top1"])
                 self.say(f"{rd.path.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {stopped_at}")
+                tracker.close()
                 return RunResult("interrupted", rd)
             record = self._epoch_record(ctx, epoch, sums, test_loader, ema, method)
             history.append(record)
@@ -326,6 +339,7 @@ class Trainer:
             self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
             if self.is_main:
                 rd.write_metrics(history)
+            tracker.log_epoch(record)
             self.say(_format_epoch(record, cfg.train.epochs))
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
@@ -334,6 +348,8 @@ class Trainer:
             if ema is not None:
                 rd.save_weights("last", ema.module.state_dict(), ema=True)
             rd.mark_done(summary)
+        tracker.log_summary(summary)
+        tracker.close()
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}")
         return RunResult("done", rd, summary)
@@ -344,7 +360,11 @@ class Trainer:
 
     def _train_epoch(self, ctx: "TrainStep", loader, epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
         """Runs the epoch from ``start_step``; returns the step to resume at if a stop was requested."""
-        bar = _progress_bar(self.progress and self.is_main, ctx.steps, start_step, f"epoch {epoch + 1}")
+        from .progress import EpochProgress  # tqdm on a terminal, a line every train.log_interval steps elsewhere
+
+        progress = EpochProgress(epoch=epoch, epochs=self.cfg.train.epochs, steps=ctx.steps, start_step=start_step,
+                                 interval=self.cfg.train.log_interval if self.is_main else 0,
+                                 bar=self.progress and self.is_main, say=self.say)
         step = start_step
         for images, labels in loader.batches(self.cfg.train.seed, epoch, start_step):
             tic = time.perf_counter()
@@ -354,15 +374,11 @@ class Trainer:
                 self._fail_diverged(epoch, step, values)
             sums.add(values, labels.shape[0] * self.world_size, correct, time.perf_counter() - tic)
             step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}")
+            progress.update(total, values["lr"], labels.shape[0] * self.world_size)
             if self.should_stop() and step < ctx.steps:
-                if bar is not None:
-                    bar.close()
+                progress.close()
                 return step
-        if bar is not None:
-            bar.close()
+        progress.close()
         return None
 
     def _fail_diverged(self, epoch: int, step: int, values: Dict[str, float]) -> None:
@@ -430,6 +446,8 @@ class Trainer:
             return {"teacher_weights": None, "teacher_run": None}
         if cfg.teacher.checkpoint:
             return {"teacher_weights": "checkpoint", "teacher_run": None}
+        if cfg.teacher_recipe is None:  # timm's pretrained weights, as they are
+            return {"teacher_weights": f"pretrained:{cfg.teacher.pretrained}", "teacher_run": None}
         from .recipes import teacher_run_config
 
         return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
@@ -589,14 +607,6 @@ def _set_rng(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _format_epoch(r: Dict[str, Any], epochs: int) -> str:
