@@ -166,8 +166,9 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
     def optimizer_groups(self) -> List[Dict[str, Any]]:
-        """Groups of this method's own parameters with their own optimiser options (``lr_scale``,
-        ``weight_decay``); parameters not listed go in the default groups with the student's. Default: none."""
+        """Groups of this method's own parameters with their own optimiser options: dicts of ``params`` (a module,
+        or a list of parameters) and ``lr_scale`` and/or ``weight_decay``. Parameters not listed go in the default
+        groups with the student's. Default: none (the reference's single set of groups)."""
         return []
 
     # -- logging and reporting ------------------------------------------------------------------------------------
