@@ -381,6 +381,7 @@ class PAT(Distiller):
     name = "pat"
     paper = "Lin et al., Perspective-Aware Teaching: Adapting Knowledge for Heterogeneous Distillation, ICCV 2025"
     needs_teacher_grad = True
+    find_unused_parameters = True  # the fusion branches get no gradient before feedback exists (first step)
 
     @dataclass(frozen=True)
     class Config:
