@@ -28,8 +28,8 @@ The contract, beyond ``losses``:
   then wrapped with unused-parameter detection, which costs a graph traversal per step, so it is off otherwise.
   ``tests/test_contract.py`` checks that a method without it gives every trainable parameter a gradient.
 * **Unsupported pairs.** A method that cannot be built for a teacher/student pair raises
-  ``NotImplementedError`` with the reason from its constructor (before anything is trained or written). The
-  harness reports it as an error of that run (``hkdbench train`` exits 2 with the reason), ``hkdbench methods
+  ``NotImplementedError`` with the reason from its constructor. The harness reports it as an error of that run
+  before the student's first step (``hkdbench train`` exits 2 with the reason), ``hkdbench methods
   --pair`` and ``hkdbench overhead`` list the method as not supported for the pair, and the contract tests skip
   that pair with the reason. Any other exception from a constructor is a bug.
 """
