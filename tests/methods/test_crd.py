@@ -262,3 +262,28 @@ def test_crd_in_an_inline_sweep(tmp_path):
     assert code == 0, out.getvalue()
     runs = [r for r in RunStore(str(tmp_path)).runs() if r.config().method == "crd"]
     assert len(runs) == 1 and runs[0].is_done and runs[0].config().method_cfg["nce_k"] == 64
+
+
+def test_under_mixup_the_step_passes_the_unmixed_samples_indices(minis):
+    """timm's batch mixup mixes row i (weight lambda) with row B-1-i: row i's index stays the loader's."""
+    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.data import build_mixup
+    from hkdbench.benchmark.trainer import TrainModule, TrainStep
+
+    method, labels = _crd(minis)
+    seen = {}
+    losses = method.losses
+    method.losses = lambda s, t, targets, epoch=0: seen.setdefault("targets", targets) and losses(s, t, targets)
+    module = TrainModule(minis["vit_mini"], method)
+    cfg = OptimConfig(name="sgd", lr=0.01, warmup_epochs=0)
+    step = TrainStep(cfg, 1, 1, module, module, method, build_optimizer(cfg, [module]),
+                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
+                     mixup=build_mixup(DataConfig(mixup=0.8, cutmix=1.0), NUM_CLASSES, 0.1))
+    index = torch.tensor([7, 0, 13, 21])
+    step.step(torch.randn(4, 1, 16, 16), labels[index], 0, 0, index)
+    targets = seen["targets"]
+    assert targets.soft is not None and targets.soft.shape == (4, NUM_CLASSES)
+    assert torch.equal(targets.index, index)
+    # rows 0 and 3 are partners: each carries the same weight lambda on its own (indexed) sample's label
+    own = [targets.soft[row, labels[i]] for row, i in ((0, 7), (3, 21))]
+    assert torch.allclose(own[0], own[1])
