@@ -140,7 +140,7 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     fp32) plus the method's buffers, per method, for one teacher/student pair."""
     import torch
 
-    from hkdbench.methods import list_methods, method_config
+    from hkdbench.methods import TrainingSet, list_methods, method_config
 
     from .models import create_model, zoo_entry
 
@@ -150,11 +150,12 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     rows = [f"train-time cost for {teacher_name} -> {student_name} at {size}px, {num_classes} classes "
             f"(student alone: {student.deploy_parameter_count() / 1e6:.2f}M params)",
             f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}",
-            f"(buffers of per-sample methods such as crd: for a training set of {500 * num_classes} images)"]
+            f"(buffers of per-sample methods such as crd: for a training set of "
+            f"{TrainingSet.stand_in(num_classes).size} images)"]
     for name, cls in list_methods().items():
         try:
             method = cls.build(method_config(name), student, teacher if cls.uses_teacher else None, num_classes,
-                               train_set=_example_train_set(num_classes) if cls.needs_sample_indices else None)
+                               train_set=TrainingSet.stand_in(num_classes))
         except NotImplementedError as err:
             rows.append(f"{name:<8} not supported for this pair: {err}")
             continue
@@ -164,16 +165,6 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
         del method
     torch.set_grad_enabled(True)
     return rows
-
-
-def _example_train_set(num_classes: int):
-    """The training set a per-sample method (CRD's memory banks) is sized by in ``methods --pair``: 500 images per
-    class, CIFAR's 50,000 for 100 classes (its buffers grow in proportion)."""
-    import torch
-
-    from hkdbench.methods import TrainingSet
-
-    return TrainingSet(torch.arange(500 * num_classes) % num_classes)
 
 
 def cmd_demo(args, _overrides) -> int:

@@ -158,10 +158,10 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         if method_cls.uses_teacher:
             teacher = create_model(cfg.teacher, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
         student = create_model(cfg.student, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
-        # a method with per-sample state (CRD's memory banks) sees the measured batch as its training set; its
-        # step cost does not depend on the set's size, only its buffers' memory does
-        train_set = TrainingSet(labels.cpu()) if method_cls.needs_sample_indices else None
-        index = torch.arange(cfg.batch_size, device=device) if method_cls.needs_sample_indices else None
+        # a method with per-sample state (CRD's memory banks, whose step cost and memory grow with the training
+        # set) is sized by the CIFAR-sized stand-in; the measured batch is its first samples
+        train_set = TrainingSet.stand_in(cfg.num_classes) if method_cls.needs_sample_indices else None
+        index = [torch.arange(cfg.batch_size, device=device)] if method_cls.needs_sample_indices else []
         method = method_cls.build(method_config(cfg.method), student, teacher, cfg.num_classes,
                                   nn.CrossEntropyLoss(), train_set)
         module = TrainModule(student, method).to(device)
@@ -182,7 +182,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         step_index = iter(range(total_steps))
 
         def step() -> None:
-            train_step.step(images, labels, 0, next(step_index), index)
+            train_step.step(images, labels, 0, next(step_index), *index)
 
         for _ in range(cfg.warmup):
             step()

@@ -68,6 +68,12 @@ class TrainingSet:
     def size(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def stand_in(cls, num_classes: int) -> "TrainingSet":
+        """The training set that cost reports (``hkdbench methods --pair``, ``hkdbench overhead``) size per-sample
+        methods by: 500 images per class, balanced (CIFAR's 50,000 for 100 classes)."""
+        return cls(torch.arange(500 * num_classes) % num_classes)
+
 
 def check_numbers(cfg, method: str, nonnegative: Tuple[str, ...] = (), positive: Tuple[str, ...] = ()) -> None:
     """The one home of a config's finite/positive checks: each field named in ``nonnegative`` must be a finite
