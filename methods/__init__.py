@@ -60,5 +60,5 @@ def _import_plugin(item: str, do_import):
         raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) cannot be imported: {err}") from None
 
 
-__all__ = ["load_plugins", "TASK_LOSS", "Distiller", "Targets", "TrainingSet", "check_numbers", "kd_kl", "get_method", "list_methods", "method_config", "register_method",
-           "unregister_method"]
+__all__ = ["load_plugins", "TASK_LOSS", "Distiller", "Targets", "TrainingSet", "check_numbers", "kd_kl", "get_method",
+           "list_methods", "method_config", "register_method", "unregister_method"]

@@ -50,8 +50,9 @@ def test_memory_scores_z_and_momentum_update_against_the_reference():
 
     out_s, out_t = memory(v_s, v_t, rows)
 
-    raw_s = np.array([[math.exp(bank_t[j] @ v_s[i].double().numpy() / t) for j in r] for i, r in enumerate(rows.tolist())])
-    raw_t = np.array([[math.exp(bank_s[j] @ v_t[i].double().numpy() / t) for j in r] for i, r in enumerate(rows.tolist())])
+    vs, vt = v_s.double().numpy(), v_t.double().numpy()
+    raw_s = np.array([[math.exp(bank_t[j] @ vs[i] / t) for j in r] for i, r in enumerate(rows.tolist())])
+    raw_t = np.array([[math.exp(bank_s[j] @ vt[i] / t) for j in r] for i, r in enumerate(rows.tolist())])
     z_s, z_t = raw_s.mean() * n, raw_t.mean() * n  # Z = N * mean of the first batch
     assert memory.z_student.item() == pytest.approx(z_s, rel=1e-5)
     assert memory.z_teacher.item() == pytest.approx(z_t, rel=1e-5)
@@ -60,12 +61,11 @@ def test_memory_scores_z_and_momentum_update_against_the_reference():
     # the banks' rows of the batch (4 and 1) are normalize(m * row + (1 - m) * v); every other row is kept
     new_s, new_t = memory.memory_student.double().numpy(), memory.memory_teacher.double().numpy()
     for i, row in enumerate((4, 1)):
-        np.testing.assert_allclose(new_s[row], _unit(m * bank_s[row:row + 1] + (1 - m) * v_s[i:i + 1].double().numpy())[0],
-                                   rtol=1e-5)
-        np.testing.assert_allclose(new_t[row], _unit(m * bank_t[row:row + 1] + (1 - m) * v_t[i:i + 1].double().numpy())[0],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(new_s[row], _unit(m * bank_s[row:row + 1] + (1 - m) * vs[i:i + 1])[0], rtol=1e-5)
+        np.testing.assert_allclose(new_t[row], _unit(m * bank_t[row:row + 1] + (1 - m) * vt[i:i + 1])[0], rtol=1e-5)
     for row in (0, 2, 3, 5):
-        assert np.array_equal(new_s[row], bank_s[row].astype(np.float32)) and np.array_equal(new_t[row], bank_t[row].astype(np.float32))
+        assert np.array_equal(new_s[row], bank_s[row].astype(np.float32))
+        assert np.array_equal(new_t[row], bank_t[row].astype(np.float32))
     # Z is fixed after the first batch
     memory(v_s, v_t, rows)
     assert memory.z_student.item() == pytest.approx(z_s, rel=1e-5)
@@ -235,7 +235,8 @@ def test_crd_trains_and_a_stopped_run_resumes_bit_for_bit(tmp_path):
         steps["n"] += 1
         return steps["n"] == 6  # 4 steps per epoch
 
-    assert train(cfg, runs_dir=str(tmp_path / "b"), progress=False, should_stop=stop_mid_epoch_2).status == "interrupted"
+    stopped = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, should_stop=stop_mid_epoch_2)
+    assert stopped.status == "interrupted"
     resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
     a = torch.load(reference.run_dir.checkpoint_file, weights_only=False)["module"]
     b = torch.load(resumed.run_dir.checkpoint_file, weights_only=False)["module"]
