@@ -122,7 +122,7 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     fp32) plus the method's buffers, per method, for one teacher/student pair."""
     import torch
 
-    from hkdbench.methods import list_methods, method_config
+    from hkdbench.methods import TrainingSet, list_methods, method_config
 
     from .models import create_model, zoo_entry
 
@@ -131,10 +131,13 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     student = create_model(student_name, num_classes, in_chans=3, img_size=size)
     rows = [f"train-time cost for {teacher_name} -> {student_name} at {size}px, {num_classes} classes "
             f"(student alone: {student.deploy_parameter_count() / 1e6:.2f}M params)",
-            f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}"]
+            f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}",
+            f"(buffers of per-sample methods such as crd: for a training set of "
+            f"{TrainingSet.stand_in(num_classes).size} images)"]
     for name, cls in list_methods().items():
         try:
-            method = cls(method_config(name), student, teacher if cls.uses_teacher else None, num_classes)
+            method = cls.build(method_config(name), student, teacher if cls.uses_teacher else None, num_classes,
+                               train_set=TrainingSet.stand_in(num_classes))
         except NotImplementedError as err:
             rows.append(f"{name:<8} not supported for this pair: {err}")
             continue

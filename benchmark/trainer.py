@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from hkdbench.methods import Distiller, Targets, get_method, method_config
+from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method_config
 
 from . import data as data_lib
 from .config import OptimConfig, RunConfig
@@ -275,8 +275,9 @@ class Trainer:
                                pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
-        method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
-                            criterion)
+        train_set = TrainingSet(train_loader.all_labels()) if method_cls.needs_sample_indices else None
+        method = method_cls.build(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
+                                  criterion, train_set)
         module = TrainModule(student, method).to(self.device)
         channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto"
                                                             and self.device.type == "cuda")
@@ -286,10 +287,10 @@ class Trainer:
                 teacher.to(memory_format=torch.channels_last)
         dtype = autocast_dtype(cfg.train.precision, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        optimizer = build_optimizer(cfg.optim, [module])
+        optimizer = build_optimizer(cfg.optim, [module], method.optimizer_groups())
         ema = _make_ema(student, cfg.train.ema_decay)
         mixup = data_lib.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-        wrapped = self.dist.wrap(module) if self.dist else module
+        wrapped = self.dist.wrap(module, method.find_unused_parameters) if self.dist else module
 
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
         if saved is not None:
@@ -366,9 +367,10 @@ class Trainer:
                                  interval=self.cfg.train.log_interval if self.is_main else 0,
                                  bar=self.progress and self.is_main, say=self.say)
         step = start_step
-        for images, labels in loader.batches(self.cfg.train.seed, epoch, start_step):
+        with_index = ctx.method.needs_sample_indices
+        for images, labels, *index in loader.batches(self.cfg.train.seed, epoch, start_step, with_index):
             tic = time.perf_counter()
-            values, correct = ctx.step(images, labels, epoch, step)
+            values, correct = ctx.step(images, labels, epoch, step, *index)
             total = sum(v for k, v in values.items() if k.startswith("loss/"))
             if not math.isfinite(total):
                 self._fail_diverged(epoch, step, values)
@@ -555,12 +557,14 @@ class TrainStep:
         self.device = device
         self.schedule = LRSchedule(optim, optimizer, epochs, steps)
 
-    def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
+    def step(self, images, labels, epoch: int, step: int, index=None) -> Tuple[Dict[str, float], int]:
+        """``index``: the samples' training-set indices, for a method that needs them (kept under mixup: row i
+        mixes sample i, weight lambda, with its partner, as CRD's reference passes it)."""
         lr = self.schedule.apply(epoch, step)
-        targets = Targets(hard=labels)
+        targets = Targets(hard=labels, index=index)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
-            targets = Targets(hard=soft.argmax(-1), soft=soft)
+            targets = Targets(hard=soft.argmax(-1), soft=soft, index=index)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.module.train()
