@@ -1,21 +1,16 @@
-"""Figures (PNG and PDF), drawn from the tidy tables alone (:mod:`.collect`), with matplotlib's Agg backend.
+"""Figures (PNG and PDF) drawn from the tidy tables alone (:mod:`.collect`), with matplotlib's Agg backend.
 
-* :func:`accuracy_heatmaps`: mean best top-1 over teacher x student, one panel per method (shared colour scale,
-  values printed), one figure per comparable setting.
-* :func:`overhead_bars`: step time, peak memory, train FLOPs per image and extra parameters per method, with the
-  ratio to the student trained alone on each bar, one figure per measured pair / batch size / device.
-* :func:`cka_heatmaps`: the last-epoch CKA (teacher stage x student stage) per method, averaged over seeds.
-* :func:`conflict_curves`: gradient-conflict cosine, conflicting fraction and norm ratio vs epoch per method.
-* :func:`convergence_curves`: test top-1 and training loss vs epoch per method (the student alone included),
-  mean line with a +- std band over seeds.
-
-Every function returns the list of files it wrote.
+:data:`FIGURES` is the registry: one entry per kind of figure, with its title in the report and the function that
+draws it (adding a figure is one entry there). The statistics come from :mod:`.tables` / :mod:`.stats`, so a figure
+and a table never disagree. Colours and order of the methods come from :mod:`.order`. Every function returns the
+list of files it wrote.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -25,16 +20,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .collect import keyed  # noqa: E402
-from .tables import BASELINE, _method_order  # noqa: E402
+from .order import BASELINE, REFERENCE, ordered, palette  # noqa: E402
+from .stats import BOOTSTRAP_RESAMPLES  # noqa: E402
+from .tables import PAIRING_NOTE, ComparisonTable, comparison_tables, difference_text  # noqa: E402
 
 FORMATS = ("png", "pdf")
 DPI = 150
+SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
 
 
 def _style():
     import seaborn as sns
 
-    sns.set_theme(context="paper", style="whitegrid", font_scale=1.25)
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.2)
     plt.rcParams.update({"figure.dpi": DPI, "savefig.bbox": "tight", "axes.titleweight": "bold"})
 
 
@@ -43,6 +41,7 @@ def _slug(*parts) -> str:
 
 
 def _save(fig, out_dir: Path, stem: str) -> List[Path]:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in FORMATS:
@@ -54,111 +53,213 @@ def _save(fig, out_dir: Path, stem: str) -> List[Path]:
     return paths
 
 
-def _methods(values) -> List[str]:
-    return sorted(set(values), key=lambda m: (m != BASELINE, _method_order(m)))
-
-
-def _palette(methods: Sequence[str]) -> Dict[str, tuple]:
-    import seaborn as sns
-
-    everything = [BASELINE] + [m for m in sorted(set(_KNOWN) | set(methods), key=_method_order) if m != BASELINE]
-    colours = sns.color_palette("tab10", n_colors=max(10, len(everything)))
-    return {m: colours[i % len(colours)] for i, m in enumerate(everything)}
-
-
-_KNOWN = ["kd", "dkd", "dist", "fitnet", "ofa", "pat", "hcd", "spofa"]
-
-
-def _first_column_only(ax, ylabel: str) -> None:
-    """Panels of a row share their y categories: label them on the first column only."""
-    if ax.get_subplotspec().is_first_col():
-        ax.set_ylabel(ylabel)
-    else:
-        ax.set_ylabel("")
-        ax.set_yticklabels([])
-
-
 def _grid(n: int, max_cols: int = 4):
     cols = min(n, max_cols)
-    rows = int(np.ceil(n / cols))
-    return rows, cols
+    return int(np.ceil(n / cols)), cols
+
+
+def _setting_stem(kind: str, table: ComparisonTable) -> str:
+    k = table.key
+    return _slug(kind, k["dataset"], k["recipe"], f"{k['epochs']}ep", k["setting"])
+
+
+def _setting_words(table: ComparisonTable) -> str:
+    k = table.key
+    return f"{k['dataset']}, recipe {k['recipe']}, {k['epochs']} epochs, {table.usual_n()} seeds per cell"
+
+
+def _legend(fig, methods: Sequence[str], pal: Dict[str, str], **kw) -> None:
+    handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2, label=m if m != BASELINE else "none (alone)")
+               for m in methods]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="method", **kw)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Accuracy heatmaps
+# Per setting: gain heatmaps, ranks, cost against gain
 # --------------------------------------------------------------------------------------------------------------
 
-SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
-
-
-def cell_means(runs: pd.DataFrame, metric: str = "best_top1", gain: bool = False) -> pd.Series:
-    """The mean ``metric`` over seeds of every distilled (setting, method, teacher, student) cell; with ``gain``,
-    minus the mean of the student trained alone in the same setting (NaN where there is no such run)."""
-    done = runs[(runs["kind"] == "student") & (runs["status"] == "done")]
-    df = keyed(done[done["method"] != BASELINE], SETTING_KEYS)
-    mean = df.groupby(SETTING_KEYS + ["method", "teacher", "student"])[metric].mean()
-    if gain:
-        alone = keyed(done[done["method"] == BASELINE], SETTING_KEYS).groupby(SETTING_KEYS + ["student"])[metric]
-        alone = alone.mean()
-        mean = mean - [alone.get((*key[:4], key[-1]), np.nan) for key in mean.index]
-    return mean
-
-
-def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1", gain: bool = False) -> List[Path]:
-    """Per setting, one panel per method of :func:`cell_means` over teacher x student (``gain``: a diverging map
-    centred on 0)."""
-    import seaborn as sns
-
+def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
+    """Per setting, one panel per method over teacher x student: the paired gain over the student alone on a
+    diverging scale centred on 0, its 95 % interval written in the cell (``*`` where it excludes 0)."""
     _style()
-    out_dir = Path(out_dir)
-    means = cell_means(runs, metric, gain)
-    keys = SETTING_KEYS
     paths: List[Path] = []
-    for key, setting_means in means.groupby(level=keys):
-        mean = setting_means.droplevel(keys)
-        if mean.isna().all():
+    for table in tables:
+        gains = {key: c.vs_alone for key, c in table.cells.items() if c.vs_alone is not None}
+        if not gains:
             continue
-        methods = _methods(mean.index.get_level_values("method"))
-        teachers = sorted(set(mean.index.get_level_values("teacher")))
-        students = sorted(set(mean.index.get_level_values("student")))
-        if gain:
-            limit = float(np.nanmax(np.abs(mean.values))) or 1.0
-            vmin, vmax, cmap, fmt = -limit, limit, "RdBu", "+.1f"
-        else:
-            vmin, vmax, cmap, fmt = float(mean.min()), float(mean.max()), "viridis", ".1f"
-        rows, cols = _grid(len(methods))
-        cell_w = 0.9 * len(students) + 1.6
-        cell_h = 0.6 * len(teachers) + 1.2
-        fig, axes = plt.subplots(rows, cols, figsize=(max(3.2, cell_w) * cols, max(2.4, cell_h) * rows + 0.6),
-                                 squeeze=False)
-        for ax, m in zip(axes.flat, methods):
-            grid = pd.DataFrame(np.nan, index=teachers, columns=students)
-            for (mm, t, s), v in mean.items():
-                if mm == m:
-                    grid.loc[t, s] = v
-            sns.heatmap(grid, ax=ax, annot=True, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax, cbar=False,
-                        linewidths=0.5, linecolor="white", annot_kws={"fontsize": 11})
-            ax.set_title(m)
+        teachers = sorted({t for t, _ in table.rows})
+        students = sorted({s for _, s in table.rows})
+        limit = max(abs(d.mean) for d in gains.values()) or 1.0
+        rows, cols = _grid(len(table.methods))
+        fig, axes = plt.subplots(rows, cols, figsize=(1.5 * len(students) * cols + 1.5, 1.05 * len(teachers) * rows
+                                                      + 1.2), squeeze=False)
+        cmap = plt.get_cmap("RdBu")
+        for ax, m in zip(axes.flat, table.methods):
+            grid = np.full((len(teachers), len(students)), np.nan)
+            for i, t in enumerate(teachers):
+                for j, s in enumerate(students):
+                    d = gains.get(((t, s), m))
+                    if d is not None:
+                        grid[i, j] = d.mean
+                        text = difference_text(d, 1).replace(" [", "\n[")
+                        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                                color="white" if abs(d.mean) > 0.6 * limit else "black")
+                    else:
+                        ax.text(j, i, "no run", ha="center", va="center", fontsize=8, color="#888888")
+            ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_facecolor("#eeeeee")
             ax.grid(False)
-            ax.set_facecolor("#eeeeee")  # pairs without runs, said in words (light grey is also ~0 on a gain map)
-            for i, j in zip(*np.where(grid.isna().values)):
-                ax.text(j + 0.5, i + 0.5, "no run", ha="center", va="center", color="#888888", fontsize=9)
+            ax.set_title(m)
+            ax.set_xticks(range(len(students)), students, rotation=20)
+            ax.set_yticks(range(len(teachers)), teachers if ax.get_subplotspec().is_first_col() else [])
             ax.set_xlabel("student")
-            ax.tick_params(axis="x", rotation=30)
-            ax.tick_params(axis="y", rotation=0)
-            _first_column_only(ax, "teacher")
-        for ax in list(axes.flat)[len(methods):]:
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel("teacher")
+        for ax in list(axes.flat)[len(table.methods):]:
             ax.axis("off")
-        # room between rows for the rotated student names, so they do not run into the next row's titles
-        fig.subplots_adjust(hspace=0.6 + 0.05 * max(len(s) for s in students))
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(vmin, vmax))
-        label = f"{metric} (%)" + (" - student alone" if gain else "")
-        fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=label)
-        k = dict(zip(keys, key))
-        what = f"Test {metric.replace('_', ' ')} (%)" + (" gain over the student alone" if gain else "")
-        fig.suptitle(f"{what}, mean over seeds: {k['dataset']}, recipe {k['recipe']}, {k['epochs']} epochs", y=1.07)
-        paths += _save(fig, out_dir, _slug("gain_heatmap" if gain else "accuracy_heatmap", k["dataset"],
-                                           k["recipe"], f"{k['epochs']}ep", k["setting"]))
+        fig.subplots_adjust(hspace=0.55, wspace=0.08)
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
+        fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
+        fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
+                     f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {PAIRING_NOTE}",
+                     y=1.02, fontsize=11)
+        paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
+    return paths
+
+
+def rank_plots(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
+    """Per setting, every method's average rank across pairs with its bootstrap interval (a dot plot), and its
+    win/tie/loss counts against the student alone."""
+    _style()
+    paths: List[Path] = []
+    for table in tables:
+        ranks = table.ranks()
+        if ranks.empty:
+            continue
+        pal = palette(ranks.index)
+        fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(ranks) + 1.6))
+        y = np.arange(len(ranks))
+        for i, (m, r) in enumerate(ranks.iterrows()):
+            ax.plot([r.low, r.high], [i, i], color=pal[m], lw=3, solid_capstyle="butt")
+            ax.plot(r.mean_rank, i, "o", color=pal[m], ms=8, mec="black")
+            ax.text(len(ranks) + 0.6, i, r.wtl_vs_none, va="center", fontsize=10)
+        ax.text(len(ranks) + 0.6, -0.9, "W/T/L vs S", va="center", fontsize=10, fontweight="bold")
+        ax.set_yticks(y, [m if m != BASELINE else "none (S)" for m in ranks.index])
+        ax.set_ylim(len(ranks) - 0.5, -1.4)
+        ax.set_xlim(0.5, len(ranks) + 0.5)
+        ax.set_xticks(range(1, len(ranks) + 1))
+        ax.set_xlabel(f"average rank over {int(ranks['pairs'].iloc[0])} teacher → student pairs (1 = best)")
+        ax.set_title(f"Average rank of best top-1 with 95 % bootstrap interval over pairs ({BOOTSTRAP_RESAMPLES} "
+                     f"resamples)\n{_setting_words(table)}; overlapping intervals: no supported order", fontsize=10)
+        paths += _save(fig, out_dir, _setting_stem("ranks", table))
+    return paths
+
+
+def _train_hours(runs: pd.DataFrame, table: ComparisonTable) -> Dict[Tuple[str, str, str], float]:
+    """Mean training time per run (hours, from the summaries) of every (teacher, student, method) of a table;
+    the student alone under (teacher, student, 'none') for each of its pairs."""
+    done = keyed(runs[(runs["kind"] == "student") & (runs["status"] == "done")], SETTING_KEYS)
+    mine = done[np.logical_and.reduce([done[k] == v for k, v in table.key.items()])]
+    hours = pd.to_numeric(mine["train_time_s"], errors="coerce") / 3600
+    out = {}
+    for (t, s) in table.rows:
+        for m in [BASELINE] + table.methods:
+            sel = (mine["student"] == s) & (mine["method"] == m) & ((mine["teacher"] == t) if m != BASELINE
+                                                                  else True)
+            if sel.any():
+                out[(t, s, m)] = float(hours[sel].mean())
+    return out
+
+
+def _overhead_flops(runs: pd.DataFrame) -> Dict[Tuple[str, str, str], float]:
+    """Train GFLOPs per image of every (teacher, student, method) that `hkdbench overhead` measured (the median
+    over its records: FLOPs per image do not depend on batch size or device)."""
+    ov = runs[(runs["kind"] == "overhead") & (runs["status"] == "done")]
+    if ov.empty:
+        return {}
+    flops = pd.to_numeric(ov["train_gflops_per_image"], errors="coerce")
+    return {k: float(v) for k, v in flops.groupby([ov["overhead_teacher"], ov["student"], ov["method"]]).median()
+            .items() if not pd.isna(v)}
+
+
+def _device_words(runs: pd.DataFrame) -> str:
+    train = runs[(runs["kind"] == "student") & (runs["status"] == "done")]
+    devices = sorted({"GPU" if str(d).startswith("cuda") else "CPU" for d in train["device"].dropna()})
+    return "/".join(devices) or "device"
+
+
+def _log_axis(axis) -> None:
+    """A log axis with 1-2-5 ticks written as plain numbers (0.02, not 2x10^-2), no minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float], xlabel: str, what: str,
+                 out_dir, stem: str) -> List[Path]:
+    def drawable(p, m):
+        return (p[0], p[1], m) in cost and (p, m) in table.cells and table.cells[(p, m)].vs_alone is not None
+
+    pairs = [p for p in table.rows if any(drawable(p, m) for m in table.methods)]
+    if not pairs:
+        return []
+    methods = [BASELINE] + table.methods
+    pal = palette(methods)
+    rows, cols = _grid(len(pairs), 3)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.9 * rows), squeeze=False)
+    for ax, pair in zip(axes.flat, pairs):
+        for m in methods:
+            x = cost.get((pair[0], pair[1], m))
+            if x is None:
+                continue
+            if m == BASELINE:
+                ax.plot(x, 0.0, "D", color=pal[m], ms=8, mec="black")
+                continue
+            d = table.cells[(pair, m)].vs_alone if (pair, m) in table.cells else None
+            if d is None:
+                continue
+            err = None if d.low is None else [[d.mean - d.low], [d.high - d.mean]]
+            ax.errorbar(x, d.mean, yerr=err, fmt="o", color=pal[m], ms=7, mec="black", capsize=3, lw=1.5)
+        ax.axhline(0, color="black", lw=0.8)
+        _log_axis(ax.xaxis)
+        ax.set_title(f"{pair[0]} → {pair[1]}", fontsize=11)
+        ax.set_xlabel(xlabel)
+        if ax.get_subplotspec().is_first_col():
+            ax.set_ylabel("gain over student alone (points)")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    _legend(fig, methods, pal)
+    fig.suptitle(f"Gain in best top-1 against {what}: one point per method and pair, bar = 95 % t interval of the "
+                 f"seed-paired gain (◆ the student alone)\n{_setting_words(table)}; {PAIRING_NOTE}", y=1.03,
+                 fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out_dir, stem)
+
+
+def cost_time_plots(tables: Sequence[ComparisonTable], runs: pd.DataFrame, out_dir) -> List[Path]:
+    """Gain against the measured training time per run, in device-hours (the runs' own ``train_time_s``)."""
+    _style()
+    device = _device_words(runs)
+    paths: List[Path] = []
+    for table in tables:
+        paths += _cost_figure(table, _train_hours(runs, table), f"training time per run ({device}-hours, log)",
+                              f"training time ({device}-hours per run, from the run summaries)", out_dir,
+                              _setting_stem("cost_time", table))
+    return paths
+
+
+def cost_flops_plots(tables: Sequence[ComparisonTable], runs: pd.DataFrame, out_dir) -> List[Path]:
+    """Gain against train GFLOPs per image, for the pairs that `hkdbench overhead` measured."""
+    _style()
+    flops = _overhead_flops(runs)
+    paths: List[Path] = []
+    for table in tables:
+        paths += _cost_figure(table, flops, "train GFLOPs per image (log)",
+                              "train GFLOPs per image (hkdbench overhead; measured pairs only)", out_dir,
+                              _setting_stem("cost_flops", table))
     return paths
 
 
@@ -166,15 +267,28 @@ def accuracy_heatmaps(runs: pd.DataFrame, out_dir, metric: str = "best_top1", ga
 # Overhead bars
 # --------------------------------------------------------------------------------------------------------------
 
-_OVERHEAD_PANELS = [("step_time_ms", "train step time (ms)", "step_time_ms_vs_none"),
-                    ("peak_memory_mb", "peak memory (MiB)", "peak_memory_mb_vs_none"),
-                    ("train_gflops_per_image", "train GFLOPs / image", "train_gflops_per_image_vs_none"),
-                    ("extra_params", "extra trainable params (M)", "train_params_vs_none")]
+def _repeat_range(row) -> Tuple[float, float]:
+    """Fastest and slowest timed step (ms); the median stands in for the slowest where the record predates the
+    per-repeat times."""
+    times = row.get("step_times_ms")
+    if isinstance(times, (list, tuple)) and times:
+        return float(min(times)), float(max(times))
+    median = float(row["step_time_ms"])
+    low = pd.to_numeric(row.get("step_time_ms_min"), errors="coerce")
+    return (median if pd.isna(low) else float(low)), median
+
+
+_OVERHEAD_PANELS = [("step_time_ms", "train step time (ms, median)"),
+                    ("step_time_ms_vs_none", "step time ÷ student alone (×)"),
+                    ("train_gflops_per_image", "train GFLOPs / image"),
+                    ("peak_memory_mb", "peak memory (MiB)"),
+                    ("extra_params", "extra trainable params (M)")]
 
 
 def overhead_bars(runs: pd.DataFrame, out_dir) -> List[Path]:
+    """Per measured pair / batch / device: step time (whisker: fastest to slowest timed step), its ratio to the
+    student alone, train FLOPs, peak memory and the method's extra parameters, each in its own panel."""
     _style()
-    out_dir = Path(out_dir)
     df = runs[(runs["kind"] == "overhead") & (runs["status"] == "done")].copy()
     if df.empty:
         return []
@@ -184,42 +298,44 @@ def overhead_bars(runs: pd.DataFrame, out_dir) -> List[Path]:
     for key, g in df.groupby(keys):
         k = dict(zip(keys, key))
         g = g.set_index("method")
-        methods = _methods(g.index)
+        methods = ordered(g.index)
         g = g.loc[methods]
-        pal = _palette(methods)
-        fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 0.42 * len(methods) + 1.8), sharey=True)
+        pal = palette(methods)
+        fig, axes = plt.subplots(1, len(_OVERHEAD_PANELS), figsize=(3.5 * len(_OVERHEAD_PANELS),
+                                                                   0.42 * len(methods) + 1.8), sharey=True)
         y = np.arange(len(methods))
-        for ax, (col, label, ratio_col) in zip(axes, _OVERHEAD_PANELS):
-            vals = pd.to_numeric(g[col], errors="coerce").to_numpy(dtype=float)
+        for ax, (col, label) in zip(axes, _OVERHEAD_PANELS):
+            vals = pd.to_numeric(g[col], errors="coerce").to_numpy(dtype=float) if col in g else np.full(len(y),
+                                                                                                        np.nan)
             if col == "extra_params":
                 vals = vals / 1e6
             ax.barh(y, np.nan_to_num(vals), color=[pal[m] for m in methods])
-            ax.set_title(label, fontsize=12)
+            if col == "step_time_ms":
+                spans = np.array([_repeat_range(g.loc[m]) for m in methods])
+                ax.errorbar(vals, y, xerr=[vals - spans[:, 0], spans[:, 1] - vals], fmt="none", ecolor="black",
+                            capsize=2, lw=1)
+            if col == "step_time_ms_vs_none":
+                ax.axvline(1.0, color="black", lw=0.8)
+            ax.set_title(label, fontsize=11)
             top = np.nanmax(vals) if np.isfinite(vals).any() else 1.0
-            ax.set_xlim(0, (top if top > 0 else 1.0) * 1.6)  # room for the value and ratio labels
-            ratios = pd.to_numeric(g.get(ratio_col), errors="coerce") if ratio_col in g else None
-            for i, m in enumerate(methods):
-                v = vals[i]
-                if not np.isfinite(v):
-                    ax.text(0, i, " n/a", va="center", fontsize=10)
-                    continue
-                text = f"{v:.0f}" if v >= 100 else f"{v:.3g}"  # 1546, not 1.55e+03
-                if ratios is not None and np.isfinite(ratios.iloc[i]):
-                    text += f"  ×{ratios.iloc[i]:.2f}"
-                ax.text(v, i, " " + text, va="center", fontsize=10)
-        axes[0].set_yticks(y)
-        axes[0].set_yticklabels(methods)
+            ax.set_xlim(0, (top if top > 0 else 1.0) * 1.45)
+            for i, v in enumerate(vals):
+                text = "n/a" if not np.isfinite(v) else (f"×{v:.2f}" if col.endswith("_vs_none") else
+                                                         f"{v:.0f}" if v >= 100 else f"{v:.3g}")
+                ax.text(0 if not np.isfinite(v) else v, i, " " + text, va="center", fontsize=9)
+        axes[0].set_yticks(y, methods)
         axes[0].invert_yaxis()
+        repeats = g["repeats"].dropna().iloc[0] if "repeats" in g and g["repeats"].notna().any() else "?"
         fig.suptitle(f"Training cost per method: {k['overhead_teacher']} → {k['student']}, batch {k['batch_size']}, "
-                     f"{k['img_size']} px, {k['device']}, {k['precision']}  (×: ratio to the student alone; "
-                     "params: student + method)", fontsize=12, y=1.04)
+                     f"{k['img_size']} px, {k['device']}, {k['precision']}; median of {repeats} timed steps, whisker "
+                     "fastest to slowest (to the median where only the fastest was stored)", fontsize=11, y=1.04)
         paths += _save(fig, out_dir, _slug("overhead", k["overhead_teacher"], "to", k["student"],
                                            f"b{k['batch_size']}", f"{k['img_size']}px", k["device"]))
     return paths
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Per-epoch figures
+# Per pair, over epochs
 # --------------------------------------------------------------------------------------------------------------
 
 def _pairs(epochs: pd.DataFrame):
@@ -234,153 +350,254 @@ def _pairs(epochs: pd.DataFrame):
         yield (t, s, d, st), g, base
 
 
-def cka_heatmaps(epochs: pd.DataFrame, out_dir) -> List[Path]:
-    import seaborn as sns
+def _cka_columns(epochs: pd.DataFrame, kernel: str) -> Dict[Tuple[int, int], str]:
+    out = {}
+    for c in epochs.columns:
+        hit = re.fullmatch(rf"cka/{re.escape(kernel)}/t(\d+)_s(\d+)", c)
+        if hit:
+            out[(int(hit.group(1)), int(hit.group(2)))] = c
+    return out
 
+
+def _kernels(epochs: pd.DataFrame) -> List[str]:
+    return sorted({c.split("/")[1] for c in epochs.columns if c.startswith("cka/")})
+
+
+def _last_epoch_means(frame: pd.DataFrame, cols: Sequence[str]) -> Tuple[pd.DataFrame, pd.Series]:
+    """Per method, the mean over seeds of each column at each run's last probed epoch, and the number of runs."""
+    sub = frame.dropna(subset=list(cols), how="all")
+    last = sub.sort_values("epoch").groupby("run").tail(1)
+    for c in cols:
+        last[c] = pd.to_numeric(last[c], errors="coerce")
+    return last.groupby("method")[list(cols)].mean(), last.groupby("method")["run"].nunique()
+
+
+def cka_change_heatmaps(epochs: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair and kernel, each method's last-epoch CKA minus the reference's, per (teacher stage, student stage),
+    on a diverging scale centred on 0. The reference is the student alone where its runs were probed against a
+    teacher, else KD (a ``none`` run has no teacher to probe; said in the title)."""
     _style()
-    out_dir = Path(out_dir)
     paths: List[Path] = []
-    cka_cols = [c for c in epochs.columns if c.startswith("cka/")]
-    if not cka_cols:
-        return []
-    kernels = sorted({c.split("/")[1] for c in cka_cols})
-    for (t, s, d, st), g, _ in _pairs(epochs):
-        for kernel in kernels:
-            cols = [c for c in cka_cols if c.split("/")[1] == kernel]
-            sub = g.dropna(subset=cols, how="all")
-            if sub.empty:
+    for kernel in _kernels(epochs):
+        cols_by_stage = _cka_columns(epochs, kernel)
+        cols = list(cols_by_stage.values())
+        for (t, s, d, st), g, base in _pairs(epochs):
+            frame = pd.concat([g, base], ignore_index=True)
+            means, n = _last_epoch_means(frame, cols)
+            ref = BASELINE if BASELINE in means.index else REFERENCE
+            if ref not in means.index:
                 continue
-            # the last probed epoch of every run, then the mean over seeds
-            last = sub.sort_values("epoch").groupby("run").tail(1)
-            methods = _methods(last["method"])
-            t_stages = sorted({int(re.match(r"t(\d+)_s(\d+)", c.split("/")[2]).group(1)) for c in cols})
-            s_stages = sorted({int(re.match(r"t(\d+)_s(\d+)", c.split("/")[2]).group(2)) for c in cols})
+            change = means.drop(index=ref) - means.loc[ref]
+            methods = ordered(change.index)
+            if not methods:
+                continue
+            ts, ss = sorted({i for i, _ in cols_by_stage}), sorted({j for _, j in cols_by_stage})
+            limit = float(np.nanmax(np.abs(change.to_numpy()))) or 0.01
             rows, ncols = _grid(len(methods))
-            fig, axes = plt.subplots(rows, ncols, figsize=(3.6 * ncols + 0.8, 3.3 * rows + 0.6), squeeze=False)
+            fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols + 1.0, 3.0 * rows + 0.8), squeeze=False)
+            cmap = plt.get_cmap("RdBu")
             for ax, m in zip(axes.flat, methods):
-                mg = last[last["method"] == m]
-                grid = pd.DataFrame(np.nan, index=[f"T{i}" for i in t_stages], columns=[f"S{j}" for j in s_stages])
-                for i in t_stages:
-                    for j in s_stages:
-                        col = f"cka/{kernel}/t{i}_s{j}"
-                        if col in mg:
-                            grid.loc[f"T{i}", f"S{j}"] = pd.to_numeric(mg[col], errors="coerce").mean()
-                sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", cmap="magma", vmin=0, vmax=1, cbar=False,
-                            square=True, linewidths=0.5, linecolor="white", annot_kws={"fontsize": 10})
-                n = mg["run"].nunique()
-                ax.set_title(f"{m} (epoch {int(mg['epoch'].max())}, {n} seed{'s' if n > 1 else ''})", fontsize=11)
+                grid = np.array([[change.loc[m, cols_by_stage[(i, j)]] for j in ss] for i in ts], dtype=float)
+                ax.imshow(grid, cmap=cmap, vmin=-limit, vmax=limit)
+                for (i, j), v in np.ndenumerate(grid):
+                    ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if abs(v) > 0.6 * limit else "black")
+                ax.grid(False)
+                ax.set_title(f"{m} (n={n.get(m, 0)})", fontsize=10)
+                ax.set_xticks(range(len(ss)), [f"S{j}" for j in ss])
+                ax.set_yticks(range(len(ts)), [f"T{i}" for i in ts] if ax.get_subplotspec().is_first_col() else [])
                 ax.set_xlabel(f"student stage ({s})")
-                ax.tick_params(axis="y", rotation=0)
-                _first_column_only(ax, f"teacher stage ({t})")
+                if ax.get_subplotspec().is_first_col():
+                    ax.set_ylabel(f"teacher stage ({t})")
             for ax in list(axes.flat)[len(methods):]:
                 ax.axis("off")
-            sm = plt.cm.ScalarMappable(cmap="magma", norm=plt.Normalize(0, 1))
-            fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA ({kernel})")
-            fig.suptitle(f"CKA ({kernel} kernel, unbiased HSIC) between teacher and student stages: {t} → {s}, {d}",
-                         y=1.03)
-            paths += _save(fig, out_dir, _slug("cka", kernel, t, "to", s, d, st))
+            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
+            fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA − CKA of {ref}")
+            why = "" if ref == BASELINE else " (the student-alone runs have no teacher probe)"
+            fig.suptitle(f"Change in CKA ({kernel}, unbiased HSIC) from {ref}{why}\nlast probed epoch, mean over "
+                         f"seeds: {t} → {s}, {d}", y=1.03, fontsize=11)
+            paths += _save(fig, out_dir, _slug("cka_change", kernel, t, "to", s, d, st))
     return paths
 
 
-def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, tuple], methods: Sequence[str],
-               limits: Tuple[float, float] = (-np.inf, np.inf)) -> bool:
-    """Mean over seeds per epoch with a +-1 std band, clipped to the quantity's ``limits``."""
-    drawn = False
+def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str]) -> None:
+    """Mean over seeds per epoch, with a band from the lowest to the highest seed."""
     for m in methods:
         mg = frame[frame["method"] == m][["epoch", y, "run"]].copy()
         mg[y] = pd.to_numeric(mg[y], errors="coerce")
         mg = mg.dropna(subset=[y])
         if mg.empty:
             continue
-        stats = mg.groupby("epoch")[y].agg(["mean", "std", "count"]).reset_index()
-        n = mg["run"].nunique()
-        style = "--" if m == BASELINE else "-"
-        label = f"{m} (alone)" if m == BASELINE else m
-        ax.plot(stats["epoch"], stats["mean"], style, marker="o", ms=3.5, color=pal[m], lw=2,
-                label=f"{label}, n={n}")
-        if (stats["count"] > 1).any():
-            sd = stats["std"].fillna(0)
-            low, high = (stats["mean"] - sd).clip(*limits), (stats["mean"] + sd).clip(*limits)
-            ax.fill_between(stats["epoch"], low, high, color=pal[m], alpha=0.18, lw=0)
-        drawn = True
-    return drawn
+        stats = mg.groupby("epoch")[y].agg(["mean", "min", "max"]).reset_index()
+        ax.plot(stats["epoch"], stats["mean"], "--" if m == BASELINE else "-", marker="o", ms=4, color=pal[m], lw=1.8)
+        if mg["run"].nunique() > 1:
+            ax.fill_between(stats["epoch"].astype(float), stats["min"], stats["max"], color=pal[m], alpha=0.15, lw=0)
 
 
-def conflict_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
+def _epoch_words(frame: pd.DataFrame) -> str:
+    n = frame["epoch"].nunique()
+    seeds = frame.groupby("method")["run"].nunique()
+    seeds = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    return f"{n} epoch{'s' if n != 1 else ''}, {seeds} seeds per method; line: mean, band: lowest to highest seed"
+
+
+def cka_epoch_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair and kernel, one panel per (teacher stage, student stage): CKA over epochs per method."""
     _style()
-    out_dir = Path(out_dir)
+    paths: List[Path] = []
+    for kernel in _kernels(epochs):
+        cols_by_stage = _cka_columns(epochs, kernel)
+        for (t, s, d, st), g, _ in _pairs(epochs):
+            g = g.dropna(subset=list(cols_by_stage.values()), how="all")
+            if g.empty:
+                continue
+            methods = ordered(g["method"])
+            pal = palette(methods)
+            ts, ss = sorted({i for i, _ in cols_by_stage}), sorted({j for _, j in cols_by_stage})
+            fig, axes = plt.subplots(len(ts), len(ss), figsize=(2.9 * len(ss), 2.3 * len(ts)), sharex=True,
+                                     sharey=True, squeeze=False)
+            for (i, j), col in cols_by_stage.items():
+                ax = axes[ts.index(i), ss.index(j)]
+                _band_plot(ax, g, col, pal, methods)
+                ax.set_title(f"T{i} – S{j}", fontsize=9)
+                ax.xaxis.get_major_locator().set_params(integer=True)
+            for ax in axes[-1]:
+                ax.set_xlabel("epoch")
+            for ax in axes[:, 0]:
+                ax.set_ylabel(f"CKA ({kernel})")
+            _legend(fig, methods, pal)
+            fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}\n"
+                         f"{_epoch_words(g)}", y=1.02, fontsize=11)
+            fig.tight_layout()
+            paths += _save(fig, out_dir, _slug("cka_epochs", kernel, t, "to", s, d, st))
+    return paths
+
+
+_CONFLICT_PANELS = [("conflict/cosine", "cosine(g_task, g_distill)"),
+                    ("conflict/fraction", "fraction of probed steps with cosine < 0"),
+                    ("conflict/norm_ratio", "‖g_distill‖ / ‖g_task‖ (log)")]
+OUTLIER_RATIO = 100.0  # a norm ratio above this is labelled: the task gradient is then negligible after clipping
+
+
+def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair, every probed (run, epoch) value as its own point per method (x jittered by seed, marker by epoch),
+    so that equal values stay visible; norm ratios above ``OUTLIER_RATIO`` are labelled with their value."""
+    _style()
     if "conflict/cosine" not in epochs.columns:
         return []
-    panels = [("conflict/cosine", "cosine(g_task, g_distill)", (-1.0, 1.0)),
-              ("conflict/fraction", "fraction of steps with cosine < 0", (0.0, 1.0)),
-              ("conflict/norm_ratio", "‖g_distill‖ / ‖g_task‖", (0.0, np.inf))]
     paths: List[Path] = []
+    markers = "os^Dv<>p"
     for (t, s, d, st), g, _ in _pairs(epochs):
         g = g.dropna(subset=["conflict/cosine"])
         if g.empty:
             continue
-        methods = _methods(g["method"])
-        pal = _palette(methods)
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-        for ax, (col, label, limits) in zip(axes, panels):
-            if col in g:
-                _band_plot(ax, g, col, pal, methods, limits)
-            ax.set_xlabel("epoch")
+        methods = ordered(g["method"])
+        pal = palette(methods)
+        epochs_seen = sorted(g["epoch"].unique())
+        seeds = sorted(g["seed"].dropna().unique())
+        fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+        for ax, (col, label) in zip(axes, _CONFLICT_PANELS):
+            if col not in g:
+                continue
+            outliers: List[Tuple[float, int]] = []
+            for x, m in enumerate(methods):
+                mg = g[g["method"] == m]
+                for _, r in mg.iterrows():
+                    v = pd.to_numeric(r[col], errors="coerce")
+                    if pd.isna(v):
+                        continue
+                    dx = (seeds.index(r["seed"]) - (len(seeds) - 1) / 2) * 0.18 if r["seed"] in seeds else 0.0
+                    dx += (epochs_seen.index(r["epoch"]) - (len(epochs_seen) - 1) / 2) * 0.08
+                    ax.plot(x + dx, v, markers[epochs_seen.index(r["epoch"]) % len(markers)], color=pal[m], ms=6,
+                            mec="black", mew=0.5, alpha=0.9)
+                    if col == "conflict/norm_ratio" and v > OUTLIER_RATIO:
+                        outliers.append((v, int(r["epoch"])))
+                if outliers:  # one label per method: the range of its outliers and their epochs
+                    vs, es = [v for v, _ in outliers], sorted({e for _, e in outliers})
+                    ax.annotate(f"{m}: {min(vs):.1e}–{max(vs):.1e}\n(epoch {', '.join(map(str, es))})",
+                                (x, max(vs)), xytext=(12, -12), textcoords="offset points", fontsize=8)
+                    outliers = []
+            ax.set_xticks(range(len(methods)), methods, rotation=30)
+            ax.set_xlim(-0.6, len(methods) - 0.4 + (1.2 if col == "conflict/norm_ratio" else 0))
             ax.set_ylabel(label)
-            ax.xaxis.get_major_locator().set_params(integer=True)
         axes[0].axhline(0, color="black", lw=0.8)
         axes[0].set_ylim(-1.05, 1.05)
-        axes[1].set_ylim(-0.03, 1.03)
-        ratio = pd.to_numeric(g.get("conflict/norm_ratio"), errors="coerce").dropna()
-        if len(ratio) and (ratio > 0).all() and ratio.max() / ratio.min() > 20:
-            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-            axes[2].set_yscale("log")
-            # 1-2-5 ticks over a few decades, decades alone over a wide range (they would crowd otherwise)
-            wide = ratio.max() / ratio.min() > 1e3
-            axes[2].yaxis.set_major_locator(LogLocator(subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
-            axes[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            axes[2].yaxis.set_minor_formatter(NullFormatter())
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="method")
+        axes[1].set_ylim(-0.05, 1.05)
+        axes[2].set_yscale("log")
+        axes[2].axhline(1.0, color="black", lw=0.8)
+        handles = [plt.Line2D([], [], ls="", marker=markers[i % len(markers)], color="grey", mec="black",
+                              label=f"epoch {e}") for i, e in enumerate(epochs_seen)]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="epoch mean of")
         fig.suptitle(f"Gradient conflict between the task (CE) and distillation losses on the student: {t} → {s}, "
-                     f"{d} (mean ± std over seeds)", y=1.03)
+                     f"{d}\none point per run and epoch (mean over that epoch's probed steps), seeds side by side; "
+                     f"labelled: norm ratio > {OUTLIER_RATIO:g} (the CE gradient is then lost under clipping)",
+                     y=1.06, fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("conflict", t, "to", s, d, st))
     return paths
 
 
+_CONVERGENCE_PANELS = [("top1", "test top-1 (%)"), ("eval_loss", "test cross-entropy (task loss)")]
+
+
 def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair, test top-1 and the task loss alone (test cross-entropy, the same quantity for every method; never
+    the sum of a method's weighted terms) over epochs, per method and the student alone."""
     _style()
-    out_dir = Path(out_dir)
     if epochs.empty or "top1" not in epochs.columns:
         return []
     paths: List[Path] = []
     for (t, s, d, st), g, base in _pairs(epochs):
         frame = pd.concat([g, base], ignore_index=True)
-        methods = _methods(frame["method"])
-        pal = _palette(methods)
-        panels = [("top1", "test top-1 (%)"), ("train_loss", "training loss (sum of terms)")]
-        if "loss/ce" in frame:
-            panels.append(("loss/ce", "task loss (CE term)"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4))
-        for ax, (col, label) in zip(axes, panels):
-            if col in frame:
-                _band_plot(ax, frame, col, pal, methods)
+        methods = ordered(frame["method"])
+        pal = palette(methods)
+        panels = [p for p in _CONVERGENCE_PANELS if p[0] in frame]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
+        for ax, (col, label) in zip(axes[0], panels):
+            _band_plot(ax, frame, col, pal, methods)
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), title="method")
-        fig.suptitle(f"Convergence: {t} → {s}, {d} (mean ± std over seeds; dashed: student alone)", y=1.03)
+        _legend(fig, methods, pal)
+        fig.suptitle(f"Convergence: {t} → {s}, {d} (dashed: student alone)\n{_epoch_words(frame)}", y=1.04,
+                     fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("convergence", t, "to", s, d, st))
     return paths
 
 
-def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir) -> Dict[str, List[Path]]:
-    """Every figure, by kind."""
-    return {"accuracy": accuracy_heatmaps(runs, out_dir), "gain": accuracy_heatmaps(runs, out_dir, gain=True),
-            "overhead": overhead_bars(runs, out_dir),
-            "cka": cka_heatmaps(epochs, out_dir), "conflict": conflict_curves(epochs, out_dir),
-            "convergence": convergence_curves(epochs, out_dir)}
+# --------------------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Figure:
+    kind: str
+    title: str                                               # the heading in the report
+    draw: Callable[[pd.DataFrame, pd.DataFrame, List[ComparisonTable], Path], List[Path]]
+
+
+FIGURES: List[Figure] = [
+    Figure("gain", "Gain over the student alone, with intervals (teacher × student, per method)",
+           lambda runs, epochs, tables, out: gain_heatmaps(tables, out)),
+    Figure("ranks", "Average rank across pairs", lambda runs, epochs, tables, out: rank_plots(tables, out)),
+    Figure("cost_time", "Gain against training time",
+           lambda runs, epochs, tables, out: cost_time_plots(tables, runs, out)),
+    Figure("cost_flops", "Gain against train FLOPs per image",
+           lambda runs, epochs, tables, out: cost_flops_plots(tables, runs, out)),
+    Figure("overhead", "Training overhead per method", lambda runs, epochs, tables, out: overhead_bars(runs, out)),
+    Figure("cka_change", "CKA: change per stage pair", lambda runs, epochs, tables, out: cka_change_heatmaps(epochs,
+                                                                                                          out)),
+    Figure("cka_epochs", "CKA per stage pair over epochs",
+           lambda runs, epochs, tables, out: cka_epoch_curves(epochs, out)),
+    Figure("conflict", "Gradient conflict", lambda runs, epochs, tables, out: conflict_points(epochs, out)),
+    Figure("convergence", "Convergence (top-1 and task loss)",
+           lambda runs, epochs, tables, out: convergence_curves(epochs, out)),
+]
+
+
+def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir, metric: str = "best_top1",
+              tables: Sequence[ComparisonTable] = None) -> Dict[str, List[Path]]:
+    """Every figure of :data:`FIGURES`, by kind."""
+    tables = comparison_tables(runs, metric) if tables is None else list(tables)
+    return {f.kind: f.draw(runs, epochs, tables, Path(out_dir)) for f in FIGURES}

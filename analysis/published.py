@@ -6,7 +6,7 @@ issue of the reference repository (the author's comment, or a user quoting the p
 reprints the table. Cells with no such source are not listed at all, and the report shows nothing without its
 source. Where two sources disagree, or a source disagrees with a value this project used to list, the cell's
 ``note`` says so. Model names are this suite's zoo names; ``column`` is ``teacher``, ``none`` (the student trained
-from scratch) or a method name (``crd`` is a method of the paper's table that this suite does not implement).
+from scratch) or a method name (``crd``: the paper's CRD column, the suite's ``crd`` method).
 Kept as text in a module (not a package-data file) so it ships with every install.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@
     <out>/runs.csv           the tidy table, one row per run
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
     <out>/tables/*.md|tex|csv  comparison tables (and published numbers side by side, CIFAR-100 only)
-    <out>/figures/*.png|pdf  accuracy heatmaps, overhead bars, CKA heatmaps, conflict and convergence curves
+    <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict, convergence)
 
 Only the stored files of the runs are read (config.json, env.json, summary.json, metrics.jsonl, DONE/FAILED).
 """
@@ -21,13 +21,25 @@ import pandas as pd
 from hkdbench import TIME_FORMAT
 
 from .collect import collect_epochs, collect_runs, keyed
-from .plots import all_plots
-from .tables import comparison_tables, published_markdown, published_side_by_side
+from .plots import FIGURES, all_plots
+from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
 
-FIGURE_TITLES = {"accuracy": "Accuracy heatmaps (teacher × student, per method)",
-                 "gain": "Gain over the student trained alone (teacher × student, per method)",
-                 "overhead": "Training overhead per method", "cka": "CKA between teacher and student stages",
-                 "conflict": "Gradient conflict over training", "convergence": "Convergence"}
+
+STATISTICS_LINES = [
+    "How to read them (`analysis/stats.py`):", "",
+    "- Accuracy cells: mean ± sample std over seeds with the 95 % t interval of the mean; the seeds per cell are "
+    "stated, a cell with one seed says so and has no interval.",
+    f"- Differences from the student alone (S) and from KD: seed by seed over the seeds both have, with a 95 % t "
+    f"interval; `*` where it excludes 0. Pairs are by seed only: the runs of one seed share the seed, not (yet) their "
+    f"batches (a later issue pairs them by batch too).",
+    f"- Bold: the method beats S, i.e. its paired interval lies above 0 (nothing else is bold). "
+    f"W/T/L: {TIE_RULE}.",
+    f"- Ranks: within each pair by mean, 1 = best, S included, ties share their mean rank; averaged over the pairs "
+    f"with every method, with a percentile bootstrap interval over pairs ({BOOTSTRAP_RESAMPLES} resamples, "
+    f"seed {BOOTSTRAP_SEED}).",
+    "- Cost figures: training time per run in device-hours (the runs' own `train_time_s`), and train GFLOPs per image "
+    "from `hkdbench overhead` (only the pairs it measured).", ""]
 
 
 def write_tidy(runs_dir, out_dir) -> Dict[str, Path]:
@@ -186,7 +198,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
               ""]
     lines += provenance_lines(runs_dir, runs)
 
-    lines += ["## Comparison tables", ""]
+    lines += ["## Comparison tables", ""] + STATISTICS_LINES
     tables = comparison_tables(runs, metric)
     if not tables:
         lines += ["No finished distillation runs.", ""]
@@ -202,9 +214,10 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
             lines += ["#### Published numbers side by side", "", published_markdown(pub), ""]
 
     lines += ["## Figures", ""]
-    figures = all_plots(runs, epochs, figures_dir)
-    for kind, paths in figures.items():
-        lines += [f"### {FIGURE_TITLES[kind]}", ""]
+    figures = all_plots(runs, epochs, figures_dir, metric, tables)
+    for figure in FIGURES:
+        paths = figures[figure.kind]
+        lines += [f"### {figure.title}", ""]
         pngs = [p for p in paths if p.suffix == ".png"]
         if not pngs:
             lines += ["No runs with this data.", ""]

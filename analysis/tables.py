@@ -1,17 +1,24 @@
-"""Comparison tables in the papers' layout, drawn from the tidy run table alone.
+"""Comparison tables in the papers' layout, drawn from the tidy run table alone, with their statistics.
 
 Rows are teacher -> student pairs, columns the teacher's accuracy (T), the student trained alone (S, method
-``none``) and one column per distillation method. A cell is the mean +- sample standard deviation (ddof=1) over
-seeds of ``best_top1`` (or another metric), followed by its gain over S (same student, dataset, recipe and
-training setting; a ``none`` run has no teacher, so one S run serves every row of its student). The best method of
-each row is in bold. One table per (dataset, recipe, epochs, setting): only comparable runs share a table.
+``none``) and one column per distillation method. One table per (dataset, recipe, epochs, setting): only comparable
+runs share a table. Every table has four parts (see :mod:`.stats` for the rules):
 
-Each table is written as Markdown, LaTeX (booktabs) and CSV (tidy: one line per cell with mean, std, n, gain).
-Where a public source gives the OFA-KD paper's number for a cell, :func:`published_side_by_side` sets it next to ours.
+1. accuracy: mean +- sample std over seeds with the 95 % t interval of the mean; n where a cell has another
+   number of seeds than the table's usual one (one seed: no std, no interval);
+2. paired difference from the student alone (same student, setting and seed), with its 95 % t interval, ``*``
+   where the interval excludes 0; 3. the same from KD;
+4. ranks across pairs: each method's average rank (S included) with a bootstrap interval over pairs, and its
+   win/tie/loss counts against S and KD.
+
+A cell is bold only where the method beats the student alone: its paired interval lies above 0. A ``none`` run
+has no teacher, so one S run serves every row of its student. Written as Markdown, LaTeX (booktabs) and CSV (tidy:
+one line per cell; ranks in their own CSV). Where a public source gives the OFA-KD paper's number for a cell,
+:func:`published_side_by_side` sets it next to ours.
 """
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,26 +26,61 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from .collect import keyed
+from .order import BASELINE, REFERENCE, method_key
+from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Estimate, by_seed, mean_interval, outcome,
+                    paired_difference, rank_table, win_tie_loss)
 
-BASELINE = "none"
 PAPER_NAMES = {"swin_tiny": "Swin-T", "vit_small": "ViT-S", "mixer_b16": "Mixer-B/16", "convnext_tiny": "ConvNeXt-T",
                "resnet18": "ResNet18", "mobilenetv2_100": "MobileNetV2", "deit_tiny": "DeiT-T",
                "swin_pico": "Swin-P", "resmlp_12": "ResMLP-S12"}
+PAIRING_NOTE = ("paired by seed only: runs of one seed share the seed, not (yet) their batches")
+TIE_RULE = ("win: the paired 95 % interval lies above 0; loss: below 0; tie: it holds 0, or fewer than 2 paired "
+            "seeds")
 
 
 @dataclass
 class Cell:
-    mean: float
-    std: Optional[float]
-    n: int
-    gain: Optional[float] = None
-    best: bool = False
+    """One cell: the accuracy over seeds and, for a distilled cell, its paired differences from S and KD."""
+    acc: Estimate
+    by_seed: Dict[int, float] = field(default_factory=dict)
+    vs_alone: Optional[Estimate] = None
+    vs_kd: Optional[Estimate] = None
 
-    def text(self, digits: int = 2, pm: str = " ± ") -> str:
-        s = f"{self.mean:.{digits}f}"
-        if self.std is not None:
-            s += f"{pm}{self.std:.{digits}f}"
-        return s
+    @property
+    def mean(self) -> float:
+        return self.acc.mean
+
+    @property
+    def std(self) -> Optional[float]:
+        return self.acc.std
+
+    @property
+    def n(self) -> int:
+        return self.acc.n
+
+    @property
+    def gain(self) -> Optional[float]:
+        return self.vs_alone.mean if self.vs_alone is not None else None
+
+    @property
+    def beats_baseline(self) -> bool:
+        return outcome(self.vs_alone) == "win"
+
+    def text(self, digits: int = 2, pm: str = " ± ", usual_n: Optional[int] = None) -> str:
+        a = self.acc
+        if a.n == 1:
+            return f"{a.mean:.{digits}f} (1 seed)"
+        s = f"{a.mean:.{digits}f}{pm}{a.std:.{digits}f} [{a.low:.{digits}f}, {a.high:.{digits}f}]"
+        return s + (f" (n={a.n})" if usual_n is not None and a.n != usual_n else "")
+
+
+def difference_text(d: Optional[Estimate], digits: int = 2) -> str:
+    """``+1.20 [-0.30, +2.70]*``: a paired difference, its interval, ``*`` where it excludes 0."""
+    if d is None:
+        return "–"
+    if d.n == 1:
+        return f"{d.mean:+.{digits}f} (1 seed)"
+    return f"{d.mean:+.{digits}f} [{d.low:+.{digits}f}, {d.high:+.{digits}f}]" + ("*" if d.excludes_zero else "")
 
 
 @dataclass
@@ -58,23 +100,51 @@ class ComparisonTable:
         k = self.key
         return f"{k['dataset']}_{k['recipe']}_{k['epochs']}ep_{k['setting']}".replace("/", "-")
 
+    # -- statistics across pairs ----------------------------------------------------------------------------------
+    def scores(self) -> pd.DataFrame:
+        """Mean metric per pair (rows) and column (S as ``none``, then the methods): what is ranked."""
+        cols = [BASELINE] + self.methods
+        out = pd.DataFrame(index=pd.MultiIndex.from_tuples(self.rows, names=["teacher", "student"]), columns=cols,
+                           dtype=float)
+        for pair in self.rows:
+            alone = self.student_alone.get(pair[1])
+            out.loc[pair, BASELINE] = alone.mean if alone else float("nan")
+            for m in self.methods:
+                c = self.cells.get((pair, m))
+                out.loc[pair, m] = c.mean if c else float("nan")
+        return out
+
+    def ranks(self) -> pd.DataFrame:
+        """Average rank with its bootstrap interval, and win/tie/loss against S and KD, per column."""
+        table = rank_table(self.scores())
+        for base, attr in ((BASELINE, "vs_alone"), (REFERENCE, "vs_kd")):
+            wtl = {m: win_tie_loss(getattr(self.cells[(p, m)], attr) for p in self.rows if (p, m) in self.cells)
+                   for m in self.methods if m != base}
+            table[f"wtl_vs_{base}"] = [("%d/%d/%d" % wtl[m]) if m in wtl else "–" for m in table.index]
+        return table.sort_values("mean_rank", kind="stable")
+
+    def usual_n(self) -> Optional[int]:
+        ns = [c.n for c in self.cells.values()] + [c.n for c in self.student_alone.values() if c]
+        return max(set(ns), key=ns.count) if ns else None
+
     # -- CSV ------------------------------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
         out = []
         for pair in self.rows:
             t, s = pair
             base = {**self.key, "teacher": t, "student": s, "metric": self.metric}
-            tc = self.teacher_acc.get(pair)
-            if tc is not None:
-                out.append({**base, "column": "teacher", "mean": tc.mean, "std": tc.std, "n": tc.n})
-            sc = self.student_alone.get(s)
-            if sc is not None:
-                out.append({**base, "column": BASELINE, "mean": sc.mean, "std": sc.std, "n": sc.n})
-            for m in self.methods:
-                c = self.cells.get((pair, m))
-                if c is not None:
-                    out.append({**base, "column": m, "mean": c.mean, "std": c.std, "n": c.n, "gain": c.gain,
-                                "best": c.best})
+            entries = [("teacher", self.teacher_acc.get(pair)), (BASELINE, self.student_alone.get(s))]
+            entries += [(m, self.cells.get((pair, m))) for m in self.methods]
+            for column, c in entries:
+                if c is None:
+                    continue
+                row = {**base, "column": column, "mean": c.mean, "std": c.std, "n": c.n, "ci_low": c.acc.low,
+                       "ci_high": c.acc.high}
+                for name, d in (("vs_none", c.vs_alone), ("vs_kd", c.vs_kd)):
+                    row.update({f"{name}": d.mean if d else None, f"{name}_low": d.low if d else None,
+                                f"{name}_high": d.high if d else None, f"{name}_n": d.n if d else None})
+                row["beats_none"] = c.beats_baseline if column in self.methods else None
+                out.append(row)
         return pd.DataFrame(out)
 
     # -- Markdown -------------------------------------------------------------------------------------------------
@@ -82,56 +152,94 @@ class ComparisonTable:
         fam = self.families.get(model)
         return f"{model} ({fam})" if fam else model
 
-    def to_markdown(self, digits: int = 2, title: bool = True) -> str:
-        head = ["Teacher → Student", "T", "S (alone)"] + self.methods
-        lines = ([f"**{self.title}**", ""] if title else []) + ["| " + " | ".join(head) + " |",
-                 "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+    def _grid(self, head: List[str], body: List[List[str]]) -> List[str]:
+        return (["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 1)) + "|"]
+                + ["| " + " | ".join(row) + " |" for row in body])
+
+    def _pair_name(self, pair) -> str:
+        return f"{self._name(pair[0])} → {self._name(pair[1])}"
+
+    def accuracy_markdown(self, digits: int = 2) -> List[str]:
+        n = self.usual_n()
+        body = []
         for pair in self.rows:
-            t, s = pair
-            tc, sc = self.teacher_acc.get(pair), self.student_alone.get(s)
-            row = [f"{self._name(t)} → {self._name(s)}", tc.text(digits) if tc else "–",
-                   sc.text(digits) if sc else "–"]
+            tc, sc = self.teacher_acc.get(pair), self.student_alone.get(pair[1])
+            row = [self._pair_name(pair), f"{tc.mean:.{digits}f}" if tc else "–", sc.text(digits, usual_n=n)
+                   if sc else "–"]
             for m in self.methods:
                 c = self.cells.get((pair, m))
-                if c is None:
-                    row.append("–")
-                    continue
-                text = f"**{c.text(digits)}**" if c.best else c.text(digits)
-                if c.gain is not None:
-                    text += f" ({c.gain:+.{digits}f})"
-                row.append(text)
-            lines.append("| " + " | ".join(row) + " |")
-        lines += ["", f"{_metric_label(self.metric)}: mean ± std over seeds (sample std; no ± with one seed); "
-                      "(±x.xx) gain over the student trained alone (S); best method per row in bold. "
-                      f"Seeds per cell: {self._seed_counts()}."]
-        return "\n".join(lines)
+                text = c.text(digits, usual_n=n) if c else "–"
+                row.append(f"**{text}**" if c is not None and c.beats_baseline else text)
+            body.append(row)
+        return self._grid(["Teacher → Student", "T", "S (alone)"] + self.methods, body) + [
+            "", f"{_metric_label(self.metric)}: mean ± std [95 % t interval of the mean] over seeds, {n} seeds per "
+                f"cell unless marked (n=...); a cell with one seed has no std and no interval. T: the teacher's "
+                f"top-1. Bold: the method beats the student alone (its paired 95 % interval below lies above 0)."]
 
-    def _seed_counts(self) -> str:
-        ns = sorted({c.n for c in self.cells.values()} | {c.n for c in self.student_alone.values() if c})
-        return ", ".join(map(str, ns)) if ns else "–"
+    def difference_markdown(self, base: str, digits: int = 2) -> List[str]:
+        attr = "vs_alone" if base == BASELINE else "vs_kd"
+        methods = [m for m in self.methods if m != base]
+        body = []
+        for pair in self.rows:
+            row = [self._pair_name(pair)]
+            for m in methods:
+                c = self.cells.get((pair, m))
+                text = difference_text(getattr(c, attr) if c else None, digits)
+                row.append(f"**{text}**" if c is not None and base == BASELINE and c.beats_baseline else text)
+            body.append(row)
+        what = "the student alone (S)" if base == BASELINE else "KD"
+        return self._grid(["Teacher → Student"] + methods, body) + [
+            "", f"Paired difference from {what} in {_metric_label(self.metric)} points: mean over seeds of (method − "
+                f"{base}) [95 % t interval], {PAIRING_NOTE}; * where the interval excludes 0"
+                + ("; bold where it lies above 0." if base == BASELINE else ".")]
+
+    def ranks_markdown(self, digits: int = 2) -> List[str]:
+        ranks = self.ranks()
+        if ranks.empty:
+            return ["No pair has every method: no ranks."]
+        body = [[m if m != BASELINE else "none (S)", f"{r.mean_rank:.{digits}f} [{r.low:.{digits}f}, "
+                 f"{r.high:.{digits}f}]", r.wtl_vs_none, r.wtl_vs_kd] for m, r in ranks.iterrows()]
+        pairs = int(ranks["pairs"].iloc[0])
+        return self._grid(["method", f"average rank over {pairs} pairs [95 % bootstrap]", "W/T/L vs S",
+                           "W/T/L vs KD"], body) + [
+            "", f"Rank 1 = the highest mean {_metric_label(self.metric)} within a pair, S included, ties share the "
+                f"mean of their ranks; only pairs with every method are ranked. Interval: percentile bootstrap over "
+                f"pairs ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); overlapping intervals do not "
+                f"support an order. W/T/L counts pairs; {TIE_RULE}."]
+
+    def to_markdown(self, digits: int = 2, title: bool = True) -> str:
+        lines = [f"**{self.title}**", ""] if title else []
+        lines += ["Accuracy:", ""] + self.accuracy_markdown(digits)
+        lines += ["", "Paired difference from the student alone:", ""] + self.difference_markdown(BASELINE, digits)
+        if REFERENCE in self.methods and len(self.methods) > 1:
+            lines += ["", "Paired difference from KD:", ""] + self.difference_markdown(REFERENCE, digits)
+        lines += ["", "Ranks across pairs:", ""] + self.ranks_markdown(digits)
+        return "\n".join(lines)
 
     # -- LaTeX ----------------------------------------------------------------------------------------------------
     def to_latex(self, digits: int = 2) -> str:
         cols = "l" + "r" * (2 + len(self.methods))
         head = ["Teacher $\\rightarrow$ Student", "T", "S"] + [_tex(m) for m in self.methods]
         lines = ["% " + self.title, "\\begin{table}[t]", "\\centering", "\\small",
-                 f"\\caption{{{_tex(self.title)}. {_tex(_metric_label(self.metric))}: mean $\\pm$ std over seeds; "
-                 "gain over the student alone (S) in parentheses; best per row in bold.}",
+                 f"\\caption{{{_tex(self.title)}. {_tex(_metric_label(self.metric))}: mean $\\pm$ std over seeds "
+                 f"($n={self.usual_n()}$ unless marked); in parentheses the paired difference from the student "
+                 f"alone (S) with its 95\\% t interval ({_tex(PAIRING_NOTE)}); bold: that interval lies above 0.}}",
                  f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
         for pair in self.rows:
             t, s = pair
             tc, sc = self.teacher_acc.get(pair), self.student_alone.get(s)
-            row = [f"{_tex(t)} $\\rightarrow$ {_tex(s)}", _tex_cell(tc, digits), _tex_cell(sc, digits)]
+            row = [f"{_tex(t)} $\\rightarrow$ {_tex(s)}", f"{tc.mean:.{digits}f}" if tc else "--",
+                   _tex_cell(sc, digits)]
             for m in self.methods:
                 c = self.cells.get((pair, m))
                 if c is None:
                     row.append("--")
                     continue
                 text = _tex_cell(c, digits)
-                if c.best:
+                if c.beats_baseline:
                     text = f"\\textbf{{{text}}}"
-                if c.gain is not None:
-                    text += f" {{\\scriptsize ({c.gain:+.{digits}f})}}"
+                if c.vs_alone is not None:
+                    text += f" {{\\scriptsize ({_tex(difference_text(c.vs_alone, digits))})}}"
                 row.append(text)
             lines.append(" & ".join(row) + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
@@ -141,10 +249,11 @@ class ComparisonTable:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = stem or f"comparison_{self.slug}"
-        paths = [out / f"{stem}.md", out / f"{stem}.tex", out / f"{stem}.csv"]
+        paths = [out / f"{stem}.md", out / f"{stem}.tex", out / f"{stem}.csv", out / f"ranks_{self.slug}.csv"]
         paths[0].write_text(self.to_markdown() + "\n")
         paths[1].write_text(self.to_latex())
         self.to_frame().to_csv(paths[2], index=False)
+        self.ranks().rename_axis("method").to_csv(paths[3])
         return paths
 
 
@@ -156,27 +265,27 @@ def _metric_label(metric: str) -> str:
 def _tex(s) -> str:
     s = str(s)
     for a, b in (("\\", "\\textbackslash{}"), ("_", "\\_"), ("%", "\\%"), ("&", "\\&"), ("#", "\\#"),
-                 ("→", "$\\rightarrow$"), ("±", "$\\pm$")):
+                 ("→", "$\\rightarrow$"), ("±", "$\\pm$"), ("–", "--")):
         s = s.replace(a, b)
     return s
 
 
 def _tex_cell(c: Optional[Cell], digits: int) -> str:
-    return "--" if c is None else c.text(digits, pm=" $\\pm$ ")
+    if c is None:
+        return "--"
+    if c.n == 1:
+        return f"{c.mean:.{digits}f}$^1$"
+    return f"{c.mean:.{digits}f} $\\pm$ {c.std:.{digits}f}"
 
 
-def summarise(values: Sequence[float]) -> Optional[Cell]:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return None
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return Cell(mean, std, len(vals))
+def _cell(frame: pd.DataFrame, metric: str) -> Optional[Cell]:
+    seeds = by_seed(frame, metric)
+    acc = mean_interval(seeds.values())
+    return Cell(acc, seeds) if acc is not None else None
 
 
 def _training_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    df = runs[(runs["kind"] == "student") & (runs["status"] == "done")].copy()
-    return df
+    return runs[(runs["kind"] == "student") & (runs["status"] == "done")].copy()
 
 
 def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
@@ -191,7 +300,7 @@ def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
     for key, g in df.groupby(group_keys, sort=True):
         key = dict(zip(group_keys, key))
         distilled = g[g["method"] != BASELINE]
-        found = list(dict.fromkeys(sorted(distilled["method"].unique(), key=_method_order)))
+        found = sorted(distilled["method"].unique(), key=method_key)
         cols = [m for m in (methods or found) if m in found]
         rows = sorted({(t, s) for t, s in zip(distilled["teacher"], distilled["student"])})
         families = {}
@@ -200,41 +309,37 @@ def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
         table = ComparisonTable(
             title=f"{key['dataset']}, recipe {key['recipe']}, {key['epochs']} epochs (setting {key['setting']})",
             key=key, metric=metric, methods=cols, rows=rows, families=families)
-        alone = g[g["method"] == BASELINE]
-        for s, sg in alone.groupby("student"):
-            table.student_alone[s] = summarise(sg[metric])
+        for s, sg in g[g["method"] == BASELINE].groupby("student"):
+            table.student_alone[s] = _cell(sg, metric)
         for pair in rows:
             pg = distilled[(distilled["teacher"] == pair[0]) & (distilled["student"] == pair[1])]
             # the teacher's accuracy: one value per distinct teacher run (every student run repeats it)
-            table.teacher_acc[pair] = summarise(list(pg["teacher_top1"].dropna().unique()))
-            base = table.student_alone.get(pair[1])
-            for m in cols:
-                mg = pg[pg["method"] == m]
-                if mg.empty:
-                    continue
-                if mg["method_variant"].nunique() > 1:
-                    import warnings
-                    warnings.warn(f"{m} {pair[0]} -> {pair[1]}: runs with different method settings or teachers "
-                                  f"are pooled in one cell ({mg['method_variant'].nunique()} variants)")
-                cell = summarise(mg[metric])
-                if cell is None:
-                    continue
-                cell.gain = cell.mean - base.mean if base is not None else None
-                table.cells[(pair, m)] = cell
-            present = [table.cells[(pair, m)] for m in cols if (pair, m) in table.cells]
-            if present:
-                best = max(c.mean for c in present)
-                for c in present:
-                    c.best = c.mean == best
+            teacher = mean_interval(pg["teacher_top1"].dropna().unique())
+            table.teacher_acc[pair] = Cell(teacher) if teacher is not None else None
+            _fill_pair(table, pair, pg, metric)
         tables.append(table)
     return tables
 
 
-_KNOWN_ORDER = ["kd", "dkd", "dist", "fitnet", "ofa", "pat", "hcd", "spofa"]
-
-
-def _method_order(m: str):
-    return (_KNOWN_ORDER.index(m) if m in _KNOWN_ORDER else len(_KNOWN_ORDER), m)
+def _fill_pair(table: ComparisonTable, pair, pg: pd.DataFrame, metric: str) -> None:
+    """The cells of one pair, then their paired differences from S and from KD."""
+    for m in table.methods:
+        mg = pg[pg["method"] == m]
+        if mg.empty:
+            continue
+        if mg["method_variant"].nunique() > 1:
+            warnings.warn(f"{m} {pair[0]} -> {pair[1]}: runs with different method settings or teachers "
+                          f"are pooled in one cell ({mg['method_variant'].nunique()} variants)")
+        cell = _cell(mg, metric)
+        if cell is not None:
+            table.cells[(pair, m)] = cell
+    alone, kd = table.student_alone.get(pair[1]), table.cells.get((pair, REFERENCE))
+    for m in table.methods:
+        cell = table.cells.get((pair, m))
+        if cell is None:
+            continue
+        cell.vs_alone = paired_difference(cell.by_seed, alone.by_seed) if alone else None
+        cell.vs_kd = paired_difference(cell.by_seed, kd.by_seed) if kd and m != REFERENCE else None
 
 
 def write_tables(runs: pd.DataFrame, out_dir, metric: str = "best_top1") -> List[Path]:

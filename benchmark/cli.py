@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "the student alone")
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
+    p.add_argument("--teacher-pretrained", default=None, metavar="NAME",
+                   help="timm's pretrained weights for the teacher (architecture.tag, e.g. "
+                        "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured): used "
+                        "as they are on ImageNet, fine-tuned by the teacher run on other datasets")
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
     p.add_argument("--teacher-weights", default="best", choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("teacher", help="train a teacher once per teacher config (reused by every student run)")
     p.add_argument("--model", required=True, help="teacher model (see `hkdbench models`)")
+    p.add_argument("--pretrained", default=None, metavar="NAME",
+                   help="start from timm's pretrained weights (architecture.tag) and fine-tune them")
     _add_run_options(p)
 
     p = sub.add_parser("methods", help="list the registered distillation methods and their defaults")
@@ -106,7 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     _add_analysis_commands(sub)
     _add_sweep_commands(sub)
+    _add_eval_export_commands(sub)
     return parser
+
+
+def _add_eval_export_commands(sub) -> None:
+    """eval and export of a finished run's student (benchmark/eval_run.py, benchmark/export.py)."""
+    for name, text in (("eval", "top-1/top-5 of a run's kept student weights (and of its teacher)"),
+                       ("export", "write a run's deployable student for plain timm (timm), safetensors or ONNX")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", metavar="RUN", help="the run's directory (RUNS_DIR/<run name>)")
+        p.add_argument("--weights", default="best", choices=("best", "last"),
+                       help="the run's best epoch by top-1 (best.pt, default) or its last (final.pt)")
+        p.add_argument("--ema", action="store_true", help="the student EMA's weights (runs with train.ema_decay)")
+    p.add_argument("--format", required=True, choices=("timm", "safetensors", "onnx"))
+    p.add_argument("--out", "-o", default=None, help="output folder (default: RUN/export)")
+    p = sub.choices["eval"]
+    p.__class__ = _IntermixedParser  # data.key=value before or after the options
+    p.add_argument("--teacher", action="store_true", help="also evaluate the teacher the run distilled from")
+    p.add_argument("--data-root", default=None, help="evaluate on the dataset at this root (same as data.root=PATH)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                   help="data settings for the evaluation, e.g. data.eval_subset=1000 data.eval_batch_size=512")
 
 
 def _add_analysis_commands(sub) -> None:
@@ -164,6 +191,9 @@ def _add_sweep_commands(sub) -> None:
                                                           "would be submitted; submit nothing")
     _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--no-input-check", action="store_true",
+                   help="skip reading the data and teacher checkpoints before submitting (when they exist only "
+                        "on the compute nodes)")
     p.add_argument("--parallel", type=int, default=0, help="local executor: jobs at a time (default: CPUs / "
                                                            "slurm.cpus_per_task)")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the submitted runs end, then print the "
@@ -209,6 +239,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, KeyError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"hkdbench {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write the store's own checks did not see coming (a log line on a full disk)
+        from hkdbench.benchmark.store import WRITE_ERRNOS, describe_write_error
+
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        print(f"hkdbench {args.command}: error: {describe_write_error(err.filename or '?', err)}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,7 @@
 """The implementations of the ``hkdbench`` subcommands (argument parsing lives in cli.py)."""
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import sys
@@ -19,7 +20,8 @@ def cmd_train(args, overrides) -> int:
     cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
                              dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
                              teacher_recipe=args.teacher_recipe, overrides=run_items,
-                             teacher_overrides=teacher_items, teacher_weights=args.teacher_weights)
+                             teacher_overrides=teacher_items, teacher_weights=args.teacher_weights,
+                             teacher_pretrained=args.teacher_pretrained)
     _check_flags(args, cfg)
     return _train_until_done_or_stopped(train, cfg, args)
 
@@ -49,41 +51,25 @@ def cmd_teacher(args, overrides) -> int:
     from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
-                             recipe=args.recipe, overrides=overrides(args))
+                             recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
     _check_flags(args, cfg)
     return _train_until_done_or_stopped(train, cfg, args)
 
 
 def _check_flags(args, cfg) -> None:
     """Fails before anything is built or written: conflicting flags, missing data."""
-    from hkdbench.benchmark.data.datasets import check_data_available
+    from hkdbench.benchmark.engine.preflight import check_run_inputs
 
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
-    check_data_available(cfg.data)
-    _check_teacher(cfg)
+    check_run_inputs(cfg)
+    from hkdbench.benchmark.engine.tracking import check_tracker_available
 
+    check_tracker_available(cfg.train.log)
+    if cfg.kind == "teacher":
+        from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
 
-def _check_teacher(cfg) -> None:
-    """Before the run directory exists: the teacher's checkpoint loads into the teacher model, or the config of
-    the teacher run it would train (its teacher.* overrides were validated with the config) has readable data."""
-    from hkdbench.methods import get_method
-
-    from hkdbench.benchmark.data.datasets import check_data_available, dataset_info
-
-    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
-        return
-    if cfg.teacher.checkpoint:
-        from hkdbench.benchmark.models.zoo import create_model
-        from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
-
-        info = dataset_info(cfg.data.dataset)
-        teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
-        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
-        return
-    from hkdbench.benchmark.recipes import teacher_run_config
-
-    check_data_available(teacher_run_config(cfg).data)
+        warn_scratch_imagenet_teacher(cfg)
 
 
 def cmd_models(args, _overrides) -> int:
@@ -140,7 +126,7 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     fp32) plus the method's buffers, per method, for one teacher/student pair."""
     import torch
 
-    from hkdbench.methods import list_methods, method_config
+    from hkdbench.methods import TrainingSet, list_methods, method_config
 
     from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 
@@ -149,10 +135,13 @@ def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List
     student = create_model(student_name, num_classes, in_chans=3, img_size=size)
     rows = [f"train-time cost for {teacher_name} -> {student_name} at {size}px, {num_classes} classes "
             f"(student alone: {student.deploy_parameter_count() / 1e6:.2f}M params)",
-            f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}"]
+            f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}",
+            f"(buffers of per-sample methods such as crd: for a training set of "
+            f"{TrainingSet.stand_in(num_classes).size} images)"]
     for name, cls in list_methods().items():
         try:
-            method = cls(method_config(name), student, teacher if cls.uses_teacher else None, num_classes)
+            method = cls.build(method_config(name), student, teacher if cls.uses_teacher else None, num_classes,
+                               train_set=TrainingSet.stand_in(num_classes))
         except NotImplementedError as err:
             rows.append(f"{name:<8} not supported for this pair: {err}")
             continue
@@ -171,12 +160,14 @@ def cmd_demo(args, _overrides) -> int:
 
 
 def cmd_overhead(args, _overrides) -> int:
+    from hkdbench.analysis.overhead_table import print_overhead_table
     from hkdbench.benchmark.probes.overhead import run_overhead
 
-    run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
+    results = run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
                  runs_dir=args.runs_dir, num_classes=args.num_classes, precision=args.precision,
                  restart=args.restart)
+    print_overhead_table(results)
     return 0
 
 
@@ -265,12 +256,16 @@ def cmd_sweep(args, _overrides) -> int:
     preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
     start = time.time()
     plan = expand(preset)
+    from hkdbench.benchmark.engine.tracking import check_tracker_available
+
+    for kind in sorted({r.cfg.train.log for r in plan.runs}):  # before anything is submitted or written
+        check_tracker_available(kind)
     sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0
     result = sweep.run(args.executor, retry_failed=args.retry_failed, parallel=args.parallel, wait=args.wait,
-                       command=shlex.join(["hkdbench", *args.argv]))
+                       command=shlex.join(["hkdbench", *args.argv]), check_inputs=not args.no_input_check)
     if args.executor != "slurm" or args.wait:
         from hkdbench.benchmark.sweep.status import format_state_table, run_states
 
@@ -310,4 +305,22 @@ def cmd_status(args, _overrides) -> int:
     store = RunStore(runs_dir)
     print(f"{title}; run store {store.root}")
     print(format_state_table(run_states(specs, store), order=specs))
+    return 0
+
+
+def cmd_eval(args, _overrides) -> int:
+    from hkdbench.benchmark.eval_run import evaluate_run
+
+    items = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    results = evaluate_run(args.run, weights=args.weights, ema=args.ema, teacher=args.teacher, overrides=items,
+                           device=args.device)
+    for role, r in results.items():
+        print(f"{role}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f} loss {r['loss']:.4f} ({r['weights']})")
+    return 0
+
+
+def cmd_export(args, _overrides) -> int:
+    from hkdbench.benchmark.export import export_run
+
+    print(f"wrote {export_run(args.run, args.format, out=args.out, weights=args.weights, ema=args.ema)}")
     return 0

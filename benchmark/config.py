@@ -300,6 +300,11 @@ class OptimConfig:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
+TRACKERS = ("none", "tensorboard", "wandb")
+# Settings of where and how a run is watched or loaded, not of what it computes: left out of the run's hash.
+NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval")}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -314,8 +319,16 @@ class TrainConfig:
     probe_images: int = 512             # fixed probe set, drawn deterministically from the test set
     probe_kernel: str = "linear"        # 'linear' or 'rbf'
     conflict_every: int = 0             # steps between gradient-conflict measurements (task vs distillation)
+    # Where the run is watched (not part of the run's hash: they change no result; benchmark/engine/tracking.py and
+    # benchmark/engine/progress.py). The run store stays the source of truth.
+    log: str = "none"                   # experiment tracker: 'tensorboard', 'wandb' or 'none'
+    log_interval: int = 50              # steps between progress lines when stdout is not a terminal (0: none)
 
     def __post_init__(self):
+        if self.log not in TRACKERS:
+            raise ValueError(f"train.log must be one of {', '.join(TRACKERS)}, got {self.log!r}")
+        if self.log_interval < 0:
+            raise ValueError(f"train.log_interval must be >= 0 (0: no progress lines), got {self.log_interval}")
         if self.probe_every < 0 or self.conflict_every < 0:
             raise ValueError("train.probe_every and train.conflict_every must be >= 0 (0 turns the probe off)")
         if self.probe_images < 4:
@@ -345,8 +358,14 @@ class ModelConfig:
     # A teacher trained here: which weights of its run students load. 'best' (its best epoch by top-1), as the
     # references' teachers are the model_best of timm's train.py; 'last' for its last epoch.
     weights: str = "best"
+    # timm's pretrained weights (a hub name or tag, e.g. 'swin_tiny_patch4_window7_224.ms_in1k') and the SHA-256
+    # of the weights file they resolved to (benchmark/models/pretrained.py): the weights' identity, part of the hash.
+    pretrained: Optional[str] = None
+    pretrained_sha256: Optional[str] = None
 
     def __post_init__(self):
+        if self.pretrained and self.checkpoint:
+            raise ValueError("pretrained and checkpoint exclude each other (both give the model's weights)")
         if self.weights not in WEIGHTS_KINDS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS_KINDS)} (the teacher run's best or last "
                              f"epoch), got {self.weights!r}")
@@ -379,7 +398,14 @@ class RunConfig:
     def run_hash(self) -> str:
         """A stable hash of everything that changes the result (not where it runs or how many workers load it)."""
         body = self.to_dict()
-        body["data"].pop("workers", None)
+        for section, keys in NON_RESULT_FIELDS.items():
+            for key in keys:
+                body[section].pop(key, None)
+        for model in ("student", "teacher"):  # without pretrained weights, the hash of a run from before them
+            if body.get(model):
+                for key in ("pretrained", "pretrained_sha256"):
+                    if body[model].get(key) is None:
+                        body[model].pop(key, None)
         if body.pop("teacher_run") is not None:  # the teacher run's own hash stands for how it is trained
             body["teacher_run"] = self.teacher_run
             body.pop("teacher_overrides")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from hkdbench.benchmark.config import RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict
+from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
+                                       TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
+from hkdbench.benchmark.data.datasets import dataset_info
+from hkdbench.benchmark.models.pretrained import used_as_is
 from hkdbench.benchmark.models.zoo import zoo_entry
 
 # train_interpolation 'random' is the --train-interpolation default of OFA-KD's, PAT's and spofaKD's train.py, which
@@ -105,10 +108,13 @@ def resolve_recipe_name(recipe: str, dataset: str, student: str) -> str:
 def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher: Optional[str] = None,
                        dataset: str = "fashion-mnist", recipe: str = "auto", teacher_checkpoint: Optional[str] = None,
                        teacher_recipe: Optional[str] = None, overrides: Sequence[str] | Mapping[str, Any] = (),
-                       teacher_overrides: Sequence[str] = (), teacher_weights: str = "best") -> RunConfig:
+                       teacher_overrides: Sequence[str] = (), teacher_weights: str = "best",
+                       teacher_pretrained: Optional[str] = None, pretrained: Optional[str] = None) -> RunConfig:
     """Builds and validates the complete config of one run: recipe, then the dataset, then ``key=value``
     overrides (``data.*``, ``optim.*``, ``train.*``, ``method.*``). ``teacher_weights``: which weights of a
-    teacher trained here the student loads ('best' or 'last' epoch)."""
+    teacher trained here the student loads ('best' or 'last' epoch). ``pretrained`` / ``teacher_pretrained``:
+    timm's pretrained weights of the run's model / of the teacher (benchmark/models/pretrained.py): ImageNet weights on
+    ImageNet are the teacher as they are, elsewhere they start the teacher run that fine-tunes them."""
     from hkdbench.methods import get_method, method_config
 
     zoo_entry(student)
@@ -116,7 +122,7 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
         zoo_entry(teacher)
     if not get_method(method).uses_teacher:
         # the student-alone baseline does not depend on a teacher: one run serves every teacher of a student
-        teacher = teacher_checkpoint = None
+        teacher = teacher_checkpoint = teacher_pretrained = None
     elif kind == "student" and teacher is None:
         raise ConfigError(f"method {method!r} needs a teacher (--teacher NAME)")
     recipe_name = resolve_recipe_name(recipe, dataset, student)
@@ -132,13 +138,16 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     optim = build_dataclass(OptimConfig, body.get("optim", {}), "optim")
     train = build_dataclass(TrainConfig, body.get("train", {}), "train")
     method_cfg = method_config(method, extra.get("method", {}))
+    t_weights = _pretrained(teacher, teacher_pretrained) if teacher and teacher_pretrained else None
     t_recipe = None
-    if teacher is not None and teacher_checkpoint is None:
+    if teacher is not None and teacher_checkpoint is None and not (
+            t_weights and used_as_is(t_weights.num_classes, dataset, dataset_info(dataset).num_classes)):
         t_recipe = resolve_recipe_name(teacher_recipe or recipe, dataset, teacher)
+    own = _pretrained(student, pretrained) if pretrained else None
     cfg = RunConfig(
-        kind=kind, student=ModelConfig(student), method=method, method_cfg=to_dict(method_cfg), data=data,
-        optim=optim, train=train,
-        teacher=_teacher_model(teacher, teacher_checkpoint, teacher_weights) if teacher else None,
+        kind=kind, student=ModelConfig(student, pretrained=own and own.name, pretrained_sha256=own and own.sha256),
+        method=method, method_cfg=to_dict(method_cfg), data=data, optim=optim, train=train,
+        teacher=_teacher_model(teacher, teacher_checkpoint, teacher_weights, t_weights) if teacher else None,
         teacher_recipe=t_recipe, teacher_overrides=tuple(teacher_overrides) if t_recipe else (),
         recipe=recipe_name)
     return _naming_teacher_run(cfg) if t_recipe else cfg
@@ -161,9 +170,19 @@ def _naming_teacher_run(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, teacher_overrides=canonical, teacher_run=t_cfg.run_name())
 
 
-def _teacher_model(name: str, checkpoint: Optional[str], weights: str) -> ModelConfig:
+def _pretrained(model: str, name: str):
+    from hkdbench.benchmark.models.pretrained import resolve_for_model
+
     try:
-        return ModelConfig(name, checkpoint=checkpoint, weights=weights)
+        return resolve_for_model(model, name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _teacher_model(name: str, checkpoint: Optional[str], weights: str, pretrained=None) -> ModelConfig:
+    try:
+        return ModelConfig(name, checkpoint=checkpoint, weights=weights, pretrained=pretrained and pretrained.name,
+                           pretrained_sha256=pretrained and pretrained.sha256)
     except ValueError as err:
         raise ConfigError(f"teacher: {err}") from None
 
@@ -174,5 +193,8 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
     extra = parse_overrides(list(cfg.teacher_overrides))
     # the teacher sees the students' inputs: same data location and resolution, whatever its overrides say
     located = {"data": {"root": cfg.data.root, "download": cfg.data.download, "img_size": cfg.data.img_size}}
+    # watched like the student run unless its overrides say otherwise (train.log* are not part of any hash)
+    extra = deep_merge({"train": {"log": cfg.train.log, "log_interval": cfg.train.log_interval}}, extra)
     return resolve_run_config(kind="teacher", student=cfg.teacher.name, method="none", dataset=cfg.data.dataset,
-                              recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located))
+                              recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located),
+                              pretrained=cfg.teacher.pretrained)

@@ -28,12 +28,14 @@ Every write is atomic, so a kill at any moment leaves either the previous or the
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import platform
 import re
 import secrets
+import shutil
 import subprocess
 import tempfile
 import time
@@ -67,18 +69,72 @@ def open_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = open_temp(path)
+class StoreWriteError(RuntimeError):
+    """A write to the run store failed (disk full, read-only, no permission); the file written before is intact."""
+
+
+# the errors that mean "this store cannot take the write", as opposed to a bug
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+NEARLY_FULL_BYTES = 64 * 2 ** 20
+
+
+def describe_write_error(path: Path, err: BaseException) -> str:
+    """What failed, why, and what to do: the message of a StoreWriteError."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {path}: {os.strerror(code)}; the run store is not writable here. Pass --runs-dir "
+                "(or set HKDBENCH_RUNS) to a writable directory, or fix its permissions")
+    free = _free_bytes(Path(path).parent)
+    free_text = f"{free / 2 ** 20:.0f} MiB free" if free is not None else "free space unknown"
+    cause = os.strerror(code) if code is not None else f"{type(err).__name__}: {err}"
+    # torch's zip writer hides the errno ("unexpected pos ..."): judge by what is left on the filesystem
+    nearly_full = free is not None and free < NEARLY_FULL_BYTES
+    full = "the disk is full" if code in (errno.ENOSPC, errno.EDQUOT) or nearly_full else "is the disk full?"
+    return (f"cannot write {path} ({cause}); {full} ({free_text} on its filesystem). Nothing was half-written: "
+            f"the previous {Path(path).name}, if any, is intact. Free space, then continue with --resume")
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos ...", "failed writing")
+    return isinstance(err, RuntimeError) or (isinstance(err, OSError) and err.errno in WRITE_ERRNOS)
+
+
+@contextlib.contextmanager
+def atomic_replace(path: Path) -> Iterator[str]:
+    """Yields a temp file beside ``path`` to write; renames it onto ``path`` when the block succeeds, else
+    removes it (a failed write leaves the old file and no partial one) and explains a disk-full/read-only error."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd, tmp = open_temp(path)
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise StoreWriteError(describe_write_error(path, err)) from err
+        raise
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if _is_write_failure(err) and not isinstance(err, StoreWriteError):
+            raise StoreWriteError(describe_write_error(path, err)) from err
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_replace(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -114,6 +170,20 @@ def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def check_writable(path: Path) -> None:
+    """Before a run's first write: its directory (or the nearest existing folder above it) must be writable."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not os.access(folder, os.W_OK):
+                raise StoreWriteError(describe_write_error(folder, OSError(errno.EROFS if _read_only(folder)
+                                                                           else errno.EACCES, "")))
+            return
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
 
 
 def git_sha() -> Optional[str]:
@@ -170,6 +240,7 @@ class RunDir:
     log_file = property(lambda self: self.path / "log.txt")
     jobs_file = property(lambda self: self.path / "jobs.jsonl")
     lock_file = property(lambda self: self.path / "lock")
+    tracking_dir = property(lambda self: self.path / "tracking")  # TensorBoard events, W&B's offline files
 
     def weights_file(self, which: str, ema: bool = False) -> Path:
         """Where the run keeps its ``which`` ('best' or 'last') weights (the EMA's with ``ema``)."""
@@ -232,11 +303,13 @@ class RunDir:
     # -- writes ---------------------------------------------------------------------------------------------------
     def claim(self, cfg: RunConfig) -> None:
         """Creates the directory for ``cfg``, or checks that the existing one holds the same config."""
+        check_writable(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         body = cfg.to_dict()
         if self.config_file.exists():
-            stored = self._stored_config()
-            if stored != json.loads(json.dumps(body, default=str)):
+            # the same run whatever its non-result settings (train.log, data.workers, ...) or fields added since
+            stored = run_config_from_dict(self._stored_config()).run_hash()
+            if stored != cfg.run_hash():
                 raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
                                    "refusing to overwrite another run")
         else:
@@ -272,13 +345,20 @@ class RunDir:
         for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file, *kept):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
+        shutil.rmtree(self.tracking_dir, ignore_errors=True)  # a restarted run's curves start afresh
 
     # -- locking --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
         """An exclusive flock on ``lock``: never two processes training the same run."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a+") as f:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.lock_file, "a+")
+        except OSError as err:
+            if err.errno in WRITE_ERRNOS:
+                raise StoreWriteError(describe_write_error(self.lock_file, err)) from err
+            raise
+        with lock_file as f:
             flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
             try:
                 fcntl.flock(f, flags)
@@ -292,7 +372,7 @@ class RunDir:
     def is_locked(self) -> bool:
         if not self.lock_file.exists():
             return False
-        with open(self.lock_file, "a+") as f:
+        with open(self.lock_file) as f:  # read-only: status works on a store it cannot write (flock needs none)
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -4,7 +4,7 @@ import importlib
 import importlib.util
 import pkgutil
 
-from .base import Distiller, Targets, kd_kl
+from .base import TASK_LOSS, Distiller, Targets, TrainingSet, check_numbers, kd_kl
 from .registry import get_method, list_methods, method_config, register_method, unregister_method
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -60,5 +60,5 @@ def _import_plugin(item: str, do_import):
         raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) cannot be imported: {err}") from None
 
 
-__all__ = ["load_plugins", "Distiller", "Targets", "kd_kl", "get_method", "list_methods", "method_config", "register_method",
-           "unregister_method"]
+__all__ = ["load_plugins", "TASK_LOSS", "Distiller", "Targets", "TrainingSet", "check_numbers", "kd_kl", "get_method",
+           "list_methods", "method_config", "register_method", "unregister_method"]

@@ -7,11 +7,37 @@ and the teacher are held as plain references, not submodules, so ``method.parame
 Per training step the trainer calls :meth:`Distiller.training_step`, which by default runs the student with the
 taps the method asked for, the teacher once without gradients, and :meth:`Distiller.losses`. The returned dict
 maps term names to already-weighted scalar losses; the trainer sums them and logs each.
+
+The contract, beyond ``losses``:
+
+* **The task term** is the loss named :data:`TASK_LOSS` (``"ce"``): the weighted classification loss on the
+  student's logits. Every method that trains on the labels returns it under that key; the gradient-conflict
+  probe takes it as the task side and every other term as the distillation side.
+* **Parameter groups.** :meth:`Distiller.optimizer_groups` may return groups of the method's own parameters
+  with their own options (``lr_scale``: a multiple of the scheduled lr, as timm's schedulers honour it;
+  ``weight_decay``). The optimiser factory (``benchmark/optim.py``) leaves those parameters out of its default
+  groups and appends these; a group without ``weight_decay`` is split by the default rule (no decay for ndim <= 1
+  and ``*.bias``). The default (no groups) is the reference's: every parameter in the default groups.
+* **Sample indices.** A method with ``needs_sample_indices = True`` (memory banks, as CRD's) gets each sample's
+  index in the training set as ``Targets.index`` (B,) on every training step, and the training set itself
+  (:class:`TrainingSet`: its size and labels) as the ``train_set`` keyword of its constructor. Under
+  mixup/cutmix the index is that of the un-mixed sample at the row (the one with weight lambda), as CRD's
+  reference passes it. Other methods get neither.
+* **Unused parameters under DDP.** ``find_unused_parameters = True`` declares that some trainable parameter of
+  the student or the method may get no gradient in a step (PAT's fusion branch before feedback exists); DDP is
+  then wrapped with unused-parameter detection, which costs a graph traversal per step, so it is off otherwise.
+  ``tests/test_contract.py`` checks that a method without it gives every trainable parameter a gradient.
+* **Unsupported pairs.** A method that cannot be built for a teacher/student pair raises
+  ``NotImplementedError`` with the reason from its constructor. The harness reports it as an error of that run
+  before the student's first step (``hkdbench train`` exits 2 with the reason), ``hkdbench methods
+  --pair`` and ``hkdbench overhead`` list the method as not supported for the pair, and the contract tests skip
+  that pair with the reason. Any other exception from a constructor is a bug.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,11 +50,43 @@ from hkdbench.benchmark.models.taps import Features, TappedModel
 TASK_LOSS = "ce"
 
 
+TASK_LOSS = "ce"  # the key of the task (classification) term in every method's losses
+
+
 @dataclass
 class Targets:
-    """Labels of a batch: ``hard`` class indices (B,) and, under mixup/cutmix, ``soft`` label rows (B, C)."""
+    """Labels of a batch: ``hard`` class indices (B,), under mixup/cutmix ``soft`` label rows (B, C), and for a
+    method that ``needs_sample_indices`` the training-set ``index`` (B,) of each row's (un-mixed) sample."""
     hard: torch.Tensor
     soft: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """What a method with ``needs_sample_indices`` knows of the training set: the label of every sample, in the
+    order of ``Targets.index`` (after ``data.train_subset``)."""
+    labels: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def stand_in(cls, num_classes: int) -> "TrainingSet":
+        """The training set that cost reports (``hkdbench methods --pair``, ``hkdbench overhead``) size per-sample
+        methods by: 500 images per class, balanced (CIFAR's 50,000 for 100 classes)."""
+        return cls(torch.arange(500 * num_classes) % num_classes)
+
+
+def check_numbers(cfg, method: str, nonnegative: Tuple[str, ...] = (), positive: Tuple[str, ...] = ()) -> None:
+    """The one home of a config's finite/positive checks: each field named in ``nonnegative`` must be a finite
+    number >= 0, each one in ``positive`` a finite number > 0 (NaN and infinity fail both)."""
+    for names, bound, ok in ((nonnegative, ">=", lambda v: v >= 0), (positive, ">", lambda v: v > 0)):
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"{method} {name} must be {bound} 0 and finite, got {value}")
 
 
 def check_stages(stages, field: str = "stages", allow_empty: bool = False) -> None:
@@ -58,10 +116,17 @@ class Distiller(nn.Module):
     needs_teacher_grad: ClassVar[bool] = False
     # False for methods that train the student alone (no teacher is built or trained for them)
     uses_teacher: ClassVar[bool] = True
+    # True: the method gets Targets.index every step and the TrainingSet as the constructor's train_set
+    needs_sample_indices: ClassVar[bool] = False
+    # True: some trainable parameter may get no gradient in a step, so DDP must look for unused parameters
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg, student: TappedModel, teacher: Optional[TappedModel], num_classes: int,
-                 criterion: Optional[nn.Module] = None):
+                 criterion: Optional[nn.Module] = None, train_set: Optional[TrainingSet] = None):
         super().__init__()
+        if self.needs_sample_indices and train_set is None:
+            raise ValueError(f"method {self.name!r} needs the training set (train_set=TrainingSet(labels)): "
+                             "it indexes per-sample state by Targets.index")
         self.cfg = cfg
         self.num_classes = num_classes
         # plain references: not submodules, so they are not in this module's parameters or state dict
@@ -70,6 +135,14 @@ class Distiller(nn.Module):
         if teacher is not None:  # the teacher is frozen; a method may still back-propagate *through* it
             teacher.requires_grad_(False).eval()
         self.__dict__["criterion"] = criterion if criterion is not None else nn.CrossEntropyLoss()
+
+    @classmethod
+    def build(cls, cfg, student: TappedModel, teacher: Optional[TappedModel], num_classes: int,
+              criterion: Optional[nn.Module] = None, train_set: Optional[TrainingSet] = None) -> "Distiller":
+        """How the harness constructs a method: ``train_set`` reaches only a method that needs sample indices (so a
+        method's ``__init__`` need not take it otherwise)."""
+        extra = {"train_set": train_set} if cls.needs_sample_indices else {}
+        return cls(cfg, student, teacher, num_classes, criterion, **extra)
 
     # -- what the method needs from the models -------------------------------------------------------------------
     def student_stages(self) -> Tuple[int, ...]:
@@ -101,6 +174,12 @@ class Distiller(nn.Module):
     def losses(self, student: Features, teacher: Optional[Features], targets: Targets,
                epoch: int = 0) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def optimizer_groups(self) -> List[Dict[str, Any]]:
+        """Groups of this method's own parameters with their own optimiser options: dicts of ``params`` (a module,
+        or a list of parameters) and ``lr_scale`` and/or ``weight_decay``. Parameters not listed go in the default
+        groups with the student's. Default: none (the reference's single set of groups)."""
+        return []
 
     # -- logging and reporting ------------------------------------------------------------------------------------
     def statistics(self) -> Dict[str, float]:

@@ -16,12 +16,11 @@ batch of several samples to carry signal. Computed in float32 (autocast-safe), o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from .base import Distiller
+from .base import TASK_LOSS, Distiller, check_numbers
 from .registry import register_method
 
 _EPS = 1e-8
@@ -57,18 +56,13 @@ class DIST(Distiller):
         temperature: float = 1.0
 
         def __post_init__(self):
-            for key in ("gt_weight", "beta", "gamma"):
-                value = getattr(self, key)
-                if not math.isfinite(value) or value < 0:
-                    raise ValueError(f"dist {key} must be a finite number >= 0, got {value}")
-            if not math.isfinite(self.temperature) or self.temperature <= 0:
-                raise ValueError(f"dist temperature must be a finite number > 0, got {self.temperature}")
+            check_numbers(self, "dist", nonnegative=("gt_weight", "beta", "gamma"), positive=("temperature",))
 
     def losses(self, student, teacher, targets, epoch=0):
         cfg = self.cfg
         inter, intra = dist_terms(student.logits, teacher.logits, cfg.temperature)
         return {
-            "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(student.logits, targets),
             "dist_inter": cfg.beta * inter,
             "dist_intra": cfg.gamma * intra,
         }

@@ -25,14 +25,13 @@ without host synchronisation, so the loss is autocast-safe and runs on any devic
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .base import Distiller
+from .base import TASK_LOSS, Distiller, check_numbers
 from .registry import register_method
 
 
@@ -91,18 +90,14 @@ class DKD(Distiller):
         warmup_epochs: float = 20.0
 
         def __post_init__(self):
-            for key in ("gt_weight", "alpha", "beta", "warmup_epochs"):
-                value = getattr(self, key)
-                if not math.isfinite(value) or value < 0:
-                    raise ValueError(f"dkd {key} must be a finite number >= 0, got {value}")
-            if not math.isfinite(self.temperature) or self.temperature <= 0:
-                raise ValueError(f"dkd temperature must be a finite number > 0, got {self.temperature}")
+            check_numbers(self, "dkd", nonnegative=("gt_weight", "alpha", "beta", "warmup_epochs"),
+                          positive=("temperature",))
 
     def losses(self, student, teacher, targets, epoch=0):
         cfg = self.cfg
         tckd, nckd, _ = decoupled_kl(student.logits, teacher.logits, targets.hard, cfg.temperature)
         scale = warmup_factor(epoch + 1, cfg.warmup_epochs) * cfg.temperature ** 2
         return {
-            "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(student.logits, targets),
             "dkd": scale * (cfg.alpha * tckd.mean() + cfg.beta * nckd.mean()),
         }

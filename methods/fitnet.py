@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models.taps import StageInfo, nchw_to_tokens, tokens_to_nchw
 
-from .base import Distiller, check_stages, kd_kl
+from .base import TASK_LOSS, Distiller, check_stages, kd_kl
 from .registry import register_method
 
 
@@ -98,7 +98,7 @@ class FitNet(Distiller):
     def losses(self, student, teacher, targets, epoch=0):
         hint = sum(F.mse_loss(self.projectors[str(s)](student.stages[s]), teacher.stages[s])
                    for s in self.cfg.stages)
-        out = {"ce": self.cfg.gt_weight * self.task_loss(student.logits, targets),
+        out = {TASK_LOSS: self.cfg.gt_weight * self.task_loss(student.logits, targets),
                "hint": self.cfg.hint_weight * hint}
         if self.cfg.kd_weight:
             out["kd"] = self.cfg.kd_weight * kd_kl(student.logits, teacher.logits, self.cfg.temperature)

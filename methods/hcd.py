@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Distiller, check_stages, kd_kl
+from .base import TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
 from .ofa import build_branch_projector, init_weights
 from .registry import register_method
 
@@ -108,8 +108,7 @@ class HCD(Distiller):
                 raise ValueError(f"stage_reduce must be 'sum' or 'mean', got {self.stage_reduce!r}")
             if self.mask_mode not in ("mask", "zero"):
                 raise ValueError(f"mask_mode must be 'mask' or 'zero', got {self.mask_mode!r}")
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            check_numbers(self, "hcd", positive=("temperature",))
 
     def __init__(self, cfg, student, teacher, num_classes, criterion=None):
         super().__init__(cfg, student, teacher, num_classes, criterion)
@@ -151,7 +150,7 @@ class HCD(Distiller):
         scale = 1.0 / len(terms) if cfg.stage_reduce == "mean" else 1.0
         ce_i, kd_i, orth_i = (scale * sum(t[k] for t in terms) for k in range(3))
         return {
-            "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(student.logits, targets),
             "kd": cfg.kd_weight * kd_kl(student.logits.float(), teacher.logits.float(), cfg.temperature),
             "hcd_ce": ce_i,
             "hcd_kd": cfg.lambda_hcd * kd_i,

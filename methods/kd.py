@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Distiller, kd_kl
+from .base import TASK_LOSS, Distiller, check_numbers, kd_kl
 from .registry import register_method
 
 
@@ -23,11 +23,10 @@ class KD(Distiller):
         temperature: float = 1.0
 
         def __post_init__(self):
-            if self.temperature <= 0:
-                raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
+            check_numbers(self, "kd", positive=("temperature",))
 
     def losses(self, student, teacher, targets, epoch=0):
         return {
-            "ce": self.cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: self.cfg.gt_weight * self.task_loss(student.logits, targets),
             "kd": self.cfg.kd_weight * kd_kl(student.logits, teacher.logits, self.cfg.temperature),
         }

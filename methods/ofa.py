@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 
 from hkdbench.benchmark.models.taps import StageInfo
 
-from .base import Distiller, check_stages
+from .base import TASK_LOSS, Distiller, check_numbers, check_stages
 from .registry import register_method
 
 PROJECTOR_STYLES = ("ofa", "spofa")
@@ -284,8 +284,7 @@ class OFA(Distiller):
                 raise ValueError(f"eps must have 1 or len(stages)+1={len(self.stages) + 1} values, got {self.eps}")
             if any(e <= 0 for e in self.eps):
                 raise ValueError(f"eps values must be > 0, got {self.eps}")
-            if self.temperature <= 0:
-                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            check_numbers(self, "ofa", positive=("temperature",))
             if self.num_heads < 1 or self.target_grid < 1:
                 raise ValueError("num_heads and target_grid must be >= 1")
 
@@ -316,7 +315,7 @@ class OFA(Distiller):
         branch_loss = sum(ofa_loss(branches[s], teacher.logits, targets.hard, eps[i], cfg.temperature)
                           for i, s in enumerate(cfg.stages))
         return {
-            "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(student.logits, targets),
             "kd": cfg.kd_weight * ofa_loss(student.logits, teacher.logits, targets.hard, eps[-1], cfg.temperature),
             "ofa": cfg.ofa_weight * branch_loss,
         }

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models.taps import STAGES, StageInfo, nchw_to_tokens, tokens_to_nchw
 
-from .base import Distiller, check_stages, kd_kl
+from .base import TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
 from .ofa import init_weights
 from .registry import register_method
 
@@ -380,6 +380,7 @@ class PAT(Distiller):
     name = "pat"
     paper = "Lin et al., Perspective-Aware Teaching: Adapting Knowledge for Heterogeneous Distillation, ICCV 2025"
     needs_teacher_grad = True
+    find_unused_parameters = True  # the fusion branches get no gradient before feedback exists (first step)
 
     @dataclass(frozen=True)
     class Config:
@@ -397,8 +398,7 @@ class PAT(Distiller):
         reference_quirks: bool = False
 
         def __post_init__(self):
-            if self.temperature <= 0:
-                raise ValueError(f"pat temperature must be > 0, got {self.temperature}")
+            check_numbers(self, "pat", positive=("temperature",))
             check_stages(self.afp_stages, "pat afp_stages", allow_empty=True)
             per_stage = self.raa_num_queries // 4
             if self.raa_num_queries % 4 or math.isqrt(per_stage) ** 2 != per_stage or per_stage == 0:
@@ -493,7 +493,7 @@ class PAT(Distiller):
         # the KL terms in float32: under autocast the logits may be half precision
         z_s, z_t, z_t_prompted = s_out.logits.float(), t_plain.logits.float(), t_prompted.logits.float()
         return {
-            "ce": cfg.gt_weight * self.task_loss(s_out.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(s_out.logits, targets),
             "kd": cfg.kd_weight * kd_kl(z_s, z_t, cfg.temperature),
             "hcl": cfg.mse_weight * hcl,
             "reg": cfg.reg_weight * kd_kl(z_t_prompted, z_t, 1.0),

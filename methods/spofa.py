@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import TASK_LOSS
 from .ofa import OFA, enhanced_target, ofa_loss
 from .registry import register_method
 
@@ -162,7 +163,7 @@ class SPOFA(OFA):
             per_sample = omega * per_sample
         self._last = {k: v.detach() for k, v in last.items()}
         return {
-            "ce": cfg.gt_weight * self.task_loss(student.logits, targets),
+            TASK_LOSS: cfg.gt_weight * self.task_loss(student.logits, targets),
             "kd": cfg.kd_weight * per_sample.mean(),
             "ofa": cfg.ofa_weight * branch_loss,
         }

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Distiller
+from .base import TASK_LOSS, Distiller
 from .registry import register_method
 
 
@@ -19,4 +19,4 @@ class Vanilla(Distiller):
     uses_teacher = False
 
     def losses(self, student, teacher, targets, epoch=0):
-        return {"ce": self.cfg.gt_weight * self.task_loss(student.logits, targets)}
+        return {TASK_LOSS: self.cfg.gt_weight * self.task_loss(student.logits, targets)}

@@ -1,6 +1,7 @@
 """Shared helpers of the tests: the mini-model matrix."""
 import functools
 import itertools
+from pathlib import Path
 
 import torch
 
@@ -38,3 +39,28 @@ def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
 def ks_critical(n: int, m: int) -> float:
     """The KS statistic that two samples of one distribution exceed with probability about 1e-4."""
     return 2.15 * ((n + m) / (n * m)) ** 0.5
+
+
+def hub_cache(root: Path, repo: str, state: dict, revision: str = "0" * 40) -> Path:
+    """A Hugging Face hub cache with one weights file, laid out by hand as the hub client lays it out."""
+    from safetensors.torch import save_file
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(revision)
+    snapshot = folder / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    return snapshot / "model.safetensors"
+
+
+def imagenet_preset_weights(root, monkeypatch) -> None:
+    """Files for the imagenet-ofa preset's timm teachers in a temporary hub cache, offline (expansion only
+    hashes them; nothing loads them)."""
+    import torch
+    from huggingface_hub import constants
+
+    for repo in ("timm/swin_tiny_patch4_window7_224.ms_in1k", "timm/convnext_tiny.fb_in1k"):
+        hub_cache(root, repo, {"w": torch.zeros(1)})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -130,3 +130,87 @@ def test_a_garbage_config_json_is_named_and_left_alone(fmnist_available, runs_di
     _fails_cleanly(TEACHER, runs_dir, capsys, str(config), "is not valid JSON", "move it away")
     assert config.read_text() == '{"kind": "teach'
     assert sorted(p.name for p in config.parent.iterdir()) <= ["config.json", "lock"]
+
+
+def _fake_cifar100(tmp_path, monkeypatch):
+    """A torchvision CIFAR-100 folder of small files whose MD5s torchvision is told (the real set is 170 MB)."""
+    import hashlib
+
+    import torchvision
+
+    folder = tmp_path / "cifar" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    md5 = {}
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(name.encode() * 100)
+        md5[name] = hashlib.md5((folder / name).read_bytes()).hexdigest()
+    cls = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(cls, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["meta"]})
+    return folder
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda folder: (folder / "test").write_bytes(b"half"), "test is damaged (its MD5"),
+    (lambda folder: (folder / "meta").unlink(), "meta is missing"),
+])
+def test_a_damaged_cifar_file_is_named_before_anything_is_written(runs_dir, capsys, tmp_path, monkeypatch, damage,
+                                                                  message):
+    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.data.datasets import check_data_available
+
+    folder = _fake_cifar100(tmp_path, monkeypatch)
+    check_data_available(DataConfig(dataset="cifar100", root=str(folder.parent)))  # intact: passes
+    damage(folder)
+    _fails_cleanly(["teacher", "--model", "resnet_mini", "--dataset", "cifar100", "--recipe", "demo",
+                    f"data.root={folder.parent}"], runs_dir, capsys, str(folder), message)
+    _nothing_written(runs_dir)
+
+
+def _image_folders(root, train_classes, val_classes, empty=()):
+    for split, classes in (("train", train_classes), ("val", val_classes)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            if name not in empty:
+                (root / split / name / "img.JPEG").write_bytes(b"jpeg")
+    return root
+
+
+@pytest.mark.parametrize("layout,message", [
+    (dict(train_classes=["a", "b"], val_classes=["a", "b", "c"]), "val has 3 class folders; imagenet needs 2"),
+    (dict(train_classes=["a", "b"], val_classes=["a", "c"]), "name different classes (e.g. b, c)"),
+    (dict(train_classes=["a", "b"], val_classes=["a", "b"], empty=["b"]), "class folder(s) b are empty"),
+])
+def test_imagenet_folders_that_would_shift_labels_are_refused(tmp_path, layout, message):
+    from hkdbench.benchmark.data.datasets import DataCorruptError, _check_image_folders
+
+    root = _image_folders(tmp_path / "in", **layout)
+    with pytest.raises(DataCorruptError) as err:
+        _check_image_folders(root, 2)
+    assert message in str(err.value)
+    _check_image_folders(_image_folders(tmp_path / "ok", ["a", "b"], ["a", "b"]), 2)  # a sound layout passes
+
+
+def test_imagenet_with_the_wrong_number_of_classes_fails_before_anything_is_written(runs_dir, capsys, tmp_path):
+    root = _image_folders(tmp_path / "in", ["a", "b"], ["a", "b"])
+    _fails_cleanly(["teacher", "--model", "resnet18", "--dataset", "imagenet", "--recipe", "imagenet-cnn",
+                    f"data.root={root}"], runs_dir, capsys, "has 2 class folders; imagenet needs 1000")
+    _nothing_written(runs_dir)
+
+
+def test_a_sweep_checks_its_data_before_submitting_anything(fmnist_available, runs_dir, capsys, tmp_path):
+    root = _damaged_fmnist(tmp_path, "train-labels-idx1-ubyte.gz", _truncate)
+    _fails_cleanly(["sweep", "demo", f"data.root={root}", "--executor", "inline"], runs_dir, capsys,
+                   str(root / "train-labels-idx1-ubyte.gz"), "is damaged")
+    _nothing_written(runs_dir)
+
+
+def test_a_sweep_checks_its_teacher_checkpoint_before_submitting_anything(fmnist_available, runs_dir, capsys,
+                                                                          tmp_path):
+    bad = tmp_path / "teacher.pth"
+    bad.write_bytes(b"")
+    _fails_cleanly(["sweep", "--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "kd",
+                    "--seeds", "0", "recipe=demo", f"teacher_checkpoints={{resnet_mini: {bad}}}", "--executor", "inline"],
+                   runs_dir, capsys, str(bad), "is empty (0 bytes")
+    _nothing_written(runs_dir)

@@ -2,8 +2,8 @@
 
 * a DDP run over 2 x 64 images per step ends with the same student weights on both ranks, and they match a
   single-process run with batch 128 (same images per step, no augmentation, a BatchNorm-free student);
-* methods with state work under DDP: SPOFA's EMA baselines are identical on every rank, PAT's feedback is
-  per rank; the run store holds one run (rank 0's files) with world size 2 and global batch 128;
+* methods with state work under DDP: SPOFA's EMA baselines and CRD's memory banks are identical on every rank,
+  PAT's feedback is per rank; the run store holds one run (rank 0's files) with world size 2 and global batch 128;
 * the loaders shard every global batch disjointly and keep the single-process order.
 """
 import json
@@ -45,9 +45,9 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
     captured = {}
 
     class Ctx(DistContext):
-        def wrap(self, module):
+        def wrap(self, module, *args):
             captured["module"] = module
-            return super().wrap(module)
+            return super().wrap(module, *args)
 
     ctx = Ctx(rank=rank, world_size=world, backend="gloo")
     result = Trainer(run_config_from_dict(cfg_dict), RunStore(runs_dir), device="cpu", progress=False,
@@ -124,10 +124,11 @@ def test_ddp_matches_single_process_and_ranks_agree(tmp_path):
         assert ddp["train_top1"] == pytest.approx(one["train_top1"], abs=0.5)
 
 
-@pytest.mark.parametrize("method", ["spofa", "pat"])
+@pytest.mark.parametrize("method", ["spofa", "pat", "crd"])
 def test_stateful_methods_under_ddp(tmp_path, method):
+    extra = ["method.nce_k=64"] if method == "crd" else []
     cfg = resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method=method,
-                             recipe="demo", teacher_checkpoint=_teacher_checkpoint(tmp_path), overrides=TINY)
+                             recipe="demo", teacher_checkpoint=_teacher_checkpoint(tmp_path), overrides=TINY + extra)
     ranks, _ = _spawn(cfg, tmp_path)
     assert [r["status"] for r in ranks] == ["done", "done"]
     for k, v in ranks[0]["student"].items():
@@ -138,6 +139,11 @@ def test_stateful_methods_under_ddp(tmp_path, method):
         assert ema, "SPOFA has EMA baselines"
         for k in ema:  # the batch statistic is averaged over ranks: the same baseline everywhere
             assert torch.equal(m0[k], m1[k]), k
+    elif method == "crd":  # every rank applies every rank's batch: identical banks, all 256 rows updated
+        for k in ("method.memory.memory_student", "method.memory.memory_teacher", "method.memory.z_student"):
+            assert torch.equal(m0[k], m1[k]), k
+        norms = m0["method.memory.memory_student"].norm(dim=1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)  # updated rows are unit vectors
     else:
         feedback = [k for k in m0 if k.endswith(".feedback") and m0[k].numel()]
         assert feedback, "PAT stores feedback"

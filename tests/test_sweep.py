@@ -74,7 +74,10 @@ def test_cifar100_ofa_is_the_ofa_table():
     assert {r.cfg.data.root for r in plan.runs} == {"/data/cifar"}  # teachers inherit the data location
 
 
-def test_other_presets_expand():
+def test_other_presets_expand(tmp_path, monkeypatch):
+    from _support import imagenet_preset_weights
+
+    imagenet_preset_weights(tmp_path, monkeypatch)  # the ImageNet preset's timm teachers, from a hub cache
     pat = expand(load_preset("cifar100-pat"))
     assert ("convnext_tiny", "deit_tiny") in pat.preset.pair_list() and "pat" in pat.preset.methods
     assert len(pat.cells) == 4 * 5 * 3

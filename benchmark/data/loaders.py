@@ -39,11 +39,6 @@ from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Raw arrays
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Batched tensor augmentation
 # --------------------------------------------------------------------------------------------------------------
 
@@ -211,12 +206,19 @@ class TensorLoader:
     def __len__(self) -> int:
         return _num_batches(len(self.labels), self.batch_size, self.train, self.rank, self.world_size)
 
-    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0, with_index: bool = False) -> Iterator[tuple]:
+        """(images, labels) per step, or with ``with_index`` (images, labels, index): each sample's index in
+        this split (for methods with per-sample state)."""
         n = len(self.labels)
         order = epoch_permutation(n, seed, epoch).to(self.device) if self.train else torch.arange(n, device=self.device)
         for step in range(start_step, len(self)):
             idx = order[_batch_slice(step, self.batch_size, self.train, self.rank, self.world_size)]
-            yield self._transform(self.images[idx]), self.labels[idx]
+            batch = (self._transform(self.images[idx]), self.labels[idx])
+            yield batch + (idx,) if with_index else batch
+
+    def all_labels(self) -> torch.Tensor:
+        """The label of every sample of the split, in index order (on the CPU)."""
+        return self.labels.cpu()
 
     def _transform(self, images: torch.Tensor) -> torch.Tensor:
         """timm's order: crop/resize and flip, then RandAugment or else colour jitter, normalise, random erasing."""
@@ -344,16 +346,29 @@ class ImageLoader:
     def __len__(self) -> int:
         return _num_batches(len(self.dataset), self.batch_size, self.train, self.rank, self.world_size)
 
-    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0):
+    def batches(self, seed: int = 0, epoch: int = 0, start_step: int = 0, with_index: bool = False):
+        """As ``TensorLoader.batches``; the index of a batch is its slice of the sampler's order."""
         n = len(self.dataset)
         order = epoch_permutation(n, seed, epoch) if self.train else torch.arange(n)
         order = torch.cat([order[_batch_slice(s, self.batch_size, self.train, self.rank, self.world_size)]
-                           for s in range(start_step, len(self))] or [order[:0]]).tolist()
+                           for s in range(start_step, len(self))] or [order[:0]])
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.cfg.workers,
+            self.dataset, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.cfg.workers,
             pin_memory=self.device.type == "cuda", drop_last=self.train, persistent_workers=False)
-        for images, labels in loader:
-            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        for i, (images, labels) in enumerate(loader):
+            batch = (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            if with_index:
+                batch += (order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device),)
+            yield batch
+
+    def all_labels(self) -> torch.Tensor:
+        """The label of every sample of the dataset, in index order, read without decoding images."""
+        dataset, keep = self.dataset, None
+        if isinstance(dataset, torch.utils.data.Subset):
+            dataset, keep = dataset.dataset, torch.as_tensor(dataset.indices)
+        labels = getattr(dataset, "labels", None)  # _TensorImageDataset
+        labels = torch.as_tensor(dataset.targets) if labels is None else labels  # torchvision's sets
+        return labels if keep is None else labels[keep]
 
 
 def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):

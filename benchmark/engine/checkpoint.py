@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.store import RunDir, open_temp
+from hkdbench.benchmark.store import RunDir, atomic_replace
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
@@ -96,15 +96,9 @@ def _set_rng(state: Dict[str, Any]) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    fd, tmp = open_temp(path)
-    os.close(fd)
-    try:
+    """torch.save through the store's atomic replace: a full disk leaves the previous file and a clear error."""
+    with atomic_replace(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class MissingWeightsError(FileNotFoundError):

@@ -95,16 +95,17 @@ class DistContext:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """DDP around the trainable module. ``find_unused_parameters``: a method need not use every module
-        every step (PAT's fusion branch at the first step, OFA branches of unused stages)."""
+    def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """DDP around the trainable module. ``find_unused_parameters``: on for a method that declares that some
+        trainable parameter may get no gradient in a step (``Distiller.find_unused_parameters``, e.g. PAT's
+        fusion branch at the first step); off otherwise, sparing DDP a traversal of the graph every step."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ignored = _ignored_names(module)
         if ignored:  # DDP reads this attribute on the module it wraps only
             module._ddp_params_and_buffers_to_ignore = ignored
         device_ids = [self.device().index] if self.backend == "nccl" else None
-        return DDP(module, device_ids=device_ids, find_unused_parameters=True)
+        return DDP(module, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
     def stop_fn(self, local: Callable[[], bool]) -> Callable[[], bool]:
         """A ``should_stop`` that is true on every rank as soon as ``local()`` is true on one of them.

@@ -15,7 +15,7 @@ PAT ran it): ``create_optimizer_v2(distiller, ...)`` and ``create_scheduler(args
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Set
 
 import torch
 import torch.nn as nn
@@ -23,14 +23,20 @@ import torch.nn as nn
 from hkdbench.benchmark.config import OptimConfig
 
 
-def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
+def _as_module(params) -> nn.Module:
+    """A method group's ``params``: a module as it is, a list of parameters held in a ParameterList."""
+    return params if isinstance(params, nn.Module) else nn.ParameterList(list(params))
+
+
+def param_groups(modules: List[nn.Module], weight_decay: float, skip: Set[int] = frozenset()
+                 ) -> List[Dict[str, Any]]:
     """timm 0.6.5 ``param_groups_weight_decay``: parameters with ndim <= 1 or named ``*.bias`` get no weight decay;
     the no-decay group comes first, as in timm. Without weight decay timm makes one group (1.x: of the trainable
     parameters; 0.6.5 passes every parameter, and the optimiser skips the frozen ones, which have no gradient)."""
     no_decay, decay, seen = [], [], set()
     for module in modules:
         for name, p in module.named_parameters():
-            if not p.requires_grad or id(p) in seen:
+            if not p.requires_grad or id(p) in seen or id(p) in skip:
                 continue
             seen.add(id(p))
             exempt = weight_decay == 0 or p.ndim <= 1 or name.endswith(".bias")
@@ -39,9 +45,20 @@ def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, modules: List[nn.Module]) -> torch.optim.Optimizer:
-    """``create_optimizer_v2(module, opt=cfg.name, lr, weight_decay, momentum[, eps, betas])`` of timm 0.6.5."""
-    groups = param_groups(modules, cfg.weight_decay)
+def build_optimizer(cfg: OptimConfig, modules: List[nn.Module],
+                    method_groups: Sequence[Dict[str, Any]] = ()) -> torch.optim.Optimizer:
+    """``create_optimizer_v2(module, opt=cfg.name, lr, weight_decay, momentum[, eps, betas])`` of timm 0.6.5, plus
+    a method's own groups (``Distiller.optimizer_groups``): their parameters leave the default groups and follow
+    them with the group's options (``lr_scale``, ``weight_decay``). A group without ``weight_decay`` is split by
+    the default rule (``params`` given as a module keeps the ``*.bias`` names). No method groups: timm's exactly."""
+    own = [_as_module(g["params"]) for g in method_groups]
+    groups = param_groups(modules, cfg.weight_decay, skip={id(p) for m in own for p in m.parameters()})
+    for group, module in zip(method_groups, own):
+        options = {k: v for k, v in group.items() if k != "params"}
+        if "weight_decay" in options:
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], **options})
+        else:
+            groups += [{**g, **options} for g in param_groups([module], cfg.weight_decay)]
     if cfg.name == "sgd":  # timm's 'sgd' is Nesterov momentum ('momentum' would be the classical one)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0)

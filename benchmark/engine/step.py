@@ -78,12 +78,14 @@ class TrainStep:
         self.device = device
         self.schedule = LRSchedule(optim, optimizer, epochs, steps)
 
-    def step(self, images, labels, epoch: int, step: int) -> Tuple[Dict[str, float], int]:
+    def step(self, images, labels, epoch: int, step: int, index=None) -> Tuple[Dict[str, float], int]:
+        """``index``: the samples' training-set indices, for a method that needs them (kept under mixup: row i
+        mixes sample i, weight lambda, with its partner, as CRD's reference passes it)."""
         lr = self.schedule.apply(epoch, step)
-        targets = Targets(hard=labels)
+        targets = Targets(hard=labels, index=index)
         if self.mixup is not None:
             images, soft = self.mixup(images, labels)
-            targets = Targets(hard=soft.argmax(-1), soft=soft)
+            targets = Targets(hard=soft.argmax(-1), soft=soft, index=index)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.module.train()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.methods import Distiller, get_method, method_config
+from hkdbench.methods import Distiller, TrainingSet, get_method, method_config
 
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.config import RunConfig
@@ -28,7 +28,7 @@ from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.optim import build_optimizer
 from hkdbench.benchmark.engine.environment import environment
-from hkdbench.benchmark.store import RunDir, RunStore, timestamp
+from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
@@ -76,7 +76,8 @@ class Trainer:
                  should_stop: Callable[[], bool] = lambda: False, dist_ctx=None, echo: bool = True):
         self.cfg, self.store = cfg, store
         self.device = select_device(device)
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        # a tqdm bar when the output is a terminal; else (a Slurm log, a redirect) a line every train.log_interval steps
+        self.progress = sys.stdout.isatty() and sys.stderr.isatty() if progress is None else progress
         self.should_stop = should_stop
         self.dist = dist_ctx
         self.echo = echo
@@ -99,9 +100,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
             return None, None
-        teacher = create_model(cfg.teacher.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size)
+        as_is = cfg.teacher_recipe is None  # a checkpoint, or pretrained weights used as they are: no teacher run
+        teacher = create_model(cfg.teacher.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size,
+                               pretrained=cfg.teacher.pretrained if as_is else None,
+                               pretrained_sha256=cfg.teacher.pretrained_sha256)
         if cfg.teacher.checkpoint:
             load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+        if as_is:
             return teacher.to(self.device), None
         from hkdbench.benchmark.recipes import teacher_run_config
 
@@ -124,9 +129,20 @@ class Trainer:
     def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
         """Trains the run under its flock; ``wait_for_lock=False`` raises RunLockedError at once when another
         process holds it (a sweep's job for a run a racing sweep already trains)."""
-        # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
-        with self.run_dir.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
-            return self._run_locked(resume, restart)
+        from hkdbench.benchmark.engine.tracking import check_tracker_available
+
+        check_tracker_available(self.cfg.train.log)  # a missing tracker package fails before anything is written
+        rd = self.run_dir
+        try:
+            # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
+            with rd.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
+                return self._run_locked(resume, restart)
+        except StoreWriteError:
+            if not rd.is_done or restart:
+                raise
+            if self.echo:  # a read-only store: a finished run needs no write
+                print(f"{rd.path.name}: already done (read-only store: nothing written)", flush=True)
+            return RunResult("done", rd, rd.summary())
 
     def _run_locked(self, resume: bool, restart: bool) -> RunResult:
         cfg, rd = self.cfg, self.run_dir
@@ -142,6 +158,7 @@ class Trainer:
         if rd.has_checkpoint and not resume:
             raise RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to "
                                  "continue it or --restart to start over")
+        saved = self._read_checkpoint() if rd.has_checkpoint else None  # a damaged one fails before any work
 
         entry = zoo_entry(cfg.student.name)
         crop_pct = cfg.data.crop_pct or entry.crop_pct
@@ -154,11 +171,13 @@ class Trainer:
 
         loaders.seed_everything(cfg.train.seed)
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
-                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path)
+                               img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
+                               pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
         criterion = build_criterion(cfg)
         method_cls = get_method(cfg.method)
-        method = method_cls(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
-                            criterion)
+        train_set = TrainingSet(train_loader.all_labels()) if method_cls.needs_sample_indices else None
+        method = method_cls.build(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
+                                  criterion, train_set)
         module = TrainModule(student, method).to(self.device)
         channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto"
                                                             and self.device.type == "cuda")
@@ -168,14 +187,14 @@ class Trainer:
                 teacher.to(memory_format=torch.channels_last)
         dtype = autocast_dtype(cfg.train.precision, self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        optimizer = build_optimizer(cfg.optim, [module])
+        optimizer = build_optimizer(cfg.optim, [module], method.optimizer_groups())
         ema = _make_ema(student, cfg.train.ema_decay)
         mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-        wrapped = self.dist.wrap(module) if self.dist else module
+        wrapped = self.dist.wrap(module, method.find_unused_parameters) if self.dist else module
 
         state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
-        if rd.has_checkpoint:
-            state = self._load_checkpoint(module, optimizer, scaler, ema, state)
+        if saved is not None:
+            state = self._load_checkpoint(saved, module, optimizer, scaler, ema, state)
             self._check_kept_best(state["history"])
             if self.is_main:  # the checkpoint's history is the truth: a kill may have cut off the metrics write
                 rd.write_metrics(state["history"])
@@ -198,6 +217,9 @@ class Trainer:
                         self.device, ema, mixup, dtype, channels_last)
         from hkdbench.benchmark.probes.hooks import build_probes
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
+        from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker  # TensorBoard / W&B mirror of metrics.jsonl (train.log)
+
+        tracker = open_tracker(cfg, rd.path.name, str(rd.tracking_dir), len(history)) if self.is_main else NullTracker()
         for epoch in range(state["epoch"], cfg.train.epochs):
             start_step = state["step"] if epoch == state["epoch"] else 0
             sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
@@ -210,6 +232,7 @@ class Trainer:
                 self._save_checkpoint(module, optimizer, scaler, ema, epoch, stopped_at, history, sums,
                                       state["teacher_top1"])
                 self.say(f"{rd.path.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {stopped_at}")
+                tracker.close()
                 return RunResult("interrupted", rd)
             record = self._epoch_record(ctx, epoch, sums, test_loader, ema)
             history.append(record)
@@ -217,6 +240,7 @@ class Trainer:
             self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
             if self.is_main:
                 rd.write_metrics(history)
+            tracker.log_epoch(record)
             self.say(_format_epoch(record, cfg.train.epochs))
         summary = self._summary(history, student, method, state["teacher_top1"])
         if self.is_main:
@@ -225,6 +249,8 @@ class Trainer:
             if ema is not None:
                 save_weights(rd, "last", ema.module.state_dict(), ema=True)
             rd.mark_done(summary)
+        tracker.log_summary(summary)
+        tracker.close()
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}")
         return RunResult("done", rd, summary)
@@ -235,25 +261,27 @@ class Trainer:
 
     def _train_epoch(self, ctx: "TrainStep", loader, epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
         """Runs the epoch from ``start_step``; returns the step to resume at if a stop was requested."""
-        bar = _progress_bar(self.progress and self.is_main, ctx.steps, start_step, f"epoch {epoch + 1}")
+        # tqdm on a terminal, a line every train.log_interval steps elsewhere
+        from hkdbench.benchmark.engine.progress import EpochProgress
+
+        progress = EpochProgress(epoch=epoch, epochs=self.cfg.train.epochs, steps=ctx.steps, start_step=start_step,
+                                 interval=self.cfg.train.log_interval if self.is_main else 0,
+                                 bar=self.progress and self.is_main, say=self.say)
         step = start_step
-        for images, labels in loader.batches(self.cfg.train.seed, epoch, start_step):
+        with_index = ctx.method.needs_sample_indices
+        for images, labels, *index in loader.batches(self.cfg.train.seed, epoch, start_step, with_index):
             tic = time.perf_counter()
-            values, correct = ctx.step(images, labels, epoch, step)
+            values, correct = ctx.step(images, labels, epoch, step, *index)
             total = sum(v for k, v in values.items() if k.startswith("loss/"))
             if not math.isfinite(total):
                 self._fail_diverged(epoch, step, values)
             sums.add(values, labels.shape[0] * self.world_size, correct, time.perf_counter() - tic)
             step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}")
+            progress.update(total, values["lr"], labels.shape[0] * self.world_size)
             if self.should_stop() and step < ctx.steps:
-                if bar is not None:
-                    bar.close()
+                progress.close()
                 return step
-        if bar is not None:
-            bar.close()
+        progress.close()
         return None
 
     def _fail_diverged(self, epoch: int, step: int, values: Dict[str, float]) -> None:
@@ -321,6 +349,8 @@ class Trainer:
             return {"teacher_weights": None, "teacher_run": None}
         if cfg.teacher.checkpoint:
             return {"teacher_weights": "checkpoint", "teacher_run": None}
+        if cfg.teacher_recipe is None:  # timm's pretrained weights, as they are
+            return {"teacher_weights": f"pretrained:{cfg.teacher.pretrained}", "teacher_run": None}
         from hkdbench.benchmark.recipes import teacher_run_config
 
         return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
@@ -369,10 +399,25 @@ class Trainer:
         }
         atomic_torch_save(self.run_dir.checkpoint_file, state)
 
-    def _load_checkpoint(self, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
-        state = torch.load(self.run_dir.checkpoint_file, map_location=self.device, weights_only=False)
-        if state.get("config_hash") != self.cfg.run_hash():
-            raise RuntimeError(f"{self.run_dir.checkpoint_file} belongs to another config")
+    def _read_checkpoint(self) -> Dict[str, Any]:
+        """The saved training state; a file that is empty, truncated or foreign is named with what to do."""
+        path = self.run_dir.checkpoint_file
+        what_to_do = ("start the run over with --restart (its progress is lost), or put back a good copy of the "
+                      "file and --resume")
+        if path.stat().st_size == 0:
+            raise DamagedCheckpointError(f"{path} is empty (0 bytes: a disk fault or a copy cut short; hkdbench "
+                                         f"itself writes it atomically); {what_to_do}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as err:  # a truncated zip, pickle garbage, ...: torch raises many kinds
+            raise DamagedCheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated "
+                                         f"or not a checkpoint of this run; {what_to_do}") from None
+        if not isinstance(state, dict) or state.get("config_hash") != self.cfg.run_hash():
+            raise DamagedCheckpointError(f"{path} is not a checkpoint of this run (its config hash differs from "
+                                         f"{self.cfg.run_hash()}); {what_to_do}")
+        return state
+
+    def _load_checkpoint(self, state, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -382,6 +427,10 @@ class Trainer:
 
 
 class RunExistsError(RuntimeError):
+    pass
+
+
+class DamagedCheckpointError(RuntimeError):
     pass
 
 
@@ -395,12 +444,6 @@ def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Di
     return best
 
 
-def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _format_epoch(r: Dict[str, Any], epochs: int) -> str:

@@ -170,12 +170,18 @@ def zoo_entry(name: str) -> ZooEntry:
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optional[int] = None,
-                 drop_path_rate: Optional[float] = None) -> "TappedModel":
-    """``drop_path_rate`` None keeps the timm model's default, as timm's ``create_model`` drops None kwargs."""
+                 drop_path_rate: Optional[float] = None, pretrained: Optional[str] = None,
+                 pretrained_sha256: Optional[str] = None) -> "TappedModel":
+    """``drop_path_rate`` None keeps the timm model's default, as timm's ``create_model`` drops None kwargs.
+    ``pretrained``: timm's pretrained weights to load (models/pretrained.py), checked against their hash."""
     entry = zoo_entry(name)
     size = img_size or entry.img_size
     options = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=size, **options)
+    if pretrained:
+        from hkdbench.benchmark.models.pretrained import load_pretrained_into
+
+        load_pretrained_into(model, pretrained, pretrained_sha256, num_classes, in_chans)
     return TappedModel(model, name=name, family=entry.family, img_size=size, in_chans=in_chans)
 
 

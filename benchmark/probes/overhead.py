@@ -139,7 +139,7 @@ def _sync(device: torch.device) -> None:
 
 def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
-    from hkdbench.methods import get_method, method_config
+    from hkdbench.methods import TrainingSet, get_method, method_config
 
     from hkdbench.benchmark.data.loaders import seed_everything
     from hkdbench.benchmark.models.zoo import create_model
@@ -160,7 +160,12 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         if method_cls.uses_teacher:
             teacher = create_model(cfg.teacher, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
         student = create_model(cfg.student, cfg.num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size)
-        method = method_cls(method_config(cfg.method), student, teacher, cfg.num_classes, nn.CrossEntropyLoss())
+        # a method with per-sample state (CRD's memory banks, whose step cost and memory grow with the training
+        # set) is sized by the CIFAR-sized stand-in; the measured batch is its first samples
+        train_set = TrainingSet.stand_in(cfg.num_classes) if method_cls.needs_sample_indices else None
+        index = [torch.arange(cfg.batch_size, device=device)] if method_cls.needs_sample_indices else []
+        method = method_cls.build(method_config(cfg.method), student, teacher, cfg.num_classes,
+                                  nn.CrossEntropyLoss(), train_set)
         module = TrainModule(student, method).to(device)
         if teacher is not None:
             teacher.to(device)
@@ -170,7 +175,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
             if teacher is not None:
                 teacher.to(memory_format=torch.channels_last)
         optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
-        optimizer = build_optimizer(optim, [module])
+        optimizer = build_optimizer(optim, [module], method.optimizer_groups())
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         total_steps = cfg.warmup + cfg.repeats + 1
         # the trainer's own step (schedule, autocast, backward, clipping, optimiser, the one host sync)
@@ -179,7 +184,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         step_index = iter(range(total_steps))
 
         def step() -> None:
-            train_step.step(images, labels, 0, next(step_index))
+            train_step.step(images, labels, 0, next(step_index), *index)
 
         for _ in range(cfg.warmup):
             step()
@@ -202,7 +207,8 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     median = statistics.median(times)
     result = {
         "step_time_ms": 1000 * median, "step_time_ms_mean": 1000 * statistics.fmean(times),
-        "step_time_ms_min": 1000 * min(times), "images_per_s": cfg.batch_size / median,
+        "step_time_ms_min": 1000 * min(times), "step_times_ms": [1000 * t for t in times],
+        "images_per_s": cfg.batch_size / median,
         "peak_memory_mb": peak, "train_gflops_per_image": flops / cfg.batch_size / 1e9,
         "extra_params": method.extra_parameter_count(), "student_params": student.deploy_parameter_count(),
         "teacher_params": teacher.deploy_parameter_count() if teacher is not None else None,

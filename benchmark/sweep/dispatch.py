@@ -120,7 +120,10 @@ class Sweep:
             specs = [r for r in self.plan.students if (t, s) in {(c[0], c[1]) for c in r.cells}]
             spec = next((r for r in specs if r.cfg.teacher is not None), specs[0])
             t_recipe = spec.cfg.teacher_recipe or (
-                f"checkpoint {spec.cfg.teacher.checkpoint}" if spec.cfg.teacher else "-")
+                f"checkpoint {spec.cfg.teacher.checkpoint}" if spec.cfg.teacher and spec.cfg.teacher.checkpoint else
+                f"timm pretrained {spec.cfg.teacher.pretrained}" if spec.cfg.teacher else "-")
+            if spec.cfg.teacher_recipe and spec.cfg.teacher.pretrained:
+                t_recipe += f" from timm pretrained {spec.cfg.teacher.pretrained}"
             self.say(f"  {i:2d}. {t} ({zoo_entry(t).family}) -> {s} ({zoo_entry(s).family}): {spec.cfg.recipe}, "
                      f"teacher {t_recipe}")
         self.say("")
@@ -141,17 +144,17 @@ class Sweep:
 
     # -- submission -----------------------------------------------------------------------------------------------
     def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False,
-            command: Optional[str] = None) -> SweepResult:
+            command: Optional[str] = None, check_inputs: bool = True) -> SweepResult:
         from hkdbench.benchmark.sweep.executors import get_executor
 
         submitter = get_executor(executor)
         missing = missing_requirements(self.preset)
         if missing:
             raise ConfigError(f"preset {self.preset.name} needs {', '.join(missing)} (e.g. {missing[0]}=PATH)")
-        from hkdbench.benchmark.data.datasets import check_data_available
+        if check_inputs:  # off where the data or checkpoints exist only on the compute nodes
+            from hkdbench.benchmark.engine.preflight import check_sweep_inputs
 
-        for spec in self.plan.runs[:1] + self.plan.students[:1]:
-            check_data_available(spec.cfg.data)
+            check_sweep_inputs(spec.cfg for spec in self.plan.runs)
         todo, skip = self.decide(retry_failed, query_slurm=True)
         self.write_manifest(executor, command)
         self.say(f"sweep {self.plan.sweep_id()}: {len(self.plan.runs)} runs; {len(todo)} to run, "

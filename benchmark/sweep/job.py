@@ -66,9 +66,13 @@ class RunJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(max(int(self.threads), 1))
         self._load_plugins()
         self._stop = threading.Event()
-        if os.environ.get("SUBMITIT_EXECUTOR") == "local" and threading.current_thread() is threading.main_thread():
-            # a local sweep stops its workers with SIGTERM (submitit would ignore it); Ctrl-C stops too
-            for sig in (signal.SIGTERM, signal.SIGINT):
+        executor = os.environ.get("SUBMITIT_EXECUTOR")
+        if executor in ("local", "slurm") and threading.current_thread() is threading.main_thread():
+            # submitit ignores SIGTERM. A local sweep stops its workers with it (Ctrl-C stops them too); Slurm
+            # sends it on scancel, on preemption and at the time limit (after the USR2 of --signal, if that came
+            # in time): each stops after the current step with a mid-epoch checkpoint, which the requeued job or
+            # the next submission of the sweep resumes.
+            for sig in (signal.SIGTERM, signal.SIGINT) if executor == "local" else (signal.SIGTERM,):
                 signal.signal(sig, self._on_stop_signal)
         self._outcome: Dict[str, Any] = {}
         dist_ctx = distributed.init_from_submitit()

@@ -49,6 +49,7 @@ def expand(p: Preset) -> SweepPlan:
     """Every (pair, method, seed) cell resolved to its run config; the distinct teacher runs they need."""
     from hkdbench.methods import get_method
 
+    from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
     from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
 
     cells: List[Tuple[str, str, str, int]] = []
@@ -68,7 +69,8 @@ def expand(p: Preset) -> SweepPlan:
                     cfg = resolve_run_config(kind="student", student=s, teacher=t, method=m, dataset=p.dataset,
                                              recipe=p.recipe, teacher_checkpoint=str(ckpt) if ckpt else None,
                                              teacher_recipe=p.teacher_recipe, overrides=body,
-                                             teacher_overrides=t_overrides)
+                                             teacher_overrides=t_overrides,
+                                             teacher_pretrained=p.teacher_pretrained.get(t))
                 except (ConfigError, KeyError, ValueError) as err:
                     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
                     raise ConfigError(f"preset {p.name}, run {m} {t} -> {s} seed {seed}: {message}") from None
@@ -76,9 +78,11 @@ def expand(p: Preset) -> SweepPlan:
                 spec = students.get(name)
                 if spec is None:
                     spec = students[name] = RunSpec(cfg, "student")
-                    if cfg.teacher is not None and cfg.teacher.checkpoint is None and get_method(m).uses_teacher:
+                    if cfg.teacher_recipe is not None and get_method(m).uses_teacher:  # the teacher is trained
                         t_cfg = teacher_run_config(cfg)
                         t_name = t_cfg.run_name()
+                        if t_name not in teachers:
+                            warn_scratch_imagenet_teacher(t_cfg)
                         teachers.setdefault(t_name, RunSpec(t_cfg, "teacher"))
                         teachers[t_name].cells.append(cell)
                         spec.teacher_run = t_name

@@ -15,6 +15,8 @@ recipe, config overrides for the student and teacher runs, and the Slurm options
     teacher_overrides: {train: {...}}                     # every teacher run
     method_overrides: {ofa: {eps: [1.0]}}                 # method.* of one method
     teacher_checkpoints: {swin_tiny: /path/to/ckpt.pth}   # load these teachers instead of training them
+    teacher_pretrained: {swin_tiny: swin_tiny_patch4_window7_224.ms_in1k}  # timm's weights (as they are on
+                                                          # ImageNet, fine-tuned by the teacher run elsewhere)
     requires: [data.root]                                 # must be given at run time
     slurm: {partition: gpu, time: 1440, gpus_per_node: 1, ...}
 
@@ -91,6 +93,7 @@ class Preset:
     teacher_overrides: Dict[str, Any] = field(default_factory=dict)
     method_overrides: Dict[str, Any] = field(default_factory=dict)
     teacher_checkpoints: Dict[str, Any] = field(default_factory=dict)
+    teacher_pretrained: Dict[str, Any] = field(default_factory=dict)
     requires: Tuple[str, ...] = ()
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
 
@@ -245,9 +248,12 @@ def validate_preset(p: Preset, origin: str) -> None:
             hint = " (method settings go to method_overrides.<method>)" if "method" in unknown else ""
             raise ConfigError(f"{origin}: unknown section(s) {', '.join(unknown)} in {where}; allowed: "
                               f"{', '.join(RUN_SECTIONS)}{hint}")
-    for t in p.teacher_checkpoints:
-        if t not in {t for t, _ in pairs}:
-            raise ConfigError(f"{origin}: teacher_checkpoints names {t!r}, which is not a teacher of the sweep")
+    for where, named in (("teacher_checkpoints", p.teacher_checkpoints), ("teacher_pretrained", p.teacher_pretrained)):
+        for t in named:
+            if t not in {t for t, _ in pairs}:
+                raise ConfigError(f"{origin}: {where} names {t!r}, which is not a teacher of the sweep")
+    for t in set(p.teacher_checkpoints) & set(p.teacher_pretrained):
+        raise ConfigError(f"{origin}: teacher {t!r} is in both teacher_checkpoints and teacher_pretrained; give one")
     for key in p.requires:
         if key.split(".")[0] not in RUN_SECTIONS:
             raise ConfigError(f"{origin}: requires: {key!r} is not a data./optim./train. field")

@@ -5,7 +5,8 @@
 2. a running job is preempted (``scancel --signal=USR2``, what Slurm sends on preemption or before the time
    limit): it saves a mid-epoch checkpoint, requeues itself, resumes and ends with the same weights and
    metrics as an uninterrupted run; another job of the same array is cancelled and ``hkdbench status``
-   reports it with the reason and the log path; a new submission re-runs only the cancelled run.
+   reports it with the reason and the log path, and its SIGTERM left a mid-epoch checkpoint; a new submission
+   re-runs only the cancelled run.
 
 Tiny runs (16 px, a few thousand images at most, 1 CPU thread each).
 """
@@ -137,12 +138,15 @@ def test_preempted_job_resumes_bit_exact_and_cancelled_job_is_reported(slurm_clu
     assert "Caught signal SIGUSR2" in stderr and "requeueing" in stderr
 
     _wait_for(lambda: job_of[c_dir] not in _active_jobs(), 60, "the cancelled job to leave the queue")
+    # scancel sends SIGTERM, which submitit ignores: the job stopped after its step and kept a checkpoint
+    assert "stop requested; checkpoint saved at epoch" in (c_dir / "log.txt").read_text()
+    assert (c_dir / "checkpoint.pt").exists() and not list(c_dir.glob(".checkpoint.pt.*"))
     status = _wait_for(lambda: (lambda s: s if "cancelled" in s else None)(
         _hkdbench("status", cancel, "--runs-dir", str(runs))), 30, "sacct to report the cancellation")
     assert f"slurm job {job_of[c_dir]} CANCELLED" in status and "log: " in status and "1 cancelled" in status
     sweep_dir = next(d for d in (runs / "_sweeps").iterdir() if d.name.startswith("cancel-"))
     assert "1 runs: 1 cancelled" in _hkdbench("status", str(sweep_dir))
-    # a new submission would resume the cancelled run (it has a checkpoint from its first epoch or none yet)
+    # a new submission resumes the cancelled run from that checkpoint
     dry = _hkdbench("sweep", cancel, "--executor", "slurm", "--runs-dir", str(runs), "--dry-run")
     assert "then 1 student run(s)" in dry
     # and the preempted-then-finished one is skipped

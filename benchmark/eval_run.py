@@ -1,0 +1,116 @@
+"""``hkdbench eval RUN``: top-1 / top-5 of a run's kept weights (best or last epoch, or the EMA's) and of its
+teacher, on the run's test set or on other data (``--data-root``, ``data.*`` overrides), as timm's
+``validate.py`` does for a checkpoint. Also the one place that rebuilds a run's deployable student from the store
+(``load_student``), which ``hkdbench export`` uses."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from hkdbench.benchmark.config import ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge, parse_overrides, to_dict
+from hkdbench.benchmark.store import RunDir
+
+
+def open_run(path: str | Path) -> RunDir:
+    """A run directory of the store, named clearly when it is not one or has not finished."""
+    rd = RunDir(Path(path))
+    if not rd.config_file.exists():
+        raise FileNotFoundError(f"{path} is not a run directory (no config.json); runs are RUNS_DIR/<run name>/")
+    if not rd.is_done:
+        raise ConfigError(f"{rd.path.name} has not finished (status {rd.status}); its kept weights may be "
+                          "missing or stale: finish it first (hkdbench train ... --resume)")
+    return rd
+
+
+def eval_data(cfg: RunConfig, overrides: Sequence[str] = ()) -> DataConfig:
+    """The run's data settings with ``data.*`` overrides (another root, a subset, a batch size)."""
+    extra = parse_overrides(list(overrides))
+    if set(extra) - {"data"}:
+        raise ConfigError(f"eval takes data.* overrides only, got {', '.join(sorted(set(extra) - {'data'}))}")
+    changed = extra.get("data", {})
+    for key in ("dataset", "img_size", "pipeline"):
+        if key in changed:
+            raise ConfigError(f"data.{key} cannot change at evaluation: the weights were trained for "
+                              f"{key}={getattr(cfg.data, key)!r}")
+    return build_dataclass(DataConfig, deep_merge(to_dict(cfg.data), changed), "data")
+
+
+def load_student(rd: RunDir, weights: str = "best", ema: bool = False):
+    """The run's student as a TappedModel (the bare timm model is ``.model``) with its kept weights, in eval
+    mode on the CPU: no train-time module of the method comes with it."""
+    from hkdbench.benchmark.data.datasets import dataset_info
+    from hkdbench.benchmark.models.zoo import create_model
+
+    cfg = rd.config()
+    info = dataset_info(cfg.data.dataset)
+    student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
+    student.model.load_state_dict(rd.load_weights(weights, ema))
+    return student.eval()
+
+
+def load_teacher(cfg: RunConfig, store_root: Path):
+    """The teacher the run distilled from: its checkpoint, timm's pretrained weights, or its teacher run's."""
+    from hkdbench.methods import get_method
+
+    from hkdbench.benchmark.data.datasets import dataset_info
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
+
+    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+        raise ConfigError(f"the run ({cfg.kind}, method {cfg.method}) has no teacher to evaluate")
+    info = dataset_info(cfg.data.dataset)
+    as_is = cfg.teacher_recipe is None
+    teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size,
+                           pretrained=cfg.teacher.pretrained if as_is else None,
+                           pretrained_sha256=cfg.teacher.pretrained_sha256)
+    if cfg.teacher.checkpoint:
+        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+    elif not as_is:
+        t_dir = RunStore(store_root).run_dir(teacher_run_config(cfg))
+        teacher.model.load_state_dict(t_dir.load_weights(cfg.teacher.weights))
+    return teacher.eval()
+
+
+def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, teacher: bool = False,
+                 overrides: Sequence[str] = (), device: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """``{'student': {'top1', 'top5', 'loss', 'weights'}, 'teacher': {...}}`` (teacher with ``teacher``)."""
+    from hkdbench.benchmark.data.loaders import build_loaders
+    from hkdbench.benchmark.data.datasets import check_data_available
+    from hkdbench.benchmark.models.zoo import zoo_entry
+    from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
+
+    rd = open_run(path)
+    cfg = rd.config()
+    data = eval_data(cfg, overrides)
+    check_data_available(data)
+    dev = select_device(device)
+    crop_pct = data.crop_pct or zoo_entry(cfg.student.name).crop_pct
+    _, test_loader, _ = build_loaders(data, dev, crop_pct)
+    dtype = autocast_dtype(cfg.train.precision, dev)
+    channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto" and dev.type == "cuda")
+    models = {"student": (load_student(rd, weights, ema), rd.weights_file(weights, ema).name)}
+    if teacher:
+        t = load_teacher(cfg, rd.path.parent)
+        models["teacher"] = (t, _teacher_label(cfg))
+    results = {}
+    for role, (model, label) in models.items():
+        model = model.to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        scores = evaluate(model, test_loader, dev, dtype, channels_last)
+        results[role] = {**scores, "weights": label}
+    return results
+
+
+def _teacher_label(cfg: RunConfig) -> str:
+    if cfg.teacher.checkpoint:
+        return f"checkpoint {cfg.teacher.checkpoint}"
+    if cfg.teacher_recipe is None:
+        return f"timm pretrained {cfg.teacher.pretrained}"
+    from hkdbench.benchmark.recipes import teacher_run_config
+
+    return f"{cfg.teacher.weights} weights of {teacher_run_config(cfg).run_name()}"

@@ -1,0 +1,165 @@
+"""timm's pretrained weights as teachers (``--teacher-pretrained``, ``teacher_pretrained`` in presets).
+
+A name is timm's ``architecture.tag`` (``swin_tiny_patch4_window7_224.ms_in1k``) or a bare architecture (timm's
+default tag). It resolves through timm's pretrained config to the Hugging Face hub repo and a file in the hub
+cache (``HF_HOME`` / ``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` only the cache is read, and weights that are not
+there fail with a clear error when the run's config is built, before anything is written. The weights' identity,
+the resolved name and the SHA-256 of the file, is part of the config, so it enters the hash of every run that
+uses them (the teacher run that fine-tunes them, or the student run that distils from them as they are).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch.nn as nn
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader looks for, in its order
+
+
+class PretrainedUnavailableError(FileNotFoundError):
+    """The weights are not in the cache and cannot be downloaded (offline), or the name is unknown."""
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    name: str           # architecture.tag, as timm resolved it
+    architecture: str
+    file: Path
+    sha256: str
+    num_classes: int    # the classifier the weights come with
+
+
+def resolve_pretrained(name: str) -> PretrainedWeights:
+    """Finds (or downloads, when online) the weights file of ``name`` through timm's config and the hub cache."""
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    architecture, tag = split_model_name_tag(name)
+    if not timm.is_model(architecture):
+        raise PretrainedUnavailableError(f"pretrained weights {name!r}: {architecture!r} is not a timm architecture")
+    try:
+        cfg = get_pretrained_cfg(name if tag else architecture, allow_unregistered=False)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    if cfg is None:
+        known = ", ".join(timm.list_pretrained(f"{architecture}.*")) or "none"
+        raise PretrainedUnavailableError(f"timm has no pretrained weights {name!r}; tags of {architecture}: {known}")
+    full_name = f"{architecture}.{cfg.tag}" if cfg.tag else architecture
+    if not cfg.hf_hub_id:
+        raise PretrainedUnavailableError(f"{full_name}: timm hosts these weights outside the Hugging Face hub "
+                                         f"({cfg.url or 'no url'}); download them and pass the file as a checkpoint")
+    path = _hub_file(cfg.hf_hub_id, full_name)
+    return PretrainedWeights(full_name, architecture, path, file_sha256(path), int(cfg.num_classes or 0))
+
+
+def _hub_file(repo_id: str, name: str) -> Path:
+    """The cached file when there is one (no request at all); else a download, unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    repo, _, revision = repo_id.partition("@")
+    for filename in _WEIGHT_FILES:
+        cached = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(cached, str):
+            return Path(cached)
+    offline = constants.HF_HUB_OFFLINE
+    problems = []
+    if not offline:
+        for filename in _WEIGHT_FILES:
+            try:
+                return Path(hf_hub_download(repo, filename, revision=revision or None))
+            except Exception as err:  # no network, no such file, ...: say what the hub answered
+                problems.append(f"{filename}: {type(err).__name__}")
+    raise PretrainedUnavailableError(
+        f"pretrained weights {name} (hub repo {repo}) are not in the hub cache {constants.HF_HUB_CACHE}"
+        f"{' and HF_HUB_OFFLINE is set' if offline else ' and could not be downloaded (' + '; '.join(problems) + ')'}"
+        f". Fetch them on a machine with network (python -c \"import timm; timm.create_model('{name}', "
+        "pretrained=True)\") into the same HF_HOME, or give the teacher as a checkpoint file")
+
+
+_HASHES: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, computed once per (path, size, mtime) in a process (sweeps resolve many runs)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def load_pretrained_into(model: nn.Module, name: str, sha256: Optional[str], num_classes: int, in_chans: int) -> None:
+    """Loads the weights ``name`` into a zoo model built by timm with the same architecture. A classifier of
+    another size is left at its fresh init (timm's rule); a file whose hash is not the recorded one is refused."""
+    from timm.models import load_pretrained
+
+    weights = resolve_pretrained(name)
+    built = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if built != weights.architecture:
+        raise ValueError(f"pretrained weights {weights.name} are for {weights.architecture}, but the model is "
+                         f"{built or 'not a timm-registered architecture'}")
+    if sha256 and weights.sha256 != sha256:
+        raise ValueError(f"pretrained weights {weights.name}: {weights.file} has SHA-256 {weights.sha256[:12]}..., "
+                         f"the run recorded {sha256[:12]}...: the cached file changed, so this is another run")
+    cfg = {**model.pretrained_cfg, "file": str(weights.file), "num_classes": weights.num_classes}
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    load_pretrained(model, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans, filter_fn=filter_fn)
+
+
+def used_as_is(weights_num_classes: int, dataset: str, num_classes: int) -> bool:
+    """ImageNet weights on ImageNet are the teacher as they are (OFA-KD's ImageNet teachers); on any other
+    dataset they initialise a teacher run that fine-tunes them (PAT's CIFAR teachers)."""
+    return dataset == "imagenet" and weights_num_classes == num_classes
+
+
+def warn_scratch_imagenet_teacher(teacher_cfg) -> Optional[str]:
+    """A loud warning (returned and issued) when a teacher run would train an ImageNet teacher from scratch."""
+    if teacher_cfg.data.dataset != "imagenet" or teacher_cfg.student.pretrained:
+        return None
+    message = (f"WARNING: the teacher {teacher_cfg.student.name} would be TRAINED FROM SCRATCH on ImageNet "
+               f"({teacher_cfg.train.epochs} epochs, run {teacher_cfg.run_name()}); the papers used timm's pretrained "
+               "teachers: give --teacher-pretrained NAME (teacher_pretrained.<teacher>=NAME in a preset) or "
+               "--teacher-checkpoint PATH")
+    warnings.warn(message, stacklevel=2)
+    print(message, file=sys.stderr, flush=True)
+    return message
+
+
+_ARCHITECTURES: Dict[str, Optional[str]] = {}
+
+
+def zoo_architecture(zoo_name: str) -> Optional[str]:
+    """The timm architecture a zoo model is built as (None for the suite's own small configurations), found by
+    building it on the meta device (no memory, no weights)."""
+    if zoo_name not in _ARCHITECTURES:
+        import torch
+
+        from hkdbench.benchmark.models.zoo import zoo_entry
+
+        entry = zoo_entry(zoo_name)
+        with torch.device("meta"):
+            model = entry.build(num_classes=1, in_chans=3, img_size=entry.img_size)
+        _ARCHITECTURES[zoo_name] = getattr(model, "pretrained_cfg", {}).get("architecture")
+    return _ARCHITECTURES[zoo_name]
+
+
+def resolve_for_model(zoo_name: str, name: str) -> PretrainedWeights:
+    """``name``'s weights, checked to fit the zoo model ``zoo_name``."""
+    architecture = zoo_architecture(zoo_name)
+    if architecture is None:
+        raise ValueError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
+                         "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
+    weights = resolve_pretrained(name)
+    if weights.architecture != architecture:
+        raise ValueError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
+                         f"{architecture} (e.g. {architecture}.<tag>)")
+    return weights
