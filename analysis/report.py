@@ -30,9 +30,9 @@ STATISTICS_LINES = [
     "How to read them (`analysis/stats.py`):", "",
     "- Accuracy cells: mean ± sample std over seeds with the 95 % t interval of the mean; the seeds per cell are "
     "stated, a cell with one seed says so and has no interval.",
-    f"- Differences from the student alone (S) and from KD: seed by seed over the seeds both have, with a 95 % t "
-    f"interval; `*` where it excludes 0. Pairs are by seed only: the runs of one seed share the seed, not (yet) their "
-    f"batches (a later issue pairs them by batch too).",
+    "- Differences from the student alone (S) and from KD: seed by seed over the seeds both have, with a 95 % t "
+    "interval; `*` where it excludes 0. Pairs are by seed only: the runs of one seed share the seed, not (yet) their "
+    "batches (a later issue pairs them by batch too).",
     f"- Bold: the method beats S, i.e. its paired interval lies above 0 (nothing else is bold). "
     f"W/T/L: {TIE_RULE}.",
     f"- Ranks: within each pair by mean, 1 = best, S included, ties share their mean rank; averaged over the pairs "

@@ -329,7 +329,7 @@ def _fill_pair(table: ComparisonTable, pair, pg: pd.DataFrame, metric: str) -> N
             continue
         if mg["method_variant"].nunique() > 1:
             warnings.warn(f"{m} {pair[0]} -> {pair[1]}: runs with different method settings or teachers "
-                          f"are pooled in one cell ({mg['method_variant'].nunique()} variants)")
+                          f"are pooled in one cell ({mg['method_variant'].nunique()} variants)", stacklevel=2)
         cell = _cell(mg, metric)
         if cell is not None:
             table.cells[(pair, m)] = cell

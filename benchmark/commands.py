@@ -1,7 +1,6 @@
 """The implementations of the ``hkdbench`` subcommands (argument parsing lives in cli.py)."""
 from __future__ import annotations
 
-import json
 import shlex
 import signal
 import sys

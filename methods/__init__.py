@@ -1,5 +1,6 @@
 """The distillers. Importing this package registers every method module in this folder: a new built-in
 method is one new file here."""
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -30,12 +31,19 @@ def load_plugins(spec: str | None = None) -> list:
             if not path.is_file():
                 raise FileNotFoundError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
             name = f"hkdbench_plugin_{path.stem}"
+            if name in sys.modules:  # loaded before in this process: running it again would register twice
+                modules.append(sys.modules[name])
+                continue
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
-            _import_plugin(item, lambda: module_spec.loader.exec_module(module))
+            try:
+                _import_plugin(item, functools.partial(module_spec.loader.exec_module, module))
+            except BaseException:
+                del sys.modules[name]  # a plugin that failed is tried again next time, not taken as loaded
+                raise
         else:
-            module = _import_plugin(item, lambda: importlib.import_module(item))
+            module = _import_plugin(item, functools.partial(importlib.import_module, item))
         modules.append(module)
     return modules
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Type
+from typing import Any, Dict, Mapping
 
 _REGISTRY: Dict[str, type] = {}
 

@@ -180,7 +180,7 @@ def test_accumulator_matches_numpy_per_batch_hsic(kernel, unbiased):
     for batch in range(4):
         n = (6, 9, 5, 8)[batch]
         base = rng.normal(size=(n, 4))
-        def related(shape):
+        def related(shape, base=base, n=n):
             d = int(np.prod(shape))
             return (base @ rng.normal(size=(4, d)) + rng.normal(size=(n, d))).reshape(n, *shape)
 

@@ -6,9 +6,7 @@ moved from the end of stage i to the start of stage i+1, the classifier from ``h
 relative-position index and attention mask stopped being saved)."""
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
 import random
 from pathlib import Path
 from typing import Any, Dict
