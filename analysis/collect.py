@@ -41,8 +41,8 @@ PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads"
                       "timm", "python", "host", "world_size", "started", "finished", "failure", "path"]
 
 INT_COLUMNS = ["seed", "epochs", "best_epoch", "last_epoch", "ema_best_epoch", "student_params", "method_extra_params",
-               "global_batch", "batch_size", "img_size", "num_classes", "extra_params", "teacher_params", "warmup", "repeats", "world_size",
-               "cpu_count", "cpu_threads"]
+               "global_batch", "batch_size", "img_size", "num_classes", "extra_params", "teacher_params", "warmup",
+               "repeats", "world_size", "cpu_count", "cpu_threads"]
 
 # Config keys that do not change a result and so do not split a setting.
 _NOT_SETTING = {("train", "seed"), ("train", "probe_every"), ("train", "probe_images"), ("train", "probe_kernel"),

@@ -10,7 +10,8 @@ from hkdbench.benchmark.config import ConfigError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default, offline), cifar10, cifar100, imagenet")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist (default, offline), cifar10, cifar100, imagenet")
     p.add_argument("--data-root", default=None, help="dataset root (same as data.root=PATH)")
     p.add_argument("--recipe", default="auto", help="training recipe (default: auto, the papers' choice by dataset "
                                                      "and student family); see `hkdbench recipes`")

@@ -309,7 +309,8 @@ NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval")}
 class TrainConfig:
     epochs: int = 10
     seed: int = 0
-    precision: str = "auto"             # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
+    # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
+    precision: str = "auto"
     channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
     ema_decay: float = 0.0              # student EMA; 0 disables
     drop_path: Optional[float] = None   # student stochastic depth; None: the timm model's default (train.py)

@@ -9,7 +9,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from hkdbench.benchmark.config import ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge, parse_overrides, to_dict
+from hkdbench.benchmark.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
+                                       parse_overrides, to_dict)
 from hkdbench.benchmark.store import RunDir
 
 

@@ -68,8 +68,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # OFA-KD configs/imagenet/vit_mlp.yaml
     "imagenet-vit": {
         "data": {"dataset": "imagenet", "pipeline": "paper224", "img_size": 224, "batch_size": 128,
-                 "train_interpolation": "random", "eval_interpolation": "model", "color_jitter": 0.4, "auto_augment": "rand-m9-mstd0.5-inc1",
-                 "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0},
+                 "train_interpolation": "random", "eval_interpolation": "model", "color_jitter": 0.4,
+                 "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0},
         "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.05, "sched": "cosine", "warmup_epochs": 20,
                   "warmup_lr": 5e-7, "min_lr": 1e-6, "clip_grad": 5.0, "label_smoothing": 0.1},
         "train": {"epochs": 300, "ema_decay": 0.99996, "drop_path": 0.0},

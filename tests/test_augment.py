@@ -101,7 +101,8 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_tensor_path(monkeypatch)
     for auto_augment, expected in (("rand-m9-mstd0.5-inc1", []), (None, [0.4])):
         calls.clear()
         cfg = DataConfig(img_size=32, batch_size=8, color_jitter=0.4, auto_augment=auto_augment)
-        loader = loaders.TensorLoader(images, torch.zeros(8, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
+        loader = loaders.TensorLoader(images, torch.zeros(8, dtype=torch.long), cfg, FMNIST, True,
+                                      torch.device("cpu"), 1.0)
         next(loader.batches())
         assert calls == expected
 

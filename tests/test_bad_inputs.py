@@ -211,6 +211,7 @@ def test_a_sweep_checks_its_teacher_checkpoint_before_submitting_anything(fmnist
     bad = tmp_path / "teacher.pth"
     bad.write_bytes(b"")
     _fails_cleanly(["sweep", "--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "kd",
-                    "--seeds", "0", "recipe=demo", f"teacher_checkpoints={{resnet_mini: {bad}}}", "--executor", "inline"],
+                    "--seeds", "0", "recipe=demo", f"teacher_checkpoints={{resnet_mini: {bad}}}",
+                    "--executor", "inline"],
                    runs_dir, capsys, str(bad), "is empty (0 bytes")
     _nothing_written(runs_dir)

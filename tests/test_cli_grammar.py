@@ -59,8 +59,8 @@ def test_status_names_an_inline_sweep_by_its_id(fmnist_available, tmp_path):
     preset = ["recipe=demo", "train.epochs=1", "data.train_subset=64", "data.eval_subset=64",
               "data.batch_size=32", "data.img_size=16"]
     runs = tmp_path / "runs"
-    code, out, err = hkdbench("sweep", "--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "none", *preset,
-                              "--executor", "inline", "--runs-dir", runs)
+    code, out, err = hkdbench("sweep", "--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "none",
+                              *preset, "--executor", "inline", "--runs-dir", runs)
     assert code == 0, err
     sweep_id = out.split("sweep dir ")[-1].strip().rsplit("/", 1)[-1]
     code, status, err = hkdbench("status", sweep_id, "--runs-dir", runs)

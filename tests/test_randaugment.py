@@ -129,7 +129,8 @@ def test_ops_beyond_magnitude_10_follow_timm_065(fmnist, timm_065_pillow, monkey
                               torch.full((n,), True), fill)
             reference = torch.stack([timm_op(name, magnitude, True, im, fill, "bilinear") for im in images])
             assert_close_to_timm(ours, reference, name in GEOMETRIC, f"{name} m={magnitude}")
-    add = randaugment.apply_op(images, "SolarizeAdd", torch.full((n,), 12.0, dtype=torch.float64), torch.zeros(n).bool(), fill)
+    add = randaugment.apply_op(images, "SolarizeAdd", torch.full((n,), 12.0, dtype=torch.float64),
+                               torch.zeros(n).bool(), fill)
     assert torch.equal(add[images < 128], (images[images < 128] + 132).clamp(max=255))  # int(1.2 * 110), no cap
 
 
@@ -149,7 +150,8 @@ def test_posterize_to_zero_bits_is_black_as_in_timm_065(fmnist):
     for name, magnitude in (("PosterizeIncreasing", 10.0), ("Posterize", 2.4)):
         out = randaugment.apply_op(images, name, torch.full((n,), magnitude), torch.zeros(n, dtype=torch.bool), fill)
         assert out.abs().max() == 0, name
-    one_bit = randaugment.apply_op(images, "PosterizeIncreasing", torch.full((n,), 9.9), torch.zeros(n, dtype=torch.bool), fill)
+    one_bit = randaugment.apply_op(images, "PosterizeIncreasing", torch.full((n,), 9.9),
+                                   torch.zeros(n, dtype=torch.bool), fill)
     assert set(one_bit.unique().tolist()) <= {0.0, 128.0} and one_bit.max() == 128
 
 
@@ -392,7 +394,8 @@ def test_parse_agrees_with_timm(policy):
 def test_parse_fields():
     assert randaugment.parse_rand_augment("rand-m9-mstd0.5-inc1") == randaugment.RandAugmentSpec(
         num_ops=2, magnitude=9.0, magnitude_std=0.5, magnitude_max=10.0, prob=0.5, increasing=True)
-    assert randaugment.parse_rand_augment("rand-w0-p0.8").weighted and randaugment.parse_rand_augment("rand-p0.8").prob == 0.8
+    assert randaugment.parse_rand_augment("rand-w0-p0.8").weighted
+    assert randaugment.parse_rand_augment("rand-p0.8").prob == 0.8
     assert randaugment.parse_rand_augment("rand-mstd200").magnitude_std == math.inf
 
 
@@ -427,7 +430,8 @@ def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="RandAugmentSpec.num_ops must be >= 0"):
         randaugment.BatchRandAugment(randaugment.RandAugmentSpec(num_ops=-1), fill=FILL_RGB)
     with pytest.raises(ValueError, match="unknown RandAugment op 'Cutout'"):
-        randaugment.apply_op(torch.zeros(1, 3, 8, 8), "Cutout", torch.zeros(1), torch.zeros(1, dtype=torch.bool), FILL_RGB)
+        randaugment.apply_op(torch.zeros(1, 3, 8, 8), "Cutout", torch.zeros(1), torch.zeros(1, dtype=torch.bool),
+                             FILL_RGB)
 
 
 # ----------------------------------------------------------------------------------------------- reproducibility

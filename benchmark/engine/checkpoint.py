@@ -1,7 +1,8 @@
 """The torch side of the run store: atomic ``torch.save``, a run's kept weights (file names from ``RunDir``), the
-RNG states a mid-epoch checkpoint keeps, and loading teacher checkpoints from a path, including state dicts written by the timm 0.6.x of the HKD papers
-(e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm and DDP put around the weights are removed and
-the keys whose layout changed since are remapped by the model family's timm filter (Swin: the patch merging
+RNG states a mid-epoch checkpoint keeps, and loading teacher checkpoints from a path, including state dicts
+written by the timm 0.6.x of the HKD papers (e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm
+and DDP put around the weights are removed and the keys whose layout changed since are remapped by the model
+family's timm filter (Swin: the patch merging
 moved from the end of stage i to the start of stage i+1, the classifier from ``head`` to ``head.fc``, and the
 relative-position index and attention mask stopped being saved)."""
 from __future__ import annotations
@@ -67,7 +68,8 @@ def load_state_dict_into(model: nn.Module, path: str, use_ema: bool = False) -> 
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not fit {type(model).__name__}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"{path} does not fit {type(model).__name__}: missing keys "
+            f"{missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (is the model name or the "
             "number of classes right?)")
 

@@ -217,7 +217,8 @@ class Trainer:
                         self.device, ema, mixup, dtype, channels_last)
         from hkdbench.benchmark.probes.hooks import build_probes
         ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
-        from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker  # TensorBoard / W&B mirror of metrics.jsonl (train.log)
+        # TensorBoard / W&B mirror of metrics.jsonl (train.log)
+        from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker
 
         tracker = open_tracker(cfg, rd.path.name, str(rd.tracking_dir), len(history)) if self.is_main else NullTracker()
         for epoch in range(state["epoch"], cfg.train.epochs):

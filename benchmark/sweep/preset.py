@@ -44,7 +44,7 @@ class SlurmOptions:
     partition: Optional[str] = None
     time: int = 60                      # minutes (the job's time limit; submitit requeues on timeout)
     gpus_per_node: int = 0              # > 1: one process per GPU with DDP
-    tasks_per_node: int = 0             # processes per job (0: one per GPU, at least one); > 1 without GPUs: DDP on gloo
+    tasks_per_node: int = 0             # processes per job (0: one per GPU, at least one); > 1 without GPUs: gloo
     cpus_per_task: int = 1
     mem_gb: Optional[float] = None
     account: Optional[str] = None
