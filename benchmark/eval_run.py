@@ -11,6 +11,7 @@ import torch
 
 from hkdbench.benchmark.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
                                        parse_overrides, to_dict)
+from hkdbench.benchmark.engine.checkpoint import load_weights
 from hkdbench.benchmark.store import RunDir
 
 
@@ -47,7 +48,7 @@ def load_student(rd: RunDir, weights: str = "best", ema: bool = False):
     cfg = rd.config()
     info = dataset_info(cfg.data.dataset)
     student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
-    student.model.load_state_dict(rd.load_weights(weights, ema))
+    student.model.load_state_dict(load_weights(rd, weights, ema))
     return student.eval()
 
 
@@ -72,7 +73,7 @@ def load_teacher(cfg: RunConfig, store_root: Path):
         load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
     elif not as_is:
         t_dir = RunStore(store_root).run_dir(teacher_run_config(cfg))
-        teacher.model.load_state_dict(t_dir.load_weights(cfg.teacher.weights))
+        teacher.model.load_state_dict(load_weights(t_dir, cfg.teacher.weights))
     return teacher.eval()
 
 

@@ -54,8 +54,8 @@ def test_the_contract_tests_collect_a_plugin_method(plugin):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     collected = [line for line in out.stdout.splitlines() if "logit_mse" in line]
-    # one step on each of the 25 family pairs, state-dict round trip, seed, deployed size
-    assert len(collected) == 25 + 3, out.stdout[-2000:]
+    # one step on each of the 25 family pairs, state-dict round trip, seed, deployed size, the task term's name
+    assert len(collected) == 25 + 4, out.stdout[-2000:]
 
 
 @pytest.mark.slow

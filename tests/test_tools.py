@@ -342,8 +342,8 @@ def test_eval_scores_the_teacher_the_run_distilled_from(fmnist_available, runs_d
     from hkdbench.benchmark.eval_run import evaluate_run
 
     code, _, err = hkdbench("train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "kd",
-                            "--runs-dir", runs_dir, "--teacher-override", "train.epochs=1", "--teacher-override",
-                            "data.eval_subset=128", "--teacher-override", "data.train_subset=256", "train.epochs=1",
+                            "--runs-dir", runs_dir, "teacher.train.epochs=1", "teacher.data.eval_subset=128",
+                            "teacher.data.train_subset=256", "train.epochs=1",
                             "data.train_subset=256", "data.eval_subset=128", "data.batch_size=64")
     assert code == 0, err
     run = only_run(runs_dir, "kd_")
