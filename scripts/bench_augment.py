@@ -89,8 +89,8 @@ def main_transform(cfg: DataConfig, device: torch.device) -> Callable[[torch.Ten
 
     rand_augment = v2.RandAugment(num_ops=2, magnitude=9)
     erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=str(device))
-    mean = torch.tensor(datasets.DATASETS[cfg.dataset].mean, device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(datasets.DATASETS[cfg.dataset].std, device=device).view(1, -1, 1, 1) * 255
+    mean = torch.tensor(datasets.dataset_info(cfg.dataset).mean, device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(datasets.dataset_info(cfg.dataset).std, device=device).view(1, -1, 1, 1) * 255
 
     def transform(images: torch.Tensor) -> torch.Tensor:
         x = torch.stack([rand_augment(img) for img in images]).float()
@@ -120,7 +120,7 @@ def tensor_turns(cfg: DataConfig, images: torch.Tensor, device: torch.device, tr
 def timm_turns(cfg: DataConfig, device: torch.device) -> Callable[[int], int]:
     """A turn of timm's per-image loader: persistent workers, a sampler of exactly ``count`` batches per turn (no
     work left over to run during the other contenders' turns), the batches moved to the device."""
-    dataset = loaders._image_dataset(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), datasets.DATASETS[cfg.dataset], True, 1.0)
+    dataset = loaders._image_dataset(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), datasets.dataset_info(cfg.dataset), True, 1.0)
     sampler = _TurnSampler(len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -159,9 +159,9 @@ def run(args) -> Dict[str, object]:
     images, _ = datasets.load_tensors(cfg, train=True)
     images = images[:args.images]
     loader = loaders.TensorLoader(images[:cfg.batch_size], torch.zeros(cfg.batch_size, dtype=torch.long), cfg,
-                            datasets.DATASETS[cfg.dataset], True, device, 1.0)
+                            datasets.dataset_info(cfg.dataset), True, device, 1.0)
     no_rand_augment = loaders.TensorLoader(images[:cfg.batch_size], torch.zeros(cfg.batch_size, dtype=torch.long),
-                                     DataConfig(**{**cfg.__dict__, "auto_augment": None}), datasets.DATASETS[cfg.dataset],
+                                     DataConfig(**{**cfg.__dict__, "auto_augment": None}), datasets.dataset_info(cfg.dataset),
                                      True, device, 1.0)
     contenders = {"batched": tensor_turns(cfg, images, device, loader._transform),
                   "main": tensor_turns(cfg, images, device, main_transform(cfg, device)),
