@@ -60,7 +60,7 @@ class Dataset:
             raise ValueError(f"dataset {self.info.name!r} has in_memory=True but no read_tensors to read it whole")
 
 
-DATASETS: Dict[str, Dataset] = {}  # filled by register_dataset below (and by plugins or tests)
+DATASETS: Dict[str, Dataset] = {}  # filled by the register_dataset calls at the end of this module
 
 
 def register_dataset(entry: Dataset) -> Dataset:
@@ -241,6 +241,13 @@ def _check_cifar_files(name: str, cls, root: Path) -> None:
                                    f"{folder} and download it again (data.download=true)")
 
 
+def _torchvision_cifar(info: DatasetInfo, torchvision_name: str) -> Dataset:
+    """The entry of torchvision's ``torchvision_name`` dataset: read whole or per image, its files' MD5s checked."""
+    return Dataset(info, check=functools.partial(_check_cifar, torchvision_name),
+                   read_tensors=functools.partial(_read_cifar, torchvision_name),
+                   image_dataset=functools.partial(_cifar_images, torchvision_name))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # ImageNet: an ImageFolder root with train/ and val/
 # --------------------------------------------------------------------------------------------------------------
@@ -288,16 +295,10 @@ def _check_image_folders(root: Path, num_classes: int) -> None:
 
 register_dataset(Dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), in_memory=True),
                          check=_check_fashion_mnist, read_tensors=_read_fashion_mnist))
-register_dataset(Dataset(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                                     in_memory=True),
-                         check=functools.partial(_check_cifar, "CIFAR10"),
-                         read_tensors=functools.partial(_read_cifar, "CIFAR10"),
-                         image_dataset=functools.partial(_cifar_images, "CIFAR10")))
-register_dataset(Dataset(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-                                     in_memory=True),
-                         check=functools.partial(_check_cifar, "CIFAR100"),
-                         read_tensors=functools.partial(_read_cifar, "CIFAR100"),
-                         image_dataset=functools.partial(_cifar_images, "CIFAR100")))
+register_dataset(_torchvision_cifar(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
+                                               (0.2470, 0.2435, 0.2616), in_memory=True), "CIFAR10"))
+register_dataset(_torchvision_cifar(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),
+                                               (0.2673, 0.2564, 0.2762), in_memory=True), "CIFAR100"))
 register_dataset(Dataset(DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                                      in_memory=False),
                          check=_check_imagenet, image_dataset=_imagenet_images))
