@@ -89,8 +89,8 @@ def main_transform(cfg: DataConfig, device: torch.device) -> Callable[[torch.Ten
 
     rand_augment = v2.RandAugment(num_ops=2, magnitude=9)
     erasing = RandomErasing(probability=cfg.reprob, mode="pixel", device=str(device))
-    mean = torch.tensor(datasets.DATASETS[cfg.dataset].mean, device=device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(datasets.DATASETS[cfg.dataset].std, device=device).view(1, -1, 1, 1) * 255
+    mean = torch.tensor(datasets.dataset_info(cfg.dataset).mean, device=device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(datasets.dataset_info(cfg.dataset).std, device=device).view(1, -1, 1, 1) * 255
 
     def transform(images: torch.Tensor) -> torch.Tensor:
         x = torch.stack([rand_augment(img) for img in images]).float()
@@ -121,7 +121,7 @@ def timm_turns(cfg: DataConfig, device: torch.device) -> Callable[[int], int]:
     """A turn of timm's per-image loader: persistent workers, a sampler of exactly ``count`` batches per turn (no
     work left over to run during the other contenders' turns), the batches moved to the device."""
     per_image = DataConfig(**{**cfg.__dict__, "in_memory": "no"})
-    dataset = loaders._image_dataset(per_image, datasets.DATASETS[cfg.dataset], True, 1.0)
+    dataset = loaders._image_dataset(per_image, datasets.dataset_info(cfg.dataset), True, 1.0)
     sampler = _TurnSampler(len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
@@ -159,12 +159,10 @@ def run(args) -> Dict[str, object]:
     loaders.seed_everything(0)
     images, _ = datasets.load_tensors(cfg, train=True)
     images = images[:args.images]
-    loader = loaders.TensorLoader(images[:cfg.batch_size], torch.zeros(cfg.batch_size, dtype=torch.long), cfg,
-                            datasets.DATASETS[cfg.dataset], True, device, 1.0)
-    no_rand_augment = loaders.TensorLoader(images[:cfg.batch_size], torch.zeros(cfg.batch_size, dtype=torch.long),
-                                     DataConfig(**{**cfg.__dict__, "auto_augment": None}),
-                                     datasets.DATASETS[cfg.dataset],
-                                     True, device, 1.0)
+    info, labels = datasets.dataset_info(cfg.dataset), torch.zeros(cfg.batch_size, dtype=torch.long)
+    loader = loaders.TensorLoader(images[:cfg.batch_size], labels, cfg, info, True, device, 1.0)
+    plain_cfg = DataConfig(**{**cfg.__dict__, "auto_augment": None})
+    no_rand_augment = loaders.TensorLoader(images[:cfg.batch_size], labels, plain_cfg, info, True, device, 1.0)
     contenders = {"batched": tensor_turns(cfg, images, device, loader._transform),
                   "main": tensor_turns(cfg, images, device, main_transform(cfg, device)),
                   "timm": timm_turns(cfg, device),

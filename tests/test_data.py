@@ -94,7 +94,8 @@ def test_train_crop_honours_train_interpolation_per_image():
     info = datasets.dataset_info("fashion-mnist")
     for mode in ("bilinear", "bicubic", "random"):
         cfg = DataConfig(pipeline="paper224", img_size=40, train_interpolation=mode)
-        loader = loaders.TensorLoader(images, torch.zeros(16, dtype=torch.long), cfg, info, True, torch.device("cpu"), 1.0)
+        loader = loaders.TensorLoader(images, torch.zeros(16, dtype=torch.long), cfg, info, True,
+                                      torch.device("cpu"), 1.0)
         torch.manual_seed(5)
         out = loader._train_crop(images.float())
         torch.manual_seed(5)  # the same draws: box, flip, then the per-image interpolation
@@ -110,7 +111,8 @@ def test_random_interpolation_is_bicubic_for_half_the_images():
     torch.manual_seed(0)
     bicubic = loaders._per_image_bicubic(4000, "random", "cpu")
     assert abs(bicubic.float().mean().item() - 0.5) < 4 * (0.25 / 4000) ** 0.5
-    assert not loaders._per_image_bicubic(10, "bilinear", "cpu").any() and loaders._per_image_bicubic(10, "bicubic", "cpu").all()
+    assert not loaders._per_image_bicubic(10, "bilinear", "cpu").any()
+    assert loaders._per_image_bicubic(10, "bicubic", "cpu").all()
 
 
 def test_rrc_boxes_are_drawn_as_timms_random_resized_crop():
@@ -158,7 +160,8 @@ def test_tensor_loader_batches_shapes_and_resume_offset():
     images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(40) % 10
     cfg = DataConfig(batch_size=8, img_size=32)
-    loader = loaders.TensorLoader(images, labels, cfg, datasets.dataset_info("fashion-mnist"), True, torch.device("cpu"), 1.0)
+    loader = loaders.TensorLoader(images, labels, cfg, datasets.dataset_info("fashion-mnist"), True,
+                                  torch.device("cpu"), 1.0)
     assert len(loader) == 5
     batches = list(loader.batches(seed=0, epoch=2))
     resumed = list(loader.batches(seed=0, epoch=2, start_step=3))
@@ -185,7 +188,8 @@ def test_paper224_eval_tensors_are_timms_eval_transform_exactly(crop_pct, interp
     cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, eval_batch_size=3,
                      eval_interpolation=interpolation)
     info = datasets.dataset_info("cifar100")
-    loader = loaders.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"), crop_pct)
+    loader = loaders.TensorLoader(images, torch.zeros(3, dtype=torch.long), cfg, info, False, torch.device("cpu"),
+                                  crop_pct)
     ours = next(loader.batches())[0]
     transform = create_transform(224, is_training=False, interpolation=interpolation, mean=info.mean, std=info.std,
                                  crop_pct=crop_pct)
@@ -215,7 +219,8 @@ def test_per_image_path_gives_the_same_eval_tensors_as_the_fast_path(fmnist_avai
 
 
 def test_eval_interpolation_is_validated():
-    with pytest.raises(ValueError, match="data.eval_interpolation must be one of bilinear, bicubic, model, got .random."):
+    with pytest.raises(ValueError,
+                       match="data.eval_interpolation must be one of bilinear, bicubic, model, got .random."):
         DataConfig(eval_interpolation="random")
 
 
@@ -234,3 +239,80 @@ def test_eval_interpolation_model_takes_the_students_timm_065_default():
     assert resolved("deit_tiny", "cifar-vit", "cifar100") == "bilinear"  # PAT, and OFA-KD at the paper's time
     with pytest.raises(ValueError, match="resolved to the student's default"):
         loaders.build_loaders(DataConfig(eval_interpolation="model"), torch.device("cpu"), 1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset registry: a dataset is one entry
+# --------------------------------------------------------------------------------------------------------------
+
+def _toy_dataset(calls):
+    """Three classes of 12 x 12 grayscale images, each class one brightness plus noise; ``calls`` records every
+    check and read the run makes."""
+    def read(cfg, train):
+        calls.append(("read", cfg.dataset, train))
+        n = 48 if train else 24
+        g = torch.Generator().manual_seed(int(train))
+        labels = torch.arange(n) % 3
+        noise = torch.randint(0, 30, (n, 1, 12, 12), generator=g)
+        return (labels.view(-1, 1, 1, 1) * 100 + noise).to(torch.uint8), labels
+
+    def check(cfg):
+        calls.append(("check", cfg.dataset))
+
+    info = datasets.DatasetInfo("toy-brightness", 3, 1, 12, (0.4,), (0.33,), in_memory=True)
+    return datasets.Dataset(info, check=check, read_tensors=read)
+
+
+@pytest.fixture
+def toy_dataset():
+    calls = []
+    entry = datasets.register_dataset(_toy_dataset(calls))
+    yield calls
+    datasets.unregister_dataset(entry.info.name)
+
+
+@pytest.mark.parametrize("in_memory", ["auto", "no"])  # the batched tensor path, the per-image path
+def test_a_dataset_registered_as_one_entry_trains(toy_dataset, tmp_path, in_memory):
+    from hkdbench.benchmark.engine.checkpoint import load_weights
+    from hkdbench.benchmark.engine.trainer import train
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.recipes import resolve_run_config
+
+    cfg = resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo", dataset="toy-brightness",
+                             overrides=["data.img_size=16", "data.batch_size=16", "data.workers=0",
+                                        f"data.in_memory={in_memory}", "train.epochs=1"])
+    result = train(cfg, runs_dir=str(tmp_path), progress=False)
+    assert result.status == "done" and result.summary["dataset"] == "toy-brightness"
+    assert ("check", "toy-brightness") in toy_dataset  # the pre-run check is the entry's
+    assert {call for call in toy_dataset if call[0] == "read"} == {("read", "toy-brightness", True),
+                                                                    ("read", "toy-brightness", False)}
+    # the model was built from the entry's facts: 3 classes, 1 channel
+    student = create_model("resnet_mini", 3, in_chans=1, img_size=16)
+    student.model.load_state_dict(load_weights(result.run_dir, "last"))
+
+
+def test_auto_recipe_of_a_new_dataset_is_one_auto_recipes_line(toy_dataset, monkeypatch):
+    from hkdbench.benchmark.config import ConfigError
+    from hkdbench.benchmark.recipes import AUTO_RECIPES, resolve_run_config
+
+    with pytest.raises(ConfigError, match="no recipe for dataset 'toy-brightness'.*add the dataset to AUTO_RECIPES"):
+        resolve_run_config(kind="teacher", student="resnet_mini", dataset="toy-brightness")
+    monkeypatch.setitem(AUTO_RECIPES, "toy-brightness", {"cnn": "demo", "other": "demo"})
+    cfg = resolve_run_config(kind="teacher", student="resnet_mini", dataset="toy-brightness")
+    assert (cfg.recipe, cfg.data.dataset) == ("demo", "toy-brightness")
+
+
+def test_a_dataset_entry_is_validated(toy_dataset, monkeypatch):
+    info = datasets.DatasetInfo("toy-other", 3, 1, 12, (0.4,), (0.33,), in_memory=True)
+    per_image = {"check": lambda cfg: None, "image_dataset": lambda cfg, train, transform: None}
+    with pytest.raises(ValueError, match="'toy-other' has in_memory=True but no read_tensors"):
+        datasets.Dataset(info, **per_image)
+    with pytest.raises(ValueError, match="'toy-other' needs read_tensors or image_dataset"):
+        datasets.Dataset(info, check=lambda cfg: None)
+    with pytest.raises(ValueError, match="'toy-brightness' is already registered"):
+        datasets.register_dataset(_toy_dataset([]))
+    # a per-image-only dataset (as imagenet) has no whole-split reader
+    info = datasets.DatasetInfo("toy-per-image", 3, 1, 12, (0.4,), (0.33,), in_memory=False)
+    monkeypatch.setitem(datasets.DATASETS, "toy-per-image", datasets.Dataset(info, **per_image))
+    with pytest.raises(ValueError, match="toy-per-image has no in-memory loader"):
+        datasets.load_tensors(DataConfig(dataset="toy-per-image"), train=True)

@@ -1,5 +1,7 @@
-"""The datasets by name (sizes, classes, mean/std, where they are found), reading them into uint8 tensors, and
-the checks made before a run directory exists (files present and undamaged, enough training images)."""
+"""The datasets by name: each is one ``Dataset`` entry of ``DATASETS`` holding its facts (classes, sizes,
+mean/std), how it is read (the whole split as uint8 tensors, and/or a per-image torch dataset) and the check made
+before a run directory exists (files present and undamaged, enough training images). The loaders and the
+pre-run checks ask the entry; nothing else branches on a dataset's name."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +21,10 @@ from hkdbench.benchmark.config import DataConfig
 
 class DataNotFoundError(FileNotFoundError):
     pass
+
+
+class DataCorruptError(ValueError):
+    """A data file exists but cannot be read as what it claims to be (truncated, wrong size)."""
 
 
 @dataclass(frozen=True)
@@ -32,30 +38,93 @@ class DatasetInfo:
     in_memory: bool  # small enough for the whole-set tensor fast path
 
 
-DATASETS = {
-    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), True),
-    "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), False),
-}
+Tensors = Tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W), int64 labels (N,)
 
 
-FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset. ``check(cfg)`` fails before anything is written when the data is missing or damaged;
+    ``read_tensors(cfg, train)`` gives a whole split (needed when ``info.in_memory``);
+    ``image_dataset(cfg, train, transform)`` gives a torch dataset of (transformed image, label) for the
+    per-image path, with its labels in ``targets`` as torchvision's datasets have them (CRD reads them without
+    decoding images); without one, that path serves ``read_tensors``' images one by one."""
+    info: DatasetInfo
+    check: Callable[[DataConfig], None]
+    read_tensors: Optional[Callable[[DataConfig, bool], Tensors]] = None
+    image_dataset: Optional[Callable[[DataConfig, bool, Callable], torch.utils.data.Dataset]] = None
+
+    def __post_init__(self):
+        if self.read_tensors is None and self.image_dataset is None:
+            raise ValueError(f"dataset {self.info.name!r} needs read_tensors or image_dataset (or both)")
+        if self.info.in_memory and self.read_tensors is None:
+            raise ValueError(f"dataset {self.info.name!r} has in_memory=True but no read_tensors to read it whole")
 
 
-_FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DATASETS: Dict[str, Dataset] = {}  # filled by the register_dataset calls at the end of this module
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def register_dataset(entry: Dataset) -> Dataset:
+    """Makes ``entry`` known under its ``info.name``; a name already taken by another entry is refused."""
+    name = entry.info.name
+    if name in DATASETS and DATASETS[name] is not entry:
+        raise ValueError(f"dataset name {name!r} is already registered; pick another name")
+    DATASETS[name] = entry
+    return entry
+
+
+def unregister_dataset(name: str) -> None:
+    """Removes a dataset (for tests that register temporary ones)."""
+    DATASETS.pop(name, None)
+
+
+def dataset(name: str) -> Dataset:
     try:
         return DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
-class DataCorruptError(ValueError):
-    """A data file exists but cannot be read as what it claims to be (truncated, wrong size)."""
+def dataset_info(name: str) -> DatasetInfo:
+    return dataset(name).info
+
+
+def load_tensors(cfg: DataConfig, train: bool) -> Tensors:
+    """The whole split as (uint8 images (N, C, H, W), int64 labels (N,))."""
+    read = dataset(cfg.dataset).read_tensors
+    if read is None:
+        raise ValueError(f"{cfg.dataset} has no in-memory loader")
+    return read(cfg, train)
+
+
+def check_data_available(cfg: DataConfig) -> None:
+    """Fails at once, before any model is built, when the data is not where the config says."""
+    dataset(cfg.dataset).check(cfg)
+
+
+def _check_training_set_size(cfg: DataConfig, n: int) -> None:
+    kept = len(train_subset_indices(n, cfg.train_subset))
+    if kept < cfg.batch_size:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
+                         f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
+                         " or raise data.train_subset")
+
+
+def train_subset_indices(n: int, subset: int) -> torch.Tensor:
+    """The first ``subset`` items of a fixed permutation: every run of a sweep sees the same subset."""
+    if subset <= 0 or subset >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(12345))[:subset].sort().values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST: the IDX files of Debian's dataset-fashion-mnist package or of a torchvision root
+# --------------------------------------------------------------------------------------------------------------
+
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+_FMNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -100,8 +169,8 @@ def _find_fashion_mnist(root: Optional[str]) -> Path:
         "https://github.com/zalandoresearch/fashion-mnist under ROOT/FashionMNIST/raw and pass data.root=ROOT")
 
 
-def _load_fashion_mnist(root: Optional[str], train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    folder = _find_fashion_mnist(root)
+def _read_fashion_mnist(cfg: DataConfig, train: bool) -> Tensors:
+    folder = _find_fashion_mnist(cfg.root)
     arrays = []
     for stem in _FMNIST_FILES[train]:
         path = folder / f"{stem}.gz"
@@ -110,56 +179,54 @@ def _load_fashion_mnist(root: Optional[str], train: bool) -> Tuple[torch.Tensor,
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _load_cifar(name: str, root: Optional[str], train: bool, download: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _check_fashion_mnist(cfg: DataConfig) -> None:
+    _check_training_set_size(cfg, len(_read_fashion_mnist(cfg, train=True)[1]))
+    _read_fashion_mnist(cfg, train=False)  # every file read once: a damaged one fails here
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CIFAR-10/100: torchvision's datasets under data.root
+# --------------------------------------------------------------------------------------------------------------
+
+def _cifar_class(torchvision_name: str):
     import torchvision
 
-    if not root:
-        raise DataNotFoundError(f"{name} needs data.root=PATH (a torchvision root; add data.download=true to "
-                                "fetch it on a machine with internet access)")
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    return getattr(torchvision.datasets, torchvision_name)
+
+
+def _cifar_root(cfg: DataConfig) -> str:
+    if not cfg.root:
+        raise DataNotFoundError(f"{cfg.dataset} needs data.root=PATH (a torchvision root; add data.download=true "
+                                "to fetch it on a machine with internet access)")
+    return cfg.root
+
+
+def _read_cifar(torchvision_name: str, cfg: DataConfig, train: bool) -> Tensors:
+    root = _cifar_root(cfg)
     try:
-        ds = cls(root, train=train, download=download)
+        ds = _cifar_class(torchvision_name)(root, train=train, download=cfg.download)
     except RuntimeError as err:
-        raise DataNotFoundError(f"{name} not found under {root!r} ({err}); pass data.download=true on a machine "
-                                "with internet access, or point data.root at a torchvision CIFAR root") from None
+        raise DataNotFoundError(f"{cfg.dataset} not found under {root!r} ({err}); pass data.download=true on a "
+                                "machine with internet access, or point data.root at a torchvision CIFAR root"
+                                ) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(ds.targets, dtype=torch.int64)
 
 
-def load_tensors(cfg: DataConfig, train: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The whole split as (uint8 images (N, C, H, W), int64 labels (N,))."""
-    if cfg.dataset == "fashion-mnist":
-        return _load_fashion_mnist(cfg.root, train)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        return _load_cifar(cfg.dataset, cfg.root, train, cfg.download)
-    raise ValueError(f"{cfg.dataset} has no in-memory loader")
+def _cifar_images(torchvision_name: str, cfg: DataConfig, train: bool, transform) -> torch.utils.data.Dataset:
+    return _cifar_class(torchvision_name)(cfg.root, train=train, download=cfg.download, transform=transform)
 
 
-def check_data_available(cfg: DataConfig) -> None:
-    """Fails at once, before any model is built, when the data is not where the config says."""
-    dataset_info(cfg.dataset)
-    if cfg.dataset == "fashion-mnist":
-        _check_training_set_size(cfg, len(_load_fashion_mnist(cfg.root, train=True)[1]))
-        _load_fashion_mnist(cfg.root, train=False)  # every file read once: a damaged one fails here
-    elif cfg.dataset == "imagenet":
-        if not cfg.root or not (Path(cfg.root) / "train").is_dir() or not (Path(cfg.root) / "val").is_dir():
-            raise DataNotFoundError(f"imagenet needs data.root=PATH with train/ and val/ ImageFolder directories, "
-                                    f"got {cfg.root!r}")
-        _check_image_folders(Path(cfg.root), DATASETS["imagenet"].num_classes)
-    elif not cfg.download:
-        if not cfg.root:
-            raise DataNotFoundError(f"{cfg.dataset} needs data.root=PATH (a torchvision root; add "
-                                    "data.download=true to fetch it on a machine with internet access)")
-        _check_cifar_files(cfg.dataset, Path(cfg.root))
+def _check_cifar(torchvision_name: str, cfg: DataConfig) -> None:
+    if not cfg.download:  # a download fetches (and checks) the files itself
+        _check_cifar_files(cfg.dataset, _cifar_class(torchvision_name), Path(_cifar_root(cfg)))
 
 
-def _check_cifar_files(name: str, root: Path) -> None:
+def _check_cifar_files(name: str, cls, root: Path) -> None:
     """Every file of torchvision's CIFAR layout is there with the MD5 torchvision knows (0.3 s for 170 MB):
     a missing or damaged batch is named now, not as an unpickling traceback in a worker."""
-    import torchvision
     from torchvision.datasets.utils import check_integrity
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     folder = root / cls.base_folder
     if not folder.is_dir():
         raise DataNotFoundError(f"{name} not found: {folder} does not exist; pass data.download=true on a "
@@ -172,6 +239,30 @@ def _check_cifar_files(name: str, root: Path) -> None:
         if not check_integrity(str(path), md5):
             raise DataCorruptError(f"{name}: {path} is damaged (its MD5 is not torchvision's {md5}); delete "
                                    f"{folder} and download it again (data.download=true)")
+
+
+def _torchvision_cifar(info: DatasetInfo, torchvision_name: str) -> Dataset:
+    """The entry of torchvision's ``torchvision_name`` dataset: read whole or per image, its files' MD5s checked."""
+    return Dataset(info, check=functools.partial(_check_cifar, torchvision_name),
+                   read_tensors=functools.partial(_read_cifar, torchvision_name),
+                   image_dataset=functools.partial(_cifar_images, torchvision_name))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ImageNet: an ImageFolder root with train/ and val/
+# --------------------------------------------------------------------------------------------------------------
+
+def _imagenet_images(cfg: DataConfig, train: bool, transform) -> torch.utils.data.Dataset:
+    import torchvision
+
+    return torchvision.datasets.ImageFolder(os.path.join(cfg.root, "train" if train else "val"), transform)
+
+
+def _check_imagenet(cfg: DataConfig) -> None:
+    if not cfg.root or not (Path(cfg.root) / "train").is_dir() or not (Path(cfg.root) / "val").is_dir():
+        raise DataNotFoundError(f"imagenet needs data.root=PATH with train/ and val/ ImageFolder directories, "
+                                f"got {cfg.root!r}")
+    _check_image_folders(Path(cfg.root), dataset_info(cfg.dataset).num_classes)
 
 
 def _is_empty(folder: Path) -> bool:
@@ -198,16 +289,16 @@ def _check_image_folders(root: Path, num_classes: int) -> None:
                                "the labels would not match")
 
 
-def _check_training_set_size(cfg: DataConfig, n: int) -> None:
-    kept = len(train_subset_indices(n, cfg.train_subset))
-    if kept < cfg.batch_size:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
-                         f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
-                         " or raise data.train_subset")
+# --------------------------------------------------------------------------------------------------------------
+# The known datasets: a new one is one entry here (and, for --recipe auto, one AUTO_RECIPES line)
+# --------------------------------------------------------------------------------------------------------------
 
-
-def train_subset_indices(n: int, subset: int) -> torch.Tensor:
-    """The first ``subset`` items of a fixed permutation: every run of a sweep sees the same subset."""
-    if subset <= 0 or subset >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(12345))[:subset].sort().values
+register_dataset(Dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), in_memory=True),
+                         check=_check_fashion_mnist, read_tensors=_read_fashion_mnist))
+register_dataset(_torchvision_cifar(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
+                                               (0.2470, 0.2435, 0.2616), in_memory=True), "CIFAR10"))
+register_dataset(_torchvision_cifar(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),
+                                               (0.2673, 0.2564, 0.2762), in_memory=True), "CIFAR100"))
+register_dataset(Dataset(DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                                     in_memory=False),
+                         check=_check_imagenet, image_dataset=_imagenet_images))

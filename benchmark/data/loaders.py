@@ -1,4 +1,4 @@
-"""Datasets by name and the two input pipelines.
+"""The two input pipelines, over the datasets registered in ``datasets.py`` (``DATASETS``), which are:
 
 * ``fashion-mnist`` (the offline default): the four gzipped IDX files of Debian's ``dataset-fashion-mnist``
   package (``/usr/share/datasets/fashion-mnist``) or of a torchvision root (``ROOT/FashionMNIST/raw``).
@@ -23,7 +23,6 @@ transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-e
 from __future__ import annotations
 
 import math
-import os
 import random
 from typing import Iterator, Optional, Tuple
 
@@ -34,8 +33,8 @@ from timm.data import Mixup
 
 from hkdbench.benchmark.config import DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
-from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset_info, load_tensors,
-                                             train_subset_indices)
+from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
+                                             load_tensors, train_subset_indices)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,7 +385,8 @@ def _image_transform(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: 
             cfg.img_size, is_training=train, scale=tuple(cfg.rrc_scale), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment,
             re_prob=0.0 if mixes(cfg) else cfg.reprob,  # under mixup it erases after mixing (MixThenErase)
-            re_mode=ERASING_MODE, re_count=1, interpolation=cfg.train_interpolation if train else cfg.eval_interpolation,
+            re_mode=ERASING_MODE, re_count=1,
+            interpolation=cfg.train_interpolation if train else cfg.eval_interpolation,
             mean=info.mean, std=info.std, crop_pct=crop_pct)
         return with_zero_bit_posterize(transform)
     if not train:
@@ -451,16 +451,13 @@ def with_zero_bit_posterize(transform):
 
 
 def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
-    import torchvision
-
+    """The dataset entry's per-image dataset, or else its whole-split tensors served one image at a time."""
     transform = _image_transform(cfg, info, train, crop_pct)
-    if cfg.dataset == "imagenet":
-        return torchvision.datasets.ImageFolder(os.path.join(cfg.root, "train" if train else "val"), transform)
-    if cfg.dataset == "fashion-mnist":
-        images, labels = load_tensors(cfg, train)
-        return _TensorImageDataset(images, labels, transform)
-    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    return cls(cfg.root, train=train, download=cfg.download, transform=transform)
+    entry = dataset(cfg.dataset)
+    if entry.image_dataset is not None:
+        return entry.image_dataset(cfg, train, transform)
+    images, labels = entry.read_tensors(cfg, train)
+    return _TensorImageDataset(images, labels, transform)
 
 
 class _TensorImageDataset(torch.utils.data.Dataset):
