@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.models import families
+from hkdbench.benchmark.models import families, zoo
 from hkdbench.benchmark.models.families import StageModules, family_of, register_family
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.methods import TASK_LOSS, Targets, get_method, method_config
@@ -36,10 +36,11 @@ class ToyTokenNet(nn.Module):
 def registry(monkeypatch):
     """The registry as it is, restored after the test."""
     monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))
+    monkeypatch.setattr(zoo, "_ZOO", dict(zoo._ZOO))
 
 
 def _register_toy():
-    @register_family("toy", [ToyTokenNet], "tokens")
+    @register_family("toy", "toy", [ToyTokenNet], "tokens", takes_img_size=False)
     def _toy(model):
         names = [f"blocks.{i}" for i in range(4)]
         return StageModules(names, names)
@@ -50,11 +51,33 @@ def test_an_unregistered_model_is_refused_with_the_supported_classes(registry):
         TappedModel(ToyTokenNet(), "toy", "toy", TEST_IMG, 1)
 
 
+def test_a_model_takes_the_family_of_its_nearest_registered_class(registry):
+    class ToySub(ToyTokenNet):
+        pass
+
+    _register_toy()
+    assert family_of(ToySub()).name == "toy"
+    toy_stages = families.families()["toy"].stage_modules
+    register_family("toy_sub", "toy", [ToySub], "tokens", takes_img_size=False)(toy_stages)
+    assert family_of(ToySub()).name == "toy_sub" and family_of(ToyTokenNet()).name == "toy"
+
+
+def test_a_zoo_entry_names_a_registered_family_and_builds_it(registry):
+    with pytest.raises(ValueError, match="unknown family 'toy'; families are .'cnn', 'vit'"):
+        zoo._register("toy_mini", "toy", TEST_IMG, 1.0, "a toy")(lambda **kw: ToyTokenNet())
+    zoo._register("resnet_labelled_vit", "vit", TEST_IMG, 1.0, "mislabelled")(zoo.zoo_entry("resnet_mini").build)
+    with pytest.raises(ValueError, match="registered as family 'vit' but builds a 'cnn' model .ResNet."):
+        zoo.create_model("resnet_labelled_vit", TEST_CLASSES, in_chans=1)
+
+
 def test_registering_a_family_is_all_it_takes(registry):
     _register_toy()
     assert family_of(ToyTokenNet()).name == "toy"
+    zoo._register("toy_mini", "toy", TEST_IMG, 1.0, "a toy")(
+        lambda num_classes, in_chans, img_size: ToyTokenNet(in_chans=in_chans, num_classes=num_classes))
     torch.manual_seed(0)
-    model = TappedModel(ToyTokenNet(), "toy", "toy", TEST_IMG, 1).eval()
+    model = zoo.create_model("toy_mini", TEST_CLASSES, in_chans=1).eval()
+    assert isinstance(model, TappedModel) and model.family == "toy"
     # 16 px / patch 4 = a 4x4 grid of 16 tokens, the widths of the four blocks
     assert [model.stage_info[s].shape for s in (1, 2, 3, 4)] == [(16, 8), (16, 12), (16, 16), (16, 20)]
     assert all(model.stage_info[s].layout == "tokens" and model.stage_info[s].grid == (4, 4) for s in (1, 2, 3, 4))
@@ -84,3 +107,12 @@ def test_a_registered_family_distils_with_feature_methods(registry):
         assert torch.isfinite(total), method
         total.backward()
         assert all(p.grad is not None for p in student.model.parameters() if p.requires_grad), method
+
+
+def test_pat_refuses_a_stage_input_that_is_not_in_the_registered_layout(registry):
+    register_family("toy", "toy", [ToyTokenNet], "nchw", takes_img_size=False)(  # tokens registered as maps
+        lambda model: StageModules([f"blocks.{i}" for i in range(4)], [f"blocks.{i}" for i in range(4)]))
+    model = TappedModel(ToyTokenNet(), "toy", "toy", TEST_IMG, 1)
+    with pytest.raises(ValueError, match=r"toy: stage 1 input has shape \(1, 16, 8\), not the 'nchw' layout its "
+                                         "family 'toy' registers"):
+        probe_entry_layouts(model, (1, 2, 3, 4), quirks=False)

@@ -2,15 +2,16 @@
 import pytest
 import torch
 
-from hkdbench.benchmark.models.zoo import FAMILIES, UnknownModelError, create_model, zoo, zoo_entry
-from hkdbench.benchmark.models.families import block_stack_stage_ends
+from hkdbench.benchmark.models.zoo import UnknownModelError, create_model, zoo, zoo_entry
+from hkdbench.benchmark.models.families import block_stack_stage_ends, family_groups
 from _support import FAMILY_MODELS, small_model
 
 
 def test_zoo_covers_every_family_at_224_and_small():
     entries = zoo().values()
-    assert {e.family for e in entries if e.paper} == set(FAMILIES)
-    assert {e.family for e in entries if not e.paper} == set(FAMILIES)
+    assert family_groups() == ("cnn", "vit", "swin", "convnext", "mlp")
+    assert {e.family for e in entries if e.paper} == set(family_groups())
+    assert {e.family for e in entries if not e.paper} == set(family_groups())
     for name in ("resnet18", "mobilenetv2_100", "deit_tiny", "vit_small", "swin_tiny", "swin_pico", "swin_nano",
                  "convnext_tiny", "mixer_b16", "resmlp_12"):
         assert zoo_entry(name).img_size == 224
