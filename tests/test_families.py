@@ -116,3 +116,10 @@ def test_pat_refuses_a_stage_input_that_is_not_in_the_registered_layout(registry
     with pytest.raises(ValueError, match=r"toy: stage 1 input has shape \(1, 16, 8\), not the 'nchw' layout its "
                                          "family 'toy' registers"):
         probe_entry_layouts(model, (1, 2, 3, 4), quirks=False)
+
+
+def test_a_family_is_registered_once_with_a_known_raw_layout(registry):
+    with pytest.raises(ValueError, match="family 'toy': unknown raw layout 'nlc'; layouts are .'nchw', 'nhwc'"):
+        register_family("toy", "toy", [ToyTokenNet], "nlc", takes_img_size=False)
+    with pytest.raises(ValueError, match="family 'vit' registered twice"):
+        register_family("vit", "vit", [ToyTokenNet], "tokens", takes_img_size=True)(lambda model: None)

@@ -34,7 +34,7 @@ class StageModules:
 class Family:
     name: str
     group: str                                    # the family a zoo entry names and the tables report ('cnn', ...)
-    classes: Tuple[type, ...]                     # the timm model classes of the family (isinstance)
+    classes: Tuple[type, ...]                     # the timm model classes of the family (and their subclasses)
     raw_layout: str                               # one of RAW_LAYOUTS
     takes_img_size: bool                          # built for one input size (timm's img_size argument)
     stage_modules: Callable[[nn.Module], StageModules]
