@@ -20,20 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models.taps import StageInfo, nchw_to_tokens, tokens_to_nchw
+from hkdbench.benchmark.models.taps import StageInfo, as_map, to_layout
 
 from .base import TASK_LOSS, Distiller, check_stages, kd_kl
 from .registry import register_method
-
-
-def as_map(x: torch.Tensor, info: StageInfo) -> torch.Tensor:
-    """A stage feature in (B, C, H, W), whatever its layout."""
-    return x if info.layout == "nchw" else tokens_to_nchw(x, info.grid)
-
-
-def to_layout(x_map: torch.Tensor, info: StageInfo) -> torch.Tensor:
-    """(B, C, H, W) -> the layout described by ``info``."""
-    return x_map if info.layout == "nchw" else nchw_to_tokens(x_map)
 
 
 class HintProjector(nn.Module):

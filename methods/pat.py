@@ -86,7 +86,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.models.taps import STAGES, StageInfo, nchw_to_tokens, tokens_to_nchw
+from hkdbench.benchmark.models.taps import STAGES, StageInfo, as_map, nchw_to_tokens, tokens_to_nchw
 
 from .base import TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
 from .ofa import init_weights
@@ -115,11 +115,6 @@ def resize_map(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     if size[0] >= x.shape[-2] and size[1] >= x.shape[-1]:
         return F.interpolate(x, size=size, mode="nearest")
     return F.adaptive_avg_pool2d(x, size)
-
-
-def as_map(x: torch.Tensor, info: StageInfo) -> torch.Tensor:
-    """A stage feature (prefix already split off) as (B, C, H, W)."""
-    return x if info.layout == "nchw" else tokens_to_nchw(x, info.grid)
 
 
 def hcl_loss(fs: torch.Tensor, ft: torch.Tensor, levels=(4, 2, 1), weights=(0.5, 0.25, 0.125)) -> torch.Tensor:
@@ -253,7 +248,8 @@ class SEBlock(nn.Module):
 class EntryLayout:
     """How a stage's input is laid out and how to turn it into a (B, C, H, W) map and back.
 
-    kind: 'nchw' (ResNet, ConvNeXt), 'nhwc' (timm>=0.9 Swin) or 'tokens' ((B, prefix + H*W, D): ViT, Mixer).
+    kind: the family's raw layout (``families.RAW_LAYOUTS``): 'nchw' (ResNet, ConvNeXt), 'nhwc' (timm>=0.9 Swin)
+    or 'tokens' ((B, prefix + H*W, D): ViT, Mixer).
     """
 
     def __init__(self, kind: str, channels: int, grid: Tuple[int, int], num_prefix: int, quirks: bool):
@@ -357,12 +353,16 @@ def probe_entry_layouts(teacher, stages, quirks: bool) -> Dict[int, EntryLayout]
         for h in handles:
             h.remove()
         teacher.train(was_training)
+    kind = teacher.raw_layout  # the family's: what enters a stage is laid out as what leaves it
     layouts = {}
     for s in stages:
         x = seen[s]
-        if x.dim() == 4 and not teacher.is_token_model:
+        if x.dim() != (3 if kind == "tokens" else 4):
+            raise ValueError(f"{teacher.name}: stage {s} input has shape {tuple(x.shape)}, not the {kind!r} layout "
+                             f"its family {teacher.family_spec.name!r} registers")
+        if kind == "nchw":
             layouts[s] = EntryLayout("nchw", x.shape[1], tuple(x.shape[2:]), 0, quirks)
-        elif x.dim() == 4:
+        elif kind == "nhwc":
             layouts[s] = EntryLayout("nhwc", x.shape[3], tuple(x.shape[1:3]), 0, quirks)
         else:
             p = teacher.num_prefix

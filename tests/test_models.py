@@ -2,15 +2,16 @@
 import pytest
 import torch
 
-from hkdbench.benchmark.models.zoo import FAMILIES, UnknownModelError, create_model, zoo, zoo_entry
-from hkdbench.benchmark.models.taps import _vit_like_stage_blocks
+from hkdbench.benchmark.models.zoo import UnknownModelError, create_model, zoo, zoo_entry
+from hkdbench.benchmark.models.families import block_stack_stage_ends, family_groups
 from _support import FAMILY_MODELS, small_model
 
 
 def test_zoo_covers_every_family_at_224_and_small():
     entries = zoo().values()
-    assert {e.family for e in entries if e.paper} == set(FAMILIES)
-    assert {e.family for e in entries if not e.paper} == set(FAMILIES)
+    assert family_groups() == ("cnn", "vit", "swin", "convnext", "mlp")
+    assert {e.family for e in entries if e.paper} == set(family_groups())
+    assert {e.family for e in entries if not e.paper} == set(family_groups())
     for name in ("resnet18", "mobilenetv2_100", "deit_tiny", "vit_small", "swin_tiny", "swin_pico", "swin_nano",
                  "convnext_tiny", "mixer_b16", "resmlp_12"):
         assert zoo_entry(name).img_size == 224
@@ -46,10 +47,10 @@ def test_taps_match_dry_run_and_plain_forward(name):
 
 
 def test_vit_stage_split_follows_the_papers():
-    assert _vit_like_stage_blocks(12) == [1, 3, 9, 11]  # OFA's ViT/Mixer taps
-    assert _vit_like_stage_blocks(4) == [0, 1, 2, 3]
+    assert block_stack_stage_ends(12) == [1, 3, 9, 11]  # OFA's ViT/Mixer taps
+    assert block_stack_stage_ends(4) == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        _vit_like_stage_blocks(3)
+        block_stack_stage_ends(3)
 
 
 # Stage shapes of the papers' 224 px models (OFA-KD stage_info tables), found by the dry run.

@@ -1,25 +1,20 @@
 """The one feature-tap interface over every family: :class:`TappedModel` returns logits, pre-logits and the
 requested stage features (stages 1-4) in a recorded layout (``nchw`` feature maps or ``tokens`` on a grid, prefix
-tokens kept apart), with stage shapes found by a dry run. ``STAGES`` and ``LAYOUTS`` are defined here, once."""
+tokens kept apart), with stage shapes found by a dry run. Which modules are a family's stages is registered in
+``families.py`` (with ``STAGES``); ``LAYOUTS`` is defined here, once."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from timm.models import convnext as timm_convnext
-from timm.models import efficientnet as timm_efficientnet
-from timm.models import mlp_mixer as timm_mixer
-from timm.models import resnet as timm_resnet
-from timm.models import swin_transformer as timm_swin
-from timm.models import vision_transformer as timm_vit
 
+from hkdbench.benchmark.models.families import STAGES, family_of
 
-STAGES = (1, 2, 3, 4)
-# the layouts of a stage feature: CNN maps (B, C, H, W) and patch tokens (B, L, D) on a grid
+# the layouts of a stage feature as delivered: CNN maps (B, C, H, W) and patch tokens (B, L, D) on a grid
 LAYOUTS = ("nchw", "tokens")
 
 
@@ -47,53 +42,6 @@ class Features:
     prefix: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _vit_like_stage_blocks(depth: int) -> List[int]:
-    """Last block of each stage for a plain stack of blocks, following the papers' split of 12 blocks into
-    2-2-6-2 (stage ends 1, 3, 9, 11, the depths of Swin-T), scaled to other depths."""
-    if depth < 4:
-        raise ValueError(f"a block stack needs at least 4 blocks to have 4 stages, got {depth}")
-    ends, previous = [], -1
-    for fraction in (2 / 12, 4 / 12, 10 / 12, 12 / 12):
-        end = max(previous + 1, round(depth * fraction) - 1)
-        ends.append(end)
-        previous = end
-    return ends
-
-
-def _stage_modules(model: nn.Module) -> Tuple[List[str], List[str], str, int]:
-    """(stage output module names, stage entry module names, layout kind, prefix token count) per timm class."""
-    if isinstance(model, timm_resnet.ResNet):
-        names = [f"layer{i}" for i in STAGES]
-        return names, names, "nchw", 0
-    if isinstance(model, timm_efficientnet.EfficientNet):
-        # Stage outputs at strides 4, 8, 16 and the head conv (OFA's MobileNetV2 taps: blocks 2, 5, 12 and bn2).
-        reductions = [info["reduction"] for info in model.feature_info]
-        picks = [i for i, r in enumerate(reductions) if r in (4, 8, 16)]
-        # feature_info lists the last block stage of each stride; take its module index
-        stage_idx = [int(model.feature_info[i]["module"].split(".")[1]) for i in picks]
-        outputs = [f"blocks.{i}" for i in stage_idx] + ["bn2"]
-        entries = [f"blocks.{stage_idx[0]}"] + [f"blocks.{i + 1}" for i in stage_idx]
-        return outputs, entries, "nchw", 0
-    if isinstance(model, timm_convnext.ConvNeXt):
-        names = [f"stages.{i}" for i in range(4)]
-        return names, names, "nchw", 0
-    if isinstance(model, timm_swin.SwinTransformer):
-        # A Swin stage is its blocks (OFA-KD's split, timm 0.6.5 merged at the *end* of a BasicLayer). timm >= 0.9
-        # merges at the *start* of SwinTransformerStage, so the stage's input is what enters its first block,
-        # after the merge: a pre-hook on layers.i would see the pre-merge tensor (what PAT's reference never prompts).
-        outputs = [f"layers.{i}" for i in range(4)]
-        entries = [f"layers.{i}.blocks.0" for i in range(4)]
-        return outputs, entries, "nhwc", 0
-    if isinstance(model, (timm_vit.VisionTransformer, timm_mixer.MlpMixer)):
-        ends = _vit_like_stage_blocks(len(model.blocks))
-        starts = [0] + [e + 1 for e in ends[:-1]]
-        prefix = getattr(model, "num_prefix_tokens", 0)
-        return [f"blocks.{e}" for e in ends], [f"blocks.{s}" for s in starts], "nlc", prefix
-    raise NotImplementedError(
-        f"no feature taps for {type(model).__name__}; supported: ResNet, EfficientNet/MobileNet, ConvNeXt, "
-        "SwinTransformer, VisionTransformer, MlpMixer")
-
-
 class TappedModel(nn.Module):
     """A timm model plus per-stage feature taps. ``forward(x, stages=(...))`` returns :class:`Features`."""
 
@@ -101,9 +49,12 @@ class TappedModel(nn.Module):
         super().__init__()
         self.model = model
         self.name, self.family, self.img_size, self.in_chans = name, family, img_size, in_chans
-        outputs, entries, self._raw_layout, self.num_prefix = _stage_modules(model)
-        self._stage_module_names = dict(zip(STAGES, outputs))
-        self._entry_module_names = dict(zip(STAGES, entries))
+        self.family_spec = family_of(model)  # the registered family (stage modules, raw layout)
+        self.raw_layout = self.family_spec.raw_layout  # how the stage tensors come out of the model
+        modules_of_stages = self.family_spec.stage_modules(model)
+        self.num_prefix = modules_of_stages.num_prefix
+        self._stage_module_names = dict(zip(STAGES, modules_of_stages.outputs))
+        self._entry_module_names = dict(zip(STAGES, modules_of_stages.entries))
         self._captured: Dict[int, torch.Tensor] = {}
         self._active: Tuple[int, ...] = ()
         modules = dict(model.named_modules())
@@ -119,7 +70,7 @@ class TappedModel(nn.Module):
 
     @property
     def is_token_model(self) -> bool:
-        return self._raw_layout != "nchw"
+        return self.raw_layout != "nchw"
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _make_hook(self, stage: int):
@@ -144,9 +95,9 @@ class TappedModel(nn.Module):
         return out
 
     def _to_layout(self, raw: torch.Tensor):
-        if self._raw_layout == "nchw":
+        if self.raw_layout == "nchw":
             return raw, None
-        if self._raw_layout == "nhwc":  # timm>=0.9 Swin stages are NHWC
+        if self.raw_layout == "nhwc":  # timm>=0.9 Swin stages are NHWC
             return raw.flatten(1, 2), None
         if self.num_prefix:
             return raw[:, self.num_prefix:], raw[:, :self.num_prefix]
@@ -167,9 +118,9 @@ class TappedModel(nn.Module):
         infos = {}
         for stage in STAGES:
             r = raw[stage]
-            if self._raw_layout == "nchw":
+            if self.raw_layout == "nchw":
                 layout, shape, grid = "nchw", tuple(r.shape[1:]), tuple(r.shape[2:])
-            elif self._raw_layout == "nhwc":
+            elif self.raw_layout == "nhwc":
                 layout, shape, grid = "tokens", (r.shape[1] * r.shape[2], r.shape[3]), (r.shape[1], r.shape[2])
             else:
                 n = r.shape[1] - self.num_prefix
@@ -200,3 +151,13 @@ def tokens_to_nchw(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
 def nchw_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) map -> (B, H*W, C) tokens."""
     return x.flatten(2).transpose(1, 2)
+
+
+def as_map(x: torch.Tensor, info: StageInfo) -> torch.Tensor:
+    """A stage feature (prefix tokens already split off) as a (B, C, H, W) map, whatever its layout."""
+    return x if info.layout == "nchw" else tokens_to_nchw(x, info.grid)
+
+
+def to_layout(x_map: torch.Tensor, info: StageInfo) -> torch.Tensor:
+    """(B, C, H, W) map -> the layout of the stage described by ``info``."""
+    return x_map if info.layout == "nchw" else nchw_to_tokens(x_map)

@@ -11,6 +11,7 @@ Stage outputs are taken with forward hooks on the stage modules and stage shapes
 model's forward is rewritten and no shape is hard-coded. Each stage's entry module takes forward pre-hooks, through
 which a method can alter what enters a stage (PAT's prompts): the stage module itself, the first block of a block
 stack (ViT, Mixer), or a Swin stage's first block (after timm >= 0.9's patch merging, where timm 0.6.5 had it).
+Which modules those are, per family, is registered in ``families.py``; a zoo entry names its family.
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ from timm.models import mlp_mixer as timm_mixer
 from timm.models import resnet as timm_resnet
 from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
+from hkdbench.benchmark.models.families import family_groups, family_of, group_takes_img_size
 from hkdbench.benchmark.models.taps import TappedModel
-
-FAMILIES = ("cnn", "vit", "swin", "convnext", "mlp")
 
 
 class UnknownModelError(KeyError):
@@ -57,22 +57,20 @@ def _register(name, family, img_size, crop_pct, description, paper=False, interp
     def wrap(fn):
         if name in _ZOO:
             raise ValueError(f"model {name!r} registered twice")
+        if family not in family_groups():  # the families registered in families.py
+            raise ValueError(f"model {name!r}: unknown family {family!r}; families are {family_groups()}")
         _ZOO[name] = ZooEntry(name, family, fn, img_size, crop_pct, description, paper, interpolation)
         return fn
     return wrap
 
 
-def _timm(name: str, **fixed):
+def _timm(name: str, family: str, **fixed):
     def build(num_classes: int, in_chans: int, img_size: int, **options) -> nn.Module:
         kwargs = {**fixed, **options}
-        if img_size != 224 and "img_size" not in kwargs and _accepts_img_size(name):
+        if img_size != 224 and "img_size" not in kwargs and group_takes_img_size(family):
             kwargs["img_size"] = img_size
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     return build
-
-
-def _accepts_img_size(timm_name: str) -> bool:
-    return any(k in timm_name for k in ("vit", "deit", "swin", "mixer", "resmlp"))
 
 
 # The papers' 224 px models (OFA-KD / PAT CIFAR-100 and ImageNet matrices), with crop_pct and interpolation of
@@ -89,7 +87,7 @@ for _name, _family, _timm_name, _crop, _interp in [
     ("resmlp_12", "mlp", "resmlp_12_224", 0.875, "bicubic"),
 ]:
     _register(_name, _family, 224, _crop, f"timm {_timm_name}", paper=True, interpolation=_interp)(
-        _timm(_timm_name))
+        _timm(_timm_name, _family))
 
 
 def _small_swin(embed_dim: int):
@@ -178,6 +176,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optio
     size = img_size or entry.img_size
     options = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
     model = entry.build(num_classes=num_classes, in_chans=in_chans, img_size=size, **options)
+    built = family_of(model).group
+    if built != entry.family:
+        raise ValueError(f"model {name!r} is registered as family {entry.family!r} but builds a {built!r} model "
+                         f"({type(model).__name__})")
     if pretrained:
         from hkdbench.benchmark.models.pretrained import load_pretrained_into
 
