@@ -4,13 +4,13 @@
     <out>/runs.csv           the tidy table, one row per run
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
     <out>/tables/*.md|tex|csv  comparison tables (and published numbers side by side, CIFAR-100 only)
-    <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict, convergence)
+    <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict,
+                             convergence)
 
 Only the stored files of the runs are read (config.json, env.json, summary.json, metrics.jsonl, DONE/FAILED).
 """
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from hkdbench import TIME_FORMAT
+from hkdbench.benchmark.store import SWEEPS_DIR, SweepDir
 
 from .collect import collect_epochs, collect_runs, keyed
 from .plots import FIGURES, all_plots
@@ -100,12 +101,10 @@ def _duration(seconds: float) -> str:
 def read_sweeps(runs_dir) -> List[Dict[str, Any]]:
     """The sweep manifests of a run store (``_sweeps/<id>/sweep.json``) with their submission records."""
     sweeps = []
-    for manifest in sorted(Path(runs_dir).glob("_sweeps/*/sweep.json")):
-        body = json.loads(manifest.read_text())
-        subs_file = manifest.parent / "submissions.jsonl"
-        subs = [json.loads(line) for line in subs_file.read_text().splitlines() if line.strip()] \
-            if subs_file.exists() else []
-        sweeps.append({**body, "submissions": subs})
+    for path in sorted((Path(runs_dir) / SWEEPS_DIR).glob("*")):
+        sweep = SweepDir(path)
+        if sweep.exists:
+            sweeps.append({**sweep.manifest(), "submissions": sweep.submissions()})
     return sweeps
 
 

@@ -30,9 +30,6 @@ from .order import BASELINE, REFERENCE, method_key
 from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Estimate, by_seed, mean_interval, outcome,
                     paired_difference, rank_table, win_tie_loss)
 
-PAPER_NAMES = {"swin_tiny": "Swin-T", "vit_small": "ViT-S", "mixer_b16": "Mixer-B/16", "convnext_tiny": "ConvNeXt-T",
-               "resnet18": "ResNet18", "mobilenetv2_100": "MobileNetV2", "deit_tiny": "DeiT-T",
-               "swin_pico": "Swin-P", "resmlp_12": "ResMLP-S12"}
 PAIRING_NOTE = ("paired by seed only: runs of one seed share the seed, not (yet) their batches")
 TIE_RULE = ("win: the paired 95 % interval lies above 0; loss: below 0; tie: it holds 0, or fewer than 2 paired "
             "seeds")
@@ -340,13 +337,6 @@ def _fill_pair(table: ComparisonTable, pair, pg: pd.DataFrame, metric: str) -> N
             continue
         cell.vs_alone = paired_difference(cell.by_seed, alone.by_seed) if alone else None
         cell.vs_kd = paired_difference(cell.by_seed, kd.by_seed) if kd and m != REFERENCE else None
-
-
-def write_tables(runs: pd.DataFrame, out_dir, metric: str = "best_top1") -> List[Path]:
-    paths: List[Path] = []
-    for table in comparison_tables(runs, metric):
-        paths += table.write(out_dir)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import shlex
 import signal
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
@@ -115,41 +115,23 @@ def cmd_methods(args, _overrides) -> int:
         print(f"{name:<8} {cls.paper}\n{'':<8} {fields}")
     if args.pair:
         print()
-        for row in method_costs(args.pair[0], args.pair[1], args.num_classes):
-            print(row)
+        print_method_costs(*args.pair, args.num_classes)
     return 0
 
 
-def method_costs(teacher_name: str, student_name: str, num_classes: int) -> List[str]:
-    """Extra trainable parameters and the memory they add in training (weights + grads + two AdamW moments,
-    fp32) plus the method's buffers, per method, for one teacher/student pair."""
-    import torch
+def print_method_costs(teacher: str, student: str, num_classes: int) -> None:
+    from hkdbench.benchmark.probes.overhead import method_costs
 
-    from hkdbench.methods import TrainingSet, list_methods, method_config
-
-    from hkdbench.benchmark.models.zoo import create_model, zoo_entry
-
-    size = max(zoo_entry(teacher_name).img_size, zoo_entry(student_name).img_size)
-    teacher = create_model(teacher_name, num_classes, in_chans=3, img_size=size)
-    student = create_model(student_name, num_classes, in_chans=3, img_size=size)
-    rows = [f"train-time cost for {teacher_name} -> {student_name} at {size}px, {num_classes} classes "
-            f"(student alone: {student.deploy_parameter_count() / 1e6:.2f}M params)",
-            f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}",
-            f"(buffers of per-sample methods such as crd: for a training set of "
-            f"{TrainingSet.stand_in(num_classes).size} images)"]
-    for name, cls in list_methods().items():
-        try:
-            method = cls.build(method_config(name), student, teacher if cls.uses_teacher else None, num_classes,
-                               train_set=TrainingSet.stand_in(num_classes))
-        except NotImplementedError as err:
-            rows.append(f"{name:<8} not supported for this pair: {err}")
-            continue
-        params = method.extra_parameter_count()
-        buffers = sum(b.numel() * b.element_size() for b in method.buffers())
-        rows.append(f"{name:<8} {params / 1e6:>12.3f}M {params * 16 / 2 ** 20:>20.1f} {buffers / 2 ** 20:>11.2f}")
-        del method
-    torch.set_grad_enabled(True)
-    return rows
+    costs = method_costs(teacher, student, num_classes)
+    print(f"train-time cost for {teacher} -> {student} at {costs['img_size']}px, {num_classes} classes "
+          f"(student alone: {costs['student_params'] / 1e6:.2f}M params)")
+    print(f"{'method':<8} {'extra params':>13} {'extra MB (w+g+adam)':>20} {'buffers MB':>11}")
+    print(f"(buffers of per-sample methods such as crd: for a training set of {costs['train_set_size']} images)")
+    for name, c in costs["methods"].items():
+        if "unsupported" in c:
+            print(f"{name:<8} not supported for this pair: {c['unsupported']}")
+        else:
+            print(f"{name:<8} {c['extra_params'] / 1e6:>12.3f}M {c['extra_train_mb']:>20.1f} {c['buffers_mb']:>11.2f}")
 
 
 def cmd_demo(args, _overrides) -> int:

@@ -332,3 +332,21 @@ def test_figures_are_byte_identical_when_redrawn(store, tmp_path):
     first = {p.name: p.read_bytes() for paths in all_plots(runs, epochs, tmp_path / "a").values() for p in paths}
     second = {p.name: p.read_bytes() for paths in all_plots(runs, epochs, tmp_path / "b").values() for p in paths}
     assert any(name.endswith(".pdf") for name in first) and first == second
+
+
+def test_read_sweeps_through_the_store(tmp_path):
+    """Each sweep folder's manifest and submissions come back, in folder order; a folder without its sweep.json
+    (a sweep being created) is left out."""
+    from hkdbench.analysis.report import read_sweeps
+    from hkdbench.benchmark.store import RunStore
+
+    store = RunStore(tmp_path)
+    for sweep_id, runs in (("b-2", ["r3"]), ("a-1", ["r1", "r2"])):
+        sweep = store.sweep_dir(sweep_id)
+        sweep.write_manifest({"sweep": sweep_id, "preset": {"name": "demo"}})
+        for run in runs:
+            sweep.record_submission({"run": run})
+    (tmp_path / "_sweeps" / "c-3").mkdir()
+    assert read_sweeps(tmp_path) == [
+        {"sweep": "a-1", "preset": {"name": "demo"}, "submissions": [{"run": "r1"}, {"run": "r2"}]},
+        {"sweep": "b-2", "preset": {"name": "demo"}, "submissions": [{"run": "r3"}]}]

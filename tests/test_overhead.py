@@ -84,3 +84,50 @@ def test_times_the_trainers_own_step(monkeypatch):
     measure_method(OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4,
                                   img_size=16, num_classes=10, warmup=2, repeats=3))
     assert calls == [0, 1, 2, 3, 4, 5]  # warm-up, timed repeats, then the FLOP-counted step
+
+
+def test_builds_its_step_with_the_trainers_setup(monkeypatch):
+    """The benchmark and the trainer share engine.step.setup_training: the method, module, optimiser and scaler
+    the benchmark times are built as a training run builds them."""
+    from hkdbench.benchmark.engine import step
+    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+
+    built = []
+    real_setup = step.setup_training
+
+    def recording_setup(method, *args, **kwargs):
+        setup = real_setup(method, *args, **kwargs)
+        built.append((method, setup))
+        return setup
+
+    monkeypatch.setattr(step, "setup_training", recording_setup)
+    result = measure_method(OverheadConfig(teacher="resnet_mini", student="vit_mini", method="fitnet", batch_size=4,
+                                           img_size=16, num_classes=10, warmup=0, repeats=1))
+    [(method, setup)] = built
+    assert method == "fitnet" and not setup.scaler.is_enabled() and setup.dtype is None
+    assert result["extra_params"] == setup.method.extra_parameter_count() > 0
+
+
+def test_method_costs_per_method():
+    """The static costs of ``hkdbench methods --pair``: extra parameters counted on an independently built
+    method, 16 bytes of training memory per extra parameter, a memory bank's buffers sized by the stand-in."""
+    from hkdbench.methods import TrainingSet, get_method, list_methods, method_config
+
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.probes.overhead import method_costs
+
+    costs = method_costs("resnet_mini", "vit_mini", 10)
+    assert costs["train_set_size"] == 5000 and set(costs["methods"]) == set(list_methods())
+    assert costs["methods"]["kd"] == {"extra_params": 0, "extra_train_mb": 0.0, "buffers_mb": 0.0}
+    size = costs["img_size"]
+    teacher = create_model("resnet_mini", 10, in_chans=3, img_size=size)
+    student = create_model("vit_mini", 10, in_chans=3, img_size=size)
+    assert costs["student_params"] == student.deploy_parameter_count()
+    fitnet = get_method("fitnet").build(method_config("fitnet"), student, teacher, 10)
+    own = {id(p) for p in student.parameters()} | {id(p) for p in teacher.parameters()}
+    params = sum(p.numel() for p in fitnet.parameters() if p.requires_grad and id(p) not in own)
+    assert costs["methods"]["fitnet"]["extra_params"] == params > 0
+    assert costs["methods"]["fitnet"]["extra_train_mb"] == pytest.approx(params * 16 / 2 ** 20)
+    # CRD's two memory banks: one fp32 feat_dim vector per stand-in sample each (plus its sampler's indices)
+    banks_mb = 2 * TrainingSet.stand_in(10).size * method_config("crd").feat_dim * 4 / 2 ** 20
+    assert banks_mb < costs["methods"]["crd"]["buffers_mb"] < 1.1 * banks_mb

@@ -141,3 +141,28 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     assert "resuming at epoch" in done.stdout
     ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
     _assert_same_kept_files(ref_dir, student_dir)
+
+
+def test_setup_training_places_the_pieces():
+    """The setup the trainer and the overhead benchmark share: the method built on the pair, module and teacher
+    on the device in the asked memory format, the optimiser over the trainable parameters only (not the
+    teacher's), the GradScaler on exactly under fp16."""
+    from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.engine.step import setup_training
+    from hkdbench.benchmark.models.zoo import create_model
+
+    teacher = create_model("resnet_mini", 10, in_chans=3, img_size=16)
+    student = create_model("vit_mini", 10, in_chans=3, img_size=16)
+    device = torch.device("cpu")
+    setup = setup_training("fitnet", None, student, teacher, 10, nn.CrossEntropyLoss(), None,
+                           OptimConfig(name="adamw", lr=1e-3), "fp16", True, device)
+    assert setup.dtype == torch.float16 and setup.scaler.is_enabled() and setup.channels_last
+    assert setup.module.student is student and setup.module.method is setup.method
+    convs = [m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    optimised = {id(p) for g in setup.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in setup.module.parameters() if p.requires_grad}
+    assert optimised == trainable and not optimised & {id(p) for p in teacher.parameters()}
+    fp32 = setup_training("kd", None, student, teacher, 10, nn.CrossEntropyLoss(), None,
+                          OptimConfig(name="sgd", lr=0.1), "fp32", False, device)
+    assert fp32.dtype is None and not fp32.scaler.is_enabled() and isinstance(fp32.optimizer, torch.optim.SGD)

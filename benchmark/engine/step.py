@@ -1,20 +1,22 @@
 """One optimisation step (:class:`TrainStep`: the distiller's forward passes and losses, backward, clipping, the
-optimiser, the schedule, the student EMA), the module that holds student and method together, the criterion and
-the running sums of an epoch (kept in mid-epoch checkpoints)."""
+optimiser, the schedule, the student EMA), what it is built from (:func:`setup_training`, shared by the trainer
+and the overhead benchmark), the module that holds student and method together, the criterion and the running
+sums of an epoch (kept in mid-epoch checkpoints)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from hkdbench.methods import Distiller, Targets
+from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method_config
 
 from hkdbench.benchmark.config import OptimConfig, RunConfig
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.engine.optim import LRSchedule
-from hkdbench.benchmark.engine.evaluation import _autocast
+from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer
+from hkdbench.benchmark.engine.evaluation import _autocast, autocast_dtype
 
 
 class _EpochSums:
@@ -54,6 +56,40 @@ class TrainModule(nn.Module):
 
     def forward(self, images, targets: Targets, epoch: int):
         return self.method.training_step(images, targets, epoch)
+
+
+@dataclass
+class TrainingSetup:
+    """The pieces of a training step, on the device: the method, the module the optimiser holds, the optimiser,
+    the GradScaler (on under fp16), the autocast dtype (None for fp32) and the memory format."""
+    method: Distiller
+    module: TrainModule
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    dtype: Optional[torch.dtype]
+    channels_last: bool
+
+
+def setup_training(method: str, method_options: Optional[Mapping[str, Any]], student: TappedModel,
+                   teacher: Optional[TappedModel], num_classes: int, criterion: nn.Module,
+                   train_set: Optional[TrainingSet], optim: OptimConfig, precision: str, channels_last: bool,
+                   device: torch.device) -> TrainingSetup:
+    """Builds the method on the pair, moves the module and the teacher to ``device`` (channels_last if asked) and
+    builds the optimiser and the GradScaler: the one setup the trainer and ``hkdbench overhead`` share, so that
+    the benchmark times the step that training runs."""
+    distiller = get_method(method).build(method_config(method, method_options), student, teacher, num_classes,
+                                         criterion, train_set)
+    module = TrainModule(student, distiller).to(device)
+    if teacher is not None:
+        teacher.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer = build_optimizer(optim, [module], distiller.optimizer_groups())
+    return TrainingSetup(distiller, module, optimizer, scaler, dtype, channels_last)
 
 
 def build_criterion(cfg: RunConfig) -> nn.Module:

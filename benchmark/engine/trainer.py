@@ -20,19 +20,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.methods import Distiller, TrainingSet, get_method, method_config
+from hkdbench.methods import Distiller, TrainingSet, get_method
 
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.config import RunConfig
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
-from hkdbench.benchmark.engine.optim import build_optimizer
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
-from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
-from hkdbench.benchmark.engine.step import TrainModule, TrainStep, _EpochSums, _make_ema, build_criterion
+from hkdbench.benchmark.engine.evaluation import evaluate, select_device
+from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
 
 log = logging.getLogger("hkdbench")
 
@@ -173,21 +172,14 @@ class Trainer:
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
                                img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
                                pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
-        criterion = build_criterion(cfg)
-        method_cls = get_method(cfg.method)
-        train_set = TrainingSet(train_loader.all_labels()) if method_cls.needs_sample_indices else None
-        method = method_cls.build(method_config(cfg.method, cfg.method_cfg), student, teacher, info.num_classes,
-                                  criterion, train_set)
-        module = TrainModule(student, method).to(self.device)
+        train_set = (TrainingSet(train_loader.all_labels()) if get_method(cfg.method).needs_sample_indices
+                     else None)
         channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto"
                                                             and self.device.type == "cuda")
-        if channels_last:
-            module.to(memory_format=torch.channels_last)
-            if teacher is not None:
-                teacher.to(memory_format=torch.channels_last)
-        dtype = autocast_dtype(cfg.train.precision, self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        optimizer = build_optimizer(cfg.optim, [module], method.optimizer_groups())
+        setup = setup_training(cfg.method, cfg.method_cfg, student, teacher, info.num_classes, build_criterion(cfg),
+                               train_set, cfg.optim, cfg.train.precision, channels_last, self.device)
+        method, module, optimizer, scaler, dtype = (setup.method, setup.module, setup.optimizer, setup.scaler,
+                                                    setup.dtype)
         ema = _make_ema(student, cfg.train.ema_decay)
         mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
         wrapped = self.dist.wrap(module, method.find_unused_parameters) if self.dist else module

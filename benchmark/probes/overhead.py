@@ -2,10 +2,11 @@
 
 For every method, in one process (so the numbers are comparable), on synthetic images and labels:
 
-* **step time**: the trainer's own step (``trainer.TrainStep``: lr schedule, the method's forward with the
-  teacher under autocast, the summed loss, ``backward()``, clipping, the optimiser step and the one host sync the
-  trainer does per step), ``warmup`` untimed steps then ``repeats`` timed ones (CUDA synchronised around each, as
-  timm's ``benchmark.py``); the median is reported, with images/s = batch / median.
+* **step time**: the trainer's own step (``step.TrainStep``, built by the trainer's ``step.setup_training``:
+  lr schedule, the method's forward with the teacher under autocast, the summed loss, ``backward()``, clipping,
+  the optimiser step and the one host sync the trainer does per step), ``warmup`` untimed steps then ``repeats``
+  timed ones (CUDA synchronised around each, as timm's ``benchmark.py``); the median is reported, with
+  images/s = batch / median.
 * **peak memory**: on CUDA ``torch.cuda.max_memory_allocated`` from before the models are built to the end of
   the timed steps, i.e. weights + gradients + optimiser state + activations of the step. On CPU the increase of
   the process's peak resident set: ``/proc/self/clear_refs`` is written ``5`` (resets ``VmHWM``) after a
@@ -20,6 +21,9 @@ Each value also as a ratio to the student trained alone (method ``none``) and to
 stored as a run of kind ``'overhead'`` in the run store (``config.json``, ``env.json``, ``summary.json``,
 ``DONE``), named by the hash of its measurement config, so ``hkdbench collect`` picks it up with the training
 runs. Teachers and students have random weights: cost does not depend on them.
+
+:func:`method_costs` is the quick static counterpart (``hkdbench methods --pair``): each method built on the pair,
+nothing run, its extra parameters, the training memory they add and its buffers.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import hashlib
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -139,14 +143,12 @@ def _sync(device: torch.device) -> None:
 
 def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
-    from hkdbench.methods import TrainingSet, get_method, method_config
+    from hkdbench.methods import TrainingSet, get_method
 
-    from hkdbench.benchmark.data.loaders import seed_everything
-    from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.engine.optim import build_optimizer
-    from hkdbench.benchmark.engine.step import TrainModule, TrainStep
-    from hkdbench.benchmark.engine.evaluation import autocast_dtype
     from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.engine.step import TrainStep, setup_training
+    from hkdbench.benchmark.models.zoo import create_model
 
     device = torch.device(cfg.device)
     method_cls = get_method(cfg.method)
@@ -164,23 +166,15 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         # set) is sized by the CIFAR-sized stand-in; the measured batch is its first samples
         train_set = TrainingSet.stand_in(cfg.num_classes) if method_cls.needs_sample_indices else None
         index = [torch.arange(cfg.batch_size, device=device)] if method_cls.needs_sample_indices else []
-        method = method_cls.build(method_config(cfg.method), student, teacher, cfg.num_classes,
-                                  nn.CrossEntropyLoss(), train_set)
-        module = TrainModule(student, method).to(device)
-        if teacher is not None:
-            teacher.to(device)
-        channels_last = device.type == "cuda"  # as the trainer's train.channels_last=auto
-        if channels_last:
-            module.to(memory_format=torch.channels_last)
-            if teacher is not None:
-                teacher.to(memory_format=torch.channels_last)
         optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
-        optimizer = build_optimizer(optim, [module], method.optimizer_groups())
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        # the trainer's own setup (channels_last as its train.channels_last=auto) and step (schedule, autocast,
+        # backward, clipping, optimiser, the one host sync)
+        setup = setup_training(cfg.method, None, student, teacher, cfg.num_classes, nn.CrossEntropyLoss(),
+                               train_set, optim, cfg.precision, channels_last=device.type == "cuda", device=device)
+        method = setup.method
         total_steps = cfg.warmup + cfg.repeats + 1
-        # the trainer's own step (schedule, autocast, backward, clipping, optimiser, the one host sync)
-        train_step = TrainStep(optim, 1, total_steps, module, module, method, optimizer, scaler, device,
-                               dtype=autocast_dtype(cfg.precision, device), channels_last=channels_last)
+        train_step = TrainStep(optim, 1, total_steps, setup.module, setup.module, method, setup.optimizer,
+                               setup.scaler, device, dtype=setup.dtype, channels_last=setup.channels_last)
         step_index = iter(range(total_steps))
 
         def step() -> None:
@@ -213,7 +207,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         "extra_params": method.extra_parameter_count(), "student_params": student.deploy_parameter_count(),
         "teacher_params": teacher.deploy_parameter_count() if teacher is not None else None,
     }
-    del module, method, student, teacher, optimizer
+    del setup, method, student, teacher
     _trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -242,17 +236,10 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
                  runs_dir: Optional[str] = None, num_classes: int = 100, precision: str = "fp32",
                  restart: bool = False, echo=print) -> Dict[str, Dict[str, Any]]:
     """Measures every method (default: all registered) and stores one ``overhead`` run per method."""
-    from hkdbench.methods import get_method, list_methods
-
     from hkdbench.benchmark.models.zoo import zoo_entry
     from hkdbench.benchmark.engine.evaluation import select_device
 
-    zoo_entry(teacher), zoo_entry(student)
-    names = list(methods) if methods else list(list_methods())
-    for name in names:
-        get_method(name)  # unknown names fail before anything is measured
-    # the baselines are always measured (first), so that every method has its ratios
-    ordered = list(BASELINES) + [n for n in names if n not in BASELINES]
+    ordered = _methods_in_order(teacher, student, methods)
     if img_size is None:
         img_size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
     if warmup < 0 or repeats < 1 or batch_size < 1:
@@ -260,31 +247,25 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     dev = select_device(device)
+    base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
+                          img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
+                          precision=precision, device=str(dev))
+    configs = {name: replace(base, method=name) for name in ordered}
     store = RunStore(runs_dir)
-    results: Dict[str, Dict[str, Any]] = {}
-    configs: Dict[str, OverheadConfig] = {}
-    planned = [RunDir(store.root / OverheadConfig(teacher=teacher, student=student, method=name,
-                                                  batch_size=batch_size, img_size=img_size, num_classes=num_classes,
-                                                  warmup=warmup, repeats=repeats, precision=precision,
-                                                  device=str(dev)).run_name()) for name in ordered]
+    planned = [RunDir(store.root / cfg.run_name()) for cfg in configs.values()]
     if not restart and all(rd.is_done for rd in planned):
         for rd in planned:
             echo(f"{rd.path.name}: already done (pass --restart to measure again)")
         return {rd.summary()["method"]: rd.summary() for rd in planned}
     # one untimed pass first: one-time costs (allocator pools, kernel caches, lazy imports) then land on no method
-    measure_method(OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
-                                  img_size=img_size, num_classes=num_classes, warmup=1, repeats=1,
-                                  precision=precision, device=str(dev)))
-    for name in ordered:
-        cfg = OverheadConfig(teacher=teacher, student=student, method=name, batch_size=batch_size,
-                             img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
-                             precision=precision, device=str(dev))
+    measure_method(replace(base, warmup=1, repeats=1))
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, cfg in configs.items():
         try:
             results[name] = measure_method(cfg)
         except NotImplementedError as err:
             echo(f"{name:<8} not supported for {teacher} -> {student}: {err}")
             continue
-        configs[name] = cfg
         r = results[name]
         echo(f"{name:<8} {r['step_time_ms']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
              f"{_fmt(r['peak_memory_mb'])} MiB {r['train_gflops_per_image']:9.3f} GFLOP/img "
@@ -292,25 +273,78 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     add_ratios(results)
     env = environment(dev)
     for name, r in results.items():  # the baselines too: the figures show them next to the methods
-        cfg = configs[name]
-        rd = RunDir(store.root / cfg.run_name())
-        if rd.is_done and not restart:
-            echo(f"{rd.path.name}: already done, kept (pass --restart to store the new measurement)")
-            continue
-        rd.path.mkdir(parents=True, exist_ok=True)
-        with rd.lock():
-            rd.reset()
-            atomic_write_json(rd.config_file, {"kind": "overhead", **asdict(cfg)})
-            atomic_write_json(rd.env_file, env)
-            summary = {"run": rd.path.name, "hash": cfg.run_hash(), "kind": "overhead", "method": name,
-                       "teacher": teacher if get_method(name).uses_teacher else None, "student": student,
-                       "teacher_family": zoo_entry(teacher).family if get_method(name).uses_teacher else None,
-                       "student_family": zoo_entry(student).family, "dataset": "synthetic",
-                       "overhead_teacher": teacher, "batch_size": batch_size, "img_size": img_size,
-                       "num_classes": num_classes, "precision": precision, "warmup": warmup, "repeats": repeats,
-                       "device": str(dev), **r}
-            rd.mark_done(summary)
+        _store_result(store, configs[name], r, env, restart, echo)
     return results
+
+
+def _methods_in_order(teacher: str, student: str, methods: Optional[Sequence[str]]) -> List[str]:
+    """The methods to measure (default: all registered), the baselines first and always (every method gets its
+    ratios); an unknown model or method fails here, before anything is measured."""
+    from hkdbench.methods import get_method, list_methods
+
+    from hkdbench.benchmark.models.zoo import zoo_entry
+
+    zoo_entry(teacher), zoo_entry(student)
+    names = list(methods) if methods else list(list_methods())
+    for name in names:
+        get_method(name)
+    return list(BASELINES) + [n for n in names if n not in BASELINES]
+
+
+def _store_result(store: RunStore, cfg: OverheadConfig, result: Dict[str, Any], env: Dict[str, Any],
+                  restart: bool, echo) -> None:
+    """One method's measurement as a finished run of kind ``overhead`` (a finished one is kept unless restart)."""
+    from hkdbench.methods import get_method
+
+    from hkdbench.benchmark.models.zoo import zoo_entry
+
+    rd = RunDir(store.root / cfg.run_name())
+    if rd.is_done and not restart:
+        echo(f"{rd.path.name}: already done, kept (pass --restart to store the new measurement)")
+        return
+    uses_teacher = get_method(cfg.method).uses_teacher
+    rd.path.mkdir(parents=True, exist_ok=True)
+    with rd.lock():
+        rd.reset()
+        atomic_write_json(rd.config_file, {"kind": "overhead", **asdict(cfg)})
+        atomic_write_json(rd.env_file, env)
+        summary = {"run": rd.path.name, "hash": cfg.run_hash(), "kind": "overhead", "method": cfg.method,
+                   "teacher": cfg.teacher if uses_teacher else None, "student": cfg.student,
+                   "teacher_family": zoo_entry(cfg.teacher).family if uses_teacher else None,
+                   "student_family": zoo_entry(cfg.student).family, "dataset": "synthetic",
+                   "overhead_teacher": cfg.teacher, "batch_size": cfg.batch_size, "img_size": cfg.img_size,
+                   "num_classes": cfg.num_classes, "precision": cfg.precision, "warmup": cfg.warmup,
+                   "repeats": cfg.repeats, "device": cfg.device, **result}
+        rd.mark_done(summary)
+
+
+def method_costs(teacher: str, student: str, num_classes: int) -> Dict[str, Any]:
+    """Every registered method built on the pair (random weights, at the larger of their input sizes): its extra
+    trainable parameters, the memory they add in training (weights + gradients + two AdamW moments, fp32: 16
+    bytes each) and its buffers (a per-sample method's sized by the CIFAR-sized stand-in training set). A method
+    that does not support the pair has ``unsupported`` (the reason) instead."""
+    from hkdbench.methods import TrainingSet, list_methods, method_config
+
+    from hkdbench.benchmark.models.zoo import create_model, zoo_entry
+
+    size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
+    teacher_model = create_model(teacher, num_classes, in_chans=3, img_size=size)
+    student_model = create_model(student, num_classes, in_chans=3, img_size=size)
+    stand_in = TrainingSet.stand_in(num_classes)
+    costs: Dict[str, Dict[str, Any]] = {}
+    for name, cls in list_methods().items():
+        try:
+            method = cls.build(method_config(name), student_model, teacher_model if cls.uses_teacher else None,
+                               num_classes, train_set=stand_in)
+        except NotImplementedError as err:
+            costs[name] = {"unsupported": str(err)}
+            continue
+        params = method.extra_parameter_count()
+        costs[name] = {"extra_params": params, "extra_train_mb": params * 16 / 2 ** 20,
+                       "buffers_mb": sum(b.numel() * b.element_size() for b in method.buffers()) / 2 ** 20}
+        del method
+    return {"img_size": size, "student_params": student_model.deploy_parameter_count(),
+            "train_set_size": stand_in.size, "methods": costs}
 
 
 def _fmt(v) -> str:
