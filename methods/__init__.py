@@ -31,9 +31,6 @@ def load_plugins(spec: str | None = None) -> list:
             if not path.is_file():
                 raise FileNotFoundError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
             name = f"hkdbench_plugin_{path.stem}"
-            if name in sys.modules:  # loaded before in this process: running it again would register twice
-                modules.append(sys.modules[name])
-                continue
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[name] = module
