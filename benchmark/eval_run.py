@@ -21,7 +21,7 @@ def open_run(path: str | Path) -> RunDir:
     if not rd.config_file.exists():
         raise FileNotFoundError(f"{path} is not a run directory (no config.json); runs are RUNS_DIR/<run name>/")
     if not rd.is_done:
-        raise ConfigError(f"{rd.path.name} has not finished (status {rd.status}); its kept weights may be "
+        raise ConfigError(f"{rd.path.name} has not finished (status {rd.status()}); its kept weights may be "
                           "missing or stale: finish it first (hkdbench train ... --resume)")
     return rd
 
@@ -83,7 +83,7 @@ def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, tea
     from hkdbench.benchmark.data.loaders import build_loaders
     from hkdbench.benchmark.data.datasets import check_data_available
     from hkdbench.benchmark.models.zoo import zoo_entry
-    from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device
+    from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
 
     rd = open_run(path)
     cfg = rd.config()
@@ -93,7 +93,7 @@ def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, tea
     crop_pct = data.crop_pct or zoo_entry(cfg.student.name).crop_pct
     _, test_loader, _ = build_loaders(data, dev, crop_pct)
     dtype = autocast_dtype(cfg.train.precision, dev)
-    channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto" and dev.type == "cuda")
+    channels_last = use_channels_last(cfg.train.channels_last, dev)
     models = {"student": (load_student(rd, weights, ema), rd.weights_file(weights, ema).name)}
     if teacher:
         t = load_teacher(cfg, rd.path.parent)

@@ -1,6 +1,7 @@
-"""Shared helpers of the tests: the mini-model matrix."""
+"""Shared helpers of the tests: the mini-model matrix, a user's method plugin."""
 import functools
 import itertools
+import textwrap
 from pathlib import Path
 
 import torch
@@ -13,6 +14,27 @@ FAMILY_MODELS = {"cnn": "resnet_mini", "vit": "vit_mini", "swin": "swin_mini", "
 PAIRS = list(itertools.product(FAMILY_MODELS.values(), FAMILY_MODELS.values()))
 TEST_IMG = 16
 TEST_CLASSES = 10
+
+# A user's own method in its own file (README "Add your own method"), for the plugin tests.
+LOGIT_MSE_PLUGIN = textwrap.dedent('''
+    from dataclasses import dataclass
+    import torch.nn.functional as F
+    from hkdbench.methods import Distiller, register_method
+
+    @register_method
+    class LogitMSE(Distiller):
+        """Matches the student's logits to the teacher's with MSE."""
+        name = "logit_mse"
+        paper = "a test method"
+
+        @dataclass(frozen=True)
+        class Config:
+            weight: float = 0.5
+
+        def losses(self, student, teacher, targets, epoch=0):
+            return {"ce": self.task_loss(student.logits, targets),
+                    "mse": self.cfg.weight * F.mse_loss(student.logits, teacher.logits)}
+''')
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,13 +1,12 @@
 """The command line as a user drives it."""
 import itertools
-import textwrap
 
 import pytest
 
 from hkdbench.benchmark.cli import main
 from hkdbench.benchmark.store import RunStore
 from hkdbench.methods import list_methods, unregister_method
-from _support import FAMILY_MODELS
+from _support import FAMILY_MODELS, LOGIT_MSE_PLUGIN
 
 TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=32", "data.img_size=16",
         "train.epochs=1"]
@@ -85,25 +84,7 @@ def test_methods_pair_reports_extra_parameters(capsys):
 
 def test_a_user_method_in_its_own_file_runs_through_the_cli(fmnist_available, runs_dir, tmp_path, monkeypatch):
     plugin = tmp_path / "my_method.py"
-    plugin.write_text(textwrap.dedent('''
-        from dataclasses import dataclass
-        import torch.nn.functional as F
-        from hkdbench.methods import Distiller, register_method
-
-        @register_method
-        class LogitMSE(Distiller):
-            """Matches the student's logits to the teacher's with MSE."""
-            name = "logit_mse"
-            paper = "a test method"
-
-            @dataclass(frozen=True)
-            class Config:
-                weight: float = 0.5
-
-            def losses(self, student, teacher, targets, epoch=0):
-                return {"ce": self.task_loss(student.logits, targets),
-                        "mse": self.cfg.weight * F.mse_loss(student.logits, teacher.logits)}
-    '''))
+    plugin.write_text(LOGIT_MSE_PLUGIN)
     monkeypatch.setenv("HKDBENCH_METHODS", str(plugin))
     try:
         assert _train(runs_dir, "resnet_mini", "vit_mini", "logit_mse", "method.weight=2") == 0

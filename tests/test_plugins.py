@@ -4,42 +4,23 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hkdbench.benchmark.store import RunStore
+from _support import LOGIT_MSE_PLUGIN
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 64, "eval_subset": 64, "batch_size": 32, "img_size": 16}
 
-PLUGIN = textwrap.dedent('''
-    from dataclasses import dataclass
-    import torch.nn.functional as F
-    from hkdbench.methods import Distiller, register_method
-
-    @register_method
-    class LogitMSE(Distiller):
-        """Matches the student's logits to the teacher's with MSE."""
-        name = "logit_mse"
-        paper = "a test method"
-
-        @dataclass(frozen=True)
-        class Config:
-            weight: float = 0.5
-
-        def losses(self, student, teacher, targets, epoch=0):
-            return {"ce": self.task_loss(student.logits, targets),
-                    "mse": self.cfg.weight * F.mse_loss(student.logits, teacher.logits)}
-''')
 
 
 @pytest.fixture
 def plugin(tmp_path):
     path = tmp_path / "my_method.py"
-    path.write_text(PLUGIN)
+    path.write_text(LOGIT_MSE_PLUGIN)
     return path
 
 

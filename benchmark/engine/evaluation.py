@@ -21,6 +21,11 @@ def select_device(requested: Optional[str] = None) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    """``train.channels_last``: 'yes', 'no', or 'auto' (on CUDA only, where it speeds up convolutions)."""
+    return setting == "yes" or (setting == "auto" and device.type == "cuda")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """None for fp32; bf16 where the GPU supports it ('auto'), fp16 otherwise. CPU runs fp32 on 'auto'."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):

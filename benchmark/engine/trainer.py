@@ -30,7 +30,7 @@ from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
-from hkdbench.benchmark.engine.evaluation import evaluate, select_device
+from hkdbench.benchmark.engine.evaluation import evaluate, select_device, use_channels_last
 from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
 
 log = logging.getLogger("hkdbench")
@@ -174,8 +174,7 @@ class Trainer:
                                pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
         train_set = (TrainingSet(train_loader.all_labels()) if get_method(cfg.method).needs_sample_indices
                      else None)
-        channels_last = cfg.train.channels_last == "yes" or (cfg.train.channels_last == "auto"
-                                                            and self.device.type == "cuda")
+        channels_last = use_channels_last(cfg.train.channels_last, self.device)
         setup = setup_training(cfg.method, cfg.method_cfg, student, teacher, info.num_classes, build_criterion(cfg),
                                train_set, cfg.optim, cfg.train.precision, channels_last, self.device)
         method, module, optimizer, scaler, dtype = (setup.method, setup.module, setup.optimizer, setup.scaler,

@@ -147,6 +147,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
 
     from hkdbench.benchmark.config import OptimConfig
     from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.engine.evaluation import use_channels_last
     from hkdbench.benchmark.engine.step import TrainStep, setup_training
     from hkdbench.benchmark.models.zoo import create_model
 
@@ -170,7 +171,8 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         # the trainer's own setup (channels_last as its train.channels_last=auto) and step (schedule, autocast,
         # backward, clipping, optimiser, the one host sync)
         setup = setup_training(cfg.method, None, student, teacher, cfg.num_classes, nn.CrossEntropyLoss(),
-                               train_set, optim, cfg.precision, channels_last=device.type == "cuda", device=device)
+                               train_set, optim, cfg.precision, channels_last=use_channels_last("auto", device),
+                               device=device)
         method = setup.method
         total_steps = cfg.warmup + cfg.repeats + 1
         train_step = TrainStep(optim, 1, total_steps, setup.module, setup.module, method, setup.optimizer,
