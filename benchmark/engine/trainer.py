@@ -15,7 +15,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -450,3 +450,25 @@ def train(cfg: RunConfig, runs_dir: Optional[str] = None, resume: bool = False, 
           device: Optional[str] = None, progress: Optional[bool] = None, **kwargs) -> RunResult:
     """Trains one run (its teacher first when needed) in the run store at ``runs_dir``."""
     return Trainer(cfg, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(resume, restart)
+
+
+def train_cohort(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, resume: bool = False,
+                 restart: bool = False, device: Optional[str] = None, progress: Optional[bool] = None,
+                 wait_for_lock: bool = True, **kwargs) -> List[RunResult]:
+    """Trains the runs of one cohort (see cohort.py); one RunResult per run, in order. Status 'done',
+    'interrupted' (a stop request: every member has a checkpoint at the same step), 'failed' (diverged; the
+    others went on) or 'owned' (another process holds its lock, with ``wait_for_lock=False``)."""
+    from hkdbench.benchmark.engine.cohort import check_cohort
+    from hkdbench.benchmark.store import RunLockedError
+
+    check_cohort(cfgs)
+    results = []
+    for cfg in cfgs:  # TEMPORARY: one after the other, until the shared-stream loop lands
+        trainer = Trainer(cfg, RunStore(runs_dir), device=device, progress=progress, **kwargs)
+        try:
+            results.append(trainer.run(resume, restart, wait_for_lock))
+        except DivergedError:
+            results.append(RunResult("failed", trainer.run_dir))
+        except RunLockedError:
+            results.append(RunResult("owned", trainer.run_dir))
+    return results

@@ -1,0 +1,90 @@
+"""Cohorts: runs that share a data stream train together in one process.
+
+Runs share a stream when they train the same student on the same data settings, seed, precision and memory
+format (:func:`stream_key`): each step draws one batch for all of them. Members that also share a teacher
+(:func:`cohort_key`) share its plain forward pass; a run without a teacher (``none``, or a method that uses
+none) joins the first cohort of its stream. Every member writes its own run directory, exactly as alone.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+from hkdbench.benchmark.config import RunConfig
+
+
+def stream_key(cfg: RunConfig) -> str:
+    """What fixes a run's batches: the student (its input size and crop), the data settings, the seed, the
+    label smoothing that mixup folds into its targets, and the precision and memory format of the shared
+    teacher pass."""
+    body: Dict[str, Any] = {"student": cfg.student.name, "data": cfg.data, "seed": cfg.train.seed,
+                            "label_smoothing": cfg.optim.label_smoothing, "precision": cfg.train.precision,
+                            "channels_last": cfg.train.channels_last}
+    return json.dumps(_plain(body), sort_keys=True, default=str)
+
+
+def teacher_key(cfg: RunConfig) -> Optional[str]:
+    """Which teacher weights a run distils from (None: it uses no teacher)."""
+    from hkdbench.methods import get_method
+
+    if cfg.kind == "teacher" or cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+        return None
+    t = cfg.teacher
+    source = cfg.teacher_run or t.checkpoint or t.pretrained or "scratch"
+    return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256])
+
+
+def cohort_key(cfg: RunConfig) -> str:
+    """Runs with equal keys can train as one cohort: one stream and one teacher."""
+    return json.dumps([stream_key(cfg), teacher_key(cfg)])
+
+
+def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
+    """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher); a run without a
+    teacher joins the first cohort of its stream (its own when there is none). Teacher runs never join one; a run
+    listed twice (the student alone serves every teacher) is trained once."""
+    cfgs = list({c.run_name(): c for c in reversed(cfgs)}.values())[::-1]  # first occurrence of each run
+    groups: Dict[str, List[RunConfig]] = {}
+    first_of_stream: Dict[str, str] = {}
+    alone: List[RunConfig] = []
+    for cfg in cfgs:
+        if cfg.kind == "teacher":
+            alone.append(cfg)
+            continue
+        stream, teacher = stream_key(cfg), teacher_key(cfg)
+        if teacher is not None:
+            key = json.dumps([stream, teacher])
+            first_of_stream.setdefault(stream, key)
+            groups.setdefault(key, []).append(cfg)
+    for cfg in cfgs:
+        if cfg.kind != "teacher" and teacher_key(cfg) is None:
+            stream = stream_key(cfg)
+            key = first_of_stream.setdefault(stream, json.dumps([stream, None]))
+            groups.setdefault(key, []).append(cfg)
+    order = {id(c): i for i, c in enumerate(cfgs)}
+    cohorts = [[c] for c in alone] + [sorted(g, key=lambda c: order[id(c)]) for g in groups.values()]
+    return sorted(cohorts, key=lambda g: min(order[id(c)] for c in g))
+
+
+def check_cohort(cfgs: Sequence[RunConfig]) -> None:
+    """Raises ValueError unless the runs can train as one cohort (one stream; at most one teacher)."""
+    if not cfgs:
+        raise ValueError("a cohort needs at least one run")
+    names = [c.run_name() for c in cfgs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a cohort lists a run twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    if any(c.kind == "teacher" for c in cfgs) and len(cfgs) > 1:
+        raise ValueError("a teacher run trains alone, not in a cohort")
+    streams = {stream_key(c) for c in cfgs}
+    teachers = {teacher_key(c) for c in cfgs} - {None}
+    if len(streams) > 1 or len(teachers) > 1:
+        raise ValueError("these runs cannot share one data stream and one teacher: a cohort's runs must have the "
+                         "same student, data settings, seed, label smoothing, precision and channels_last, and "
+                         f"the same teacher; got {len(streams)} streams and {len(teachers)} teachers for "
+                         f"{', '.join(names)}")
+
+
+def _plain(value: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(value) if is_dataclass(value) else value
