@@ -43,7 +43,10 @@ def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
     """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher); a run without a
     teacher joins the first cohort of its stream (its own when there is none). Teacher runs never join one; a run
     listed twice (the student alone serves every teacher) is trained once."""
-    cfgs = list({c.run_name(): c for c in reversed(cfgs)}.values())[::-1]  # first occurrence of each run
+    unique: Dict[str, RunConfig] = {}
+    for cfg in cfgs:
+        unique.setdefault(cfg.run_name(), cfg)
+    cfgs = list(unique.values())
     groups: Dict[str, List[RunConfig]] = {}
     first_of_stream: Dict[str, str] = {}
     alone: List[RunConfig] = []
