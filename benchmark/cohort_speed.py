@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 OFA_METHODS = ("none", "kd", "dkd", "fitnet", "ofa")
 DATASET, NUM_CLASSES, IN_CHANS = "fashion-mnist", 10, 1
 # batch size by input size: the demo's models at 32 px, the papers' at 224 px (small: minutes on a CPU)
@@ -96,6 +94,8 @@ def pair_setting(teacher: str, student: str, batch_size: Optional[int] = None) -
 
 def save_random_teacher(setting: PairSetting, folder: Path, seed: int = 0) -> Path:
     """The teacher with random weights as a checkpoint file: the runs use it as it is (no teacher run)."""
+    import torch
+
     from hkdbench.benchmark.data.loaders import seed_everything
     from hkdbench.benchmark.models.zoo import create_model
 
@@ -182,13 +182,16 @@ def time_cohort_and_separate(cfgs, warmup_cfgs, work: Path, repeats: int, device
 # Where the time goes
 # --------------------------------------------------------------------------------------------------------------
 
-def _precision_name(dtype: Optional[torch.dtype]) -> str:
+def _precision_name(dtype) -> str:
+    import torch
+
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def teacher_forward_ms(setting: PairSetting, device: torch.device, dtype, channels_last: bool,
-                       repeats: int = 5) -> float:
+def teacher_forward_ms(setting: PairSetting, device, dtype, channels_last: bool, repeats: int = 3) -> float:
     """Median time of the teacher's forward pass on one batch, without gradients, as the trainer runs it."""
+    import torch
+
     from hkdbench.benchmark.engine.evaluation import _autocast
     from hkdbench.benchmark.probes.overhead import _sync
     from hkdbench.benchmark.models.zoo import create_model
@@ -211,7 +214,7 @@ def teacher_forward_ms(setting: PairSetting, device: torch.device, dtype, channe
     return 1000 * statistics.median(times)
 
 
-def step_parts(setting: PairSetting, cfgs, device: torch.device, repeats: int = 5) -> Dict[str, Any]:
+def step_parts(setting: PairSetting, cfgs, device, repeats: int = 3) -> Dict[str, Any]:
     """T (the teacher's forward) and each method's full train step (overhead's measure_method), and the ratio a
     cohort sharing the teacher pass would reach on the steps alone: (T + sum S_i) / sum (T + S_i)."""
     from hkdbench.methods import get_method
@@ -255,9 +258,10 @@ def time_shares(parts: Dict[str, Any], timing: Dict[str, Any], steps: int) -> Di
 
 
 def measure_pair(setting: PairSetting, methods: Sequence[str], steps: int, repeats: int, work: Path,
-                 device: Optional[str] = None, data_root: Optional[str] = None, parts: bool = True,
+                 device: Optional[str] = None, data_root: Optional[str] = None, part_repeats: int = 3,
                  compile_step: bool = False) -> Dict[str, Any]:
-    """The cohort/separate timing of one pair, and (``parts``) where its step time goes."""
+    """The cohort/separate timing of one pair, and (``part_repeats`` > 0: timed steps per part) where its step
+    time goes."""
     from hkdbench.benchmark.engine.evaluation import select_device
 
     dev = select_device(device)
@@ -269,8 +273,8 @@ def measure_pair(setting: PairSetting, methods: Sequence[str], steps: int, repea
                               "repeats": repeats, "device": str(dev), "compile": compile_step,
                               "precision": cfgs[0].train.precision}
     result.update(time_cohort_and_separate(cfgs, warmup_cfgs, work, repeats, str(dev)))
-    if parts:
-        result["parts"] = step_parts(setting, cfgs, dev)
+    if part_repeats > 0:
+        result["parts"] = step_parts(setting, cfgs, dev, part_repeats)
         result["shares"] = time_shares(result["parts"], result, steps)
     return result
 
@@ -307,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     p.add_argument("--data-root", default=None, help="where Fashion-MNIST is (default: the dataset's own lookup)")
     p.add_argument("--compile", action="store_true", help="train.compile=true for every run")
-    p.add_argument("--no-parts", action="store_true", help="skip the timing of the step's parts")
+    p.add_argument("--part-repeats", type=int, default=3,
+                   help="timed steps per part of the step (teacher forward, each method's step); 0: skip them")
     p.add_argument("--work", default=None, help="scratch folder for the runs (default: a temporary one)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     return p
@@ -337,7 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{args.steps} steps, {len(args.methods)} methods, {args.repeats} repeats", flush=True)
             results.append(measure_pair(setting, args.methods, args.steps, args.repeats,
                                         work / f"{setting.teacher}_{setting.student}", args.device,
-                                        args.data_root, parts=not args.no_parts, compile_step=args.compile))
+                                        args.data_root, part_repeats=args.part_repeats,
+                                        compile_step=args.compile))
             r = results[-1]
             print(f"  cohort {r['cohort_s_median']:.1f} s, separate {r['separate_s_median']:.1f} s, "
                   f"ratio {r['ratio']:.2f}x (per repeat: {', '.join(f'{x:.2f}' for x in r['ratios'])})", flush=True)
@@ -348,6 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_results(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        import torch
+
         Path(args.json).write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2) + "\n")
     return 0
 

@@ -51,7 +51,8 @@ class Sizes:
     overhead_repeats: int
     precision: str
     cohort_pairs: Tuple[Pair, ...]
-    cohort_batch: Dict[int, int]         # batch by input size
+    cohort_methods: Tuple[str, ...]
+    cohort_batches: Tuple[int, ...]      # one per cohort pair
     cohort_steps: int
     cohort_repeats: int
     resume_pair: Pair
@@ -62,13 +63,15 @@ class Sizes:
 
 FULL = Sizes(overhead_pairs=(("swin_tiny", "resnet18"), ("convnext_tiny", "deit_tiny")), overhead_batch=128,
              overhead_img=224, overhead_warmup=3, overhead_repeats=10, precision="bf16",
-             cohort_pairs=(("swin_tiny", "resnet18"), ("resnet_mini", "vit_mini")), cohort_batch={224: 32, 32: 128},
+             cohort_pairs=(("swin_tiny", "resnet18"), ("resnet_mini", "vit_mini")), cohort_methods=OFA_METHODS,
+             cohort_batches=(32, 128),
              cohort_steps=20, cohort_repeats=2, resume_pair=("swin_tiny", "resnet18"), resume_batch=32,
              resume_steps=8,
              budgets={"env": 20, "overhead_eager": 45, "cohort": 60, "resume": 45, "overhead_compile": 80})
-TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"), ("convnext_mini", "vit_mini")), overhead_batch=8,
-             overhead_img=32, overhead_warmup=1, overhead_repeats=2, precision="fp32",
-             cohort_pairs=(("resnet_mini", "vit_mini"),), cohort_batch={32: 16}, cohort_steps=2, cohort_repeats=1,
+# the plumbing only: one pair each, two methods that share the teacher in the cohort
+TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"),), overhead_batch=8, overhead_img=32, overhead_warmup=1,
+             overhead_repeats=2, precision="fp32", cohort_pairs=(("resnet_mini", "vit_mini"),),
+             cohort_methods=("kd", "dkd"), cohort_batches=(16,), cohort_steps=2, cohort_repeats=1,
              resume_pair=("resnet_mini", "vit_mini"), resume_batch=16, resume_steps=3,
              budgets={"env": 30, "overhead_eager": 60, "cohort": 90, "resume": 60, "overhead_compile": 60})
 
@@ -93,20 +96,14 @@ def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_
     parts += [part(f"overhead_eager_{t}_{s}", "overhead", "overhead_eager", teacher=t, student=s, compile=False,
                    **overhead) for t, s in sizes.overhead_pairs]
     parts += [part(f"cohort_{t}_{s}", "cohort", "cohort", teacher=t, student=s, data_root=data_root,
-                   batch_size=sizes.cohort_batch[_img_size(t, s)], steps=sizes.cohort_steps,
-                   repeats=sizes.cohort_repeats) for t, s in sizes.cohort_pairs]
+                   methods=list(sizes.cohort_methods), batch_size=batch, steps=sizes.cohort_steps,
+                   repeats=sizes.cohort_repeats) for (t, s), batch in zip(sizes.cohort_pairs, sizes.cohort_batches)]
     parts.append(part("resume", "resume", "resume", teacher=sizes.resume_pair[0], student=sizes.resume_pair[1],
                       batch_size=sizes.resume_batch, steps=sizes.resume_steps, data_root=data_root))
     if compile_parts:
         parts += [part(f"overhead_compile_{t}_{s}", "overhead", "overhead_compile", teacher=t, student=s,
                        compile=True, **overhead) for t, s in sizes.overhead_pairs]
     return parts
-
-
-def _img_size(teacher: str, student: str) -> int:
-    from hkdbench.benchmark.models.zoo import zoo_entry
-
-    return max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
 
 
 def _write_json(path: Path, body: Any) -> None:
@@ -167,14 +164,17 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
         measured = {m: r for m, r in body["methods"].items() if "error" not in r}
         add_ratios(measured)
         _write_json(out, body)
+    failed = sorted(set(body["methods"]) - set(measured))
+    if failed:
+        raise RuntimeError(f"not measured: {', '.join(failed)} (their errors are in {out.name})")
 
 
-def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, batch_size: int, steps: int,
-                repeats: int, data_root: Optional[str]) -> None:
+def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, methods: Sequence[str],
+                batch_size: int, steps: int, repeats: int, data_root: Optional[str]) -> None:
     from hkdbench.benchmark.cohort_speed import measure_pair, pair_setting
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_cohort_") as work:
-        result = measure_pair(pair_setting(teacher, student, batch_size), OFA_METHODS, steps, repeats, Path(work),
+        result = measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work),
                               device, data_root)
     _write_json(out, result)
 
@@ -289,12 +289,12 @@ def _log_tail(log: Path, lines: int = 12) -> str:
 
 
 def run_check(outdir: Path, sizes: Sizes, budget_s: float, device: Optional[str], data_root: Optional[str],
-              compile_parts: bool, tiny: bool) -> Dict[str, Any]:
+              compile_parts: bool, tiny: bool, install: Optional[str] = None) -> Dict[str, Any]:
     raw = outdir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     parts = plan(sizes, device, data_root, compile_parts, scale=budget_s / sum(_planned_budget(sizes, compile_parts)))
     deadline = time.monotonic() + budget_s
-    summary: Dict[str, Any] = {"tiny": tiny, "budget_s": budget_s, "device_requested": device,
+    summary: Dict[str, Any] = {"tiny": tiny, "budget_s": budget_s, "device_requested": device, "install": install,
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sizes": dataclasses.asdict(sizes),
                                "parts": []}
     for part in parts:
@@ -339,7 +339,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
              f"device {env.get('gpu') or env.get('device', '?')}, torch {env.get('torch', '?')}, "
              f"timm {env.get('timm', '?')}, CUDA {env.get('cuda', '-')}, git {env.get('git_sha', '?')}; "
              f"started {summary['started']}, {summary.get('seconds', 0):.0f} s of a {summary['budget_s']:.0f} s "
-             "budget", "", "| part | status | seconds | note |", "|---|---|---:|---|"]
+             f"budget; install: {summary.get('install') or 'not by the script'}", "",
+             "| part | status | seconds | note |", "|---|---|---:|---|"]
     for p in summary["parts"]:
         note = (p.get("error") or "").strip().splitlines()
         lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', '-')} | {note[-1][:160] if note else ''} |")
@@ -379,7 +380,8 @@ def _cohort_markdown(parts: List[Dict[str, Any]]) -> List[str]:
     results = [p["result"] for p in parts if p["kind"] == "cohort" and p.get("result")]
     if not results:
         return []
-    return ["", "## Cohort against separate runs (none, kd, dkd, fitnet, ofa)", "", format_results(results)]
+    methods = ", ".join(results[0]["methods"])
+    return ["", f"## Cohort against separate runs ({methods})", "", format_results(results)]
 
 
 def _resume_markdown(parts: Dict[str, Dict[str, Any]]) -> List[str]:
@@ -425,6 +427,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--compile-parts", dest="compile_parts", action="store_true", default=None,
                    help="measure overhead with compile too (the default, except under --tiny)")
     p.add_argument("--no-compile-parts", dest="compile_parts", action="store_false")
+    p.add_argument("--install", default=None, help="how the project was installed (gpu-check.sh says)")
     p.add_argument("--run-part", default=None, help=argparse.SUPPRESS)  # the child of run_part
     args = p.parse_args(argv)
     if args.run_part:
@@ -440,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(outdir / "raw")  # a fresh check: no raw file of an earlier one mixes in
     compile_parts = (not args.tiny) if args.compile_parts is None else args.compile_parts
     summary = run_check(outdir, TINY if args.tiny else FULL, args.budget_s, args.device, args.data_root,
-                        compile_parts, args.tiny)
+                        compile_parts, args.tiny, args.install)
     failed = [p["name"] for p in summary["parts"] if p["status"] not in ("ok", "skipped")]
     print(f"gpu-check: wrote {outdir / 'summary.md'} and {outdir / 'summary.json'}"
           + (f"; not ok: {', '.join(failed)}" if failed else ""))

@@ -1,0 +1,212 @@
+"""The GPU check (scripts/gpu-check.sh, benchmark/gpu_check.py) and the cohort speed benchmark it runs
+(benchmark/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
+failing and a timed-out part recorded without stopping the check; the comparisons and the arithmetic of the
+time shares against hand-computed values."""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hkdbench.benchmark import cohort_speed, gpu_check
+from hkdbench.benchmark.probes.overhead import OverheadConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_check(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SKIP_INSTALL": "1", "GPU_CHECK_TINY": "1",
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
+    out, summary = tiny_check
+    parts = {p["name"]: p for p in summary["parts"]}
+    assert list(parts) == ["env", "overhead_eager_swin_mini_resnet_mini", "cohort_resnet_mini_vit_mini", "resume",
+                           "overhead_compile"]
+    assert all(parts[n]["status"] == "ok" for n in list(parts)[:-1]), {n: p.get("error") for n, p in parts.items()}
+    assert parts["overhead_compile"]["status"] == "skipped"
+    assert summary["tiny"] is True and summary["install"].startswith("skipped")
+    for name in list(parts)[:-1]:
+        assert (out / "raw" / f"{name}.json").is_file() and (out / "raw" / f"{name}.log").is_file()
+    assert parts["env"]["result"]["device"] == "cpu" and parts["env"]["result"]["torch"] == torch.__version__
+    md = (out / "summary.md").read_text()
+    for heading in ("# GPU check (tiny sizes)", "## Overhead: swin_mini -> resnet_mini, 32 px, batch 8, fp32, cpu",
+                    "## Cohort against separate runs (kd, dkd)", "## Stop and resume: kd resnet_mini -> vit_mini"):
+        assert heading in md
+
+
+@pytest.mark.slow
+def test_the_overhead_part_has_every_method_with_consistent_numbers(tiny_check):
+    _, summary = tiny_check
+    result = next(p for p in summary["parts"] if p["name"].startswith("overhead_eager"))["result"]
+    assert result["config"]["img_size"] == 32 and result["config"]["batch_size"] == 8
+    methods = result["methods"]
+    assert list(methods) == ["none", "kd", "dkd", "fitnet", "ofa"]
+    for r in methods.values():
+        assert r["step_time_ms"] > 0 and r["images_per_s"] == pytest.approx(8 / (r["step_time_ms"] / 1000))
+        assert len(r["step_times_ms"]) == 2
+        assert r["step_time_ms"] == pytest.approx(statistics.median(r["step_times_ms"]))
+        assert r["step_time_ms_vs_none"] == pytest.approx(r["step_time_ms"] / methods["none"]["step_time_ms"])
+        assert "peak_memory_mb" in r and r["train_gflops_per_image"] > 0
+    assert methods["none"]["teacher_params"] is None and methods["kd"]["teacher_params"] > 0
+    assert methods["ofa"]["extra_params"] > 0 and methods["kd"]["extra_params"] == 0
+
+
+@pytest.mark.slow
+def test_the_cohort_part_reports_its_ratio_and_where_the_time_goes(tiny_check):
+    _, summary = tiny_check
+    r = next(p for p in summary["parts"] if p["name"].startswith("cohort"))["result"]
+    assert (r["teacher"], r["student"], r["img_size"], r["batch_size"], r["steps"]) == ("resnet_mini", "vit_mini",
+                                                                                       32, 16, 2)
+    assert len(r["cohort_s"]) == len(r["separate_s"]) == r["repeats"] == 1
+    assert r["ratio"] == pytest.approx(r["cohort_s"][0] / r["separate_s"][0])
+    parts = r["parts"]
+    assert parts["methods_with_teacher"] == ["kd", "dkd"]
+    t, steps = parts["teacher_forward_ms"], parts["step_ms"]
+    assert parts["expected_step_ratio"] == pytest.approx(  # one teacher pass instead of two
+        (steps["kd"] + steps["dkd"] - t) / (steps["kd"] + steps["dkd"]))
+    assert 0 < parts["expected_step_ratio"] < 1
+
+
+@pytest.mark.slow
+def test_the_resume_part_stops_mid_epoch_and_matches_the_straight_run_on_cpu(tiny_check):
+    _, summary = tiny_check
+    r = next(p for p in summary["parts"] if p["name"] == "resume")["result"]
+    assert (r["straight"], r["stopped"], r["resumed"]) == ("done", "interrupted", "done")
+    assert r["stopped_at"] == {"epoch": 2, "step": 2}  # 3 steps an epoch, the stop after the 5th
+    assert r["metrics_equal"] is True and r["metrics_max_abs_diff"] == {}  # CPU: bit for bit
+    assert r["weights_equal"] is True and r["weights_tensors_differing"] == 0 and r["weights_tensors"] > 10
+
+
+def test_a_failing_part_is_recorded_with_its_error(tmp_path):
+    part = gpu_check.Part("overhead_bad", "overhead", dict(device="cpu", teacher="resnet_mini",
+                          student="no_such_model", methods=["none"], batch_size=2, img_size=32, warmup=0, repeats=1,
+                          precision="fp32", compile=False), 60)
+    record = gpu_check.run_part(part, tmp_path, timeout_s=120)
+    assert record["status"] == "failed" and record["exit_code"] == 1
+    assert "no_such_model" in record["error"] and "result" not in record
+    assert (tmp_path / "overhead_bad.log").is_file()
+
+
+def test_a_method_that_fails_is_recorded_and_the_others_measured(tmp_path, monkeypatch):
+    from hkdbench.benchmark.probes import overhead
+
+    real = overhead.measure_method
+
+    def measure(cfg):
+        if cfg.method == "kd":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(cfg)
+
+    monkeypatch.setattr(overhead, "measure_method", measure)
+    out = tmp_path / "o.json"
+    with pytest.raises(RuntimeError, match="not measured: kd"):
+        gpu_check.part_overhead(out, "cpu", "resnet_mini", "resnet_mini", ["none", "kd", "fitnet"], 2, 32, 0, 1,
+                                "fp32", compile=False)
+    methods = json.loads(out.read_text())["methods"]
+    assert methods["kd"] == {"error": "OutOfMemoryError: CUDA out of memory (simulated)"}
+    assert methods["fitnet"]["step_time_ms_vs_none"] == pytest.approx(
+        methods["fitnet"]["step_time_ms"] / methods["none"]["step_time_ms"])
+    assert methods["fitnet"]["step_time_ms_vs_kd"] is None  # no kd to compare with
+
+
+def test_a_part_past_its_budget_is_killed_and_recorded(tmp_path):
+    part = gpu_check.Part("env", "env", {"device": "cpu"}, 1)
+    record = gpu_check.run_part(part, tmp_path, timeout_s=0.5)  # the child is still importing torch
+    assert record["status"] == "timeout" and record["seconds"] < 30
+    assert not (tmp_path / "env.json").exists()
+
+
+@pytest.mark.skipif("compile" in {f.name for f in dataclasses.fields(OverheadConfig)},
+                    reason="this version of hkdbench overhead has the compile setting")
+def test_compile_without_the_setting_says_so_before_measuring(tmp_path):
+    with pytest.raises(RuntimeError, match="train.compile not available"):
+        gpu_check.part_overhead(tmp_path / "x.json", "cpu", "resnet_mini", "vit_mini", ["none"], 2, 32, 0, 1,
+                                "fp32", compile=True)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_budget_is_split_in_proportion_and_compile_runs_last():
+    parts = gpu_check.plan(gpu_check.FULL, "cuda", "/data", compile_parts=True, scale=0.5)
+    names = [p.name for p in parts]
+    assert names == ["env", "overhead_eager_swin_tiny_resnet18", "overhead_eager_convnext_tiny_deit_tiny",
+                     "cohort_swin_tiny_resnet18", "cohort_resnet_mini_vit_mini", "resume",
+                     "overhead_compile_swin_tiny_resnet18", "overhead_compile_convnext_tiny_deit_tiny"]
+    assert parts[1].budget_s == gpu_check.FULL.budgets["overhead_eager"] * 0.5
+    assert parts[1].args["batch_size"] == 128 and parts[1].args["img_size"] == 224
+    assert parts[1].args["precision"] == "bf16" and parts[-1].args["compile"] is True
+    assert parts[3].args["batch_size"] == 32 and parts[4].args["batch_size"] == 128
+    assert sum(gpu_check._planned_budget(gpu_check.FULL, True)) <= 420  # the default --budget-s, within 8 minutes
+
+
+def test_compare_metrics_and_weights_name_the_differences():
+    a = [{"epoch": 1, "loss/ce": 2.0, "top1": 10.0, "epoch_time_s": 3.0}]
+    b = [{"epoch": 1, "loss/ce": 2.5, "top1": 10.0, "epoch_time_s": 9.0}]
+    assert gpu_check.compare_metrics(a, a) == {"metrics_equal": True, "metrics_max_abs_diff": {}}
+    assert gpu_check.compare_metrics(a, b) == {"metrics_equal": False, "metrics_max_abs_diff": {"loss/ce": 0.5}}
+    assert gpu_check.compare_metrics(a, a + a)["metrics_equal"] is False
+    w = {"a": torch.zeros(3), "b": torch.ones(2)}
+    v = {"a": torch.tensor([0.0, 0.25, 0.0]), "b": torch.ones(2)}
+    assert gpu_check.compare_weights(w, w)["weights_equal"] is True
+    assert gpu_check.compare_weights(w, v) == {"weights_equal": False, "weights_tensors": 2,
+                                               "weights_tensors_differing": 1, "weights_max_abs_diff": 0.25}
+
+
+def test_pairs_and_their_settings():
+    assert cohort_speed.parse_pairs(["demo", "swin_tiny -> resnet18"]) == [("resnet_mini", "vit_mini"),
+                                                                          ("swin_tiny", "resnet18")]
+    assert len(cohort_speed.parse_pairs(["demo-preset"])) == 6
+    with pytest.raises(ValueError, match="TEACHER->STUDENT"):
+        cohort_speed.parse_pairs(["swin_tiny"])
+    with pytest.raises(Exception, match="no_such"):
+        cohort_speed.parse_pairs(["no_such->resnet18"])
+    assert cohort_speed.pair_setting("swin_tiny", "resnet18") == cohort_speed.PairSetting(
+        "swin_tiny", "resnet18", 224, 8, "cifar-cnn")
+    assert cohort_speed.pair_setting("convnext_tiny", "deit_tiny", 4).recipe == "cifar-vit"
+    assert cohort_speed.pair_setting("resnet_mini", "vit_mini") == cohort_speed.PairSetting(
+        "resnet_mini", "vit_mini", 32, 64, "demo")
+
+
+def test_run_configs_are_one_short_epoch_on_the_checkpoint_teacher(tmp_path):
+    setting = cohort_speed.pair_setting("resnet_mini", "vit_mini", 16)
+    cfgs = cohort_speed.run_configs(setting, tmp_path / "t.pt", ["none", "kd"], steps=3)
+    none, kd = cfgs
+    assert none.teacher is None and kd.teacher.checkpoint == str(tmp_path / "t.pt") and kd.teacher_recipe is None
+    assert kd.data.train_subset == 48 and kd.data.eval_subset == 16 and kd.train.epochs == 1
+    with pytest.raises(ValueError, match="steps"):
+        cohort_speed.run_configs(setting, tmp_path / "t.pt", ["kd"], steps=0)
+
+
+def test_time_shares_split_each_way_into_teacher_students_and_the_rest():
+    parts = {"teacher_forward_ms": 100.0, "student_step_ms": {"none": 200.0, "kd": 300.0},
+             "methods_with_teacher": ["kd"]}
+    timing = {"separate_s_median": 10.0, "cohort_s_median": 8.0}
+    shares = cohort_speed.time_shares(parts, timing, steps=10)  # teacher 1 s, students 5 s over the 10 steps
+    assert shares == pytest.approx({"separate_teacher": 0.1, "separate_student_steps": 0.5, "separate_other": 0.4,
+                                    "cohort_teacher_if_shared": 1 / 8, "cohort_student_steps": 5 / 8,
+                                    "cohort_other": 2 / 8})
+
+
+def test_the_script_says_how_to_call_it():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage: bash scripts/gpu-check.sh --prepare" in proc.stderr
+
+
+def test_cohort_speed_rejects_bad_options_before_any_work(capsys):
+    assert cohort_speed.main(["--pairs", "resnet_mini"]) == 2
+    assert "TEACHER->STUDENT" in capsys.readouterr().err
+    assert cohort_speed.main(["--steps", "0"]) == 2
+    assert "--steps and --repeats must be >= 1" in capsys.readouterr().err
