@@ -122,17 +122,25 @@ def part_env(out: Path, device: Optional[str]) -> None:
     from hkdbench.benchmark.cohort_speed import compile_available
     from hkdbench.benchmark.engine.environment import environment
     from hkdbench.benchmark.engine.evaluation import select_device
-    from hkdbench.benchmark.probes.overhead import OverheadConfig
 
     dev = select_device(device)
     env = environment(dev)
     env.update({"cuda_available": torch.cuda.is_available(), "train_compile_available": compile_available(),
-                "overhead_compile_available": "compile" in {f.name for f in dataclasses.fields(OverheadConfig)}})
+                "overhead_compile_available": overhead_compile_available()})
     if dev.type == "cuda":
         env.update({"capability": list(torch.cuda.get_device_capability(dev)),
                     "bf16_supported": torch.cuda.is_bf16_supported(),
                     "memory_gib": torch.cuda.get_device_properties(dev).total_memory / 2 ** 30})
     _write_json(out, env)
+
+
+def overhead_compile_available() -> bool:
+    """Whether the trainer's setup (which ``hkdbench overhead`` times) can compile the trained modules."""
+    import inspect
+
+    from hkdbench.benchmark.engine.step import setup_training
+
+    return "compile" in inspect.signature(setup_training).parameters
 
 
 def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, methods: Sequence[str],
@@ -147,9 +155,8 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
                           img_size=img_size, warmup=warmup, repeats=repeats, precision=precision, device=str(dev))
     if compile:
-        if "compile" not in {f.name for f in dataclasses.fields(OverheadConfig)}:
-            raise RuntimeError("train.compile not available: hkdbench overhead has no compile setting in this "
-                               "version (OverheadConfig.compile)")
+        if not overhead_compile_available():
+            raise RuntimeError("train.compile not available: this version's setup_training cannot compile")
         base = dataclasses.replace(base, compile=True)
     body: Dict[str, Any] = {"config": dataclasses.asdict(base), "methods": {}}
     measure_method(dataclasses.replace(base, warmup=1, repeats=1))  # one-time costs, as run_overhead does

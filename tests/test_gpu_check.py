@@ -2,7 +2,7 @@
 (benchmark/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
 failing and a timed-out part recorded without stopping the check; the comparisons and the arithmetic of the
 time shares against hand-computed values."""
-import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hkdbench.benchmark import cohort_speed, gpu_check
-from hkdbench.benchmark.probes.overhead import OverheadConfig
+from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,8 +129,7 @@ def test_a_part_past_its_budget_is_killed_and_recorded(tmp_path):
     assert not (tmp_path / "env.json").exists()
 
 
-@pytest.mark.skipif("compile" in {f.name for f in dataclasses.fields(OverheadConfig)},
-                    reason="this version of hkdbench overhead has the compile setting")
+@pytest.mark.skipif(gpu_check.overhead_compile_available(), reason="this version's setup_training compiles")
 def test_compile_without_the_setting_says_so_before_measuring(tmp_path):
     with pytest.raises(RuntimeError, match="train.compile not available"):
         gpu_check.part_overhead(tmp_path / "x.json", "cpu", "resnet_mini", "vit_mini", ["none"], 2, 32, 0, 1,
@@ -210,3 +209,24 @@ def test_cohort_speed_rejects_bad_options_before_any_work(capsys):
     assert "TEACHER->STUDENT" in capsys.readouterr().err
     assert cohort_speed.main(["--steps", "0"]) == 2
     assert "--steps and --repeats must be >= 1" in capsys.readouterr().err
+
+
+def test_an_overhead_hash_is_unchanged_without_compile_and_differs_with_it():
+    base = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd")
+    fields = {k: v for k, v in vars(base).items() if k != "compile"}
+    body = json.dumps({"kind": "overhead", **fields}, sort_keys=True, separators=(",", ":"))
+    assert base.run_hash() == hashlib.sha256(body.encode()).hexdigest()[:12]  # as before the setting
+    assert OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", compile=True).run_hash() \
+        != base.run_hash()
+
+
+@pytest.mark.skipif(not gpu_check.overhead_compile_available(), reason="this version's setup_training cannot compile")
+def test_overhead_measures_a_compiled_step(monkeypatch):
+    from hkdbench.benchmark.engine import step
+
+    seen = []
+    real = step.setup_training
+    monkeypatch.setattr(step, "setup_training", lambda *a, **k: seen.append(k.get("compile")) or real(*a, **k))
+    cfg = OverheadConfig(teacher="resnet_mini", student="resnet_mini", method="none", batch_size=2, warmup=0,
+                         repeats=1, compile=True)
+    assert measure_method(cfg)["step_time_ms"] > 0 and seen == [True]

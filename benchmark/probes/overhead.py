@@ -62,9 +62,13 @@ class OverheadConfig:
     device: str = "cpu"
     seed: int = 0
     protocol: int = 2                # what is timed; 2: the trainer's TrainStep (1 timed a bare forward/backward)
+    compile: bool = False            # train.compile: torch.compile of the trained modules (setup_training)
 
     def run_hash(self) -> str:
-        body = json.dumps({"kind": "overhead", **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if not self.compile:  # off: the hash of a measurement from before the setting
+            fields.pop("compile")
+        body = json.dumps({"kind": "overhead", **fields}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(body.encode()).hexdigest()[:12]
 
     def run_name(self) -> str:
@@ -171,9 +175,10 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
         # the trainer's own setup (channels_last as its train.channels_last=auto) and step (schedule, autocast,
         # backward, clipping, optimiser, the one host sync)
+        # compile passed only when on: a setup_training from before train.compile has no such argument
         setup = setup_training(cfg.method, None, student, teacher, cfg.num_classes, nn.CrossEntropyLoss(),
                                train_set, optim, cfg.precision, channels_last=use_channels_last("auto", device),
-                               device=device)
+                               device=device, **({"compile": True} if cfg.compile else {}))
         method = setup.method
         total_steps = cfg.warmup + cfg.repeats + 1
         train_step = TrainStep(optim, 1, total_steps, setup.module, setup.module, method, setup.optimizer,
