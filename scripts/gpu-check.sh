@@ -33,13 +33,14 @@ prepare() {
     local py="$ROOT/.venv/bin/python"
     [ -x "$py" ] || py="$PYTHON"
     mkdir -p "$BUNDLE/wheels" "$BUNDLE/fashion-mnist" || exit 1
-    # the versions this checkout is tested with, as installed in its venv
+    # the versions this checkout is tested with, as installed in its venv; and a setuptools that builds wheels on
+    # its own (>= 70.1: no 'wheel' package) for the editable install in pip's isolated build environment
     local pins
     pins=$("$py" - <<'EOF'
 import importlib.metadata as m
-print(" ".join(f"{d}=={m.version(d)}" for d in ("submitit", "cloudpickle", "tqdm", "setuptools")))
+print(" ".join(f"{d}=={m.version(d)}" for d in ("submitit", "cloudpickle", "tqdm")), "setuptools>=70.1")
 EOF
-) || { echo "gpu-check --prepare: $py lacks one of submitit, cloudpickle, tqdm, setuptools" >&2; exit 1; }
+) || { echo "gpu-check --prepare: $py lacks one of submitit, cloudpickle, tqdm" >&2; exit 1; }
     # shellcheck disable=SC2086
     "$py" -m pip download --no-deps --only-binary=:all: -d "$BUNDLE/wheels" $pins || {
         echo "gpu-check --prepare: pip could not fetch $pins (no index and no cache?)" >&2; exit 1; }
@@ -54,24 +55,32 @@ EOF
     ls "$BUNDLE/wheels" "$BUNDLE/fashion-mnist"
 }
 
-# install PY: a venv over the machine's packages, the missing bundled wheels, the project (editable, no deps)
+# install PY: PYTHON itself when it is a venv, else a venv over its packages (failing that, its user site); then
+# the missing bundled wheels and the project (editable, no deps)
 install() {
-    local venv="$ROOT/.gpu-venv" missing="" m pair
-    if "$PYTHON" -m venv --system-site-packages "$venv"; then
+    local venv="$ROOT/.gpu-venv" missing
+    if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+        PY="$PYTHON"  # a venv made from a venv would not see its packages
+    elif "$PYTHON" -m venv --system-site-packages "$venv" && "$venv/bin/python" -c "import torch"; then
         PY="$venv/bin/python"
     else
-        echo "no venv (ensurepip missing?): installing into $PYTHON's user site" >&2
+        echo "no venv over $PYTHON's packages that sees torch (ensurepip missing?): using its user site" >&2
         PY="$PYTHON"
         export PIP_USER=1 PIP_BREAK_SYSTEM_PACKAGES=1
     fi
-    for m in $REQUIRED_PRESENT; do
-        "$PY" -c "import $m" 2>/dev/null || { echo "$PYTHON has no $m: the check needs it installed" >&2; return 1; }
-    done
-    for pair in $BUNDLED; do
-        "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing="$missing ${pair##*:}"
-    done
+    echo "installing with $PY"
+    # one interpreter, no imports (find_spec): absent required modules fail, absent bundled ones are installed
+    missing=$("$PY" - $REQUIRED_PRESENT -- $BUNDLED <<'EOF'
+import importlib.util, sys
+required, bundled = " ".join(sys.argv[1:]).split(" -- ")
+absent = [m for m in required.split() if importlib.util.find_spec(m) is None]
+if absent:
+    sys.exit(f"the check needs {', '.join(absent)} installed in {sys.executable}")
+print(" ".join(p.split(":")[1] for p in bundled.split() if importlib.util.find_spec(p.split(":")[0]) is None))
+EOF
+) || return 1
     if [ -n "$missing" ]; then
-        echo "installing from $BUNDLE/wheels:$missing"
+        echo "installing from $BUNDLE/wheels: $missing"
         # shellcheck disable=SC2086
         "$PY" -m pip install --no-index --no-deps --find-links "$BUNDLE/wheels" $missing || return 1
     fi
