@@ -79,6 +79,7 @@ def test_the_cohort_part_reports_its_ratio_and_where_the_time_goes(tiny_check):
     assert parts["expected_step_ratio"] == pytest.approx(  # one teacher pass instead of two
         (steps["kd"] + steps["dkd"] - t) / (steps["kd"] + steps["dkd"]))
     assert 0 < parts["expected_step_ratio"] < 1
+    assert parts["teacher_over_student_none"] is None  # no 'none' among the members: nothing to compare with
 
 
 @pytest.mark.slow
