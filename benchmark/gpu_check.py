@@ -159,7 +159,8 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
             raise RuntimeError("train.compile not available: this version's setup_training cannot compile")
         base = dataclasses.replace(base, compile=True)
     body: Dict[str, Any] = {"config": dataclasses.asdict(base), "methods": {}}
-    measure_method(dataclasses.replace(base, warmup=1, repeats=1))  # one-time costs, as run_overhead does
+    if not compile:  # one-time costs, as run_overhead does (compiled, it would be one more compile to wait for)
+        measure_method(dataclasses.replace(base, warmup=1, repeats=1))
     ordered = list(BASELINES) + [m for m in methods if m not in BASELINES]
     for name in ordered:
         try:
@@ -283,7 +284,9 @@ def run_part(part: Part, raw: Path, timeout_s: float) -> Dict[str, Any]:
             child.wait()
             record["status"] = "timeout"
     record["seconds"] = round(time.perf_counter() - tic, 1)
-    if record["status"] != "ok":
+    if record["status"] == "timeout":
+        record["error"] = f"{_log_tail(log)}\nkilled at its budget of {timeout_s:.0f} s".strip()
+    elif record["status"] != "ok":
         record["error"] = _log_tail(log)
     if out.exists():
         record["result"] = json.loads(out.read_text())

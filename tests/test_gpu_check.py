@@ -3,6 +3,7 @@
 failing and a timed-out part recorded without stopping the check; the comparisons and the arithmetic of the
 time shares against hand-computed values."""
 import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -127,6 +128,7 @@ def test_a_part_past_its_budget_is_killed_and_recorded(tmp_path):
     part = gpu_check.Part("env", "env", {"device": "cpu"}, 1)
     record = gpu_check.run_part(part, tmp_path, timeout_s=0.5)  # the child is still importing torch
     assert record["status"] == "timeout" and record["seconds"] < 30
+    assert record["error"].endswith("killed at its budget of 0 s")
     assert not (tmp_path / "env.json").exists()
 
 
@@ -150,6 +152,12 @@ def test_the_budget_is_split_in_proportion_and_compile_runs_last():
     assert parts[1].args["batch_size"] == 128 and parts[1].args["img_size"] == 224
     assert parts[1].args["precision"] == "bf16" and parts[-1].args["compile"] is True
     assert parts[3].args["batch_size"] == 32 and parts[4].args["batch_size"] == 128
+
+
+@pytest.mark.parametrize("sizes", [gpu_check.FULL, gpu_check.TINY], ids=["full", "tiny"])
+def test_every_planned_part_fits_its_function(sizes, tmp_path):
+    for part in gpu_check.plan(sizes, None, None, compile_parts=True):
+        inspect.signature(gpu_check.PARTS[part.kind]).bind(tmp_path / "x.json", **part.args)
 
 
 def test_compare_metrics_and_weights_name_the_differences():
