@@ -192,6 +192,11 @@ def _add_sweep_commands(sub) -> None:
                                                           "would be submitted; submit nothing")
     _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--cohort", action="store_true",
+                   help="train the student runs that share a data stream and a teacher (same student, data, seed, "
+                        "teacher run; the student-alone run joins them) as one job each: one batch and one "
+                        "teacher pass per step for all of them, each writing its own run (Slurm: one array task "
+                        "per cohort)")
     p.add_argument("--no-input-check", action="store_true",
                    help="skip reading the data and teacher checkpoints before submitting (when they exist only "
                         "on the compute nodes)")

@@ -241,7 +241,7 @@ def cmd_sweep(args, _overrides) -> int:
 
     for kind in sorted({r.cfg.train.log for r in plan.runs}):  # before anything is submitted or written
         check_tracker_available(kind)
-    sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
+    sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device, cohort=args.cohort)
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0
