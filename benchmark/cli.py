@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="distil a teacher into a student (the teacher is trained first if needed)")
     p.add_argument("--teacher", default=None, help="teacher model (see `hkdbench models`)")
     p.add_argument("--student", required=True, help="student model (see `hkdbench models`)")
-    p.add_argument("--method", default="kd", help="distillation method (see `hkdbench methods`); 'none' trains "
-                                                   "the student alone")
+    p.add_argument("--method", action="append", default=None,
+                   help="distillation method (see `hkdbench methods`; default kd); 'none' trains the student alone. "
+                        "Several (repeated, or a,b,c) train as one cohort: one data stream and one teacher pass "
+                        "per step, each method its own run")
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
     p.add_argument("--teacher-pretrained", default=None, metavar="NAME",

@@ -13,37 +13,60 @@ from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
 
 def cmd_train(args, overrides) -> int:
     from hkdbench.benchmark.config import split_teacher_overrides
-    from hkdbench.benchmark.engine.trainer import train
+    from hkdbench.benchmark.engine.cohort import check_cohort
+    from hkdbench.benchmark.engine.trainer import train, train_cohort
 
     run_items, teacher_items = split_teacher_overrides(overrides(args))
-    cfg = resolve_run_config(kind="student", student=args.student, method=args.method, teacher=args.teacher,
-                             dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
-                             teacher_recipe=args.teacher_recipe, overrides=run_items,
-                             teacher_overrides=teacher_items, teacher_weights=args.teacher_weights,
-                             teacher_pretrained=args.teacher_pretrained)
-    _check_flags(args, cfg)
-    return _train_until_done_or_stopped(train, cfg, args)
+    methods = _method_list(args.method)
+    cfgs = [resolve_run_config(kind="student", student=args.student, method=method, teacher=args.teacher,
+                               dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
+                               teacher_recipe=args.teacher_recipe, overrides=run_items,
+                               teacher_overrides=teacher_items, teacher_weights=args.teacher_weights,
+                               teacher_pretrained=args.teacher_pretrained) for method in methods]
+    for cfg in cfgs:
+        _check_flags(args, cfg)
+    if len(cfgs) == 1:
+        return _train_until_done_or_stopped(lambda **kw: [train(cfgs[0], **kw)], args)
+    check_cohort(cfgs)
+    return _train_until_done_or_stopped(lambda **kw: train_cohort(cfgs, **kw), args)
 
 
-def _train_until_done_or_stopped(train, cfg, args) -> int:
-    """Trains; on SIGTERM/SIGINT the run saves a checkpoint and the exit code is 128 + the signal's number."""
+def _method_list(given) -> list:
+    """``--method`` values (repeated, or comma lists) in order, each once; kd when none is given."""
+    methods = []
+    for item in given or ["kd"]:
+        for name in item.split(","):
+            if name.strip() and name.strip() not in methods:
+                methods.append(name.strip())
+    if not methods:
+        raise ConfigError("--method needs a method name (see `hkdbench methods`)")
+    return methods
+
+
+def _train_until_done_or_stopped(train_runs, args) -> int:
+    """Trains (one run, or a cohort's); on SIGTERM/SIGINT every run saves a checkpoint and the exit code is 128 +
+    the signal's number; 3 when a run failed (diverged)."""
     from hkdbench.benchmark.engine.stopping import stop_signals
     from hkdbench.benchmark.engine.trainer import TeacherUnavailableError
 
     with stop_signals() as stops:
         try:
-            result = train(cfg, runs_dir=args.runs_dir, resume=args.resume, restart=args.restart,
-                           device=args.device, should_stop=stops.requested)
+            results = train_runs(runs_dir=args.runs_dir, resume=args.resume, restart=args.restart,
+                                 device=args.device, should_stop=stops.requested)
         except TeacherUnavailableError:
             if not stops.requested():
                 raise
-            result = None  # stopped while training the teacher: its own run holds the checkpoint
-    if stops.requested() and (result is None or result.status == "interrupted"):
-        where = f" in {result.run_dir.path}" if result is not None else " of the teacher's run"
+            results = None  # stopped while training the teacher: its own run holds the checkpoint
+    if stops.requested() and (results is None or any(r.status == "interrupted" for r in results)):
+        where = (" in " + ", ".join(str(r.run_dir.path) for r in results if r.status == "interrupted")
+                 if results is not None else " of the teacher's run")
         print(f"hkdbench {args.command}: stopped by {signal.Signals(stops.signum).name}; checkpoint saved{where}. "
               "Continue with the same command and --resume", file=sys.stderr)
         return stops.exit_code
-    return 0 if result.status == "done" else 3
+    for r in results:
+        if r.status == "failed":
+            print(f"hkdbench {args.command}: {r.run_dir.path.name} FAILED: {r.reason}", file=sys.stderr)
+    return 0 if all(r.status == "done" for r in results) else 3
 
 
 def cmd_teacher(args, overrides) -> int:
@@ -52,7 +75,7 @@ def cmd_teacher(args, overrides) -> int:
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
                              recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
     _check_flags(args, cfg)
-    return _train_until_done_or_stopped(train, cfg, args)
+    return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
 
 
 def _check_flags(args, cfg) -> None:

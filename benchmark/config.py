@@ -303,6 +303,10 @@ class OptimConfig:
 TRACKERS = ("none", "tensorboard", "wandb")
 # Settings of where and how a run is watched or loaded, not of what it computes: left out of the run's hash.
 NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval")}
+# How a run's batches are drawn (benchmark/data/stream.py): every data draw keyed by (seed, epoch, step), apart from
+# the models' randomness. Part of every run's hash: runs trained before it (one RNG for data and models) drew other
+# batches from the same config, so they are other runs, never resumed or skipped as these.
+DATA_STREAM = "keyed-by-seed-epoch-step"
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,7 @@ class RunConfig:
             body["teacher_run"] = self.teacher_run
             body.pop("teacher_overrides")
             body.pop("teacher_recipe")
+        body["data_stream"] = DATA_STREAM
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

@@ -35,6 +35,7 @@ The contract, beyond ``losses``:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
@@ -156,13 +157,39 @@ class Distiller(nn.Module):
         """The trainer's classification criterion (label smoothing, or soft-target CE under mixup)."""
         return self.criterion(logits, targets.soft if targets.soft is not None else targets.hard)
 
-    def teacher_forward(self, images: torch.Tensor) -> Features:
-        teacher = self.teacher
-        teacher.eval()  # the teacher stays in eval mode whatever train() was called on
-        if self.needs_teacher_grad:
-            return teacher(images, stages=self.teacher_stages())
+    def plain_teacher_stages(self) -> Optional[Tuple[int, ...]]:
+        """The stages this method reads from a plain teacher pass of the step's batch (no gradients, nothing
+        altered in the teacher), or None when it makes no such pass. A cohort runs the plain pass once per step for
+        all its members (the union of their stages) and hands it to each through :meth:`plain_teacher_forward`."""
+        if not self.uses_teacher or self.needs_teacher_grad:
+            return None
+        return tuple(self.teacher_stages())
+
+    @contextlib.contextmanager
+    def sharing_teacher_pass(self, images: Optional[torch.Tensor], features: Optional[Features]):
+        """While inside, :meth:`plain_teacher_forward` of exactly ``images`` returns ``features`` (a plain teacher
+        pass the harness ran already) instead of running the teacher again."""
+        self.__dict__["_shared_pass"] = (images, features) if features is not None else None
+        try:
+            yield
+        finally:
+            self.__dict__["_shared_pass"] = None
+
+    def plain_teacher_forward(self, images: torch.Tensor, stages: Tuple[int, ...] = ()) -> Features:
+        """The teacher's outputs on ``images`` without gradients: the harness's shared pass when it holds these
+        images and stages, else a pass of its own."""
+        shared = self.__dict__.get("_shared_pass")
+        if shared is not None and shared[0] is images and set(stages) <= set(shared[1].stages):
+            return shared[1].select(stages)
+        self.teacher.eval()  # the teacher stays in eval mode whatever train() was called on
         with torch.no_grad():
-            return teacher(images, stages=self.teacher_stages())
+            return self.teacher(images, stages=stages)
+
+    def teacher_forward(self, images: torch.Tensor) -> Features:
+        if self.needs_teacher_grad:
+            self.teacher.eval()
+            return self.teacher(images, stages=self.teacher_stages())
+        return self.plain_teacher_forward(images, tuple(self.teacher_stages()))
 
     def training_step(self, images: torch.Tensor, targets: Targets, epoch: int = 0
                       ) -> Tuple[Features, Dict[str, torch.Tensor]]:

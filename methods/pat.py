@@ -464,12 +464,13 @@ class PAT(Distiller):
     def teacher_stages(self):
         return STAGES
 
+    def plain_teacher_stages(self):
+        return ()  # the plain pass gives the KD term its logits; the stages come from the prompted pass
+
     # -- the step -------------------------------------------------------------------------------------------------
     def training_step(self, images, targets, epoch=0):
         s_out = self.student(images, stages=STAGES)
-        self.teacher.eval()
-        with torch.no_grad():
-            t_plain = self.teacher(images)
+        t_plain = self.plain_teacher_forward(images)  # the KD term's teacher: no prompts
         t_prompted = self.prompted_teacher_forward(images)
         aligned = self.align_student(s_out)
         losses = self.pat_losses(s_out, t_plain, t_prompted, aligned, targets)

@@ -76,9 +76,9 @@ def test_times_the_trainers_own_step(monkeypatch):
     calls = []
     real_step = step.TrainStep.step
 
-    def counting_step(self, images, labels, epoch, step):
+    def counting_step(self, batch, epoch, step):
         calls.append(step)
-        return real_step(self, images, labels, epoch, step)
+        return real_step(self, batch, epoch, step)
 
     monkeypatch.setattr(step.TrainStep, "step", counting_step)
     measure_method(OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4,

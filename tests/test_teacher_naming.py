@@ -56,8 +56,11 @@ def test_the_stored_config_rebuilds_the_same_names():
 
 def test_runs_without_a_trained_teacher_keep_their_names():
     """Teacher runs, student-alone runs and students of a teacher checkpoint carry no teacher_run; it is left out
-    of their hash, so their names are what they were before teacher runs were named."""
+    of their hash, so their names are what they were before teacher runs were named (with the data stream's
+    marker, which every run's hash has had since the keyed stream)."""
     import hashlib
+
+    from hkdbench.benchmark.config import DATA_STREAM
 
     for cfg in (resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo"),
                 resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo"),
@@ -73,6 +76,7 @@ def test_runs_without_a_trained_teacher_keep_their_names():
             for key in ("pretrained", "pretrained_sha256"):
                 if body[model] and body[model][key] is None:
                     body[model].pop(key)
+        body["data_stream"] = DATA_STREAM
         old = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
         assert cfg.run_hash() == old
 

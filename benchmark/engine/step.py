@@ -14,7 +14,8 @@ import torch.nn as nn
 from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method_config
 
 from hkdbench.benchmark.config import OptimConfig, RunConfig
-from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.data.stream import Batch
+from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer
 from hkdbench.benchmark.engine.evaluation import _autocast, autocast_dtype
 
@@ -101,32 +102,34 @@ def build_criterion(cfg: RunConfig) -> nn.Module:
 
 
 class TrainStep:
-    """One optimisation step: lr schedule, mixup, forward (method + teacher) under autocast, summed loss,
-    backward, clipping, optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
+    """One optimisation step of one run on a prepared batch (``data.stream.Batch``: augmented, mixed, in the
+    memory format): lr schedule, forward (method + teacher) under autocast, summed loss, backward, clipping,
+    optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
     probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
-                 device: torch.device, ema=None, mixup=None, dtype=None, channels_last: bool = False):
+                 device: torch.device, ema=None, dtype=None, channels_last: bool = False):
         self.optim, self.epochs, self.steps = optim, epochs, steps
         self.wrapped, self.module, self.method = wrapped, module, method
-        self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
+        self.optimizer, self.scaler, self.ema = optimizer, scaler, ema
         self.dtype, self.channels_last = dtype, channels_last
         self.device = device
         self.schedule = LRSchedule(optim, optimizer, epochs, steps)
 
-    def step(self, images, labels, epoch: int, step: int, index=None) -> Tuple[Dict[str, float], int]:
-        """``index``: the samples' training-set indices, for a method that needs them (kept under mixup: row i
-        mixes sample i, weight lambda, with its partner, as CRD's reference passes it)."""
+    def teacher_pass(self, images: torch.Tensor, stages) -> Features:
+        """The plain teacher pass (no gradients) a cohort shares, under this step's autocast."""
+        self.method.teacher.eval()
+        with torch.no_grad(), _autocast(self.device, self.dtype):
+            return self.method.teacher(images, stages=tuple(sorted(stages)))
+
+    def step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features] = None
+             ) -> Tuple[Dict[str, float], int]:
+        """``shared_teacher``: the plain teacher pass on ``batch.images`` (a cohort's), which the method then
+        takes instead of running the teacher itself."""
         lr = self.schedule.apply(epoch, step)
-        targets = Targets(hard=labels, index=index)
-        if self.mixup is not None:
-            images, soft = self.mixup(images, labels)
-            targets = Targets(hard=soft.argmax(-1), soft=soft, index=index)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         self.module.train()
-        with _autocast(self.device, self.dtype):
-            s_out, losses = self.wrapped(images, targets, epoch)
+        with _autocast(self.device, self.dtype), self.method.sharing_teacher_pass(batch.images, shared_teacher):
+            s_out, losses = self.wrapped(batch.images, batch.targets, epoch)
         loss = sum(v.float() for v in losses.values())
         if self.probes is not None:  # gradient conflict needs the terms before backward
             self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
@@ -140,7 +143,7 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.module.student.model)
         values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
-        correct = (s_out.logits.detach().argmax(-1) == labels).sum()
+        correct = (s_out.logits.detach().argmax(-1) == batch.labels).sum()
         host = {k: v.item() for k, v in values.items()}  # one sync per step: NaN checks and logging
         host.update({f"stat/{k}": float(v) for k, v in self.method.statistics().items()})
         host["lr"] = lr

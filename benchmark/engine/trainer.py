@@ -1,11 +1,15 @@
-"""The common training harness: one loop for every method, teacher runs included.
+"""The common training harness: one loop for every method, teacher runs included, and for cohorts.
 
-Per step: the distiller's ``training_step`` (student forward with taps, teacher forward once without
-gradients, loss terms), the sum of the terms, backward (with a GradScaler under fp16), optional gradient
-clipping, the optimiser step, the student EMA. Per epoch: evaluation (student and EMA), one metrics line, an
-atomic checkpoint. A resumed run continues bit for bit: the data order and every random draw come from
-(seed, epoch), and a checkpoint taken mid-epoch (on a stop request such as Slurm's USR2) also stores the RNG
-states and the partial epoch's sums.
+A cohort (``cohort.py``) is a set of runs on one data stream: per step one batch is drawn (``data/stream.py``,
+its randomness keyed by (seed, epoch, step)) and, when two or more members read it, the plain teacher pass runs
+once for all of them (the union of their stages, without gradients). Then each member in turn: its distiller's
+``training_step`` (student forward with taps, the teacher pass it needs), the sum of its terms, backward (with a
+GradScaler under fp16), optional gradient clipping, the optimiser step, the student EMA, each under the member's
+own RNG state (init, dropout, drop-path: a model's randomness never shifts the batches). One run is a cohort of
+one. Per epoch and member: evaluation (student and EMA), one metrics line, an atomic checkpoint. A resumed run
+continues bit for bit: a checkpoint taken mid-epoch (on a stop request such as Slurm's USR2; every member at the
+same step) also stores the member's RNG state and the partial epoch's sums. A member that diverges is marked
+FAILED with its step and the others go on; a member already done is skipped.
 """
 from __future__ import annotations
 
@@ -20,17 +24,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from hkdbench.methods import Distiller, TrainingSet, get_method
+from hkdbench.methods import TrainingSet, get_method
 
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import RunConfig
-from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.config import DATA_STREAM, RunConfig
+from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
-from hkdbench.benchmark.engine.evaluation import evaluate, select_device, use_channels_last
+from hkdbench.benchmark.data.stream import DataStream
+from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
 from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
 
 log = logging.getLogger("hkdbench")
@@ -46,57 +51,86 @@ class TeacherUnavailableError(RuntimeError):
 
 @dataclass
 class RunResult:
-    status: str                      # 'done', 'interrupted'
+    status: str                      # 'done', 'interrupted', 'failed' (diverged), 'owned' (locked elsewhere)
     run_dir: RunDir
     summary: Optional[Dict[str, Any]] = None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Devices, precision (the optimiser and the schedule are in optim.py)
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Building the pieces of a run
-# --------------------------------------------------------------------------------------------------------------
+    reason: Optional[str] = None     # why it failed
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
 
-class Trainer:
-    def __init__(self, cfg: RunConfig, store: RunStore, device: Optional[str] = None, progress: Optional[bool] = None,
-                 should_stop: Callable[[], bool] = lambda: False, dist_ctx=None, echo: bool = True):
-        self.cfg, self.store = cfg, store
+class _Member:
+    """One run of a cohort: its run directory, its models and optimiser (``ctx``), its history, its position in
+    the stream (the epoch and step it trains next), its RNG (a model's own randomness) and its status."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, saved: Optional[Dict[str, Any]]):
+        self.cfg, self.run_dir, self.saved = cfg, run_dir, saved
+        self.status = "training"                 # 'training', 'done', 'failed', 'interrupted'
+        self.result: Optional[RunResult] = None
+        self.ctx: Optional[TrainStep] = None
+        self.student: Optional[TappedModel] = None
+        self.ema = None
+        self.tracker = None
+        self.state: Dict[str, Any] = {}
+        self.rng: Optional[Dict[str, Any]] = None
+        self.sums: Optional[_EpochSums] = None
+        self.progress = None
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.path.name
+
+    @property
+    def position(self) -> Tuple[int, int]:
+        return self.state["epoch"], self.state["step"]
+
+    def trains_at(self, epoch: int, step: int) -> bool:
+        return self.status == "training" and epoch < self.cfg.train.epochs and self.position <= (epoch, step)
+
+
+class CohortTrainer:
+    """Trains the runs of one cohort (``cohort.py``; one run is a cohort of one) on one data stream and one plain
+    teacher pass per step. Each member keeps its own randomness and writes its own run directory, exactly as it
+    would alone: the same metrics and weights, bit for bit on the CPU."""
+
+    def __init__(self, cfgs: Sequence[RunConfig], store: RunStore, device: Optional[str] = None,
+                 progress: Optional[bool] = None, should_stop: Callable[[], bool] = lambda: False, dist_ctx=None,
+                 echo: bool = True):
+        from hkdbench.benchmark.engine.cohort import check_cohort
+
+        check_cohort(cfgs)
+        self.cfgs, self.store = list(cfgs), store
         self.device = select_device(device)
         # a tqdm bar when the output is a terminal; else (a Slurm log, a redirect) a line every train.log_interval steps
         self.progress = sys.stdout.isatty() and sys.stderr.isatty() if progress is None else progress
         self.should_stop = should_stop
         self.dist = dist_ctx
         self.echo = echo
-        self.run_dir = store.run_dir(cfg)
+        self.run_dirs = [store.run_dir(cfg) for cfg in self.cfgs]
 
     @property
     def is_main(self) -> bool:
         return self.dist is None or self.dist.rank == 0
 
-    def say(self, message: str) -> None:
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size if self.dist else 1
+
+    def say(self, message: str, members: Optional[Sequence[_Member]] = None) -> None:
+        """Logs, prints (``echo``) and appends the line to the log of each member (default: every run)."""
         if self.is_main:
             log.info(message)
             if self.echo:
                 print(message, flush=True)
-            with open(self.run_dir.log_file, "a") as f:
-                f.write(message + "\n")
+            for rd in [m.run_dir for m in members] if members is not None else self.run_dirs:
+                with open(rd.log_file, "a") as f:
+                    f.write(message + "\n")
 
     # -- teacher --------------------------------------------------------------------------------------------------
-    def prepare_teacher(self, num_classes: int, in_chans: int) -> Tuple[Optional[TappedModel], Optional[float]]:
-        cfg = self.cfg
+    def prepare_teacher(self, cfg: RunConfig, num_classes: int, in_chans: int
+                        ) -> Tuple[Optional[TappedModel], Optional[float]]:
         if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
             return None, None
         as_is = cfg.teacher_recipe is None  # a checkpoint, or pretrained weights used as they are: no teacher run
@@ -124,169 +158,304 @@ class Trainer:
                  f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
         return teacher.to(self.device), recorded[f"{which}_top1"]
 
-    # -- main loop ------------------------------------------------------------------------------------------------
-    def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
-        """Trains the run under its flock; ``wait_for_lock=False`` raises RunLockedError at once when another
-        process holds it (a sweep's job for a run a racing sweep already trains)."""
+    # -- the cohort -----------------------------------------------------------------------------------------------
+    def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> List[RunResult]:
+        """Trains every run under its flock (taken in name order, so two cohorts never wait on each other);
+        ``wait_for_lock=False``: a run whose lock another process holds is left to it ('owned'), and a cohort of
+        one raises RunLockedError."""
         from hkdbench.benchmark.engine.tracking import check_tracker_available
+        from hkdbench.benchmark.store import RunLockedError
 
-        check_tracker_available(self.cfg.train.log)  # a missing tracker package fails before anything is written
-        rd = self.run_dir
+        for cfg in self.cfgs:  # a missing tracker package fails before anything is written
+            check_tracker_available(cfg.train.log)
+        results: Dict[str, RunResult] = {}
+        with contextlib.ExitStack() as locks:
+            held = []
+            for cfg, rd in sorted(zip(self.cfgs, self.run_dirs), key=lambda pair: pair[1].path.name):
+                try:
+                    if self.is_main:  # under DDP only rank 0 holds the flocks (other ranks would wait forever)
+                        locks.enter_context(rd.lock(wait=wait_for_lock))
+                    held.append(cfg)
+                except RunLockedError:
+                    if len(self.cfgs) == 1:
+                        raise
+                    results[rd.path.name] = RunResult("owned", rd)
+                except StoreWriteError:
+                    if not rd.is_done or restart:
+                        raise
+                    results[rd.path.name] = self._done_read_only(rd)
+            if held:
+                for result in self._run_locked([c for c in self.cfgs if c in held], resume, restart):
+                    results[result.run_dir.path.name] = result
+        return [results[rd.path.name] for rd in self.run_dirs]
+
+    def _done_read_only(self, rd: RunDir) -> RunResult:
+        if self.echo:  # a read-only store: a finished run needs no write
+            print(f"{rd.path.name}: already done (read-only store: nothing written)", flush=True)
+        return RunResult("done", rd, rd.summary())
+
+    def _open(self, cfg: RunConfig, resume: bool, restart: bool) -> _Member:
+        """The member of one locked run: claimed, cleaned of stray temp files, reset on restart; done, or with its
+        checkpoint read (a damaged one, or one without --resume, fails here, before any training)."""
+        rd = self.store.run_dir(cfg)
         try:
-            # under DDP only rank 0 holds the run's flock (the other ranks would wait on it forever)
-            with rd.lock(wait=wait_for_lock) if self.is_main else contextlib.nullcontext():
-                return self._run_locked(resume, restart)
+            if self.is_main:
+                rd.claim(cfg)
+                if removed := rd.remove_stray_temp_files():  # left by a kill mid-write; we hold the lock
+                    self.say(f"{rd.path.name}: removed temp files left by an interrupted write: "
+                             f"{', '.join(removed)}", [])
+            if restart and self.is_main:
+                rd.reset()
         except StoreWriteError:
             if not rd.is_done or restart:
                 raise
-            if self.echo:  # a read-only store: a finished run needs no write
-                print(f"{rd.path.name}: already done (read-only store: nothing written)", flush=True)
-            return RunResult("done", rd, rd.summary())
-
-    def _run_locked(self, resume: bool, restart: bool) -> RunResult:
-        cfg, rd = self.cfg, self.run_dir
-        if self.is_main:
-            rd.claim(cfg)
-            if removed := rd.remove_stray_temp_files():  # left by a kill mid-write; we hold the lock
-                self.say(f"{rd.path.name}: removed temp files left by an interrupted write: {', '.join(removed)}")
-        if restart and self.is_main:
-            rd.reset()
+            member = _Member(cfg, rd, None)
+            member.status, member.result = "done", self._done_read_only(rd)
+            return member
+        member = _Member(cfg, rd, None)
         if rd.is_done:
-            self.say(f"{rd.path.name}: already done")
-            return RunResult("done", rd, rd.summary())
+            self.say(f"{rd.path.name}: already done", [member])
+            member.status, member.result = "done", RunResult("done", rd, rd.summary())
+            return member
         if rd.has_checkpoint and not resume:
             raise RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to "
                                  "continue it or --restart to start over")
-        saved = self._read_checkpoint() if rd.has_checkpoint else None  # a damaged one fails before any work
+        member.saved = _read_checkpoint(rd, cfg, self.device) if rd.has_checkpoint else None
+        return member
 
-        entry = zoo_entry(cfg.student.name)
-        crop_pct = cfg.data.crop_pct or entry.crop_pct
-        train_loader, test_loader, info = loaders.build_loaders(cfg.data, self.device, crop_pct,
+    def _run_locked(self, cfgs: List[RunConfig], resume: bool, restart: bool) -> List[RunResult]:
+        members = [self._open(cfg, resume, restart) for cfg in cfgs]
+        training = [m for m in members if m.status == "training"]
+        if training:
+            self._train(training)
+        return [m.result for m in members]
+
+    def _train(self, members: List[_Member]) -> None:
+        first = members[0].cfg
+        entry = zoo_entry(first.student.name)
+        crop_pct = first.data.crop_pct or entry.crop_pct
+        train_loader, test_loader, info = loaders.build_loaders(first.data, self.device, crop_pct,
                                                                  rank=self.dist.rank if self.dist else 0,
                                                                  world_size=self.world_size)
-        if jitter_note := loaders.color_jitter_note(cfg.data.color_jitter, cfg.data.auto_augment):
-            self.say(f"{rd.path.name}: {jitter_note}")
-        teacher, teacher_top1 = self.prepare_teacher(info.num_classes, info.in_chans)
+        if jitter_note := loaders.color_jitter_note(first.data.color_jitter, first.data.auto_augment):
+            self.say(f"{', '.join(m.name for m in members)}: {jitter_note}", members)
+        user = next((m.cfg for m in members if get_method(m.cfg.method).uses_teacher and m.cfg.teacher), None)
+        teacher, teacher_top1 = self.prepare_teacher(user, info.num_classes, info.in_chans) if user else (None, None)
+        channels_last = use_channels_last(first.train.channels_last, self.device)
+        if teacher is not None and teacher_top1 is None and any(m.saved is None for m in members):
+            dtype = autocast_dtype(first.train.precision, self.device)
+            teacher_top1 = evaluate(teacher, test_loader, self.device, dtype, channels_last)["top1"]
+            self.say(f"teacher {user.teacher.name}: top-1 {teacher_top1:.2f}", members)
+        for m in members:
+            self._build(m, teacher, teacher_top1, train_loader, test_loader, info, channels_last)
+        if len(members) > 1:
+            self.say(f"cohort of {len(members)} runs on one data stream"
+                     + (f" and one {user.teacher.name} pass per step" if teacher is not None else "") + ": "
+                     + ", ".join(m.name for m in members), members)
+        stream = DataStream(train_loader, first.train.seed, self.device,
+                                    loaders.build_mixup(first.data, info.num_classes, first.optim.label_smoothing),
+                                    channels_last, any(get_method(m.cfg.method).needs_sample_indices
+                                                       for m in members))
+        self._loop(members, stream, teacher, test_loader)
 
-        loaders.seed_everything(cfg.train.seed)
+    def _build(self, m: _Member, teacher, teacher_top1, train_loader, test_loader, info, channels_last) -> None:
+        """The member's student, method, optimiser, EMA, step, probes and tracker, its state from its checkpoint
+        (or a fresh one, with env.json) and its RNG."""
+        cfg = m.cfg
+        uses_teacher = get_method(cfg.method).uses_teacher
+        own_teacher = teacher if uses_teacher else None
+        loaders.seed_everything(cfg.train.seed)  # the model's randomness: its initialisation first
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
                                img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
                                pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
         train_set = (TrainingSet(train_loader.all_labels()) if get_method(cfg.method).needs_sample_indices
                      else None)
-        channels_last = use_channels_last(cfg.train.channels_last, self.device)
-        setup = setup_training(cfg.method, cfg.method_cfg, student, teacher, info.num_classes, build_criterion(cfg),
-                               train_set, cfg.optim, cfg.train.precision, channels_last, self.device)
-        method, module, optimizer, scaler, dtype = (setup.method, setup.module, setup.optimizer, setup.scaler,
-                                                    setup.dtype)
+        setup = setup_training(cfg.method, cfg.method_cfg, student, own_teacher, info.num_classes,
+                               build_criterion(cfg), train_set, cfg.optim, cfg.train.precision, channels_last,
+                               self.device)
         ema = _make_ema(student, cfg.train.ema_decay)
-        mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-        wrapped = self.dist.wrap(module, method.find_unused_parameters) if self.dist else module
-
-        state = {"epoch": 0, "step": 0, "history": [], "partial": None, "teacher_top1": teacher_top1}
-        if saved is not None:
-            state = self._load_checkpoint(saved, module, optimizer, scaler, ema, state)
-            self._check_kept_best(state["history"])
+        wrapped = self.dist.wrap(setup.module, setup.method.find_unused_parameters) if self.dist else setup.module
+        m.student, m.ema = student, ema
+        m.state = {"epoch": 0, "step": 0, "history": [], "partial": None,
+                   "teacher_top1": teacher_top1 if uses_teacher else None}
+        if m.saved is not None:
+            _load_checkpoint(m.saved, setup, ema)
+            m.state.update({k: m.saved[k] for k in ("epoch", "step", "history", "partial", "rng", "teacher_top1")})
+            self._check_kept_best(m)
             if self.is_main:  # the checkpoint's history is the truth: a kill may have cut off the metrics write
-                rd.write_metrics(state["history"])
-            self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
+                m.run_dir.write_metrics(m.state["history"])
+            m.saved = None
+            self.say(f"{m.name}: resuming at epoch {m.state['epoch'] + 1}, step {m.state['step']}", [m])
         elif self.is_main:
             from hkdbench.benchmark.store import atomic_write_json
-            atomic_write_json(rd.env_file, {**environment(self.device, self.world_size),
-                                            "global_batch": cfg.data.batch_size * self.world_size,
-                                            "lr": cfg.optim.lr, "channels_last": channels_last,
-                                            "autocast": str(dtype) if dtype else "fp32"})
-        if state["teacher_top1"] is None and teacher is not None:
-            state["teacher_top1"] = evaluate(teacher, test_loader, self.device, dtype, channels_last)["top1"]
-            self.say(f"teacher {cfg.teacher.name}: top-1 {state['teacher_top1']:.2f}")
-
-        self.say(f"{rd.path.name}: {cfg.method} {cfg.teacher.name if cfg.teacher else '-'} -> {cfg.student.name} "
+            atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size),
+                                                   "global_batch": cfg.data.batch_size * self.world_size,
+                                                   "lr": cfg.optim.lr, "channels_last": channels_last,
+                                                   "autocast": str(setup.dtype) if setup.dtype else "fp32",
+                                                   "cohort": [rd.path.name for rd in self.run_dirs]})
+        self.say(f"{m.name}: {cfg.method} {cfg.teacher.name if cfg.teacher else '-'} -> {cfg.student.name} "
                  f"on {cfg.data.dataset}, {cfg.train.epochs} epochs, {len(train_loader)} steps/epoch, "
-                 f"device {self.device}{', ' + str(dtype) if dtype else ''}")
-        history: List[Dict[str, Any]] = state["history"]
-        ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, module, method, optimizer, scaler,
-                        self.device, ema, mixup, dtype, channels_last)
+                 f"device {self.device}{', ' + str(setup.dtype) if setup.dtype else ''}", [m])
+        m.ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, setup.module, setup.method,
+                          setup.optimizer, setup.scaler, self.device, ema, setup.dtype, channels_last)
         from hkdbench.benchmark.probes.hooks import build_probes
-        ctx.probes = build_probes(cfg, student, teacher, test_loader, self.device, dtype, channels_last, self.is_main)
+        m.ctx.probes = build_probes(cfg, student, own_teacher, test_loader, self.device, setup.dtype,
+                                    channels_last, self.is_main)
         # TensorBoard / W&B mirror of metrics.jsonl (train.log)
         from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker
 
-        tracker = open_tracker(cfg, rd.path.name, str(rd.tracking_dir), len(history)) if self.is_main else NullTracker()
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            start_step = state["step"] if epoch == state["epoch"] else 0
-            sums = _EpochSums(state["partial"] if epoch == state["epoch"] else None)
-            if start_step == 0:
-                loaders.seed_everything(cfg.train.seed * 100_003 + epoch)
-            else:
-                _set_rng(state["rng"])
-            stopped_at = self._train_epoch(ctx, train_loader, epoch, start_step, sums)
+        m.tracker = (open_tracker(cfg, m.name, str(m.run_dir.tracking_dir), len(m.state["history"]))
+                     if self.is_main else NullTracker())
+        m.rng = _get_rng()
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def _loop(self, members: List[_Member], stream: DataStream, teacher, test_loader) -> None:
+        epochs = max(m.cfg.train.epochs for m in members)
+        first_epoch = min(m.position for m in members)[0]
+        for epoch in range(first_epoch, epochs):
+            in_epoch = [m for m in members if m.status == "training" and m.position[0] <= epoch < m.cfg.train.epochs]
+            if not in_epoch:
+                continue
+            for m in in_epoch:
+                self._begin_epoch(m, epoch, stream)
+            stopped_at = self._train_epoch(in_epoch, stream, teacher, epoch)
             if stopped_at is not None:
-                self._save_checkpoint(module, optimizer, scaler, ema, epoch, stopped_at, history, sums,
-                                      state["teacher_top1"])
-                self.say(f"{rd.path.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {stopped_at}")
-                tracker.close()
-                return RunResult("interrupted", rd)
-            record = self._epoch_record(ctx, epoch, sums, test_loader, ema)
-            history.append(record)
-            self._keep_best(history, student, ema)  # before the checkpoint: a kill in between redoes this epoch
-            self._save_checkpoint(module, optimizer, scaler, ema, epoch + 1, 0, history, None, state["teacher_top1"])
-            if self.is_main:
-                rd.write_metrics(history)
-            tracker.log_epoch(record)
-            self.say(_format_epoch(record, cfg.train.epochs))
-        summary = self._summary(history, student, method, state["teacher_top1"])
-        if self.is_main:
-            rd.write_metrics(history)  # DONE never comes with metrics short of the final epoch
-            save_weights(rd, "last", student.model.state_dict())
-            if ema is not None:
-                save_weights(rd, "last", ema.module.state_dict(), ema=True)
-            rd.mark_done(summary)
-        tracker.log_summary(summary)
-        tracker.close()
-        self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
-                 f"last {summary['last_top1']:.2f}")
-        return RunResult("done", rd, summary)
+                for m in [m for m in members if m.status == "training"]:
+                    self._stop(m, epoch, stopped_at)
+                return
+            for m in [m for m in in_epoch if m.status == "training"]:
+                with self._rng_of(m, len(members) > 1):
+                    self._end_epoch(m, epoch, test_loader)
+        for m in [m for m in members if m.status == "training"]:  # killed after its last checkpoint, before DONE
+            self._finish(m)
 
-    @property
-    def world_size(self) -> int:
-        return self.dist.world_size if self.dist else 1
-
-    def _train_epoch(self, ctx: "TrainStep", loader, epoch: int, start_step: int, sums: _EpochSums) -> Optional[int]:
-        """Runs the epoch from ``start_step``; returns the step to resume at if a stop was requested."""
-        # tqdm on a terminal, a line every train.log_interval steps elsewhere
+    def _begin_epoch(self, m: _Member, epoch: int, stream) -> None:
+        start = m.state["step"] if epoch == m.state["epoch"] else 0
+        m.sums = _EpochSums(m.state["partial"] if epoch == m.state["epoch"] else None)
+        if start == 0:  # the model's randomness of the epoch; mid-epoch, the state the checkpoint kept
+            loaders.seed_everything(m.cfg.train.seed * 100_003 + epoch)
+            m.rng = _get_rng()
+        else:
+            m.rng = m.state["rng"]
+            _set_rng(m.rng)
+        m.state["epoch"], m.state["step"] = epoch, start
+        # tqdm on a terminal (a cohort of one), a line every train.log_interval steps elsewhere
         from hkdbench.benchmark.engine.progress import EpochProgress
 
-        progress = EpochProgress(epoch=epoch, epochs=self.cfg.train.epochs, steps=ctx.steps, start_step=start_step,
-                                 interval=self.cfg.train.log_interval if self.is_main else 0,
-                                 bar=self.progress and self.is_main, say=self.say)
-        step = start_step
-        with_index = ctx.method.needs_sample_indices
-        for images, labels, *index in loader.batches(self.cfg.train.seed, epoch, start_step, with_index):
-            tic = time.perf_counter()
-            values, correct = ctx.step(images, labels, epoch, step, *index)
-            total = sum(v for k, v in values.items() if k.startswith("loss/"))
-            if not math.isfinite(total):
-                self._fail_diverged(epoch, step, values)
-            sums.add(values, labels.shape[0] * self.world_size, correct, time.perf_counter() - tic)
-            step += 1
-            progress.update(total, values["lr"], labels.shape[0] * self.world_size)
-            if self.should_stop() and step < ctx.steps:
-                progress.close()
-                return step
-        progress.close()
+        m.progress = EpochProgress(epoch=epoch, epochs=m.cfg.train.epochs, steps=len(stream), start_step=start,
+                                   interval=m.cfg.train.log_interval if self.is_main else 0,
+                                   bar=self.progress and self.is_main and len(self.cfgs) == 1,
+                                   say=lambda line, m=m: self.say(line if len(self.cfgs) == 1 else
+                                                                  f"{m.cfg.method}: {line}", [m]))
+
+    def _train_epoch(self, members: List[_Member], stream, teacher, epoch: int) -> Optional[int]:
+        """Runs the epoch for ``members`` (each from its own step); returns the step to resume at if a stop was
+        requested."""
+        swap = len(self.cfgs) > 1
+        start = min(m.state["step"] for m in members)
+        try:
+            for step, batch in stream.batches(epoch, start):
+                active = [m for m in members if m.trains_at(epoch, step)]
+                tic = time.perf_counter()
+                shared, users = self._teacher_pass(active, teacher, batch)
+                share = (time.perf_counter() - tic) / max(users, 1)
+                for m in active:
+                    tic = time.perf_counter()
+                    with self._rng_of(m, swap):
+                        values, correct = m.ctx.step(batch, epoch, step, shared)
+                    total = sum(v for k, v in values.items() if k.startswith("loss/"))
+                    if not math.isfinite(total):
+                        self._fail_diverged(m, epoch, step, values)
+                        continue
+                    seconds = time.perf_counter() - tic + (share if shared is not None and
+                                                           m.ctx.method.plain_teacher_stages() is not None else 0)
+                    m.sums.add(values, batch.labels.shape[0] * self.world_size, correct, seconds)
+                    m.state["step"] = step + 1
+                    m.progress.update(total, values["lr"], batch.labels.shape[0] * self.world_size)
+                if not any(m.status == "training" for m in members):
+                    return None
+                if self.should_stop() and step + 1 < len(stream):
+                    return step + 1
+        finally:
+            for m in members:
+                if m.progress is not None:
+                    m.progress.close()
         return None
 
-    def _fail_diverged(self, epoch: int, step: int, values: Dict[str, float]) -> None:
+    def _teacher_pass(self, active: List[_Member], teacher, batch) -> Tuple[Optional[Features], int]:
+        """The plain teacher pass of the step, shared by the members that read one (None for a cohort of one:
+        its method runs it in its own step, as it always did)."""
+        users = [m for m in active if m.ctx.method.uses_teacher and m.ctx.method.plain_teacher_stages() is not None]
+        if teacher is None or len(users) < 2:
+            return None, 0
+        stages = set().union(*(m.ctx.method.plain_teacher_stages() for m in users))
+        return users[0].ctx.teacher_pass(batch.images, stages), len(users)
+
+    @contextlib.contextmanager
+    def _rng_of(self, m: _Member, swap: bool):
+        """Runs the block with the member's own RNG state (a model's randomness: dropout, drop-path, sampling)
+        in the global generators, and keeps what the block leaves in them. A cohort of one needs no swap."""
+        if not swap:
+            yield
+            return
+        _set_rng(m.rng)
+        try:
+            yield
+        finally:
+            m.rng = _get_rng()
+
+    def _fail_diverged(self, m: _Member, epoch: int, step: int, values: Dict[str, float]) -> None:
         terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
         reason = f"non-finite loss at epoch {epoch + 1}, step {step}: " + ", ".join(
             f"{k}={v}" for k, v in terms.items())
         if self.is_main:
-            self.run_dir.mark_failed(reason, epoch=epoch + 1, step=step, losses=terms)
-        self.say(f"{self.run_dir.path.name}: FAILED: {reason}")
-        raise DivergedError(reason)
+            m.run_dir.mark_failed(reason, epoch=epoch + 1, step=step, losses=terms)
+        self.say(f"{m.name}: FAILED: {reason}", [m])
+        m.status, m.result = "failed", RunResult("failed", m.run_dir, reason=reason)
+        m.tracker.close()
 
-    def _epoch_record(self, ctx, epoch, sums: _EpochSums, test_loader, ema) -> Dict[str, Any]:
-        cfg = self.cfg
+    def _stop(self, m: _Member, epoch: int, step: int) -> None:
+        """A stop request: the member's checkpoint at the cohort's step (a member that had not reached it keeps
+        the checkpoint it has)."""
+        if m.position == (epoch, step):
+            with self._rng_of(m, len(self.cfgs) > 1):
+                self._save_checkpoint(m, epoch, step, m.sums)
+            self.say(f"{m.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {step}", [m])
+        m.tracker.close()
+        m.status, m.result = "interrupted", RunResult("interrupted", m.run_dir)
+
+    def _end_epoch(self, m: _Member, epoch: int, test_loader) -> None:
+        history = m.state["history"]
+        record = self._epoch_record(m, epoch, test_loader)
+        history.append(record)
+        self._keep_best(m)  # before the checkpoint: a kill in between redoes this epoch
+        m.state["epoch"], m.state["step"], m.state["partial"] = epoch + 1, 0, None
+        self._save_checkpoint(m, epoch + 1, 0, None)
+        if self.is_main:
+            m.run_dir.write_metrics(history)
+        m.tracker.log_epoch(record)
+        line = _format_epoch(record, m.cfg.train.epochs)
+        self.say(line if len(self.cfgs) == 1 else f"{m.name}: {line}", [m])
+        if epoch + 1 == m.cfg.train.epochs:
+            self._finish(m)
+
+    def _finish(self, m: _Member) -> None:
+        history, rd = m.state["history"], m.run_dir
+        summary = self._summary(m)
+        if self.is_main:
+            rd.write_metrics(history)  # DONE never comes with metrics short of the final epoch
+            save_weights(rd, "last", m.student.model.state_dict())
+            if m.ema is not None:
+                save_weights(rd, "last", m.ema.module.state_dict(), ema=True)
+            rd.mark_done(summary)
+        m.tracker.log_summary(summary)
+        m.tracker.close()
+        self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
+                 f"last {summary['last_top1']:.2f}", [m])
+        m.status, m.result = "done", RunResult("done", rd, summary)
+
+    def _epoch_record(self, m: _Member, epoch: int, test_loader) -> Dict[str, Any]:
+        cfg, ctx, sums = m.cfg, m.ctx, m.sums
         record: Dict[str, Any] = {"epoch": epoch + 1}
         means, correct, images = sums.means(), float(sums.correct), sums.images / self.world_size
         if self.dist:  # the epoch of every rank, not rank 0's share alone (ranks see equal batch sizes)
@@ -305,38 +474,38 @@ class Trainer:
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             ev = evaluate(ctx.module.student, test_loader, self.device, ctx.dtype, ctx.channels_last)
             record.update({"top1": ev["top1"], "top5": ev["top5"], "eval_loss": ev["loss"]})
-            if ema is not None:
-                ev = evaluate(ema.module, test_loader, self.device, ctx.dtype, ctx.channels_last)
+            if m.ema is not None:
+                ev = evaluate(m.ema.module, test_loader, self.device, ctx.dtype, ctx.channels_last)
                 record.update({"ema_top1": ev["top1"], "ema_top5": ev["top5"]})
         if ctx.probes is not None:
             record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record
 
-    def _keep_best(self, history: List[Dict[str, Any]], student: TappedModel, ema) -> None:
+    def _keep_best(self, m: _Member) -> None:
         """Keeps the weights of the epoch just recorded as best.pt (best_ema.pt) when it beats every earlier
         evaluated epoch, as timm's CheckpointSaver keeps model_best (a tie keeps the earlier epoch)."""
         if not self.is_main:
             return
+        history = m.state["history"]
         if best_record(history, "top1") is history[-1]:
-            save_weights(self.run_dir, "best", student.model.state_dict())
-        if ema is not None and best_record(history, "ema_top1") is history[-1]:
-            save_weights(self.run_dir, "best", ema.module.state_dict(), ema=True)
+            save_weights(m.run_dir, "best", m.student.model.state_dict())
+        if m.ema is not None and best_record(history, "ema_top1") is history[-1]:
+            save_weights(m.run_dir, "best", m.ema.module.state_dict(), ema=True)
 
-    def _check_kept_best(self, history: List[Dict[str, Any]]) -> None:
+    def _check_kept_best(self, m: _Member) -> None:
         """A checkpoint whose history has a best epoch comes with that epoch's weights (written before it)."""
         if not self.is_main:
             return
         for key, ema in (("top1", False), ("ema_top1", True)):
-            best = best_record(history, key)
-            path = self.run_dir.weights_file("best", ema)
+            best = best_record(m.state["history"], key)
+            path = m.run_dir.weights_file("best", ema)
             if best is not None and not path.exists():
-                raise RuntimeError(f"{self.run_dir.checkpoint_file} records a best epoch {best['epoch']} but "
+                raise RuntimeError(f"{m.run_dir.checkpoint_file} records a best epoch {best['epoch']} but "
                                    f"{path.name} is missing (a checkpoint from before best weights were kept, or "
                                    "a deleted file); pass --restart to train the run again")
 
-    def _teacher_provenance(self) -> Dict[str, Any]:
+    def _teacher_provenance(self, cfg: RunConfig) -> Dict[str, Any]:
         """Which teacher weights the run used: the best or last of a teacher run here, or a checkpoint file."""
-        cfg = self.cfg
         if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
             return {"teacher_weights": None, "teacher_run": None}
         if cfg.teacher.checkpoint:
@@ -347,13 +516,13 @@ class Trainer:
 
         return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
 
-    def _summary(self, history, student: TappedModel, method: Distiller, teacher_top1) -> Dict[str, Any]:
-        cfg, rd = self.cfg, self.run_dir
+    def _summary(self, m: _Member) -> Dict[str, Any]:
+        cfg, rd, history = m.cfg, m.run_dir, m.state["history"]
         evaluated = [r for r in history if "top1" in r]
         best = best_record(history, "top1")
         last = evaluated[-1]
         summary = {
-            "run": self.run_dir.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
+            "run": rd.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
             "teacher": cfg.teacher.name if cfg.teacher else None, "student": cfg.student.name,
             "teacher_family": zoo_entry(cfg.teacher.name).family if cfg.teacher else None,
             "student_family": zoo_entry(cfg.student.name).family, "dataset": cfg.data.dataset,
@@ -363,13 +532,13 @@ class Trainer:
             "best_weights": rd.weights_file("best").name,
             "last_top1": last["top1"], "last_top5": last["top5"], "last_epoch": last["epoch"],
             "last_weights": rd.weights_file("last").name,
-            "teacher_top1": teacher_top1, **self._teacher_provenance(),
-            "student_params": student.deploy_parameter_count(),
-            "method_extra_params": method.extra_parameter_count(),
+            "teacher_top1": m.state["teacher_top1"], **self._teacher_provenance(cfg),
+            "student_params": m.student.deploy_parameter_count(),
+            "method_extra_params": m.ctx.method.extra_parameter_count(),
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
             "global_batch": cfg.data.batch_size * self.world_size, "device": str(self.device),
-            "finished": timestamp(),
+            "data_stream": DATA_STREAM, "cohort_size": len(self.cfgs), "finished": timestamp(),
         }
         if "ema_top1" in last:
             ema_best = best_record(history, "ema_top1")
@@ -380,42 +549,64 @@ class Trainer:
         return summary
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
-    def _save_checkpoint(self, module, optimizer, scaler, ema, epoch, step, history, sums, teacher_top1):
+    def _save_checkpoint(self, m: _Member, epoch: int, step: int, sums: Optional[_EpochSums]) -> None:
+        """The member's training state; its RNG is the one in the global generators (call under _rng_of)."""
         if not self.is_main:
             return
+        ctx = m.ctx
         state = {
-            "module": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "epoch": epoch, "step": step,
-            "history": history, "partial": sums.state() if sums is not None else None,
-            "rng": _get_rng(), "teacher_top1": teacher_top1, "config_hash": self.cfg.run_hash(),
+            "module": ctx.module.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+            "scaler": ctx.scaler.state_dict(), "ema": m.ema.state_dict() if m.ema is not None else None,
+            "epoch": epoch, "step": step, "history": m.state["history"],
+            "partial": sums.state() if sums is not None else None,
+            "rng": _get_rng(), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
         }
-        atomic_torch_save(self.run_dir.checkpoint_file, state)
+        atomic_torch_save(m.run_dir.checkpoint_file, state)
 
-    def _read_checkpoint(self) -> Dict[str, Any]:
-        """The saved training state; a file that is empty, truncated or foreign is named with what to do."""
-        path = self.run_dir.checkpoint_file
-        what_to_do = ("start the run over with --restart (its progress is lost), or put back a good copy of the "
-                      "file and --resume")
-        if path.stat().st_size == 0:
-            raise DamagedCheckpointError(f"{path} is empty (0 bytes: a disk fault or a copy cut short; hkdbench "
-                                         f"itself writes it atomically); {what_to_do}")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as err:  # a truncated zip, pickle garbage, ...: torch raises many kinds
-            raise DamagedCheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated "
-                                         f"or not a checkpoint of this run; {what_to_do}") from None
-        if not isinstance(state, dict) or state.get("config_hash") != self.cfg.run_hash():
-            raise DamagedCheckpointError(f"{path} is not a checkpoint of this run (its config hash differs from "
-                                         f"{self.cfg.run_hash()}); {what_to_do}")
-        return state
 
-    def _load_checkpoint(self, state, module, optimizer, scaler, ema, defaults) -> Dict[str, Any]:
-        module.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        return {**defaults, **{k: state[k] for k in ("epoch", "step", "history", "partial", "rng", "teacher_top1")}}
+class Trainer(CohortTrainer):
+    """Trains one run (its teacher first when needed): a cohort of one. A diverged run raises DivergedError."""
+
+    def __init__(self, cfg: RunConfig, store: RunStore, device: Optional[str] = None,
+                 progress: Optional[bool] = None, should_stop: Callable[[], bool] = lambda: False, dist_ctx=None,
+                 echo: bool = True):
+        super().__init__([cfg], store, device, progress, should_stop, dist_ctx, echo)
+        self.cfg, self.run_dir = cfg, self.run_dirs[0]
+
+    def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> RunResult:
+        """``wait_for_lock=False`` raises RunLockedError at once when another process holds the run's lock (a
+        sweep's job for a run a racing sweep already trains)."""
+        result = super().run(resume, restart, wait_for_lock)[0]
+        if result.status == "failed":
+            raise DivergedError(result.reason)
+        return result
+
+
+def _read_checkpoint(rd: RunDir, cfg: RunConfig, device) -> Dict[str, Any]:
+    """The saved training state; a file that is empty, truncated or foreign is named with what to do."""
+    path = rd.checkpoint_file
+    what_to_do = ("start the run over with --restart (its progress is lost), or put back a good copy of the "
+                  "file and --resume")
+    if path.stat().st_size == 0:
+        raise DamagedCheckpointError(f"{path} is empty (0 bytes: a disk fault or a copy cut short; hkdbench "
+                                     f"itself writes it atomically); {what_to_do}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a truncated zip, pickle garbage, ...: torch raises many kinds
+        raise DamagedCheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); it is truncated "
+                                     f"or not a checkpoint of this run; {what_to_do}") from None
+    if not isinstance(state, dict) or state.get("config_hash") != cfg.run_hash():
+        raise DamagedCheckpointError(f"{path} is not a checkpoint of this run (its config hash differs from "
+                                     f"{cfg.run_hash()}); {what_to_do}")
+    return state
+
+
+def _load_checkpoint(state: Dict[str, Any], setup, ema) -> None:
+    setup.module.load_state_dict(state["module"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scaler.load_state_dict(state["scaler"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
 
 
 class RunExistsError(RuntimeError):
@@ -436,8 +627,6 @@ def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Di
     return best
 
 
-
-
 def _format_epoch(r: Dict[str, Any], epochs: int) -> str:
     terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in r.items() if k.startswith("loss/"))
     acc = f" top1={r['top1']:.2f} top5={r['top5']:.2f}" if "top1" in r else ""
@@ -452,23 +641,12 @@ def train(cfg: RunConfig, runs_dir: Optional[str] = None, resume: bool = False, 
     return Trainer(cfg, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(resume, restart)
 
 
+
 def train_cohort(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, resume: bool = False,
                  restart: bool = False, device: Optional[str] = None, progress: Optional[bool] = None,
                  wait_for_lock: bool = True, **kwargs) -> List[RunResult]:
-    """Trains the runs of one cohort (see cohort.py); one RunResult per run, in order. Status 'done',
-    'interrupted' (a stop request: every member has a checkpoint at the same step), 'failed' (diverged; the
-    others went on) or 'owned' (another process holds its lock, with ``wait_for_lock=False``)."""
-    from hkdbench.benchmark.engine.cohort import check_cohort
-    from hkdbench.benchmark.store import RunLockedError
-
-    check_cohort(cfgs)
-    results = []
-    for cfg in cfgs:  # TEMPORARY: one after the other, until the shared-stream loop lands
-        trainer = Trainer(cfg, RunStore(runs_dir), device=device, progress=progress, **kwargs)
-        try:
-            results.append(trainer.run(resume, restart, wait_for_lock))
-        except DivergedError:
-            results.append(RunResult("failed", trainer.run_dir))
-        except RunLockedError:
-            results.append(RunResult("owned", trainer.run_dir))
-    return results
+    """Trains the runs of one cohort (see cohort.py) in one process; one RunResult per run, in order. Status
+    'done', 'interrupted' (a stop request: every member has a checkpoint at the same step), 'failed' (diverged;
+    the others went on) or 'owned' (another process holds its lock, with ``wait_for_lock=False``)."""
+    return CohortTrainer(cfgs, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(
+        resume, restart, wait_for_lock)

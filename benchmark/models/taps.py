@@ -41,6 +41,11 @@ class Features:
     stages: Dict[int, torch.Tensor] = field(default_factory=dict)
     prefix: Dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def select(self, stages: Sequence[int]) -> "Features":
+        """The same outputs with only ``stages`` (a shared teacher pass handed to a method that asked for those)."""
+        return Features(self.logits, self.pre_logits, {s: self.stages[s] for s in stages},
+                        {s: self.prefix[s] for s in stages if s in self.prefix})
+
 
 class TappedModel(nn.Module):
     """A timm model plus per-stage feature taps. ``forward(x, stages=(...))`` returns :class:`Features`."""

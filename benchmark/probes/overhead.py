@@ -147,6 +147,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
 
     from hkdbench.benchmark.config import OptimConfig
     from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.evaluation import use_channels_last
     from hkdbench.benchmark.engine.step import TrainStep, setup_training
     from hkdbench.benchmark.models.zoo import create_model
@@ -166,7 +167,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         # a method with per-sample state (CRD's memory banks, whose step cost and memory grow with the training
         # set) is sized by the CIFAR-sized stand-in; the measured batch is its first samples
         train_set = TrainingSet.stand_in(cfg.num_classes) if method_cls.needs_sample_indices else None
-        index = [torch.arange(cfg.batch_size, device=device)] if method_cls.needs_sample_indices else []
+        index = torch.arange(cfg.batch_size, device=device) if method_cls.needs_sample_indices else None
         optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
         # the trainer's own setup (channels_last as its train.channels_last=auto) and step (schedule, autocast,
         # backward, clipping, optimiser, the one host sync)
@@ -178,9 +179,10 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         train_step = TrainStep(optim, 1, total_steps, setup.module, setup.module, method, setup.optimizer,
                                setup.scaler, device, dtype=setup.dtype, channels_last=setup.channels_last)
         step_index = iter(range(total_steps))
+        batch = prepare_batch(images, labels, index, channels_last=setup.channels_last)
 
         def step() -> None:
-            train_step.step(images, labels, 0, next(step_index), *index)
+            train_step.step(batch, 0, next(step_index))
 
         for _ in range(cfg.warmup):
             step()

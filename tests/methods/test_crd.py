@@ -269,6 +269,7 @@ def test_under_mixup_the_step_passes_the_unmixed_samples_indices(minis):
     """timm's batch mixup mixes row i (weight lambda) with row B-1-i: row i's index stays the loader's."""
     from hkdbench.benchmark.config import DataConfig
     from hkdbench.benchmark.data.loaders import build_mixup
+    from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.step import TrainModule, TrainStep
 
     method, labels = _crd(minis)
@@ -278,10 +279,10 @@ def test_under_mixup_the_step_passes_the_unmixed_samples_indices(minis):
     module = TrainModule(minis["vit_mini"], method)
     cfg = OptimConfig(name="sgd", lr=0.01, warmup_epochs=0)
     step = TrainStep(cfg, 1, 1, module, module, method, build_optimizer(cfg, [module]),
-                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"),
-                     mixup=build_mixup(DataConfig(mixup=0.8, cutmix=1.0), NUM_CLASSES, 0.1))
+                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
     index = torch.tensor([7, 0, 13, 21])
-    step.step(torch.randn(4, 1, 16, 16), labels[index], 0, 0, index)
+    mixup = build_mixup(DataConfig(mixup=0.8, cutmix=1.0), NUM_CLASSES, 0.1)
+    step.step(prepare_batch(torch.randn(4, 1, 16, 16), labels[index], index, mixup), 0, 0)
     targets = seen["targets"]
     assert targets.soft is not None and targets.soft.shape == (4, NUM_CLASSES)
     assert torch.equal(targets.index, index)
