@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Union
 import submitit
 
 from hkdbench.benchmark.config import run_config_from_dict
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.store import RunLockedError, RunStore
 from hkdbench.benchmark.sweep.plan import cohort_id
 
 
@@ -135,6 +135,8 @@ class RunJob(submitit.helpers.Checkpointable):
             results = train_cohort(cfgs, runs_dir=self.runs_dir, resume=True, device=device, progress=False,
                                    wait_for_lock=False, should_stop=should_stop, dist_ctx=dist_ctx)
             statuses = {cfg.run_name(): r.status for cfg, r in zip(cfgs, results)}
+        except RunLockedError:  # a cohort of one whose lock another process holds (a larger one says 'owned')
+            statuses = {cfg.run_name(): OWNED for cfg in cfgs}
         except TeacherUnavailableError:  # a stop request arrived while the job was training the shared teacher
             statuses = {cfg.run_name(): "interrupted" for cfg in cfgs}
         except BaseException as err:  # noqa: BLE001 -- recorded in the run dirs, re-raised by __call__
