@@ -176,7 +176,8 @@ class Trainer:
                      else None)
         channels_last = use_channels_last(cfg.train.channels_last, self.device)
         setup = setup_training(cfg.method, cfg.method_cfg, student, teacher, info.num_classes, build_criterion(cfg),
-                               train_set, cfg.optim, cfg.train.precision, channels_last, self.device)
+                               train_set, cfg.optim, cfg.train.precision, channels_last, self.device,
+                               compile=cfg.train.compile)
         method, module, optimizer, scaler, dtype = (setup.method, setup.module, setup.optimizer, setup.scaler,
                                                     setup.dtype)
         ema = _make_ema(student, cfg.train.ema_decay)
@@ -192,7 +193,7 @@ class Trainer:
             self.say(f"{rd.path.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
         elif self.is_main:
             from hkdbench.benchmark.store import atomic_write_json
-            atomic_write_json(rd.env_file, {**environment(self.device, self.world_size),
+            atomic_write_json(rd.env_file, {**environment(self.device, self.world_size), **setup.environment(),
                                             "global_batch": cfg.data.batch_size * self.world_size,
                                             "lr": cfg.optim.lr, "channels_last": channels_last,
                                             "autocast": str(dtype) if dtype else "fp32"})
