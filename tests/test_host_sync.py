@@ -109,3 +109,22 @@ def test_the_cpu_count_sees_each_kind_of_host_read():
                     "boolean-mask assignment", "torch.nonzero", "Tensor.unique", "Tensor.to(cpu)", "Tensor.tolist"]
     assert result.shape == (6,)
     assert float(torch.arange(3.0).sum()) == 3.0 and torch.Tensor.__dict__.get("item") is None  # patches undone
+
+
+def test_evaluation_reads_the_device_once_and_scores_as_by_hand():
+    """evaluate() sums on the device and reads once: the same top-1/top-5/loss as computed over the whole set."""
+    from hkdbench.benchmark.engine.evaluation import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 6, generator=g), torch.randint(0, 7, (n,), generator=g)) for n in (5, 5, 3)]
+    loader = type("Loader", (), {"batches": lambda self: iter(batches)})()
+    model = nn.Linear(6, 7)
+    scores, reads = count_host_syncs(lambda: evaluate(model, loader, CPU, None, False), CPU)
+    assert reads == ["Tensor.tolist"]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        logits = model(x)
+    top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(1).double().mean().item()
+    assert scores["top1"] == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item())
+    assert scores["top5"] == pytest.approx(100 * top5)
+    assert scores["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
