@@ -272,7 +272,7 @@ class CohortTrainer:
                      else None)
         setup = setup_training(cfg.method, cfg.method_cfg, student, own_teacher, info.num_classes,
                                build_criterion(cfg), train_set, cfg.optim, cfg.train.precision, channels_last,
-                               self.device)
+                               self.device, compile=cfg.train.compile)
         ema = _make_ema(student, cfg.train.ema_decay)
         wrapped = self.dist.wrap(setup.module, setup.method.find_unused_parameters) if self.dist else setup.module
         m.student, m.ema = student, ema
@@ -288,7 +288,7 @@ class CohortTrainer:
             self.say(f"{m.name}: resuming at epoch {m.state['epoch'] + 1}, step {m.state['step']}", [m])
         elif self.is_main:
             from hkdbench.benchmark.store import atomic_write_json
-            atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size),
+            atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size), **setup.environment(),
                                                    "global_batch": cfg.data.batch_size * self.world_size,
                                                    "lr": cfg.optim.lr, "channels_last": channels_last,
                                                    "autocast": str(setup.dtype) if setup.dtype else "fp32",
