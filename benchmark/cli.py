@@ -156,6 +156,8 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's models (as train.compile=true; "
+                                                          "the warm-up steps then include the compilation)")
     for name, text in (("collect", "write the tidy table of every run (runs.csv, epochs.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),

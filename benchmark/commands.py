@@ -170,7 +170,7 @@ def cmd_overhead(args, _overrides) -> int:
     results = run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
                  runs_dir=args.runs_dir, num_classes=args.num_classes, precision=args.precision,
-                 restart=args.restart)
+                 restart=args.restart, compile=args.compile)
     print_overhead_table(results)
     return 0
 
