@@ -22,7 +22,7 @@ import pandas as pd  # noqa: E402
 from .collect import keyed  # noqa: E402
 from .order import BASELINE, REFERENCE, ordered, palette  # noqa: E402
 from .stats import BOOTSTRAP_RESAMPLES  # noqa: E402
-from .tables import PAIRING_NOTE, ComparisonTable, comparison_tables, difference_text  # noqa: E402
+from .tables import ComparisonTable, comparison_tables, difference_text  # noqa: E402
 
 FORMATS = ("png", "pdf")
 DPI = 150
@@ -121,7 +121,7 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
         fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
-                     f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {PAIRING_NOTE}",
+                     f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {table.pairing_note}",
                      y=1.02, fontsize=11)
         paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
     return paths
@@ -233,7 +233,7 @@ def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float]
         ax.axis("off")
     _legend(fig, methods, pal)
     fig.suptitle(f"Gain in best top-1 against {what}: one point per method and pair, bar = 95 % t interval of the "
-                 f"seed-paired gain (◆ the student alone)\n{_setting_words(table)}; {PAIRING_NOTE}", y=1.03,
+                 f"seed-paired gain (◆ the student alone)\n{_setting_words(table)}; {table.pairing_note}", y=1.03,
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, out_dir, stem)

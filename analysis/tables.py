@@ -25,12 +25,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from hkdbench.benchmark.config import DATA_STREAM
+
 from .collect import keyed
 from .order import BASELINE, REFERENCE, method_key
 from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Estimate, by_seed, mean_interval, outcome,
                     paired_difference, rank_table, win_tie_loss)
 
-PAIRING_NOTE = ("paired by seed only: runs of one seed share the seed, not (yet) their batches")
+# how a table's runs are paired: runs trained on the keyed data stream (summary "data_stream") share their batches
+SEED_PAIRING = ("paired by seed only: runs of one seed share the seed, not their batches (trained before the keyed "
+                "stream)")
+BATCH_PAIRING = "paired by seed and batch: runs of one seed saw the same batches (common random numbers)"
 TIE_RULE = ("win: the paired 95 % interval lies above 0; loss: below 0; tie: it holds 0, or fewer than 2 paired "
             "seeds")
 
@@ -91,6 +96,11 @@ class ComparisonTable:
     student_alone: Dict[str, Optional[Cell]] = field(default_factory=dict)   # by student
     cells: Dict[Tuple[Tuple[str, str], str], Cell] = field(default_factory=dict)
     families: Dict[str, str] = field(default_factory=dict)
+    batch_paired: bool = False                                    # every run drew its batches from the keyed stream
+
+    @property
+    def pairing_note(self) -> str:
+        return BATCH_PAIRING if self.batch_paired else SEED_PAIRING
 
     @property
     def slug(self) -> str:
@@ -187,7 +197,7 @@ class ComparisonTable:
         what = "the student alone (S)" if base == BASELINE else "KD"
         return self._grid(["Teacher → Student"] + methods, body) + [
             "", f"Paired difference from {what} in {_metric_label(self.metric)} points: mean over seeds of (method − "
-                f"{base}) [95 % t interval], {PAIRING_NOTE}; * where the interval excludes 0"
+                f"{base}) [95 % t interval], {self.pairing_note}; * where the interval excludes 0"
                 + ("; bold where it lies above 0." if base == BASELINE else ".")]
 
     def ranks_markdown(self, digits: int = 2) -> List[str]:
@@ -220,7 +230,8 @@ class ComparisonTable:
         lines = ["% " + self.title, "\\begin{table}[t]", "\\centering", "\\small",
                  f"\\caption{{{_tex(self.title)}. {_tex(_metric_label(self.metric))}: mean $\\pm$ std over seeds "
                  f"($n={self.usual_n()}$ unless marked); in parentheses the paired difference from the student "
-                 f"alone (S) with its 95\\% t interval ({_tex(PAIRING_NOTE)}); bold: that interval lies above 0.}}",
+                 f"alone (S) with its 95\\% t interval ({_tex(self.pairing_note)}); bold: that interval lies above "
+                 "0.}",
                  f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
         for pair in self.rows:
             t, s = pair
@@ -305,7 +316,8 @@ def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
             families.update({m: f for m, f in zip(g[model_col], g[fam_col]) if m and isinstance(f, str)})
         table = ComparisonTable(
             title=f"{key['dataset']}, recipe {key['recipe']}, {key['epochs']} epochs (setting {key['setting']})",
-            key=key, metric=metric, methods=cols, rows=rows, families=families)
+            key=key, metric=metric, methods=cols, rows=rows, families=families,
+            batch_paired=bool(len(g)) and (g.get("data_stream", pd.Series(dtype=object)) == DATA_STREAM).all())
         for s, sg in g[g["method"] == BASELINE].groupby("student"):
             table.student_alone[s] = _cell(sg, metric)
         for pair in rows:

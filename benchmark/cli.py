@@ -156,6 +156,8 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's models (as train.compile=true; "
+                                                          "the warm-up steps then include the compilation)")
     for name, text in (("collect", "write the tidy table of every run (runs.csv, epochs.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),
@@ -194,6 +196,11 @@ def _add_sweep_commands(sub) -> None:
                                                           "would be submitted; submit nothing")
     _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--cohort", action="store_true",
+                   help="train the student runs that share a data stream and a teacher (same student, data, seed, "
+                        "teacher run; the student-alone run joins them) as one job each: one batch and one "
+                        "teacher pass per step for all of them, each writing its own run (Slurm: one array task "
+                        "per cohort)")
     p.add_argument("--no-input-check", action="store_true",
                    help="skip reading the data and teacher checkpoints before submitting (when they exist only "
                         "on the compute nodes)")

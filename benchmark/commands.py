@@ -170,7 +170,7 @@ def cmd_overhead(args, _overrides) -> int:
     results = run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
                  runs_dir=args.runs_dir, num_classes=args.num_classes, precision=args.precision,
-                 restart=args.restart)
+                 restart=args.restart, compile=args.compile)
     print_overhead_table(results)
     return 0
 
@@ -264,7 +264,7 @@ def cmd_sweep(args, _overrides) -> int:
 
     for kind in sorted({r.cfg.train.log for r in plan.runs}):  # before anything is submitted or written
         check_tracker_available(kind)
-    sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device)
+    sweep = Sweep(plan, runs_dir=args.runs_dir, device=args.device, cohort=args.cohort)
     if args.dry_run:
         sweep.dry_run(args.executor, args.retry_failed)
         return 0

@@ -302,7 +302,7 @@ class OptimConfig:
 
 TRACKERS = ("none", "tensorboard", "wandb")
 # Settings of where and how a run is watched or loaded, not of what it computes: left out of the run's hash.
-NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval")}
+NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval", "compile")}
 # How a run's batches are drawn (benchmark/data/stream.py): every data draw keyed by (seed, epoch, step), apart from
 # the models' randomness. Part of every run's hash: runs trained before it (one RNG for data and models) drew other
 # batches from the same config, so they are other runs, never resumed or skipped as these.
@@ -328,6 +328,9 @@ class TrainConfig:
     # benchmark/engine/progress.py). The run store stays the source of truth.
     log: str = "none"                   # experiment tracker: 'tensorboard', 'wandb' or 'none'
     log_interval: int = 50              # steps between progress lines when stdout is not a terminal (0: none)
+    # torch.compile of the student and the method's modules (engine/step.py: compile_trained_modules); the same
+    # result up to float rounding, so it is in env.json, not in the hash
+    compile: bool = False
 
     def __post_init__(self):
         if self.log not in TRACKERS:

@@ -209,8 +209,11 @@ class Distiller(nn.Module):
         return []
 
     # -- logging and reporting ------------------------------------------------------------------------------------
-    def statistics(self) -> Dict[str, float]:
-        """Named statistics of the last step (e.g. adaptive weights), logged alongside the losses."""
+    def statistics(self) -> Dict[str, torch.Tensor]:
+        """Named statistics of the last step (e.g. adaptive weights), logged alongside the losses: detached 0-dim
+        tensors, left on the device. The train step reads them with the losses in one transfer (its one host
+        synchronisation), so a method never calls ``.item()``/``float()`` on them (a Python float is accepted too,
+        for a method written before this, but a float read from a device tensor costs a synchronisation)."""
         return {}
 
     def extra_parameter_count(self) -> int:

@@ -75,6 +75,8 @@ class ContrastMemory(nn.Module):
         # Z of each side, estimated on the first batch and then fixed; -1 = not estimated yet
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
+        # whether both Z are estimated, kept on the host: reading the buffers would synchronise on every step
+        self._z_known = False
 
     def _scores(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """exp(<bank[rows], v> / T) / Z, (B, 1 + K), in float32 (exp(1/0.07) overflows fp16). The dot products
@@ -83,13 +85,18 @@ class ContrastMemory(nn.Module):
         is copied because the backward needs it as it was and the update below changes it in place."""
         with torch.autocast(v.device.type, enabled=False):  # autocast would run the product in bf16/fp16
             raw = torch.exp((v.float() @ bank.clone().T).gather(1, rows) / self.temperature)
-        if z.item() < 0:  # the reference's Z: N times the mean of the first batch's raw scores (every rank's)
+        if not self._z_known:  # the reference's Z: N times the mean of the first batch's raw scores (every rank's)
             mean = raw.detach().mean()
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
-            z.fill_(mean.item() * bank.shape[0])
+            # on the device, without reading z: a float32 product rounds as the float64 one did before
+            z.copy_(torch.where(z < 0, mean * bank.shape[0], z))
         return raw / z
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._z_known = False  # the loaded Z may be -1 (not estimated yet)
 
     def forward(self, v_student: torch.Tensor, v_teacher: torch.Tensor, rows: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +104,7 @@ class ContrastMemory(nn.Module):
         student's, at ``rows`` (B, 1 + K; column 0 = each sample's own index); then the banks' momentum update."""
         out_student = self._scores(self.memory_teacher, v_student, rows, self.z_student)
         out_teacher = self._scores(self.memory_student, v_teacher, rows, self.z_teacher)
+        self._z_known = True
         self.update(rows[:, 0], v_student.detach().float(), v_teacher.detach().float())
         return out_student, out_teacher
 

@@ -59,8 +59,15 @@ def orthogonality_loss(sub_logits: torch.Tensor, hard: torch.Tensor, theta: floa
         raise ValueError(f"mask_mode must be 'mask' or 'zero', got {mask_mode!r}")
     z = F.normalize(z, dim=-1)
     gram = z @ z.transpose(1, 2)  # (B, n, n) cosines
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=z.device)
-    return F.relu(gram[:, off_diagonal] - theta).pow(2).mean()
+    return F.relu(gram.flatten(1)[:, _off_diagonal(n, z.device)] - theta).pow(2).mean()
+
+
+def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:
+    """The flat positions j * n + k of the pairs j != k of an (n, n) matrix, row by row: what the boolean mask
+    ``~eye(n)`` selects, in its order, computed on the device (indexing with a mask reads it on the host)."""
+    p = torch.arange(n * (n - 1), device=device)
+    j, r = p // (n - 1), p % (n - 1)
+    return j * n + r + (r >= j)
 
 
 class ComplementaryFeatureMapper(nn.Module):

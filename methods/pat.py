@@ -508,4 +508,4 @@ class PAT(Distiller):
             self.prompts[str(s)].set_feedback(diff)
 
     def statistics(self):
-        return {f"beta{s}": float(block.beta.detach()) for s, block in self.prompts.items()}
+        return {f"beta{s}": block.beta.detach() for s, block in self.prompts.items()}

@@ -168,5 +168,5 @@ class SPOFA(OFA):
             "ofa": cfg.ofa_weight * branch_loss,
         }
 
-    def statistics(self) -> Dict[str, float]:
-        return {k: float(v) for k, v in self._last.items()}
+    def statistics(self) -> Dict[str, torch.Tensor]:
+        return dict(self._last)

@@ -21,7 +21,8 @@ from hkdbench.methods import list_methods
 TINY = ["data.train_subset=192", "data.eval_subset=64", "data.batch_size=64", "data.img_size=16", "data.mixup=0.8",
         "data.cutmix=1.0", "data.reprob=0.25", "train.drop_path=0.1"]
 TINY_TEACHER = ["train.epochs=1", "data.train_subset=192", "data.eval_subset=64", "data.batch_size=64"]
-TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "finished"}
+# what differs between two trainings of one run: how long it took, and how many runs trained with it
+TIMING = {"epoch_time_s", "images_per_s", "train_time_s", "finished", "cohort_size"}
 
 
 def cfg_of(method, epochs=2, extra=(), student="vit_mini", teacher="resnet_mini"):
@@ -187,3 +188,12 @@ def test_a_cohort_runs_the_plain_teacher_pass_once_per_step(fmnist_available, tm
     steps = 192 // 64
     # one pass per step, without gradients, with the stages FitNet asks for (KD and DKD read the logits only)
     assert [(stages, grad) for _, stages, grad in teacher_calls] == [((1, 2, 3, 4), False)] * steps
+
+
+def test_the_per_image_loader_path_is_keyed_too(fmnist_available, tmp_path):
+    """data.in_memory=no (ImageNet's DataLoader with timm's per-image transforms): a cohort equals alone."""
+    cfgs = [cfg_of(m, epochs=1, extra=["data.in_memory=no", "data.workers=2"]) for m in ("kd", "none")]
+    together = train_cohort(cfgs, runs_dir=str(tmp_path / "c"), progress=False, echo=False)
+    for cfg, result in zip(cfgs, together):
+        assert_same_run(train(cfg, runs_dir=str(tmp_path / "a"), progress=False, echo=False).run_dir,
+                        result.run_dir)

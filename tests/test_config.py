@@ -32,6 +32,7 @@ def test_overrides_reach_every_section_and_are_typed():
     ("optim.name=lamb", "optim.name must be 'sgd' or 'adamw'"),
     ("method.temperature=0", "temperature must be > 0"),
     ("model.x=1", "unknown override section"),
+    ("train.compile=fast", "train.compile: expected a boolean"),
 ])
 def test_bad_overrides_name_the_field_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -52,8 +53,11 @@ def test_hash_is_stable_and_changes_with_the_result_relevant_config():
     assert _cfg(overrides=["train.seed=1"]).run_hash() != a.run_hash()
     assert _cfg(overrides=["method.temperature=4"]).run_hash() != a.run_hash()
     assert _cfg(teacher_overrides=["train.epochs=7"]).run_hash() != a.run_hash()
-    # how many loader workers is not part of the result
+    # how many loader workers is not part of the result, nor whether the step is compiled
     assert _cfg(overrides=["data.workers=9"]).run_hash() == a.run_hash()
+    compiled = _cfg(overrides=["train.compile=true"])
+    assert compiled.train.compile is True and compiled.run_hash() == a.run_hash()
+    assert compiled.run_name() == a.run_name() and a.train.compile is False
 
 
 def test_student_alone_does_not_depend_on_a_teacher():

@@ -4,6 +4,7 @@ arguments (OFA-KD / PAT configs + timm 0.6.5 train.py defaults).
 timm 0.6.5's scheduler and optimiser factories are re-created here from their source (``REFERENCE_*`` and
 ``create_scheduler_065``) on top of the installed timm classes, so a drift of either side shows up.
 """
+import copy
 import math
 from types import SimpleNamespace
 
@@ -201,6 +202,7 @@ def test_an_epoch_without_a_full_batch_is_refused_with_the_fields_to_change():
 def test_train_step_sets_the_scheduled_lr_on_every_step():
     """The trainer's (and overhead's) TrainStep uses the schedule: per epoch for a reference recipe."""
     from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.step import TrainModule, TrainStep
     from hkdbench.methods import get_method, method_config
 
@@ -212,7 +214,7 @@ def test_train_step_sets_the_scheduled_lr_on_every_step():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     ctx = TrainStep(cfg.optim, 4, 2, module, module, method, optimizer, scaler, torch.device("cpu"))
     images, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
-    seen = [ctx.step(images, labels, e, s)[0]["lr"] for e in range(4) for s in range(2)]
+    seen = [ctx.step(prepare_batch(images, labels), e, s)[0]["lr"] for e in range(4) for s in range(2)]
     args = reference_args("cifar-cnn", 4)
     args.warmup_epochs = 2
     expected = reference_trace(args)
@@ -222,13 +224,13 @@ def test_train_step_sets_the_scheduled_lr_on_every_step():
 def test_train_step_clips_as_train_pys_dispatch_clip_grad():
     """One TrainStep with optim.clip_grad against the reference's step on a copy: timm's optimiser, backward,
     dispatch_clip_grad(model_parameters(distiller), value, mode='norm'), step."""
-    import copy
 
     from timm.models import model_parameters
     from timm.optim import create_optimizer_v2
     from timm.utils import dispatch_clip_grad
 
     from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.step import TrainModule, TrainStep
     from hkdbench.methods import Targets, get_method, method_config
 
@@ -241,7 +243,7 @@ def test_train_step_clips_as_train_pys_dispatch_clip_grad():
     images, labels = torch.randn(8, 1, 16, 16), torch.arange(8)
     ctx = TrainStep(cfg.optim, 300, 10, module, module, method, build_optimizer(cfg.optim, [module]),
                     torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
-    lr = ctx.step(images, labels, 40, 0)[0]["lr"]
+    lr = ctx.step(prepare_batch(images, labels), 40, 0)[0]["lr"]
     o = cfg.optim
     optimizer = create_optimizer_v2(reference, o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
     _, losses = reference(images, Targets(hard=labels), 40)
@@ -293,6 +295,41 @@ def test_optimizer_is_timms_create_optimizer_v2_on_the_same_module(recipe):
     else:
         assert group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8
     assert [g["weight_decay"] for g in ours.param_groups] == [0.0, o.weight_decay]
+
+
+def test_the_optimiser_is_fused_exactly_for_floating_cuda_parameters():
+    from hkdbench.benchmark.engine.optim import is_fused, use_fused
+
+    def param(device, floating=True):  # what use_fused reads of a parameter (no GPU here)
+        return SimpleNamespace(device=torch.device(device), is_floating_point=lambda: floating)
+
+    assert use_fused([param("cuda"), param("cuda:1")])
+    assert not use_fused([param("cuda"), param("cpu")]) and not use_fused([param("cuda", floating=False)])
+    assert not use_fused([])
+    for name in ("sgd", "adamw"):
+        optimizer = build_optimizer(our_cfg("cifar-cnn", extra=[f"optim.name={name}"]).optim, [_Distillerish()])
+        assert not is_fused(optimizer) and not optimizer.defaults["fused"]  # on the CPU: torch's default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused kernels run on CUDA")
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_the_fused_cuda_step_is_the_plain_step_up_to_rounding(name):
+    from hkdbench.benchmark.engine.optim import is_fused
+
+    cfg = our_cfg("cifar-cnn", extra=[f"optim.name={name}", "optim.weight_decay=0.05"]).optim
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    gpu = copy.deepcopy(cpu).cuda()
+    optimizers = [build_optimizer(cfg, [cpu]), build_optimizer(cfg, [gpu])]
+    assert not is_fused(optimizers[0]) and is_fused(optimizers[1])
+    x = torch.randn(32, 8)
+    for _ in range(3):
+        for model, optimizer, device in ((cpu, optimizers[0], "cpu"), (gpu, optimizers[1], "cuda")):
+            optimizer.zero_grad()
+            model(x.to(device)).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-5, atol=1e-6)
 
 
 def test_weight_decay_follows_the_module_handed_over_not_the_student():

@@ -131,3 +131,36 @@ def test_method_costs_per_method():
     # CRD's two memory banks: one fp32 feat_dim vector per stand-in sample each (plus its sampler's indices)
     banks_mb = 2 * TrainingSet.stand_in(10).size * method_config("crd").feat_dim * 4 / 2 ** 20
     assert banks_mb < costs["methods"]["crd"]["buffers_mb"] < 1.1 * banks_mb
+
+
+def test_compile_is_measured_under_its_own_name(monkeypatch):
+    """--compile times the compiled step (as train.compile=true) and names the measurement apart; without it the
+    name is the one a measurement had before the option."""
+    from hkdbench.benchmark.engine import step
+    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+
+    monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")  # inductor's C++ build is minutes on this machine
+    seen = []
+    real = step.setup_training
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("compile"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "setup_training", recording)
+    cfg = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4, img_size=16,
+                         num_classes=10, warmup=1, repeats=1, compile=True)
+    result = measure_method(cfg)
+    assert seen == [True] and result["step_time_ms"] > 0
+    plain = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd")
+    assert cfg.run_hash() != OverheadConfig(**{**cfg.__dict__, "compile": False}).run_hash()
+    assert plain.run_hash() == _hash_without_compile(plain)
+
+
+def _hash_without_compile(cfg):
+    import hashlib
+    from dataclasses import asdict
+
+    body = {k: v for k, v in asdict(cfg).items() if k != "compile"}
+    return hashlib.sha256(json.dumps({"kind": "overhead", **body}, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()[:12]

@@ -115,3 +115,18 @@ def test_overhead_table_and_loaded_machine_warning():
     old = {"none": {"method": "none", "step_time_ms": 100.0, "step_time_ms_min": 50.0, "extra_params": 0}}
     lines.clear()
     assert print_overhead_table(old, lines.append) is True and "n/a" in lines[1] and "50%" in lines[1]
+
+
+def test_tables_say_whether_their_runs_share_batches(store):  # noqa: F811
+    from hkdbench.benchmark.config import DATA_STREAM
+
+    runs = collect_runs(store)
+    table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)
+    assert not table.batch_paired and "paired by seed only" in table.to_markdown()
+    runs["data_stream"] = DATA_STREAM  # every run drew its batches from the keyed stream
+    table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)
+    assert table.batch_paired and "paired by seed and batch" in table.to_markdown()
+    assert "paired by seed only" not in table.to_markdown() + table.to_latex()
+    one = runs.index[(runs["epochs"] == 3) & (runs["method"] == "kd")][0]
+    runs.loc[one, "data_stream"] = None  # one run from before it: its table cannot claim it
+    assert not next(t for t in comparison_tables(runs) if t.key["epochs"] == 3).batch_paired

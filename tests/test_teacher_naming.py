@@ -70,7 +70,7 @@ def test_runs_without_a_trained_teacher_keep_their_names():
         body = cfg.to_dict()
         body["data"].pop("workers")
         body.pop("teacher_run")
-        for key in ("log", "log_interval"):  # how a run is watched: added later, never in the hash
+        for key in ("log", "log_interval", "compile"):  # how a run is watched or run: added later, never hashed
             body["train"].pop(key)
         for model in ("student", "teacher"):  # pretrained weights: in the hash only when set
             for key in ("pretrained", "pretrained_sha256"):

@@ -49,6 +49,8 @@ def test_a_run_writes_the_run_store(fmnist_available, runs_dir):
     assert summary["teacher_top1"] is not None and summary["method"] == "kd"
     env = json.loads(rd.env_file.read_text())
     assert {"python", "torch", "timm", "git_sha", "device"} <= set(env)
+    # how the step ran (not in the hash): on the CPU no fused optimiser, no cuDNN autotuner, eager
+    assert (env["fused_optimizer"], env["cudnn_benchmark"], env["compile"]) == (False, False, False)
     # the teacher was trained once, as its own run, and is reused by the next student of that teacher
     teacher_runs = [r for r in RunStore(runs_dir).runs() if r.config().kind == "teacher"]
     assert len(teacher_runs) == 1 and teacher_runs[0].is_done
@@ -141,6 +143,42 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     assert "resuming at epoch" in done.stdout
     ref_dir = next(r for r in RunStore(str(tmp_path / "a")).runs() if r.path.name.startswith("kd_"))
     _assert_same_kept_files(ref_dir, student_dir)
+
+
+def test_a_compiled_step_trains_as_the_eager_step(monkeypatch):
+    """train.compile: the student and the method's modules under torch.compile give the eager step's losses and
+    weights up to float rounding, under the same parameter names. Backend aot_eager here (dynamo's tracing of the
+    taps and modules, AOT autograd; inductor's C++ build takes minutes on this CPU; a GPU check runs inductor)."""
+    from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.data.stream import prepare_batch
+    from hkdbench.benchmark.engine.step import TrainStep, setup_training
+    from hkdbench.benchmark.models.zoo import create_model
+
+    monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")
+    optim = OptimConfig(name="adamw", lr=1e-3, warmup_epochs=0, clip_grad=1.0)
+    images = torch.randn(3, 4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]])
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        teacher = create_model("resnet_mini", 10, in_chans=1, img_size=16)
+        student = create_model("vit_mini", 10, in_chans=1, img_size=16)
+        setup = setup_training("fitnet", None, student, teacher, 10, nn.CrossEntropyLoss(), None, optim, "fp32",
+                               False, torch.device("cpu"), compile=compile)
+        assert setup.environment()["compile"] is compile
+        compiled = [m for m in setup.module.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert (student in compiled and len(compiled) > 1) if compile else not compiled  # the student, a regressor
+        step = TrainStep(optim, 1, 3, setup.module, setup.module, setup.method, setup.optimizer, setup.scaler,
+                         torch.device("cpu"))
+        values = [step.step(prepare_batch(images[i], labels[i]), 0, i)[0] for i in range(3)]
+        runs.append((values, setup.module.state_dict()))
+    (eager_values, eager_state), (compiled_values, compiled_state) = runs
+    assert compiled_state.keys() == eager_state.keys()
+    for eager, compiled in zip(eager_values, compiled_values):
+        assert compiled.keys() == eager.keys() and compiled == pytest.approx(eager, rel=1e-5, abs=1e-7)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert eager_values[0]["loss/ce"] != eager_values[-1]["loss/ce"]  # the steps did train
 
 
 def test_setup_training_places_the_pieces():

@@ -21,6 +21,16 @@ def select_device(requested: Optional[str] = None) -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def enable_cudnn_benchmark(device: torch.device) -> bool:
+    """On CUDA, lets cuDNN time its convolution algorithms once per input shape and keep the fastest (a run's
+    shapes are fixed, so the timing pays for itself); the CPU has nothing to choose. Called when a run sets up its
+    training (the trainer, ``hkdbench overhead``). Returns the setting, for env.json. The algorithm chosen may
+    differ from run to run, so CUDA runs are equal up to float rounding, not bit for bit."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return torch.backends.cudnn.benchmark
+
+
 def use_channels_last(setting: str, device: torch.device) -> bool:
     """``train.channels_last``: 'yes', 'no', or 'auto' (on CUDA only, where it speeds up convolutions)."""
     return setting == "yes" or (setting == "auto" and device.type == "cuda")
@@ -45,21 +55,23 @@ def evaluate(model: nn.Module, loader, device: torch.device, dtype: Optional[tor
     sync_buffers(model)  # DDP: every rank evaluates rank 0's model (BN statistics), on its shard of the test set
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
+    # loss sum, top-1 and top-5 hits, summed on the device in float64 (as exact as Python's sums of the batches'
+    # values were) and read once at the end, not three times per batch
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    total = 0
     for images, labels in loader.batches():
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, dtype):
             logits = model(images).logits if isinstance(model, TappedModel) else model(images)
         logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(1).sum().item()
+        batch = (nn.functional.cross_entropy(logits, labels, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum())
+        sums += torch.stack([v.to(torch.float64) for v in batch])
         total += labels.numel()
     model.train(was_training)
+    loss_sum, correct1, correct5 = sums.tolist()
     correct1, correct5, total, loss_sum = reduce_sums([correct1, correct5, total, loss_sum])
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total}
 

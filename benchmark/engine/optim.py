@@ -12,6 +12,9 @@ PAT ran it): ``create_optimizer_v2(distiller, ...)`` and ``create_scheduler(args
   optimiser update instead, with the epoch lengths converted to updates as timm 1.x's ``create_scheduler_v2``
   does. The schedule is a pure function of (epoch, step): it is set afresh on every step, so a resumed run
   recomputes it and stays bit for bit.
+* On CUDA the optimiser runs torch's fused kernels (``fused=True``: one kernel for every parameter's update,
+  and no host synchronisation under a GradScaler); elsewhere torch's default implementation. The update is the
+  same up to float rounding.
 """
 from __future__ import annotations
 
@@ -59,9 +62,21 @@ def build_optimizer(cfg: OptimConfig, modules: List[nn.Module],
             groups.append({"params": [p for p in module.parameters() if p.requires_grad], **options})
         else:
             groups += [{**g, **options} for g in param_groups([module], cfg.weight_decay)]
+    fused = {"fused": True} if use_fused([p for g in groups for p in g["params"]]) else {}
     if cfg.name == "sgd":  # timm's 'sgd' is Nesterov momentum ('momentum' would be the classical one)
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=0.0, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0, **fused)
+
+
+def use_fused(params: Sequence[torch.Tensor]) -> bool:
+    """Whether the optimiser of ``params`` runs torch's fused kernels: all of them on CUDA, of a floating dtype
+    (what torch's fused AdamW and SGD accept there). Not on the CPU, where torch's default stays."""
+    return bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+
+
+def is_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` runs fused kernels (env.json records it)."""
+    return bool(optimizer.defaults.get("fused"))
 
 
 def timm_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int):

@@ -5,6 +5,7 @@ sums of an epoch (kept in mid-epoch checkpoints)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -16,8 +17,8 @@ from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method
 from hkdbench.benchmark.config import OptimConfig, RunConfig
 from hkdbench.benchmark.data.stream import Batch
 from hkdbench.benchmark.models.taps import Features, TappedModel
-from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer
-from hkdbench.benchmark.engine.evaluation import _autocast, autocast_dtype
+from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, is_fused
+from hkdbench.benchmark.engine.evaluation import _autocast, autocast_dtype, enable_cudnn_benchmark
 
 
 class _EpochSums:
@@ -62,22 +63,30 @@ class TrainModule(nn.Module):
 @dataclass
 class TrainingSetup:
     """The pieces of a training step, on the device: the method, the module the optimiser holds, the optimiser,
-    the GradScaler (on under fp16), the autocast dtype (None for fp32) and the memory format."""
+    the GradScaler (on under fp16), the autocast dtype (None for fp32), the memory format, and how the step runs
+    (recorded in env.json: fused optimiser kernels, cuDNN's autotuner, torch.compile)."""
     method: Distiller
     module: TrainModule
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     dtype: Optional[torch.dtype]
     channels_last: bool
+    cudnn_benchmark: bool = False
+    compile_backend: Optional[str] = None  # None: not compiled
+
+    def environment(self) -> Dict[str, Any]:
+        return {"fused_optimizer": is_fused(self.optimizer), "cudnn_benchmark": self.cudnn_benchmark,
+                "compile": self.compile_backend is not None, "compile_backend": self.compile_backend}
 
 
 def setup_training(method: str, method_options: Optional[Mapping[str, Any]], student: TappedModel,
                    teacher: Optional[TappedModel], num_classes: int, criterion: nn.Module,
                    train_set: Optional[TrainingSet], optim: OptimConfig, precision: str, channels_last: bool,
-                   device: torch.device) -> TrainingSetup:
-    """Builds the method on the pair, moves the module and the teacher to ``device`` (channels_last if asked) and
-    builds the optimiser and the GradScaler: the one setup the trainer and ``hkdbench overhead`` share, so that
-    the benchmark times the step that training runs."""
+                   device: torch.device, compile: bool = False) -> TrainingSetup:
+    """Builds the method on the pair, moves the module and the teacher to ``device`` (channels_last if asked),
+    compiles the trained modules if asked (``train.compile``), turns cuDNN's autotuner on (CUDA) and builds the
+    optimiser (fused on CUDA) and the GradScaler: the one setup the trainer and ``hkdbench overhead`` share, so
+    that the benchmark times the step that training runs."""
     distiller = get_method(method).build(method_config(method, method_options), student, teacher, num_classes,
                                          criterion, train_set)
     module = TrainModule(student, distiller).to(device)
@@ -87,10 +96,46 @@ def setup_training(method: str, method_options: Optional[Mapping[str, Any]], stu
         module.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
+    backend = compile_trained_modules(module) if compile else None
     dtype = autocast_dtype(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = build_optimizer(optim, [module], distiller.optimizer_groups())
-    return TrainingSetup(distiller, module, optimizer, scaler, dtype, channels_last)
+    return TrainingSetup(distiller, module, optimizer, scaler, dtype, channels_last,
+                         cudnn_benchmark=enable_cudnn_benchmark(device), compile_backend=backend)
+
+
+def compile_trained_modules(module: TrainModule) -> str:
+    """``train.compile``: torch.compile, in place (``nn.Module.compile``), of what the step trains: the tapped
+    student, whose stage hooks are traced with it (they only store the stage outputs), and each of the method's
+    own modules that has a forward (of a container, what it holds). The frozen teacher and the method's loss
+    arithmetic stay eager.
+
+    In place, so parameter names, state dicts and checkpoints are those of the eager modules, and DDP wraps the
+    module as before; the compiled graphs run inside it (their gradients are all-reduced after each compiled
+    backward, not bucket by bucket within it). Inductor is told to draw random numbers (dropout, drop path, CRD's
+    negatives) with torch's eager generator (``fallback_random``), so a compiled run makes the same draws and its
+    result differs from the eager run's by float rounding only. The backend is inductor unless
+    ``$HKDBENCH_COMPILE_BACKEND`` names another (the CPU tests use ``aot_eager``: inductor's C++ build of the
+    kernels takes minutes on a small CPU). Returns the backend, for env.json."""
+    import torch._inductor.config
+
+    backend = compile_backend()
+    torch._inductor.config.fallback_random = True
+    module.student.compile(backend=backend)
+    _compile_callables(module.method, backend)
+    return backend
+
+
+def compile_backend() -> str:
+    return os.environ.get("HKDBENCH_COMPILE_BACKEND") or "inductor"
+
+
+def _compile_callables(parent: nn.Module, backend: str) -> None:
+    for child in parent.children():
+        if type(child).forward is nn.Module.forward:  # a container (ModuleDict, ModuleList) or a forward-less holder
+            _compile_callables(child, backend)
+        else:
+            child.compile(backend=backend)
 
 
 def build_criterion(cfg: RunConfig) -> nn.Module:
@@ -104,7 +149,8 @@ def build_criterion(cfg: RunConfig) -> nn.Module:
 class TrainStep:
     """One optimisation step of one run on a prepared batch (``data.stream.Batch``: augmented, mixed, in the
     memory format): lr schedule, forward (method + teacher) under autocast, summed loss, backward, clipping,
-    optimiser and EMA updates. The trainer runs it; ``hkdbench overhead`` times it."""
+    optimiser and EMA updates, then one read of the step's values from the device (its one host
+    synchronisation, ``tests/test_host_sync.py``). The trainer runs it; ``hkdbench overhead`` times it."""
     probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
@@ -142,12 +188,21 @@ class TrainStep:
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.module.student.model)
-        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
         correct = (s_out.logits.detach().argmax(-1) == batch.labels).sum()
-        host = {k: v.item() for k, v in values.items()}  # one sync per step: NaN checks and logging
-        host.update({f"stat/{k}": float(v) for k, v in self.method.statistics().items()})
+        host = self._read_values(losses, correct)
         host["lr"] = lr
-        return host, int(correct.item())
+        return host, int(host.pop("correct"))
+
+    def _read_values(self, losses: Dict[str, torch.Tensor], correct: torch.Tensor) -> Dict[str, float]:
+        """The step's loss terms, the method's statistics and the correct count in one device-to-host transfer:
+        the step's one synchronisation (the trainer checks the host values for divergence). Packed in float64,
+        which holds each float32 value (and the count) exactly: the floats ``.item()`` gave term by term."""
+        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}  # as logged before: float32
+        values.update({f"stat/{k}": v for k, v in self.method.statistics().items()})
+        values["correct"] = correct
+        packed = torch.stack([torch.as_tensor(v, device=self.device).detach().reshape(()).to(torch.float64)
+                              for v in values.values()])
+        return dict(zip(values, packed.tolist()))
 
 
 def _make_ema(student: TappedModel, decay: float):

@@ -109,6 +109,7 @@ class CohortTrainer:
         self.dist = dist_ctx
         self.echo = echo
         self.run_dirs = [store.run_dir(cfg) for cfg in self.cfgs]
+        self.log_dirs: List[RunDir] = []  # the logs of the runs being trained (a done run's log is left alone)
 
     @property
     def is_main(self) -> bool:
@@ -119,12 +120,12 @@ class CohortTrainer:
         return self.dist.world_size if self.dist else 1
 
     def say(self, message: str, members: Optional[Sequence[_Member]] = None) -> None:
-        """Logs, prints (``echo``) and appends the line to the log of each member (default: every run)."""
+        """Logs, prints (``echo``) and appends the line to the log of each member (default: every run in training)."""
         if self.is_main:
             log.info(message)
             if self.echo:
                 print(message, flush=True)
-            for rd in [m.run_dir for m in members] if members is not None else self.run_dirs:
+            for rd in [m.run_dir for m in members] if members is not None else self.log_dirs:
                 with open(rd.log_file, "a") as f:
                     f.write(message + "\n")
 
@@ -198,21 +199,20 @@ class CohortTrainer:
         """The member of one locked run: claimed, cleaned of stray temp files, reset on restart; done, or with its
         checkpoint read (a damaged one, or one without --resume, fails here, before any training)."""
         rd = self.store.run_dir(cfg)
+        member = _Member(cfg, rd, None)
         try:
             if self.is_main:
                 rd.claim(cfg)
                 if removed := rd.remove_stray_temp_files():  # left by a kill mid-write; we hold the lock
                     self.say(f"{rd.path.name}: removed temp files left by an interrupted write: "
-                             f"{', '.join(removed)}", [])
+                             f"{', '.join(removed)}", [member])
             if restart and self.is_main:
                 rd.reset()
         except StoreWriteError:
             if not rd.is_done or restart:
                 raise
-            member = _Member(cfg, rd, None)
             member.status, member.result = "done", self._done_read_only(rd)
             return member
-        member = _Member(cfg, rd, None)
         if rd.is_done:
             self.say(f"{rd.path.name}: already done", [member])
             member.status, member.result = "done", RunResult("done", rd, rd.summary())
@@ -231,6 +231,7 @@ class CohortTrainer:
         return [m.result for m in members]
 
     def _train(self, members: List[_Member]) -> None:
+        self.log_dirs = [m.run_dir for m in members]
         first = members[0].cfg
         entry = zoo_entry(first.student.name)
         crop_pct = first.data.crop_pct or entry.crop_pct
@@ -272,7 +273,7 @@ class CohortTrainer:
                      else None)
         setup = setup_training(cfg.method, cfg.method_cfg, student, own_teacher, info.num_classes,
                                build_criterion(cfg), train_set, cfg.optim, cfg.train.precision, channels_last,
-                               self.device)
+                               self.device, compile=cfg.train.compile)
         ema = _make_ema(student, cfg.train.ema_decay)
         wrapped = self.dist.wrap(setup.module, setup.method.find_unused_parameters) if self.dist else setup.module
         m.student, m.ema = student, ema
@@ -288,7 +289,7 @@ class CohortTrainer:
             self.say(f"{m.name}: resuming at epoch {m.state['epoch'] + 1}, step {m.state['step']}", [m])
         elif self.is_main:
             from hkdbench.benchmark.store import atomic_write_json
-            atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size),
+            atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size), **setup.environment(),
                                                    "global_batch": cfg.data.batch_size * self.world_size,
                                                    "lr": cfg.optim.lr, "channels_last": channels_last,
                                                    "autocast": str(setup.dtype) if setup.dtype else "fp32",

@@ -62,11 +62,11 @@ class OverheadConfig:
     device: str = "cpu"
     seed: int = 0
     protocol: int = 2                # what is timed; 2: the trainer's TrainStep (1 timed a bare forward/backward)
-    compile: bool = False            # train.compile: torch.compile of the trained modules (setup_training)
+    compile: bool = False            # torch.compile of the step's models, as train.compile=true
 
     def run_hash(self) -> str:
         fields = asdict(self)
-        if not self.compile:  # off: the hash of a measurement from before the setting
+        if not fields["compile"]:  # a measurement without compile keeps the name it had before the option
             fields.pop("compile")
         body = json.dumps({"kind": "overhead", **fields}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(body.encode()).hexdigest()[:12]
@@ -175,10 +175,9 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
         optim = OptimConfig(name=cfg.optimizer, lr=1e-4)
         # the trainer's own setup (channels_last as its train.channels_last=auto) and step (schedule, autocast,
         # backward, clipping, optimiser, the one host sync)
-        # compile passed only when on: a setup_training from before train.compile has no such argument
         setup = setup_training(cfg.method, None, student, teacher, cfg.num_classes, nn.CrossEntropyLoss(),
                                train_set, optim, cfg.precision, channels_last=use_channels_last("auto", device),
-                               device=device, **({"compile": True} if cfg.compile else {}))
+                               device=device, compile=cfg.compile)
         method = setup.method
         total_steps = cfg.warmup + cfg.repeats + 1
         train_step = TrainStep(optim, 1, total_steps, setup.module, setup.module, method, setup.optimizer,
@@ -243,7 +242,7 @@ def add_ratios(results: Dict[str, Dict[str, Any]]) -> None:
 def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = None, batch_size: int = 32,
                  img_size: Optional[int] = None, warmup: int = 3, repeats: int = 10, device: Optional[str] = None,
                  runs_dir: Optional[str] = None, num_classes: int = 100, precision: str = "fp32",
-                 restart: bool = False, echo=print) -> Dict[str, Dict[str, Any]]:
+                 restart: bool = False, compile: bool = False, echo=print) -> Dict[str, Dict[str, Any]]:
     """Measures every method (default: all registered) and stores one ``overhead`` run per method."""
     from hkdbench.benchmark.models.zoo import zoo_entry
     from hkdbench.benchmark.engine.evaluation import select_device
@@ -258,7 +257,7 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     dev = select_device(device)
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
                           img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
-                          precision=precision, device=str(dev))
+                          precision=precision, device=str(dev), compile=compile)
     configs = {name: replace(base, method=name) for name in ordered}
     store = RunStore(runs_dir)
     planned = [RunDir(store.root / cfg.run_name()) for cfg in configs.values()]

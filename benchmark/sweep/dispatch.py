@@ -1,11 +1,13 @@
 """Submitting a sweep: which runs to do (the run store decides: done runs are skipped, cut-off ones resumed,
 failed ones only with --retry-failed), the sweep's manifest (``sweep.json``), the dry run, and the submission
-through one executor of ``executors/`` (inline, local, slurm), teachers first.
+through one executor of ``executors/`` (inline, local, slurm), teachers first. With ``cohort`` the student runs
+to do are grouped into cohorts (``plan.make_cohorts``), one job each; teacher runs are always their own jobs.
 
-What is never done: taking a result from ``job.result()``. Every job trains one run in the run store and the
+What is never done: taking a result from ``job.result()``. Every job trains its runs in the run store and the
 store says what is finished, cut off, failed or being trained (the run's flock); re-submitting a finished sweep
-runs nothing. Every submission appends a line to ``<run>/jobs.jsonl`` and to the sweep's
-``<runs>/_sweeps/<sweep id>/submissions.jsonl``; ``status`` joins them with the run store (``status.py``).
+runs nothing. Every submission appends a line to each of its runs' ``<run>/jobs.jsonl`` and to the sweep's
+``<runs>/_sweeps/<sweep id>/submissions.jsonl`` (with a ``cohort`` field, the cohort's id and runs, for a
+cohort's job); ``status`` joins them with the run store (``status.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.store import RunStore, append_jsonl, timestamp
 from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
-from hkdbench.benchmark.sweep.plan import RunSpec, SweepPlan
+from hkdbench.benchmark.sweep.plan import Cohort, RunSpec, SweepPlan, make_cohorts
 from hkdbench.benchmark.sweep.job import RunJob
 from hkdbench.benchmark.sweep.status import RunState, _count, format_state_table, run_states
 
@@ -60,8 +62,9 @@ class SweepResult:
 
 class Sweep:
     def __init__(self, plan: SweepPlan, runs_dir: Optional[str] = None, device: Optional[str] = None,
-                 out=None):
+                 out=None, cohort: bool = False):
         self.plan = plan
+        self.cohort = cohort  # student runs to do train in cohorts, one job each
         self.preset: Preset = plan.preset
         self.store = RunStore(runs_dir)
         self.root = self.store.root.resolve()
@@ -93,8 +96,8 @@ class Sweep:
 
         invocations = self.records.manifest().get("invocations", []) if self.records.exists else []
         if executor is not None:
-            invocations.append({"time": timestamp(), "executor": executor,
-                                "command": command})
+            invocations.append({"time": timestamp(), "executor": executor, "command": command,
+                                "cohort": self.cohort})
         body = {"sweep": self.plan.sweep_id(), "preset": to_dict(self.preset), "runs_dir": str(self.root),
                 "invocations": invocations,
                 "runs": [{"name": r.name, "kind": r.kind, "teacher_run": r.teacher_run,
@@ -131,10 +134,14 @@ class Sweep:
         self.say("")
         t_todo = [s for s in todo if s.spec.kind == "teacher"]
         s_todo = [s for s in todo if s.spec.kind == "student"]
+        cohorts = make_cohorts([s.spec for s in s_todo], self.cohort)
         self.say(f"would submit ({executor}): {len(t_todo)} teacher run(s)"
                  + (" as a first job array" if executor == "slurm" and t_todo else "")
                  + f", then {len(s_todo)} student run(s)"
+                 + (f" in {len(cohorts)} cohort(s), one job each" if self.cohort else "")
                  + (" as a second job array depending on it (afterok)" if executor == "slurm" and t_todo else ""))
+        for c in cohorts if self.cohort else []:
+            self.say(f"  {c.describe()}")
         from hkdbench.benchmark.sweep.executors import get_executor
 
         note = getattr(get_executor(executor), "dry_run_note", None)
@@ -162,21 +169,54 @@ class Sweep:
         for st in todo:
             if st.status == "failed" and retry_failed:
                 self.store.run_dir(st.spec.cfg).failed_file.unlink(missing_ok=True)
-        teachers = [s.spec for s in todo if s.spec.kind == "teacher"]
-        students = [s.spec for s in todo if s.spec.kind == "student"]
+        teachers = [Cohort([s.spec]) for s in todo if s.spec.kind == "teacher"]
+        students = make_cohorts([s.spec for s in todo if s.spec.kind == "student"], self.cohort)
         return submitter.submit(self, teachers, students, skip, SubmitOptions(parallel, wait))
 
-    def job(self, spec: RunSpec) -> RunJob:
+    def job(self, cohort: Cohort) -> RunJob:
+        """The job of one run, or of a cohort's runs."""
         threads = self.preset.slurm.cpus_per_task
-        return RunJob(spec.cfg.to_dict(), str(self.root), self.device, threads, self.preset.slurm.stop_wait)
+        cfgs = [s.cfg.to_dict() for s in cohort.specs]
+        return RunJob(cfgs[0] if len(cfgs) == 1 else cfgs, str(self.root), self.device, threads,
+                      self.preset.slurm.stop_wait)
 
-    def record(self, spec: RunSpec, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
-        rd = self.store.run_dir(spec.cfg)
-        rd.claim(spec.cfg)
+    def record(self, cohort: Cohort, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
+        """The job's line in each of its runs' ``jobs.jsonl`` and in the sweep's ``submissions.jsonl``."""
         record = {"job_id": job_id, "executor": executor, "sweep": self.plan.sweep_id(), "stdout": stdout,
                   "stderr": stderr, "folder": str(self.folder), "time": timestamp()}
-        append_jsonl(rd.jobs_file, record)
-        self.records.record_submission({**record, "run": spec.name})
+        if cohort.grouped:
+            record["cohort"] = cohort.record()
+        for spec in cohort.specs:
+            rd = self.store.run_dir(spec.cfg)
+            rd.claim(spec.cfg)
+            append_jsonl(rd.jobs_file, record)
+            self.records.record_submission({**record, "run": spec.name})
+
+    def untaken(self, cohort: Cohort, prefix: str = "") -> Optional[Cohort]:
+        """The cohort less the runs :meth:`taken` (each one said, after ``prefix``); None when none is left."""
+        free = []
+        for spec in cohort.specs:
+            taken = self.taken(spec)
+            if taken:
+                self.say(f"{prefix}skipped {spec.kind} run {spec.name}: {taken}")
+            else:
+                free.append(spec)
+        return Cohort(free, cohort.grouped) if free else None
+
+    def report_members(self, cohort: Cohort, job_id: str, log: str = "") -> int:
+        """After a job ended: one line per run, finished / FAILED / left to another process (its lock is held:
+        the job found it owned); returns how many failed."""
+        failed = 0
+        for spec in cohort.specs:
+            rd = self.store.run_dir(spec.cfg)
+            if not rd.is_done and rd.is_locked():
+                self.say(f"left to another process: {spec.name} (job {job_id} found its lock held and exited "
+                         "without training it)")
+                continue
+            failed += not rd.is_done
+            self.say(f"{'finished' if rd.is_done else 'FAILED'}: {spec.name} (job {job_id}"
+                     + ("" if rd.is_done or not log else f", log {log}") + ")")
+        return failed
 
     def taken(self, spec: RunSpec) -> str:
         """Why ``spec`` no longer needs a job (checked again right before submitting it, since a racing sweep

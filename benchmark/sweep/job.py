@@ -1,11 +1,16 @@
-"""The job that trains one run of a sweep, on any executor.
+"""The job that trains one run of a sweep, or one cohort of runs (``sweep --cohort``), on any executor.
 
-A :class:`RunJob` is a ``submitit.helpers.Checkpointable``. Its ``__call__`` trains in a worker thread while the
-main thread waits, because submitit calls ``checkpoint()`` from its USR2 handler in the main thread while
-``__call__`` is still running, then requeues the job and exits at once. ``checkpoint()`` sets the stop flag, waits
-(at most ``stop_wait_s``) for the trainer to finish its current step and save a mid-epoch checkpoint, and returns a
-fresh ``RunJob`` for the requeued job, which resumes from the run dir. The job carries the submitter's method
-plugins and imports them in the worker. Results are never taken from ``job.result()``: the run store says.
+A :class:`RunJob` is a ``submitit.helpers.Checkpointable`` over one run config or several (a cohort: the
+engine's ``train_cohort`` trains them in one process on one data stream and one teacher pass). Its ``__call__``
+trains in a worker thread while the main thread waits, because submitit calls ``checkpoint()`` from its USR2
+handler in the main thread while ``__call__`` is still running, then requeues the job and exits at once.
+``checkpoint()`` sets the stop flag, waits (at most ``stop_wait_s``) for the trainer to finish its current step and
+save a mid-epoch checkpoint, and returns a fresh ``RunJob`` over the same configs for the requeued job, which
+resumes every member from its run dir (the engine skips members already done). The job returns every member's
+status and raises when one of them failed (diverged, or an error), so a Slurm ``afterok`` and the local executor
+see the failure; a member whose lock another live process holds is left to that process (``owned``). The job
+carries the submitter's method plugins and imports them in the worker. Results are never taken from
+``job.result()``: the run store says.
 """
 
 from __future__ import annotations
@@ -17,23 +22,27 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import submitit
 
 from hkdbench.benchmark.config import run_config_from_dict
 from hkdbench.benchmark.store import RunLockedError, RunStore
+from hkdbench.benchmark.sweep.plan import cohort_id
 
 
 OWNED = "owned"  # a job's outcome when another live process holds its run's lock
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """Trains one run (resuming it if it has a checkpoint). Picklable: only plain data until it runs."""
+    """Trains one run, or a cohort of runs (resuming each one that has a checkpoint). Picklable: only plain data
+    until it runs."""
 
-    def __init__(self, cfg: Dict[str, Any], runs_dir: str, device: Optional[str] = None, threads: int = 1,
-                 stop_wait_s: float = 60.0, plugins: Optional[str] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: Union[Dict[str, Any], List[Dict[str, Any]]], runs_dir: str, device: Optional[str] = None,
+                 threads: int = 1, stop_wait_s: float = 60.0, plugins: Optional[str] = None):
+        self.cfgs: List[Dict[str, Any]] = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+        if not self.cfgs:
+            raise ValueError("a RunJob needs at least one run config")
         self.runs_dir = str(runs_dir)
         self.device = device
         self.threads = threads
@@ -43,19 +52,25 @@ class RunJob(submitit.helpers.Checkpointable):
         self.plugins = _absolute_plugins(os.environ.get("HKDBENCH_METHODS", "") if plugins is None else plugins)
 
     def __getstate__(self) -> Dict[str, Any]:  # threads and events never travel
-        return {k: self.__dict__[k] for k in ("cfg", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
+        return {k: self.__dict__[k] for k in ("cfgs", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
 
     def _load_plugins(self) -> None:
         """Imports the submitter's plugins unless this process has them (an inline sweep's, or a requeue's)."""
         from hkdbench.methods import list_methods, load_plugins
 
-        if self.plugins and self.cfg["method"] not in list_methods():
+        if self.plugins and any(c["method"] not in list_methods() for c in self.cfgs):
             os.environ["HKDBENCH_METHODS"] = self.plugins
             load_plugins(self.plugins)
 
     @property
+    def names(self) -> List[str]:
+        return [run_config_from_dict(c).run_name() for c in self.cfgs]
+
+    @property
     def name(self) -> str:
-        return run_config_from_dict(self.cfg).run_name()
+        """The run's name; a cohort's id and size."""
+        names = self.names
+        return names[0] if len(names) == 1 else f"cohort {cohort_id(names)} ({len(names)} runs)"
 
     def __call__(self) -> Dict[str, Any]:
         import torch
@@ -112,29 +127,47 @@ class RunJob(submitit.helpers.Checkpointable):
               "is saved; re-running the sweep resumes it)", file=sys.stderr, flush=True)
 
     def _train(self, device, should_stop, dist_ctx) -> None:
-        from hkdbench.benchmark.engine.trainer import DivergedError, TeacherUnavailableError, Trainer
+        from hkdbench.benchmark.engine.trainer import TeacherUnavailableError, train_cohort
 
-        cfg = run_config_from_dict(self.cfg)
+        cfgs = [run_config_from_dict(c) for c in self.cfgs]
         store = RunStore(self.runs_dir)
         try:
-            result = Trainer(cfg, store, device=device, progress=False, should_stop=should_stop,
-                             dist_ctx=dist_ctx).run(resume=True, wait_for_lock=False)
-            self._outcome.update(status=result.status, run=result.run_dir.path.name)
-        except RunLockedError:  # a racing sweep's job trains this run: leave it to that one, free the slot
-            print(f"hkdbench: {cfg.run_name()} is owned by another process (its lock is held); this job exits "
-                  "without training it", file=sys.stderr, flush=True)
-            self._outcome.update(status=OWNED, run=cfg.run_name())
-        except TeacherUnavailableError:  # a stop request arrived while the job was training the teacher
-            self._outcome.update(status="interrupted", run=cfg.run_name())
-        except BaseException as err:  # noqa: BLE001 -- recorded in the run dir, re-raised by __call__
-            if not isinstance(err, DivergedError):  # the trainer has written that reason itself
-                self._fail(store, cfg)
+            results = train_cohort(cfgs, runs_dir=self.runs_dir, resume=True, device=device, progress=False,
+                                   wait_for_lock=False, should_stop=should_stop, dist_ctx=dist_ctx)
+            statuses = {cfg.run_name(): r.status for cfg, r in zip(cfgs, results)}
+        except RunLockedError:  # a cohort of one whose lock another process holds (a larger one says 'owned')
+            statuses = {cfg.run_name(): OWNED for cfg in cfgs}
+        except TeacherUnavailableError:  # a stop request arrived while the job was training the shared teacher
+            statuses = {cfg.run_name(): "interrupted" for cfg in cfgs}
+        except BaseException as err:  # noqa: BLE001 -- recorded in the run dirs, re-raised by __call__
+            self._fail(store, cfgs)
             self._outcome["error"] = err
+            return
+        for name, status in statuses.items():
+            if status == OWNED:  # a racing sweep's job trains this run: leave it to that one
+                print(f"hkdbench: {name} is owned by another process (its lock is held); this job exits "
+                      "without training it", file=sys.stderr, flush=True)
+        self._outcome.update(self._summarise(statuses))
+        failed = [name for name, status in statuses.items() if status == "failed"]
+        if failed:  # the trainer wrote each reason to the run's FAILED file
+            self._outcome["error"] = _diverged_error(store, cfgs, statuses)
 
-    def _fail(self, store: RunStore, cfg) -> None:
+    def _summarise(self, statuses: Dict[str, str]) -> Dict[str, Any]:
+        """The job's return value: a run's status as a single run's job returns it; for a cohort, also its id and
+        every member's status."""
+        values = set(statuses.values())
+        overall = ("interrupted" if "interrupted" in values else "failed" if "failed" in values
+                   else OWNED if values == {OWNED} else "done")
+        if len(statuses) == 1:
+            ((name, status),) = statuses.items()
+            return {"status": status, "run": name}
+        return {"status": overall, "cohort": cohort_id(list(statuses)), "runs": dict(statuses)}
+
+    def _fail(self, store: RunStore, cfgs) -> None:
+        """Marks FAILED, with the error, every member the error left unfinished (not one another live process
+        owns, nor one the trainer already marked)."""
         if dist_rank() != 0:
             return
-        rd = store.run_dir(cfg)
         err = sys.exc_info()[1]
         details: Dict[str, Any] = {"traceback": traceback.format_exc(limit=20)}
         try:
@@ -142,15 +175,17 @@ class RunJob(submitit.helpers.Checkpointable):
             details.update(job_id=submitit.JobEnvironment().job_id, log=str(paths.stderr))
         except RuntimeError:
             pass
-        rd.path.mkdir(parents=True, exist_ok=True)
-        rd.mark_failed(f"{type(err).__name__}: {err}", **details)
-        if "error" not in self._outcome and err is not None:
-            self._outcome["error"] = err
+        for cfg in cfgs:
+            rd = store.run_dir(cfg)
+            if rd.is_done or rd.failed_file.exists() or rd.is_locked():
+                continue
+            rd.path.mkdir(parents=True, exist_ok=True)
+            rd.mark_failed(f"{type(err).__name__}: {err}", **details)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2 (time-out or preemption), in the main thread while ``__call__`` runs:
-        asks the trainer to stop after its current step, waits for the checkpoint to be saved, and hands a
-        fresh job to the requeue (which resumes from the run dir)."""
+        asks the trainer to stop after its current step, waits for the checkpoints to be saved, and hands a
+        fresh job over the same runs to the requeue (which resumes them from their run dirs)."""
         stop = getattr(self, "_stop", None)
         thread = getattr(self, "_thread", None)
         if stop is not None:
@@ -164,7 +199,21 @@ class RunJob(submitit.helpers.Checkpointable):
                 print(f"hkdbench: trainer stopped ({self._outcome.get('status')}); requeueing", file=sys.stderr,
                       flush=True)
         return submitit.helpers.DelayedSubmission(
-            RunJob(self.cfg, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
+            RunJob(self.cfgs, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
+
+
+def _diverged_error(store: RunStore, cfgs, statuses: Dict[str, str]) -> Exception:
+    """The error a job raises for its diverged members: each one's reason, from its FAILED file (a single run's
+    job: that reason alone, as the trainer raised it)."""
+    from hkdbench.benchmark.engine.trainer import DivergedError
+
+    reasons = [f"{cfg.run_name()}: {store.run_dir(cfg).failure().get('reason', 'no reason recorded')}"
+               for cfg in cfgs if statuses[cfg.run_name()] == "failed"]
+    if len(cfgs) == 1:
+        return DivergedError(reasons[0].split(": ", 1)[1])
+    others = ", ".join(f"{n} {s}" for n, s in statuses.items() if s != "failed")
+    return DivergedError(f"cohort {cohort_id(list(statuses))}: {len(reasons)} of {len(cfgs)} runs failed: "
+                         + "; ".join(reasons) + (f" (the others: {others})" if others else ""))
 
 
 def _absolute_plugins(spec: str) -> str:

@@ -1,12 +1,11 @@
 """A preset expanded into runs: every (pair, method, seed) cell resolved to its run config, the distinct student
-runs and the teacher runs they need (trained first)."""
+runs and the teacher runs they need (trained first); and the runs to do split into jobs (:class:`Cohort`)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
-
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.config import ConfigError, RunConfig, deep_merge, flatten
 from hkdbench.benchmark.sweep.preset import Preset
@@ -88,3 +87,50 @@ def expand(p: Preset) -> SweepPlan:
                         spec.teacher_run = t_name
                 spec.cells.append(cell)
     return SweepPlan(p, cells, list(teachers.values()), list(students.values()))
+
+
+@dataclass
+class Cohort:
+    """The runs one job trains: a single run, or (``sweep --cohort``, ``grouped``) the student runs that share a
+    data stream and a teacher (engine/cohort.py), trained in one process."""
+    specs: List[RunSpec]
+    grouped: bool = False
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def id(self) -> str:
+        return cohort_id(self.names)
+
+    def record(self) -> Optional[Dict[str, Any]]:
+        """The ``cohort`` field of the job records: which runs trained together (None for a plain run's job)."""
+        return {"id": self.id, "runs": self.names} if self.grouped else None
+
+    def describe(self) -> str:
+        """One line for the dry run: the shared student, seed and teacher, and each member's method."""
+        from hkdbench.methods import get_method
+
+        cfg = self.specs[0].cfg
+        teacher = next((s.cfg.teacher.name for s in self.specs
+                        if s.cfg.teacher and get_method(s.cfg.method).uses_teacher), "-")
+        return (f"cohort {self.id}: {cfg.student.name} seed {cfg.train.seed}, teacher {teacher}: "
+                f"{', '.join(s.cfg.method for s in self.specs)} ({len(self.specs)} runs)")
+
+
+def cohort_id(names: Sequence[str]) -> str:
+    """A short id of a set of runs (the same members give the same id in every record)."""
+    return "c" + hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:8]
+
+
+def make_cohorts(specs: Sequence[RunSpec], grouped: bool) -> List[Cohort]:
+    """The jobs of ``specs``: one per run, or with ``grouped`` one per cohort of engine/cohort.py's
+    :func:`group_cohorts` (teacher runs stay alone), in the runs' order."""
+    if not grouped:
+        return [Cohort([s]) for s in specs]
+    from hkdbench.benchmark.engine.cohort import group_cohorts
+
+    by_name = {s.name: s for s in specs}
+    return [Cohort([by_name[c.run_name()] for c in group], grouped=True)
+            for group in group_cohorts([s.cfg for s in specs])]

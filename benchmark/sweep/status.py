@@ -1,5 +1,6 @@
 """Where every run of a sweep stands: the run store's status joined with the job records (``jobs.jsonl``) and,
-for Slurm jobs, ``squeue``/``sacct``; local jobs from their submitit files. And the status table."""
+for Slurm jobs, ``squeue``/``sacct``; local jobs from their submitit files. And the status table, with the cohort
+each run last trained in (``sweep --cohort``) and each cohort's members."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class RunState:
     reason: str = ""
     log: str = ""
     job_id: str = ""
+    cohort: Optional[Dict[str, Any]] = None   # the last job's cohort ({"id", "runs"}), if it trained in one
 
     @property
     def name(self) -> str:
@@ -87,7 +89,7 @@ def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = Tr
                     reason += f": {error}"
             elif word == "COMPLETED":
                 status, reason = "failed", f"job {job_id} ended without finishing the run"
-        states.append(RunState(spec, status, reason, log, job_id))
+        states.append(RunState(spec, status, reason, log, job_id, job.get("cohort") if job else None))
     return states
 
 
@@ -137,14 +139,17 @@ def format_state_table(states: Sequence[RunState], order: Optional[Sequence[RunS
     if order is not None:
         rank = {s.name: i for i, s in enumerate(order)}
         states = sorted(states, key=lambda st: rank.get(st.name, 1 << 30))
-    rows = [("status", "kind", "method", "teacher", "student", "seed", "job", "run")]
+    with_cohorts = any(st.cohort for st in states)
+    rows = [("status", "kind", "method", "teacher", "student", "seed", "job") + ("cohort",) * with_cohorts
+            + ("run",)]
     for st in states:
         cfg = st.spec.cfg
         rows.append((st.status, st.spec.kind, cfg.method if st.spec.kind == "student" else "-",
                      cfg.teacher.name if cfg.teacher else "-", cfg.student.name, str(cfg.train.seed),
-                     st.job_id or "-", st.name))
+                     st.job_id or "-") + ((st.cohort or {}).get("id", "-"),) * with_cohorts + (st.name,))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _cohort_lines(states)
     if details:
         for st in states:
             if st.status in ("failed", "cancelled") or (st.status == "queued" and "NeverSatisfied" in st.reason):
@@ -152,3 +157,18 @@ def format_state_table(states: Sequence[RunState], order: Optional[Sequence[RunS
                              + (f"\n      log: {st.log}" if st.log else ""))
     lines.append(f"{len(states)} runs: {_count(states)}")
     return "\n".join(lines)
+
+
+def _cohort_lines(states: Sequence[RunState]) -> List[str]:
+    """One line per cohort the runs last trained in: its job, its members' states and their methods (members
+    that have since trained in another job are not counted)."""
+    by_id: Dict[str, List[RunState]] = {}
+    for st in states:
+        if st.cohort:
+            by_id.setdefault(st.cohort["id"], []).append(st)
+    lines = []
+    for cohort_id, members in by_id.items():
+        listed = len(members[0].cohort.get("runs", members))
+        methods = ", ".join(f"{m.spec.cfg.method} {m.status}" for m in members)
+        lines.append(f"  cohort {cohort_id} (job {members[0].job_id}, {listed} runs): {methods}")
+    return lines

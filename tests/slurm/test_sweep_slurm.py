@@ -6,7 +6,9 @@
    limit): it saves a mid-epoch checkpoint, requeues itself, resumes and ends with the same weights and
    metrics as an uninterrupted run; another job of the same array is cancelled and ``hkdbench status``
    reports it with the reason and the log path, and its SIGTERM left a mid-epoch checkpoint; a new submission
-   re-runs only the cancelled run.
+   re-runs only the cancelled run;
+3. a cohort sweep (``--cohort``) is one array task per cohort, its members sharing the task's job id, the
+   students' array depending on the teachers' (``afterok``).
 
 Tiny runs (16 px, a few thousand images at most, 1 CPU thread each).
 """
@@ -155,3 +157,48 @@ def test_preempted_job_resumes_bit_exact_and_cancelled_job_is_reported(slurm_clu
     # and the preempted-then-finished one is skipped
     again = _hkdbench("sweep", preempt, "--executor", "slurm", "--runs-dir", str(runs))
     assert "0 to run, 1 skipped (1 done)" in again and "submitted" not in again
+
+
+def test_cohort_sweep_one_array_task_per_cohort_after_the_teachers(slurm_cluster, tmp_path):
+    from hkdbench.benchmark.sweep.plan import expand, make_cohorts
+    from hkdbench.benchmark.sweep.preset import load_preset
+
+    runs = tmp_path / "runs"
+    preset = _preset(tmp_path, "cohort", teachers=["resnet_mini"], students=["vit_mini"], methods=["none", "kd"],
+                     seeds=[0, 1], overrides={"data": TINY, "train": {"epochs": 1}},
+                     teacher_overrides={"data": TINY, "train": {"epochs": 1}})
+    plan = expand(load_preset(preset))
+    cohorts = make_cohorts(plan.students, grouped=True)
+    assert [len(c.specs) for c in cohorts] == [2, 2]  # none and kd of each seed
+    out = _hkdbench("sweep", preset, "--executor", "slurm", "--cohort", "--runs-dir", str(runs), "--wait")
+    teacher = re.search(r"submitted 1 teacher run\(s\) as job array (\d+)", out)
+    students = re.search(r"submitted 4 student run\(s\) in 2 cohort\(s\) as job array (\d+) \(dependency "
+                         r"afterok:(\d+)\)", out)
+    assert teacher and students and students.group(2) == teacher.group(1), out
+    dirs = _run_dirs(runs)
+    assert len(dirs) == 5 and all((d / "DONE").exists() for d in dirs.values())
+    # one array task per cohort: its members share the task's job id and record the cohort
+    tasks = {}
+    for c in cohorts:
+        records = [json.loads((runs / name / "jobs.jsonl").read_text().splitlines()[-1]) for name in c.names]
+        (job_id,) = {r["job_id"] for r in records}
+        assert job_id.startswith(f"{students.group(1)}_")
+        assert all(r["cohort"] == {"id": c.id, "runs": c.names} for r in records)
+        tasks[c.id] = job_id
+    assert len(set(tasks.values())) == 2
+    # afterok: Slurm started the cohorts' tasks after the teacher's job ended (and no student trained it)
+    times = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Start,End", "-j",
+                            f"{teacher.group(1)},{students.group(1)}"], capture_output=True, text=True,
+                           timeout=20).stdout
+    spans = {line.split("|")[0]: line.split("|")[1:] for line in times.splitlines() if line.strip()}
+    (teacher_end,) = [end for job, (_, end) in spans.items() if job.split("_")[0] == teacher.group(1)]
+    assert all(spans[task][0] >= teacher_end for task in tasks.values()), times
+    for c in cohorts:
+        kd = next(runs / s.name for s in c.specs if s.cfg.method == "kd")
+        assert "training it first" not in (kd / "log.txt").read_text()
+    status = _hkdbench("status", preset, "--runs-dir", str(runs))
+    assert "5 runs: 5 done" in status
+    for c in cohorts:
+        assert f"  cohort {c.id} (job {tasks[c.id]}, 2 runs): none done, kd done" in status
+    again = _hkdbench("sweep", preset, "--executor", "slurm", "--cohort", "--runs-dir", str(runs))
+    assert "0 to run, 5 skipped (5 done)" in again and "submitted" not in again

@@ -1,8 +1,9 @@
 """The executors a sweep submits its runs with, one module each, behind one interface:
 
-``submit(sweep, teachers, students, skip, options) -> SweepResult`` runs or submits the runs to do (teachers first),
-and an optional ``dry_run_note(sweep) -> str`` adds what a dry run says about the submission. Adding an executor is
-one module here and one entry in :data:`EXECUTORS`.
+``submit(sweep, teachers, students, skip, options) -> SweepResult`` runs or submits the jobs to do (teachers first;
+each job a ``plan.Cohort``: one run, or with ``sweep --cohort`` the student runs trained together), and an
+optional ``dry_run_note(sweep) -> str`` adds what a dry run says about the submission. Adding an executor is one
+module here and one entry in :data:`EXECUTORS`.
 """
 from __future__ import annotations
 

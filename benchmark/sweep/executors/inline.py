@@ -1,4 +1,4 @@
-"""The inline executor: every run in this process, one after the other (teachers first); a failed run is recorded
+"""The inline executor: every job in this process, one after the other (teachers first); a failed run is recorded
 as FAILED and the sweep goes on."""
 from __future__ import annotations
 
@@ -6,25 +6,26 @@ import os
 from typing import List
 
 from hkdbench.benchmark.sweep.dispatch import SubmitOptions, Sweep, SweepResult
-from hkdbench.benchmark.sweep.plan import RunSpec
+from hkdbench.benchmark.sweep.plan import Cohort
 from hkdbench.benchmark.sweep.status import RunState
 
 
-def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip: List[RunState],
+def submit(sweep: Sweep, teachers: List[Cohort], students: List[Cohort], skip: List[RunState],
            options: SubmitOptions) -> SweepResult:
-    specs = teachers + students
-    failed = 0
-    for i, spec in enumerate(specs, 1):
-        taken = sweep.taken(spec)
-        if taken:
-            sweep.say(f"[{i}/{len(specs)}] skipped {spec.name}: {taken}")
+    jobs = teachers + students
+    job_id = f"inline-{os.getpid()}"
+    submitted, failed = [], 0
+    for i, planned in enumerate(jobs, 1):
+        cohort = sweep.untaken(planned, prefix=f"[{i}/{len(jobs)}] ")
+        if cohort is None:
             continue
-        sweep.say(f"[{i}/{len(specs)}] {spec.name}")
-        sweep.record(spec, "inline", f"inline-{os.getpid()}")
-        job = sweep.job(spec)
+        job = sweep.job(cohort)
+        sweep.say(f"[{i}/{len(jobs)}] {job.name}")
+        sweep.record(cohort, "inline", job_id)
+        submitted += [(name, "inline") for name in cohort.names]
         try:
             job()
         except Exception as err:  # noqa: BLE001 -- recorded as FAILED; the sweep goes on
-            failed += 1
             sweep.say(f"  FAILED: {type(err).__name__}: {err}")
-    return SweepResult(sweep.sweep_dir, [(s.name, "inline") for s in specs], skip, None, failed)
+        failed += sweep.report_members(cohort, job_id)
+    return SweepResult(sweep.sweep_dir, submitted, skip, None, failed)

@@ -1,4 +1,5 @@
-"""The local executor: submitit's LocalExecutor, ``parallel`` processes at a time, teachers before students.
+"""The local executor: submitit's LocalExecutor, ``parallel`` processes at a time (one per run, or per cohort),
+teachers before students.
 
 A stop signal to the sweep (SIGTERM, Ctrl-C) stops its workers cleanly: each running job's controller gets
 SIGTERM, forwards it to the worker, whose RunJob saves a mid-epoch checkpoint and exits; what does not stop within
@@ -17,11 +18,11 @@ from typing import Any, Dict, Iterator, List, Tuple
 import submitit
 
 from hkdbench.benchmark.sweep.dispatch import SubmitOptions, Sweep, SweepResult
-from hkdbench.benchmark.sweep.plan import RunSpec
+from hkdbench.benchmark.sweep.plan import Cohort
 from hkdbench.benchmark.sweep.status import RunState
 
 
-def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip: List[RunState],
+def submit(sweep: Sweep, teachers: List[Cohort], students: List[Cohort], skip: List[RunState],
            options: SubmitOptions) -> SweepResult:
     parallel = options.parallel
     parallel = parallel or max(1, (os.cpu_count() or 1) // sweep.preset.slurm.cpus_per_task)
@@ -32,47 +33,39 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
     failed = 0
     sweep.say(f"local executor: at most {parallel} job(s) at a time; submitit logs in {sweep.folder}")
     with StopSignals() as stop:
-        for phase, specs in (("teacher", teachers), ("student", students)):
-            failed += _run_phase(sweep, executor, phase, specs, parallel, submitted, stop)
+        for phase, cohorts in (("teacher", teachers), ("student", students)):
+            failed += _run_phase(sweep, executor, phase, cohorts, parallel, submitted, stop)
             if stop.signum:
                 break
     return SweepResult(sweep.sweep_dir, submitted, skip, sweep.folder, failed, stop.signum)
 
 
-def _run_phase(sweep, executor, phase: str, specs, parallel: int, submitted, stop: "StopSignals") -> int:
-    """Runs one phase's jobs, ``parallel`` at a time; on a stop signal stops the running ones (returns at
-    once). Returns how many failed."""
+def _run_phase(sweep, executor, phase: str, cohorts, parallel: int, submitted, stop: "StopSignals") -> int:
+    """Runs one phase's jobs (a run or a cohort each), ``parallel`` at a time; on a stop signal stops the
+    running ones (returns at once). Returns how many runs failed."""
     failed = 0
-    queue, running = list(specs), []
+    queue, running = list(cohorts), []
     while queue or running:
         if stop.signum:
             _stop_jobs(sweep, running, stop.signum)
             return failed
         while queue and len(running) < parallel and not stop.signum:
-            spec = queue.pop(0)
-            taken = sweep.taken(spec)
-            if taken:  # no worker slot for it
-                sweep.say(f"skipped {phase} run {spec.name}: {taken}")
+            cohort = sweep.untaken(queue.pop(0))  # runs done or owned meanwhile take no worker slot
+            if cohort is None:
                 continue
             with stop.ignoring_sigint():  # the job's processes inherit it: Ctrl-C reaches them only via us
-                job = executor.submit(sweep.job(spec))
-            sweep.record(spec, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
-            submitted.append((spec.name, str(job.job_id)))
-            sweep.say(f"submitted {phase} run {spec.name} as local job {job.job_id}")
-            running.append((spec, job))
+                job = executor.submit(sweep.job(cohort))
+            sweep.record(cohort, "local", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
+            submitted += [(name, str(job.job_id)) for name in cohort.names]
+            what = (f"cohort {cohort.id} ({', '.join(cohort.names)})" if cohort.grouped
+                    else f"run {cohort.names[0]}")
+            sweep.say(f"submitted {phase} {what} as local job {job.job_id}")
+            running.append((cohort, job))
         time.sleep(0.5)
-        for spec, job in list(running):
+        for cohort, job in list(running):
             if job.done():
-                running.remove((spec, job))
-                rd = sweep.store.run_dir(spec.cfg)
-                if not rd.is_done and rd.is_locked():
-                    sweep.say(f"left to another process: {spec.name} (job {job.job_id} found its lock "
-                              "held and exited without training it)")
-                    continue
-                ok = rd.is_done
-                failed += not ok
-                sweep.say(f"{'finished' if ok else 'FAILED'}: {spec.name} (job {job.job_id}"
-                          + ("" if ok else f", log {job.paths.stderr}") + ")")
+                running.remove((cohort, job))
+                failed += sweep.report_members(cohort, str(job.job_id), str(job.paths.stderr))
     return failed
 
 
@@ -89,15 +82,17 @@ def _stop_jobs(sweep, running, signum: int) -> None:
         for _, job in alive:
             _signal_pid(int(job.job_id), signal.SIGTERM)
         time.sleep(1.0)
-        alive = [(spec, job) for spec, job in alive if not job.done()]
-    for spec, job in running:
-        if (spec, job) in alive:
+        alive = [(cohort, job) for cohort, job in alive if not job.done()]
+    for cohort, job in running:
+        if (cohort, job) in alive:
             _kill_tree(int(job.job_id))
-            sweep.say(f"killed: {spec.name} (job {job.job_id} did not stop in time; it resumes from its last "
-                      "checkpoint)")
-        else:
-            status = sweep.store.run_dir(spec.cfg).status()
-            sweep.say(f"stopped: {spec.name} (job {job.job_id}, {status})")
+        for spec in cohort.specs:
+            if (cohort, job) in alive:
+                sweep.say(f"killed: {spec.name} (job {job.job_id} did not stop in time; it resumes from its "
+                          "last checkpoint)")
+            else:
+                status = sweep.store.run_dir(spec.cfg).status()
+                sweep.say(f"stopped: {spec.name} (job {job.job_id}, {status})")
 
 
 class StopSignals:

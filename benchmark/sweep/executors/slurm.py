@@ -1,6 +1,7 @@
 """The Slurm executor: submitit job arrays, the teachers' first and the students' depending on it
-(``--dependency=afterok:<array>``, ``--kill-on-invalid-dep=yes``); a student job that still finds its teacher
-unfinished trains it under the teacher run's flock, so no two jobs ever train the same teacher."""
+(``--dependency=afterok:<array>``, ``--kill-on-invalid-dep=yes``), one array task per student run or, with
+``sweep --cohort``, per cohort; a student job that still finds its teacher unfinished trains it under the
+teacher run's flock, so no two jobs ever train the same teacher."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -8,11 +9,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import submitit
 
 from hkdbench.benchmark.sweep.dispatch import SubmitOptions, Sweep, SweepResult
-from hkdbench.benchmark.sweep.plan import RunSpec
+from hkdbench.benchmark.sweep.plan import Cohort
 from hkdbench.benchmark.sweep.status import RunState
 
 
-def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip: List[RunState],
+def submit(sweep: Sweep, teachers: List[Cohort], students: List[Cohort], skip: List[RunState],
            options: SubmitOptions) -> SweepResult:
     opts = sweep.preset.slurm
     submitted: List[Tuple[str, str]] = []
@@ -22,7 +23,7 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
     dependency: Optional[str] = None
     if teachers:
         jobs = _submit_array(sweep, teachers, opts, None)
-        submitted += [(s.name, j.job_id) for s, j in zip(teachers, jobs)]
+        submitted += [(c.names[0], j.job_id) for c, j in zip(teachers, jobs)]
         array_id = jobs[0].job_id.split("_")[0]
         sweep.say(f"submitted {len(jobs)} teacher run(s) as job array {array_id}: "
                   + ", ".join(j.job_id for j in jobs))
@@ -31,9 +32,11 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
         dependency = "afterok:" + ":".join(sorted(pending_teachers))
     if students:
         jobs = _submit_array(sweep, students, opts, dependency)
-        submitted += [(s.name, j.job_id) for s, j in zip(students, jobs)]
+        submitted += [(name, j.job_id) for c, j in zip(students, jobs) for name in c.names]
         array_id = jobs[0].job_id.split("_")[0]
-        sweep.say(f"submitted {len(jobs)} student run(s) as job array {array_id}"
+        runs = sum(len(c.specs) for c in students)
+        sweep.say(f"submitted {runs} student run(s)" + (f" in {len(jobs)} cohort(s)" if sweep.cohort else "")
+                  + f" as job array {array_id}"
                   + (f" (dependency {dependency})" if dependency else "") + ": "
                   + ", ".join(j.job_id for j in jobs))
     sweep.say(f"submitit logs: {sweep.folder}")
@@ -44,14 +47,15 @@ def submit(sweep: Sweep, teachers: List[RunSpec], students: List[RunSpec], skip:
     return result
 
 
-def _submit_array(sweep, specs: List[RunSpec], opts, dependency: Optional[str]):
+def _submit_array(sweep, cohorts: List[Cohort], opts, dependency: Optional[str]):
+    """One array task per run or cohort."""
     executor = submitit.AutoExecutor(folder=str(sweep.folder / "%j"), cluster="slurm",
                                      slurm_max_num_timeout=opts.max_num_timeout)
     executor.update_parameters(**_slurm_params(opts, dependency))
     with executor.batch():
-        jobs = [executor.submit(sweep.job(spec)) for spec in specs]
-    for spec, job in zip(specs, jobs):
-        sweep.record(spec, "slurm", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
+        jobs = [executor.submit(sweep.job(cohort)) for cohort in cohorts]
+    for cohort, job in zip(cohorts, jobs):
+        sweep.record(cohort, "slurm", str(job.job_id), str(job.paths.stdout), str(job.paths.stderr))
     return jobs
 
 
