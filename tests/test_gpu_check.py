@@ -233,6 +233,7 @@ def test_an_overhead_hash_is_unchanged_without_compile_and_differs_with_it():
 def test_overhead_measures_a_compiled_step(monkeypatch):
     from hkdbench.benchmark.engine import step
 
+    monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")  # inductor's C++ build would take minutes here
     seen = []
     real = step.setup_training
     monkeypatch.setattr(step, "setup_training", lambda *a, **k: seen.append(k.get("compile")) or real(*a, **k))
