@@ -233,10 +233,11 @@ def compare_metrics(a: List[Dict[str, Any]], b: List[Dict[str, Any]]) -> Dict[st
     for ra, rb in zip(a, b):
         for key in sorted((set(ra) | set(rb)) - set(TIME_KEYS)):
             va, vb = ra.get(key), rb.get(key)
-            if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
+            numbers = isinstance(va, (int, float)) and isinstance(vb, (int, float))
+            if numbers and isinstance(diffs.get(key, 0.0), (int, float)):
                 diffs[key] = max(diffs.get(key, 0.0), abs(va - vb))
-            elif va != vb:
-                diffs[key] = float("inf")
+            elif va != vb:  # a value missing on one side, or not a number: both, as JSON can hold them
+                diffs[key] = f"{va!r} against {vb!r}"
     differing = {k: v for k, v in diffs.items() if v != 0}
     return {"metrics_equal": not differing, "metrics_max_abs_diff": differing}
 

@@ -166,6 +166,8 @@ def test_compare_metrics_and_weights_name_the_differences():
     assert gpu_check.compare_metrics(a, a) == {"metrics_equal": True, "metrics_max_abs_diff": {}}
     assert gpu_check.compare_metrics(a, b) == {"metrics_equal": False, "metrics_max_abs_diff": {"loss/ce": 0.5}}
     assert gpu_check.compare_metrics(a, a + a)["metrics_equal"] is False
+    c = [{"epoch": 1, "loss/ce": 2.0, "epoch_time_s": 1.0}]  # no top1 on one side
+    assert gpu_check.compare_metrics(a, c)["metrics_max_abs_diff"] == {"top1": "10.0 against None"}
     w = {"a": torch.zeros(3), "b": torch.ones(2)}
     v = {"a": torch.tensor([0.0, 0.25, 0.0]), "b": torch.ones(2)}
     assert gpu_check.compare_weights(w, w)["weights_equal"] is True
