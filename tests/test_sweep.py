@@ -143,7 +143,7 @@ def test_dry_run_of_cifar100_ofa_lists_the_pairs(tmp_path):
     assert "180 cells = 12 pairs x 5 methods x 3 seeds -> 159 student runs + 4 teacher runs" in out
     for i, (t, s) in enumerate(OFA_CIFAR_PAIRS, 1):
         assert f"{i:2d}. {t} (" in out and f"-> {s} (" in out
-    assert "data.root must be given" in out and "as a second job array depending on it (afterok)" in out
+    assert "data.root must be given" in out and "as job arrays, each after its own teacher's task (afterok)" in out
     code, _, err = hkdbench("sweep", "cifar100-ofa", "--executor", "slurm", "--runs-dir", tmp_path)
     assert code == 2 and "needs data.root" in err
 

@@ -45,7 +45,7 @@ def test_dry_run_lists_the_cohorts(tmp_path):
                               "--runs-dir", tmp_path / "runs")
     assert code == 0, err
     assert ("would submit (slurm): 1 teacher run(s) as a first job array, then 6 student run(s) in 2 cohort(s), "
-            "one job each as a second job array depending on it (afterok)") in out
+            "one job each as job arrays, each after its own teacher's task (afterok)") in out
     for seed, c in enumerate(cohorts):
         assert f"  cohort {c.id}: vit_mini seed {seed}, teacher resnet_mini: none, kd, dkd (3 runs)" in out
     code, out, _ = hkdbench("sweep", preset, "--dry-run", "--runs-dir", tmp_path / "runs")
@@ -171,3 +171,20 @@ def test_checkpoint_of_a_cohort_job_requeues_every_member(tmp_path):
         rd = store.run_dir(spec.cfg)
         assert rd.is_done and "resuming at epoch" in rd.log_file.read_text()
         assert len(rd.metrics()) == 2
+
+
+def test_on_slurm_each_cohort_waits_for_its_own_teachers_job_only(tmp_path):
+    """Two teachers: the students of each form one array after that teacher's task (afterok:<array>_<task>); the
+    student alone (no teacher) and students of a finished teacher wait for nothing."""
+    from hkdbench.benchmark.sweep.executors.slurm import _by_dependency
+
+    preset = tiny_preset(tmp_path, teachers=["resnet_mini", "mixer_mini"], methods=["none", "kd", "fitnet"])
+    plan = expand(load_preset(preset))
+    cohorts = make_cohorts(plan.students, grouped=True)
+    by_teacher = {c.specs[-1].cfg.teacher.name: c for c in cohorts}
+    resnet_run, mixer_run = (next(t.name for t in plan.teachers if t.cfg.student.name == n)
+                             for n in ("resnet_mini", "mixer_mini"))
+    groups = _by_dependency(cohorts, {resnet_run: "700_0", mixer_run: "700_1"})
+    assert groups == [("afterok:700_0", [by_teacher["resnet_mini"]]), ("afterok:700_1", [by_teacher["mixer_mini"]])]
+    # the resnet teacher already done (no job): its cohort, which holds the student alone, waits for nothing
+    assert _by_dependency(cohorts, {mixer_run: "700_1"})[0] == (None, [by_teacher["resnet_mini"]])

@@ -139,7 +139,8 @@ class Sweep:
                  + (" as a first job array" if executor == "slurm" and t_todo else "")
                  + f", then {len(s_todo)} student run(s)"
                  + (f" in {len(cohorts)} cohort(s), one job each" if self.cohort else "")
-                 + (" as a second job array depending on it (afterok)" if executor == "slurm" and t_todo else ""))
+                 + (" as job arrays, each after its own teacher's task (afterok)" if executor == "slurm" and t_todo
+                    else ""))
         for c in cohorts if self.cohort else []:
             self.say(f"  {c.describe()}")
         from hkdbench.benchmark.sweep.executors import get_executor

@@ -1,7 +1,8 @@
-"""The Slurm executor: submitit job arrays, the teachers' first and the students' depending on it
-(``--dependency=afterok:<array>``, ``--kill-on-invalid-dep=yes``), one array task per student run or, with
-``sweep --cohort``, per cohort; a student job that still finds its teacher unfinished trains it under the
-teacher run's flock, so no two jobs ever train the same teacher."""
+"""The Slurm executor: submitit job arrays, the teachers' first, then the students', one array task per student
+run or, with ``sweep --cohort``, per cohort. A student task waits for its own teacher's job only
+(``--dependency=afterok:<array>_<task>``, ``--kill-on-invalid-dep=yes``): the students of one teacher form one
+array, so a slow teacher holds back only its own students. A student job that still finds its teacher unfinished
+trains it under the teacher run's flock, so no two jobs ever train the same teacher."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
@@ -17,24 +18,21 @@ def submit(sweep: Sweep, teachers: List[Cohort], students: List[Cohort], skip: L
            options: SubmitOptions) -> SweepResult:
     opts = sweep.preset.slurm
     submitted: List[Tuple[str, str]] = []
-    # teachers still queued or running from an earlier submission: the students wait for those jobs too
-    pending_teachers = {st.job_id for st in skip if st.spec.kind == "teacher" and st.status in ("queued", "running")
-                        and st.job_id}
-    dependency: Optional[str] = None
+    # each teacher run's job: still queued or running from an earlier submission, or submitted now
+    teacher_jobs = {st.spec.name: st.job_id for st in skip
+                    if st.spec.kind == "teacher" and st.status in ("queued", "running") and st.job_id}
     if teachers:
         jobs = _submit_array(sweep, teachers, opts, None)
         submitted += [(c.names[0], j.job_id) for c, j in zip(teachers, jobs)]
+        teacher_jobs.update({c.names[0]: str(j.job_id) for c, j in zip(teachers, jobs)})
         array_id = jobs[0].job_id.split("_")[0]
         sweep.say(f"submitted {len(jobs)} teacher run(s) as job array {array_id}: "
                   + ", ".join(j.job_id for j in jobs))
-        pending_teachers.add(array_id)
-    if pending_teachers:
-        dependency = "afterok:" + ":".join(sorted(pending_teachers))
-    if students:
-        jobs = _submit_array(sweep, students, opts, dependency)
-        submitted += [(name, j.job_id) for c, j in zip(students, jobs) for name in c.names]
+    for dependency, group in _by_dependency(students, teacher_jobs):
+        jobs = _submit_array(sweep, group, opts, dependency)
+        submitted += [(name, j.job_id) for c, j in zip(group, jobs) for name in c.names]
         array_id = jobs[0].job_id.split("_")[0]
-        runs = sum(len(c.specs) for c in students)
+        runs = sum(len(c.specs) for c in group)
         sweep.say(f"submitted {runs} student run(s)" + (f" in {len(jobs)} cohort(s)" if sweep.cohort else "")
                   + f" as job array {array_id}"
                   + (f" (dependency {dependency})" if dependency else "") + ": "
@@ -45,6 +43,16 @@ def submit(sweep: Sweep, teachers: List[Cohort], students: List[Cohort], skip: L
     if options.wait and submitted:
         result.failed = sweep.wait([n for n, _ in submitted])
     return result
+
+
+def _by_dependency(students: List[Cohort], teacher_jobs: Dict[str, str]) -> List[Tuple[Optional[str], List[Cohort]]]:
+    """The student jobs grouped by the teacher jobs they wait for (``afterok:<job>[:<job>]``; None: their teachers
+    are done, or they have none), in order of first appearance."""
+    groups: Dict[Optional[str], List[Cohort]] = {}
+    for cohort in students:
+        needed = sorted({teacher_jobs[s.teacher_run] for s in cohort.specs if s.teacher_run in teacher_jobs})
+        groups.setdefault("afterok:" + ":".join(needed) if needed else None, []).append(cohort)
+    return list(groups.items())
 
 
 def _submit_array(sweep, cohorts: List[Cohort], opts, dependency: Optional[str]):
