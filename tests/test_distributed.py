@@ -148,3 +148,42 @@ def test_stateful_methods_under_ddp(tmp_path, method):
         feedback = [k for k in m0 if k.endswith(".feedback") and m0[k].numel()]
         assert feedback, "PAT stores feedback"
         assert any(not torch.equal(m0[k], m1[k]) for k in feedback)  # each rank keeps its own
+
+
+def _cohort_worker(rank: int, world: int, port: int, cfg_dicts: list, runs_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from hkdbench.benchmark.config import run_config_from_dict
+    from hkdbench.benchmark.engine.distributed import DistContext
+    from hkdbench.benchmark.engine.trainer import CohortTrainer
+    from hkdbench.benchmark.store import RunStore
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank=rank, world_size=world, backend="gloo")
+    results = CohortTrainer([run_config_from_dict(d) for d in cfg_dicts], RunStore(runs_dir), device="cpu",
+                            progress=False, dist_ctx=ctx, echo=False).run(resume=True)
+    torch.save([r.status for r in results], os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_cohort_under_ddp_equals_its_runs_under_ddp_alone(tmp_path):
+    """Two ranks train a cohort (none, kd): every member's run directory (rank 0's) holds the weights the same run
+    has when trained alone on two ranks."""
+    checkpoint = _teacher_checkpoint(tmp_path)
+    cfgs = [resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method=m, recipe="demo",
+                               teacher_checkpoint=checkpoint, overrides=TINY) for m in ("none", "kd")]
+    out = tmp_path / "out"
+    out.mkdir()
+    cohort_runs = tmp_path / "cohort"
+    mp.spawn(_cohort_worker, args=(2, _free_port(), [c.to_dict() for c in cfgs], str(cohort_runs), str(out)),
+             nprocs=2, join=True)
+    assert [torch.load(out / f"rank{r}.pt") for r in range(2)] == [["done", "done"]] * 2
+    for i, cfg in enumerate(cfgs):
+        (tmp_path / f"alone{i}").mkdir()
+        alone, alone_runs = _spawn(cfg, tmp_path / f"alone{i}")
+        assert [r["status"] for r in alone] == ["done", "done"]
+        mine = torch.load(cohort_runs / cfg.run_name() / "final.pt", weights_only=True)
+        theirs = torch.load(alone_runs / cfg.run_name() / "final.pt", weights_only=True)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs), cfg.method
