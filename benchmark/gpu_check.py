@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.cohort_speed import OFA_METHODS
+from hkdbench.benchmark.store import atomic_write_bytes
 
 Pair = Tuple[str, str]
 
@@ -107,9 +108,8 @@ def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_
 
 
 def _write_json(path: Path, body: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    """The store's atomic write, keeping the parts' own key order (methods in measured order)."""
+    atomic_write_bytes(path, (json.dumps(body, indent=2, default=str) + "\n").encode())
 
 
 # --------------------------------------------------------------------------------------------------------------

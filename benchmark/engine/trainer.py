@@ -110,6 +110,7 @@ class CohortTrainer:
         self.echo = echo
         self.run_dirs = [store.run_dir(cfg) for cfg in self.cfgs]
         self.log_dirs: List[RunDir] = []  # the logs of the runs being trained (a done run's log is left alone)
+        self.swap_rng = False  # several runs in training: each member's RNG state is swapped in for its work
 
     @property
     def is_main(self) -> bool:
@@ -232,6 +233,7 @@ class CohortTrainer:
 
     def _train(self, members: List[_Member]) -> None:
         self.log_dirs = [m.run_dir for m in members]
+        self.swap_rng = len(members) > 1
         first = members[0].cfg
         entry = zoo_entry(first.student.name)
         crop_pct = first.data.crop_pct or entry.crop_pct
@@ -254,9 +256,8 @@ class CohortTrainer:
                      + (f" and one {user.teacher.name} pass per step" if teacher is not None else "") + ": "
                      + ", ".join(m.name for m in members), members)
         stream = DataStream(train_loader, first.train.seed, self.device,
-                                    loaders.build_mixup(first.data, info.num_classes, first.optim.label_smoothing),
-                                    channels_last, any(get_method(m.cfg.method).needs_sample_indices
-                                                       for m in members))
+                            loaders.build_mixup(first.data, info.num_classes, first.optim.label_smoothing),
+                            channels_last, any(get_method(m.cfg.method).needs_sample_indices for m in members))
         self._loop(members, stream, teacher, test_loader)
 
     def _build(self, m: _Member, teacher, teacher_top1, train_loader, test_loader, info, channels_last) -> None:
@@ -325,7 +326,7 @@ class CohortTrainer:
                     self._stop(m, epoch, stopped_at)
                 return
             for m in [m for m in in_epoch if m.status == "training"]:
-                with self._rng_of(m, len(members) > 1):
+                with self._rng_of(m):
                     self._end_epoch(m, epoch, test_loader)
         for m in [m for m in members if m.status == "training"]:  # killed after its last checkpoint, before DONE
             self._finish(m)
@@ -352,24 +353,22 @@ class CohortTrainer:
     def _train_epoch(self, members: List[_Member], stream, teacher, epoch: int) -> Optional[int]:
         """Runs the epoch for ``members`` (each from its own step); returns the step to resume at if a stop was
         requested."""
-        swap = len(self.cfgs) > 1
         start = min(m.state["step"] for m in members)
         try:
             for step, batch in stream.batches(epoch, start):
                 active = [m for m in members if m.trains_at(epoch, step)]
                 tic = time.perf_counter()
                 shared, users = self._teacher_pass(active, teacher, batch)
-                share = (time.perf_counter() - tic) / max(users, 1)
+                share = (time.perf_counter() - tic) / max(len(users), 1)
                 for m in active:
                     tic = time.perf_counter()
-                    with self._rng_of(m, swap):
+                    with self._rng_of(m):
                         values, correct = m.ctx.step(batch, epoch, step, shared)
                     total = sum(v for k, v in values.items() if k.startswith("loss/"))
                     if not math.isfinite(total):
                         self._fail_diverged(m, epoch, step, values)
                         continue
-                    seconds = time.perf_counter() - tic + (share if shared is not None and
-                                                           m.ctx.method.plain_teacher_stages() is not None else 0)
+                    seconds = time.perf_counter() - tic + (share if m in users else 0.0)
                     m.sums.add(values, batch.labels.shape[0] * self.world_size, correct, seconds)
                     m.state["step"] = step + 1
                     m.progress.update(total, values["lr"], batch.labels.shape[0] * self.world_size)
@@ -383,20 +382,20 @@ class CohortTrainer:
                     m.progress.close()
         return None
 
-    def _teacher_pass(self, active: List[_Member], teacher, batch) -> Tuple[Optional[Features], int]:
-        """The plain teacher pass of the step, shared by the members that read one (None for a cohort of one:
-        its method runs it in its own step, as it always did)."""
+    def _teacher_pass(self, active: List[_Member], teacher, batch) -> Tuple[Optional[Features], List[_Member]]:
+        """The plain teacher pass of the step and the members that share it (None and none when fewer than two
+        read one: a single reader runs it in its own step, as it always did)."""
         users = [m for m in active if m.ctx.method.uses_teacher and m.ctx.method.plain_teacher_stages() is not None]
         if teacher is None or len(users) < 2:
-            return None, 0
+            return None, []
         stages = set().union(*(m.ctx.method.plain_teacher_stages() for m in users))
-        return users[0].ctx.teacher_pass(batch.images, stages), len(users)
+        return users[0].ctx.teacher_pass(batch.images, stages), users
 
     @contextlib.contextmanager
-    def _rng_of(self, m: _Member, swap: bool):
+    def _rng_of(self, m: _Member):
         """Runs the block with the member's own RNG state (a model's randomness: dropout, drop-path, sampling)
         in the global generators, and keeps what the block leaves in them. A cohort of one needs no swap."""
-        if not swap:
+        if not self.swap_rng:
             yield
             return
         _set_rng(m.rng)
@@ -419,7 +418,7 @@ class CohortTrainer:
         """A stop request: the member's checkpoint at the cohort's step (a member that had not reached it keeps
         the checkpoint it has)."""
         if m.position == (epoch, step):
-            with self._rng_of(m, len(self.cfgs) > 1):
+            with self._rng_of(m):
                 self._save_checkpoint(m, epoch, step, m.sums)
             self.say(f"{m.name}: stop requested; checkpoint saved at epoch {epoch + 1}, step {step}", [m])
         m.tracker.close()
