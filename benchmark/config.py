@@ -324,6 +324,10 @@ class TrainConfig:
     probe_images: int = 512             # fixed probe set, drawn deterministically from the test set
     probe_kernel: str = "linear"        # 'linear' or 'rbf'
     conflict_every: int = 0             # steps between gradient-conflict measurements (task vs distillation)
+    # Teacher runs of the store (names) that a run without a teacher of its own (the student alone) probes its CKA
+    # against, with their best weights, as the distilled runs probe theirs: the reference of the CKA-change figure.
+    # A sweep sets it for its `none` runs (one per teacher the run serves); empty: no such probe (and no hash change).
+    probe_teachers: Tuple[str, ...] = ()
     # Where the run is watched (not part of the run's hash: they change no result; benchmark/engine/tracking.py and
     # benchmark/engine/progress.py). The run store stays the source of truth.
     log: str = "none"                   # experiment tracker: 'tensorboard', 'wandb' or 'none'
@@ -341,6 +345,15 @@ class TrainConfig:
             raise ValueError("train.probe_every and train.conflict_every must be >= 0 (0 turns the probe off)")
         if self.probe_images < 4:
             raise ValueError(f"train.probe_images must be >= 4 (unbiased HSIC), got {self.probe_images}")
+        bad = [t for t in self.probe_teachers if not isinstance(t, str) or not t.startswith("teacher_")]
+        if bad:
+            raise ValueError(f"train.probe_teachers must name teacher runs (teacher_<model>_<dataset>_s<seed>_<hash>), "
+                             f"got {', '.join(map(repr, bad))}")
+        if self.probe_teachers and not self.probe_every:
+            raise ValueError("train.probe_teachers needs train.probe_every > 0 (they are what the CKA probe measures "
+                             "the student against)")
+        if len(set(self.probe_teachers)) != len(self.probe_teachers):
+            raise ValueError(f"train.probe_teachers names a run twice: {list(self.probe_teachers)}")
         if self.probe_kernel not in ("linear", "rbf"):
             raise ValueError(f"train.probe_kernel must be 'linear' or 'rbf', got {self.probe_kernel!r}")
         if self.epochs < 1:
@@ -414,6 +427,8 @@ class RunConfig:
                 for key in ("pretrained", "pretrained_sha256"):
                     if body[model].get(key) is None:
                         body[model].pop(key, None)
+        if not body["train"]["probe_teachers"]:  # no such probe: the hash of a run from before the field
+            body["train"].pop("probe_teachers")
         if body.pop("teacher_run") is not None:  # the teacher run's own hash stands for how it is trained
             body["teacher_run"] = self.teacher_run
             body.pop("teacher_overrides")

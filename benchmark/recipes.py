@@ -137,6 +137,10 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
         data = dataclasses.replace(data, eval_interpolation=zoo_entry(student).interpolation)
     optim = build_dataclass(OptimConfig, body.get("optim", {}), "optim")
     train = build_dataclass(TrainConfig, body.get("train", {}), "train")
+    if train.probe_teachers and (kind != "student" or get_method(method).uses_teacher):
+        raise ConfigError(f"train.probe_teachers is for a student run without a teacher of its own (method none); "
+                          f"this {kind} run ({method}) " + ("probes its own teacher" if kind == "student" else
+                                                            "is a teacher"))
     method_cfg = method_config(method, extra.get("method", {}))
     t_weights = _pretrained(teacher, teacher_pretrained) if teacher and teacher_pretrained else None
     t_recipe = None

@@ -1,6 +1,7 @@
 """CKA and gradient-conflict probes logged into metrics.jsonl by a real (tiny) training run."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,86 @@ def test_probe_set_is_a_fixed_seeded_draw():
     assert [t.shape[0] for t in a] == [64, 66]  # a last minibatch of 2 (< 4) is merged into the one before
     small = probe_set(_FakeLoader(50, 16), 512, 512)
     assert sum(t.shape[0] for t in small) == 50
+
+
+# ------------------------------------------------------------------ the student alone, probed against teacher runs
+
+def _teacher_runs(runs_dir, teachers=("resnet_mini", "mixer_mini")):
+    """Trains each teacher as a sweep would (the teacher run of a kd student): name -> its run directory."""
+    from hkdbench.benchmark.recipes import teacher_run_config
+
+    out = {}
+    for t in teachers:
+        cfg = resolve_run_config(kind="student", student="vit_mini", teacher=t, method="kd", recipe="demo",
+                                 overrides=TINY, teacher_overrides=TEACHER)
+        result = train(teacher_run_config(cfg), runs_dir=runs_dir, echo=False)
+        out[result.run_dir.path.name] = result.run_dir
+    return out
+
+
+def test_student_alone_probed_against_named_teacher_runs(fmnist_available, runs_dir):
+    """A `none` run with train.probe_teachers logs cka@<teacher run>/... for each, equal to CKA recomputed from the
+    kept weights (its last, the teacher run's best) on the probe set; no cka/ keys of its own; the probe changes
+    nothing in training; without the field the run's hash is what it was before the field existed."""
+    from hkdbench.benchmark.data import loaders
+    from hkdbench.benchmark.engine.checkpoint import load_weights
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.probes.hooks import cka_matrix
+
+    teachers = _teacher_runs(runs_dir)
+    names = tuple(sorted(teachers))
+    probed_cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
+                                    overrides=TINY + ["train.probe_every=1", "train.probe_images=96",
+                                                      f"train.probe_teachers=[{','.join(names)}]"])
+    assert probed_cfg.train.probe_teachers == names
+    probed = train(probed_cfg, runs_dir=runs_dir, echo=False)
+    records = _metrics(probed)
+    stages = {f"t{i}_s{j}" for i in range(1, 5) for j in range(1, 5)}
+    for r in records:
+        assert not any(k.startswith("cka/") for k in r)
+        for name in names:
+            assert {k.split("/")[-1] for k in r if k.startswith(f"cka@{name}/linear/")} == stages
+    # recomputed from the kept weights: the last epoch's probe saw the last weights
+    cfg = probed_cfg
+    _, test_loader, info = loaders.build_loaders(cfg.data, torch.device("cpu"), 0.875)
+    batches = probe_set(test_loader, 96, min(cfg.data.eval_batch_size, 96))
+    student = create_model("vit_mini", info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
+    student.model.load_state_dict(load_weights(probed.run_dir, "last"))
+    for name, rd in teachers.items():
+        teacher = create_model(rd.config().student.name, info.num_classes, in_chans=info.in_chans,
+                               img_size=cfg.data.img_size)
+        teacher.model.load_state_dict(load_weights(rd, "best"))
+        want = cka_matrix(teacher, student, batches, torch.device("cpu"), prefix=f"cka@{name}")
+        assert set(want) <= set(records[-1])
+        for k, v in want.items():
+            assert records[-1][k] == pytest.approx(v, abs=1e-5), k
+    # the same run without the probe: the same training, and the name it had before train.probe_teachers existed
+    plain_cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
+                                   overrides=TINY + ["train.probe_every=1", "train.probe_images=96"])
+    assert plain_cfg.run_name() != probed_cfg.run_name()
+    assert resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
+                              overrides=["train.probe_every=1", "data.train_subset=256"]
+                              ).run_name() == "none_none_to_vit_mini_fashion-mnist_s0_1f2b8a7a9785"
+    plain = train(plain_cfg, runs_dir=runs_dir, echo=False)
+    for a, b in zip(_metrics(plain), records):
+        assert a["loss/ce"] == b["loss/ce"] and a["top1"] == b["top1"]
+    a, b = load_weights(plain.run_dir, "last"), load_weights(probed.run_dir, "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_probe_teachers_bad_input_fails_before_anything_is_written(fmnist_available, runs_dir):
+    from hkdbench.benchmark.config import ConfigError
+    from hkdbench.benchmark.engine.trainer import ProbeTeacherMissingError
+
+    probe = ["train.probe_every=1", "train.probe_teachers=[teacher_resnet_mini_fashion-mnist_s0_000000000000]"]
+    cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo", overrides=TINY + probe)
+    with pytest.raises(ProbeTeacherMissingError, match="no finished run in .*teacher_resnet_mini_fashion-mnist_s0_0+"):
+        train(cfg, runs_dir=runs_dir, echo=False)
+    assert not (Path(runs_dir) / cfg.run_name()).exists()
+    with pytest.raises(ConfigError, match="probes its own teacher"):
+        _config(probe)
+    with pytest.raises(ConfigError, match="needs train.probe_every > 0"):
+        resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo", overrides=probe[1:])
+    with pytest.raises(ConfigError, match="must name teacher runs"):
+        resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
+                           overrides=["train.probe_every=1", "train.probe_teachers=[kd_resnet_mini]"])

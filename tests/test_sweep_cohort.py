@@ -188,3 +188,34 @@ def test_on_slurm_each_cohort_waits_for_its_own_teachers_job_only(tmp_path):
     assert groups == [("afterok:700_0", [by_teacher["resnet_mini"]]), ("afterok:700_1", [by_teacher["mixer_mini"]])]
     # the resnet teacher already done (no job): its cohort, which holds the student alone, waits for nothing
     assert _by_dependency(cohorts, {mixer_run: "700_1"})[0] == (None, [by_teacher["resnet_mini"]])
+
+
+def test_a_probed_sweep_probes_the_student_alone_against_each_of_its_teachers(tmp_path):
+    """With CKA probes on, the student-alone run of a two-teacher sweep names both teacher runs
+    (train.probe_teachers), waits for both on Slurm, and after an inline cohort sweep has CKA against each."""
+    from hkdbench.benchmark.sweep.executors.slurm import _by_dependency
+
+    probed = {"overrides": {"data": TINY, "train": {"epochs": 2, "probe_every": 1, "probe_images": 64}}}
+    preset = tiny_preset(tmp_path, teachers=["resnet_mini", "mixer_mini"], methods=["none", "kd"], **probed)
+    plan = expand(load_preset(preset))
+    teacher_runs = {t.cfg.student.name: t.name for t in plan.teachers}
+    (alone,) = [s for s in plan.students if s.cfg.method == "none"]
+    assert alone.cfg.train.probe_teachers == tuple(sorted(teacher_runs.values()))
+    assert sorted(alone.needs) == sorted(teacher_runs.values()) and alone.teacher_run is None
+    assert [s.needs for s in plan.students if s.cfg.method == "kd"] == [[s.teacher_run] for s in plan.students
+                                                                        if s.cfg.method == "kd"]
+    cohorts = make_cohorts(plan.students, grouped=True)
+    jobs = {teacher_runs["resnet_mini"]: "700_0", teacher_runs["mixer_mini"]: "700_1"}
+    groups = dict(_by_dependency(cohorts, jobs))
+    with_alone = next(c for c in cohorts if alone in c.specs)
+    assert with_alone in groups["afterok:700_0:700_1"]  # its kd waits for one teacher, its none for both
+    # without probes the student alone names no teacher run: the plan (and the run's name) as before
+    plain = expand(load_preset(tiny_preset(tmp_path, name="plain", teachers=["resnet_mini", "mixer_mini"])))
+    assert all(s.cfg.train.probe_teachers == () for s in plain.students)
+
+    runs = tmp_path / "runs"
+    code, out, _ = hkdbench("sweep", preset, "--cohort", "--runs-dir", runs)
+    assert code == 0, out
+    last = RunStore(runs).run_dir(alone.cfg).metrics()[-1]
+    for name in teacher_runs.values():
+        assert sum(k.startswith(f"cka@{name}/linear/") for k in last) == 16

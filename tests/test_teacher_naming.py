@@ -72,6 +72,7 @@ def test_runs_without_a_trained_teacher_keep_their_names():
         body.pop("teacher_run")
         for key in ("log", "log_interval", "compile"):  # how a run is watched or run: added later, never hashed
             body["train"].pop(key)
+        body["train"].pop("probe_teachers")  # the student alone's CKA references: in the hash only when set
         for model in ("student", "teacher"):  # pretrained weights: in the hash only when set
             for key in ("pretrained", "pretrained_sha256"):
                 if body[model] and body[model][key] is None:

@@ -49,6 +49,10 @@ class TeacherUnavailableError(RuntimeError):
     """A stop request arrived while the teacher of this run was being trained (its checkpoint is saved)."""
 
 
+class ProbeTeacherMissingError(RuntimeError):
+    """A teacher run named by ``train.probe_teachers`` has not finished (nothing of the run is written)."""
+
+
 @dataclass
 class RunResult:
     status: str                      # 'done', 'interrupted', 'failed' (diverged), 'owned' (locked elsewhere)
@@ -160,6 +164,32 @@ class CohortTrainer:
                  f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
         return teacher.to(self.device), recorded[f"{which}_top1"]
 
+    def _check_probe_teachers(self, cfg: RunConfig) -> None:
+        missing = [name for name in cfg.train.probe_teachers if not RunDir(self.store.root / name).is_done]
+        if missing and not self.store.run_dir(cfg).is_done:
+            raise ProbeTeacherMissingError(
+                f"{cfg.run_name()}: train.probe_teachers names teacher run(s) with no finished run in "
+                f"{self.store.root}: {', '.join(missing)}. Train them first (a sweep trains its teachers before its "
+                f"students), or leave them out of train.probe_teachers")
+
+    def probe_teachers(self, cfg: RunConfig, num_classes: int, in_chans: int) -> Dict[str, TappedModel]:
+        """Run name -> the best weights of each teacher run ``cfg`` is CKA-probed against (``train.probe_teachers``;
+        main process only, as the probe is); each must have been trained on the run's dataset and resolution."""
+        if not (cfg.train.probe_teachers and cfg.train.probe_every and self.is_main):
+            return {}
+        models = {}
+        for name in cfg.train.probe_teachers:
+            t_dir = RunDir(self.store.root / name)
+            t_cfg = t_dir.config()
+            if (t_cfg.data.dataset, t_cfg.data.img_size) != (cfg.data.dataset, cfg.data.img_size):
+                raise ProbeTeacherMissingError(
+                    f"{cfg.run_name()}: probe teacher {name} was trained on {t_cfg.data.dataset} at "
+                    f"{t_cfg.data.img_size} px, this run on {cfg.data.dataset} at {cfg.data.img_size} px")
+            teacher = create_model(t_cfg.student.name, num_classes, in_chans=in_chans, img_size=cfg.data.img_size)
+            teacher.model.load_state_dict(load_weights(t_dir, "best"))
+            models[name] = teacher.to(self.device).eval()
+        return models
+
     # -- the cohort -----------------------------------------------------------------------------------------------
     def run(self, resume: bool = False, restart: bool = False, wait_for_lock: bool = True) -> List[RunResult]:
         """Trains every run under its flock (taken in name order, so two cohorts never wait on each other);
@@ -168,8 +198,9 @@ class CohortTrainer:
         from hkdbench.benchmark.engine.tracking import check_tracker_available
         from hkdbench.benchmark.store import RunLockedError
 
-        for cfg in self.cfgs:  # a missing tracker package fails before anything is written
+        for cfg in self.cfgs:  # a missing tracker package or probe teacher fails before anything is written
             check_tracker_available(cfg.train.log)
+            self._check_probe_teachers(cfg)
         results: Dict[str, RunResult] = {}
         with contextlib.ExitStack() as locks:
             held = []
@@ -302,7 +333,8 @@ class CohortTrainer:
                           setup.optimizer, setup.scaler, self.device, ema, setup.dtype, channels_last)
         from hkdbench.benchmark.probes.hooks import build_probes
         m.ctx.probes = build_probes(cfg, student, own_teacher, test_loader, self.device, setup.dtype,
-                                    channels_last, self.is_main)
+                                    channels_last, self.is_main,
+                                    self.probe_teachers(cfg, info.num_classes, info.in_chans))
         # TensorBoard / W&B mirror of metrics.jsonl (train.log)
         from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker
 

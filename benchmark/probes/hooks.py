@@ -5,7 +5,9 @@ is written).
 * **CKA** every ``train.probe_every`` epochs: minibatch CKA (unbiased HSIC, :class:`CKAAccumulator`) between every
   teacher stage and every student stage on a fixed probe set of ``train.probe_images`` test images (a seeded draw,
   the same images and the same minibatches at every probe and in every run of a sweep), both models in eval mode,
-  kernel ``train.probe_kernel``. Keys: ``cka/<kernel>/t{i}_s{j}`` (teacher stage i, student stage j).
+  kernel ``train.probe_kernel``. Keys: ``cka/<kernel>/t{i}_s{j}`` (teacher stage i, student stage j). A run
+  without a teacher of its own (the student alone) is probed against each run of ``train.probe_teachers`` instead:
+  keys ``cka@<teacher run>/<kernel>/t{i}_s{j}``, the same measurement, the reference of "CKA change from none".
 * **Gradient conflict** every ``train.conflict_every`` steps: the cosine between the gradients of the task term
   (``'ce'``) and of the sum of the distillation terms on the student's own parameters, whole model and per block
   (:func:`student_blocks`), via ``torch.autograd.grad`` before the step's backward (extra backward passes only on
@@ -84,8 +86,8 @@ def probe_set(loader, n_images: int, batch_size: int) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: str = "linear",
-               autocast=None, channels_last: bool = False) -> Dict[str, float]:
-    """``{'cka/<kernel>/t{i}_s{j}': value}`` for all stage pairs, both models in eval mode (restored after)."""
+               autocast=None, channels_last: bool = False, prefix: str = "cka") -> Dict[str, float]:
+    """``{'<prefix>/<kernel>/t{i}_s{j}': value}`` for all stage pairs, both models in eval mode (restored after)."""
     acc = CKAAccumulator.for_models(teacher, student, STAGES, STAGES, kernel=kernel)
     modes = (teacher.training, student.training)
     teacher.eval()
@@ -103,21 +105,24 @@ def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: st
     finally:
         teacher.train(modes[0])
         student.train(modes[1])
-    return {f"cka/{kernel}/t{t}_s{s}": (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
+    return {f"{prefix}/{kernel}/t{t}_s{s}": (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
 
 
 class TrainingProbes:
     """The probes of one run; a no-op for every probe whose cadence is 0."""
 
     def __init__(self, cfg, student, teacher, test_loader, device, autocast=None, channels_last: bool = False,
-                 is_main: bool = True):
+                 is_main: bool = True, probe_teachers: Optional[Dict[str, Any]] = None):
         t = cfg.train
         self.probe_every, self.conflict_every, self.kernel = t.probe_every, t.conflict_every, t.probe_kernel
         self.student, self.teacher, self.device = student, teacher, device
+        # key prefix -> teacher: the run's own teacher, or the teacher runs a run without one is probed against
+        self.references = {"cka": teacher} if teacher is not None else {
+            f"cka@{name}": model for name, model in (probe_teachers or {}).items()}
         self.autocast, self.channels_last = autocast, channels_last
         self.batches: Optional[List[torch.Tensor]] = None
-        # CKA needs a teacher (the student-alone baseline has none); it is run by the main process only.
-        if self.probe_every and teacher is not None and is_main:
+        # CKA needs a teacher to compare with; it is run by the main process only.
+        if self.probe_every and self.references and is_main:
             self.batches = probe_set(test_loader, t.probe_images, min(cfg.data.eval_batch_size, t.probe_images))
         self.tracker = ConflictTracker()
         self.blocks = student_blocks(student) if self.conflict_every else None
@@ -149,8 +154,9 @@ class TrainingProbes:
         out: Dict[str, Any] = {}
         if self.batches is not None and ((epoch + 1) % self.probe_every == 0 or last_epoch):
             tic = time.perf_counter()
-            out.update(cka_matrix(self.teacher, self.student, self.batches, self.device, self.kernel,
-                                  self.autocast, self.channels_last))
+            for prefix, teacher in self.references.items():
+                out.update(cka_matrix(teacher, self.student, self.batches, self.device, self.kernel,
+                                      self.autocast, self.channels_last, prefix))
             out["cka_time_s"] = time.perf_counter() - tic
         if self.conflict_every and len(self.tracker):
             s = self.tracker.epoch_summary()
@@ -163,10 +169,12 @@ class TrainingProbes:
 
 
 def build_probes(cfg, student, teacher, test_loader, device, dtype=None, channels_last: bool = False,
-                 is_main: bool = True) -> Optional[TrainingProbes]:
-    """The run's probes, or None when every probe is off (the trainer then does nothing extra)."""
+                 is_main: bool = True, probe_teachers: Optional[Dict[str, Any]] = None) -> Optional[TrainingProbes]:
+    """The run's probes, or None when every probe is off (the trainer then does nothing extra).
+    ``probe_teachers``: run name -> loaded teacher, for a run without a teacher of its own."""
     if not cfg.train.probe_every and not cfg.train.conflict_every:
         return None
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=dtype)) if dtype is not None else None
-    probes = TrainingProbes(cfg, student, teacher, test_loader, device, autocast, channels_last, is_main)
+    probes = TrainingProbes(cfg, student, teacher, test_loader, device, autocast, channels_last, is_main,
+                            probe_teachers)
     return probes if probes.active else None

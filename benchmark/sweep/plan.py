@@ -4,7 +4,7 @@ runs and the teacher runs they need (trained first); and the runs to do split in
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.config import ConfigError, RunConfig, deep_merge, flatten
@@ -23,6 +23,11 @@ class RunSpec:
     @property
     def name(self) -> str:
         return self.cfg.run_name()
+
+    @property
+    def needs(self) -> List[str]:
+        """The teacher runs this run waits for: its own teacher's, or those its CKA is probed against."""
+        return ([self.teacher_run] if self.teacher_run else []) + list(self.cfg.train.probe_teachers)
 
 
 @dataclass
@@ -86,7 +91,23 @@ def expand(p: Preset) -> SweepPlan:
                         teachers[t_name].cells.append(cell)
                         spec.teacher_run = t_name
                 spec.cells.append(cell)
-    return SweepPlan(p, cells, list(teachers.values()), list(students.values()))
+    return SweepPlan(p, cells, list(teachers.values()), _probing_teachers(list(students.values())))
+
+
+def _probing_teachers(students: List[RunSpec]) -> List[RunSpec]:
+    """The student runs with each CKA-probed run that has no teacher of its own (the student alone) probed against
+    the teacher runs of the cells it serves (``train.probe_teachers``): the reference of the CKA-change figure. A
+    cell whose teacher is not trained by the sweep (a checkpoint, timm weights as they are) has no run to name."""
+    trained_by = {(t, s, seed): spec.teacher_run for spec in students if spec.teacher_run
+                  for t, s, _, seed in spec.cells}
+    out = []
+    for spec in students:
+        names = sorted({trained_by[t, s, seed] for t, s, _, seed in spec.cells if (t, s, seed) in trained_by})
+        if spec.teacher_run is None and spec.cfg.train.probe_every and names:
+            cfg = replace(spec.cfg, train=replace(spec.cfg.train, probe_teachers=tuple(names)))
+            spec = RunSpec(cfg, spec.kind, None, spec.cells)
+        out.append(spec)
+    return out
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The Slurm executor: submitit job arrays, the teachers' first, then the students', one array task per student
 run or, with ``sweep --cohort``, per cohort. A student task waits for its own teacher's job only
-(``--dependency=afterok:<array>_<task>``, ``--kill-on-invalid-dep=yes``): the students of one teacher form one
+(``--dependency=afterok:<array>_<task>``, ``--kill-on-invalid-dep=yes``), the student alone for the teachers its
+CKA is probed against (``train.probe_teachers``, when the sweep probes): the students of one teacher form one
 array, so a slow teacher holds back only its own students. A student job that still finds its teacher unfinished
 trains it under the teacher run's flock, so no two jobs ever train the same teacher."""
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _by_dependency(students: List[Cohort], teacher_jobs: Dict[str, str]) -> List
     are done, or they have none), in order of first appearance."""
     groups: Dict[Optional[str], List[Cohort]] = {}
     for cohort in students:
-        needed = sorted({teacher_jobs[s.teacher_run] for s in cohort.specs if s.teacher_run in teacher_jobs})
+        needed = sorted({teacher_jobs[t] for s in cohort.specs for t in s.needs if t in teacher_jobs})
         groups.setdefault("afterok:" + ":".join(needed) if needed else None, []).append(cohort)
     return list(groups.items())
 
