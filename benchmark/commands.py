@@ -13,7 +13,7 @@ from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
 
 def cmd_train(args, overrides) -> int:
     from hkdbench.benchmark.config import split_teacher_overrides
-    from hkdbench.benchmark.engine.cohort import check_cohort
+    from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
     from hkdbench.benchmark.engine.trainer import train, train_cohort
 
     run_items, teacher_items = split_teacher_overrides(overrides(args))
@@ -28,6 +28,7 @@ def cmd_train(args, overrides) -> int:
     if len(cfgs) == 1:
         return _train_until_done_or_stopped(lambda **kw: [train(cfgs[0], **kw)], args)
     check_cohort(cfgs)
+    cfgs = probing_the_cohorts_teacher(cfgs)
     return _train_until_done_or_stopped(lambda **kw: train_cohort(cfgs, **kw), args)
 
 

@@ -179,3 +179,23 @@ def test_probe_teachers_bad_input_fails_before_anything_is_written(fmnist_availa
     with pytest.raises(ConfigError, match="must name teacher runs"):
         resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo",
                            overrides=["train.probe_every=1", "train.probe_teachers=[kd_resnet_mini]"])
+
+
+def test_a_cli_cohort_probes_its_student_alone_against_the_cohorts_teacher(fmnist_available, runs_dir):
+    """`hkdbench train --method none,kd --teacher T` with CKA probes: the teacher run is trained first (it is not
+    in the store yet), then the student alone is probed against it as kd is: cka@<teacher run>/..."""
+    from hkdbench.benchmark.cli import main
+    from hkdbench.benchmark.store import RunStore
+
+    probe = ["train.probe_every=1", "train.probe_images=64"]
+    code = main(["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "none,kd", "--recipe",
+                 "demo", *TINY, *probe, *[f"teacher.{o}" for o in TEACHER], "--runs-dir", str(runs_dir)])
+    assert code == 0
+    runs = {rd.config().method if rd.config().kind == "student" else "teacher": rd for rd in RunStore(runs_dir).runs()}
+    assert set(runs) == {"none", "kd", "teacher"}
+    teacher_run = runs["teacher"].path.name
+    assert runs["none"].config().train.probe_teachers == (teacher_run,)
+    assert runs["kd"].config().teacher_run == teacher_run
+    alone, kd = runs["none"].metrics()[-1], runs["kd"].metrics()[-1]
+    assert sum(k.startswith(f"cka@{teacher_run}/linear/") for k in alone) == 16
+    assert sum(k.startswith("cka/linear/") for k in kd) == 16

@@ -91,3 +91,15 @@ def _plain(value: Any) -> Any:
     from dataclasses import asdict, is_dataclass
 
     return asdict(value) if is_dataclass(value) else value
+
+
+def probing_the_cohorts_teacher(cfgs: Sequence[RunConfig]) -> List[RunConfig]:
+    """``cfgs`` with each CKA-probed run that has no teacher of its own (the student alone) probed against the
+    teacher run(s) its cohort distils from (``train.probe_teachers``; the best weights, as the probe loads), unless
+    it names its own."""
+    import dataclasses
+
+    taught = sorted({c.teacher_run for c in cfgs if c.teacher_run and c.teacher.weights == "best"})
+    return [dataclasses.replace(c, train=dataclasses.replace(c.train, probe_teachers=tuple(taught)))
+            if taught and c.teacher_run is None and c.kind == "student" and c.train.probe_every
+            and not c.train.probe_teachers and teacher_key(c) is None else c for c in cfgs]

@@ -165,7 +165,9 @@ class CohortTrainer:
         return teacher.to(self.device), recorded[f"{which}_top1"]
 
     def _check_probe_teachers(self, cfg: RunConfig) -> None:
-        missing = [name for name in cfg.train.probe_teachers if not RunDir(self.store.root / name).is_done]
+        trained_here = {c.teacher_run for c in self.cfgs}  # the cohort's own teacher is trained first if missing
+        missing = [name for name in cfg.train.probe_teachers
+                   if name not in trained_here and not RunDir(self.store.root / name).is_done]
         if missing and not self.store.run_dir(cfg).is_done:
             raise ProbeTeacherMissingError(
                 f"{cfg.run_name()}: train.probe_teachers names teacher run(s) with no finished run in "
