@@ -5,20 +5,26 @@
   top-1, top-5, teacher top-1, epochs, parameters, time), overhead columns, probe summaries and provenance (run
   hash, git sha, device, versions from ``env.json``), plus ``status`` ('done', 'failed', 'unfinished').
 * :func:`collect_epochs`: one row per (run, epoch) of ``metrics.jsonl``, with the run's identity columns (for
-  convergence, CKA and gradient-conflict figures).
+  convergence and gradient-conflict figures), without the student alone's ``cka@<teacher run>/...`` probes.
+* :func:`collect_cka`: one row per (run, epoch, kernel, teacher stage, student stage) of every CKA probe, with the
+  teacher run it was measured against (for the CKA figures): a distilled run's ``cka/<kernel>/t{i}_s{j}`` against its
+  own teacher, a student-alone run's ``cka@<teacher run>/<kernel>/t{i}_s{j}`` against that named teacher run.
 
 ``setting`` is a short hash of the run's shared training setting (data, optimiser and schedule, without the seed,
-the models, the method and the probe cadences): runs with the same setting are comparable, and a method's gain
-is taken over the student-alone run (method ``none``) of the same student and setting.
+the models, the method, the probe cadences and the teacher runs probed): runs with the same setting are comparable,
+and a method's gain is taken over the student-alone run (method ``none``) of the same student and setting.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+import numpy as np
 import pandas as pd
 
 from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
@@ -45,9 +51,11 @@ INT_COLUMNS = ["seed", "epochs", "best_epoch", "last_epoch", "ema_best_epoch", "
                "repeats", "world_size", "cpu_count", "cpu_threads"]
 
 # Config keys that do not change a result and so do not split a setting.
+# probe_teachers (the teacher runs a student alone is probed against) too: else the probed student alone would stand
+# in a setting of its own, apart from the distilled runs it is the baseline of.
 _NOT_SETTING = {("train", "seed"), ("train", "probe_every"), ("train", "probe_images"), ("train", "probe_kernel"),
-                ("train", "conflict_every"), ("train", "eval_every"), ("data", "workers"), ("data", "root"),
-                ("data", "download")}
+                ("train", "probe_teachers"), ("train", "conflict_every"), ("train", "eval_every"), ("data", "workers"),
+                ("data", "root"), ("data", "download")}
 
 
 def _short_hash(obj: Any) -> str:
@@ -184,8 +192,8 @@ EPOCH_ID = ["run", "kind", "method", "teacher", "student", "teacher_family", "st
             "setting", "method_variant", "seed"]
 
 
-def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """One row per (run, epoch) of every finished training run's metrics.jsonl."""
+def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per (run, epoch) of every finished training run's metrics.jsonl, every key kept."""
     root = Path(runs_dir)
     runs = collect_runs(root) if runs is None else runs
     frames = []
@@ -205,3 +213,80 @@ def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFram
     for col in ("seed", "epoch"):
         out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
     return out.sort_values(["run", "epoch"]).reset_index(drop=True)
+
+
+def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None,
+                   records: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """:func:`epoch_records` without the ``cka@`` columns: one per (teacher run, kernel, stage pair) probed by the
+    student alone, they would multiply the columns; :func:`collect_cka` holds them. ``records``: that frame, if
+    already read."""
+    records = epoch_records(runs_dir, runs) if records is None else records
+    return records.drop(columns=[c for c in records.columns if str(c).startswith("cka@")])
+
+
+CKA_ID = ["run", "method", "method_variant", "teacher", "teacher_run", "probe", "student", "dataset", "recipe",
+          "setting", "seed"]
+CKA_COLUMNS = CKA_ID + ["epoch", "kernel", "teacher_stage", "student_stage", "cka"]
+# cka/<kernel>/t{i}_s{j} (against the run's own teacher) or cka@<teacher run>/<kernel>/t{i}_s{j} (a named one)
+CKA_KEY = re.compile(r"cka(?:@(?P<probe_run>[^/]+))?/(?P<kernel>[^/]+)/t(?P<teacher_stage>\d+)_s(?P<student_stage>\d+)")
+OWN, NAMED = "own teacher", "named run"
+
+
+def _teacher_model(probe_run: str, dataset: str, models: Dict[str, str]) -> Optional[str]:
+    """The model a teacher run trained: from the store, else from its name (``teacher_<model>_<dataset>_s<seed>_
+    <hash>``, RunConfig.run_name), taking the teacher to have trained on the probing run's dataset."""
+    if probe_run in models:
+        return models[probe_run]
+    hit = re.fullmatch(rf"teacher_(.+)_{re.escape(str(dataset))}_s\d+_[0-9a-f]+", probe_run)
+    return hit.group(1) if hit else None
+
+
+def _name_probed_teachers(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Rows of ``cka@`` keys take the named teacher run and its model; those whose model is unknown (not in the
+    store, name not parsed) are left out, with a warning (a CKA against an unknown model would be mis-grouped)."""
+    named = long["probe_run"].notna()
+    if not named.any():
+        return long
+    teachers = runs[runs["kind"] == "teacher"]
+    models = dict(zip(teachers["run"], teachers["student"]))
+    pairs = long.loc[named, ["probe_run", "dataset"]].drop_duplicates()
+    found = {(r, d): _teacher_model(r, d, models) for r, d in pairs.itertuples(index=False)}
+    lost = sorted(r for (r, _), m in found.items() if m is None)
+    if lost:
+        warnings.warn(f"CKA probes against teacher run(s) {', '.join(lost)} left out: not in the store and the "
+                      "model is not readable from the name (teacher_<model>_<dataset>_s<seed>_<hash>)", stacklevel=3)
+    model = pd.Series([found.get((r, d)) for r, d in zip(long["probe_run"], long["dataset"])], index=long.index)
+    long.loc[named, "teacher"] = model[named]
+    long.loc[named, "teacher_run"] = long.loc[named, "probe_run"]
+    return long[~named | model.notna()]
+
+
+def cka_table(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The long CKA table (:data:`CKA_COLUMNS`) of an epoch frame's ``cka/`` and ``cka@`` columns; ``runs`` gives
+    each run's teacher run and the models of the teacher runs. ``probe`` says against what: the run's own teacher
+    (``teacher_run`` is empty for a teacher from a checkpoint) or a named teacher run."""
+    keys = [c for c in records.columns if CKA_KEY.fullmatch(str(c))]
+    if records.empty or not keys:
+        return pd.DataFrame(columns=CKA_COLUMNS)
+    long = records[["run", "epoch"] + keys].melt(id_vars=["run", "epoch"], var_name="key", value_name="cka")
+    long["cka"] = pd.to_numeric(long["cka"], errors="coerce")
+    long = long[np.isfinite(long["cka"].astype(float))]  # a key absent at an epoch, or a probe that failed
+    long = long.join(long.pop("key").str.extract(CKA_KEY))
+    ids = runs.set_index("run")[[c for c in CKA_ID if c not in ("run", "probe")]]
+    long = long.join(ids, on="run")
+    long["probe"] = np.where(long["probe_run"].isna(), OWN, NAMED)
+    long = _name_probed_teachers(long, runs)
+    for col in ("teacher_stage", "student_stage"):
+        long[col] = long[col].astype(int)
+    long["seed"] = pd.to_numeric(long["seed"], errors="coerce").round().astype("Int64")
+    long = long[CKA_COLUMNS].sort_values(["run", "epoch", "kernel", "teacher_run", "teacher_stage", "student_stage"],
+                                         key=lambda s: s.astype(str) if s.dtype == object else s)
+    return long.reset_index(drop=True)
+
+
+def collect_cka(runs_dir, runs: Optional[pd.DataFrame] = None,
+                records: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The long CKA table of the store (:func:`cka_table`); ``records``: :func:`epoch_records`, if already read
+    (collect_epochs' frame would not do: it has no ``cka@`` columns)."""
+    runs = collect_runs(runs_dir) if runs is None else runs
+    return cka_table(epoch_records(runs_dir, runs) if records is None else records, runs)

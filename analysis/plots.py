@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import keyed  # noqa: E402
+from .collect import OWN, cka_table, keyed  # noqa: E402
 from .order import BASELINE, REFERENCE, ordered, palette  # noqa: E402
-from .stats import BOOTSTRAP_RESAMPLES  # noqa: E402
+from .stats import BOOTSTRAP_RESAMPLES, by_seed, paired_difference  # noqa: E402
 from .tables import ComparisonTable, comparison_tables, difference_text  # noqa: E402
 
 FORMATS = ("png", "pdf")
@@ -350,76 +350,6 @@ def _pairs(epochs: pd.DataFrame):
         yield (t, s, d, st), g, base
 
 
-def _cka_columns(epochs: pd.DataFrame, kernel: str) -> Dict[Tuple[int, int], str]:
-    out = {}
-    for c in epochs.columns:
-        hit = re.fullmatch(rf"cka/{re.escape(kernel)}/t(\d+)_s(\d+)", c)
-        if hit:
-            out[(int(hit.group(1)), int(hit.group(2)))] = c
-    return out
-
-
-def _kernels(epochs: pd.DataFrame) -> List[str]:
-    return sorted({c.split("/")[1] for c in epochs.columns if c.startswith("cka/")})
-
-
-def _last_epoch_means(frame: pd.DataFrame, cols: Sequence[str]) -> Tuple[pd.DataFrame, pd.Series]:
-    """Per method, the mean over seeds of each column at each run's last probed epoch, and the number of runs."""
-    sub = frame.dropna(subset=list(cols), how="all")
-    last = sub.sort_values("epoch").groupby("run").tail(1)
-    for c in cols:
-        last[c] = pd.to_numeric(last[c], errors="coerce")
-    return last.groupby("method")[list(cols)].mean(), last.groupby("method")["run"].nunique()
-
-
-def cka_change_heatmaps(epochs: pd.DataFrame, out_dir) -> List[Path]:
-    """Per pair and kernel, each method's last-epoch CKA minus the reference's, per (teacher stage, student stage),
-    on a diverging scale centred on 0. The reference is the student alone where its runs were probed against a
-    teacher, else KD (a ``none`` run has no teacher to probe; said in the title)."""
-    _style()
-    paths: List[Path] = []
-    for kernel in _kernels(epochs):
-        cols_by_stage = _cka_columns(epochs, kernel)
-        cols = list(cols_by_stage.values())
-        for (t, s, d, st), g, base in _pairs(epochs):
-            frame = pd.concat([g, base], ignore_index=True)
-            means, n = _last_epoch_means(frame, cols)
-            ref = BASELINE if BASELINE in means.index else REFERENCE
-            if ref not in means.index:
-                continue
-            change = means.drop(index=ref) - means.loc[ref]
-            methods = ordered(change.index)
-            if not methods:
-                continue
-            ts, ss = sorted({i for i, _ in cols_by_stage}), sorted({j for _, j in cols_by_stage})
-            limit = float(np.nanmax(np.abs(change.to_numpy()))) or 0.01
-            rows, ncols = _grid(len(methods))
-            fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols + 1.0, 3.0 * rows + 0.8), squeeze=False)
-            cmap = plt.get_cmap("RdBu")
-            for ax, m in zip(axes.flat, methods):
-                grid = np.array([[change.loc[m, cols_by_stage[(i, j)]] for j in ss] for i in ts], dtype=float)
-                ax.imshow(grid, cmap=cmap, vmin=-limit, vmax=limit)
-                for (i, j), v in np.ndenumerate(grid):
-                    ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if abs(v) > 0.6 * limit else "black")
-                ax.grid(False)
-                ax.set_title(f"{m} (n={n.get(m, 0)})", fontsize=10)
-                ax.set_xticks(range(len(ss)), [f"S{j}" for j in ss])
-                ax.set_yticks(range(len(ts)), [f"T{i}" for i in ts] if ax.get_subplotspec().is_first_col() else [])
-                ax.set_xlabel(f"student stage ({s})")
-                if ax.get_subplotspec().is_first_col():
-                    ax.set_ylabel(f"teacher stage ({t})")
-            for ax in list(axes.flat)[len(methods):]:
-                ax.axis("off")
-            sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
-            fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA − CKA of {ref}")
-            why = "" if ref == BASELINE else " (the student-alone runs have no teacher probe)"
-            fig.suptitle(f"Change in CKA ({kernel}, unbiased HSIC) from {ref}{why}\nlast probed epoch, mean over "
-                         f"seeds: {t} → {s}, {d}", y=1.03, fontsize=11)
-            paths += _save(fig, out_dir, _slug("cka_change", kernel, t, "to", s, d, st))
-    return paths
-
-
 def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str]) -> None:
     """Mean over seeds per epoch, with a band from the lowest to the highest seed."""
     for m in methods:
@@ -441,37 +371,132 @@ def _epoch_words(frame: pd.DataFrame) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}, {seeds} seeds per method; line: mean, band: lowest to highest seed"
 
 
-def cka_epoch_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
-    """Per pair and kernel, one panel per (teacher stage, student stage): CKA over epochs per method."""
+def _cka_groups(cka: pd.DataFrame):
+    """Per (teacher, student, dataset, setting, kernel): the distilled runs' CKA rows against their own teacher, and
+    the student alone's rows against the same teacher run (empty where it was not probed against it, or where the
+    distilled runs do not share one teacher run, e.g. teachers from checkpoints, which have none)."""
+    df = keyed(cka, ["setting", "teacher_run"])
+    distilled = df[(df["method"] != BASELINE) & (df["probe"] == OWN)]
+    alone = df[df["method"] == BASELINE]
+    for (t, s, d, st, k), g in distilled.groupby(["teacher", "student", "dataset", "setting", "kernel"]):
+        shared = set(g["teacher_run"]) if g["teacher_run"].nunique() == 1 else set()
+        base = alone[alone["teacher_run"].isin(shared - {"-"}) & (alone["student"] == s) & (alone["dataset"] == d)
+                     & (alone["setting"] == st) & (alone["kernel"] == k)]
+        yield (t, s, d, st, k), g, base
+
+
+def _last_probes(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each run's rows of its last probed epoch."""
+    return rows[rows["epoch"] == rows.groupby("run")["epoch"].transform("max")]
+
+
+_STAGES = ["teacher_stage", "student_stage"]
+
+
+def cka_change(g: pd.DataFrame, base: pd.DataFrame) -> Tuple[Optional[pd.DataFrame], str]:
+    """Per method and stage pair, the mean over seeds of the last probed CKA minus the reference's, and which
+    reference: the student alone (``base``, probed against the same teacher run) where there is one, else KD.
+    Columns: method, teacher_stage, student_stage, cka, reference, change, n (runs), significant (the seed-paired
+    difference's 95 % t interval excludes 0). None where the reference or anything to compare with it is missing."""
+    ref = BASELINE if not base.empty else REFERENCE
+    last = _last_probes(pd.concat([g, base], ignore_index=True))
+    ref_rows = last[last["method"] == ref]
+    if ref_rows.empty or (last["method"] == ref).all():
+        return None, ref
+    ref_seeds = {k: by_seed(c, "cka") for k, c in ref_rows.groupby(_STAGES)}
+    rows = []
+    for (m, i, j), cell in last[last["method"] != ref].groupby(["method"] + _STAGES):
+        paired = paired_difference(by_seed(cell, "cka"), ref_seeds.get((i, j), {}))
+        rows.append({"method": m, "teacher_stage": i, "student_stage": j, "cka": cell["cka"].mean(),
+                     "n": cell["run"].nunique(), "significant": paired is not None and paired.excludes_zero})
+    out = pd.DataFrame(rows).join(ref_rows.groupby(_STAGES)["cka"].mean().rename("reference"), on=_STAGES)
+    out["change"] = out["cka"] - out["reference"]
+    return out, ref
+
+
+def _change_panel(ax, cells: pd.DataFrame, ts: List[int], ss: List[int], cmap, limit: float) -> None:
+    grid = np.full((len(ts), len(ss)), np.nan)
+    for c in cells.itertuples():
+        grid[ts.index(c.teacher_stage), ss.index(c.student_stage)] = c.change
+        if not np.isnan(c.change):
+            star = "*" if c.significant else ""
+            ax.text(ss.index(c.student_stage), ts.index(c.teacher_stage), f"{c.change:+.2f}{star}", ha="center",
+                    va="center", fontsize=8, color="white" if abs(c.change) > 0.6 * limit else "black")
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit)
+    ax.set_facecolor("#eeeeee")
+    ax.grid(False)
+
+
+def _change_title(kernel: str, ref: str) -> str:
+    if ref == BASELINE:
+        return (f"Change in CKA ({kernel}, unbiased HSIC) from the student alone (none, probed against the same "
+                "teacher run)")
+    return f"Change in CKA ({kernel}, unbiased HSIC) from {ref} (the student-alone runs have no teacher probe)"
+
+
+def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair and kernel, each method's last-epoch CKA minus the reference's (:func:`cka_change`), per (teacher
+    stage, student stage), on a diverging scale centred on 0; the title names the reference."""
     _style()
     paths: List[Path] = []
-    for kernel in _kernels(epochs):
-        cols_by_stage = _cka_columns(epochs, kernel)
-        for (t, s, d, st), g, _ in _pairs(epochs):
-            g = g.dropna(subset=list(cols_by_stage.values()), how="all")
-            if g.empty:
-                continue
-            methods = ordered(g["method"])
-            pal = palette(methods)
-            ts, ss = sorted({i for i, _ in cols_by_stage}), sorted({j for _, j in cols_by_stage})
-            fig, axes = plt.subplots(len(ts), len(ss), figsize=(2.9 * len(ss), 2.3 * len(ts)), sharex=True,
-                                     sharey=True, squeeze=False)
-            for (i, j), col in cols_by_stage.items():
-                ax = axes[ts.index(i), ss.index(j)]
-                _band_plot(ax, g, col, pal, methods)
-                ax.set_title(f"T{i} – S{j}", fontsize=9)
-                ax.xaxis.get_major_locator().set_params(integer=True)
-            for ax in axes[-1]:
-                ax.set_xlabel("epoch")
-            for ax in axes[:, 0]:
-                ax.set_ylabel(f"CKA ({kernel})")
-            _legend(fig, methods, pal)
-            fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}\n"
-                         f"{_epoch_words(g)}", y=1.02, fontsize=11)
-            fig.tight_layout()
-            paths += _save(fig, out_dir, _slug("cka_epochs", kernel, t, "to", s, d, st))
+    for (t, s, d, st, kernel), g, base in _cka_groups(cka):
+        change, ref = cka_change(g, base)
+        if change is None:
+            continue
+        methods = ordered(change["method"])
+        ts, ss = sorted(set(change["teacher_stage"])), sorted(set(change["student_stage"]))
+        limit = float(change["change"].abs().max())
+        limit = limit if limit > 0 else 0.01  # also when every cell is NaN (no reference at those stages)
+        n = change.groupby("method")["n"].max()
+        rows, ncols = _grid(len(methods))
+        fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols + 1.0, 3.0 * rows + 0.8), squeeze=False)
+        cmap = plt.get_cmap("RdBu")
+        for ax, m in zip(axes.flat, methods):
+            _change_panel(ax, change[change["method"] == m], ts, ss, cmap, limit)
+            ax.set_title(f"{m} (n={n[m]})", fontsize=10)
+            ax.set_xticks(range(len(ss)), [f"S{j}" for j in ss])
+            ax.set_yticks(range(len(ts)), [f"T{i}" for i in ts] if ax.get_subplotspec().is_first_col() else [])
+            ax.set_xlabel(f"student stage ({s})")
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(f"teacher stage ({t})")
+        for ax in list(axes.flat)[len(methods):]:
+            ax.axis("off")
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
+        fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA − CKA of {ref}")
+        fig.suptitle(f"{_change_title(kernel, ref)}\nlast probed epoch, mean over seeds: {t} → {s}, {d}; * the "
+                     "seed-paired difference's 95 % t interval excludes 0", y=1.03, fontsize=11)
+        paths += _save(fig, out_dir, _slug("cka_change", kernel, t, "to", s, d, st))
     return paths
 
+
+def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair and kernel, one panel per (teacher stage, student stage): CKA over epochs per method, the student
+    alone dashed where it was probed against the same teacher run."""
+    _style()
+    paths: List[Path] = []
+    for (t, s, d, st, kernel), g, base in _cka_groups(cka):
+        frame = pd.concat([g, base], ignore_index=True)
+        methods = ordered(frame["method"])
+        pal = palette(methods)
+        ts, ss = sorted(set(frame["teacher_stage"])), sorted(set(frame["student_stage"]))
+        fig, axes = plt.subplots(len(ts), len(ss), figsize=(2.9 * len(ss), 2.3 * len(ts)), sharex=True,
+                                 sharey=True, squeeze=False)
+        for (i, j), cell in frame.groupby(_STAGES):
+            ax = axes[ts.index(i), ss.index(j)]
+            _band_plot(ax, cell, "cka", pal, methods)
+            ax.set_title(f"T{i} – S{j}", fontsize=9)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        for ax in axes[-1]:
+            ax.set_xlabel("epoch")
+        for ax in axes[:, 0]:
+            ax.set_ylabel(f"CKA ({kernel})")
+        _legend(fig, methods, pal)
+        alone = "" if base.empty else "\ndashed: the student alone, probed against the same teacher run"
+        fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}\n"
+                     f"{_epoch_words(frame)}{alone}", y=1.02, fontsize=11)
+        fig.tight_layout()
+        paths += _save(fig, out_dir, _slug("cka_epochs", kernel, t, "to", s, d, st))
+    return paths
 
 _CONFLICT_PANELS = [("conflict/cosine", "cosine(g_task, g_distill)"),
                     ("conflict/fraction", "fraction of probed steps with cosine < 0"),
@@ -571,33 +596,41 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
 # --------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Tables:
+    """What the figures are drawn from: the tidy tables of :mod:`.collect` and the comparison tables."""
+    runs: pd.DataFrame
+    epochs: pd.DataFrame
+    cka: pd.DataFrame
+    comparisons: List[ComparisonTable]
+
+
+@dataclass(frozen=True)
 class Figure:
     kind: str
     title: str                                               # the heading in the report
-    draw: Callable[[pd.DataFrame, pd.DataFrame, List[ComparisonTable], Path], List[Path]]
+    draw: Callable[[Tables, Path], List[Path]]
 
 
 FIGURES: List[Figure] = [
     Figure("gain", "Gain over the student alone, with intervals (teacher × student, per method)",
-           lambda runs, epochs, tables, out: gain_heatmaps(tables, out)),
-    Figure("ranks", "Average rank across pairs", lambda runs, epochs, tables, out: rank_plots(tables, out)),
-    Figure("cost_time", "Gain against training time",
-           lambda runs, epochs, tables, out: cost_time_plots(tables, runs, out)),
+           lambda t, out: gain_heatmaps(t.comparisons, out)),
+    Figure("ranks", "Average rank across pairs", lambda t, out: rank_plots(t.comparisons, out)),
+    Figure("cost_time", "Gain against training time", lambda t, out: cost_time_plots(t.comparisons, t.runs, out)),
     Figure("cost_flops", "Gain against train FLOPs per image",
-           lambda runs, epochs, tables, out: cost_flops_plots(tables, runs, out)),
-    Figure("overhead", "Training overhead per method", lambda runs, epochs, tables, out: overhead_bars(runs, out)),
-    Figure("cka_change", "CKA: change per stage pair", lambda runs, epochs, tables, out: cka_change_heatmaps(epochs,
-                                                                                                          out)),
-    Figure("cka_epochs", "CKA per stage pair over epochs",
-           lambda runs, epochs, tables, out: cka_epoch_curves(epochs, out)),
-    Figure("conflict", "Gradient conflict", lambda runs, epochs, tables, out: conflict_points(epochs, out)),
-    Figure("convergence", "Convergence (top-1 and task loss)",
-           lambda runs, epochs, tables, out: convergence_curves(epochs, out)),
+           lambda t, out: cost_flops_plots(t.comparisons, t.runs, out)),
+    Figure("overhead", "Training overhead per method", lambda t, out: overhead_bars(t.runs, out)),
+    Figure("cka_change", "CKA: change per stage pair", lambda t, out: cka_change_heatmaps(t.cka, out)),
+    Figure("cka_epochs", "CKA per stage pair over epochs", lambda t, out: cka_epoch_curves(t.cka, out)),
+    Figure("conflict", "Gradient conflict", lambda t, out: conflict_points(t.epochs, out)),
+    Figure("convergence", "Convergence (top-1 and task loss)", lambda t, out: convergence_curves(t.epochs, out)),
 ]
 
 
 def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir, metric: str = "best_top1",
-              tables: Sequence[ComparisonTable] = None) -> Dict[str, List[Path]]:
-    """Every figure of :data:`FIGURES`, by kind."""
+              tables: Sequence[ComparisonTable] = None, cka: Optional[pd.DataFrame] = None) -> Dict[str, List[Path]]:
+    """Every figure of :data:`FIGURES`, by kind. ``cka``: :func:`.collect.collect_cka`'s table; without it, the one
+    of ``epochs``' own CKA columns (collect_epochs drops the student alone's ``cka@`` probes, so the CKA change is
+    then taken from KD)."""
     tables = comparison_tables(runs, metric) if tables is None else list(tables)
-    return {f.kind: f.draw(runs, epochs, tables, Path(out_dir)) for f in FIGURES}
+    cka = cka_table(epochs, runs) if cka is None else cka
+    return {f.kind: f.draw(Tables(runs, epochs, cka, tables), Path(out_dir)) for f in FIGURES}

@@ -3,6 +3,8 @@
     <out>/README.md          the index: tables inline, figures linked (PNG shown, PDF linked)
     <out>/runs.csv           the tidy table, one row per run
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
+    <out>/cka.csv            the CKA table (one row per run, epoch, kernel and teacher stage / student stage pair,
+                             with the teacher run it was measured against)
     <out>/tables/*.md|tex|csv  comparison tables (and published numbers side by side, CIFAR-100 only)
     <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict,
                              convergence)
@@ -21,7 +23,7 @@ import pandas as pd
 from hkdbench import TIME_FORMAT
 from hkdbench.benchmark.store import SWEEPS_DIR, SweepDir
 
-from .collect import collect_epochs, collect_runs, keyed
+from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed
 from .plots import FIGURES, all_plots
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
@@ -44,14 +46,21 @@ STATISTICS_LINES = [
     "from `hkdbench overhead` (only the pairs it measured).", ""]
 
 
-def write_tidy(runs_dir, out_dir) -> Dict[str, Path]:
+def tidy_tables(runs_dir) -> Dict[str, pd.DataFrame]:
+    """runs, epochs and cka of the store, each metrics.jsonl read once."""
+    runs = collect_runs(runs_dir)
+    records = epoch_records(runs_dir, runs)
+    return {"runs": runs, "epochs": collect_epochs(runs_dir, runs, records), "cka": cka_table(records, runs)}
+
+
+def write_tidy(runs_dir, out_dir, tables: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Path]:
+    """Writes <out>/runs.csv, epochs.csv and cka.csv (``tables``: :func:`tidy_tables`, if already collected)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = collect_runs(runs_dir)
-    epochs = collect_epochs(runs_dir, runs)
-    paths = {"runs": out / "runs.csv", "epochs": out / "epochs.csv"}
-    runs.to_csv(paths["runs"], index=False)
-    epochs.to_csv(paths["epochs"], index=False)
+    tables = tidy_tables(runs_dir) if tables is None else tables
+    paths = {name: out / f"{name}.csv" for name in tables}
+    for name, frame in tables.items():
+        frame.to_csv(paths[name], index=False)
     return paths
 
 
@@ -180,10 +189,9 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
     # the report owns these two folders: what an earlier report drew from runs no longer in the store goes
     _clear(tables_dir, (".md", ".tex", ".csv"))
     _clear(figures_dir, (".png", ".pdf"))
-    runs = collect_runs(runs_dir)
-    epochs = collect_epochs(runs_dir, runs)
-    runs.to_csv(out / "runs.csv", index=False)
-    epochs.to_csv(out / "epochs.csv", index=False)
+    tidy = tidy_tables(runs_dir)
+    write_tidy(runs_dir, out, tidy)
+    runs = tidy["runs"]
 
     done = runs[runs["status"] == "done"]
     lines: List[str] = ["# hkdbench results", ""]
@@ -194,8 +202,8 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
               f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}); "
               f"{int((runs['status'] == 'failed').sum())} failed, {int((runs['status'] == 'unfinished').sum())} "
               "unfinished.", ""]
-    lines += ["Data: [runs.csv](runs.csv) (one row per run), [epochs.csv](epochs.csv) (one row per run and epoch).",
-              ""]
+    lines += ["Data: [runs.csv](runs.csv) (one row per run), [epochs.csv](epochs.csv) (one row per run and epoch), "
+              "[cka.csv](cka.csv) (one row per run, epoch, kernel and stage pair, with the teacher run probed).", ""]
     lines += provenance_lines(runs_dir, runs)
 
     lines += ["## Comparison tables", ""] + STATISTICS_LINES
@@ -214,7 +222,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
             lines += ["#### Published numbers side by side", "", published_markdown(pub), ""]
 
     lines += ["## Figures", ""]
-    figures = all_plots(runs, epochs, figures_dir, metric, tables)
+    figures = all_plots(runs, tidy["epochs"], figures_dir, metric, tables, cka=tidy["cka"])
     for figure in FIGURES:
         paths = figures[figure.kind]
         lines += [f"### {figure.title}", ""]

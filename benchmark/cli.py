@@ -158,7 +158,7 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models (as train.compile=true; "
                                                           "the warm-up steps then include the compilation)")
-    for name, text in (("collect", "write the tidy table of every run (runs.csv, epochs.csv)"),
+    for name, text in (("collect", "write the tidy tables of every run (runs.csv, epochs.csv, cka.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),
                        ("report", "regenerate every table and figure with an index README.md")):

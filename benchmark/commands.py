@@ -209,12 +209,12 @@ def cmd_table(args, _overrides) -> int:
 
 
 def cmd_plot(args, _overrides) -> int:
-    from hkdbench.analysis.collect import collect_epochs, collect_runs
     from hkdbench.analysis.plots import all_plots
+    from hkdbench.analysis.report import tidy_tables
 
     runs_dir, out = _analysis_paths(args)
-    runs = collect_runs(runs_dir)
-    for kind, paths in all_plots(runs, collect_epochs(runs_dir, runs), out).items():
+    tidy = tidy_tables(runs_dir)
+    for kind, paths in all_plots(tidy["runs"], tidy["epochs"], out, cka=tidy["cka"]).items():
         for path in paths:
             print(f"{kind}: {path}")
     return 0

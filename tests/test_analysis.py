@@ -17,8 +17,15 @@ FAMILY = {"resnet_mini": "cnn", "vit_mini": "vit", "mixer_mini": "mlp", "swin_ti
           "convnext_tiny": "convnext", "resmlp_12": "mlp"}
 
 
+def _staged(prefix, values, epochs, e):
+    """``values`` ({(teacher stage, student stage): CKA}) at the last epoch, 0.1 lower per epoch before it."""
+    return {f"{prefix}/t{i}_s{j}": v - 0.1 * (epochs - e) for (i, j), v in values.items()}
+
+
 def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fashion-mnist", recipe="demo",
-              epochs=3, teacher_top1=80.0, conflict=True, status="done"):
+              epochs=3, teacher_top1=80.0, conflict=True, status="done", cka=None, teacher_run=None, probes=None):
+    """A run of the store; ``cka``: its own CKA values (else a 4 x 4 default), ``probes``: {teacher run: values}
+    of a student alone probed against named teacher runs (``cka@<run>/linear/...``), see :func:`_staged`."""
     name = f"{method}_{teacher or 'none'}_to_{student}_{dataset}_{epochs}_s{seed}"
     d = root / name
     d.mkdir(parents=True)
@@ -29,6 +36,8 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
               "data": {"dataset": dataset, "img_size": 32, "batch_size": 128, "workers": 4},
               "optim": {"name": "adamw", "lr": 0.002},
               "train": {"epochs": epochs, "seed": seed, "probe_every": 1, "conflict_every": 1}}
+    if probes:
+        config["train"]["probe_teachers"] = list(probes)
     (d / "config.json").write_text(json.dumps(config))
     (d / "env.json").write_text(json.dumps({"torch": "2.x", "timm": "1.x", "git_sha": "abc123", "device": "cpu",
                                             "python": "3.11", "hkdbench": "0.1.0", "host": "h"}))
@@ -38,10 +47,13 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
              "top5": 99.0, "eval_loss": 1.0 / e, "epoch_time_s": 1.0, "images_per_s": 100.0}
         if teacher:
             r["loss/kd"] = 0.5 / e
-            r.update({f"cka/linear/t{i}_s{j}": 0.9 - 0.1 * abs(i - j) for i in range(1, 5) for j in range(1, 5)})
+            r.update(_staged("cka/linear", cka, epochs, e) if cka else
+                     {f"cka/linear/t{i}_s{j}": 0.9 - 0.1 * abs(i - j) for i in range(1, 5) for j in range(1, 5)})
             if conflict:
                 r.update({"conflict/cosine": 0.5 - 0.3 * e, "conflict/fraction": min(1.0, 0.3 * e),
                           "conflict/norm_ratio": 0.5 * e, "conflict/steps": 4, "conflict/block/stem": 0.1})
+        for run, values in (probes or {}).items():
+            r.update(_staged(f"cka@{run}/linear", values, epochs, e))
         metrics.append(r)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
     if status == "failed":
@@ -53,8 +65,27 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
                "epochs": epochs, "best_top1": best, "best_epoch": epochs, "last_top1": best - 0.5,
                "last_top5": 99.0, "best_top5": 99.5, "teacher_top1": teacher_top1 if teacher else None,
                "student_params": 1000, "method_extra_params": 10 if method == "fitnet" else 0, "train_time_s": 3.0,
-               "images_per_s": 100.0, "global_batch": 128, "device": "cpu"}
+               "images_per_s": 100.0, "global_batch": 128, "device": "cpu", "teacher_run": teacher_run}
     (d / "summary.json").write_text(json.dumps(summary))
+    (d / "DONE").write_text("")
+    return d
+
+
+def write_teacher(root: Path, name, model, *, dataset="fashion-mnist", epochs=3):
+    """A finished teacher run (kind teacher: its model is the config's student) named ``name``."""
+    d = root / name
+    d.mkdir(parents=True)
+    config = {"kind": "teacher", "method": "none", "method_cfg": {}, "recipe": "demo", "teacher": None,
+              "student": {"name": model, "checkpoint": None, "checkpoint_ema": False},
+              "data": {"dataset": dataset, "img_size": 32, "batch_size": 128}, "optim": {"name": "adamw"},
+              "train": {"epochs": epochs, "seed": 0}}
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "env.json").write_text(json.dumps({"device": "cpu"}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "top1": 80.0 + e}) + "\n"
+                                             for e in range(1, epochs + 1)))
+    (d / "summary.json").write_text(json.dumps({"run": name, "kind": "teacher", "method": "none", "student": model,
+                                                "student_family": FAMILY[model], "dataset": dataset, "seed": 0,
+                                                "epochs": epochs, "best_top1": 80.0 + epochs}))
     (d / "DONE").write_text("")
     return d
 
@@ -350,3 +381,143 @@ def test_read_sweeps_through_the_store(tmp_path):
     assert read_sweeps(tmp_path) == [
         {"sweep": "a-1", "preset": {"name": "demo"}, "submissions": [{"run": "r1"}, {"run": "r2"}]},
         {"sweep": "b-2", "preset": {"name": "demo"}, "submissions": [{"run": "r3"}]}]
+
+
+# ---- CKA against the student alone: runs probed against named teacher runs ----------------------------------------
+T1 = "teacher_resnet_mini_fashion-mnist_s0_111111111111"  # pair A's teacher run, in the store
+T2 = "teacher_mixer_mini_fashion-mnist_s0_222222222222"  # pair B's teacher run, in the store
+T5 = "teacher_mixer_mini_fashion-mnist_s0_555555555555"  # another training of mixer_mini, not in the store
+# last-epoch CKA per (teacher stage, student stage), per seed 0 and 1
+ALONE_T1 = [{(1, 1): 0.50, (1, 2): 0.30, (2, 1): 0.40, (2, 2): 0.60},
+            {(1, 1): 0.56, (1, 2): 0.34, (2, 1): 0.40, (2, 2): 0.70}]
+ALONE_T5 = [{k: 0.10 for k in ALONE_T1[0]}, {k: 0.20 for k in ALONE_T1[0]}]
+KD = [{(1, 1): 0.80, (1, 2): 0.50, (2, 1): 0.40, (2, 2): 0.70},
+      {(1, 1): 0.84, (1, 2): 0.30, (2, 1): 0.50, (2, 2): 0.70}]
+FITNET = [{(1, 1): 0.60, (1, 2): 0.40, (2, 1): 0.70, (2, 2): 0.85},
+          {(1, 1): 0.70, (1, 2): 0.40, (2, 1): 0.60, (2, 2): 0.95}]
+
+
+@pytest.fixture
+def probed_store(tmp_path):
+    """Pair A (resnet_mini -> vit_mini, teacher run T1) and pair B (mixer_mini -> vit_mini, T2); the student alone was
+    probed against T1 and against T5, a mixer_mini teacher run that pair B did not use."""
+    root = tmp_path / "runs"
+    write_teacher(root, T1, "resnet_mini")
+    write_teacher(root, T2, "mixer_mini")
+    for seed in (0, 1):
+        write_run(root, "none", None, "vit_mini", seed, 60.0 + seed, probes={T1: ALONE_T1[seed], T5: ALONE_T5[seed]})
+        for teacher, teacher_run in (("resnet_mini", T1), ("mixer_mini", T2)):
+            write_run(root, "kd", teacher, "vit_mini", seed, 64.0 + seed, cka=KD[seed], teacher_run=teacher_run)
+            write_run(root, "fitnet", teacher, "vit_mini", seed, 66.0 + seed, cka=FITNET[seed],
+                      teacher_run=teacher_run)
+    return root
+
+
+def test_cka_long_table(probed_store):
+    from hkdbench.analysis.collect import CKA_COLUMNS, collect_cka
+
+    runs = collect_runs(probed_store)
+    cka = collect_cka(probed_store, runs)
+    assert list(cka.columns) == CKA_COLUMNS
+    # 2 student-alone runs x 2 teacher runs + 8 distilled runs, x 3 epochs x 4 stage pairs; teacher runs: none
+    assert len(cka) == (2 * 2 + 8) * 3 * 4 and set(cka["method"]) == {"none", "kd", "fitnet"}
+    alone = cka[cka["method"] == "none"]
+    assert set(alone["probe"]) == {"named run"} and set(alone["teacher_run"]) == {T1, T5}
+    row = alone[(alone["seed"] == 1) & (alone["epoch"] == 2) & (alone["teacher_run"] == T1)
+                & (alone["teacher_stage"] == 1) & (alone["student_stage"] == 1)]
+    assert len(row) == 1 and row["cka"].iloc[0] == pytest.approx(0.56 - 0.1)
+    assert row["teacher"].iloc[0] == "resnet_mini" and row["kernel"].iloc[0] == "linear"  # from the store
+    assert set(alone[alone["teacher_run"] == T5]["teacher"]) == {"mixer_mini"}  # not in the store: from its name
+    kd = cka[(cka["method"] == "kd") & (cka["teacher"] == "mixer_mini") & (cka["seed"] == 0) & (cka["epoch"] == 3)]
+    assert set(kd["probe"]) == {"own teacher"} and set(kd["teacher_run"]) == {T2}
+    assert dict(zip(zip(kd["teacher_stage"], kd["student_stage"]), kd["cka"])) == pytest.approx(KD[0])
+    # probe_teachers does not split the setting: the probed student alone stays the distilled runs' baseline
+    assert runs[runs["kind"] == "student"]["setting"].nunique() == 1 == cka["setting"].nunique()
+    epochs = collect_epochs(probed_store, runs)
+    assert not [c for c in epochs.columns if c.startswith("cka@")] and "cka/linear/t1_s1" in epochs.columns
+
+
+def test_cka_probe_of_an_unknown_teacher_run_is_left_out_with_a_warning(tmp_path):
+    from hkdbench.analysis.collect import collect_cka
+
+    root = tmp_path / "runs"
+    write_run(root, "none", None, "vit_mini", 0, 60.0, probes={"my_old_teacher": {(1, 1): 0.5}, T5: {(1, 1): 0.4}})
+    with pytest.warns(UserWarning, match="my_old_teacher"):
+        cka = collect_cka(root)
+    assert list(cka["teacher_run"].unique()) == [T5] and len(cka) == 3
+
+
+def test_cka_change_from_the_student_alone_probed_against_the_same_teacher_run(probed_store):
+    from hkdbench.analysis.collect import collect_cka
+    from hkdbench.analysis.plots import cka_change
+
+    cka = collect_cka(probed_store)
+    pair_a = cka[(cka["teacher"] == "resnet_mini") & (cka["method"] != "none")]
+    change, ref = cka_change(pair_a, cka[(cka["method"] == "none") & (cka["teacher_run"] == T1)])
+    assert ref == "none"
+    got = {(r.method, r.teacher_stage, r.student_stage): (r.change, r.n, r.significant) for r in change.itertuples()}
+    # last epoch, mean over the two seeds: e.g. kd (1, 1): (0.80 + 0.84) / 2 - (0.50 + 0.56) / 2 = 0.82 - 0.53;
+    # * where the seed-paired differences' t interval excludes 0: kd (1, 1) 0.30, 0.28; fitnet (2, 2) 0.25, 0.25
+    want = {("kd", 1, 1): (0.29, True), ("kd", 1, 2): (0.08, False), ("kd", 2, 1): (0.05, False),
+            ("kd", 2, 2): (0.05, False), ("fitnet", 1, 1): (0.12, False), ("fitnet", 1, 2): (0.08, False),
+            ("fitnet", 2, 1): (0.25, False), ("fitnet", 2, 2): (0.25, True)}
+    assert set(got) == set(want)
+    for key, (value, significant) in want.items():
+        assert got[key][0] == pytest.approx(value) and got[key][1:] == (2, significant), key
+
+
+def test_cka_figures_take_the_student_alone_of_the_same_teacher_run(probed_store, tmp_path, monkeypatch):
+    from hkdbench.analysis import plots
+    from hkdbench.analysis.collect import collect_cka
+
+    drawn = {}
+    save = plots._save
+
+    def recording_save(fig, out_dir, stem):
+        drawn[stem] = {"title": fig._suptitle.get_text(),
+                       "axes": [(ax.get_title(), ax.get_ylabel(), [t.get_text() for t in ax.texts],
+                                 [(ln.get_linestyle(), list(ln.get_ydata())) for ln in ax.lines]) for ax in fig.axes]}
+        return save(fig, out_dir, stem)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    runs = collect_runs(probed_store)
+    cka = collect_cka(probed_store, runs)
+    setting = runs["setting"].dropna().iloc[0]
+    plots.cka_change_heatmaps(cka, tmp_path)
+    a = drawn[f"cka_change_linear_resnet_mini_to_vit_mini_fashion-mnist_{setting}"]
+    assert a["title"].startswith("Change in CKA (linear, unbiased HSIC) from the student alone (none, probed "
+                                 "against the same teacher run)")
+    (kd_title, _, kd_text, _), (fitnet_title, _, fitnet_text, _), colorbar = a["axes"]
+    assert (kd_title, fitnet_title, colorbar[1]) == ("kd (n=2)", "fitnet (n=2)", "CKA − CKA of none")
+    assert kd_text == ["+0.29*", "+0.08", "+0.05", "+0.05"]  # T1-S1, T1-S2, T2-S1, T2-S2
+    assert fitnet_text == ["+0.12", "+0.08", "+0.25", "+0.25*"]
+    # pair B's student alone was probed against T5, another mixer_mini run, not T2: KD is the reference
+    b = drawn[f"cka_change_linear_mixer_mini_to_vit_mini_fashion-mnist_{setting}"]
+    assert "from kd (the student-alone runs have no teacher probe)" in b["title"]
+    (title, _, text, _), colorbar = b["axes"]
+    assert (title, colorbar[1]) == ("fitnet (n=2)", "CKA − CKA of kd")
+    assert text == ["-0.17", "+0.00", "+0.20", "+0.20"]  # fitnet - kd: 0.65 - 0.82, 0.40 - 0.40, 0.65 - 0.45, ...
+
+    plots.cka_epoch_curves(cka, tmp_path)
+    a = drawn[f"cka_epochs_linear_resnet_mini_to_vit_mini_fashion-mnist_{setting}"]
+    assert "dashed: the student alone, probed against the same teacher run" in a["title"]
+    dashed = [y for _, _, _, lines in a["axes"][:1] for style, y in lines if style == "--"]
+    assert dashed == [pytest.approx([0.53 - 0.2, 0.53 - 0.1, 0.53])]  # T1-S1: mean of the alone's T1 probes
+    b = drawn[f"cka_epochs_linear_mixer_mini_to_vit_mini_fashion-mnist_{setting}"]
+    assert "dashed" not in b["title"]
+    assert not [s for _, _, _, lines in b["axes"] for s, _ in lines if s == "--"]
+
+
+def test_report_writes_cka_csv(probed_store, tmp_path):
+    from hkdbench.analysis.collect import CKA_COLUMNS
+
+    out = tmp_path / "results"
+    index = make_report(probed_store, out).read_text()
+    cka = pd.read_csv(out / "cka.csv")
+    assert list(cka.columns) == CKA_COLUMNS and len(cka) == (2 * 2 + 8) * 3 * 4
+    assert set(cka[cka["method"] == "none"]["teacher_run"]) == {T1, T5}
+    epochs = pd.read_csv(out / "epochs.csv")
+    assert not [c for c in epochs.columns if c.startswith("cka@")] and "cka/linear/t2_s2" in epochs.columns
+    assert "[cka.csv](cka.csv)" in index and "cka_change_linear_resnet_mini_to_vit_mini" in index
+    assert main(["collect", "--runs-dir", str(probed_store), "--out", str(tmp_path / "c")]) == 0
+    assert len(pd.read_csv(tmp_path / "c" / "cka.csv")) == len(cka)
