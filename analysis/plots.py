@@ -431,7 +431,8 @@ def _change_title(kernel: str, ref: str) -> str:
     if ref == BASELINE:
         return (f"Change in CKA ({kernel}, unbiased HSIC) from the student alone (none, probed against the same "
                 "teacher run)")
-    return f"Change in CKA ({kernel}, unbiased HSIC) from {ref} (the student-alone runs have no teacher probe)"
+    return (f"Change in CKA ({kernel}, unbiased HSIC) from {ref} (no student-alone run was probed against this "
+            "teacher run)")
 
 
 def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:

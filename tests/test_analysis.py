@@ -263,7 +263,7 @@ def test_plots_written(store, tmp_path, monkeypatch):
                                             "train GFLOPs / image", "peak memory (MiB)",
                                             "extra trainable params (M)"]
     change = drawn["cka_change_linear_resnet_mini_to_vit_mini_fashion-mnist_" + setting]
-    assert "from kd (the student-alone runs have no teacher probe)" in change["title"]
+    assert "from kd (no student-alone run was probed against this teacher run)" in change["title"]
     conflict = drawn["conflict_resnet_mini_to_vit_mini_fashion-mnist_" + setting]
     assert conflict["axes"][2][4] == "log" and "one point per run and epoch" in conflict["title"]
     conv = drawn["convergence_resnet_mini_to_vit_mini_fashion-mnist_" + setting]
@@ -493,7 +493,7 @@ def test_cka_figures_take_the_student_alone_of_the_same_teacher_run(probed_store
     assert fitnet_text == ["+0.12", "+0.08", "+0.25", "+0.25*"]
     # pair B's student alone was probed against T5, another mixer_mini run, not T2: KD is the reference
     b = drawn[f"cka_change_linear_mixer_mini_to_vit_mini_fashion-mnist_{setting}"]
-    assert "from kd (the student-alone runs have no teacher probe)" in b["title"]
+    assert "from kd (no student-alone run was probed against this teacher run)" in b["title"]
     (title, _, text, _), colorbar = b["axes"]
     assert (title, colorbar[1]) == ("fitnet (n=2)", "CKA − CKA of kd")
     assert text == ["-0.17", "+0.00", "+0.20", "+0.20"]  # fitnet - kd: 0.65 - 0.82, 0.40 - 0.40, 0.65 - 0.45, ...
