@@ -93,13 +93,19 @@ def _plain(value: Any) -> Any:
     return asdict(value) if is_dataclass(value) else value
 
 
-def probing_the_cohorts_teacher(cfgs: Sequence[RunConfig]) -> List[RunConfig]:
-    """``cfgs`` with each CKA-probed run that has no teacher of its own (the student alone) probed against the
-    teacher run(s) its cohort distils from (``train.probe_teachers``; the best weights, as the probe loads), unless
-    it names its own."""
+def probed_against(cfg: RunConfig, teacher_runs: Sequence[str]) -> RunConfig:
+    """``cfg`` CKA-probed against ``teacher_runs`` (``train.probe_teachers``) when it is a probed student run with no
+    teacher of its own (the student alone) that names none itself; else ``cfg`` unchanged."""
     import dataclasses
 
+    if (teacher_runs and cfg.kind == "student" and teacher_key(cfg) is None and cfg.train.probe_every
+            and not cfg.train.probe_teachers):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, probe_teachers=tuple(teacher_runs)))
+    return cfg
+
+
+def probing_the_cohorts_teacher(cfgs: Sequence[RunConfig]) -> List[RunConfig]:
+    """``cfgs`` with the student alone probed against the teacher run(s) its cohort distils from (the best weights,
+    as the probe loads them): :func:`probed_against`."""
     taught = sorted({c.teacher_run for c in cfgs if c.teacher_run and c.teacher.weights == "best"})
-    return [dataclasses.replace(c, train=dataclasses.replace(c.train, probe_teachers=tuple(taught)))
-            if taught and c.teacher_run is None and c.kind == "student" and c.train.probe_every
-            and not c.train.probe_teachers and teacher_key(c) is None else c for c in cfgs]
+    return [probed_against(c, taught) for c in cfgs]

@@ -4,7 +4,7 @@ runs and the teacher runs they need (trained first); and the runs to do split in
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.config import ConfigError, RunConfig, deep_merge, flatten
@@ -98,15 +98,15 @@ def _probing_teachers(students: List[RunSpec]) -> List[RunSpec]:
     """The student runs with each CKA-probed run that has no teacher of its own (the student alone) probed against
     the teacher runs of the cells it serves (``train.probe_teachers``): the reference of the CKA-change figure. A
     cell whose teacher is not trained by the sweep (a checkpoint, timm weights as they are) has no run to name."""
+    from hkdbench.benchmark.engine.cohort import probed_against
+
     trained_by = {(t, s, seed): spec.teacher_run for spec in students if spec.teacher_run
                   for t, s, _, seed in spec.cells}
     out = []
     for spec in students:
         names = sorted({trained_by[t, s, seed] for t, s, _, seed in spec.cells if (t, s, seed) in trained_by})
-        if spec.teacher_run is None and spec.cfg.train.probe_every and names:
-            cfg = replace(spec.cfg, train=replace(spec.cfg.train, probe_teachers=tuple(names)))
-            spec = RunSpec(cfg, spec.kind, None, spec.cells)
-        out.append(spec)
+        cfg = probed_against(spec.cfg, names)
+        out.append(spec if cfg is spec.cfg else RunSpec(cfg, spec.kind, spec.teacher_run, spec.cells))
     return out
 
 
