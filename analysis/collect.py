@@ -36,7 +36,7 @@ ID_COLUMNS = ["run", "kind", "status", "method", "teacher", "student", "teacher_
 RESULT_COLUMNS = ["best_top1", "best_epoch", "last_top1", "last_epoch", "best_top5", "last_top5", "best_weights",
                   "last_weights", "teacher_top1", "teacher_weights", "teacher_run", "ema_best_top1",
                   "ema_best_epoch", "ema_last_top1", "student_params", "method_extra_params", "train_time_s",
-                  "images_per_s", "global_batch", "data_stream", "cohort_size"]
+                  "images_per_s", "global_batch", "pipeline", "cohort_size"]
 OVERHEAD_COLUMNS = ["overhead_teacher", "batch_size", "img_size", "precision", "step_time_ms", "peak_memory_mb",
                     "train_gflops_per_image", "extra_params", "teacher_params", "train_params_vs_none",
                     "train_params_vs_kd"] + [f"{k}_vs_{b}" for b in ("none", "kd") for k in

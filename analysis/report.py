@@ -34,9 +34,9 @@ STATISTICS_LINES = [
     "- Accuracy cells: mean ± sample std over seeds with the 95 % t interval of the mean; the seeds per cell are "
     "stated, a cell with one seed says so and has no interval.",
     "- Differences from the student alone (S) and from KD: seed by seed over the seeds both have, with a 95 % t "
-    "interval; `*` where it excludes 0. Runs trained on the keyed data stream (every run since it; the "
-    "`data_stream` column of runs.csv) are paired by seed and batch: every method of a seed saw the same batches; "
-    "each table says how its runs are paired.",
+    "interval; `*` where it excludes 0. Runs trained on the keyed data stream (every run with a pipeline "
+    "version; the `pipeline` column of runs.csv) are paired by seed and batch: every method of a seed saw the "
+    "same batches; each table says how its runs are paired.",
     f"- Bold: the method beats S, i.e. its paired interval lies above 0 (nothing else is bold). "
     f"W/T/L: {TIE_RULE}.",
     f"- Ranks: within each pair by mean, 1 = best, S included, ties share their mean rank; averaged over the pairs "

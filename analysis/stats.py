@@ -2,7 +2,8 @@
 
 * :func:`mean_interval`: mean, sample std (ddof 1) and the two-sided t interval of the mean over seeds.
 * :func:`paired_difference`: a method minus a baseline, seed by seed over the seeds both have, with its t interval.
-  Two runs of one seed share their batches when both drew them from the keyed data stream (``data_stream``).
+  Two runs of one seed share their batches when both drew them from the keyed data stream (every run with a
+  ``pipeline`` version).
 * :func:`outcome` / :func:`win_tie_loss`: win when the paired interval lies above 0, loss when below, tie when it
   holds 0 or there is no interval (fewer than 2 paired seeds). The tables bold exactly the wins over the baseline.
 * :func:`rank_table`: each method's rank within every teacher -> student pair (1 = best mean, ties share the mean of

@@ -25,14 +25,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from hkdbench.benchmark.config import DATA_STREAM
 
 from .collect import keyed
 from .order import BASELINE, REFERENCE, method_key
 from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Estimate, by_seed, mean_interval, outcome,
                     paired_difference, rank_table, win_tie_loss)
 
-# how a table's runs are paired: runs trained on the keyed data stream (summary "data_stream") share their batches
+# how a table's runs are paired: runs with a pipeline version (summary "pipeline": every version draws its batches from
+# the keyed data stream) share their batches
 SEED_PAIRING = ("paired by seed only: runs of one seed share the seed, not their batches (trained before the keyed "
                 "stream)")
 BATCH_PAIRING = "paired by seed and batch: runs of one seed saw the same batches (common random numbers)"
@@ -317,7 +317,7 @@ def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
         table = ComparisonTable(
             title=f"{key['dataset']}, recipe {key['recipe']}, {key['epochs']} epochs (setting {key['setting']})",
             key=key, metric=metric, methods=cols, rows=rows, families=families,
-            batch_paired=bool(len(g)) and (g.get("data_stream", pd.Series(dtype=object)) == DATA_STREAM).all())
+            batch_paired=bool(len(g)) and g.get("pipeline", pd.Series(dtype=object)).notna().all())
         for s, sg in g[g["method"] == BASELINE].groupby("student"):
             table.student_alone[s] = _cell(sg, metric)
         for pair in rows:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
@@ -125,6 +125,54 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# --------------------------------------------------------------------------------------------------------------
+# What a run stands for
+# --------------------------------------------------------------------------------------------------------------
+
+# The version of the pipeline's computation: the data (datasets, transforms, the keyed data stream), the trainer's
+# loop, optimiser, schedule and evaluation. Bump it with any change that alters a run's numbers; the golden runs
+# (tests/test_golden.py) fail until it is bumped and they are re-recorded. Each method has its own version.
+PIPELINE_VERSION = 1
+
+
+def where_or_how(default: Any) -> Any:
+    """A config field that says where or how fast a run goes, or how it is watched, never what it computes: left out
+    of the run's identity."""
+    return field(default=default, metadata={"identity": False})
+
+
+def restated(default: Any = MISSING) -> Any:
+    """A config field whose content another field of the identity already stands for (the method's resolved
+    hyperparameters by ``method_settings``; how the teacher run is trained by ``teacher_run``): left out of it."""
+    return field(default=default, metadata={"identity": False})
+
+
+def _field_default(f) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else MISSING
+
+
+def identity(obj: Any) -> Dict[str, Any]:
+    """The one rule for what a run stands for: every field of the config tree that decides the result and whose
+    value is not the field's default. A field added later with a default that keeps the old computation therefore
+    leaves every earlier run's identity alone; a default whose value changes alters numbers, which the golden runs
+    catch (the pipeline's or the method's version is then bumped)."""
+    body: Dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not f.metadata.get("identity", True) or value == _field_default(f):
+            continue
+        body[f.name] = identity(value) if is_dataclass(value) else to_dict(value)
+    return body
+
+
+def identity_hash(obj: Any, **extra: Any) -> str:
+    """12 hex digits of the SHA-256 of ``identity(obj)`` plus ``extra`` (canonical JSON)."""
+    canonical = json.dumps({**identity(obj), **extra}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 def parse_overrides(items: Tuple[str, ...] | list) -> Dict[str, Any]:
     """``["optim.lr=0.1", "method.stages=[1,2]"]`` -> nested dict, values parsed as YAML (:func:`load_yaml`: only
     true/false are booleans); :func:`build_dataclass` then reads each value by its field's type."""
@@ -215,7 +263,7 @@ class DataConfig:
     train_subset: int = 0               # 0: the whole training set; else the first N of a seeded permutation
     batch_size: int = 128
     eval_batch_size: int = 256
-    workers: int = 4                    # DataLoader workers for the per-image path
+    workers: int = where_or_how(4)      # DataLoader workers for the per-image path
     eval_subset: int = 0                # 0: the whole test set; else its first N images (quick checks only)
     in_memory: str = "auto"             # 'auto', 'yes', 'no': the whole-set uint8 tensor fast path
     hflip: float = 0.5
@@ -301,13 +349,6 @@ class OptimConfig:
 
 
 TRACKERS = ("none", "tensorboard", "wandb")
-# Settings of where and how a run is watched or loaded, not of what it computes: left out of the run's hash.
-NON_RESULT_FIELDS = {"data": ("workers",), "train": ("log", "log_interval", "compile")}
-# How a run's batches are drawn (benchmark/data/stream.py): every data draw keyed by (seed, epoch, step), apart from
-# the models' randomness. Part of every run's hash: runs trained before it (one RNG for data and models) drew other
-# batches from the same config, so they are other runs, never resumed or skipped as these.
-DATA_STREAM = "keyed-by-seed-epoch-step"
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -326,15 +367,15 @@ class TrainConfig:
     conflict_every: int = 0             # steps between gradient-conflict measurements (task vs distillation)
     # Teacher runs of the store (names) that a run without a teacher of its own (the student alone) probes its CKA
     # against, with their best weights, as the distilled runs probe theirs: the reference of the CKA-change figure.
-    # A sweep sets it for its `none` runs (one per teacher the run serves); empty: no such probe (and no hash change).
+    # A sweep sets it for its `none` runs (one per teacher the run serves); empty: no such probe.
     probe_teachers: Tuple[str, ...] = ()
     # Where the run is watched (not part of the run's hash: they change no result; benchmark/engine/tracking.py and
     # benchmark/engine/progress.py). The run store stays the source of truth.
-    log: str = "none"                   # experiment tracker: 'tensorboard', 'wandb' or 'none'
-    log_interval: int = 50              # steps between progress lines when stdout is not a terminal (0: none)
+    log: str = where_or_how("none")     # experiment tracker: 'tensorboard', 'wandb' or 'none'
+    log_interval: int = where_or_how(50)  # steps between progress lines when stdout is not a terminal (0: none)
     # torch.compile of the student and the method's modules (engine/step.py: compile_trained_modules); the same
     # result up to float rounding, so it is in env.json, not in the hash
-    compile: bool = False
+    compile: bool = where_or_how(False)
 
     def __post_init__(self):
         if self.log not in TRACKERS:
@@ -400,15 +441,21 @@ class RunConfig:
     kind: str                           # 'student' or 'teacher'
     student: ModelConfig
     method: str
-    method_cfg: Dict[str, Any]
+    method_cfg: Dict[str, Any] = restated()  # the method's hyperparameters, every one as resolved
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    # the method's hyperparameters that differ from its defaults, canonical key=value (sorted, as flatten() writes
+    # them): what the run stands for of method_cfg, and the label that keeps the run's table cell apart
+    method_settings: Tuple[str, ...] = ()
+    # the method's computation (methods/registry.py: method_code): 'v<N>', a built-in method's declared version, or
+    # 'src-<hash>', a plugin's source fingerprint; a run is trained only while it matches the loaded code
+    method_code: str = ""
     teacher: Optional[ModelConfig] = None
-    teacher_recipe: Optional[str] = None  # the recipe the teacher is trained with when it has no checkpoint
+    teacher_recipe: Optional[str] = restated(None)  # the recipe the teacher is trained with when it has no checkpoint
     # key=value overrides of that teacher run, canonical (sorted, each value as the teacher run reads it, none that
     # changes nothing): the teacher run is rebuilt from them
-    teacher_overrides: Tuple[str, ...] = ()
+    teacher_overrides: Tuple[str, ...] = restated(())
     recipe: str = ""
     # the name (with its hash) of the run that trains the teacher; a student's hash names its teacher by it
     teacher_run: Optional[str] = None
@@ -417,25 +464,9 @@ class RunConfig:
         return to_dict(self)
 
     def run_hash(self) -> str:
-        """A stable hash of everything that changes the result (not where it runs or how many workers load it)."""
-        body = self.to_dict()
-        for section, keys in NON_RESULT_FIELDS.items():
-            for key in keys:
-                body[section].pop(key, None)
-        for model in ("student", "teacher"):  # without pretrained weights, the hash of a run from before them
-            if body.get(model):
-                for key in ("pretrained", "pretrained_sha256"):
-                    if body[model].get(key) is None:
-                        body[model].pop(key, None)
-        if not body["train"]["probe_teachers"]:  # no such probe: the hash of a run from before the field
-            body["train"].pop("probe_teachers")
-        if body.pop("teacher_run") is not None:  # the teacher run's own hash stands for how it is trained
-            body["teacher_run"] = self.teacher_run
-            body.pop("teacher_overrides")
-            body.pop("teacher_recipe")
-        body["data_stream"] = DATA_STREAM
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        """What the run stands for (:func:`identity`: the config fields that decide the result, at values other than
+        their defaults) and the pipeline's version, hashed."""
+        return identity_hash(self, pipeline=PIPELINE_VERSION)
 
     def run_name(self) -> str:
         seed = f"s{self.train.seed}"

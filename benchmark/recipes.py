@@ -115,7 +115,7 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     teacher trained here the student loads ('best' or 'last' epoch). ``pretrained`` / ``teacher_pretrained``:
     timm's pretrained weights of the run's model / of the teacher (benchmark/models/pretrained.py): ImageNet weights on
     ImageNet are the teacher as they are, elsewhere they start the teacher run that fine-tunes them."""
-    from hkdbench.methods import get_method, method_config
+    from hkdbench.methods import get_method, method_code, method_config, method_settings
 
     zoo_entry(student)
     if teacher is not None:
@@ -150,7 +150,8 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     own = _pretrained(student, pretrained) if pretrained else None
     cfg = RunConfig(
         kind=kind, student=ModelConfig(student, pretrained=own and own.name, pretrained_sha256=own and own.sha256),
-        method=method, method_cfg=to_dict(method_cfg), data=data, optim=optim, train=train,
+        method=method, method_cfg=to_dict(method_cfg), method_settings=method_settings(method, method_cfg),
+        method_code=method_code(method), data=data, optim=optim, train=train,
         teacher=_teacher_model(teacher, teacher_checkpoint, teacher_weights, t_weights) if teacher else None,
         teacher_recipe=t_recipe, teacher_overrides=tuple(teacher_overrides) if t_recipe else (),
         recipe=recipe_name)

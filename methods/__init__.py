@@ -6,7 +6,8 @@ import importlib.util
 import pkgutil
 
 from .base import TASK_LOSS, Distiller, Targets, TrainingSet, check_numbers, kd_kl
-from .registry import get_method, list_methods, method_config, register_method, unregister_method
+from .registry import (MethodCodeChangedError, check_method_code, get_method, list_methods, method_code,
+                       method_config, method_settings, method_source, register_method, unregister_method)
 
 _INFRASTRUCTURE = {"base", "registry"}
 for _module in pkgutil.iter_modules(__path__):
@@ -66,4 +67,5 @@ def _import_plugin(item: str, do_import):
 
 
 __all__ = ["load_plugins", "TASK_LOSS", "Distiller", "Targets", "TrainingSet", "check_numbers", "kd_kl", "get_method",
-           "list_methods", "method_config", "register_method", "unregister_method"]
+           "list_methods", "method_config", "register_method", "unregister_method", "method_code", "method_settings",
+           "method_source", "check_method_code", "MethodCodeChangedError"]

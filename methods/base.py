@@ -112,6 +112,10 @@ class Distiller(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type]
     paper: ClassVar[str] = ""
+    # The version of the method's computation, part of every run's identity (methods/registry.py: method_code). A
+    # built-in method declares its own and bumps it when its numbers change (its golden run fails until then); a
+    # plugin is identified by its source, and may declare one to mark a change in code outside its file.
+    version: ClassVar[int] = 0
     # Set when the method back-propagates through the teacher (e.g. PAT's prompts); the trainer then does not
     # wrap the teacher forward in no_grad for it (the teacher's weights stay frozen all the same).
     needs_teacher_grad: ClassVar[bool] = False

@@ -149,6 +149,7 @@ class NegativeSampler(nn.Module):
 @register_method
 class CRD(Distiller):
     name = "crd"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Tian et al., ICLR 2020, Contrastive Representation Distillation"
     needs_sample_indices = True
 

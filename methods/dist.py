@@ -46,6 +46,7 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 @register_method
 class DIST(Distiller):
     name = "dist"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Huang et al. NeurIPS 2022, Knowledge Distillation from A Stronger Teacher"
 
     @dataclass(frozen=True)

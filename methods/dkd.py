@@ -79,6 +79,7 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
 @register_method
 class DKD(Distiller):
     name = "dkd"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Zhao et al. CVPR 2022, Decoupled Knowledge Distillation"
 
     @dataclass(frozen=True)

@@ -61,6 +61,7 @@ class HintProjector(nn.Module):
 @register_method
 class FitNet(Distiller):
     name = "fitnet"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Romero et al. 2015, FitNets; heterogeneous form of OFA-KD (NeurIPS 2023) baselines"
 
     @dataclass(frozen=True)

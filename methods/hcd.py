@@ -87,6 +87,7 @@ class ComplementaryFeatureMapper(nn.Module):
 @register_method
 class HCD(Distiller):
     name = "hcd"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Heterogeneous Complementary Distillation, arXiv 2511.10942 (AAAI 2026); HCD-lite, partly inferred"
 
     @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .registry import register_method
 @register_method
 class KD(Distiller):
     name = "kd"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network"
 
     @dataclass(frozen=True)

@@ -264,6 +264,7 @@ def build_branch_projector(info: StageInfo, student_dim: int, teacher_dim: int, 
 @register_method
 class OFA(Distiller):
     name = "ofa"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Hao et al., NeurIPS 2023, One-for-All: Bridge the Gap Between Heterogeneous Architectures in KD"
     projector_style = "ofa"
 

@@ -378,6 +378,7 @@ def probe_entry_layouts(teacher, stages, quirks: bool) -> Dict[int, EntryLayout]
 @register_method
 class PAT(Distiller):
     name = "pat"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Lin et al., Perspective-Aware Teaching: Adapting Knowledge for Heterogeneous Distillation, ICCV 2025"
     needs_teacher_grad = True
     find_unused_parameters = True  # the fusion branches get no gradient before feedback exists (first step)

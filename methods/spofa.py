@@ -87,6 +87,7 @@ class EmaBaseline(nn.Module):
 @register_method
 class SPOFA(OFA):
     name = "spofa"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "arXiv 2606.24557 (2026), HKD via Geometry Decoupling and Momentum-Aware Gradient Regulation"
     projector_style = "spofa"
 

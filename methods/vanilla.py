@@ -10,6 +10,7 @@ from .registry import register_method
 @register_method
 class Vanilla(Distiller):
     name = "none"
+    version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "student alone (cross-entropy)"
 
     @dataclass(frozen=True)

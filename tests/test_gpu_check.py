@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hkdbench.benchmark import cohort_speed, gpu_check
+from hkdbench.benchmark.config import PIPELINE_VERSION
 from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,13 +223,14 @@ def test_cohort_speed_rejects_bad_options_before_any_work(capsys):
     assert "--steps and --repeats must be >= 1" in capsys.readouterr().err
 
 
-def test_an_overhead_hash_is_unchanged_without_compile_and_differs_with_it():
-    base = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd")
-    fields = {k: v for k, v in vars(base).items() if k != "compile"}
-    body = json.dumps({"kind": "overhead", **fields}, sort_keys=True, separators=(",", ":"))
-    assert base.run_hash() == hashlib.sha256(body.encode()).hexdigest()[:12]  # as before the setting
-    assert OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", compile=True).run_hash() \
-        != base.run_hash()
+def test_an_overhead_hash_follows_the_identity_rule_and_differs_with_compile():
+    base = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8)
+    body = {"kind": "overhead", "teacher": "resnet_mini", "student": "vit_mini", "method": "kd", "batch_size": 8,
+            "method_code": "v1", "pipeline": PIPELINE_VERSION}  # every field away from its default, and the code
+    body = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    assert base.run_hash() == hashlib.sha256(body.encode()).hexdigest()[:12]
+    assert OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8,
+                          compile=True).run_hash() != base.run_hash()
 
 
 @pytest.mark.skipif(not gpu_check.overhead_compile_available(), reason="this version's setup_training cannot compile")

@@ -118,15 +118,15 @@ def test_overhead_table_and_loaded_machine_warning():
 
 
 def test_tables_say_whether_their_runs_share_batches(store):  # noqa: F811
-    from hkdbench.benchmark.config import DATA_STREAM
+    from hkdbench.benchmark.config import PIPELINE_VERSION
 
     runs = collect_runs(store)
     table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)
     assert not table.batch_paired and "paired by seed only" in table.to_markdown()
-    runs["data_stream"] = DATA_STREAM  # every run drew its batches from the keyed stream
+    runs["pipeline"] = PIPELINE_VERSION  # every run drew its batches from the keyed stream
     table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)
     assert table.batch_paired and "paired by seed and batch" in table.to_markdown()
     assert "paired by seed only" not in table.to_markdown() + table.to_latex()
     one = runs.index[(runs["epochs"] == 3) & (runs["method"] == "kd")][0]
-    runs.loc[one, "data_stream"] = None  # one run from before it: its table cannot claim it
+    runs.loc[one, "pipeline"] = None  # one run from before it: its table cannot claim it
     assert not next(t for t in comparison_tables(runs) if t.key["epochs"] == 3).batch_paired

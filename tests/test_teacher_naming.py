@@ -54,34 +54,6 @@ def test_the_stored_config_rebuilds_the_same_names():
     assert again.run_name() == cfg.run_name() and teacher_run_config(again).run_name() == cfg.teacher_run
 
 
-def test_runs_without_a_trained_teacher_keep_their_names():
-    """Teacher runs, student-alone runs and students of a teacher checkpoint carry no teacher_run; it is left out
-    of their hash, so their names are what they were before teacher runs were named (with the data stream's
-    marker, which every run's hash has had since the keyed stream)."""
-    import hashlib
-
-    from hkdbench.benchmark.config import DATA_STREAM
-
-    for cfg in (resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo"),
-                resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo"),
-                resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method="kd",
-                                   recipe="demo", teacher_checkpoint="/x.pth")):
-        assert cfg.teacher_run is None
-        body = cfg.to_dict()
-        body["data"].pop("workers")
-        body.pop("teacher_run")
-        for key in ("log", "log_interval", "compile"):  # how a run is watched or run: added later, never hashed
-            body["train"].pop(key)
-        body["train"].pop("probe_teachers")  # the student alone's CKA references: in the hash only when set
-        for model in ("student", "teacher"):  # pretrained weights: in the hash only when set
-            for key in ("pretrained", "pretrained_sha256"):
-                if body[model] and body[model][key] is None:
-                    body[model].pop(key)
-        body["data_stream"] = DATA_STREAM
-        old = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
-        assert cfg.run_hash() == old
-
-
 @pytest.mark.parametrize("bad", ["train.epochs=-1", "optim.lrr=1"])
 def test_a_bad_teacher_override_names_the_teacher_run(bad):
     from hkdbench.benchmark.config import ConfigError

@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from hkdbench.methods import TrainingSet, get_method
+from hkdbench.methods import TrainingSet, check_method_code, get_method, method_source
 
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import DATA_STREAM, RunConfig
+from hkdbench.benchmark.config import PIPELINE_VERSION, RunConfig
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.environment import environment
@@ -200,7 +200,8 @@ class CohortTrainer:
         from hkdbench.benchmark.engine.tracking import check_tracker_available
         from hkdbench.benchmark.store import RunLockedError
 
-        for cfg in self.cfgs:  # a missing tracker package or probe teacher fails before anything is written
+        for cfg in self.cfgs:  # changed code, a missing tracker package or probe teacher: fail before any write
+            check_method_code(cfg.method, cfg.method_code)
             check_tracker_available(cfg.train.log)
             self._check_probe_teachers(cfg)
         results: Dict[str, RunResult] = {}
@@ -327,6 +328,8 @@ class CohortTrainer:
                                                    "global_batch": cfg.data.batch_size * self.world_size,
                                                    "lr": cfg.optim.lr, "channels_last": channels_last,
                                                    "autocast": str(setup.dtype) if setup.dtype else "fp32",
+                                                   "method_source": method_source(cfg.method),
+                                                   "pipeline": PIPELINE_VERSION,
                                                    "cohort": [rd.path.name for rd in self.run_dirs]})
         self.say(f"{m.name}: {cfg.method} {cfg.teacher.name if cfg.teacher else '-'} -> {cfg.student.name} "
                  f"on {cfg.data.dataset}, {cfg.train.epochs} epochs, {len(train_loader)} steps/epoch, "
@@ -572,7 +575,7 @@ class CohortTrainer:
             "train_time_s": sum(r["epoch_time_s"] for r in history),
             "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
             "global_batch": cfg.data.batch_size * self.world_size, "device": str(self.device),
-            "data_stream": DATA_STREAM, "cohort_size": len(self.cfgs), "finished": timestamp(),
+            "pipeline": PIPELINE_VERSION, "cohort_size": len(self.cfgs), "finished": timestamp(),
         }
         if "ema_top1" in last:
             ema_best = best_record(history, "ema_top1")

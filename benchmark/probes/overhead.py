@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from hkdbench.benchmark.config import PIPELINE_VERSION, identity_hash
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json
 
@@ -65,11 +64,11 @@ class OverheadConfig:
     compile: bool = False            # torch.compile of the step's models, as train.compile=true
 
     def run_hash(self) -> str:
-        fields = asdict(self)
-        if not fields["compile"]:  # a measurement without compile keeps the name it had before the option
-            fields.pop("compile")
-        body = json.dumps({"kind": "overhead", **fields}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(body.encode()).hexdigest()[:12]
+        """The one rule of run identities (config.identity: fields away from their defaults), with the code of the
+        method and of the pipeline whose step is timed."""
+        from hkdbench.methods import method_code
+
+        return identity_hash(self, kind="overhead", method_code=method_code(self.method), pipeline=PIPELINE_VERSION)
 
     def run_name(self) -> str:
         return (f"overhead_{self.method}_{self.teacher}_to_{self.student}_b{self.batch_size}_{self.img_size}px_"
