@@ -4,7 +4,9 @@ with the run's kept weights; none of the method's train-time modules) for use ou
 * ``timm``: a folder in timm's hub layout, ``config.json`` (architecture, model arguments, pretrained config) +
   ``model.safetensors``. Plain timm loads it with ``timm.create_model('local-dir:FOLDER', pretrained=True)``, or
   with ``timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=FOLDER/'model.safetensors',
-  num_classes=N), num_classes=N, in_chans=C, **model_args)``. Needs a timm architecture (the papers' models).
+  num_classes=N), num_classes=N, in_chans=C, **model_args)``, whose pretrained config is then ARCH's own: pass
+  config.json's ``pretrained_cfg`` to ``resolve_data_config(pretrained_cfg=...)``. Needs a timm architecture (the
+  papers' models).
 * ``safetensors``: one ``<run>.safetensors`` file (state dict of the bare model), the same config in its metadata
   (key ``timm_config``).
 * ``onnx``: ``<run>.onnx`` (input ``images`` N x C x H x W with a dynamic batch, output ``logits``), needs the
