@@ -21,6 +21,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run from its checkpoint")
     p.add_argument("--restart", action="store_true", help="discard an existing run's progress and start over")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every run this command would train, in order (a teacher run first), with its epochs, "
+                        "steps per epoch, data settings and state in the run store; train and write nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, before, between or after the options: data.*, optim.*, train.*, method.* "
                         "(e.g. optim.lr=0.1 method.eps=[1.5]); train also takes teacher.<section>.<field>=value for "

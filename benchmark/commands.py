@@ -25,11 +25,31 @@ def cmd_train(args, overrides) -> int:
                                teacher_pretrained=args.teacher_pretrained) for method in methods]
     for cfg in cfgs:
         _check_flags(args, cfg)
+    if len(cfgs) > 1:
+        check_cohort(cfgs)
+        cfgs = probing_the_cohorts_teacher(cfgs)
+    if args.dry_run:
+        return _dry_run(cfgs, args)
     if len(cfgs) == 1:
         return _train_until_done_or_stopped(lambda **kw: [train(cfgs[0], **kw)], args)
-    check_cohort(cfgs)
-    cfgs = probing_the_cohorts_teacher(cfgs)
     return _train_until_done_or_stopped(lambda **kw: train_cohort(cfgs, **kw), args)
+
+
+def _dry_run(cfgs, args) -> int:
+    """Prints what the command would train (engine/plan.py); writes nothing. It fails where the training would,
+    before any training: a probe teacher run missing, a checkpoint without --resume or --restart."""
+    from hkdbench.benchmark.engine.plan import format_plan, plan_runs
+    from hkdbench.benchmark.engine.trainer import check_probe_teachers, unfinished_run_error
+    from hkdbench.benchmark.store import RunStore
+
+    store = RunStore(args.runs_dir)
+    check_probe_teachers(cfgs, store)
+    runs = plan_runs(cfgs, store, resume=args.resume, restart=args.restart)
+    print(format_plan(runs, store))
+    refused = [r for r in runs if r.refused]
+    if refused:
+        raise unfinished_run_error(store.run_dir(refused[0].cfg))
+    return 0
 
 
 def _method_list(given) -> list:
@@ -76,6 +96,8 @@ def cmd_teacher(args, overrides) -> int:
     cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
                              recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
     _check_flags(args, cfg)
+    if args.dry_run:
+        return _dry_run([cfg], args)
     return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
 
 

@@ -169,6 +169,23 @@ def test_tensor_loader_batches_shapes_and_resume_offset():
     assert batches[0][0].shape == (8, 1, 32, 32)
 
 
+@pytest.mark.parametrize("subset,batch,world,in_memory", [(0, 32, 1, "auto"), (50, 16, 1, "no"), (500, 8, 2, "auto"),
+                                                     (70, 7, 1, "auto")])
+def test_steps_per_epoch_are_counted_from_the_headers_as_the_loader_has_them(tmp_path, subset, batch, world,
+                                                                           in_memory):
+    """A plan's count (no image read) is the length of the training loader the run builds."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", 70), ("t10k", 10)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+        _write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    cfg = DataConfig(root=str(tmp_path), train_subset=subset, batch_size=batch, in_memory=in_memory, workers=0)
+    assert datasets.training_split_size(cfg) == 70
+    assert datasets.training_images(cfg) == min(subset or 70, 70)
+    train, _, _ = loaders.build_loaders(cfg, torch.device("cpu"), 1.0, rank=0, world_size=world)
+    assert loaders.train_steps_per_epoch(cfg, world) == len(train) == min(subset or 70, 70) // (batch * world)
+
+
 def test_paper224_pipeline_shapes():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     cfg = DataConfig(dataset="cifar100", pipeline="paper224", img_size=224, batch_size=4, eval_batch_size=4)
@@ -286,6 +303,7 @@ def test_a_dataset_registered_as_one_entry_trains(toy_dataset, tmp_path, in_memo
     assert ("check", "toy-brightness") in toy_dataset  # the pre-run check is the entry's
     assert {call for call in toy_dataset if call[0] == "read"} == {("read", "toy-brightness", True),
                                                                     ("read", "toy-brightness", False)}
+    assert datasets.training_split_size(cfg.data) == 48  # an entry without train_size: counted from its split
     # the model was built from the entry's facts: 3 classes, 1 channel
     student = create_model("resnet_mini", 3, in_chans=1, img_size=16)
     student.model.load_state_dict(load_weights(result.run_dir, "last"))

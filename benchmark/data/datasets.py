@@ -47,11 +47,14 @@ class Dataset:
     ``read_tensors(cfg, train)`` gives a whole split (needed when ``info.in_memory``);
     ``image_dataset(cfg, train, transform)`` gives a torch dataset of (transformed image, label) for the
     per-image path, with its labels in ``targets`` as torchvision's datasets have them (CRD reads them without
-    decoding images); without one, that path serves ``read_tensors``' images one by one."""
+    decoding images); without one, that path serves ``read_tensors``' images one by one. ``train_size(cfg)``:
+    how many images the training split at ``cfg``'s root holds, known without reading them (a plan counts steps
+    with it); without one, the split is read (or listed) to count them."""
     info: DatasetInfo
     check: Callable[[DataConfig], None]
     read_tensors: Optional[Callable[[DataConfig, bool], Tensors]] = None
     image_dataset: Optional[Callable[[DataConfig, bool, Callable], torch.utils.data.Dataset]] = None
+    train_size: Optional[Callable[[DataConfig], int]] = None
 
     def __post_init__(self):
         if self.read_tensors is None and self.image_dataset is None:
@@ -101,8 +104,29 @@ def check_data_available(cfg: DataConfig) -> None:
     dataset(cfg.dataset).check(cfg)
 
 
+def training_split_size(cfg: DataConfig) -> int:
+    """How many images the training split at ``cfg``'s root holds (before ``data.train_subset``)."""
+    entry = dataset(cfg.dataset)
+    if entry.train_size is not None:
+        return entry.train_size(cfg)
+    if entry.image_dataset is not None:  # lists the files (as the loader would), decodes none
+        return len(entry.image_dataset(cfg, True, None))
+    return len(entry.read_tensors(cfg, True)[1])
+
+
+def training_images(cfg: DataConfig) -> int:
+    """How many images a run with these data settings trains on: the training split, less what
+    ``data.train_subset`` leaves out."""
+    return subset_size(training_split_size(cfg), cfg.train_subset)
+
+
+def subset_size(n: int, subset: int) -> int:
+    """How many of ``n`` items :func:`train_subset_indices` keeps."""
+    return n if subset <= 0 or subset >= n else subset
+
+
 def _check_training_set_size(cfg: DataConfig, n: int) -> None:
-    kept = len(train_subset_indices(n, cfg.train_subset))
+    kept = subset_size(n, cfg.train_subset)
     if kept < cfg.batch_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
                          f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
@@ -179,6 +203,18 @@ def _read_fashion_mnist(cfg: DataConfig, train: bool) -> Tensors:
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
+def _fashion_mnist_train_size(cfg: DataConfig) -> int:
+    """The image count in the header of the training labels' IDX file (its first 8 bytes)."""
+    folder = _find_fashion_mnist(cfg.root)
+    path = folder / f"{_FMNIST_FILES[True][1]}.gz"
+    path = path if path.exists() else folder / _FMNIST_FILES[True][1]
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        header = f.read(8)
+    if len(header) < 8 or header[:4] != b"\0\0\x08\x01":
+        return len(_read_fashion_mnist(cfg, train=True)[1])  # not a labels file: the full read names what is wrong
+    return int.from_bytes(header[4:8], "big")
+
+
 def _check_fashion_mnist(cfg: DataConfig) -> None:
     _check_training_set_size(cfg, len(_read_fashion_mnist(cfg, train=True)[1]))
     _read_fashion_mnist(cfg, train=False)  # every file read once: a damaged one fails here
@@ -253,7 +289,8 @@ def _torchvision_cifar(info: DatasetInfo, torchvision_name: str) -> Dataset:
     """The entry of torchvision's ``torchvision_name`` dataset: read whole or per image, its files' MD5s checked."""
     return Dataset(info, check=functools.partial(_check_cifar, torchvision_name),
                    read_tensors=functools.partial(_read_cifar, torchvision_name),
-                   image_dataset=functools.partial(_cifar_images, torchvision_name))
+                   image_dataset=functools.partial(_cifar_images, torchvision_name),
+                   train_size=lambda cfg: 50_000)  # both CIFARs: the files whose MD5s the check holds
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -302,7 +339,8 @@ def _check_image_folders(root: Path, num_classes: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 register_dataset(Dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), in_memory=True),
-                         check=_check_fashion_mnist, read_tensors=_read_fashion_mnist))
+                         check=_check_fashion_mnist, read_tensors=_read_fashion_mnist,
+                         train_size=_fashion_mnist_train_size))
 register_dataset(_torchvision_cifar(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
                                                (0.2470, 0.2435, 0.2616), in_memory=True), "CIFAR10"))
 register_dataset(_torchvision_cifar(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),

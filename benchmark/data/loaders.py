@@ -34,7 +34,7 @@ from timm.data import Mixup
 from hkdbench.benchmark.config import DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
 from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
-                                             load_tensors, train_subset_indices)
+                                             load_tensors, train_subset_indices, training_images)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -488,6 +488,12 @@ def _num_batches(n: int, batch: int, train: bool, rank: int, world: int) -> int:
         return n // (batch * world)
     total = math.ceil(n / batch)
     return len(range(rank, total, world))
+
+
+def train_steps_per_epoch(cfg: DataConfig, world_size: int = 1) -> int:
+    """The training steps of one epoch for these data settings, as the training loader will have them, counted
+    without loading the data."""
+    return _num_batches(training_images(cfg), cfg.batch_size, True, 0, world_size)
 
 
 def _batch_slice(step: int, batch: int, train: bool, rank: int, world: int) -> slice:

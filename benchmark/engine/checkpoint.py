@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -119,3 +119,13 @@ def load_weights(rd: RunDir, which: str, ema: bool = False) -> Dict[str, torch.T
             "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
             "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_position(rd: RunDir) -> Optional[Tuple[int, int]]:
+    """(epoch, step) a resume of the run starts at (0-based epoch), from its checkpoint; None when it has none or
+    the file cannot be read (the resume itself says what is wrong). Memory-mapped: the tensors are not read."""
+    try:
+        state = torch.load(rd.checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
+        return int(state["epoch"]), int(state["step"])
+    except Exception:  # noqa: BLE001 (missing, truncated, foreign: torch raises many kinds)
+        return None

@@ -147,10 +147,13 @@ class CohortTrainer:
             load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
         if as_is:
             return teacher.to(self.device), None
+        from hkdbench.benchmark.engine.plan import teacher_settings_note
         from hkdbench.benchmark.recipes import teacher_run_config
 
         t_cfg = teacher_run_config(cfg)
         t_dir = self.store.run_dir(t_cfg)
+        if note := teacher_settings_note(cfg, t_cfg):
+            self.say(note)
         if not t_dir.is_done:
             self.say(f"teacher {cfg.teacher.name}: no finished run at {t_dir.path}; training it first")
             result = Trainer(t_cfg, self.store, device=str(self.device), progress=self.progress,
@@ -163,16 +166,6 @@ class CohortTrainer:
         self.say(f"teacher {cfg.teacher.name}: the {which} weights of {t_dir.path.name} "
                  f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
         return teacher.to(self.device), recorded[f"{which}_top1"]
-
-    def _check_probe_teachers(self, cfg: RunConfig) -> None:
-        trained_here = {c.teacher_run for c in self.cfgs}  # the cohort's own teacher is trained first if missing
-        missing = [name for name in cfg.train.probe_teachers
-                   if name not in trained_here and not RunDir(self.store.root / name).is_done]
-        if missing and not self.store.run_dir(cfg).is_done:
-            raise ProbeTeacherMissingError(
-                f"{cfg.run_name()}: train.probe_teachers names teacher run(s) with no finished run in "
-                f"{self.store.root}: {', '.join(missing)}. Train them first (a sweep trains its teachers before its "
-                f"students), or leave them out of train.probe_teachers")
 
     def probe_teachers(self, cfg: RunConfig, num_classes: int, in_chans: int) -> Dict[str, TappedModel]:
         """Run name -> the best weights of each teacher run ``cfg`` is CKA-probed against (``train.probe_teachers``;
@@ -203,7 +196,7 @@ class CohortTrainer:
         for cfg in self.cfgs:  # changed code, a missing tracker package or probe teacher: fail before any write
             check_method_code(cfg.method, cfg.method_code)
             check_tracker_available(cfg.train.log)
-            self._check_probe_teachers(cfg)
+        check_probe_teachers(self.cfgs, self.store)
         results: Dict[str, RunResult] = {}
         with contextlib.ExitStack() as locks:
             held = []
@@ -253,8 +246,7 @@ class CohortTrainer:
             member.status, member.result = "done", RunResult("done", rd, rd.summary())
             return member
         if rd.has_checkpoint and not resume:
-            raise RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to "
-                                 "continue it or --restart to start over")
+            raise unfinished_run_error(rd)
         member.saved = _read_checkpoint(rd, cfg, self.device) if rd.has_checkpoint else None
         return member
 
@@ -648,6 +640,26 @@ def _load_checkpoint(state: Dict[str, Any], setup, ema) -> None:
 
 class RunExistsError(RuntimeError):
     pass
+
+
+def unfinished_run_error(rd: RunDir) -> RunExistsError:
+    """The error of a run with a checkpoint opened without --resume or --restart."""
+    return RunExistsError(f"{rd.path} has a checkpoint from an earlier, unfinished run; pass --resume to continue "
+                          "it or --restart to start over")
+
+
+def check_probe_teachers(cfgs: Sequence[RunConfig], store: RunStore) -> None:
+    """Raises ProbeTeacherMissingError, before anything is written, when a run to train names a probe teacher run
+    (``train.probe_teachers``) that has not finished and is not the cohort's own teacher (trained first)."""
+    trained_here = {c.teacher_run for c in cfgs}
+    for cfg in cfgs:
+        missing = [name for name in cfg.train.probe_teachers
+                   if name not in trained_here and not RunDir(store.root / name).is_done]
+        if missing and not store.run_dir(cfg).is_done:
+            raise ProbeTeacherMissingError(
+                f"{cfg.run_name()}: train.probe_teachers names teacher run(s) with no finished run in "
+                f"{store.root}: {', '.join(missing)}. Train them first (a sweep trains its teachers before its "
+                f"students), or leave them out of train.probe_teachers")
 
 
 class DamagedCheckpointError(RuntimeError):
