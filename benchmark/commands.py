@@ -154,11 +154,13 @@ def cmd_recipes(args, _overrides) -> int:
 
 
 def cmd_methods(args, _overrides) -> int:
-    from hkdbench.methods import list_methods
+    from hkdbench.methods import list_methods, method_source
 
     for name, cls in list_methods().items():
         fields = ", ".join(f"{k}={v}" for k, v in cls.config_fields().items())
-        print(f"{name:<8} {cls.paper}\n{'':<8} {fields}")
+        source = method_source(name)
+        where = "" if source["code"].startswith("v") else f" from {source['file']}"  # a plugin: which file
+        print(f"{name:<8} {cls.paper} [code {source['code']}{where}]\n{'':<8} {fields}")
     if args.pair:
         print()
         print_method_costs(*args.pair, args.num_classes)

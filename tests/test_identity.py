@@ -219,3 +219,17 @@ def test_a_sweep_over_an_edited_plugin_trains_the_edited_method(tmp_path, plugin
     plugin.write_text(LOGIT_MSE_PLUGIN.replace("F.mse_loss", "F.l1_loss"))
     _hkdbench(sweep, tmp_path, plugin)
     assert len(_plugin_runs(runs)) == 2 and first in _plugin_runs(runs)
+
+
+def test_the_methods_listing_shows_each_method_s_code(plugin, capsys):
+    from hkdbench.benchmark.cli import main
+
+    load_plugins(str(plugin))
+    try:
+        assert main(["methods"]) == 0
+        code = method_code("logit_mse")
+    finally:
+        unregister_method("logit_mse")
+    listing = capsys.readouterr().out
+    assert "Hinton et al. 2015, Distilling the Knowledge in a Neural Network [code v1]" in listing
+    assert f"a test method [code {code} from {plugin}]" in listing
