@@ -97,8 +97,10 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         students = sorted({s for _, s in table.rows})
         limit = max(abs(d.mean) for d in gains.values()) or 1.0
         rows, cols = _grid(len(table.methods))
-        fig, axes = plt.subplots(rows, cols, figsize=(1.5 * len(students) * cols + 1.5, 1.05 * len(teachers) * rows
-                                                      + 1.2), squeeze=False)
+        # a panel is as wide as its students, or as its title (a label such as kd[temperature=4]) needs
+        width = max(1.5 * len(students), 0.13 * max(len(m) for m in table.methods))
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.5, 1.05 * len(teachers) * rows + 1.2),
+                                 squeeze=False)
         cmap = plt.get_cmap("RdBu")
         for ax, m in zip(axes.flat, table.methods):
             grid = np.full((len(teachers), len(students)), np.nan)
@@ -128,7 +130,7 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
         fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
                      f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {table.pairing_note}",
-                     y=1.02, fontsize=11)
+                     y=0.98, va="bottom", fontsize=11)  # above the panels' titles however short the figure
         paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
     return paths
 
