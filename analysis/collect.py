@@ -12,7 +12,19 @@
 
 ``setting`` is a short hash of the run's shared training setting (data, optimiser and schedule, without the seed,
 the models, the method, the probe cadences and the teacher runs probed): runs with the same setting are comparable,
-and a method's gain is taken over the student-alone run (method ``none``) of the same student and setting.
+and a method's gain is taken over the student-alone run (method ``none``) of the same student and setting. The hash
+only tells settings apart; :func:`label_runs` says in words what sets runs apart, in two columns that every table
+and figure groups by:
+
+* ``setting_label``: the setting's fields whose values differ between the settings of the store's runs of the same
+  kind, dataset and recipe (``data.train_subset=256``), without those a table's title names (dataset, recipe,
+  epochs); empty where nothing else differs.
+* ``method_label``: the method with the settings that set its runs apart (:mod:`.order`): its hyperparameters away
+  from the method's defaults (``method_settings`` of config.json: ``kd[temperature=4]``), and the teacher's training
+  fields that differ between the runs of one table with the same teacher model (``kd[teacher: train.epochs=7]``;
+  those alone are ``teacher_label``, ``train.epochs=7``).
+  A run stored before ``method_settings`` existed is labelled by the plain method, plus, where other runs of that
+  label in its table have other hyperparameters, the ones that differ (``kd[temperature=1]``): never pooled with them.
 """
 from __future__ import annotations
 
@@ -29,8 +41,13 @@ import pandas as pd
 
 from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
 
-ID_COLUMNS = ["run", "kind", "status", "method", "teacher", "student", "teacher_family", "student_family",
-              "dataset", "recipe", "setting", "method_variant", "seed", "epochs"]
+from .order import method_label
+
+ID_COLUMNS = ["run", "kind", "status", "method", "method_label", "method_settings", "teacher", "teacher_label",
+              "student", "teacher_family", "student_family", "dataset", "recipe", "setting", "setting_label", "seed",
+              "epochs"]
+# One table per setting: a table's runs share these; its title names all but the hash (for which setting_label speaks)
+SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
 # best_* / last_* are the accuracies of the weights the run keeps (best_weights / last_weights in its directory);
 # teacher_top1 is that of the teacher weights the run loaded (teacher_weights: best, last or checkpoint).
 RESULT_COLUMNS = ["best_top1", "best_epoch", "last_top1", "last_epoch", "best_top5", "last_top5", "best_weights",
@@ -62,23 +79,64 @@ def _short_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def setting_of(config: Dict[str, Any]) -> Optional[str]:
-    """Hash of the shared training setting of a training run's config (None for other kinds)."""
+def _setting_body(config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if not all(k in config for k in ("data", "optim", "train")):
         return None
     body = {section: {k: v for k, v in (config.get(section) or {}).items() if (section, k) not in _NOT_SETTING}
             for section in ("data", "optim", "train")}
     body["recipe"] = config.get("recipe")
-    return _short_hash(body)
+    return body
 
 
-def method_variant(config: Dict[str, Any]) -> Optional[str]:
-    """Hash of the method's hyperparameters and of the teacher's training (what else makes two cells differ)."""
-    if "method_cfg" not in config:
-        return None
-    return _short_hash({"method_cfg": config.get("method_cfg"), "teacher": config.get("teacher"),
-                        "teacher_recipe": config.get("teacher_recipe"),
-                        "teacher_overrides": config.get("teacher_overrides")})
+def setting_of(config: Dict[str, Any]) -> Optional[str]:
+    """Hash of the shared training setting of a training run's config (None for other kinds)."""
+    body = _setting_body(config)
+    return None if body is None else _short_hash(body)
+
+
+def _text(value: Any) -> str:
+    """One spelling of a value in a label: 4.0 as 4 (as ``method_settings`` writes it), strings bare, else JSON."""
+    def plain(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    value = plain(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _items(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
+    """A nested mapping as ``{dotted key: value text}``."""
+    out: Dict[str, str] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = _text(value)
+    return out
+
+
+def _teacher_items(config: Dict[str, Any]) -> Dict[str, str]:
+    """How a distilled run's teacher was made, besides its model: its weights (which, from where), the teacher run's
+    recipe and its overrides (``train.epochs=7``)."""
+    teacher = config.get("teacher")
+    if not isinstance(teacher, dict):  # no teacher, or an overhead record (the teacher's name only)
+        return {}
+    items = {k: _text(v) for k, v in teacher.items() if k != "name" and v not in (None, False)}
+    if config.get("teacher_recipe"):
+        items["recipe"] = str(config["teacher_recipe"])
+    for override in config.get("teacher_overrides") or []:
+        key, _, value = str(override).partition("=")
+        items[key] = value
+    return items
+
+
+def _method_settings(config: Dict[str, Any]) -> Optional[List[str]]:
+    # Runs stored before config.json had the key: which hyperparameters are the method's defaults is the registry's
+    # knowledge, and the analysis reads the store only, so such runs are labelled by the plain method (and by what
+    # differs from the other runs of their label, see label_runs).
+    settings = config.get("method_settings")
+    return None if settings is None else [str(s) for s in settings]
 
 
 def run_dirs(root: Path) -> List[Path]:
@@ -139,7 +197,11 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     if summary:
         row.update(summary)
     row["setting"] = setting_of(config)
-    row["method_variant"] = method_variant(config)
+    settings = _method_settings(config)
+    row["method_settings"] = None if settings is None else ", ".join(settings)
+    # what label_runs compares between runs, dropped after it
+    row.update({"_settings": settings or [], "_setting": _items(_setting_body(config) or {}),
+                "_teacher": _teacher_items(config), "_method_cfg": _items(config.get("method_cfg") or {})})
     row.update({"gpu": env.get("gpu"), "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
                 "cpu_threads": env.get("cpu_threads"), "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
@@ -170,11 +232,61 @@ def _order(df: pd.DataFrame, groups: List[List[str]]) -> pd.DataFrame:
     return df[first + rest]
 
 
+# the setting fields a table's title names (SETTING_KEYS): left out of setting_label
+_TITLED = {"data.dataset", "recipe", "train.epochs"}
+_LABEL_INPUTS = ["_settings", "_setting", "_teacher", "_method_cfg"]
+
+
+def _apart(df: pd.DataFrame, keys: List[str], column: str, absent: Optional[str] = None) -> pd.Series:
+    """Per row, the ``key=value`` items of its ``column`` (a dict of value texts) whose key has not one value in every
+    row of its group (``keys``): what sets the row apart within the group. A key a row lacks is written with the
+    text ``absent``, or left out of that row's items where ``absent`` is None."""
+    out = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
+    for idx in keyed(df, keys).groupby(keys).groups.values():
+        dicts = df.loc[idx, column]
+        names = sorted({k for d in dicts for k in d})
+        differ = [k for k in names if len({d.get(k) for d in dicts}) > 1]
+        for i, d in dicts.items():
+            out.at[i] = [f"{k}={d.get(k, absent)}" for k in differ if k in d or absent is not None]
+    return out
+
+
+def label_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """``setting_label`` and ``method_label`` (see the module docstring) from the columns run_row leaves for them,
+    which are then dropped."""
+    df = df.copy()
+    df["setting_label"] = _setting_labels(df)
+    teacher = _apart(df, ["kind"] + SETTING_KEYS + ["teacher"], "_teacher")
+    df["teacher_label"] = [", ".join(items) for items in teacher]
+    df["method_label"] = _method_labels(df, teacher)
+    return df.drop(columns=_LABEL_INPUTS)
+
+
+def _setting_labels(df: pd.DataFrame) -> List[str]:
+    untitled = pd.Series([{k: v for k, v in d.items() if k not in _TITLED} for d in df["_setting"]], index=df.index,
+                         dtype=object)
+    apart = _apart(df.assign(_setting=untitled), ["kind", "dataset", "recipe"], "_setting", absent="(not recorded)")
+    return [", ".join(items) for items in apart]
+
+
+def _method_labels(df: pd.DataFrame, teacher: pd.Series) -> List[str]:
+    table = ["kind"] + SETTING_KEYS
+    labels = pd.Series([method_label(m, s, t) for m, s, t in zip(df["method"], df["_settings"], teacher)],
+                       index=df.index, dtype=object)
+    # a run stored before method_settings cannot say which of its hyperparameters are not the defaults: where its label
+    # would join runs of other hyperparameters, the ones that differ among them join its label
+    extra = _apart(df.assign(_label=labels), table + ["_label"], "_method_cfg")
+    legacy = df["method_settings"].isna()
+    return [method_label(m, e, t) if old else label
+            for m, e, t, old, label in zip(df["method"], extra, teacher, legacy, labels)]
+
+
 def collect_runs(runs_dir, include_unfinished: bool = True) -> pd.DataFrame:
     """One row per run of the store at ``runs_dir`` (see the module docstring)."""
     root = Path(runs_dir)
     rows = [r for r in (run_row(p, root) for p in run_dirs(root)) if r.get("kind")]  # run directories only
-    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS)
+    df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + _LABEL_INPUTS)
+    df = label_runs(df)
     for col in ID_COLUMNS + RESULT_COLUMNS:
         if col not in df.columns:
             df[col] = None
@@ -184,12 +296,13 @@ def collect_runs(runs_dir, include_unfinished: bool = True) -> pd.DataFrame:
     if not include_unfinished:
         df = df[df["status"] == "done"]
     df = _order(df, [ID_COLUMNS, RESULT_COLUMNS, OVERHEAD_COLUMNS, PROBE_COLUMNS, PROVENANCE_COLUMNS])
-    return df.sort_values(["kind", "dataset", "teacher", "student", "method", "seed"], na_position="first",
+    return df.sort_values(["kind", "dataset", "teacher", "student", "method", "method_label", "seed"],
+                          na_position="first",
                           key=lambda s: s.astype(str)).reset_index(drop=True)
 
 
-EPOCH_ID = ["run", "kind", "method", "teacher", "student", "teacher_family", "student_family", "dataset", "recipe",
-            "setting", "method_variant", "seed"]
+EPOCH_ID = ["run", "kind", "method", "method_label", "teacher", "student", "teacher_family", "student_family",
+            "dataset", "recipe", "setting", "setting_label", "seed"]
 
 
 def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -224,8 +337,8 @@ def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None,
     return records.drop(columns=[c for c in records.columns if str(c).startswith("cka@")])
 
 
-CKA_ID = ["run", "method", "method_variant", "teacher", "teacher_run", "probe", "student", "dataset", "recipe",
-          "setting", "seed"]
+CKA_ID = ["run", "method", "method_label", "teacher", "teacher_run", "probe", "student", "dataset", "recipe",
+          "setting", "setting_label", "seed"]
 CKA_COLUMNS = CKA_ID + ["epoch", "kernel", "teacher_stage", "student_stage", "cka"]
 # cka/<kernel>/t{i}_s{j} (against the run's own teacher) or cka@<teacher run>/<kernel>/t{i}_s{j} (a named one)
 CKA_KEY = re.compile(r"cka(?:@(?P<probe_run>[^/]+))?/(?P<kernel>[^/]+)/t(?P<teacher_stage>\d+)_s(?P<student_stage>\d+)")

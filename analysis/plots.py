@@ -2,8 +2,10 @@
 
 :data:`FIGURES` is the registry: one entry per kind of figure, with its title in the report and the function that
 draws it (adding a figure is one entry there). The statistics come from :mod:`.tables` / :mod:`.stats`, so a figure
-and a table never disagree. Colours and order of the methods come from :mod:`.order`. Every function returns the
-list of files it wrote.
+and a table never disagree. Every series, panel and bar is one method label (``method_label`` of the tidy tables,
+:mod:`.order`: ``kd``, ``kd[temperature=4]``): runs of different settings are drawn apart, never averaged; order and
+colours come from :mod:`.order`. A figure's title says what sets its setting apart (``setting_label``). Every
+function returns the list of files it wrote.
 """
 from __future__ import annotations
 
@@ -19,14 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .collect import OWN, cka_table, keyed  # noqa: E402
-from .order import BASELINE, REFERENCE, ordered, palette  # noqa: E402
+from .collect import OWN, SETTING_KEYS, cka_table, keyed  # noqa: E402
+from .order import BASELINE, REFERENCE, method_of, ordered, palette  # noqa: E402
 from .stats import BOOTSTRAP_RESAMPLES, by_seed, paired_difference  # noqa: E402
 from .tables import ComparisonTable, comparison_tables, difference_text  # noqa: E402
 
 FORMATS = ("png", "pdf")
 DPI = 150
-SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
 
 
 def _style():
@@ -64,8 +65,13 @@ def _setting_stem(kind: str, table: ComparisonTable) -> str:
 
 
 def _setting_words(table: ComparisonTable) -> str:
-    k = table.key
-    return f"{k['dataset']}, recipe {k['recipe']}, {k['epochs']} epochs, {table.usual_n()} seeds per cell"
+    return f"{table.title} ({table.usual_n()} seeds per cell)"
+
+
+def _pair_setting(frame: pd.DataFrame) -> str:
+    """What sets the setting of a per-pair figure's runs apart, for its title ('' where nothing does)."""
+    label = frame["setting_label"].iloc[0] if "setting_label" in frame and len(frame) else ""
+    return f"; {label}" if isinstance(label, str) and label else ""
 
 
 def _legend(fig, methods: Sequence[str], pal: Dict[str, str], **kw) -> None:
@@ -91,8 +97,10 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         students = sorted({s for _, s in table.rows})
         limit = max(abs(d.mean) for d in gains.values()) or 1.0
         rows, cols = _grid(len(table.methods))
-        fig, axes = plt.subplots(rows, cols, figsize=(1.5 * len(students) * cols + 1.5, 1.05 * len(teachers) * rows
-                                                      + 1.2), squeeze=False)
+        # a panel is as wide as its students, or as its title (a label such as kd[temperature=4]) needs
+        width = max(1.5 * len(students), 0.13 * max(len(m) for m in table.methods))
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.5, 1.05 * len(teachers) * rows + 1.2),
+                                 squeeze=False)
         cmap = plt.get_cmap("RdBu")
         for ax, m in zip(axes.flat, table.methods):
             grid = np.full((len(teachers), len(students)), np.nan)
@@ -122,7 +130,7 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
         fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
                      f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {table.pairing_note}",
-                     y=1.02, fontsize=11)
+                     y=0.98, va="bottom", fontsize=11)  # above the panels' titles however short the figure
         paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
     return paths
 
@@ -164,8 +172,8 @@ def _train_hours(runs: pd.DataFrame, table: ComparisonTable) -> Dict[Tuple[str, 
     out = {}
     for (t, s) in table.rows:
         for m in [BASELINE] + table.methods:
-            sel = (mine["student"] == s) & (mine["method"] == m) & ((mine["teacher"] == t) if m != BASELINE
-                                                                  else True)
+            sel = (mine["student"] == s) & (mine["method_label"] == m) & (
+                (mine["teacher"] == t) if method_of(m) != BASELINE else True)
             if sel.any():
                 out[(t, s, m)] = float(hours[sel].mean())
     return out
@@ -178,7 +186,7 @@ def _overhead_flops(runs: pd.DataFrame) -> Dict[Tuple[str, str, str], float]:
     if ov.empty:
         return {}
     flops = pd.to_numeric(ov["train_gflops_per_image"], errors="coerce")
-    return {k: float(v) for k, v in flops.groupby([ov["overhead_teacher"], ov["student"], ov["method"]]).median()
+    return {k: float(v) for k, v in flops.groupby([ov["overhead_teacher"], ov["student"], ov["method_label"]]).median()
             .items() if not pd.isna(v)}
 
 
@@ -297,7 +305,7 @@ def overhead_bars(runs: pd.DataFrame, out_dir) -> List[Path]:
     paths: List[Path] = []
     for key, g in df.groupby(keys):
         k = dict(zip(keys, key))
-        g = g.set_index("method")
+        g = g.set_index("method_label")
         methods = ordered(g.index)
         g = g.loc[methods]
         pal = palette(methods)
@@ -339,7 +347,8 @@ def overhead_bars(runs: pd.DataFrame, out_dir) -> List[Path]:
 # --------------------------------------------------------------------------------------------------------------
 
 def _pairs(epochs: pd.DataFrame):
-    """(teacher, student, dataset, setting) groups of distillation runs, with the student-alone runs attached."""
+    """(teacher, student, dataset, setting) groups of distillation runs, with the student-alone runs attached (every
+    label of the method ``none``)."""
     df = keyed(epochs[epochs["kind"] == "student"], ["setting"])
     if df.empty:
         return
@@ -353,7 +362,7 @@ def _pairs(epochs: pd.DataFrame):
 def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str]) -> None:
     """Mean over seeds per epoch, with a band from the lowest to the highest seed."""
     for m in methods:
-        mg = frame[frame["method"] == m][["epoch", y, "run"]].copy()
+        mg = frame[frame["method_label"] == m][["epoch", y, "run"]].copy()
         mg[y] = pd.to_numeric(mg[y], errors="coerce")
         mg = mg.dropna(subset=[y])
         if mg.empty:
@@ -366,9 +375,9 @@ def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Se
 
 def _epoch_words(frame: pd.DataFrame) -> str:
     n = frame["epoch"].nunique()
-    seeds = frame.groupby("method")["run"].nunique()
+    seeds = frame.groupby("method_label")["run"].nunique()
     seeds = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
-    return f"{n} epoch{'s' if n != 1 else ''}, {seeds} seeds per method; line: mean, band: lowest to highest seed"
+    return f"{n} epoch{'s' if n != 1 else ''}, {seeds} seeds per series; line: mean, band: lowest to highest seed"
 
 
 def _cka_groups(cka: pd.DataFrame):
@@ -394,20 +403,21 @@ _STAGES = ["teacher_stage", "student_stage"]
 
 
 def cka_change(g: pd.DataFrame, base: pd.DataFrame) -> Tuple[Optional[pd.DataFrame], str]:
-    """Per method and stage pair, the mean over seeds of the last probed CKA minus the reference's, and which
-    reference: the student alone (``base``, probed against the same teacher run) where there is one, else KD.
-    Columns: method, teacher_stage, student_stage, cka, reference, change, n (runs), significant (the seed-paired
-    difference's 95 % t interval excludes 0). None where the reference or anything to compare with it is missing."""
+    """Per method label and stage pair, the mean over seeds of the last probed CKA minus the reference's, and which
+    reference: the student alone (``base``, probed against the same teacher run) where there is one, else KD (their
+    default labels). Columns: method_label, teacher_stage, student_stage, cka, reference, change, n (runs),
+    significant (the seed-paired difference's 95 % t interval excludes 0). None where the reference or anything to
+    compare with it is missing."""
     ref = BASELINE if not base.empty else REFERENCE
     last = _last_probes(pd.concat([g, base], ignore_index=True))
-    ref_rows = last[last["method"] == ref]
-    if ref_rows.empty or (last["method"] == ref).all():
+    ref_rows = last[last["method_label"] == ref]
+    if ref_rows.empty or (last["method_label"] == ref).all():
         return None, ref
     ref_seeds = {k: by_seed(c, "cka") for k, c in ref_rows.groupby(_STAGES)}
     rows = []
-    for (m, i, j), cell in last[last["method"] != ref].groupby(["method"] + _STAGES):
+    for (m, i, j), cell in last[last["method_label"] != ref].groupby(["method_label"] + _STAGES):
         paired = paired_difference(by_seed(cell, "cka"), ref_seeds.get((i, j), {}))
-        rows.append({"method": m, "teacher_stage": i, "student_stage": j, "cka": cell["cka"].mean(),
+        rows.append({"method_label": m, "teacher_stage": i, "student_stage": j, "cka": cell["cka"].mean(),
                      "n": cell["run"].nunique(), "significant": paired is not None and paired.excludes_zero})
     out = pd.DataFrame(rows).join(ref_rows.groupby(_STAGES)["cka"].mean().rename("reference"), on=_STAGES)
     out["change"] = out["cka"] - out["reference"]
@@ -444,16 +454,16 @@ def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:
         change, ref = cka_change(g, base)
         if change is None:
             continue
-        methods = ordered(change["method"])
+        methods = ordered(change["method_label"])
         ts, ss = sorted(set(change["teacher_stage"])), sorted(set(change["student_stage"]))
         limit = float(change["change"].abs().max())
         limit = limit if limit > 0 else 0.01  # also when every cell is NaN (no reference at those stages)
-        n = change.groupby("method")["n"].max()
+        n = change.groupby("method_label")["n"].max()
         rows, ncols = _grid(len(methods))
         fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols + 1.0, 3.0 * rows + 0.8), squeeze=False)
         cmap = plt.get_cmap("RdBu")
         for ax, m in zip(axes.flat, methods):
-            _change_panel(ax, change[change["method"] == m], ts, ss, cmap, limit)
+            _change_panel(ax, change[change["method_label"] == m], ts, ss, cmap, limit)
             ax.set_title(f"{m} (n={n[m]})", fontsize=10)
             ax.set_xticks(range(len(ss)), [f"S{j}" for j in ss])
             ax.set_yticks(range(len(ts)), [f"T{i}" for i in ts] if ax.get_subplotspec().is_first_col() else [])
@@ -464,8 +474,9 @@ def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:
             ax.axis("off")
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA − CKA of {ref}")
-        fig.suptitle(f"{_change_title(kernel, ref)}\nlast probed epoch, mean over seeds: {t} → {s}, {d}; * the "
-                     "seed-paired difference's 95 % t interval excludes 0", y=1.03, fontsize=11)
+        fig.suptitle(f"{_change_title(kernel, ref)}\nlast probed epoch, mean over seeds: {t} → {s}, "
+                     f"{d}{_pair_setting(g)}; * the seed-paired difference's 95 % t interval excludes 0", y=1.03,
+                     fontsize=11)
         paths += _save(fig, out_dir, _slug("cka_change", kernel, t, "to", s, d, st))
     return paths
 
@@ -477,7 +488,7 @@ def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
     paths: List[Path] = []
     for (t, s, d, st, kernel), g, base in _cka_groups(cka):
         frame = pd.concat([g, base], ignore_index=True)
-        methods = ordered(frame["method"])
+        methods = ordered(frame["method_label"])
         pal = palette(methods)
         ts, ss = sorted(set(frame["teacher_stage"])), sorted(set(frame["student_stage"]))
         fig, axes = plt.subplots(len(ts), len(ss), figsize=(2.9 * len(ss), 2.3 * len(ts)), sharex=True,
@@ -493,7 +504,8 @@ def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
             ax.set_ylabel(f"CKA ({kernel})")
         _legend(fig, methods, pal)
         alone = "" if base.empty else "\ndashed: the student alone, probed against the same teacher run"
-        fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}\n"
+        fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}"
+                     f"{_pair_setting(g)}\n"
                      f"{_epoch_words(frame)}{alone}", y=1.02, fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("cka_epochs", kernel, t, "to", s, d, st))
@@ -517,7 +529,7 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
         g = g.dropna(subset=["conflict/cosine"])
         if g.empty:
             continue
-        methods = ordered(g["method"])
+        methods = ordered(g["method_label"])
         pal = palette(methods)
         epochs_seen = sorted(g["epoch"].unique())
         seeds = sorted(g["seed"].dropna().unique())
@@ -527,7 +539,7 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
                 continue
             outliers: List[Tuple[float, int]] = []
             for x, m in enumerate(methods):
-                mg = g[g["method"] == m]
+                mg = g[g["method_label"] == m]
                 for _, r in mg.iterrows():
                     v = pd.to_numeric(r[col], errors="coerce")
                     if pd.isna(v):
@@ -555,8 +567,9 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
                               label=f"epoch {e}") for i, e in enumerate(epochs_seen)]
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="epoch mean of")
         fig.suptitle(f"Gradient conflict between the task (CE) and distillation losses on the student: {t} → {s}, "
-                     f"{d}\none point per run and epoch (mean over that epoch's probed steps), seeds side by side; "
-                     f"labelled: norm ratio > {OUTLIER_RATIO:g} (the CE gradient is then lost under clipping)",
+                     f"{d}{_pair_setting(g)}\none point per run and epoch (mean over that epoch's probed steps), "
+                     f"seeds side by side; labelled: norm ratio > {OUTLIER_RATIO:g} (the CE gradient is then lost "
+                     "under clipping)",
                      y=1.06, fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("conflict", t, "to", s, d, st))
@@ -575,7 +588,7 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
     paths: List[Path] = []
     for (t, s, d, st), g, base in _pairs(epochs):
         frame = pd.concat([g, base], ignore_index=True)
-        methods = ordered(frame["method"])
+        methods = ordered(frame["method_label"])
         pal = palette(methods)
         panels = [p for p in _CONVERGENCE_PANELS if p[0] in frame]
         fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
@@ -585,8 +598,8 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
             ax.set_ylabel(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
         _legend(fig, methods, pal)
-        fig.suptitle(f"Convergence: {t} → {s}, {d} (dashed: student alone)\n{_epoch_words(frame)}", y=1.04,
-                     fontsize=11)
+        fig.suptitle(f"Convergence: {t} → {s}, {d}{_pair_setting(g)} (dashed: student alone)\n"
+                     f"{_epoch_words(frame)}", y=1.04, fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("convergence", t, "to", s, d, st))
     return paths

@@ -42,6 +42,11 @@ STATISTICS_LINES = [
     f"- Ranks: within each pair by mean, 1 = best, S included, ties share their mean rank; averaged over the pairs "
     f"with every method, with a percentile bootstrap interval over pairs ({BOOTSTRAP_RESAMPLES} resamples, "
     f"seed {BOOTSTRAP_SEED}).",
+    "- Columns, bars and series are method labels, computed once in `runs.csv` (`method_label`): the method at its "
+    "defaults (`kd`), or with, in brackets, what sets its runs apart: its hyperparameters away from the method's "
+    "defaults (`kd[temperature=4]`) and, after `teacher:`, how its teacher was trained where that differs within "
+    "the table (`kd[teacher: train.epochs=7]`). Runs of different labels or settings are never averaged together; a "
+    "table's title names the setting fields that differ from the other settings of its dataset and recipe.",
     "- Cost figures: training time per run in device-hours (the runs' own `train_time_s`), and train GFLOPs per image "
     "from `hkdbench overhead` (only the pairs it measured).", ""]
 

@@ -1,8 +1,10 @@
 """Comparison tables in the papers' layout, drawn from the tidy run table alone, with their statistics.
 
 Rows are teacher -> student pairs, columns the teacher's accuracy (T), the student trained alone (S, method
-``none``) and one column per distillation method. One table per (dataset, recipe, epochs, setting): only comparable
-runs share a table. Every table has four parts (see :mod:`.stats` for the rules):
+``none`` at its defaults) and one column per method label (:mod:`.order`: ``kd``, ``kd[temperature=4]``, ...): runs of
+different method settings or teacher trainings never share a cell. One table per (dataset, recipe, epochs, setting):
+only comparable runs share a table, its title says what sets its setting apart from the others (``setting_label``).
+Every table has four parts (see :mod:`.stats` for the rules):
 
 1. accuracy: mean +- sample std over seeds with the 95 % t interval of the mean; n where a cell has another
    number of seeds than the table's usual one (one seed: no std, no interval);
@@ -18,7 +20,6 @@ one line per cell; ranks in their own CSV). Where a public source gives the OFA-
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 
-from .collect import keyed
-from .order import BASELINE, REFERENCE, method_key
+from .collect import SETTING_KEYS, keyed
+from .order import BASELINE, REFERENCE, method_label, method_of, ordered
 from .stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Estimate, by_seed, mean_interval, outcome,
                     paired_difference, rank_table, win_tie_loss)
 
@@ -88,15 +89,17 @@ def difference_text(d: Optional[Estimate], digits: int = 2) -> str:
 @dataclass
 class ComparisonTable:
     title: str
-    key: Dict[str, object]
+    key: Dict[str, object]                                        # SETTING_KEYS: what the table's runs share
     metric: str
-    methods: List[str]
+    methods: List[str]                                            # the column labels (.order), in order
     rows: List[Tuple[str, str]]                                   # (teacher, student)
-    teacher_acc: Dict[Tuple[str, str], Optional[Cell]] = field(default_factory=dict)
+    # by pair, the teacher's accuracy per teacher setup (teacher_label; '' where the pair's teachers do not differ)
+    teacher_acc: Dict[Tuple[str, str], Dict[str, Cell]] = field(default_factory=dict)
     student_alone: Dict[str, Optional[Cell]] = field(default_factory=dict)   # by student
     cells: Dict[Tuple[Tuple[str, str], str], Cell] = field(default_factory=dict)
     families: Dict[str, str] = field(default_factory=dict)
     batch_paired: bool = False                                    # every run drew its batches from the keyed stream
+    setting_label: str = ""                                       # what sets this setting apart (collect)
 
     @property
     def pairing_note(self) -> str:
@@ -139,13 +142,17 @@ class ComparisonTable:
         out = []
         for pair in self.rows:
             t, s = pair
-            base = {**self.key, "teacher": t, "student": s, "metric": self.metric}
-            entries = [("teacher", self.teacher_acc.get(pair)), (BASELINE, self.student_alone.get(s))]
-            entries += [(m, self.cells.get((pair, m))) for m in self.methods]
+            base = {**self.key, "setting_label": self.setting_label, "teacher": t, "student": s,
+                    "metric": self.metric}
+            entries = [(method_label("teacher", [label] if label else []), c)
+                       for label, c in sorted(self.teacher_acc.get(pair, {}).items())]
+            entries += [(BASELINE, self.student_alone.get(s))] + [(m, self.cells.get((pair, m))) for m in self.methods]
             for column, c in entries:
                 if c is None:
                     continue
-                row = {**base, "column": column, "mean": c.mean, "std": c.std, "n": c.n, "ci_low": c.acc.low,
+                method = method_of(column)
+                row = {**base, "column": column, "method": method if method != "teacher" else None,
+                       "mean": c.mean, "std": c.std, "n": c.n, "ci_low": c.acc.low,
                        "ci_high": c.acc.high}
                 for name, d in (("vs_none", c.vs_alone), ("vs_kd", c.vs_kd)):
                     row.update({f"{name}": d.mean if d else None, f"{name}_low": d.low if d else None,
@@ -166,13 +173,18 @@ class ComparisonTable:
     def _pair_name(self, pair) -> str:
         return f"{self._name(pair[0])} → {self._name(pair[1])}"
 
+    def teacher_text(self, pair, digits: int = 2) -> str:
+        """The T cell: the teacher's accuracy, per teacher setup where the pair's runs had teachers trained otherwise
+        (``80.00; train.epochs=7: 85.00``)."""
+        cells = sorted(self.teacher_acc.get(pair, {}).items())
+        return "; ".join((f"{label}: " if label else "") + f"{c.mean:.{digits}f}" for label, c in cells) or "–"
+
     def accuracy_markdown(self, digits: int = 2) -> List[str]:
         n = self.usual_n()
         body = []
         for pair in self.rows:
-            tc, sc = self.teacher_acc.get(pair), self.student_alone.get(pair[1])
-            row = [self._pair_name(pair), f"{tc.mean:.{digits}f}" if tc else "–", sc.text(digits, usual_n=n)
-                   if sc else "–"]
+            sc = self.student_alone.get(pair[1])
+            row = [self._pair_name(pair), self.teacher_text(pair, digits), sc.text(digits, usual_n=n) if sc else "–"]
             for m in self.methods:
                 c = self.cells.get((pair, m))
                 text = c.text(digits, usual_n=n) if c else "–"
@@ -181,7 +193,15 @@ class ComparisonTable:
         return self._grid(["Teacher → Student", "T", "S (alone)"] + self.methods, body) + [
             "", f"{_metric_label(self.metric)}: mean ± std [95 % t interval of the mean] over seeds, {n} seeds per "
                 f"cell unless marked (n=...); a cell with one seed has no std and no interval. T: the teacher's "
-                f"top-1. Bold: the method beats the student alone (its paired 95 % interval below lies above 0)."]
+                f"top-1. Bold: the method beats the student alone (its paired 95 % interval below lies above 0)."
+                + self._labels_note()]
+
+    def _labels_note(self) -> str:
+        if all(m == method_of(m) for m in self.methods):
+            return ""
+        return (" Columns: a method at its defaults, or in brackets what sets its runs apart: its hyperparameters "
+                "away from the method's defaults, and after `teacher:` how its teacher was trained where that differs "
+                "within this table.")
 
     def difference_markdown(self, base: str, digits: int = 2) -> List[str]:
         attr = "vs_alone" if base == BASELINE else "vs_kd"
@@ -235,9 +255,8 @@ class ComparisonTable:
                  f"\\begin{{tabular}}{{{cols}}}", "\\toprule", " & ".join(head) + " \\\\", "\\midrule"]
         for pair in self.rows:
             t, s = pair
-            tc, sc = self.teacher_acc.get(pair), self.student_alone.get(s)
-            row = [f"{_tex(t)} $\\rightarrow$ {_tex(s)}", f"{tc.mean:.{digits}f}" if tc else "--",
-                   _tex_cell(sc, digits)]
+            row = [f"{_tex(t)} $\\rightarrow$ {_tex(s)}", _tex(self.teacher_text(pair, digits)),
+                   _tex_cell(self.student_alone.get(s), digits)]
             for m in self.methods:
                 c = self.cells.get((pair, m))
                 if c is None:
@@ -298,48 +317,68 @@ def _training_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 def comparison_tables(runs: pd.DataFrame, metric: str = "best_top1",
                       methods: Optional[Sequence[str]] = None) -> List[ComparisonTable]:
-    """One :class:`ComparisonTable` per (dataset, recipe, epochs, setting) of the finished student runs."""
+    """One :class:`ComparisonTable` per (dataset, recipe, epochs, setting) of the finished student runs. ``methods``:
+    the columns to show, in that order, each a label or a method (all its labels)."""
     df = _training_runs(runs)
     if df.empty:
         return []
     tables = []
-    group_keys = ["dataset", "recipe", "epochs", "setting"]
-    df = keyed(df, group_keys)
-    for key, g in df.groupby(group_keys, sort=True):
-        key = dict(zip(group_keys, key))
+    df = keyed(df, SETTING_KEYS)
+    for key, g in df.groupby(SETTING_KEYS, sort=True):
+        key = dict(zip(SETTING_KEYS, key))
         distilled = g[g["method"] != BASELINE]
-        found = sorted(distilled["method"].unique(), key=method_key)
-        cols = [m for m in (methods or found) if m in found]
         rows = sorted({(t, s) for t, s in zip(distilled["teacher"], distilled["student"])})
         families = {}
         for fam_col, model_col in (("teacher_family", "teacher"), ("student_family", "student")):
             families.update({m: f for m, f in zip(g[model_col], g[fam_col]) if m and isinstance(f, str)})
+        setting = g["setting_label"].iloc[0] or ""
         table = ComparisonTable(
-            title=f"{key['dataset']}, recipe {key['recipe']}, {key['epochs']} epochs (setting {key['setting']})",
-            key=key, metric=metric, methods=cols, rows=rows, families=families,
-            batch_paired=bool(len(g)) and g.get("pipeline", pd.Series(dtype=object)).notna().all())
-        for s, sg in g[g["method"] == BASELINE].groupby("student"):
+            title=f"{key['dataset']}, recipe {key['recipe']}, {key['epochs']} epochs" + (f"; {setting}" if setting
+                                                                                         else ""),
+            key=key, metric=metric, methods=_columns(g, methods), rows=rows, families=families,
+            batch_paired=bool(len(g)) and g.get("pipeline", pd.Series(dtype=object)).notna().all(),
+            setting_label=setting)
+        for s, sg in g[g["method_label"] == BASELINE].groupby("student"):
             table.student_alone[s] = _cell(sg, metric)
         for pair in rows:
             pg = distilled[(distilled["teacher"] == pair[0]) & (distilled["student"] == pair[1])]
-            # the teacher's accuracy: one value per distinct teacher run (every student run repeats it)
-            teacher = mean_interval(pg["teacher_top1"].dropna().unique())
-            table.teacher_acc[pair] = Cell(teacher) if teacher is not None else None
-            _fill_pair(table, pair, pg, metric)
+            table.teacher_acc[pair] = _teacher_cells(pg)
+            _fill_pair(table, pair, g, metric)
         tables.append(table)
     return tables
 
 
-def _fill_pair(table: ComparisonTable, pair, pg: pd.DataFrame, metric: str) -> None:
-    """The cells of one pair, then their paired differences from S and from KD."""
+def _teacher_cells(pg: pd.DataFrame) -> Dict[str, Cell]:
+    """A pair's teacher accuracy per teacher setup: one value per distinct teacher run (every student run repeats
+    it)."""
+    out = {}
+    for label, tg in pg.groupby("teacher_label"):
+        acc = mean_interval(tg["teacher_top1"].dropna().unique())
+        if acc is not None:
+            out[label] = Cell(acc)
+    return out
+
+
+def _columns(g: pd.DataFrame, wanted: Optional[Sequence[str]]) -> List[str]:
+    """Every label of the table's runs but S's (the student alone at its defaults), in label order; ``wanted``:
+    those it names (a label, or a method for all its labels), in its order."""
+    found = ordered(label for label in g["method_label"] if label != BASELINE)
+    if not wanted:
+        return found
+    return [label for w in wanted for label in found if w in (label, method_of(label))]
+
+
+def _cell_runs(g: pd.DataFrame, pair, label: str) -> pd.DataFrame:
+    """The runs of one cell: of the pair, or, for a variant of the student alone (no teacher), of the student."""
+    runs = g[(g["method_label"] == label) & (g["student"] == pair[1])]
+    return runs if method_of(label) == BASELINE else runs[runs["teacher"] == pair[0]]
+
+
+def _fill_pair(table: ComparisonTable, pair, g: pd.DataFrame, metric: str) -> None:
+    """The cells of one pair (one label each: runs of different settings are never pooled), then their paired
+    differences from S and from KD."""
     for m in table.methods:
-        mg = pg[pg["method"] == m]
-        if mg.empty:
-            continue
-        if mg["method_variant"].nunique() > 1:
-            warnings.warn(f"{m} {pair[0]} -> {pair[1]}: runs with different method settings or teachers "
-                          f"are pooled in one cell ({mg['method_variant'].nunique()} variants)", stacklevel=2)
-        cell = _cell(mg, metric)
+        cell = _cell(_cell_runs(g, pair, m), metric)
         if cell is not None:
             table.cells[(pair, m)] = cell
     alone, kd = table.student_alone.get(pair[1]), table.cells.get((pair, REFERENCE))
@@ -367,7 +406,8 @@ def published_side_by_side(table: ComparisonTable) -> Optional[pd.DataFrame]:
     out = []
     for pair in table.rows:
         t, s = pair
-        entries = [("teacher", table.teacher_acc.get(pair)), (BASELINE, table.student_alone.get(s))]
+        # the published teacher is the one the pair's runs share (none where they had teachers trained otherwise)
+        entries = [("teacher", table.teacher_acc.get(pair, {}).get("")), (BASELINE, table.student_alone.get(s))]
         entries += [(m, table.cells.get((pair, m))) for m in table.methods if m != BASELINE]
         for column, ours in entries:
             row = lookup(pub, dataset, t, s, column)

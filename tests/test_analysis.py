@@ -23,21 +23,28 @@ def _staged(prefix, values, epochs, e):
 
 
 def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fashion-mnist", recipe="demo",
-              epochs=3, teacher_top1=80.0, conflict=True, status="done", cka=None, teacher_run=None, probes=None):
+              epochs=3, teacher_top1=80.0, conflict=True, status="done", cka=None, teacher_run=None, probes=None,
+              method_cfg=None, method_settings=(), teacher_overrides=(), train_subset=0, tag=""):
     """A run of the store; ``cka``: its own CKA values (else a 4 x 4 default), ``probes``: {teacher run: values}
-    of a student alone probed against named teacher runs (``cka@<run>/linear/...``), see :func:`_staged`."""
-    name = f"{method}_{teacher or 'none'}_to_{student}_{dataset}_{epochs}_s{seed}"
+    of a student alone probed against named teacher runs (``cka@<run>/linear/...``), see :func:`_staged`.
+    ``method_settings``: the hyperparameters away from the method's defaults (None: a run stored before config.json
+    had the key); ``tag``: a suffix of the run's name, for runs that differ in nothing the name says."""
+    name = f"{method}_{teacher or 'none'}_to_{student}_{dataset}_{epochs}_s{seed}{tag}"
     d = root / name
     d.mkdir(parents=True)
-    config = {"kind": "student", "method": method, "method_cfg": {"temperature": 4.0},
+    config = {"kind": "student", "method": method, "method_cfg": method_cfg or {"temperature": 4.0},
               "student": {"name": student, "checkpoint": None, "checkpoint_ema": False},
               "teacher": {"name": teacher, "checkpoint": None, "checkpoint_ema": False} if teacher else None,
-              "teacher_recipe": recipe if teacher else None, "teacher_overrides": [], "recipe": recipe,
-              "data": {"dataset": dataset, "img_size": 32, "batch_size": 128, "workers": 4},
+              "teacher_recipe": recipe if teacher else None, "teacher_overrides": list(teacher_overrides),
+              "recipe": recipe,
+              "data": {"dataset": dataset, "img_size": 32, "batch_size": 128, "workers": 4,
+                       "train_subset": train_subset},
               "optim": {"name": "adamw", "lr": 0.002},
               "train": {"epochs": epochs, "seed": seed, "probe_every": 1, "conflict_every": 1}}
     if probes:
         config["train"]["probe_teachers"] = list(probes)
+    if method_settings is not None:
+        config["method_settings"] = list(method_settings)
     (d / "config.json").write_text(json.dumps(config))
     (d / "env.json").write_text(json.dumps({"torch": "2.x", "timm": "1.x", "git_sha": "abc123", "device": "cpu",
                                             "python": "3.11", "hkdbench": "0.1.0", "host": "h"}))
@@ -165,7 +172,7 @@ def test_comparison_table_numbers(store, tmp_path):
     assert kd.gain == pytest.approx(4.0) and fitnet.gain == pytest.approx(11.0)
     fitnet_b = table.cells[(b, "fitnet")]
     assert fitnet_b.std is None and fitnet_b.gain == pytest.approx(61.0 - 60.0)  # seed 0 alone: 61 - 60
-    assert table.teacher_acc[a].mean == 80.0 and table.teacher_acc[b].mean == 85.0
+    assert table.teacher_acc[a][""].mean == 80.0 and table.teacher_acc[b][""].mean == 85.0
 
     md = table.to_markdown()
     for part in ("Accuracy:", "Paired difference from the student alone:", "Paired difference from KD:",
@@ -455,7 +462,8 @@ def test_cka_change_from_the_student_alone_probed_against_the_same_teacher_run(p
     pair_a = cka[(cka["teacher"] == "resnet_mini") & (cka["method"] != "none")]
     change, ref = cka_change(pair_a, cka[(cka["method"] == "none") & (cka["teacher_run"] == T1)])
     assert ref == "none"
-    got = {(r.method, r.teacher_stage, r.student_stage): (r.change, r.n, r.significant) for r in change.itertuples()}
+    got = {(r.method_label, r.teacher_stage, r.student_stage): (r.change, r.n, r.significant)
+           for r in change.itertuples()}
     # last epoch, mean over the two seeds: e.g. kd (1, 1): (0.80 + 0.84) / 2 - (0.50 + 0.56) / 2 = 0.82 - 0.53;
     # * where the seed-paired differences' t interval excludes 0: kd (1, 1) 0.30, 0.28; fitnet (2, 2) 0.25, 0.25
     want = {("kd", 1, 1): (0.29, True), ("kd", 1, 2): (0.08, False), ("kd", 2, 1): (0.05, False),
@@ -521,3 +529,140 @@ def test_report_writes_cka_csv(probed_store, tmp_path):
     assert "[cka.csv](cka.csv)" in index and "cka_change_linear_resnet_mini_to_vit_mini" in index
     assert main(["collect", "--runs-dir", str(probed_store), "--out", str(tmp_path / "c")]) == 0
     assert len(pd.read_csv(tmp_path / "c" / "cka.csv")) == len(cka)
+
+
+# ---- one cell, one setting: method labels and setting titles ------------------------------------------------------
+HOT = {"temperature": 2.0}  # kd away from its default temperature (the fixture's kd runs are at their defaults)
+
+
+def add_hot_kd(root):
+    """kd[temperature=2] on pair A (resnet_mini -> vit_mini), 3 epochs: 50 and 53 on seeds 0 and 1, against the
+    student alone's 60 and 62 and the default kd's 64 and 66."""
+    for seed, best in enumerate([50.0, 53.0]):
+        write_run(root, "kd", "resnet_mini", "vit_mini", seed, best, method_cfg=HOT,
+                  method_settings=["temperature=2"], tag="_hot")
+
+
+def test_two_settings_of_kd_are_two_columns_with_their_own_values(store, tmp_path):
+    add_hot_kd(store)
+    runs = collect_runs(store)
+    table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)
+    assert table.methods == ["kd", "kd[temperature=2]", "fitnet"]
+    a = ("resnet_mini", "vit_mini")
+    kd, hot = table.cells[(a, "kd")], table.cells[(a, "kd[temperature=2]")]
+    assert (kd.mean, kd.n) == (pytest.approx(66.0), 3)                  # the default kd alone, as without the variant
+    assert (hot.mean, hot.std, hot.n) == (pytest.approx(51.5), pytest.approx(math.sqrt(4.5)), 2)
+    assert hot.gain == pytest.approx(-9.5) and hot.vs_kd.mean == pytest.approx(-13.5)  # 50 - 64, 53 - 66
+    assert (("mixer_mini", "vit_mini"), "kd[temperature=2]") not in table.cells
+    md = table.to_markdown()
+    assert "| Teacher → Student | T | S (alone) | kd | kd[temperature=2] | fitnet |" in md
+    assert "51.50 ± 2.12" in md and "in brackets what sets its runs apart" in md
+    assert "kd[temperature=2]" in table.to_latex()
+    frame = pd.read_csv(table.write(tmp_path / "tables")[2])
+    row = frame[(frame["teacher"] == "resnet_mini") & (frame["column"] == "kd[temperature=2]")].iloc[0]
+    assert (row["method"], row["mean"], row["n"]) == ("kd", pytest.approx(51.5), 2)
+    assert frame[(frame["teacher"] == "resnet_mini") & (frame["column"] == "kd")]["mean"].item() == pytest.approx(66.0)
+    hot = runs[runs["run"].str.endswith("_hot")]  # the label is a column of the tidy table
+    assert set(hot["method_label"]) == {"kd[temperature=2]"} and set(hot["method_settings"]) == {"temperature=2"}
+
+
+def test_a_plugin_method_with_two_weights_is_two_columns(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "none", None, "vit_mini", 0, 10.0)
+    for weight, best in ((2, 11.75), (-1, 9.0)):
+        write_run(root, "logit_mse", "resnet_mini", "vit_mini", 0, best, method_cfg={"weight": float(weight)},
+                  method_settings=[f"weight={weight}"], tag=f"_w{weight}")
+    runs = collect_runs(root)
+    table = comparison_tables(runs)[0]
+    assert table.methods == ["logit_mse[weight=-1]", "logit_mse[weight=2]"]  # after their method's order, by label
+    a = ("resnet_mini", "vit_mini")
+    assert table.cells[(a, "logit_mse[weight=2]")].mean == 11.75
+    assert table.cells[(a, "logit_mse[weight=-1]")].mean == 9.0
+    assert "| logit_mse[weight=-1] | logit_mse[weight=2] |" in table.to_markdown()
+    assert "| 9.00 (1 seed) | 11.75 (1 seed) |" in table.to_markdown()
+    frame = table.to_frame()
+    assert dict(zip(frame["column"], frame["mean"])) == {"teacher": 80.0, "none": 10.0, "logit_mse[weight=-1]": 9.0,
+                                                          "logit_mse[weight=2]": 11.75}
+    # a method names all its labels, a label itself
+    assert comparison_tables(runs, methods=["logit_mse"])[0].methods == table.methods
+    assert comparison_tables(runs, methods=["logit_mse[weight=2]"])[0].methods == ["logit_mse[weight=2]"]
+
+
+def test_a_teacher_trained_otherwise_is_its_own_column(store):
+    for seed, best in enumerate([70.0, 71.0]):
+        write_run(store, "kd", "resnet_mini", "vit_mini", seed, best, teacher_overrides=["train.epochs=7"],
+                  teacher_top1=88.0, tag="_t7")
+    table = next(t for t in comparison_tables(collect_runs(store)) if t.key["epochs"] == 3)
+    assert table.methods == ["kd", "kd[teacher: train.epochs=7]", "fitnet"]
+    a, b = ("resnet_mini", "vit_mini"), ("mixer_mini", "vit_mini")
+    assert table.cells[(a, "kd[teacher: train.epochs=7]")].mean == pytest.approx(70.5)
+    assert table.cells[(a, "kd")].mean == pytest.approx(66.0)
+    # the teachers' accuracies apart too: the one the pair's other runs had, and the one trained for 7 epochs
+    assert table.teacher_text(a) == "80.00; train.epochs=7: 88.00" and table.teacher_text(b) == "85.00"
+    frame = table.to_frame()
+    teachers = frame[(frame["teacher"] == "resnet_mini") & frame["method"].isna()]
+    assert dict(zip(teachers["column"], teachers["mean"])) == {"teacher": 80.0, "teacher[train.epochs=7]": 88.0}
+
+
+def test_runs_stored_before_method_settings(tmp_path):
+    """No method_settings in config.json: labelled by the method, and where another run of that label has other
+    hyperparameters, by the ones that differ: never pooled."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, "kd", "resnet_mini", "vit_mini", seed, 64.0, method_settings=None)
+    assert set(collect_runs(root)["method_label"]) == {"kd"}
+    write_run(root, "kd", "resnet_mini", "vit_mini", 0, 50.0, method_settings=None, method_cfg=HOT, tag="_hot")
+    runs = collect_runs(root)
+    assert sorted(runs["method_label"]) == ["kd[temperature=2]", "kd[temperature=4]", "kd[temperature=4]"]
+    assert runs["method_settings"].isna().all()
+    table = comparison_tables(runs)[0]
+    assert table.cells[(("resnet_mini", "vit_mini"), "kd[temperature=2]")].mean == 50.0
+
+
+def test_figures_draw_each_setting_apart(store, tmp_path, monkeypatch):
+    from hkdbench.analysis import plots
+
+    drawn = {}
+    save = plots._save
+
+    def recording_save(fig, out_dir, stem):
+        drawn[stem] = {"title": fig._suptitle.get_text(), "panels": [ax.get_title() for ax in fig.axes],
+                       "texts": {ax.get_title(): [t.get_text() for t in ax.texts] for ax in fig.axes},
+                       "legend": [t.get_text() for legend in fig.legends for t in legend.get_texts()],
+                       "lines": [list(ln.get_ydata()) for ln in fig.axes[0].lines]}
+        return save(fig, out_dir, stem)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    add_hot_kd(store)
+    runs = collect_runs(store)
+    setting = runs[runs["epochs"] == 3]["setting"].iloc[0]
+    plots.gain_heatmaps(comparison_tables(runs), tmp_path)
+    gain = drawn[f"gain_heatmap_fashion-mnist_demo_3ep_{setting}"]
+    assert gain["panels"][:3] == ["kd", "kd[temperature=2]", "fitnet"]
+    # rows mixer_mini, resnet_mini: no variant run for mixer_mini; -9.5 for resnet_mini (the default kd: +4.0)
+    assert [t.split("\n")[0] for t in gain["texts"]["kd[temperature=2]"]] == ["no run", "-9.5"]
+    assert gain["texts"]["kd"][1].startswith("+4.0")
+    plots.convergence_curves(collect_epochs(store, runs), tmp_path)
+    conv = drawn[f"convergence_resnet_mini_to_vit_mini_fashion-mnist_{setting}"]
+    assert conv["legend"] == ["none (alone)", "kd", "kd[temperature=2]", "fitnet"]
+    # top-1 over 3 epochs, mean over seeds (best - (3 - epoch)): kd 66, kd[temperature=2] 51.5, never their mean
+    assert [64.0, 65.0, 66.0] in conv["lines"] and [49.5, 50.5, 51.5] in conv["lines"]
+
+
+def test_a_table_title_names_the_differing_data_field_not_a_hash(store):
+    titles = sorted(t.title for t in comparison_tables(collect_runs(store)))
+    # one setting per (dataset, recipe, epochs): nothing else to say
+    assert titles == ["fashion-mnist, recipe demo, 3 epochs", "fashion-mnist, recipe demo, 5 epochs"]
+    for seed, best in enumerate([55.0, 57.0]):
+        write_run(store, "none", None, "vit_mini", seed, best, train_subset=256, tag="_sub")
+        write_run(store, "kd", "resnet_mini", "vit_mini", seed, best + 3, train_subset=256, tag="_sub")
+    runs = collect_runs(store)
+    tables = comparison_tables(runs)
+    assert sorted(t.title for t in tables) == ["fashion-mnist, recipe demo, 3 epochs; data.train_subset=0",
+                                               "fashion-mnist, recipe demo, 3 epochs; data.train_subset=256",
+                                               "fashion-mnist, recipe demo, 5 epochs; data.train_subset=0"]
+    assert not any(s in t.title for t in tables for s in runs["setting"].dropna())
+    small = next(t for t in tables if t.setting_label == "data.train_subset=256")
+    assert small.student_alone["vit_mini"].mean == 56.0 and small.cells[(("resnet_mini", "vit_mini"), "kd")].gain == 3
+    assert "**fashion-mnist, recipe demo, 3 epochs; data.train_subset=256**" in small.to_markdown()
+    assert set(small.to_frame()["setting_label"]) == {"data.train_subset=256"}
