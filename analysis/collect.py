@@ -25,6 +25,8 @@ and figure groups by:
   those alone are ``teacher_label``, ``train.epochs=7``).
   A run stored before ``method_settings`` existed is labelled by the plain method, plus, where other runs of that
   label in its table have other hyperparameters, the ones that differ (``kd[temperature=1]``): never pooled with them.
+  Runs of one label made by other code (``method_code`` of config.json, the ``pipeline`` version of env.json: an
+  edited plugin, another version) get the code that differs too (``logit_mse[weight=2, code=src-1a2b3c4d5e6f]``).
 """
 from __future__ import annotations
 
@@ -201,7 +203,8 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     row["method_settings"] = None if settings is None else ", ".join(settings)
     # what label_runs compares between runs, dropped after it
     row.update({"_settings": settings or [], "_setting": _items(_setting_body(config) or {}),
-                "_teacher": _teacher_items(config), "_method_cfg": _items(config.get("method_cfg") or {})})
+                "_teacher": _teacher_items(config), "_method_cfg": _items(config.get("method_cfg") or {}),
+                "_code": _items({"code": config.get("method_code"), "pipeline": env.get("pipeline")})})
     row.update({"gpu": env.get("gpu"), "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
                 "cpu_threads": env.get("cpu_threads"), "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
@@ -234,7 +237,7 @@ def _order(df: pd.DataFrame, groups: List[List[str]]) -> pd.DataFrame:
 
 # the setting fields a table's title names (SETTING_KEYS): left out of setting_label
 _TITLED = {"data.dataset", "recipe", "train.epochs"}
-_LABEL_INPUTS = ["_settings", "_setting", "_teacher", "_method_cfg"]
+_LABEL_INPUTS = ["_settings", "_setting", "_teacher", "_method_cfg", "_code"]
 
 
 def _apart(df: pd.DataFrame, keys: List[str], column: str, absent: Optional[str] = None) -> pd.Series:
@@ -277,8 +280,20 @@ def _method_labels(df: pd.DataFrame, teacher: pd.Series) -> List[str]:
     # would join runs of other hyperparameters, the ones that differ among them join its label
     extra = _apart(df.assign(_label=labels), table + ["_label"], "_method_cfg")
     legacy = df["method_settings"].isna()
-    return [method_label(m, e, t) if old else label
-            for m, e, t, old, label in zip(df["method"], extra, teacher, legacy, labels)]
+    labels = pd.Series([method_label(m, e, t) if old else label
+                        for m, e, t, old, label in zip(df["method"], extra, teacher, legacy, labels)],
+                       index=df.index, dtype=object)
+    # runs of one label made by other code (an edited plugin, another method or pipeline version) computed other
+    # things: the code that differs joins their labels (logit_mse[code=src-1a2b...])
+    code = _apart(df.assign(_label=labels), table + ["_label"], "_code")
+    return [method_label(m, list(s) + c, t) if c else label
+            for m, s, c, t, label in zip(df["method"], _label_settings(df, extra, legacy), code, teacher, labels)]
+
+
+def _label_settings(df: pd.DataFrame, extra: pd.Series, legacy: pd.Series) -> List[List[str]]:
+    """The settings part of each run's label: its method_settings, or for a run stored before them, the
+    hyperparameters that set it apart."""
+    return [list(e) if old else list(s) for s, e, old in zip(df["_settings"], extra, legacy)]
 
 
 def collect_runs(runs_dir, include_unfinished: bool = True) -> pd.DataFrame:

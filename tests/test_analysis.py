@@ -24,7 +24,7 @@ def _staged(prefix, values, epochs, e):
 
 def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fashion-mnist", recipe="demo",
               epochs=3, teacher_top1=80.0, conflict=True, status="done", cka=None, teacher_run=None, probes=None,
-              method_cfg=None, method_settings=(), teacher_overrides=(), train_subset=0, tag=""):
+              method_cfg=None, method_settings=(), teacher_overrides=(), train_subset=0, tag="", method_code=None):
     """A run of the store; ``cka``: its own CKA values (else a 4 x 4 default), ``probes``: {teacher run: values}
     of a student alone probed against named teacher runs (``cka@<run>/linear/...``), see :func:`_staged`.
     ``method_settings``: the hyperparameters away from the method's defaults (None: a run stored before config.json
@@ -45,6 +45,8 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
         config["train"]["probe_teachers"] = list(probes)
     if method_settings is not None:
         config["method_settings"] = list(method_settings)
+    if method_code is not None:
+        config["method_code"] = method_code
     (d / "config.json").write_text(json.dumps(config))
     (d / "env.json").write_text(json.dumps({"torch": "2.x", "timm": "1.x", "git_sha": "abc123", "device": "cpu",
                                             "python": "3.11", "hkdbench": "0.1.0", "host": "h"}))
@@ -586,6 +588,20 @@ def test_a_plugin_method_with_two_weights_is_two_columns(tmp_path):
     # a method names all its labels, a label itself
     assert comparison_tables(runs, methods=["logit_mse"])[0].methods == table.methods
     assert comparison_tables(runs, methods=["logit_mse[weight=2]"])[0].methods == ["logit_mse[weight=2]"]
+
+
+def test_runs_of_an_edited_method_are_kept_apart_by_their_code(tmp_path):
+    """The same plugin settings before and after its loss was edited: two computations, two columns."""
+    root = tmp_path / "runs"
+    write_run(root, "none", None, "vit_mini", 0, 10.0, method_code="v1")
+    for code, best in (("src-aaaaaaaaaaaa", 11.75), ("src-bbbbbbbbbbbb", 9.0)):
+        write_run(root, "logit_mse", "resnet_mini", "vit_mini", 0, best, method_cfg={"weight": 2.0},
+                  method_settings=["weight=2"], method_code=code, tag=f"_{code}")
+    table = comparison_tables(collect_runs(root))[0]
+    a = ("resnet_mini", "vit_mini")
+    assert table.methods == ["logit_mse[weight=2, code=src-aaaaaaaaaaaa]", "logit_mse[weight=2, code=src-bbbbbbbbbbbb]"]
+    assert table.cells[(a, "logit_mse[weight=2, code=src-aaaaaaaaaaaa]")].mean == 11.75
+    assert table.cells[(a, "logit_mse[weight=2, code=src-bbbbbbbbbbbb]")].mean == 9.0
 
 
 def test_a_teacher_trained_otherwise_is_its_own_column(store):
