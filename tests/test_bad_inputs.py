@@ -195,8 +195,17 @@ def _zip_truncated(path):
     _truncate(path)
 
 
+def _wrong_classes(path):
+    from hkdbench.benchmark.models.zoo import create_model
+
+    torch.save(create_model("resnet_mini", 100, in_chans=1, img_size=32).model.state_dict(), path)
+
+
 @pytest.mark.parametrize("write,message", [
     (lambda p: p.write_bytes(b""), "is empty (0 bytes"),
+    (lambda p: p.mkdir(), "is a directory; --teacher-checkpoint takes a file"),
+    (_wrong_classes, "does not fit ResNet with 10 classes: keys of another shape: fc.weight (100, 128) (the model: "
+                     "(10, 128)), fc.bias (100,) (the model: (10,))"),
     (_zip_truncated, "cannot be read"),
     (lambda p: p.write_bytes(b"\x80\x04garbage, not a pickle"), "cannot be read"),
     (lambda p: torch.save({"w": torch.zeros(3)}, p), "does not fit"),
@@ -321,3 +330,27 @@ def test_a_sweep_checks_its_teacher_checkpoint_before_submitting_anything(fmnist
                    runs_dir, capsys, str(bad), "is empty (0 bytes")
     _nothing_written(runs_dir)
 
+
+def _listing(runs_dir):
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(runs_dir).rglob("*"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.summary_file.write_text('{"best_top1": 9'), "summary.json is damaged (not valid JSON"),
+    (lambda t: t.summary_file.write_text("[]"), "summary.json is damaged (a JSON list, not an object)"),
+    (lambda t: t.weights_file("best").unlink(), "has no best.pt"),
+    (lambda t: t.weights_file("best").write_bytes(b"\x80\x04garbage"), "best.pt cannot be read"),
+    (lambda t: _zip_truncated(t.weights_file("best")), "best.pt cannot be read"),
+    (lambda t: torch.save({"w": torch.zeros(3)}, t.weights_file("best")), "best.pt does not fit ResNet"),
+])
+def test_a_damaged_teacher_run_is_named_and_no_student_run_is_written(done_teacher_store, tmp_path, capsys, damage,
+                                                                      message):
+    """The student's run directory is created only after its teacher run is loaded and checked (before, a damaged
+    teacher left an empty 'pending' student run, and a traceback)."""
+    runs, t_dir, student = done_teacher_store(tmp_path)
+    damage(t_dir)
+    before = _listing(runs)
+    err = _fails_cleanly(student, runs, capsys, t_dir.path.name, message)
+    assert _listing(runs) == before, err

@@ -5,7 +5,18 @@ import json
 import math
 from pathlib import Path
 
-from hkdbench.benchmark.store import RunDir
+import pytest
+import torch
+
+from hkdbench.benchmark.cli import main
+from hkdbench.benchmark.store import RunDir, RunStore
+
+# the run of issue 26: DONE with eval_loss NaN and top-1 12.50 before
+DIVERGING_TEACHER = ["teacher", "--model", "resnet_mini", "data.train_subset=256", "data.eval_subset=128",
+                     "train.epochs=1", "optim.lr=1e30"]
+TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=32", "data.img_size=16", "train.epochs=1"]
+STUDENT = ["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "kd", "--recipe", "demo", *TINY,
+           *[f"teacher.{item}" for item in TINY]]
 
 
 def strict(text: str, where: Path):
@@ -18,6 +29,51 @@ def strict(text: str, where: Path):
 
 def strict_lines(path: Path):
     return [strict(line, path) for line in path.read_text().splitlines()]
+
+
+def store_listing(runs_dir):
+    root = Path(runs_dir)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def test_a_non_finite_evaluation_loss_fails_the_run_never_done(fmnist_available, runs_dir, capsys):
+    assert main([*DIVERGING_TEACHER, "--runs-dir", runs_dir]) != 0
+    (rd,) = RunStore(runs_dir).runs()
+    assert rd.is_failed and rd.status() == "failed"
+    for name in ("summary.json", "DONE", "best.pt", "final.pt"):
+        assert not (rd.path / name).exists(), name
+    failure = rd.failure()
+    assert failure["epoch"] == 1 and "diverged at the end of epoch 1: eval_loss=nan" in failure["reason"]
+    assert math.isnan(failure["losses"]["eval_loss"])
+    assert "FAILED: diverged at the end of epoch 1" in capsys.readouterr().out
+    # the epoch that diverged is recorded, in strict JSON: null, with the number's spelling beside it
+    (line,) = strict_lines(rd.metrics_file)
+    assert line["eval_loss"] is None and line["nonfinite"] == {"eval_loss": "nan"}
+    assert math.isnan(rd.metrics()[0]["eval_loss"])  # the store's reader puts the number back
+    strict(rd.failed_file.read_text(), rd.failed_file)
+
+
+def test_non_finite_weights_at_the_end_of_an_epoch_fail_the_run(fmnist_available, runs_dir, monkeypatch):
+    """Finite losses, but a weight that overflowed: the epoch's check of the weights catches it, names the tensor."""
+    from hkdbench.benchmark.engine.trainer import CohortTrainer, DivergedError, train
+    from hkdbench.benchmark.recipes import resolve_run_config
+
+    record = CohortTrainer._epoch_record
+
+    def poisoned(self, m, epoch, test_loader):
+        out = record(self, m, epoch, test_loader)
+        with torch.no_grad():
+            m.student.model.fc.bias[3] = float("inf")
+        return out
+
+    monkeypatch.setattr(CohortTrainer, "_epoch_record", poisoned)
+    cfg = resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo", overrides=TINY)
+    with pytest.raises(DivergedError, match=r"diverged at the end of epoch 1: non-finite weights in 1 tensor\(s\) "
+                                            r"\(student\.model\.fc\.bias\)"):
+        train(cfg, runs_dir=runs_dir, progress=False)
+    rd = RunStore(runs_dir).run_dir(cfg)
+    assert rd.is_failed and not rd.summary_file.exists() and not (rd.path / "best.pt").exists()
+    assert strict_lines(rd.metrics_file)[0]["eval_loss"] is not None  # the losses were finite
 
 
 def test_the_store_writes_strict_json_and_its_readers_take_it(tmp_path):
@@ -54,3 +110,47 @@ def test_the_store_writes_strict_json_and_its_readers_take_it(tmp_path):
     assert runs.loc["done_run", "status"] == "done" and math.isnan(runs.loc["done_run", "teacher_top1"])
     epochs = epoch_records(tmp_path)
     assert "nonfinite" not in epochs.columns and epochs["stat/ratio"].tolist() == [float("inf")]
+
+
+def test_a_teacher_run_that_diverges_is_refused_naming_it_and_no_student_run_is_written(fmnist_available,
+                                                                                        runs_dir, capsys):
+    argv = [*STUDENT, "teacher.optim.lr=1e30", "--runs-dir", runs_dir]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    (t_dir,) = RunStore(runs_dir).runs()
+    assert t_dir.path.name.startswith("teacher_") and t_dir.is_failed
+    assert f"teacher run {t_dir.path.name} FAILED (diverged at the end of epoch 1" in err
+    assert "student run was not started" in err and "Traceback" not in err
+    before, log = store_listing(runs_dir), t_dir.log_file.read_text()
+    # again: the FAILED teacher run is refused at once (not trained again), and still no student run
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"teacher run {t_dir.path.name} FAILED" in err and "cannot be a teacher" in err
+    assert store_listing(runs_dir) == before and t_dir.log_file.read_text() == log
+
+
+def _bare_nan_eval_loss(t_dir):  # what hkdbench wrote before divergence was checked at the end of an epoch
+    records = t_dir.metrics()
+    records[-1]["eval_loss"] = float("nan")
+    t_dir.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _nan_weights(t_dir):
+    state = torch.load(t_dir.weights_file("best"), weights_only=True)
+    state["fc.bias"][0] = float("nan")
+    torch.save(state, t_dir.weights_file("best"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_bare_nan_eval_loss, "diverged (eval_loss=nan) though marked DONE"),
+    (_nan_weights, "diverged (non-finite weights in 1 tensor(s) (fc.bias)) though marked DONE"),
+])
+def test_a_done_teacher_run_that_diverged_is_refused_naming_it(done_teacher_store, tmp_path, capsys, damage,
+                                                               message):
+    runs, t_dir, student = done_teacher_store(tmp_path)
+    damage(t_dir)
+    before = store_listing(runs)
+    assert main([*student, "--runs-dir", runs]) == 2
+    err = capsys.readouterr().err
+    assert f"teacher run {t_dir.path.name}: {message}" in err and "Traceback" not in err
+    assert store_listing(runs) == before
