@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
+from hkdbench.benchmark.errors import StoreError
 from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
 
 ID_COLUMNS = ["run", "kind", "status", "method", "teacher", "student", "teacher_family", "student_family",
@@ -85,7 +86,7 @@ def run_dirs(root: Path) -> List[Path]:
     """Every run directory (one holding config.json) under ``root``, at any depth, sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"run store {str(root)!r} does not exist")
+        raise StoreError(f"run store {str(root)!r} does not exist (--runs-dir, or HKDBENCH_RUNS)")
     return sorted(p.parent for p in root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
 
 

@@ -11,8 +11,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from hkdbench.benchmark.errors import HkdbenchError
 
-class ConfigError(ValueError):
+
+class ConfigError(HkdbenchError, ValueError):
     pass
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from hkdbench.benchmark.config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.errors import HkdbenchError, StoreError
 
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"
@@ -53,6 +54,37 @@ CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
 
 def runs_root(path: Optional[str] = None) -> Path:
     return Path(path or os.environ.get("HKDBENCH_RUNS", DEFAULT_RUNS_DIR))
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """``path`` is, or can be made, a folder: no NUL, no name longer than its filesystem takes, not a file and not
+    below one. Raises StoreError naming ``what`` (e.g. '--out') before anything is written; returns the path."""
+    path = Path(path)
+    if "\0" in str(path):
+        raise StoreError(f"{what} {str(path)!r} contains a NUL character, which no path may hold")
+    limit = _name_max(path)
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if too_long is not None:
+        raise StoreError(f"{what}: a name in the path is {len(os.fsencode(too_long))} bytes long ({too_long[:24]}"
+                         f"...); the filesystem takes at most {limit} bytes per file or folder name")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return path
+            where = "is a file" if folder == path else f"lies below {folder}, which is a file"
+            raise StoreError(f"{what} {path} {where}, not a folder: give a folder (one that does not exist yet is "
+                             "created)")
+    return path
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) of the filesystem ``path`` is on (from its nearest folder that exists)."""
+    for folder in (path, *path.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 def open_temp(path: Path) -> tuple[int, str]:
@@ -69,7 +101,7 @@ def open_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-class StoreWriteError(RuntimeError):
+class StoreWriteError(HkdbenchError, RuntimeError):
     """A write to the run store failed (disk full, read-only, no permission); the file written before is intact."""
 
 
@@ -273,17 +305,22 @@ class RunDir:
         return "pending"
 
     def config(self) -> RunConfig:
-        return run_config_from_dict(self._stored_config())
+        """The run's config; a config.json this version cannot read as one is named, with what to do."""
+        body = self._stored_config()
+        try:
+            return run_config_from_dict(body)
+        except HkdbenchError as err:
+            raise StoreError(f"{self.config_file} does not hold a run config ({err.message()}); {_MOVE_IT}") from None
 
     def _stored_config(self) -> Dict[str, Any]:
         """config.json as a dict; a damaged one is named, with what to do."""
         try:
-            return json.loads(self.config_file.read_text())
+            body = json.loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            from hkdbench.benchmark.config import ConfigError
-
-            raise ConfigError(f"{self.config_file} is not valid JSON ({err}); the run directory is damaged: move "
-                              "it away (or delete it) and run again") from None
+            raise StoreError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}") from None
+        if not isinstance(body, dict):
+            raise StoreError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; {_MOVE_IT}")
+        return body
 
     def summary(self) -> Dict[str, Any]:
         return json.loads(self.summary_file.read_text())
@@ -308,10 +345,9 @@ class RunDir:
         body = cfg.to_dict()
         if self.config_file.exists():
             # the same run whatever its non-result settings (train.log, data.workers, ...) or fields added since
-            stored = run_config_from_dict(self._stored_config()).run_hash()
-            if stored != cfg.run_hash():
-                raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
-                                   "refusing to overwrite another run")
+            if self.config().run_hash() != cfg.run_hash():
+                raise StoreError(f"{self.path} holds a different config (hash collision or a hand edit); "
+                                 "refusing to overwrite another run")
         else:
             atomic_write_json(self.config_file, body)
 
@@ -381,13 +417,30 @@ class RunDir:
             return False
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(HkdbenchError, RuntimeError):
     pass
+
+
+_MOVE_IT = "the run directory is damaged: move it away (or delete it) and run again"
+
+
+def _manifest_problem(body: Any) -> str:
+    """What is wrong with the fields a sweep.json holds ('' when nothing; each reader needs only some of them)."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    runs = body.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("config"), dict)
+                                             and isinstance(r.get("kind"), str) for r in runs):
+        return "its 'runs' are not a list of runs, each with its 'kind' and 'config'"
+    if not isinstance(body.get("invocations", []), list):
+        return "its 'invocations' are not a list"
+    return ""
 
 
 class RunStore:
     def __init__(self, root: Optional[str | Path] = None):
-        self.root = runs_root(str(root) if root else None)
+        what = "--runs-dir" if root else "HKDBENCH_RUNS" if os.environ.get("HKDBENCH_RUNS") else "the run store"
+        self.root = check_folder(runs_root(str(root) if root else None), what)
 
     def run_dir(self, cfg: RunConfig) -> RunDir:
         return RunDir(self.root / cfg.run_name())
@@ -420,8 +473,17 @@ class SweepDir:
 
     def manifest(self) -> Dict[str, Any]:
         """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
-        ``runs`` (name, kind, teacher_run, cells, config)."""
-        return json.loads(self.manifest_file.read_text())
+        ``runs`` (name, kind, teacher_run, cells, config); a file without them is named as damaged."""
+        try:
+            body = json.loads(self.manifest_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            body, why = None, f"not valid JSON: {err}"
+        else:
+            why = _manifest_problem(body)
+        if why:
+            raise StoreError(f"{self.manifest_file} is damaged ({why}); it is the sweep's record of its runs: "
+                             "submit the sweep again (its runs are kept) to rewrite it, or put back a good copy")
+        return body
 
     def write_manifest(self, body: Dict[str, Any]) -> None:
         atomic_write_json(self.manifest_file, body)

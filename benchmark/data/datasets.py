@@ -16,14 +16,15 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.config import ConfigError, DataConfig
+from hkdbench.benchmark.errors import HkdbenchError
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(HkdbenchError, FileNotFoundError):
     pass
 
 
-class DataCorruptError(ValueError):
+class DataCorruptError(HkdbenchError, ValueError):
     """A data file exists but cannot be read as what it claims to be (truncated, wrong size)."""
 
 
@@ -84,7 +85,7 @@ def dataset(name: str) -> Dataset:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -128,9 +129,9 @@ def subset_size(n: int, subset: int) -> int:
 def _check_training_set_size(cfg: DataConfig, n: int) -> None:
     kept = subset_size(n, cfg.train_subset)
     if kept < cfg.batch_size:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
-                         f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
-                         " or raise data.train_subset")
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
+                          f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
+                          " or raise data.train_subset")
 
 
 def train_subset_indices(n: int, subset: int) -> torch.Tensor:

@@ -18,12 +18,13 @@ import torch.nn as nn
 
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.store import RunDir, atomic_replace
+from hkdbench.benchmark.errors import HkdbenchError
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HkdbenchError, RuntimeError):
     pass
 
 
@@ -101,7 +102,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(HkdbenchError, FileNotFoundError):
     """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
 
 
