@@ -3,7 +3,8 @@
 * :func:`collect_runs`: one row per run (training runs of kind ``student`` / ``teacher`` and measurement runs of
   kind ``overhead``): identity (method, teacher, student, families, dataset, recipe, seed), results (best / last
   top-1, top-5, teacher top-1, epochs, parameters, time), overhead columns, probe summaries and provenance (run
-  hash, git sha, device, versions from ``env.json``), plus ``status`` ('done', 'failed', 'unfinished').
+  hash, git sha, device, versions from ``env.json``), plus ``status`` ('done', 'failed', 'unfinished', or
+  'damaged': DONE but its summary unreadable). A damaged file is warned about, naming it, never read as empty.
 * :func:`collect_epochs`: one row per (run, epoch) of ``metrics.jsonl``, with the run's identity columns (for
   convergence and gradient-conflict figures), without the student alone's ``cka@<teacher run>/...`` probes.
 * :func:`collect_cka`: one row per (run, epoch, kernel, teacher stage, student stage) of every CKA probe, with the
@@ -126,17 +127,38 @@ def _identity_from_config(config: Dict[str, Any]) -> Dict[str, Any]:
             "epochs": (config.get("train") or {}).get("epochs")}
 
 
+# a DONE run whose summary.json cannot be read: status 'damaged', in no table
+_NO_RESULT = ("the run is DONE but its result is lost, so it is in no table: put back a good copy, or train it again "
+              "with --restart")
+
+
+def _read_object(path: Path, consequence: str) -> Optional[Dict[str, Any]]:
+    """A JSON object the store wrote; None when the file is missing or, with a warning naming it and saying what that
+    means for the run (``consequence``), damaged."""
+    if not path.exists():
+        return None
+    body = read_json_or_none(path)
+    if isinstance(body, dict):
+        return body
+    warnings.warn(f"{path} is damaged ({'not valid JSON' if body is None else 'not a JSON object'}); {consequence}",
+                  stacklevel=3)
+    return None
+
+
 def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     """The tidy row of one run directory."""
     path = Path(path)
     rd = RunDir(path)
-    config = read_json_or_none(rd.config_file) or {}
-    env = read_json_or_none(rd.env_file) or {}
+    config = _read_object(rd.config_file, "the run is left out: move its directory away, or put back a good copy")
+    if config is None:
+        return {"run": path.name}  # no kind: not a row
+    env = _read_object(rd.env_file, "its hardware and versions are unknown") or {}
     done = rd.is_done
-    summary = read_json_or_none(rd.summary_file) if done else None
-    failed = read_json_or_none(rd.failed_file) if rd.is_failed else None
+    summary = _read_object(rd.summary_file, _NO_RESULT) if done else None
+    failed = _read_object(rd.failed_file, "its reason is unknown") if rd.is_failed else None
     row: Dict[str, Any] = {"run": path.name, **_identity_from_config(config)}
-    row["status"] = "done" if done else ("failed" if failed is not None else "unfinished")
+    row["status"] = ("damaged" if done and summary is None else "done" if done
+                     else "failed" if rd.is_failed else "unfinished")
     if summary:
         row.update(summary)
     row["setting"] = setting_of(config)
@@ -146,8 +168,8 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
                 "host": env.get("host"), "world_size": env.get("world_size"), "started": env.get("time")})
     row.setdefault("device", env.get("device"))
-    if failed is not None:
-        row["failure"] = failed.get("reason")
+    if rd.is_failed:
+        row["failure"] = failed.get("reason") if failed is not None else "unknown (its FAILED record is damaged)"
     if row.get("kind") != "overhead":
         row.update(_probe_summary(read_metrics(path)))
     row["path"] = str(path.relative_to(root)) if root is not None else str(path)

@@ -225,10 +225,11 @@ def cmd_collect(args, _overrides) -> int:
 
 def cmd_table(args, _overrides) -> int:
     from hkdbench.analysis.collect import collect_runs
+    from hkdbench.analysis.report import check_readable
     from hkdbench.analysis.tables import comparison_tables
 
     runs_dir, out = _analysis_paths(args)
-    tables = comparison_tables(collect_runs(runs_dir), args.metric)
+    tables = comparison_tables(check_readable(collect_runs(runs_dir), runs_dir), args.metric)
     if not tables:
         print(f"no finished distillation runs in {runs_dir}")
     for table in tables:

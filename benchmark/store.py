@@ -192,9 +192,15 @@ def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            warnings.warn(f"{path}: line {number} is not valid JSON (torn or edited); skipped.{hint}", stacklevel=3)
+            record, what = None, "not valid JSON"
+        else:
+            what = "not a JSON object"
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            warnings.warn(f"{path}: line {number} is {what} (torn or edited); skipped.{hint}", stacklevel=3)
     return records
 
 
@@ -329,9 +335,14 @@ class RunDir:
         return json.loads(self.failed_file.read_text())
 
     def metrics(self) -> List[Dict[str, Any]]:
-        """The epoch records; a torn line is skipped with a warning (the next open of the run rewrites the file
-        from its checkpoint)."""
-        return read_jsonl(self.metrics_file, " Resume the run (--resume) to rewrite the file from its checkpoint")
+        """The epoch records; a torn line is skipped with a warning whose advice fits the run's state: an unfinished
+        run's next open rewrites the file from its checkpoint, a finished one is never opened again."""
+        if self.is_done:
+            hint = (" The run is DONE, so nothing rewrites the file (--resume skips it): its summary stands, the "
+                    "curves lack that epoch; --restart trains the run again")
+        else:
+            hint = " Resume the run (--resume) to rewrite the file from its checkpoint"
+        return read_jsonl(self.metrics_file, hint)
 
     def jobs(self) -> List[Dict[str, Any]]:
         """The run's submission records, oldest first."""
