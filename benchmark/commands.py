@@ -110,11 +110,13 @@ def cmd_teacher(args, overrides) -> int:
 
 def _check_flags(args, cfg) -> None:
     """Fails before anything is built or written: conflicting flags, missing data."""
-    from hkdbench.benchmark.engine.preflight import check_run_inputs
+    from hkdbench.benchmark.engine.evaluation import select_device
+    from hkdbench.benchmark.engine.preflight import check_on_device, check_run_inputs
 
     if args.resume and args.restart:
         raise ConfigError("--resume and --restart exclude each other")
     check_run_inputs(cfg)
+    check_on_device(cfg, select_device(args.device))
     from hkdbench.benchmark.engine.tracking import check_tracker_available
 
     check_tracker_available(cfg.train.log)

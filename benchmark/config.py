@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -78,7 +79,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             as_float = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(as_float)
     if annotation is float:
@@ -115,6 +116,27 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str = ""):
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def _is_float_field(annotation: Any) -> bool:
+    """float, Optional[float] or Tuple[float, ...]."""
+    if annotation is float:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, tuple) and float in typing.get_args(annotation)
+
+
+def check_finite(obj: Any, section: str) -> None:
+    """Every number of a float field of ``obj`` (a config dataclass) is finite: no config field means anything by
+    NaN or infinity, and one would reach the run only to fail it (or worse, to finish it) with meaningless numbers."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        if not _is_float_field(hints[f.name]):
+            continue
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(v is not None and not math.isfinite(v) for v in values):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{section}.{f.name} must be finite, got {shown}")
 
 
 def to_dict(obj: Any) -> Any:
@@ -253,6 +275,9 @@ RUN_SECTIONS = ("data", "optim", "train")  # the sections of a run config that k
 # timm's train interpolations: 'random' picks bilinear or bicubic per image (RandomResizedCropAndInterpolation)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")
 EVAL_INTERPOLATIONS = ("bilinear", "bicubic", "model")  # 'model': resolved to the student's default by the recipe
+# The largest data.img_size: 18x the papers' 224 px, where a batch of 128 images is already 8 GiB per channel as
+# float32 before any model runs; a larger value is a typo (the device's memory is checked too: engine/preflight.py).
+MAX_IMG_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -297,14 +322,26 @@ class DataConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"data.{key} must be >= 0 (0: {'all' if 'subset' in key else 'none'}), "
                                  f"got {getattr(self, key)}")
-        if self.img_size < 1:
-            raise ValueError(f"data.img_size must be >= 1, got {self.img_size}")
+        if not 1 <= self.img_size <= MAX_IMG_SIZE:
+            raise ValueError(f"data.img_size must be in [1, {MAX_IMG_SIZE}] (pixels per side), got {self.img_size}")
+        if self.crop_padding > self.img_size:
+            raise ValueError(f"data.crop_padding must be <= data.img_size ({self.img_size}), got {self.crop_padding}")
+        if self.root is not None and not self.root.strip():
+            raise ValueError("data.root is empty; leave it out for the dataset's default location, or give a path")
         for key in ("hflip", "reprob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self, key)}")
         for key in ("color_jitter", "mixup", "cutmix"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
+            raise ValueError(f"data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1 (the fractions of the "
+                             f"image area a random resized crop keeps), got {list(self.rrc_scale)}")
+        # the evaluation resizes to img_size / crop_pct, then crops img_size: a crop_pct above 1 leaves less to crop
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"data.crop_pct must be in (0, 1] (evaluation resize = img_size / crop_pct, then the "
+                             f"center crop), or null for the student's own, got {self.crop_pct}")
+        check_finite(self, "data")
 
 
 @dataclass(frozen=True)
@@ -348,9 +385,11 @@ class OptimConfig:
             raise ValueError(f"optim.decay_rate must be in (0, 1], got {self.decay_rate}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_finite(self, "optim")
 
 
 TRACKERS = ("none", "tensorboard", "wandb")
+MAX_SEED = 2 ** 40  # seed * 100003 + epoch must stay within torch.manual_seed's 64 bits
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -409,6 +448,13 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.drop_path is not None and not 0.0 <= self.drop_path < 1.0:
             raise ValueError(f"train.drop_path must be in [0, 1) or null (the model's default), got {self.drop_path}")
+        if self.eval_every < 1:
+            raise ValueError(f"train.eval_every must be >= 1 (epochs between evaluations; the last epoch is always "
+                             f"evaluated), got {self.eval_every}")
+        if not abs(self.seed) < MAX_SEED:
+            raise ValueError(f"train.seed must be between -2**40 and 2**40 (the data stream's keys are made from "
+                             f"it), got {self.seed}")
+        check_finite(self, "train")
 
 
 WEIGHTS_KINDS = ("best", "last")       # the weights a run keeps: its best evaluated epoch and its last epoch

@@ -31,6 +31,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import platform
 import re
@@ -169,14 +170,57 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+# Every file of the store is strict JSON (RFC 8259: no bare NaN or Infinity, which strict readers reject). A
+# non-finite number is written as null, and the mapping that holds it names it under this key with the value's
+# spelling ('nan', 'inf', '-inf'); the store's readers put the number back.
+NONFINITE_KEY = "nonfinite"
+
+
+def to_strict_json(obj: Any) -> Any:
+    """``obj`` with each non-finite float made null; a mapping lists its own under NONFINITE_KEY (an item of a list
+    is only made null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        seen = {k: repr(float(v)) for k, v in obj.items() if isinstance(v, float) and not math.isfinite(v)}
+        out = {k: to_strict_json(v) for k, v in obj.items()}
+        return {**out, NONFINITE_KEY: seen} if seen else out
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    return obj
+
+
+def from_strict_json(obj: Any) -> Any:
+    """The inverse of :func:`to_strict_json`: the numbers a mapping names under NONFINITE_KEY put back. A file
+    written before the store was strict (bare NaN) reads as it always did."""
+    if isinstance(obj, dict):
+        out = {k: from_strict_json(v) for k, v in obj.items() if k != NONFINITE_KEY}
+        seen = obj.get(NONFINITE_KEY)
+        if isinstance(seen, dict):
+            out.update({k: float(v) for k, v in seen.items() if out.get(k) is None and v in ("nan", "inf", "-inf")})
+        return out
+    if isinstance(obj, list):
+        return [from_strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON text of ``obj`` (:func:`to_strict_json`); anything else non-finite is an error, not a bare NaN."""
+    return json.dumps(to_strict_json(obj), allow_nan=False, **kwargs)
+
+
+def loads(text: str) -> Any:
+    return from_strict_json(json.loads(text))
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    atomic_write_bytes(path, (dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
 def read_json_or_none(path: Path) -> Optional[Dict[str, Any]]:
     """A JSON file's content; None when it is missing or does not parse."""
     try:
-        return json.loads(Path(path).read_text())
+        return loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
@@ -192,7 +236,7 @@ def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = loads(line)
         except ValueError:
             record, what = None, "not valid JSON"
         else:
@@ -207,7 +251,7 @@ def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
 def append_jsonl(path: Path, record: Dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(dumps(record, sort_keys=True) + "\n")
 
 
 def check_writable(path: Path) -> None:
@@ -321,7 +365,7 @@ class RunDir:
     def _stored_config(self) -> Dict[str, Any]:
         """config.json as a dict; a damaged one is named, with what to do."""
         try:
-            body = json.loads(self.config_file.read_text())
+            body = loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}") from None
         if not isinstance(body, dict):
@@ -329,10 +373,13 @@ class RunDir:
         return body
 
     def summary(self) -> Dict[str, Any]:
-        return json.loads(self.summary_file.read_text())
+        """summary.json; a damaged one is named, with what to do."""
+        return _read_record(self.summary_file, "the run's result: train it again with --restart, or put back a "
+                                               "good copy")
 
     def failure(self) -> Dict[str, Any]:
-        return json.loads(self.failed_file.read_text())
+        """FAILED: the reason and details of a failed run."""
+        return _read_record(self.failed_file, "the record of why the run failed: delete it to train the run again")
 
     def metrics(self) -> List[Dict[str, Any]]:
         """The epoch records; a torn line is skipped with a warning whose advice fits the run's state: an unfinished
@@ -374,7 +421,7 @@ class RunDir:
         return sorted(removed)
 
     def write_metrics(self, records: List[Dict[str, Any]]) -> None:
-        atomic_write_bytes(self.metrics_file, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+        atomic_write_bytes(self.metrics_file, "".join(dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
     def mark_failed(self, reason: str, **details: Any) -> None:
         atomic_write_json(self.failed_file, {"reason": reason, **details,
@@ -448,6 +495,22 @@ def _manifest_problem(body: Any) -> str:
     return ""
 
 
+class DamagedRunFileError(StoreError, ValueError):
+    """A file of a run directory exists but does not hold what the store wrote there."""
+
+
+def _read_record(path: Path, what: str) -> Dict[str, Any]:
+    """A JSON object the store wrote (a summary, a FAILED record); one that does not parse is named."""
+    try:
+        record = loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedRunFileError(f"{path} is damaged (not valid JSON: {err}); it holds {what}") from None
+    if not isinstance(record, dict):
+        raise DamagedRunFileError(f"{path} is damaged (a JSON {type(record).__name__}, not an object); it holds "
+                                  f"{what}")
+    return record
+
+
 class RunStore:
     def __init__(self, root: Optional[str | Path] = None):
         what = "--runs-dir" if root else "HKDBENCH_RUNS" if os.environ.get("HKDBENCH_RUNS") else "the run store"
@@ -486,7 +549,7 @@ class SweepDir:
         """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
         ``runs`` (name, kind, teacher_run, cells, config); a file without them is named as damaged."""
         try:
-            body = json.loads(self.manifest_file.read_text())
+            body = loads(self.manifest_file.read_text())
         except (ValueError, UnicodeDecodeError) as err:
             body, why = None, f"not valid JSON: {err}"
         else:

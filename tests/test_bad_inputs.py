@@ -41,11 +41,116 @@ def _nothing_written(runs_dir):
     ("train.epochs=-1", "train.epochs must be >= 1"),
     ("data.batch_size=100000", "data.batch_size=100000 is larger than the training set"),
     ("data.batch_size=64", "data.batch_size=64 is larger than the training set (32 images kept by data.train_subset"),
+    # issue 26: each of these wrote a run directory (or a whole run) before
+    ("optim.lr=inf", "optim.lr must be finite, got inf"),
+    ("optim.weight_decay=inf", "optim.weight_decay must be finite, got inf"),
+    ("optim.warmup_lr=.inf", "optim.warmup_lr must be finite, got inf"),
+    ("optim.min_lr=-.inf", "optim.min_lr must be >= 0"),
+    ("train.epochs=.inf", "train.epochs: expected an integer, got inf"),
+    ("train.eval_every=0", "train.eval_every must be >= 1"),
+    ("train.eval_every=-3", "train.eval_every must be >= 1"),
+    ("data.rrc_scale=[]", "data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1"),
+    ("data.rrc_scale=[0.9,0.2]", "data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1"),
+    ("data.rrc_scale=[0.1,.inf]", "data.rrc_scale must be two numbers"),
+    ("data.crop_pct=0", "data.crop_pct must be in (0, 1]"),
+    ("data.crop_pct=1.5", "data.crop_pct must be in (0, 1]"),
+    ("data.img_size=100000", "data.img_size must be in [1, 4096]"),
+    ("data.crop_padding=1000", "data.crop_padding must be <= data.img_size"),
+    ("data.root=", "data.root is empty"),
+    ("train.seed=1e15", "train.seed must be between"),
+    ("data.train_subset=60001", "data.train_subset=60001 is more than the 60000 images of fashion-mnist's training"),
+    ("data.eval_subset=10001", "data.eval_subset=10001 is more than the 10000 images of fashion-mnist's test split"),
 ])
 def test_a_bad_number_names_its_field_before_anything_is_written(fmnist_available, runs_dir, capsys, override,
                                                                    message):
     extra = ["data.train_subset=32"] if override == "data.batch_size=64" else []
     _fails_cleanly([*TEACHER, *extra, override], runs_dir, capsys, message)
+    _nothing_written(runs_dir)
+
+
+BAD_FIELDS = [("optim.lr=inf", "optim.lr must be finite"), ("train.eval_every=0", "train.eval_every must be >= 1"),
+              ("data.train_subset=70000", "more than the 60000 images")]
+
+
+@pytest.mark.parametrize("command", [
+    [*STUDENT, "--method", "none", "--method", "fitnet"],  # a cohort
+    [*STUDENT, "--teacher-checkpoint", "PLACEHOLDER"],
+    ["sweep", "demo", "--executor", "inline"],
+    ["sweep", "demo", "--executor", "local", "--cohort"],
+], ids=["cohort", "checkpoint-teacher", "sweep-inline", "sweep-local-cohort"])
+@pytest.mark.parametrize("override,message", BAD_FIELDS)
+def test_every_command_refuses_a_bad_field_before_anything_is_written(fmnist_available, runs_dir, capsys, tmp_path,
+                                                                     command, override, message):
+    if "PLACEHOLDER" in command:
+        from hkdbench.benchmark.models.zoo import create_model
+
+        path = tmp_path / "teacher.pth"
+        torch.save(create_model("resnet_mini", 10, in_chans=1, img_size=32).model.state_dict(), path)
+        command = [str(path) if a == "PLACEHOLDER" else a for a in command]
+    _fails_cleanly([*command, override], runs_dir, capsys, message)
+    _nothing_written(runs_dir)
+
+
+@pytest.mark.parametrize("override", [f"teacher.{item}" for item, _ in BAD_FIELDS])
+def test_a_bad_teacher_field_is_refused_before_anything_is_written(fmnist_available, runs_dir, capsys, override):
+    _fails_cleanly([*STUDENT, override], runs_dir, capsys, dict(BAD_FIELDS)[override[len("teacher."):]])
+    _nothing_written(runs_dir)
+
+
+def _fmnist_copy(tmp_path):
+    root = tmp_path / "fm"
+    root.mkdir()
+    for f in FILES:
+        shutil.copy(FASHION_MNIST_DEBIAN_DIR / f, root / f)
+    return root
+
+
+@pytest.mark.parametrize("make_root,message", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: (tmp / "a_file").write_text("x") and tmp / "a_file", "is a file, not a folder"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "holds no Fashion-MNIST"),
+    (lambda tmp: (_fmnist_copy(tmp) / FILES[3]).unlink() or tmp / "fm", "holds no Fashion-MNIST"),
+])
+def test_a_fashion_mnist_root_without_the_data_is_refused_not_ignored(fmnist_available, runs_dir, capsys, tmp_path,
+                                                                      make_root, message):
+    """A data.root is honoured or refused: before, Debian's copy was read instead of a root that lacked the files,
+    under the bogus root's run hash."""
+    root = make_root(tmp_path)
+    err = _fails_cleanly([*TEACHER, f"data.root={root}"], runs_dir, capsys, f"data.root={root} {message}")
+    assert "IDX files" in err
+    _nothing_written(runs_dir)
+
+
+def test_a_fashion_mnist_root_is_read(fmnist_available, tmp_path):
+    """The files under data.root are the ones read (flat, or in torchvision's FashionMNIST/raw layout)."""
+    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.data.datasets import load_tensors
+
+    flat = _fmnist_copy(tmp_path)
+    nested = tmp_path / "tv" / "FashionMNIST" / "raw"
+    nested.mkdir(parents=True)
+    for f in FILES:
+        shutil.copy(flat / f, nested / f)
+    (flat / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(gzip.decompress(
+        (flat / "train-labels-idx1-ubyte.gz").read_bytes())[:8] + bytes(60000)))  # every label 0 in this copy
+    assert load_tensors(DataConfig(root=str(flat)), train=True)[1].sum() == 0
+    assert load_tensors(DataConfig(root=str(tmp_path / "tv")), train=True)[1].sum() > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is the CPU's")
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(fmnist_available, runs_dir, capsys):
+    _fails_cleanly([*TEACHER, "train.precision=fp16", "--device", "cpu"], runs_dir, capsys,
+                   "train.precision=fp16 on the CPU", "Use train.precision=auto")
+    _nothing_written(runs_dir)
+
+
+def test_a_batch_larger_than_the_device_memory_is_refused_naming_img_size(fmnist_available, runs_dir, capsys,
+                                                                          monkeypatch):
+    from hkdbench.benchmark.engine import preflight
+
+    monkeypatch.setattr(preflight, "_device_memory", lambda device: 2 ** 28)  # a 256 MiB device
+    _fails_cleanly([*TEACHER, "data.img_size=1024", "--device", "cpu"], runs_dir, capsys,
+                   "data.img_size=1024 with data.batch_size=128", "needs 1.00 GiB", "more than the 0.25 GiB")
     _nothing_written(runs_dir)
 
 
@@ -90,8 +195,17 @@ def _zip_truncated(path):
     _truncate(path)
 
 
+def _wrong_classes(path):
+    from hkdbench.benchmark.models.zoo import create_model
+
+    torch.save(create_model("resnet_mini", 100, in_chans=1, img_size=32).model.state_dict(), path)
+
+
 @pytest.mark.parametrize("write,message", [
     (lambda p: p.write_bytes(b""), "is empty (0 bytes"),
+    (lambda p: p.mkdir(), "is a directory; --teacher-checkpoint takes a file"),
+    (_wrong_classes, "does not fit ResNet with 10 classes: keys of another shape: fc.weight (100, 128) (the model: "
+                     "(10, 128)), fc.bias (100,) (the model: (10,))"),
     (_zip_truncated, "cannot be read"),
     (lambda p: p.write_bytes(b"\x80\x04garbage, not a pickle"), "cannot be read"),
     (lambda p: torch.save({"w": torch.zeros(3)}, p), "does not fit"),
@@ -215,3 +329,28 @@ def test_a_sweep_checks_its_teacher_checkpoint_before_submitting_anything(fmnist
                     "--executor", "inline"],
                    runs_dir, capsys, str(bad), "is empty (0 bytes")
     _nothing_written(runs_dir)
+
+
+def _listing(runs_dir):
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(runs_dir).rglob("*"))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda t: t.summary_file.write_text('{"best_top1": 9'), "summary.json is damaged (not valid JSON"),
+    (lambda t: t.summary_file.write_text("[]"), "summary.json is damaged (a JSON list, not an object)"),
+    (lambda t: t.weights_file("best").unlink(), "has no best.pt"),
+    (lambda t: t.weights_file("best").write_bytes(b"\x80\x04garbage"), "best.pt cannot be read"),
+    (lambda t: _zip_truncated(t.weights_file("best")), "best.pt cannot be read"),
+    (lambda t: torch.save({"w": torch.zeros(3)}, t.weights_file("best")), "best.pt does not fit ResNet"),
+])
+def test_a_damaged_teacher_run_is_named_and_no_student_run_is_written(done_teacher_store, tmp_path, capsys, damage,
+                                                                      message):
+    """The student's run directory is created only after its teacher run is loaded and checked (before, a damaged
+    teacher left an empty 'pending' student run, and a traceback)."""
+    runs, t_dir, student = done_teacher_store(tmp_path)
+    damage(t_dir)
+    before = _listing(runs)
+    err = _fails_cleanly(student, runs, capsys, t_dir.path.name, message)
+    assert _listing(runs) == before, err

@@ -34,6 +34,9 @@ def test_idx_reader_and_torchvision_root_layout(tmp_path):
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "nothing")
     with pytest.raises(datasets.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        datasets.check_data_available(DataConfig())
+    with pytest.raises(datasets.DataNotFoundError, match=f"data.root={tmp_path} holds no Fashion-MNIST.*"
+                                                         "zalandoresearch/fashion-mnist"):
         datasets.check_data_available(DataConfig(root=str(tmp_path)))
     with pytest.raises(datasets.DataNotFoundError, match="data.root"):
         datasets.check_data_available(DataConfig(dataset="cifar100"))
@@ -169,7 +172,7 @@ def test_tensor_loader_batches_shapes_and_resume_offset():
     assert batches[0][0].shape == (8, 1, 32, 32)
 
 
-@pytest.mark.parametrize("subset,batch,world,in_memory", [(0, 32, 1, "auto"), (50, 16, 1, "no"), (500, 8, 2, "auto"),
+@pytest.mark.parametrize("subset,batch,world,in_memory", [(0, 32, 1, "auto"), (50, 16, 1, "no"), (60, 8, 2, "auto"),
                                                      (70, 7, 1, "auto")])
 def test_steps_per_epoch_are_counted_from_the_headers_as_the_loader_has_them(tmp_path, subset, batch, world,
                                                                            in_memory):

@@ -50,12 +50,14 @@ class Dataset:
     per-image path, with its labels in ``targets`` as torchvision's datasets have them (CRD reads them without
     decoding images); without one, that path serves ``read_tensors``' images one by one. ``train_size(cfg)``:
     how many images the training split at ``cfg``'s root holds, known without reading them (a plan counts steps
-    with it); without one, the split is read (or listed) to count them."""
+    with it); without one, the split is read (or listed) to count them. ``test_size(cfg)``: the same for the test
+    split."""
     info: DatasetInfo
     check: Callable[[DataConfig], None]
     read_tensors: Optional[Callable[[DataConfig, bool], Tensors]] = None
     image_dataset: Optional[Callable[[DataConfig, bool, Callable], torch.utils.data.Dataset]] = None
     train_size: Optional[Callable[[DataConfig], int]] = None
+    test_size: Optional[Callable[[DataConfig], int]] = None
 
     def __post_init__(self):
         if self.read_tensors is None and self.image_dataset is None:
@@ -101,18 +103,36 @@ def load_tensors(cfg: DataConfig, train: bool) -> Tensors:
 
 
 def check_data_available(cfg: DataConfig) -> None:
-    """Fails at once, before any model is built, when the data is not where the config says."""
+    """Fails at once, before any model is built, when the data is not where the config says, or a subset asks
+    for more images than its split holds."""
     dataset(cfg.dataset).check(cfg)
+    _check_subsets(cfg)
+
+
+def _check_subsets(cfg: DataConfig) -> None:
+    """A subset larger than its split would train (or evaluate) on the whole split under another run hash: a
+    duplicate of the run without the subset. Counted only when a subset is set (ImageNet lists its files)."""
+    for key, train, split in (("train_subset", True, "training"), ("eval_subset", False, "test")):
+        asked = getattr(cfg, key)
+        if asked and asked > (n := split_size(cfg, train)):
+            raise ValueError(f"data.{key}={asked} is more than the {n} images of {cfg.dataset}'s {split} split; "
+                             f"give at most {n}, or 0 for the whole split")
+
+
+def split_size(cfg: DataConfig, train: bool) -> int:
+    """How many images a split at ``cfg``'s root holds (before ``data.train_subset`` / ``data.eval_subset``)."""
+    entry = dataset(cfg.dataset)
+    known = entry.train_size if train else entry.test_size
+    if known is not None:
+        return known(cfg)
+    if entry.image_dataset is not None:  # lists the files (as the loader would), decodes none
+        return len(entry.image_dataset(cfg, train, None))
+    return len(entry.read_tensors(cfg, train)[1])
 
 
 def training_split_size(cfg: DataConfig) -> int:
     """How many images the training split at ``cfg``'s root holds (before ``data.train_subset``)."""
-    entry = dataset(cfg.dataset)
-    if entry.train_size is not None:
-        return entry.train_size(cfg)
-    if entry.image_dataset is not None:  # lists the files (as the loader would), decodes none
-        return len(entry.image_dataset(cfg, True, None))
-    return len(entry.read_tensors(cfg, True)[1])
+    return split_size(cfg, train=True)
 
 
 def training_images(cfg: DataConfig) -> int:
@@ -181,17 +201,39 @@ def _decode_idx(name: str, _mtime_ns: int, _size: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all(any((folder / f"{stem}{ext}").exists() for ext in (".gz", "")) for stems in _FMNIST_FILES.values()
+               for stem in stems)
+
+
 def _find_fashion_mnist(root: Optional[str]) -> Path:
-    candidates = [Path(root), Path(root) / "FashionMNIST" / "raw"] if root else []
-    candidates += [FASHION_MNIST_DEBIAN_DIR]
-    for folder in candidates:
-        if all(any((folder / f"{stem}{ext}").exists() for ext in (".gz", "")) for stem in _FMNIST_FILES[True]):
+    """The folder of the four IDX files: under ``data.root`` when it is given (and nowhere else: a root that
+    lacks them is an error, not a reason to read another copy), else Debian's."""
+    if not root:
+        if _has_fashion_mnist(FASHION_MNIST_DEBIAN_DIR):
+            return FASHION_MNIST_DEBIAN_DIR
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found (looked in {FASHION_MNIST_DEBIAN_DIR}). Install it with "
+            "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four IDX files from "
+            "https://github.com/zalandoresearch/fashion-mnist under ROOT/FashionMNIST/raw and pass data.root=ROOT")
+    path = Path(root)
+    expected = (f"a folder holding the four IDX files ({', '.join(n + '[.gz]' for n in _fmnist_names())}) "
+                "or holding them under FashionMNIST/raw (torchvision's layout)")
+    if not path.exists():
+        raise DataNotFoundError(f"data.root={root} does not exist; Fashion-MNIST's data.root is {expected}. "
+                                "Leave data.root out to read Debian's copy")
+    if not path.is_dir():
+        raise DataNotFoundError(f"data.root={root} is a file, not a folder; Fashion-MNIST's data.root is {expected}")
+    for folder in (path, path / "FashionMNIST" / "raw"):
+        if _has_fashion_mnist(folder):
             return folder
-    tried = ", ".join(str(c) for c in candidates)
-    raise DataNotFoundError(
-        f"Fashion-MNIST not found (looked in {tried}). Install it with "
-        "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four IDX files from "
-        "https://github.com/zalandoresearch/fashion-mnist under ROOT/FashionMNIST/raw and pass data.root=ROOT")
+    raise DataNotFoundError(f"data.root={root} holds no Fashion-MNIST (looked in {path} and "
+                            f"{path / 'FashionMNIST' / 'raw'}); it must be {expected}: the files of "
+                            "https://github.com/zalandoresearch/fashion-mnist")
+
+
+def _fmnist_names():
+    return [stem for stems in _FMNIST_FILES.values() for stem in stems]
 
 
 def _read_fashion_mnist(cfg: DataConfig, train: bool) -> Tensors:
@@ -204,15 +246,15 @@ def _read_fashion_mnist(cfg: DataConfig, train: bool) -> Tensors:
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _fashion_mnist_train_size(cfg: DataConfig) -> int:
-    """The image count in the header of the training labels' IDX file (its first 8 bytes)."""
+def _fashion_mnist_size(cfg: DataConfig, train: bool) -> int:
+    """The image count in the header of a split's labels IDX file (its first 8 bytes)."""
     folder = _find_fashion_mnist(cfg.root)
-    path = folder / f"{_FMNIST_FILES[True][1]}.gz"
-    path = path if path.exists() else folder / _FMNIST_FILES[True][1]
+    path = folder / f"{_FMNIST_FILES[train][1]}.gz"
+    path = path if path.exists() else folder / _FMNIST_FILES[train][1]
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         header = f.read(8)
     if len(header) < 8 or header[:4] != b"\0\0\x08\x01":
-        return len(_read_fashion_mnist(cfg, train=True)[1])  # not a labels file: the full read names what is wrong
+        return len(_read_fashion_mnist(cfg, train)[1])  # not a labels file: the full read names what is wrong
     return int.from_bytes(header[4:8], "big")
 
 
@@ -291,7 +333,8 @@ def _torchvision_cifar(info: DatasetInfo, torchvision_name: str) -> Dataset:
     return Dataset(info, check=functools.partial(_check_cifar, torchvision_name),
                    read_tensors=functools.partial(_read_cifar, torchvision_name),
                    image_dataset=functools.partial(_cifar_images, torchvision_name),
-                   train_size=lambda cfg: 50_000)  # both CIFARs: the files whose MD5s the check holds
+                   # both CIFARs: the files whose MD5s the check holds
+                   train_size=lambda cfg: 50_000, test_size=lambda cfg: 10_000)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,7 +384,8 @@ def _check_image_folders(root: Path, num_classes: int) -> None:
 
 register_dataset(Dataset(DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), in_memory=True),
                          check=_check_fashion_mnist, read_tensors=_read_fashion_mnist,
-                         train_size=_fashion_mnist_train_size))
+                         train_size=functools.partial(_fashion_mnist_size, train=True),
+                         test_size=functools.partial(_fashion_mnist_size, train=False)))
 register_dataset(_torchvision_cifar(DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465),
                                                (0.2470, 0.2435, 0.2616), in_memory=True), "CIFAR10"))
 register_dataset(_torchvision_cifar(DatasetInfo("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409),

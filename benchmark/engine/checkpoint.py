@@ -29,6 +29,9 @@ class CheckpointError(HkdbenchError, RuntimeError):
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    if Path(path).is_dir():
+        raise CheckpointError(f"teacher checkpoint {path} is a directory; --teacher-checkpoint takes a file (a state "
+                              "dict saved with torch.save, e.g. a .pth of the reference's teachers)")
     if not Path(path).is_file():
         raise CheckpointError(f"teacher checkpoint {path!r} does not exist")
     if Path(path).stat().st_size == 0:
@@ -65,14 +68,30 @@ def remap_legacy_keys(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[
 
 
 def load_state_dict_into(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    state = remap_legacy_keys(read_state_dict(path, use_ema), model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit {type(model).__name__}: missing keys "
-            f"{missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} (is the model name or the "
-            "number of classes right?)")
+    load_fitting(model, remap_legacy_keys(read_state_dict(path, use_ema), model), str(path))
+
+
+def load_fitting(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """Loads ``state`` into ``model`` when every key and shape fits; else a CheckpointError naming ``source``, the
+    keys that differ and the model's number of classes (torch's own error is a dump of every mismatch)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} (the model: {tuple(own[k].shape)})" for k in own
+               if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        problems = [f"{what} {_few(keys)}" for what, keys in (("keys of another shape:", resized),
+                                                              ("missing keys", missing),
+                                                              ("unexpected keys", unexpected)) if keys]
+        classes = getattr(model, "num_classes", None)
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}"
+                              + (f" with {classes} classes" if classes else "") + ": " + "; ".join(problems)
+                              + " (is the model name, the dataset or its number of classes right?)")
+    model.load_state_dict(state)
+
+
+def _few(keys, n: int = 8) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False) -> None:
@@ -119,7 +138,15 @@ def load_weights(rd: RunDir, which: str, ema: bool = False) -> Dict[str, torch.T
             f"{rd.path.name} has no {path.name} ({which} weights{' of the EMA' if ema else ''}): the run "
             "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
             "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (truncated zip, pickle garbage, ...: torch raises many kinds)
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the run's {which} weights "
+                              "are damaged: train the run again with --restart, or put back a good copy") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors; the run's {which} weights are "
+                              "damaged: train the run again with --restart, or put back a good copy")
+    return state
 
 
 def checkpoint_position(rd: RunDir) -> Optional[Tuple[int, int]]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable
+import math
+import os
+from typing import Iterable, Optional
 
 from hkdbench.benchmark.config import RunConfig
 
@@ -59,3 +61,42 @@ def check_sweep_inputs(configs: Iterable[RunConfig]) -> None:
             if teacher_key not in seen:
                 seen.add(teacher_key)
                 check_teacher(cfg)
+
+
+def check_on_device(cfg: RunConfig, device) -> None:
+    """What the run's device decides, before anything is written: its precision, and whether one batch of its
+    images fits the device's memory at all (the least a step needs; the models' activations come on top)."""
+    if cfg.train.precision == "fp16" and device.type == "cpu":
+        # refused, not warned about: the run would take ~10x as long for a setting meant for a GPU, and a warning in
+        # a batch job's log goes unread; the fix is one override
+        raise ValueError("train.precision=fp16 on the CPU: torch's float16 autocast runs there about 10x slower "
+                         "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
+    _check_batch_fits(cfg, device)
+
+
+def _check_batch_fits(cfg: RunConfig, device) -> None:
+    from hkdbench.benchmark.data.datasets import dataset_info
+    from hkdbench.benchmark.models.zoo import zoo_entry
+
+    data = cfg.data
+    channels = dataset_info(data.dataset).in_chans
+    eval_side = math.floor(data.img_size / (data.crop_pct or zoo_entry(cfg.student.name).crop_pct))
+    need = 4 * channels * max(data.batch_size * data.img_size ** 2, data.eval_batch_size * eval_side ** 2)
+    have = _device_memory(device)
+    if have is not None and need > have:
+        raise ValueError(f"data.img_size={data.img_size} with data.batch_size={data.batch_size} (data.eval_batch_size="
+                         f"{data.eval_batch_size}): one batch of images alone needs {need / 2 ** 30:.2f} GiB as "
+                         f"float32, more than the {have / 2 ** 30:.2f} GiB of memory of {device}; lower data.img_size "
+                         "or the batch sizes")
+
+
+def _device_memory(device) -> Optional[int]:
+    """The device's total memory in bytes (the host's RAM for the CPU); None when it cannot be told."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

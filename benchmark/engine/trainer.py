@@ -8,8 +8,10 @@ GradScaler under fp16), optional gradient clipping, the optimiser step, the stud
 own RNG state (init, dropout, drop-path: a model's randomness never shifts the batches). One run is a cohort of
 one. Per epoch and member: evaluation (student and EMA), one metrics line, an atomic checkpoint. A resumed run
 continues bit for bit: a checkpoint taken mid-epoch (on a stop request such as Slurm's USR2; every member at the
-same step) also stores the member's RNG state and the partial epoch's sums. A member that diverges is marked
-FAILED with its step and the others go on; a member already done is skipped.
+same step) also stores the member's RNG state and the partial epoch's sums. A member that diverges (a non-finite
+loss at a step; a non-finite evaluation loss or weights at the end of an epoch) is marked FAILED with its step or
+epoch and the others go on; a member already done is skipped. The teacher is prepared (its run trained, loaded and
+checked) before any run directory of the cohort is written.
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestam
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
 from hkdbench.benchmark.data.stream import DataStream
+from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
+from hkdbench.benchmark.engine.teacher import TeacherRunError, load_teacher_run, refuse_failed
 from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
 from hkdbench.benchmark.errors import HkdbenchError
 
@@ -115,6 +119,8 @@ class CohortTrainer:
         self.echo = echo
         self.run_dirs = [store.run_dir(cfg) for cfg in self.cfgs]
         self.log_dirs: List[RunDir] = []  # the logs of the runs being trained (a done run's log is left alone)
+        self.early_lines: List[str] = []  # said while the teacher was prepared, before the runs' logs existed
+        self.teacher: Tuple[Optional[TappedModel], Optional[float]] = (None, None)
         self.swap_rng = False  # several runs in training: each member's RNG state is swapped in for its work
 
     @property
@@ -131,6 +137,8 @@ class CohortTrainer:
             log.info(message)
             if self.echo:
                 print(message, flush=True)
+            if members is None and not self.log_dirs:  # before any run directory exists: kept for their logs
+                self.early_lines.append(message)
             for rd in [m.run_dir for m in members] if members is not None else self.log_dirs:
                 with open(rd.log_file, "a") as f:
                     f.write(message + "\n")
@@ -138,6 +146,9 @@ class CohortTrainer:
     # -- teacher --------------------------------------------------------------------------------------------------
     def prepare_teacher(self, cfg: RunConfig, num_classes: int, in_chans: int
                         ) -> Tuple[Optional[TappedModel], Optional[float]]:
+        """The teacher of ``cfg`` and its top-1 (None when not yet known: a checkpoint's is measured later): its
+        checkpoint or pretrained weights, or its teacher run's weights (the run trained first when missing). Called
+        before any run directory of the cohort is written, so a teacher that cannot teach leaves nothing behind."""
         if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
             return None, None
         as_is = cfg.teacher_recipe is None  # a checkpoint, or pretrained weights used as they are: no teacher run
@@ -155,18 +166,39 @@ class CohortTrainer:
         t_dir = self.store.run_dir(t_cfg)
         if note := teacher_settings_note(cfg, t_cfg):
             self.say(note)
+        refuse_failed(t_dir)
         if not t_dir.is_done:
             self.say(f"teacher {cfg.teacher.name}: no finished run at {t_dir.path}; training it first")
-            result = Trainer(t_cfg, self.store, device=str(self.device), progress=self.progress,
-                             should_stop=self.should_stop, dist_ctx=self.dist, echo=self.echo).run(resume=True)
-            if result.status != "done":
-                raise TeacherUnavailableError("interrupted while training the teacher")
+            self._train_teacher_run(t_cfg, t_dir)
         which = cfg.teacher.weights
-        teacher.model.load_state_dict(load_weights(t_dir, which))
-        recorded = t_dir.summary()
+        recorded = load_teacher_run(teacher, t_dir, which)
         self.say(f"teacher {cfg.teacher.name}: the {which} weights of {t_dir.path.name} "
                  f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
         return teacher.to(self.device), recorded[f"{which}_top1"]
+
+    def _train_teacher_run(self, t_cfg: RunConfig, t_dir: RunDir) -> None:
+        trainer = Trainer(t_cfg, self.store, device=str(self.device), progress=self.progress,
+                          should_stop=self.should_stop, dist_ctx=self.dist, echo=self.echo)
+        try:
+            result = trainer.run(resume=True)
+        except DivergedError as err:
+            raise TeacherRunError(f"teacher run {t_dir.path.name} FAILED ({err}); it cannot be a teacher, and the "
+                                  "student run was not started. Change the teacher run's settings "
+                                  "(teacher.<section>.<field>=value, e.g. teacher.optim.lr)") from None
+        if result.status != "done":
+            raise TeacherUnavailableError("interrupted while training the teacher")
+
+    def _teacher_before_writes(self, restart: bool) -> Tuple[Optional[TappedModel], Optional[float]]:
+        """The cohort's teacher, prepared before any of its run directories is written (nothing when every run is
+        done already and none is restarted: no run will need it)."""
+        user = next((c for c, rd in zip(self.cfgs, self.run_dirs) if get_method(c.method).uses_teacher and c.teacher
+                     and (restart or not rd.is_done)), None)
+        if user is None:
+            return None, None
+        from hkdbench.benchmark.data.datasets import dataset_info
+
+        info = dataset_info(user.data.dataset)
+        return self.prepare_teacher(user, info.num_classes, info.in_chans)
 
     def probe_teachers(self, cfg: RunConfig, num_classes: int, in_chans: int) -> Dict[str, TappedModel]:
         """Run name -> the best weights of each teacher run ``cfg`` is CKA-probed against (``train.probe_teachers``;
@@ -194,10 +226,18 @@ class CohortTrainer:
         from hkdbench.benchmark.engine.tracking import check_tracker_available
         from hkdbench.benchmark.store import RunLockedError
 
-        for cfg in self.cfgs:  # changed code, a missing tracker package or probe teacher: fail before any write
+        from hkdbench.benchmark.engine.preflight import check_on_device
+
+        # before any write: changed code, a missing tracker package or probe teacher, a setting the device cannot
+        # run, a checkpoint without --resume (not found only after a teacher was trained for it); then the teacher
+        for cfg, rd in zip(self.cfgs, self.run_dirs):
             check_method_code(cfg.method, cfg.method_code)
             check_tracker_available(cfg.train.log)
+            check_on_device(cfg, self.device)
+            if not resume and not restart and not rd.is_done and rd.has_checkpoint:
+                raise unfinished_run_error(rd)
         check_probe_teachers(self.cfgs, self.store)
+        self.teacher = self._teacher_before_writes(restart)
         results: Dict[str, RunResult] = {}
         with contextlib.ExitStack() as locks:
             held = []
@@ -260,6 +300,10 @@ class CohortTrainer:
 
     def _train(self, members: List[_Member]) -> None:
         self.log_dirs = [m.run_dir for m in members]
+        if self.is_main:
+            for m in members:  # the lines said while the teacher was prepared, in the order said
+                with open(m.run_dir.log_file, "a") as f:
+                    f.writelines(line + "\n" for line in self.early_lines)
         self.swap_rng = len(members) > 1
         first = members[0].cfg
         entry = zoo_entry(first.student.name)
@@ -270,7 +314,9 @@ class CohortTrainer:
         if jitter_note := loaders.color_jitter_note(first.data.color_jitter, first.data.auto_augment):
             self.say(f"{', '.join(m.name for m in members)}: {jitter_note}", members)
         user = next((m.cfg for m in members if get_method(m.cfg.method).uses_teacher and m.cfg.teacher), None)
-        teacher, teacher_top1 = self.prepare_teacher(user, info.num_classes, info.in_chans) if user else (None, None)
+        if user and self.teacher[0] is None:  # a run another process reset since the checks: prepared now
+            self.teacher = self.prepare_teacher(user, info.num_classes, info.in_chans)
+        teacher, teacher_top1 = self.teacher if user else (None, None)
         channels_last = use_channels_last(first.train.channels_last, self.device)
         if teacher is not None and teacher_top1 is None and any(m.saved is None for m in members):
             dtype = autocast_dtype(first.train.precision, self.device)
@@ -434,12 +480,24 @@ class CohortTrainer:
         finally:
             m.rng = _get_rng()
 
+    def _diverged(self, m: _Member, record: Dict[str, Any]) -> str:
+        """What shows that the member diverged by the end of an epoch (its evaluation loss, its weights or its EMA's
+        not finite), in words; empty when nothing does."""
+        tensors = list(m.ctx.module.state_dict().items())
+        if m.ema is not None:
+            tensors += [(f"ema.{k}", v) for k, v in m.ema.module.state_dict().items()]
+        return describe(nonfinite_losses(record), nonfinite_tensors(tensors))
+
     def _fail_diverged(self, m: _Member, epoch: int, step: int, values: Dict[str, float]) -> None:
         terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
         reason = f"non-finite loss at epoch {epoch + 1}, step {step}: " + ", ".join(
             f"{k}={v}" for k, v in terms.items())
+        self._fail(m, reason, epoch=epoch + 1, step=step, losses=terms)
+
+    def _fail(self, m: _Member, reason: str, **details: Any) -> None:
+        """Marks the member FAILED with ``reason``: no summary, no DONE; the other members go on."""
         if self.is_main:
-            m.run_dir.mark_failed(reason, epoch=epoch + 1, step=step, losses=terms)
+            m.run_dir.mark_failed(reason, **details)
         self.say(f"{m.name}: FAILED: {reason}", [m])
         m.status, m.result = "failed", RunResult("failed", m.run_dir, reason=reason)
         m.tracker.close()
@@ -458,6 +516,12 @@ class CohortTrainer:
         history = m.state["history"]
         record = self._epoch_record(m, epoch, test_loader)
         history.append(record)
+        if seen := self._diverged(m, record):
+            if self.is_main:  # the epoch that diverged, for the record; its weights are kept nowhere
+                m.run_dir.write_metrics(history)
+            self._fail(m, f"diverged at the end of epoch {epoch + 1}: {seen}", epoch=epoch + 1,
+                       losses=nonfinite_losses(record))
+            return
         self._keep_best(m)  # before the checkpoint: a kill in between redoes this epoch
         m.state["epoch"], m.state["step"], m.state["partial"] = epoch + 1, 0, None
         self._save_checkpoint(m, epoch + 1, 0, None)
