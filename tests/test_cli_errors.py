@@ -204,6 +204,13 @@ def test_a_config_json_that_is_not_a_run_config_is_named(teacher_copy, capsys, b
     assert _tree(teacher_copy.parent) == before
 
 
+@pytest.mark.parametrize("content", [b"garbage, not a torch file", b""])
+def test_a_garbage_best_pt_is_named_by_eval(teacher_copy, capsys, content):
+    (teacher_copy / "best.pt").write_bytes(content)
+    code, err = _run(["eval", str(teacher_copy)], capsys)
+    assert code == 2 and str(teacher_copy / "best.pt") in err and "Traceback" not in err, err
+
+
 @pytest.mark.parametrize("body,message", [('{"sw', "not valid JSON"), ("[]", "a JSON list, not an object"),
                                           ('{"sweep": "x", "runs": [1]}', "'runs' are not a list of runs"),
                                           ('{"sweep": "x"}', "lists no runs"),

@@ -115,8 +115,8 @@ def _check_subsets(cfg: DataConfig) -> None:
     for key, train, split in (("train_subset", True, "training"), ("eval_subset", False, "test")):
         asked = getattr(cfg, key)
         if asked and asked > (n := split_size(cfg, train)):
-            raise ValueError(f"data.{key}={asked} is more than the {n} images of {cfg.dataset}'s {split} split; "
-                             f"give at most {n}, or 0 for the whole split")
+            raise ConfigError(f"data.{key}={asked} is more than the {n} images of {cfg.dataset}'s {split} split; "
+                              f"give at most {n}, or 0 for the whole split")
 
 
 def split_size(cfg: DataConfig, train: bool) -> int:

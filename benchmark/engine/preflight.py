@@ -8,7 +8,7 @@ import math
 import os
 from typing import Iterable, Optional
 
-from hkdbench.benchmark.config import RunConfig
+from hkdbench.benchmark.config import ConfigError, RunConfig
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -69,8 +69,8 @@ def check_on_device(cfg: RunConfig, device) -> None:
     if cfg.train.precision == "fp16" and device.type == "cpu":
         # refused, not warned about: the run would take ~10x as long for a setting meant for a GPU, and a warning in
         # a batch job's log goes unread; the fix is one override
-        raise ValueError("train.precision=fp16 on the CPU: torch's float16 autocast runs there about 10x slower "
-                         "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
+        raise ConfigError("train.precision=fp16 on the CPU: torch's float16 autocast runs there about 10x slower "
+                          "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
     _check_batch_fits(cfg, device)
 
 
@@ -84,10 +84,10 @@ def _check_batch_fits(cfg: RunConfig, device) -> None:
     need = 4 * channels * max(data.batch_size * data.img_size ** 2, data.eval_batch_size * eval_side ** 2)
     have = _device_memory(device)
     if have is not None and need > have:
-        raise ValueError(f"data.img_size={data.img_size} with data.batch_size={data.batch_size} (data.eval_batch_size="
-                         f"{data.eval_batch_size}): one batch of images alone needs {need / 2 ** 30:.2f} GiB as "
-                         f"float32, more than the {have / 2 ** 30:.2f} GiB of memory of {device}; lower data.img_size "
-                         "or the batch sizes")
+        raise ConfigError(f"data.img_size={data.img_size} with data.batch_size={data.batch_size} (data."
+                          f"eval_batch_size={data.eval_batch_size}): one batch of images alone needs "
+                          f"{need / 2 ** 30:.2f} GiB as float32, more than the {have / 2 ** 30:.2f} GiB of memory of "
+                          f"{device}; lower data.img_size or the batch sizes")
 
 
 def _device_memory(device) -> Optional[int]:
