@@ -132,17 +132,34 @@ _NO_RESULT = ("the run is DONE but its result is lost, so it is in no table: put
               "with --restart")
 
 
-def _read_object(path: Path, consequence: str) -> Optional[Dict[str, Any]]:
+def _read_object(path: Path, consequence: str, check=lambda body: "") -> Optional[Dict[str, Any]]:
     """A JSON object the store wrote; None when the file is missing or, with a warning naming it and saying what that
-    means for the run (``consequence``), damaged."""
+    means for the run (``consequence``), damaged: not JSON, not an object, or what ``check`` finds wrong in it."""
     if not path.exists():
         return None
     body = read_json_or_none(path)
-    if isinstance(body, dict):
+    why = "not valid JSON" if body is None else "not a JSON object" if not isinstance(body, dict) else check(body)
+    if not why:
         return body
-    warnings.warn(f"{path} is damaged ({'not valid JSON' if body is None else 'not a JSON object'}); {consequence}",
-                  stacklevel=3)
+    warnings.warn(f"{path} is damaged ({why}); {consequence}", stacklevel=3)
     return None
+
+
+_NAMES = ["kind", "method", "teacher", "student", "dataset", "recipe", "teacher_family", "student_family"]
+_NUMBERS = ["best_top1", "last_top1", "best_top5", "last_top5", "teacher_top1", "best_epoch", "last_epoch", "seed",
+            "epochs", "train_time_s"]
+
+
+def _summary_problem(summary: Dict[str, Any]) -> str:
+    """A summary field of the wrong type ('' when none): the tables group by the names and average the numbers."""
+    for key in _NAMES:
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            return f"its {key} is {summary[key]!r}, not a name"
+    for key in _NUMBERS:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"its {key} is {value!r}, not a number"
+    return ""
 
 
 def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
@@ -154,7 +171,7 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
         return {"run": path.name}  # no kind: not a row
     env = _read_object(rd.env_file, "its hardware and versions are unknown") or {}
     done = rd.is_done
-    summary = _read_object(rd.summary_file, _NO_RESULT) if done else None
+    summary = _read_object(rd.summary_file, _NO_RESULT, _summary_problem) if done else None
     failed = _read_object(rd.failed_file, "its reason is unknown") if rd.is_failed else None
     row: Dict[str, Any] = {"run": path.name, **_identity_from_config(config)}
     row["status"] = ("damaged" if done and summary is None else "done" if done
@@ -227,12 +244,19 @@ def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame
         if not metrics:
             continue
         frame = pd.DataFrame(metrics)
+        clash = [c for c in EPOCH_ID if c in frame.columns]  # the run's identity, never a metric: an edited file
+        if clash:
+            warnings.warn(f"{RunDir(root / r['path']).metrics_file}: key(s) {', '.join(clash)} name the run, not a "
+                          "metric (an edited file?); ignored", stacklevel=2)
+        frame = frame.drop(columns=clash)
         for col in reversed(EPOCH_ID):
             frame.insert(0, col, r.get(col))
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=EPOCH_ID + ["epoch"])
     out = pd.concat(frames, ignore_index=True)
+    if "epoch" not in out.columns:  # records without one (edited): kept, at no epoch
+        out["epoch"] = None
     for col in ("seed", "epoch"):
         out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
     return out.sort_values(["run", "epoch"]).reset_index(drop=True)

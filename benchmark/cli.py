@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -283,6 +284,7 @@ EXIT_BUG = 70
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _print_any_path()
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     # --debug is taken anywhere on the line, so that "rerun with --debug" means: append it
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -302,6 +304,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _dispatch(args)
         except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 -- every error ends here, judged by its kind
             return report_error(prefix, err, debug)
+
+
+def _print_any_path() -> None:
+    """A path is bytes: one that is not UTF-8 (surrogate-escaped by Python) is printed as those bytes, where a
+    strict stdout would fail the command on printing it."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
 
 
 def _warning_printer(prefix: str):

@@ -333,7 +333,7 @@ def _status_specs(args):
 
     from hkdbench.benchmark.store import SWEEPS_DIR, RunStore, SweepDir
     from hkdbench.benchmark.sweep.plan import expand
-    from hkdbench.benchmark.sweep.preset import load_preset
+    from hkdbench.benchmark.sweep.preset import load_preset, preset_names
 
     target = Path(args.target)
     by_id = RunStore(args.runs_dir).sweep_dir(args.target)
@@ -345,6 +345,10 @@ def _status_specs(args):
                 f"sweep {manifest.get('sweep', target.name)} ({target})")
     if _exists(target) and target.is_dir() and not target.suffix:
         raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/{SWEEPS_DIR}/")
+    if not _exists(target) and args.target not in preset_names() and not args.target.endswith((".yaml", ".yml")):
+        raise ConfigError(f"unknown preset {args.target!r}, and no sweep of that id in the run store "
+                          f"{by_id.path.parent.parent} (no {by_id.manifest_file}); shipped presets: "
+                          f"{', '.join(preset_names())}, or a YAML file's path")
     plan = expand(load_preset(args.target, list(args.settings), _sweep_grid(args)))
     return plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
 

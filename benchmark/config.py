@@ -75,6 +75,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):  # exact: a float would round an integer above 2**53
+            return value
         try:
             as_float = float(value)
         except ValueError:
@@ -105,6 +107,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def build_dataclass(cls: type, values: Mapping[str, Any], where: str = ""):
     """Instantiates ``cls`` from ``values``; unknown keys and ill-typed values raise a ConfigError that names
     the field and lists the allowed ones."""
+    if not isinstance(values, Mapping):  # "optim=3": a section given a value instead of its fields
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields ({where or 'section'}"
+                          f".<field>=value), got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(values) - known)
@@ -338,9 +343,11 @@ class DataConfig:
             raise ValueError(f"data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1 (the fractions of the "
                              f"image area a random resized crop keeps), got {list(self.rrc_scale)}")
         # the evaluation resizes to img_size / crop_pct, then crops img_size: a crop_pct above 1 leaves less to crop
-        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"data.crop_pct must be in (0, 1] (evaluation resize = img_size / crop_pct, then the "
-                             f"center crop), or null for the student's own, got {self.crop_pct}")
+        if self.crop_pct is not None and not self.img_size / MAX_IMG_SIZE <= self.crop_pct <= 1.0:
+            # the evaluation resize, img_size / crop_pct, is an image size too
+            raise ValueError(f"data.crop_pct must be in (0, 1] and at least data.img_size / {MAX_IMG_SIZE} (evaluation "
+                             f"resize = img_size / crop_pct, then the center crop), or null for the student's own, got "
+                             f"{self.crop_pct}")
         check_finite(self, "data")
 
 

@@ -232,12 +232,12 @@ def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = loads(line)
-        except ValueError:
+            record = loads(line.decode())
+        except ValueError:  # UnicodeDecodeError too: a line of other bytes
             record, what = None, "not valid JSON"
         else:
             what = "not a JSON object"

@@ -261,3 +261,61 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_how_to_resume(fmnist_available,
     assert run.has_checkpoint and not run.is_done
     monkeypatch.setattr(trainer, "evaluate", real_evaluate)
     assert main([*argv, "--resume"]) == 0 and run.is_done
+
+
+# -- what the fuzz test (test_fuzz_cli.py) found, each pinned -------------------------------------------------------
+
+LONG = "n" * 300
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["optim=.inf"], "optim: expected a mapping of OptimConfig fields"),  # was TypeError: 'float' is not iterable
+    (["data.img_size=inf"], "data.img_size: expected an integer, got 'inf'"),  # was OverflowError
+    (["train.seed=1000000000000000000000000000000"],  # was rounded through a float: 1000000000000000019884624838656
+     "train.seed must be between -2**40 and 2**40 (the data stream's keys are made from it), got "
+     "1000000000000000000000000000000"),
+    (["data.crop_pct=1e-320"], "data.crop_pct must be in (0, 1] and at least data.img_size / 4096"),  # OverflowError
+    ([f"data.root=/tmp/{LONG}/x"], "is no path this filesystem can hold (File name too long)"),  # was OSError
+    (["data.dataset=\udcff"], r"data.dataset='\udcff': the dataset is set by --dataset"),  # a sweep: UnicodeEncodeError
+])
+def test_fuzz_findings_in_the_config(fmnist_available, capsys, tmp_path, extra, message):
+    code, err = _run([*TEACHER, *extra, "--dry-run", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("extra,message", [(["optim=.inf"], "optim: expected a mapping of OptimConfig fields"),
+                                           (["data.dataset=\udcff"], r"data.dataset='\udcff': the dataset is set by")])
+def test_fuzz_findings_in_a_sweeps_config(capsys, tmp_path, extra, message):
+    """A sweep's dry run plans without reading the data; these must fail all the same (data.dataset=\\udcff reached
+    the sweep id's digest: UnicodeEncodeError)."""
+    code, err = _run(["sweep", "--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "kd", "--seeds", "0",
+                      "recipe=demo", *extra, "--dry-run", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("path,message", [(f"/tmp/{LONG}/t.pth", "cannot be read (File name too long)"),
+                                          ("AFILE/t.pth", "cannot be read (Not a directory)")])
+def test_fuzz_findings_a_teacher_checkpoint_path_no_file_can_have(fmnist_available, capsys, tmp_path, a_file, path,
+                                                                  message):
+    path = path.replace("AFILE", str(a_file))
+    code, err = _run(["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--recipe", "demo",
+                      "--teacher-checkpoint", path, "--dry-run", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and f"teacher checkpoint {path} {message}" in err, err
+
+
+def test_fuzz_findings_status_of_a_sweep_id_not_in_the_store(tmp_path, capsys):
+    code, err = _run(["status", "custom-046808b6c6", "--runs-dir", str(tmp_path)], capsys)
+    assert code == 2 and "unknown preset 'custom-046808b6c6', and no sweep of that id in the run store" in err
+    assert str(tmp_path / "_sweeps" / "custom-046808b6c6" / "sweep.json") in err
+
+
+def test_fuzz_findings_a_path_that_is_not_utf8_is_printed_as_its_bytes(fmnist_available, tmp_path):
+    """Printing a surrogate-escaped path to a strict UTF-8 stdout raised UnicodeEncodeError (exit 70)."""
+    import contextlib
+    import io
+
+    runs = tmp_path / os.fsdecode(b"runs-\xff")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    with contextlib.redirect_stdout(stdout):
+        assert main([*TEACHER, "--dry-run", "--runs-dir", str(runs)]) == 0
+    assert os.fsencode(str(runs)) in stdout.buffer.getvalue()

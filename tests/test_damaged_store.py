@@ -161,3 +161,21 @@ def test_status_reads_a_store_with_damaged_job_records(tmp_path, capsys):
     with pytest.warns(UserWarning, match="jobs.jsonl: line 2 is not a JSON object"):
         (state,) = run_states([spec], store)
     assert (state.job_id, state.status) == ("999999999", "cancelled")
+
+
+def test_a_metrics_line_holding_identity_keys_is_warned_about(store, capsys):
+    """The fuzz test's find: a metrics line with a 'kind' key made collect fail (pandas: cannot insert kind)."""
+    metrics = store / "teacher_copy" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"best_top1": "x", "kind": 7, "runs": 1}\n')
+    code, err, out = _report(store, capsys, "collect")
+    assert code == 0 and f"{metrics}: key(s) kind name the run, not a metric (an edited file?); ignored" in err, err
+    assert (out / "epochs.csv").exists()
+
+
+def test_a_summary_with_fields_of_the_wrong_type_is_damaged(store, capsys):
+    """The fuzz test's find: a summary whose kind was a number made the report fail sorting names."""
+    summary = store / "teacher_copy" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "kind": 7}))
+    code, err, out = _report(store, capsys)
+    assert code == 0 and f"{summary} is damaged (its kind is 7, not a name)" in err, err
+    assert {r["run"]: r["status"] for r in _csv(out / "runs.csv")}["teacher_copy"] == "damaged"

@@ -219,7 +219,13 @@ def _find_fashion_mnist(root: Optional[str]) -> Path:
     path = Path(root)
     expected = (f"a folder holding the four IDX files ({', '.join(n + '[.gz]' for n in _fmnist_names())}) "
                 "or holding them under FashionMNIST/raw (torchvision's layout)")
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as err:  # a name longer than the filesystem takes, a NUL
+        raise DataNotFoundError(f"data.root={root} is no path this filesystem can hold "
+                                f"({getattr(err, 'strerror', None) or err}); Fashion-MNIST's data.root is {expected}"
+                                ) from None
+    if not exists:
         raise DataNotFoundError(f"data.root={root} does not exist; Fashion-MNIST's data.root is {expected}. "
                                 "Leave data.root out to read Debian's copy")
     if not path.is_dir():

@@ -29,6 +29,13 @@ class CheckpointError(HkdbenchError, RuntimeError):
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    try:
+        Path(path).stat()
+    except FileNotFoundError:
+        pass  # said below
+    except (OSError, ValueError) as err:  # a name too long, below a file, a NUL
+        raise CheckpointError(f"teacher checkpoint {path} cannot be read ({getattr(err, 'strerror', None) or err})"
+                              ) from None
     if Path(path).is_dir():
         raise CheckpointError(f"teacher checkpoint {path} is a directory; --teacher-checkpoint takes a file (a state "
                               "dict saved with torch.save, e.g. a .pth of the reference's teachers)")
