@@ -342,12 +342,12 @@ class DataConfig:
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
             raise ValueError(f"data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1 (the fractions of the "
                              f"image area a random resized crop keeps), got {list(self.rrc_scale)}")
-        # the evaluation resizes to img_size / crop_pct, then crops img_size: a crop_pct above 1 leaves less to crop
-        if self.crop_pct is not None and not self.img_size / MAX_IMG_SIZE <= self.crop_pct <= 1.0:
-            # the evaluation resize, img_size / crop_pct, is an image size too
-            raise ValueError(f"data.crop_pct must be in (0, 1] and at least data.img_size / {MAX_IMG_SIZE} (evaluation "
-                             f"resize = img_size / crop_pct, then the center crop), or null for the student's own, got "
-                             f"{self.crop_pct}")
+        # (above 1 only where the evaluation can pad its crop: engine/preflight.py checks it with the data path); the
+        # evaluation resize, img_size / crop_pct, is an image size too
+        if self.crop_pct is not None and not self.crop_pct >= self.img_size / MAX_IMG_SIZE:
+            raise ValueError(f"data.crop_pct must be > 0 and at least data.img_size / {MAX_IMG_SIZE} (evaluation "
+                             f"resize = img_size / crop_pct, then the center crop), or null for the student's own, "
+                             f"got {self.crop_pct}")
         check_finite(self, "data")
 
 

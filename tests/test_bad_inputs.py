@@ -52,8 +52,10 @@ def _nothing_written(runs_dir):
     ("data.rrc_scale=[]", "data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1"),
     ("data.rrc_scale=[0.9,0.2]", "data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1"),
     ("data.rrc_scale=[0.1,.inf]", "data.rrc_scale must be two numbers"),
-    ("data.crop_pct=0", "data.crop_pct must be in (0, 1]"),
-    ("data.crop_pct=1.5", "data.crop_pct must be in (0, 1]"),
+    ("data.crop_pct=0", "data.crop_pct must be > 0"),
+    ("data.crop_pct=-1", "data.crop_pct must be > 0"),
+    ("data.pipeline=paper224 data.crop_pct=1.5", "data.crop_pct=1.5 resizes the evaluation images to 21 px, below "
+                                                 "data.img_size=32, and the in-memory evaluation cannot pad"),
     ("data.img_size=100000", "data.img_size must be in [1, 4096]"),
     ("data.crop_padding=1000", "data.crop_padding must be <= data.img_size"),
     ("data.root=", "data.root is empty"),
@@ -64,7 +66,7 @@ def _nothing_written(runs_dir):
 def test_a_bad_number_names_its_field_before_anything_is_written(fmnist_available, runs_dir, capsys, override,
                                                                    message):
     extra = ["data.train_subset=32"] if override == "data.batch_size=64" else []
-    _fails_cleanly([*TEACHER, *extra, override], runs_dir, capsys, message)
+    _fails_cleanly([*TEACHER, *extra, *override.split()], runs_dir, capsys, message)
     _nothing_written(runs_dir)
 
 
@@ -151,6 +153,12 @@ def test_a_batch_larger_than_the_device_memory_is_refused_naming_img_size(fmnist
     monkeypatch.setattr(preflight, "_device_memory", lambda device: 2 ** 28)  # a 256 MiB device
     _fails_cleanly([*TEACHER, "data.img_size=1024", "--device", "cpu"], runs_dir, capsys,
                    "data.img_size=1024 with data.batch_size=128", "needs 1.00 GiB", "more than the 0.25 GiB")
+    _nothing_written(runs_dir)
+
+
+def test_a_crop_pct_above_one_is_accepted_where_the_evaluation_pads(fmnist_available, runs_dir):
+    assert main([*TEACHER, "data.pipeline=paper224", "data.crop_pct=1.5", "data.in_memory=no", "--dry-run",
+                 "--runs-dir", runs_dir]) == 0
     _nothing_written(runs_dir)
 
 

@@ -274,7 +274,7 @@ LONG = "n" * 300
     (["train.seed=1000000000000000000000000000000"],  # was rounded through a float: 1000000000000000019884624838656
      "train.seed must be between -2**40 and 2**40 (the data stream's keys are made from it), got "
      "1000000000000000000000000000000"),
-    (["data.crop_pct=1e-320"], "data.crop_pct must be in (0, 1] and at least data.img_size / 4096"),  # OverflowError
+    (["data.crop_pct=1e-320"], "data.crop_pct must be > 0 and at least data.img_size / 4096"),  # OverflowError
     ([f"data.root=/tmp/{LONG}/x"], "is no path this filesystem can hold (File name too long)"),  # was OSError
     (["data.dataset=\udcff"], r"data.dataset='\udcff': the dataset is set by --dataset"),  # a sweep: UnicodeEncodeError
 ])

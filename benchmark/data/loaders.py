@@ -505,6 +505,15 @@ def _batch_slice(step: int, batch: int, train: bool, rank: int, world: int) -> s
     return slice(start, start + batch)
 
 
+def in_memory_path(cfg: DataConfig) -> bool:
+    """Whether the run's data is read whole (the batched on-device pipeline) rather than image by image."""
+    info = dataset_info(cfg.dataset)
+    use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
+    if use_memory and not info.in_memory:
+        raise ConfigError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")
+    return use_memory
+
+
 def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
     """(train loader, eval loader, DatasetInfo) for a data config; with ``world_size > 1`` each loader yields
     rank ``rank``'s share (see benchmark/distributed.py)."""
@@ -514,10 +523,7 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: 
     shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)
-    use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
-    if use_memory and not info.in_memory:
-        raise ConfigError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")
-    if use_memory:
+    if in_memory_path(cfg):
         train_x, train_y = load_tensors(cfg, train=True)
         keep = train_subset_indices(len(train_y), cfg.train_subset)
         test_x, test_y = load_tensors(cfg, train=False)

@@ -15,7 +15,23 @@ def check_run_inputs(cfg: RunConfig) -> None:
     from hkdbench.benchmark.data.datasets import check_data_available
 
     check_data_available(cfg.data)
+    check_eval_crop(cfg)
     check_teacher(cfg)
+
+
+def check_eval_crop(cfg: RunConfig) -> None:
+    """The evaluation resizes to floor(img_size / crop_pct), then center-crops img_size: below img_size (a crop_pct
+    above 1) timm's transform, which the per-image path runs, pads the crop; the in-memory path would cut it short."""
+    from hkdbench.benchmark.data.loaders import in_memory_path
+    from hkdbench.benchmark.models.zoo import zoo_entry
+
+    data = cfg.data
+    crop_pct = data.crop_pct or zoo_entry(cfg.student.name).crop_pct
+    resize = math.floor(data.img_size / crop_pct)
+    if data.pipeline == "paper224" and resize < data.img_size and in_memory_path(data):
+        raise ConfigError(f"data.crop_pct={crop_pct:g} resizes the evaluation images to {resize} px, below "
+                          f"data.img_size={data.img_size}, and the in-memory evaluation cannot pad its center crop; "
+                          "give data.crop_pct <= 1, or data.in_memory=no (timm's transform, which pads)")
 
 
 def check_teacher(cfg: RunConfig) -> None:
@@ -40,6 +56,7 @@ def check_teacher(cfg: RunConfig) -> None:
 
     t_cfg = teacher_run_config(cfg)  # its teacher.* overrides were validated with the config
     check_data_available(t_cfg.data)
+    check_eval_crop(t_cfg)
     warn_scratch_imagenet_teacher(t_cfg)
 
 
@@ -54,6 +71,7 @@ def check_sweep_inputs(configs: Iterable[RunConfig]) -> None:
         if data_key not in seen:
             seen.add(data_key)
             check_data_available(cfg.data)
+        check_eval_crop(cfg)
         teacher = cfg.teacher
         if teacher is not None and teacher.checkpoint:
             teacher_key = (teacher.name, teacher.checkpoint, teacher.checkpoint_ema, cfg.data.dataset,
@@ -67,9 +85,9 @@ def check_on_device(cfg: RunConfig, device) -> None:
     """What the run's device decides, before anything is written: its precision, and whether one batch of its
     images fits the device's memory at all (the least a step needs; the models' activations come on top)."""
     if cfg.train.precision == "fp16" and device.type == "cpu":
-        # refused, not warned about: the run would take ~10x as long for a setting meant for a GPU, and a warning in
-        # a batch job's log goes unread; the fix is one override
-        raise ConfigError("train.precision=fp16 on the CPU: torch's float16 autocast runs there about 10x slower "
+        # refused, not warned about: the run would take 3-20x as long (a step of vit_mini / resnet_mini, 2-core
+        # Xeon) for a setting meant for a GPU, a warning in a batch job's log goes unread, and one override fixes it
+        raise ConfigError("train.precision=fp16 on the CPU: torch's float16 autocast runs there 3 to 20 times slower "
                           "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
     _check_batch_fits(cfg, device)
 
