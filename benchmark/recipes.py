@@ -146,13 +146,13 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
                           f"this {kind} run ({method}) " + ("probes its own teacher" if kind == "student" else
                                                             "is a teacher"))
     method_cfg = method_config(method, extra.get("method", {}))
-    t_weights = _pretrained(teacher, teacher_pretrained, "--teacher-pretrained (a preset's teacher_pretrained)") \
+    t_weights = _pretrained(teacher, teacher_pretrained, "the teacher's weights (--teacher-pretrained)") \
         if teacher and teacher_pretrained else None
     t_recipe = None
     if teacher is not None and teacher_checkpoint is None and not (
             t_weights and used_as_is(t_weights.num_classes, dataset, dataset_info(dataset).num_classes)):
         t_recipe = resolve_recipe_name(teacher_recipe or recipe, dataset, teacher)
-    own = _pretrained(student, pretrained, "--pretrained") if pretrained else None
+    own = _pretrained(student, pretrained, "the weights (--pretrained)") if pretrained else None
     cfg = RunConfig(
         kind=kind, student=ModelConfig(student, pretrained=own and own.name, pretrained_sha256=own and own.sha256),
         method=method, method_cfg=to_dict(method_cfg), method_settings=method_settings(method, method_cfg),
@@ -181,14 +181,14 @@ def _naming_teacher_run(cfg: RunConfig) -> RunConfig:
 
 
 def _pretrained(model: str, name: str, flag: str):
-    """The weights ``flag`` (``--pretrained``, ``--teacher-pretrained``) names for ``model``; a ConfigError naming
-    the flag when they do not fit or cannot be found."""
+    """The weights ``name`` for ``model``; when they do not fit or cannot be found, a ConfigError starting with
+    ``flag`` (which weights, given how)."""
     from hkdbench.benchmark.models.pretrained import resolve_for_model
 
     try:
         return resolve_for_model(model, name)
     except HkdbenchError as err:
-        raise ConfigError(f"{flag} {name}: {err.message()}") from None
+        raise ConfigError(f"{flag}: {err.message()}") from None
 
 
 def _teacher_model(name: str, checkpoint: Optional[str], weights: str, pretrained=None) -> ModelConfig:
