@@ -3,7 +3,8 @@
 * :func:`collect_runs`: one row per run (training runs of kind ``student`` / ``teacher`` and measurement runs of
   kind ``overhead``): identity (method, teacher, student, families, dataset, recipe, seed), results (best / last
   top-1, top-5, teacher top-1, epochs, parameters, time), overhead columns, probe summaries and provenance (run
-  hash, git sha, device, versions from ``env.json``), plus ``status`` ('done', 'failed', 'unfinished').
+  hash, git sha, device, versions from ``env.json``), plus ``status`` ('done', 'failed', 'unfinished', or
+  'damaged': DONE but its summary unreadable). A damaged file is warned about, naming it, never read as empty.
 * :func:`collect_epochs`: one row per (run, epoch) of ``metrics.jsonl``, with the run's identity columns (for
   convergence and gradient-conflict figures), without the student alone's ``cka@<teacher run>/...`` probes.
 * :func:`collect_cka`: one row per (run, epoch, kernel, teacher stage, student stage) of every CKA probe, with the
@@ -41,6 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
+from hkdbench.benchmark.errors import StoreError
 from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
 
 from .order import method_label
@@ -145,7 +147,7 @@ def run_dirs(root: Path) -> List[Path]:
     """Every run directory (one holding config.json) under ``root``, at any depth, sorted."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"run store {str(root)!r} does not exist")
+        raise StoreError(f"run store {str(root)!r} does not exist (--runs-dir, or HKDBENCH_RUNS)")
     return sorted(p.parent for p in root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
 
 
@@ -185,17 +187,55 @@ def _identity_from_config(config: Dict[str, Any]) -> Dict[str, Any]:
             "epochs": (config.get("train") or {}).get("epochs")}
 
 
+# a DONE run whose summary.json cannot be read: status 'damaged', in no table
+_NO_RESULT = ("the run is DONE but its result is lost, so it is in no table: put back a good copy, or train it again "
+              "with --restart")
+
+
+def _read_object(path: Path, consequence: str, check=lambda body: "") -> Optional[Dict[str, Any]]:
+    """A JSON object the store wrote; None when the file is missing or, with a warning naming it and saying what that
+    means for the run (``consequence``), damaged: not JSON, not an object, or what ``check`` finds wrong in it."""
+    if not path.exists():
+        return None
+    body = read_json_or_none(path)
+    why = "not valid JSON" if body is None else "not a JSON object" if not isinstance(body, dict) else check(body)
+    if not why:
+        return body
+    warnings.warn(f"{path} is damaged ({why}); {consequence}", stacklevel=3)
+    return None
+
+
+_NAMES = ["kind", "method", "teacher", "student", "dataset", "recipe", "teacher_family", "student_family"]
+_NUMBERS = ["best_top1", "last_top1", "best_top5", "last_top5", "teacher_top1", "best_epoch", "last_epoch", "seed",
+            "epochs", "train_time_s"]
+
+
+def _summary_problem(summary: Dict[str, Any]) -> str:
+    """A summary field of the wrong type ('' when none): the tables group by the names and average the numbers."""
+    for key in _NAMES:
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            return f"its {key} is {summary[key]!r}, not a name"
+    for key in _NUMBERS:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"its {key} is {value!r}, not a number"
+    return ""
+
+
 def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     """The tidy row of one run directory."""
     path = Path(path)
     rd = RunDir(path)
-    config = read_json_or_none(rd.config_file) or {}
-    env = read_json_or_none(rd.env_file) or {}
+    config = _read_object(rd.config_file, "the run is left out: move its directory away, or put back a good copy")
+    if config is None:
+        return {"run": path.name}  # no kind: not a row
+    env = _read_object(rd.env_file, "its hardware and versions are unknown") or {}
     done = rd.is_done
-    summary = read_json_or_none(rd.summary_file) if done else None
-    failed = read_json_or_none(rd.failed_file) if rd.is_failed else None
+    summary = _read_object(rd.summary_file, _NO_RESULT, _summary_problem) if done else None
+    failed = _read_object(rd.failed_file, "its reason is unknown") if rd.is_failed else None
     row: Dict[str, Any] = {"run": path.name, **_identity_from_config(config)}
-    row["status"] = "done" if done else ("failed" if failed is not None else "unfinished")
+    row["status"] = ("damaged" if done and summary is None else "done" if done
+                     else "failed" if rd.is_failed else "unfinished")
     if summary:
         row.update(summary)
     row["setting"] = setting_of(config)
@@ -210,8 +250,8 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
                 "host": env.get("host"), "world_size": env.get("world_size"), "started": env.get("time")})
     row.setdefault("device", env.get("device"))
-    if failed is not None:
-        row["failure"] = failed.get("reason")
+    if rd.is_failed:
+        row["failure"] = failed.get("reason") if failed is not None else "unknown (its FAILED record is damaged)"
     if row.get("kind") != "overhead":
         row.update(_probe_summary(read_metrics(path)))
     row["path"] = str(path.relative_to(root)) if root is not None else str(path)
@@ -332,12 +372,19 @@ def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame
         if not metrics:
             continue
         frame = pd.DataFrame(metrics)
+        clash = [c for c in EPOCH_ID if c in frame.columns]  # the run's identity, never a metric: an edited file
+        if clash:
+            warnings.warn(f"{RunDir(root / r['path']).metrics_file}: key(s) {', '.join(clash)} name the run, not a "
+                          "metric (an edited file?); ignored", stacklevel=2)
+        frame = frame.drop(columns=clash)
         for col in reversed(EPOCH_ID):
             frame.insert(0, col, r.get(col))
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=EPOCH_ID + ["epoch"])
     out = pd.concat(frames, ignore_index=True)
+    if "epoch" not in out.columns:  # records without one (edited): kept, at no epoch
+        out["epoch"] = None
     for col in ("seed", "epoch"):
         out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
     return out.sort_values(["run", "epoch"]).reset_index(drop=True)

@@ -14,6 +14,7 @@ Only the stored files of the runs are read (config.json, env.json, summary.json,
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,9 +22,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from hkdbench import TIME_FORMAT
+from hkdbench.benchmark.errors import StoreError
 from hkdbench.benchmark.store import SWEEPS_DIR, SweepDir
 
-from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed
+from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed, run_dirs
 from .plots import FIGURES, all_plots
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
@@ -52,21 +54,38 @@ STATISTICS_LINES = [
 
 
 def tidy_tables(runs_dir) -> Dict[str, pd.DataFrame]:
-    """runs, epochs and cka of the store, each metrics.jsonl read once."""
-    runs = collect_runs(runs_dir)
+    """runs, epochs and cka of the store, each metrics.jsonl read once (a store without a readable run: see
+    :func:`check_readable`)."""
+    runs = check_readable(collect_runs(runs_dir), runs_dir)
     records = epoch_records(runs_dir, runs)
     return {"runs": runs, "epochs": collect_epochs(runs_dir, runs, records), "cka": cka_table(records, runs)}
 
 
+def check_readable(runs: pd.DataFrame, runs_dir) -> pd.DataFrame:
+    """``runs`` (collect_runs' table), unless it is empty: then a StoreError that says why, raised before anything
+    is written (every table and figure would be empty)."""
+    if runs.empty:
+        what = "no run whose config.json can be read (see the warnings)" if run_dirs(runs_dir) else "no run directory"
+        raise StoreError(f"run store {runs_dir} holds {what}: nothing to collect, tabulate or plot, and nothing was "
+                         "written. Is --runs-dir right?")
+    return runs
+
+
 def write_tidy(runs_dir, out_dir, tables: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Path]:
     """Writes <out>/runs.csv, epochs.csv and cka.csv (``tables``: :func:`tidy_tables`, if already collected)."""
+    tables = tidy_tables(runs_dir) if tables is None else tables
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = tidy_tables(runs_dir) if tables is None else tables
     paths = {name: out / f"{name}.csv" for name in tables}
     for name, frame in tables.items():
         frame.to_csv(paths[name], index=False)
     return paths
+
+
+def _damaged_note(runs: pd.DataFrame) -> str:
+    damaged = runs.loc[runs["status"] == "damaged", "run"].tolist()
+    return (f", {len(damaged)} damaged (DONE, but summary.json unreadable: in no table; {', '.join(damaged)})"
+            if damaged else "")
 
 
 def _clear(folder: Path, suffixes) -> None:
@@ -118,8 +137,12 @@ def read_sweeps(runs_dir) -> List[Dict[str, Any]]:
     sweeps = []
     for path in sorted((Path(runs_dir) / SWEEPS_DIR).glob("*")):
         sweep = SweepDir(path)
-        if sweep.exists:
+        if not sweep.exists:
+            continue
+        try:
             sweeps.append({**sweep.manifest(), "submissions": sweep.submissions()})
+        except StoreError as err:
+            warnings.warn(f"{err.message()}; the report leaves the sweep out of its provenance", stacklevel=2)
     return sweeps
 
 
@@ -129,10 +152,10 @@ def sweep_lines(sweep: Dict[str, Any], runs: pd.DataFrame) -> List[str]:
     preset = sweep.get("preset", {})
     line = f"- sweep `{sweep.get('sweep')}`, preset `{preset.get('name')}`"
     line += f" ({preset['description']})" if preset.get("description") else ""
-    commands = [i for i in sweep.get("invocations", []) if i.get("command")]
+    commands = [i for i in sweep.get("invocations", []) if isinstance(i, dict) and i.get("command")]
     if commands:
-        line += ": " + "; ".join(f"`{i['command']}` ({i['executor']}, {i['time']})" for i in commands)
-    submitted = {s["run"] for s in sweep["submissions"]}
+        line += ": " + "; ".join(f"`{i['command']}` ({i.get('executor')}, {i.get('time')})" for i in commands)
+    submitted = {s["run"] for s in sweep["submissions"] if isinstance(s.get("run"), str)}
     mine = runs[runs["run"].isin(submitted) & (runs["status"] == "done")]
     starts = [t for t in (_time(s.get("time")) for s in sweep["submissions"]) if t is not None]
     finishes = [_finish_time(r) for _, r in mine.iterrows()]
@@ -190,11 +213,11 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
     """Regenerates everything into ``out_dir`` and returns the index (README.md)."""
     out = Path(out_dir)
     tables_dir, figures_dir = out / "tables", out / "figures"
+    tidy = tidy_tables(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     # the report owns these two folders: what an earlier report drew from runs no longer in the store goes
     _clear(tables_dir, (".md", ".tex", ".csv"))
     _clear(figures_dir, (".png", ".pdf"))
-    tidy = tidy_tables(runs_dir)
     write_tidy(runs_dir, out, tidy)
     runs = tidy["runs"]
 
@@ -206,7 +229,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
     lines += [f"Runs: {len(runs)} in the store, {len(done)} finished "
               f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}); "
               f"{int((runs['status'] == 'failed').sum())} failed, {int((runs['status'] == 'unfinished').sum())} "
-              "unfinished.", ""]
+              "unfinished" + _damaged_note(runs) + ".", ""]
     lines += ["Data: [runs.csv](runs.csv) (one row per run), [epochs.csv](epochs.csv) (one row per run and epoch), "
               "[cka.csv](cka.csv) (one row per run, epoch, kernel and stage pair, with the teacher run probed).", ""]
     lines += provenance_lines(runs_dir, runs)

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
+import traceback
+import warnings
 from typing import List, Optional, Sequence
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.errors import HkdbenchError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -30,6 +34,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "the teacher run (e.g. teacher.train.epochs=3), as sweep does")
 
 
+def at_least(minimum: int, meaning: str = ""):
+    """An argparse type: an integer >= ``minimum`` (``meaning``: what the smallest value does, e.g. '0: auto')."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{f' ({meaning})' if meaning else ''}, got {value}")
+        return value
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _comma_list(value: str) -> List[str]:
     items = [x.strip() for x in value.split(",") if x.strip()]
     if not items:
@@ -44,10 +72,11 @@ def _add_list_option(p: argparse.ArgumentParser, flag: str, help: str) -> None:
 
 
 # The sweep's Slurm flags: --flag -> slurm.<key> (listed once: the parser and the preset override both use it)
-SLURM_FLAGS = (("--partition", "partition", str), ("--time", "time", int), ("--gpus-per-node", "gpus_per_node", int),
-               ("--cpus-per-task", "cpus_per_task", int), ("--mem-gb", "mem_gb", float), ("--account", "account", str),
-               ("--qos", "qos", str), ("--constraint", "constraint", str),
-               ("--array-parallelism", "array_parallelism", int), ("--signal-delay-s", "signal_delay_s", int))
+SLURM_FLAGS = (("--partition", "partition", str), ("--time", "time", at_least(1, "minutes")),
+               ("--gpus-per-node", "gpus_per_node", at_least(0)), ("--cpus-per-task", "cpus_per_task", at_least(1)),
+               ("--mem-gb", "mem_gb", positive_number), ("--account", "account", str), ("--qos", "qos", str),
+               ("--constraint", "constraint", str), ("--array-parallelism", "array_parallelism", at_least(1)),
+               ("--signal-delay-s", "signal_delay_s", at_least(0)))
 
 
 def slurm_settings(args) -> List[str]:
@@ -74,6 +103,8 @@ def _overrides(args) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hkdbench", description="Heterogeneous knowledge distillation benchmark")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=f"on an error, also print the traceback (anywhere "
+                                                               f"on the line; or set {DEBUG_ENV}=1)")
     # every subcommand takes its positionals (key=value overrides, a preset) before, between and after options
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
@@ -105,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered distillation methods and their defaults")
     p.add_argument("--pair", nargs=2, metavar=("TEACHER", "STUDENT"),
                    help="also report each method's extra trainable parameters and memory for this pair")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=at_least(2), default=100)
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--stages", action="store_true", help="also print each model's stage layouts (builds them)")
@@ -142,6 +173,10 @@ def _add_eval_export_commands(sub) -> None:
                    help="data settings for the evaluation, e.g. data.eval_subset=1000 data.eval_batch_size=512")
 
 
+# the accuracies of the tidy table a comparison table can compare (analysis/collect.py RESULT_COLUMNS)
+METRICS = ("best_top1", "last_top1", "best_top5", "last_top5", "ema_best_top1", "ema_last_top1")
+
+
 def _add_analysis_commands(sub) -> None:
     """overhead, collect, table, plot, report (benchmark/overhead.py and the analysis package)."""
     p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
@@ -150,11 +185,11 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--student", required=True)
     _add_list_option(p, "--methods", "default: every registered method ('none' and 'kd' are always measured, for "
                                      "the ratios)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=None, help="default: the larger of the two models' sizes")
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--img-size", type=at_least(1), default=None, help="default: the larger of the two models' sizes")
+    p.add_argument("--num-classes", type=at_least(2), default=100)
+    p.add_argument("--warmup", type=at_least(0), default=3)
+    p.add_argument("--repeats", type=at_least(1), default=10)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
@@ -170,7 +205,8 @@ def _add_analysis_commands(sub) -> None:
         p.add_argument("--out", "-o", default="results" if name == "report" else "analysis_out",
                        help="output folder (default: %(default)s)")
         if name in ("table", "report"):
-            p.add_argument("--metric", default="best_top1", help="best_top1 (default), last_top1, best_top5, ...")
+            p.add_argument("--metric", default="best_top1", choices=METRICS, help="the accuracy compared (default: "
+                                                                                 "%(default)s)")
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -207,8 +243,8 @@ def _add_sweep_commands(sub) -> None:
     p.add_argument("--no-input-check", action="store_true",
                    help="skip reading the data and teacher checkpoints before submitting (when they exist only "
                         "on the compute nodes)")
-    p.add_argument("--parallel", type=int, default=0, help="local executor: jobs at a time (default: CPUs / "
-                                                           "slurm.cpus_per_task)")
+    p.add_argument("--parallel", type=at_least(0, "0: the default"), default=0,
+                   help="local executor: jobs at a time (default: CPUs / slurm.cpus_per_task)")
     p.add_argument("--wait", action="store_true", help="slurm: wait until the submitted runs end, then print the "
                                                        "status table")
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
@@ -239,27 +275,100 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     _add_list_option(p, "--seeds", "seeds")
 
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "HKDBENCH_DEBUG"
+# Exit codes: 0 done; 1 the command could not finish its work (a sweep's run failed, out of memory); 2 bad input or
+# a file or store state the message names; 3 a run diverged (train); 70 a bug (sysexits' EX_SOFTWARE); 128 + N a
+# stop by signal N.
+EXIT_BUG = 70
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    _print_any_path()
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # the command line as given, for provenance (sweep manifests)
+    # --debug is taken anywhere on the line, so that "rerun with --debug" means: append it
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
     try:
-        from hkdbench.methods import load_plugins
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage error (2) or the help (0)
+        return stop.code if isinstance(stop.code, int) else 2
+    args.argv = argv  # the command line as given, for provenance (sweep manifests)
+    prefix = f"hkdbench {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(prefix)
+        try:
+            from hkdbench.methods import load_plugins
 
-        load_plugins()
-        return _dispatch(args)
-    except (ConfigError, KeyError, ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"hkdbench {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a write the store's own checks did not see coming (a log line on a full disk)
-        from hkdbench.benchmark.store import WRITE_ERRNOS, describe_write_error
+            load_plugins()
+            return _dispatch(args)
+        except (KeyboardInterrupt, Exception) as err:  # noqa: BLE001 -- every error ends here, judged by its kind
+            return report_error(prefix, err, debug)
 
-        if err.errno not in WRITE_ERRNOS:
-            raise
-        print(f"hkdbench {args.command}: error: {describe_write_error(err.filename or '?', err)}", file=sys.stderr)
+
+def _print_any_path() -> None:
+    """A path is bytes: one that is not UTF-8 (surrogate-escaped by Python) is printed as those bytes, where a
+    strict stdout would fail the command on printing it."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+
+
+def _warning_printer(prefix: str):
+    """A warning (a damaged file skipped, a setting ignored) as one line, as an error is, and each text once (a
+    file read by two readers is warned about once)."""
+    seen = set()
+
+    def show(message, *_args, **_kwargs) -> None:
+        if str(message) not in seen:
+            seen.add(str(message))
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+    return show
+
+
+def report_error(prefix: str, err: BaseException, debug: bool = False) -> int:
+    """Prints what went wrong in one line (with ``debug``, after the traceback) and returns the exit code: 2 for an
+    expected error (:class:`HkdbenchError`, a write the store cannot take), 130 for Ctrl-C, 1 for a lack of memory,
+    :data:`EXIT_BUG` for anything else: a bug, never passed off as bad input."""
+    from hkdbench.benchmark.store import WRITE_ERRNOS, describe_write_error
+
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{prefix}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    if isinstance(err, HkdbenchError):
+        print(f"{prefix}: error: {err.message()}", file=sys.stderr)
         return 2
+    if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:  # a write the store's own checks did not see coming
+        print(f"{prefix}: error: {describe_write_error(err.filename or '?', err)}", file=sys.stderr)
+        return 2
+    if _out_of_memory(err):
+        print(f"{prefix}: out of memory: {_first_line(err)}. Lower data.batch_size, data.eval_batch_size or "
+              "data.img_size (a stopped run resumes with --resume)", file=sys.stderr)
+        return 1
+    print(f"{prefix}: internal error: {type(err).__name__}: {_first_line(err)}{_where(err)}. This is a bug, not bad "
+          f"input: rerun with {DEBUG_FLAG} (or {DEBUG_ENV}=1) for the traceback and report it", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _where(err: BaseException) -> str:
+    """`` (at file:line in function)`` of the innermost frame of hkdbench's own code the error passed through."""
+    frames = [(frame, line) for frame, line in traceback.walk_tb(err.__traceback__)]
+    ours = [(f, n) for f, n in frames if f.f_globals.get("__name__", "").startswith("hkdbench.")]
+    if not (ours or frames):
+        return ""
+    frame, line = (ours or frames)[-1]
+    return f" (at {os.path.basename(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name})"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or ["(no message)"])[0]
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # never imported for this check
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.cuda.OutOfMemoryError))
 
 
 def _dispatch(args) -> int:

@@ -38,10 +38,12 @@ def cmd_train(args, overrides) -> int:
 def _dry_run(cfgs, args) -> int:
     """Prints what the command would train (engine/plan.py); writes nothing. It fails where the training would,
     before any training: a probe teacher run missing, a checkpoint without --resume or --restart."""
+    from hkdbench.benchmark.engine.evaluation import select_device
     from hkdbench.benchmark.engine.plan import format_plan, plan_runs
     from hkdbench.benchmark.engine.trainer import check_probe_teachers, unfinished_run_error
     from hkdbench.benchmark.store import RunStore
 
+    select_device(args.device)  # a device this machine lacks fails here as the training would
     store = RunStore(args.runs_dir)
     check_probe_teachers(cfgs, store)
     runs = plan_runs(cfgs, store, resume=args.resume, restart=args.restart)
@@ -78,6 +80,11 @@ def _train_until_done_or_stopped(train_runs, args) -> int:
             if not stops.requested():
                 raise
             results = None  # stopped while training the teacher: its own run holds the checkpoint
+        except KeyboardInterrupt:  # a second Ctrl-C: no step finished, no checkpoint written
+            print(f"hkdbench {args.command}: aborted by a second Ctrl-C without saving; every run keeps its last "
+                  "checkpoint (the steps since are lost). Continue with the same command and --resume",
+                  file=sys.stderr)
+            return 128 + signal.SIGINT
     if stops.requested() and (results is None or any(r.status == "interrupted" for r in results)):
         where = (" in " + ", ".join(str(r.run_dir.path) for r in results if r.status == "interrupted")
                  if results is not None else " of the teacher's run")
@@ -203,11 +210,10 @@ def cmd_overhead(args, _overrides) -> int:
 
 
 def _analysis_paths(args):
-    from pathlib import Path
+    """The run store to read and the folder to write, both checked before anything is read or written."""
+    from hkdbench.benchmark.store import RunStore, check_folder
 
-    from hkdbench.benchmark.store import runs_root
-
-    return runs_root(args.runs_dir), Path(args.out)
+    return RunStore(args.runs_dir).root, check_folder(args.out, "--out")
 
 
 def cmd_collect(args, _overrides) -> int:
@@ -221,10 +227,11 @@ def cmd_collect(args, _overrides) -> int:
 
 def cmd_table(args, _overrides) -> int:
     from hkdbench.analysis.collect import collect_runs
+    from hkdbench.analysis.report import check_readable
     from hkdbench.analysis.tables import comparison_tables
 
     runs_dir, out = _analysis_paths(args)
-    tables = comparison_tables(collect_runs(runs_dir), args.metric)
+    tables = comparison_tables(check_readable(collect_runs(runs_dir), runs_dir), args.metric)
     if not tables:
         print(f"no finished distillation runs in {runs_dir}")
     for table in tables:
@@ -308,35 +315,67 @@ def cmd_sweep(args, _overrides) -> int:
 
 
 def cmd_status(args, _overrides) -> int:
-    from pathlib import Path
-
     from hkdbench.benchmark.sweep.status import format_state_table, run_states
-    from hkdbench.benchmark.store import SWEEPS_DIR, RunStore, SweepDir
-    from hkdbench.benchmark.sweep.plan import RunSpec, expand
-    from hkdbench.benchmark.sweep.preset import load_preset
+    from hkdbench.benchmark.store import RunStore
 
     args.target, args.settings = args.settings[0], args.settings[1:]
-    target = Path(args.target)
-    by_id = RunStore(args.runs_dir).sweep_dir(args.target)
-    if not target.exists() and "/" not in args.target and by_id.exists:
-        target = by_id.path  # a sweep named by its id, as the sweep printed it
-    if SweepDir(target).exists:
-        manifest = SweepDir(target).manifest()
-        from hkdbench.benchmark.config import run_config_from_dict
-
-        specs = [RunSpec(run_config_from_dict(r["config"]), r["kind"], r.get("teacher_run"),
-                         [tuple(c) for c in r.get("cells", [])]) for r in manifest["runs"]]
-        runs_dir = args.runs_dir or manifest.get("runs_dir")
-        title = f"sweep {manifest['sweep']} ({target})"
-    elif target.is_dir() and not target.suffix:
-        raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/{SWEEPS_DIR}/")
-    else:
-        plan = expand(load_preset(args.target, list(args.settings), _sweep_grid(args)))
-        specs, runs_dir, title = plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
+    specs, runs_dir, title = _status_specs(args)
     store = RunStore(runs_dir)
     print(f"{title}; run store {store.root}")
     print(format_state_table(run_states(specs, store), order=specs))
     return 0
+
+
+def _status_specs(args):
+    """(the runs, the run store, a title) of what ``status`` was given: a sweep directory, a sweep's id, or a preset
+    expanded as the sweep would."""
+    from pathlib import Path
+
+    from hkdbench.benchmark.store import SWEEPS_DIR, RunStore, SweepDir
+    from hkdbench.benchmark.sweep.plan import expand
+    from hkdbench.benchmark.sweep.preset import load_preset, preset_names
+
+    target = Path(args.target)
+    by_id = RunStore(args.runs_dir).sweep_dir(args.target)
+    if not _exists(target) and "/" not in args.target and _exists(by_id.manifest_file):
+        target = by_id.path  # a sweep named by its id, as the sweep printed it
+    if _exists(SweepDir(target).manifest_file):
+        manifest = SweepDir(target).manifest()
+        return (_manifest_specs(SweepDir(target), manifest), args.runs_dir or manifest.get("runs_dir"),
+                f"sweep {manifest.get('sweep', target.name)} ({target})")
+    if _exists(target) and target.is_dir() and not target.suffix:
+        raise ConfigError(f"{target} is not a sweep directory (no sweep.json); sweeps are under RUNS/{SWEEPS_DIR}/")
+    if not _exists(target) and args.target not in preset_names() and not args.target.endswith((".yaml", ".yml")):
+        raise ConfigError(f"unknown preset {args.target!r}, and no sweep of that id in the run store "
+                          f"{by_id.path.parent.parent} (no {by_id.manifest_file}); shipped presets: "
+                          f"{', '.join(preset_names())}, or a YAML file's path")
+    plan = expand(load_preset(args.target, list(args.settings), _sweep_grid(args)))
+    return plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
+
+
+def _manifest_specs(sweep, manifest) -> list:
+    """The run specs a sweep's manifest records; a config in it this version cannot read names the file."""
+    from hkdbench.benchmark.config import run_config_from_dict
+    from hkdbench.benchmark.errors import HkdbenchError, StoreError
+    from hkdbench.benchmark.sweep.plan import RunSpec
+
+    if "runs" not in manifest:
+        raise StoreError(f"{sweep.manifest_file} lists no runs (no 'runs' field); submit the sweep again to rewrite it")
+    try:
+        return [RunSpec(run_config_from_dict(r["config"]), r["kind"], r.get("teacher_run"),
+                        [tuple(c) for c in r.get("cells", [])]) for r in manifest["runs"]]
+    except (HkdbenchError, TypeError) as err:
+        message = err.message() if isinstance(err, HkdbenchError) else str(err)
+        raise StoreError(f"{sweep.manifest_file} records a run this hkdbench cannot read ({message}); submit the "
+                         "sweep again to rewrite it") from None
+
+
+def _exists(path) -> bool:
+    """Whether ``path`` exists; False for a path no filesystem can hold (a name too long, a NUL)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def cmd_eval(args, _overrides) -> int:

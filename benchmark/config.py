@@ -12,8 +12,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from hkdbench.benchmark.errors import HkdbenchError
 
-class ConfigError(ValueError):
+
+class ConfigError(HkdbenchError, ValueError):
     pass
 
 
@@ -73,6 +75,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):  # exact: a float would round an integer above 2**53
+            return value
         try:
             as_float = float(value)
         except ValueError:
@@ -103,6 +107,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 def build_dataclass(cls: type, values: Mapping[str, Any], where: str = ""):
     """Instantiates ``cls`` from ``values``; unknown keys and ill-typed values raise a ConfigError that names
     the field and lists the allowed ones."""
+    if not isinstance(values, Mapping):  # "optim=3": a section given a value instead of its fields
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields ({where or 'section'}"
+                          f".<field>=value), got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(values) - known)
@@ -335,10 +342,12 @@ class DataConfig:
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:
             raise ValueError(f"data.rrc_scale must be two numbers a, b with 0 < a <= b <= 1 (the fractions of the "
                              f"image area a random resized crop keeps), got {list(self.rrc_scale)}")
-        # (above 1 only where the evaluation can pad its crop: engine/preflight.py checks it with the data path)
-        if self.crop_pct is not None and not self.crop_pct > 0.0:
-            raise ValueError(f"data.crop_pct must be > 0 (evaluation resize = img_size / crop_pct, then the center "
-                             f"crop), or null for the student's own, got {self.crop_pct}")
+        # (above 1 only where the evaluation can pad its crop: engine/preflight.py checks it with the data path); the
+        # evaluation resize, img_size / crop_pct, is an image size too
+        if self.crop_pct is not None and not self.crop_pct >= self.img_size / MAX_IMG_SIZE:
+            raise ValueError(f"data.crop_pct must be > 0 and at least data.img_size / {MAX_IMG_SIZE} (evaluation "
+                             f"resize = img_size / crop_pct, then the center crop), or null for the student's own, "
+                             f"got {self.crop_pct}")
         check_finite(self, "data")
 
 

@@ -12,14 +12,19 @@ import torch
 from hkdbench.benchmark.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
                                        parse_overrides, to_dict)
 from hkdbench.benchmark.engine.checkpoint import load_weights
+from hkdbench.benchmark.errors import StoreError
 from hkdbench.benchmark.store import RunDir
 
 
 def open_run(path: str | Path) -> RunDir:
     """A run directory of the store, named clearly when it is not one or has not finished."""
     rd = RunDir(Path(path))
-    if not rd.config_file.exists():
-        raise FileNotFoundError(f"{path} is not a run directory (no config.json); runs are RUNS_DIR/<run name>/")
+    try:
+        is_run = rd.config_file.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL: no such run either
+        is_run = False
+    if not is_run:
+        raise StoreError(f"{path} is not a run directory (no config.json); runs are RUNS_DIR/<run name>/")
     if not rd.is_done:
         raise ConfigError(f"{rd.path.name} has not finished (status {rd.status()}); its kept weights may be "
                           "missing or stale: finish it first (hkdbench train ... --resume)")

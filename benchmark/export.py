@@ -42,6 +42,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from hkdbench.benchmark.config import ConfigError, DataConfig, RunConfig
+from hkdbench.benchmark.store import check_folder
 
 FORMATS = ("timm", "safetensors", "onnx")
 
@@ -149,6 +150,7 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
     from hkdbench.benchmark.models.pretrained import zoo_architecture
 
     rd = open_run(path)
+    folder = check_folder(Path(out) if out else rd.path / "export", "--out")
     cfg = rd.config()
     architecture = zoo_architecture(cfg.student.name)
     check_format(fmt, architecture, cfg.student.name)
@@ -156,7 +158,6 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
     model = load_student(rd, weights, ema).model
     config = timm_config(cfg, model, architecture)
     config["hkdbench"].update(run=rd.path.name, weights=rd.weights_file(weights, ema).name)
-    folder = Path(out) if out else rd.path / "export"
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
         _save_safetensors(model, folder / "model.safetensors", config)

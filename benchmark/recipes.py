@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
                                        TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
 from hkdbench.benchmark.data.datasets import dataset_info
+from hkdbench.benchmark.errors import HkdbenchError
 from hkdbench.benchmark.models.pretrained import used_as_is
 from hkdbench.benchmark.models.zoo import zoo_entry
 
@@ -133,6 +134,9 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
         raise ConfigError(f"unknown override section(s) {', '.join(unknown)}; allowed: data, optim, train, method")
     body = deep_merge(body, {k: v for k, v in extra.items() if k != "method"})
     data = build_dataclass(DataConfig, body.get("data", {}), "data")
+    if data.dataset != dataset:  # it picked the recipe and the number of classes: one way to set it
+        raise ConfigError(f"data.dataset={data.dataset!r}: the dataset is set by --dataset (a preset's dataset), "
+                          f"which also picks the recipe and the classes, not by an override; got {dataset!r} there")
     if data.eval_interpolation == "model":  # the references' resolve_data_config: the student's own default
         data = dataclasses.replace(data, eval_interpolation=zoo_entry(student).interpolation)
     optim = build_dataclass(OptimConfig, body.get("optim", {}), "optim")
@@ -142,12 +146,13 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
                           f"this {kind} run ({method}) " + ("probes its own teacher" if kind == "student" else
                                                             "is a teacher"))
     method_cfg = method_config(method, extra.get("method", {}))
-    t_weights = _pretrained(teacher, teacher_pretrained) if teacher and teacher_pretrained else None
+    t_weights = _pretrained(teacher, teacher_pretrained, "the teacher's weights (--teacher-pretrained)") \
+        if teacher and teacher_pretrained else None
     t_recipe = None
     if teacher is not None and teacher_checkpoint is None and not (
             t_weights and used_as_is(t_weights.num_classes, dataset, dataset_info(dataset).num_classes)):
         t_recipe = resolve_recipe_name(teacher_recipe or recipe, dataset, teacher)
-    own = _pretrained(student, pretrained) if pretrained else None
+    own = _pretrained(student, pretrained, "the weights (--pretrained)") if pretrained else None
     cfg = RunConfig(
         kind=kind, student=ModelConfig(student, pretrained=own and own.name, pretrained_sha256=own and own.sha256),
         method=method, method_cfg=to_dict(method_cfg), method_settings=method_settings(method, method_cfg),
@@ -175,13 +180,15 @@ def _naming_teacher_run(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, teacher_overrides=canonical, teacher_run=t_cfg.run_name())
 
 
-def _pretrained(model: str, name: str):
+def _pretrained(model: str, name: str, flag: str):
+    """The weights ``name`` for ``model``; when they do not fit or cannot be found, a ConfigError starting with
+    ``flag`` (which weights, given how)."""
     from hkdbench.benchmark.models.pretrained import resolve_for_model
 
     try:
         return resolve_for_model(model, name)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    except HkdbenchError as err:
+        raise ConfigError(f"{flag}: {err.message()}") from None
 
 
 def _teacher_model(name: str, checkpoint: Optional[str], weights: str, pretrained=None) -> ModelConfig:

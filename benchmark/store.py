@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 from hkdbench.benchmark.config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.errors import HkdbenchError, StoreError
 
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"
@@ -54,6 +55,37 @@ CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
 
 def runs_root(path: Optional[str] = None) -> Path:
     return Path(path or os.environ.get("HKDBENCH_RUNS", DEFAULT_RUNS_DIR))
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """``path`` is, or can be made, a folder: no NUL, no name longer than its filesystem takes, not a file and not
+    below one. Raises StoreError naming ``what`` (e.g. '--out') before anything is written; returns the path."""
+    path = Path(path)
+    if "\0" in str(path):
+        raise StoreError(f"{what} {str(path)!r} contains a NUL character, which no path may hold")
+    limit = _name_max(path)
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > limit), None)
+    if too_long is not None:
+        raise StoreError(f"{what}: a name in the path is {len(os.fsencode(too_long))} bytes long ({too_long[:24]}"
+                         f"...); the filesystem takes at most {limit} bytes per file or folder name")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder.is_dir():
+                return path
+            where = "is a file" if folder == path else f"lies below {folder}, which is a file"
+            raise StoreError(f"{what} {path} {where}, not a folder: give a folder (one that does not exist yet is "
+                             "created)")
+    return path
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) of the filesystem ``path`` is on (from its nearest folder that exists)."""
+    for folder in (path, *path.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 def open_temp(path: Path) -> tuple[int, str]:
@@ -70,7 +102,7 @@ def open_temp(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
-class StoreWriteError(RuntimeError):
+class StoreWriteError(HkdbenchError, RuntimeError):
     """A write to the run store failed (disk full, read-only, no permission); the file written before is intact."""
 
 
@@ -200,13 +232,19 @@ def read_jsonl(path: Path, hint: str = "") -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            records.append(loads(line))
-        except ValueError:
-            warnings.warn(f"{path}: line {number} is not valid JSON (torn or edited); skipped.{hint}", stacklevel=3)
+            record = loads(line.decode())
+        except ValueError:  # UnicodeDecodeError too: a line of other bytes
+            record, what = None, "not valid JSON"
+        else:
+            what = "not a JSON object"
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            warnings.warn(f"{path}: line {number} is {what} (torn or edited); skipped.{hint}", stacklevel=3)
     return records
 
 
@@ -317,17 +355,22 @@ class RunDir:
         return "pending"
 
     def config(self) -> RunConfig:
-        return run_config_from_dict(self._stored_config())
+        """The run's config; a config.json this version cannot read as one is named, with what to do."""
+        body = self._stored_config()
+        try:
+            return run_config_from_dict(body)
+        except HkdbenchError as err:
+            raise StoreError(f"{self.config_file} does not hold a run config ({err.message()}); {_MOVE_IT}") from None
 
     def _stored_config(self) -> Dict[str, Any]:
         """config.json as a dict; a damaged one is named, with what to do."""
         try:
-            return loads(self.config_file.read_text())
+            body = loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            from hkdbench.benchmark.config import ConfigError
-
-            raise ConfigError(f"{self.config_file} is not valid JSON ({err}); the run directory is damaged: move "
-                              "it away (or delete it) and run again") from None
+            raise StoreError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}") from None
+        if not isinstance(body, dict):
+            raise StoreError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; {_MOVE_IT}")
+        return body
 
     def summary(self) -> Dict[str, Any]:
         """summary.json; a damaged one is named, with what to do."""
@@ -339,9 +382,14 @@ class RunDir:
         return _read_record(self.failed_file, "the record of why the run failed: delete it to train the run again")
 
     def metrics(self) -> List[Dict[str, Any]]:
-        """The epoch records; a torn line is skipped with a warning (the next open of the run rewrites the file
-        from its checkpoint)."""
-        return read_jsonl(self.metrics_file, " Resume the run (--resume) to rewrite the file from its checkpoint")
+        """The epoch records; a torn line is skipped with a warning whose advice fits the run's state: an unfinished
+        run's next open rewrites the file from its checkpoint, a finished one is never opened again."""
+        if self.is_done:
+            hint = (" The run is DONE, so nothing rewrites the file (--resume skips it): its summary stands, the "
+                    "curves lack that epoch; --restart trains the run again")
+        else:
+            hint = " Resume the run (--resume) to rewrite the file from its checkpoint"
+        return read_jsonl(self.metrics_file, hint)
 
     def jobs(self) -> List[Dict[str, Any]]:
         """The run's submission records, oldest first."""
@@ -355,10 +403,9 @@ class RunDir:
         body = cfg.to_dict()
         if self.config_file.exists():
             # the same run whatever its non-result settings (train.log, data.workers, ...) or fields added since
-            stored = run_config_from_dict(self._stored_config()).run_hash()
-            if stored != cfg.run_hash():
-                raise RuntimeError(f"{self.path} holds a different config (hash collision or a hand edit); "
-                                   "refusing to overwrite another run")
+            if self.config().run_hash() != cfg.run_hash():
+                raise StoreError(f"{self.path} holds a different config (hash collision or a hand edit); "
+                                 "refusing to overwrite another run")
         else:
             atomic_write_json(self.config_file, body)
 
@@ -428,11 +475,27 @@ class RunDir:
             return False
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(HkdbenchError, RuntimeError):
     pass
 
 
-class DamagedRunFileError(ValueError):
+_MOVE_IT = "the run directory is damaged: move it away (or delete it) and run again"
+
+
+def _manifest_problem(body: Any) -> str:
+    """What is wrong with the fields a sweep.json holds ('' when nothing; each reader needs only some of them)."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    runs = body.get("runs", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("config"), dict)
+                                             and isinstance(r.get("kind"), str) for r in runs):
+        return "its 'runs' are not a list of runs, each with its 'kind' and 'config'"
+    if not isinstance(body.get("invocations", []), list):
+        return "its 'invocations' are not a list"
+    return ""
+
+
+class DamagedRunFileError(StoreError, ValueError):
     """A file of a run directory exists but does not hold what the store wrote there."""
 
 
@@ -450,7 +513,8 @@ def _read_record(path: Path, what: str) -> Dict[str, Any]:
 
 class RunStore:
     def __init__(self, root: Optional[str | Path] = None):
-        self.root = runs_root(str(root) if root else None)
+        what = "--runs-dir" if root else "HKDBENCH_RUNS" if os.environ.get("HKDBENCH_RUNS") else "the run store"
+        self.root = check_folder(runs_root(str(root) if root else None), what)
 
     def run_dir(self, cfg: RunConfig) -> RunDir:
         return RunDir(self.root / cfg.run_name())
@@ -483,8 +547,17 @@ class SweepDir:
 
     def manifest(self) -> Dict[str, Any]:
         """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
-        ``runs`` (name, kind, teacher_run, cells, config)."""
-        return loads(self.manifest_file.read_text())
+        ``runs`` (name, kind, teacher_run, cells, config); a file without them is named as damaged."""
+        try:
+            body = loads(self.manifest_file.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            body, why = None, f"not valid JSON: {err}"
+        else:
+            why = _manifest_problem(body)
+        if why:
+            raise StoreError(f"{self.manifest_file} is damaged ({why}); it is the sweep's record of its runs: "
+                             "submit the sweep again (its runs are kept) to rewrite it, or put back a good copy")
+        return body
 
     def write_manifest(self, body: Dict[str, Any]) -> None:
         atomic_write_json(self.manifest_file, body)

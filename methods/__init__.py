@@ -30,7 +30,9 @@ def load_plugins(spec: str | None = None) -> list:
         if item.endswith(".py"):
             path = Path(item).resolve()
             if not path.is_file():
-                raise FileNotFoundError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
+                from hkdbench.benchmark.config import ConfigError
+
+                raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
             name = f"hkdbench_plugin_{path.stem}"
             module_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(module_spec)

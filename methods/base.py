@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hkdbench.benchmark.errors import HkdbenchError
 from hkdbench.benchmark.models.taps import Features, TappedModel
 
 # The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other
@@ -106,6 +107,10 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return kl * temperature ** 2
 
 
+class UnsupportedPairError(HkdbenchError, NotImplementedError):
+    """A method's ``NotImplementedError`` from its constructor: it cannot be built for this teacher/student pair."""
+
+
 class Distiller(nn.Module):
     """Base of every method. Subclasses set ``name`` and ``Config`` and implement :meth:`losses`."""
 
@@ -147,7 +152,10 @@ class Distiller(nn.Module):
         """How the harness constructs a method: ``train_set`` reaches only a method that needs sample indices (so a
         method's ``__init__`` need not take it otherwise)."""
         extra = {"train_set": train_set} if cls.needs_sample_indices else {}
-        return cls(cfg, student, teacher, num_classes, criterion, **extra)
+        try:
+            return cls(cfg, student, teacher, num_classes, criterion, **extra)
+        except NotImplementedError as err:
+            raise UnsupportedPairError(str(err) or f"{cls.name} does not support this pair") from err
 
     # -- what the method needs from the models -------------------------------------------------------------------
     def student_stages(self) -> Tuple[int, ...]:

@@ -7,11 +7,14 @@ import hashlib
 import inspect
 from typing import Any, Dict, Mapping, Tuple
 
+from hkdbench.benchmark.errors import HkdbenchError
+
+
 _REGISTRY: Dict[str, type] = {}
 _PLUGIN_CODE: Dict[str, str] = {}  # a plugin's code, fingerprinted when it registers (the source that was run)
 
 
-class UnknownMethodError(KeyError):
+class UnknownMethodError(HkdbenchError, KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
 
@@ -148,7 +151,7 @@ def source_fingerprint(source: str) -> str:
     return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
 
 
-class MethodCodeChangedError(RuntimeError):
+class MethodCodeChangedError(HkdbenchError, RuntimeError):
     pass
 
 

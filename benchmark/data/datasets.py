@@ -16,14 +16,15 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.config import ConfigError, DataConfig
+from hkdbench.benchmark.errors import HkdbenchError
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(HkdbenchError, FileNotFoundError):
     pass
 
 
-class DataCorruptError(ValueError):
+class DataCorruptError(HkdbenchError, ValueError):
     """A data file exists but cannot be read as what it claims to be (truncated, wrong size)."""
 
 
@@ -86,7 +87,7 @@ def dataset(name: str) -> Dataset:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -114,8 +115,8 @@ def _check_subsets(cfg: DataConfig) -> None:
     for key, train, split in (("train_subset", True, "training"), ("eval_subset", False, "test")):
         asked = getattr(cfg, key)
         if asked and asked > (n := split_size(cfg, train)):
-            raise ValueError(f"data.{key}={asked} is more than the {n} images of {cfg.dataset}'s {split} split; "
-                             f"give at most {n}, or 0 for the whole split")
+            raise ConfigError(f"data.{key}={asked} is more than the {n} images of {cfg.dataset}'s {split} split; "
+                              f"give at most {n}, or 0 for the whole split")
 
 
 def split_size(cfg: DataConfig, train: bool) -> int:
@@ -148,9 +149,9 @@ def subset_size(n: int, subset: int) -> int:
 def _check_training_set_size(cfg: DataConfig, n: int) -> None:
     kept = subset_size(n, cfg.train_subset)
     if kept < cfg.batch_size:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
-                         f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
-                         " or raise data.train_subset")
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
+                          f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
+                          " or raise data.train_subset")
 
 
 def train_subset_indices(n: int, subset: int) -> torch.Tensor:
@@ -218,7 +219,13 @@ def _find_fashion_mnist(root: Optional[str]) -> Path:
     path = Path(root)
     expected = (f"a folder holding the four IDX files ({', '.join(n + '[.gz]' for n in _fmnist_names())}) "
                 "or holding them under FashionMNIST/raw (torchvision's layout)")
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as err:  # a name longer than the filesystem takes, a NUL
+        raise DataNotFoundError(f"data.root={root} is no path this filesystem can hold "
+                                f"({getattr(err, 'strerror', None) or err}); Fashion-MNIST's data.root is {expected}"
+                                ) from None
+    if not exists:
         raise DataNotFoundError(f"data.root={root} does not exist; Fashion-MNIST's data.root is {expected}. "
                                 "Leave data.root out to read Debian's copy")
     if not path.is_dir():

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.config import ConfigError, DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
 from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
                                              load_tensors, train_subset_indices, training_images)
@@ -510,7 +510,7 @@ def in_memory_path(cfg: DataConfig) -> bool:
     info = dataset_info(cfg.dataset)
     use_memory = info.in_memory if cfg.in_memory == "auto" else cfg.in_memory == "yes"
     if use_memory and not info.in_memory:
-        raise ValueError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")
+        raise ConfigError(f"data.in_memory=yes is not available for {cfg.dataset}; use auto or no")
     return use_memory
 
 
@@ -541,6 +541,6 @@ def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: 
             test_ds = torch.utils.data.Subset(test_ds, range(min(cfg.eval_subset, len(test_ds))))
         test = ImageLoader(test_ds, cfg, False, device, **shard)
     if len(train) == 0:
-        raise ValueError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
-                         "data.batch_size or raise data.train_subset")
+        raise ConfigError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
+                          "data.batch_size or raise data.train_subset")
     return train, test, info

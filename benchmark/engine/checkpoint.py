@@ -18,16 +18,24 @@ import torch.nn as nn
 
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.store import RunDir, atomic_replace
+from hkdbench.benchmark.errors import HkdbenchError
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HkdbenchError, RuntimeError):
     pass
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    try:
+        Path(path).stat()
+    except FileNotFoundError:
+        pass  # said below
+    except (OSError, ValueError) as err:  # a name too long, below a file, a NUL
+        raise CheckpointError(f"teacher checkpoint {path} cannot be read ({getattr(err, 'strerror', None) or err})"
+                              ) from None
     if Path(path).is_dir():
         raise CheckpointError(f"teacher checkpoint {path} is a directory; --teacher-checkpoint takes a file (a state "
                               "dict saved with torch.save, e.g. a .pth of the reference's teachers)")
@@ -120,7 +128,7 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(HkdbenchError, FileNotFoundError):
     """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
 
 

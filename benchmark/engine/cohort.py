@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
-from hkdbench.benchmark.config import RunConfig
+from hkdbench.benchmark.config import ConfigError, RunConfig
 
 
 def stream_key(cfg: RunConfig) -> str:
@@ -70,21 +70,21 @@ def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
 
 
 def check_cohort(cfgs: Sequence[RunConfig]) -> None:
-    """Raises ValueError unless the runs can train as one cohort (one stream; at most one teacher)."""
+    """Raises ConfigError unless the runs can train as one cohort (one stream; at most one teacher)."""
     if not cfgs:
-        raise ValueError("a cohort needs at least one run")
+        raise ConfigError("a cohort needs at least one run")
     names = [c.run_name() for c in cfgs]
     if len(set(names)) != len(names):
-        raise ValueError(f"a cohort lists a run twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        raise ConfigError(f"a cohort lists a run twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
     if any(c.kind == "teacher" for c in cfgs) and len(cfgs) > 1:
-        raise ValueError("a teacher run trains alone, not in a cohort")
+        raise ConfigError("a teacher run trains alone, not in a cohort")
     streams = {stream_key(c) for c in cfgs}
     teachers = {teacher_key(c) for c in cfgs} - {None}
     if len(streams) > 1 or len(teachers) > 1:
-        raise ValueError("these runs cannot share one data stream and one teacher: a cohort's runs must have the "
-                         "same student, data settings, seed, label smoothing, precision and channels_last, and "
-                         f"the same teacher; got {len(streams)} streams and {len(teachers)} teachers for "
-                         f"{', '.join(names)}")
+        raise ConfigError("these runs cannot share one data stream and one teacher: a cohort's runs must have the "
+                          "same student, data settings, seed, label smoothing, precision and channels_last, and "
+                          f"the same teacher; got {len(streams)} streams and {len(teachers)} teachers for "
+                          f"{', '.join(names)}")
 
 
 def _plain(value: Any) -> Any:

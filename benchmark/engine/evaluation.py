@@ -9,16 +9,29 @@ import torch
 import torch.nn as nn
 
 
+from hkdbench.benchmark.config import ConfigError
 from hkdbench.benchmark.models.taps import TappedModel
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (the GPU of index N)"
+
+
 def select_device(requested: Optional[str] = None) -> torch.device:
-    if requested and requested != "auto":
+    """``--device``: CUDA when present for None or 'auto'; a device named that this machine lacks is a ConfigError."""
+    if not requested or requested == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
         device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
-        return device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    except RuntimeError:
+        raise ConfigError(f"unknown device {requested!r}; allowed: {DEVICES}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {requested!r} is not supported; allowed: {DEVICES}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def enable_cudnn_benchmark(device: torch.device) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Sequence, Set
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import OptimConfig
+from hkdbench.benchmark.config import ConfigError, OptimConfig
 
 
 def _as_module(params) -> nn.Module:
@@ -104,8 +104,8 @@ class LRSchedule:
 
     def __init__(self, cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
         if steps_per_epoch < 1:
-            raise ValueError(f"no full training batch per epoch (steps_per_epoch={steps_per_epoch}): the training set "
-                             "is smaller than one global batch; lower data.batch_size or raise data.train_subset")
+            raise ConfigError(f"no full training batch per epoch (steps_per_epoch={steps_per_epoch}): the training "
+                              "set is smaller than one global batch; lower data.batch_size or raise data.train_subset")
         # The base of the schedule is the recipe's lr, whatever a resumed optimiser state says (timm reads
         # 'initial_lr' from the groups and only sets it when missing).
         for group in optimizer.param_groups:

@@ -8,7 +8,7 @@ import math
 import os
 from typing import Iterable, Optional
 
-from hkdbench.benchmark.config import RunConfig
+from hkdbench.benchmark.config import ConfigError, RunConfig
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -29,9 +29,9 @@ def check_eval_crop(cfg: RunConfig) -> None:
     crop_pct = data.crop_pct or zoo_entry(cfg.student.name).crop_pct
     resize = math.floor(data.img_size / crop_pct)
     if data.pipeline == "paper224" and resize < data.img_size and in_memory_path(data):
-        raise ValueError(f"data.crop_pct={crop_pct:g} resizes the evaluation images to {resize} px, below "
-                         f"data.img_size={data.img_size}, and the in-memory evaluation cannot pad its center crop; "
-                         "give data.crop_pct <= 1, or data.in_memory=no (timm's transform, which pads)")
+        raise ConfigError(f"data.crop_pct={crop_pct:g} resizes the evaluation images to {resize} px, below "
+                          f"data.img_size={data.img_size}, and the in-memory evaluation cannot pad its center crop; "
+                          "give data.crop_pct <= 1, or data.in_memory=no (timm's transform, which pads)")
 
 
 def check_teacher(cfg: RunConfig) -> None:
@@ -87,8 +87,8 @@ def check_on_device(cfg: RunConfig, device) -> None:
     if cfg.train.precision == "fp16" and device.type == "cpu":
         # refused, not warned about: the run would take 3-20x as long (a step of vit_mini / resnet_mini, 2-core
         # Xeon) for a setting meant for a GPU, a warning in a batch job's log goes unread, and one override fixes it
-        raise ValueError("train.precision=fp16 on the CPU: torch's float16 autocast runs there 3 to 20 times slower "
-                         "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
+        raise ConfigError("train.precision=fp16 on the CPU: torch's float16 autocast runs there 3 to 20 times slower "
+                          "than fp32. Use train.precision=auto (fp32 on a CPU), fp32 or bf16, or run it on a GPU")
     _check_batch_fits(cfg, device)
 
 
@@ -102,10 +102,10 @@ def _check_batch_fits(cfg: RunConfig, device) -> None:
     need = 4 * channels * max(data.batch_size * data.img_size ** 2, data.eval_batch_size * eval_side ** 2)
     have = _device_memory(device)
     if have is not None and need > have:
-        raise ValueError(f"data.img_size={data.img_size} with data.batch_size={data.batch_size} (data.eval_batch_size="
-                         f"{data.eval_batch_size}): one batch of images alone needs {need / 2 ** 30:.2f} GiB as "
-                         f"float32, more than the {have / 2 ** 30:.2f} GiB of memory of {device}; lower data.img_size "
-                         "or the batch sizes")
+        raise ConfigError(f"data.img_size={data.img_size} with data.batch_size={data.batch_size} (data."
+                          f"eval_batch_size={data.eval_batch_size}): one batch of images alone needs "
+                          f"{need / 2 ** 30:.2f} GiB as float32, more than the {have / 2 ** 30:.2f} GiB of memory of "
+                          f"{device}; lower data.img_size or the batch sizes")
 
 
 def _device_memory(device) -> Optional[int]:

@@ -7,11 +7,12 @@ from typing import Any, Dict
 
 from hkdbench.benchmark.engine.checkpoint import load_fitting, load_weights
 from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
+from hkdbench.benchmark.errors import HkdbenchError
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.store import RunDir
 
 
-class TeacherRunError(RuntimeError):
+class TeacherRunError(HkdbenchError, RuntimeError):
     """A teacher run that cannot teach: it failed, diverged, or its files are damaged."""
 
 
@@ -40,7 +41,7 @@ def load_teacher_run(teacher: TappedModel, t_dir: RunDir, which: str) -> Dict[st
         load_fitting(teacher.model, state, str(t_dir.weights_file(which)))
     except TeacherRunError as err:
         raise TeacherRunError(f"teacher run {t_dir.path.name}: {err}") from None
-    except (ValueError, RuntimeError) as err:  # a damaged summary or weights file, named by the store's readers
+    except HkdbenchError as err:  # a damaged summary or weights file, named by the store's readers
         raise TeacherRunError(f"teacher run {t_dir.path.name} cannot be a teacher: {err}") from None
     if f"{which}_top1" not in summary:
         raise TeacherRunError(f"teacher run {t_dir.path.name}: {t_dir.summary_file} has no {which}_top1; the file "

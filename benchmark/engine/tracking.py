@@ -17,12 +17,13 @@ import os
 from typing import Any, Dict, Mapping
 
 from hkdbench.benchmark.config import RunConfig
+from hkdbench.benchmark.errors import HkdbenchError
 
 # train.log value -> (module to import, extra that installs it)
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
-class TrackerUnavailableError(RuntimeError):
+class TrackerUnavailableError(HkdbenchError, RuntimeError):
     """The tracker's package is not installed."""
 
 

@@ -41,19 +41,20 @@ from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, non
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
 from hkdbench.benchmark.engine.teacher import TeacherRunError, load_teacher_run, refuse_failed
 from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
+from hkdbench.benchmark.errors import HkdbenchError
 
 log = logging.getLogger("hkdbench")
 
 
-class DivergedError(RuntimeError):
+class DivergedError(HkdbenchError, RuntimeError):
     """The loss became NaN or infinite; the run is marked FAILED."""
 
 
-class TeacherUnavailableError(RuntimeError):
+class TeacherUnavailableError(HkdbenchError, RuntimeError):
     """A stop request arrived while the teacher of this run was being trained (its checkpoint is saved)."""
 
 
-class ProbeTeacherMissingError(RuntimeError):
+class ProbeTeacherMissingError(HkdbenchError, RuntimeError):
     """A teacher run named by ``train.probe_teachers`` has not finished (nothing of the run is written)."""
 
 
@@ -593,9 +594,10 @@ class CohortTrainer:
             best = best_record(m.state["history"], key)
             path = m.run_dir.weights_file("best", ema)
             if best is not None and not path.exists():
-                raise RuntimeError(f"{m.run_dir.checkpoint_file} records a best epoch {best['epoch']} but "
-                                   f"{path.name} is missing (a checkpoint from before best weights were kept, or "
-                                   "a deleted file); pass --restart to train the run again")
+                raise DamagedCheckpointError(
+                    f"{m.run_dir.checkpoint_file} records a best epoch {best['epoch']} but {path.name} is missing (a "
+                    "checkpoint from before best weights were kept, or a deleted file); pass --restart to train the "
+                    "run again")
 
     def _teacher_provenance(self, cfg: RunConfig) -> Dict[str, Any]:
         """Which teacher weights the run used: the best or last of a teacher run here, or a checkpoint file."""
@@ -702,7 +704,7 @@ def _load_checkpoint(state: Dict[str, Any], setup, ema) -> None:
         ema.load_state_dict(state["ema"])
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(HkdbenchError, RuntimeError):
     pass
 
 
@@ -726,7 +728,7 @@ def check_probe_teachers(cfgs: Sequence[RunConfig], store: RunStore) -> None:
                 f"students), or leave them out of train.probe_teachers")
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(HkdbenchError, RuntimeError):
     pass
 
 

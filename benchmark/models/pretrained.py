@@ -18,10 +18,14 @@ from typing import Dict, Optional, Tuple
 
 import torch.nn as nn
 
+from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.errors import HkdbenchError
+
+
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader looks for, in its order
 
 
-class PretrainedUnavailableError(FileNotFoundError):
+class PretrainedUnavailableError(HkdbenchError, FileNotFoundError):
     """The weights are not in the cache and cannot be downloaded (offline), or the name is unknown."""
 
 
@@ -105,11 +109,11 @@ def load_pretrained_into(model: nn.Module, name: str, sha256: Optional[str], num
     weights = resolve_pretrained(name)
     built = getattr(model, "pretrained_cfg", {}).get("architecture")
     if built != weights.architecture:
-        raise ValueError(f"pretrained weights {weights.name} are for {weights.architecture}, but the model is "
-                         f"{built or 'not a timm-registered architecture'}")
+        raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}, but the model is "
+                          f"{built or 'not a timm-registered architecture'}")
     if sha256 and weights.sha256 != sha256:
-        raise ValueError(f"pretrained weights {weights.name}: {weights.file} has SHA-256 {weights.sha256[:12]}..., "
-                         f"the run recorded {sha256[:12]}...: the cached file changed, so this is another run")
+        raise ConfigError(f"pretrained weights {weights.name}: {weights.file} has SHA-256 {weights.sha256[:12]}..., "
+                          f"the run recorded {sha256[:12]}...: the cached file changed, so this is another run")
     cfg = {**model.pretrained_cfg, "file": str(weights.file), "num_classes": weights.num_classes}
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     load_pretrained(model, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans, filter_fn=filter_fn)
@@ -156,10 +160,10 @@ def resolve_for_model(zoo_name: str, name: str) -> PretrainedWeights:
     """``name``'s weights, checked to fit the zoo model ``zoo_name``."""
     architecture = zoo_architecture(zoo_name)
     if architecture is None:
-        raise ValueError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
-                         "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
+        raise ConfigError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
+                          "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
     weights = resolve_pretrained(name)
     if weights.architecture != architecture:
-        raise ValueError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
-                         f"{architecture} (e.g. {architecture}.<tag>)")
+        raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
+                          f"{architecture} (e.g. {architecture}.<tag>)")
     return weights

@@ -27,9 +27,10 @@ from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
 from hkdbench.benchmark.models.families import family_groups, family_of, group_takes_img_size
 from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.errors import HkdbenchError
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(HkdbenchError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import PIPELINE_VERSION, identity_hash
+from hkdbench.benchmark.config import PIPELINE_VERSION, ConfigError, identity_hash
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json
 
@@ -250,9 +250,9 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     if img_size is None:
         img_size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
     if warmup < 0 or repeats < 1 or batch_size < 1:
-        raise ValueError("overhead needs --warmup >= 0, --repeats >= 1 and --batch-size >= 1")
+        raise ConfigError("overhead needs --warmup >= 0, --repeats >= 1 and --batch-size >= 1")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     dev = select_device(device)
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
                           img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,

@@ -156,6 +156,8 @@ class Sweep:
         from hkdbench.benchmark.sweep.executors import get_executor
 
         submitter = get_executor(executor)
+        if parallel < 0:  # the local executor would wait forever for a free slot
+            raise ConfigError(f"parallel must be >= 0 (0: CPUs / slurm.cpus_per_task), got {parallel}")
         missing = missing_requirements(self.preset)
         if missing:
             raise ConfigError(f"preset {self.preset.name} needs {', '.join(missing)} (e.g. {missing[0]}=PATH)")

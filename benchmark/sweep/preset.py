@@ -64,6 +64,14 @@ class SlurmOptions:
             raise ValueError("slurm.gpus_per_node must be >= 0, slurm.cpus_per_task and slurm.array_parallelism >= 1")
         if self.signal_delay_s < 0:
             raise ValueError(f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
+        if self.tasks_per_node < 0 or self.max_num_timeout < 0:
+            raise ValueError("slurm.tasks_per_node and slurm.max_num_timeout must be >= 0")
+        if self.mem_gb is not None and not 0 < self.mem_gb < float("inf"):
+            raise ValueError(f"slurm.mem_gb must be a finite number > 0 (or null: the partition's default), got "
+                             f"{self.mem_gb}")
+        if not 0 <= self.stop_wait_s < float("inf"):
+            raise ValueError(f"slurm.stop_wait_s must be a finite number >= 0 (0: signal_delay_s - 15), got "
+                             f"{self.stop_wait_s}")
         for flag in self.extra:
             if not flag.startswith("--"):
                 raise ValueError(f"slurm.extra: sbatch flags are given as '--name' or '--name=value', got {flag!r}")
@@ -130,13 +138,11 @@ def preset_names() -> List[str]:
 def find_preset(name_or_path: str) -> Tuple[Dict[str, Any], str]:
     """The raw mapping of a preset by name (shipped) or path, and where it came from."""
     path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"preset file {name_or_path} does not exist")
-        text, origin = path.read_text(), str(path)
+    if name_or_path.endswith((".yaml", ".yml")) or _is_file(path):
+        text, origin = _read_text(path), str(path)
     else:
         res = resources.files("hkdbench.benchmark") / "presets" / f"{name_or_path}.yaml"
-        if not res.is_file():
+        if name_or_path not in preset_names():
             raise ConfigError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())} "
                               "(or give the path of a YAML file)")
         text, origin = res.read_text(), f"preset {name_or_path}"
@@ -152,6 +158,28 @@ def find_preset(name_or_path: str) -> Tuple[Dict[str, Any], str]:
     else:
         raw.setdefault("name", path.stem)
     return raw, origin
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL: not a file; the preset's name is judged next
+        return False
+
+
+def _read_text(path: Path) -> str:
+    """A preset file's text; a file that cannot be read, or is not UTF-8, is named with the reason."""
+    try:
+        data = path.read_bytes()
+    except (OSError, ValueError) as err:
+        why = "it does not exist" if isinstance(err, FileNotFoundError) else \
+            "it is a folder" if isinstance(err, IsADirectoryError) else getattr(err, "strerror", None) or str(err)
+        raise ConfigError(f"preset file {path} cannot be read: {why}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"preset file {path} is not UTF-8 text (byte {err.start} is {data[err.start:err.start + 1]!r}"
+                          "); save it as UTF-8") from None
 
 
 def split_overrides(items: Sequence[str]) -> Dict[str, Any]:

@@ -62,17 +62,17 @@ def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
 def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = True) -> List[RunState]:
     """Where every run stands, from the run store, the job records and (for Slurm jobs) squeue/sacct."""
     dirs = [store.run_dir(s.cfg) for s in specs]
-    last_jobs = [(rd.jobs() or [None])[-1] for rd in dirs]
+    last_jobs = [_last_job(rd.jobs(), rd.path.name) for rd in dirs]
     slurm = slurm_states(j["job_id"] for j in last_jobs if j and j.get("executor") == "slurm") \
         if query_slurm else {}
     states = []
     for spec, rd, job in zip(specs, dirs, last_jobs):
-        job_id = str(job["job_id"]) if job else ""
+        job_id = str(job.get("job_id", "")) if job else ""
         log = job.get("stderr", "") if job else ""
         status = rd.status()
         reason = ""
         if status == "failed":
-            failure = rd.failure()
+            failure = _failure(rd)
             reason = failure.get("reason", "")
             log = failure.get("log", log) or str(rd.log_file)
         elif status in ("partial", "pending") and job:
@@ -80,10 +80,10 @@ def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = Tr
             word = state.split()[0] if state else ""
             if word in ACTIVE_SLURM_STATES:
                 status = "running" if word in ("RUNNING", "COMPLETING") else "queued"
-                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
+                reason = f"{job.get('executor')} job {job_id} {state}" + (f" ({why})" if why else "")
             elif word in ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
                 status = "cancelled" if word == "CANCELLED" else "failed"
-                reason = f"{job['executor']} job {job_id} {state}" + (f" ({why})" if why else "")
+                reason = f"{job.get('executor')} job {job_id} {state}" + (f" ({why})" if why else "")
                 error = _job_error(job)
                 if error:
                     reason += f": {error}"
@@ -93,35 +93,69 @@ def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = Tr
     return states
 
 
+def _failure(rd) -> Dict[str, Any]:
+    """A failed run's FAILED record; a damaged one says so as the reason."""
+    try:
+        failure = rd.failure()
+    except (ValueError, OSError) as err:  # not JSON, not readable
+        return {"reason": f"its FAILED record {rd.failed_file} is damaged ({type(err).__name__}); the reason is lost"}
+    return failure if isinstance(failure, dict) else {"reason": f"its FAILED record {rd.failed_file} is damaged"}
+
+
+def _last_job(jobs: List[Dict[str, Any]], run: str) -> Optional[Dict[str, Any]]:
+    """The run's job: its last job record, less those of jobs that found the run owned (locked by another
+    process's job, which trained it) and exited without training it."""
+    for job in reversed(jobs):
+        outcome = _job_result(job)
+        if not (outcome and outcome[0] == "success" and _owned(outcome[1], run)):
+            return job
+    return None
+
+
+def _owned(outcome: Any, run: str) -> bool:
+    """Whether a job's return value (``RunJob``'s: a run's status, or a cohort's ``runs``) says ``run`` was owned."""
+    from hkdbench.benchmark.sweep.job import OWNED
+
+    if not isinstance(outcome, dict):
+        return False
+    runs = outcome.get("runs") if isinstance(outcome.get("runs"), dict) else {outcome.get("run"): outcome.get("status")}
+    return runs.get(run) == OWNED
+
+
 def _local_state(job: Dict[str, Any]) -> Tuple[str, str]:
     """A local job's state from its submitit files (the pid is the job id)."""
-    folder = Path(job.get("folder", ""))
-    result = folder / f"{job['job_id']}_0_result.pkl"
-    if result.exists():
+    if _job_result(job) is not None:
         err = _job_error(job)
         return ("FAILED", err) if err else ("COMPLETED", "")
     try:
-        os.kill(int(job["job_id"]), 0)
+        os.kill(int(job.get("job_id")), 0)
         return "RUNNING", ""
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):  # gone, or a record without a pid
         return "CANCELLED", "the process is gone"
 
 
-def _job_error(job: Dict[str, Any]) -> str:
-    """The last line of the exception a job pickled, if any."""
-    folder = Path(job.get("folder", ""))
-    path = folder / f"{job['job_id']}_0_result.pkl"
-    if not path.exists():
-        return ""
+def _job_result(job: Dict[str, Any]) -> Optional[Tuple[str, Any]]:
+    """(kind, payload) of the result submitit pickled for a job ('success' and its return value, or 'error' and
+    the traceback); None before the job ended, or when the file cannot be read."""
+    path = Path(job.get("folder", "")) / f"{job.get('job_id')}_0_result.pkl"
+    if not path.is_file():
+        return None
     try:
         import pickle
 
         with open(path, "rb") as f:
             kind, payload = pickle.load(f)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 (a torn or foreign file: no result to read)
+        return None
+    return kind, payload
+
+
+def _job_error(job: Dict[str, Any]) -> str:
+    """The last line of the exception a job pickled, if any."""
+    result = _job_result(job)
+    if result is None or result[0] != "error":
         return ""
-    if kind != "error":
-        return ""
+    payload = result[1]
     lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
 
