@@ -82,14 +82,14 @@ def test_a_usage_error_returns_2_instead_of_exiting(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["sweep", "demo", "--executor", "local", "--parallel", "-1"], "argument --parallel: must be >= 0"),
-    (["sweep", "demo", "--parallel", "x"], "argument --parallel: expected an integer >= 0, got 'x'"),
-    (["sweep", "demo", "--time", "0"], "argument --time: must be >= 1"),
-    (["sweep", "demo", "--mem-gb", "nan"], "argument --mem-gb: must be a finite number > 0"),
-    (["sweep", "demo", "--cpus-per-task", "0"], "argument --cpus-per-task: must be >= 1"),
-    (["sweep", "demo", "--array-parallelism", "-3"], "argument --array-parallelism: must be >= 1"),
-    (["sweep", "demo", "slurm.mem_gb=-1"], "slurm.mem_gb must be a finite number > 0"),
-    (["sweep", "demo", "slurm.stop_wait_s=.inf"], "slurm.stop_wait_s must be a finite number >= 0"),
+    (["sweep", "demo", "--executor", "local", "--parallel", "-1", "--dry-run"], "argument --parallel: must be >= 0"),
+    (["sweep", "demo", "--parallel", "x", "--dry-run"], "argument --parallel: expected an integer >= 0, got 'x'"),
+    (["sweep", "demo", "--time", "0", "--dry-run"], "argument --time: must be >= 1"),
+    (["sweep", "demo", "--mem-gb", "nan", "--dry-run"], "argument --mem-gb: must be a finite number > 0"),
+    (["sweep", "demo", "--cpus-per-task", "0", "--dry-run"], "argument --cpus-per-task: must be >= 1"),
+    (["sweep", "demo", "--array-parallelism", "-3", "--dry-run"], "argument --array-parallelism: must be >= 1"),
+    (["sweep", "demo", "slurm.mem_gb=-1", "--dry-run"], "slurm.mem_gb must be a finite number > 0"),
+    (["sweep", "demo", "slurm.stop_wait_s=.inf", "--dry-run"], "slurm.stop_wait_s must be a finite number >= 0"),
     (["overhead", "--teacher", "resnet_mini", "--student", "vit_mini", "--batch-size", "0"],
      "argument --batch-size: must be >= 1"),
     (["overhead", "--teacher", "resnet_mini", "--student", "vit_mini", "--repeats", "0"], "--repeats: must be >= 1"),
@@ -100,7 +100,8 @@ def test_a_usage_error_returns_2_instead_of_exiting(capsys):
 ])
 def test_every_number_and_name_on_the_command_line_is_checked_before_anything_is_written(argv, message, capsys,
                                                                                          tmp_path):
-    """``sweep --executor local --parallel -1`` hung forever after writing sweep.json."""
+    """Dry runs: a check that regressed must not start a sweep (``sweep --executor local --parallel -1`` hung forever
+    after writing sweep.json)."""
     runs = tmp_path / "runs"
     code, err = _run([*argv, *(["--runs-dir", str(runs)] if argv[0] in ("sweep", "teacher") else [])], capsys)
     assert code == 2 and message in err, err
@@ -117,11 +118,16 @@ def test_a_device_the_machine_lacks_is_refused_before_anything_is_written(fmnist
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_sweep_refuses_a_negative_parallel_before_writing(tmp_path):
+def test_a_sweep_refuses_a_negative_parallel_before_writing(tmp_path, monkeypatch):
     from hkdbench.benchmark.sweep.dispatch import Sweep
+    from hkdbench.benchmark.sweep.executors import local
     from hkdbench.benchmark.sweep.plan import expand
     from hkdbench.benchmark.sweep.preset import load_preset
 
+    def submit(*args, **kwargs):  # where it hung: no job slot is ever free
+        raise AssertionError("submitted with parallel=-1")
+
+    monkeypatch.setattr(local, "submit", submit)
     sweep = Sweep(expand(load_preset("demo")), str(tmp_path / "runs"), "cpu")
     with pytest.raises(ConfigError, match="parallel must be >= 0"):
         sweep.run("local", parallel=-1, check_inputs=False)

@@ -158,8 +158,10 @@ def test_status_reads_a_store_with_damaged_job_records(tmp_path, capsys):
     rd.claim(spec.cfg)
     job = json.dumps({"job_id": "999999999", "executor": "local", "folder": "/nonexistent"})  # a pid no process has
     rd.jobs_file.write_text(f'{job}\n[3]\n{{"executor": "lo\n')
-    with pytest.warns(UserWarning, match="jobs.jsonl: line 2 is not a JSON object"):
+    with pytest.warns(UserWarning, match="jobs.jsonl: line") as seen:
         (state,) = run_states([spec], store)
+    assert [str(w.message).split(" (")[0].split(": ", 1)[1] for w in seen] == ["line 2 is not a JSON object",
+                                                                               "line 3 is not valid JSON"]
     assert (state.job_id, state.status) == ("999999999", "cancelled")
 
 

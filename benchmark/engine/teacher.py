@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from hkdbench.benchmark.engine.checkpoint import load_fitting, load_weights
+from hkdbench.benchmark.engine.checkpoint import CheckpointError, load_fitting, load_weights
 from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
 from hkdbench.benchmark.errors import HkdbenchError
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.store import DamagedRunFileError, RunDir
 
 
 class TeacherRunError(HkdbenchError, RuntimeError):
@@ -41,7 +41,7 @@ def load_teacher_run(teacher: TappedModel, t_dir: RunDir, which: str) -> Dict[st
         load_fitting(teacher.model, state, str(t_dir.weights_file(which)))
     except TeacherRunError as err:
         raise TeacherRunError(f"teacher run {t_dir.path.name}: {err}") from None
-    except HkdbenchError as err:  # a damaged summary or weights file, named by the store's readers
+    except (DamagedRunFileError, CheckpointError) as err:  # a damaged summary or weights file, named by its reader
         raise TeacherRunError(f"teacher run {t_dir.path.name} cannot be a teacher: {err}") from None
     if f"{which}_top1" not in summary:
         raise TeacherRunError(f"teacher run {t_dir.path.name}: {t_dir.summary_file} has no {which}_top1; the file "
