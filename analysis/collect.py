@@ -314,26 +314,22 @@ def _setting_labels(df: pd.DataFrame) -> List[str]:
 
 def _method_labels(df: pd.DataFrame, teacher: pd.Series) -> List[str]:
     table = ["kind"] + SETTING_KEYS
-    labels = pd.Series([method_label(m, s, t) for m, s, t in zip(df["method"], df["_settings"], teacher)],
-                       index=df.index, dtype=object)
+    first = _labels(df, df["_settings"], teacher)
     # a run stored before method_settings cannot say which of its hyperparameters are not the defaults: where its label
     # would join runs of other hyperparameters, the ones that differ among them join its label
-    extra = _apart(df.assign(_label=labels), table + ["_label"], "_method_cfg")
-    legacy = df["method_settings"].isna()
-    labels = pd.Series([method_label(m, e, t) if old else label
-                        for m, e, t, old, label in zip(df["method"], extra, teacher, legacy, labels)],
-                       index=df.index, dtype=object)
+    extra = _apart(df.assign(_label=first), table + ["_label"], "_method_cfg")
+    settings = pd.Series([list(e) if old else list(s) for s, e, old in
+                          zip(df["_settings"], extra, df["method_settings"].isna())], index=df.index, dtype=object)
     # runs of one label made by other code (an edited plugin, another method or pipeline version) computed other
     # things: the code that differs joins their labels (logit_mse[code=src-1a2b...])
-    code = _apart(df.assign(_label=labels), table + ["_label"], "_code")
-    return [method_label(m, list(s) + c, t) if c else label
-            for m, s, c, t, label in zip(df["method"], _label_settings(df, extra, legacy), code, teacher, labels)]
+    code = _apart(df.assign(_label=_labels(df, settings, teacher)), table + ["_label"], "_code")
+    return list(_labels(df, pd.Series([s + c for s, c in zip(settings, code)], index=df.index, dtype=object),
+                        teacher))
 
 
-def _label_settings(df: pd.DataFrame, extra: pd.Series, legacy: pd.Series) -> List[List[str]]:
-    """The settings part of each run's label: its method_settings, or for a run stored before them, the
-    hyperparameters that set it apart."""
-    return [list(e) if old else list(s) for s, e, old in zip(df["_settings"], extra, legacy)]
+def _labels(df: pd.DataFrame, settings: pd.Series, teacher: pd.Series) -> pd.Series:
+    return pd.Series([method_label(m, s, t) for m, s, t in zip(df["method"], settings, teacher)], index=df.index,
+                     dtype=object)
 
 
 def collect_runs(runs_dir, include_unfinished: bool = True) -> pd.DataFrame:
