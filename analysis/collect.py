@@ -42,8 +42,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
-from hkdbench.benchmark.errors import StoreError
-from hkdbench.benchmark.store import CONFIG_FILE, RunDir, read_json_or_none
+from hkdbench.benchmark.core.errors import StoreError
+from hkdbench.benchmark.core.store import CONFIG_FILE, RunDir, read_json_or_none
 
 from .order import method_label
 

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from hkdbench import TIME_FORMAT
-from hkdbench.benchmark.errors import StoreError
-from hkdbench.benchmark.store import SWEEPS_DIR, SweepDir
+from hkdbench.benchmark.core.errors import StoreError
+from hkdbench.benchmark.core.store import SWEEPS_DIR, SweepDir
 
 from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed, run_dirs
 from .plots import FIGURES, all_plots

@@ -30,7 +30,7 @@ def load_plugins(spec: str | None = None) -> list:
         if item.endswith(".py"):
             path = Path(item).resolve()
             if not path.is_file():
-                from hkdbench.benchmark.config import ConfigError
+                from hkdbench.benchmark.core.config import ConfigError
 
                 raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) does not exist")
             name = f"hkdbench_plugin_{path.stem}"
@@ -51,7 +51,7 @@ def load_plugins(spec: str | None = None) -> list:
 def _import_plugin(item: str, do_import):
     """Runs one plugin import; a plugin that cannot be imported fails with its name and the reason, not a
     traceback from inside the import machinery."""
-    from hkdbench.benchmark.config import ConfigError
+    from hkdbench.benchmark.core.config import ConfigError
 
     try:
         return do_import()

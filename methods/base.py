@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.models.taps import Features, TappedModel
 
 # The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other

@@ -7,7 +7,7 @@ import hashlib
 import inspect
 from typing import Any, Dict, Mapping, Tuple
 
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 
 _REGISTRY: Dict[str, type] = {}
@@ -56,7 +56,7 @@ def list_methods() -> Dict[str, type]:
 
 def method_config(name: str, overrides: Mapping[str, Any] | None = None):
     """Builds the method's frozen config from its paper defaults plus ``overrides``, validating every key."""
-    from hkdbench.benchmark.config import build_dataclass
+    from hkdbench.benchmark.core.config import build_dataclass
 
     return build_dataclass(get_method(name).Config, dict(overrides or {}), where=f"method.{name}")
 
@@ -64,7 +64,7 @@ def method_config(name: str, overrides: Mapping[str, Any] | None = None):
 def method_settings(name: str, cfg) -> Tuple[str, ...]:
     """The hyperparameters of ``cfg`` (the method's config) that differ from the method's defaults, canonical
     ``key=value`` (sorted): what a run stands for of them, and its label (``kd[temperature=4]``)."""
-    from hkdbench.benchmark.config import flatten, to_dict
+    from hkdbench.benchmark.core.config import flatten, to_dict
 
     defaults = to_dict(get_method(name).Config())
     mine = to_dict(cfg)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from hkdbench.benchmark.data import datasets
 
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import DataConfig, build_dataclass
-from hkdbench.benchmark.recipes import RECIPES
+from hkdbench.benchmark.core.config import DataConfig, build_dataclass
+from hkdbench.benchmark.recipes.resolve import RECIPES
 
 
 def _config(args) -> DataConfig:

@@ -11,11 +11,11 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
     echo "[setup] installing hkdbench and its dependencies into .venv (torch, torchvision, timm, ...)"
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
         | grep -v -e "^WARNING: Location" -e "is ignored: it is neither" || true
-    .venv/bin/python -c "import hkdbench.benchmark.cli, torch, timm" \
+    .venv/bin/python -c "import hkdbench.benchmark.cli.main, torch, timm" \
         || { echo "[setup] the install failed; see the pip output above" >&2; exit 1; }
     touch "$stamp"
 fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (benchmark/gpu_check.py) on one GPU machine without network, in about 8 minutes:
+# The GPU check (benchmark/tools/gpu_check.py) on one GPU machine without network, in about 8 minutes:
 #
 #   bash scripts/gpu-check.sh --prepare        # here (pip reaches an index or its cache): builds .gpu-bundle/
 #   bash scripts/gpu-check.sh [--tiny] OUTDIR  # there: installs the project, measures, writes OUTDIR
@@ -121,4 +121,4 @@ SPENT=$(( $(date +%s) - START ))
 ARGS=(--budget-s "$(( BUDGET_S - SPENT - 10 ))" --install "$INSTALL ($SPENT s)")
 [ -d "$BUNDLE/fashion-mnist" ] && ARGS+=(--data-root "$BUNDLE/fashion-mnist")
 [ -n "$TINY" ] && ARGS+=(--tiny)
-exec "$PY" -m hkdbench.benchmark.gpu_check "$OUT" "${ARGS[@]}"
+exec "$PY" -m hkdbench.benchmark.tools.gpu_check "$OUT" "${ARGS[@]}"

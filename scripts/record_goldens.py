@@ -1,5 +1,5 @@
 """Records the golden runs (tests/_golden.py) into tests/golden/runs.json, after a deliberate change of what runs
-compute and the bump of the version it changed (PIPELINE_VERSION in benchmark/config.py, or the method's
+compute and the bump of the version it changed (PIPELINE_VERSION in benchmark/core/config.py, or the method's
 ``version``). ``--compare`` records nothing: it trains the goldens again and prints each one's largest relative
 difference from the stored numbers (how far this CPU's rounding lies from the recording's)."""
 from __future__ import annotations

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from hkdbench.benchmark.config import PIPELINE_VERSION
+from hkdbench.benchmark.core.config import PIPELINE_VERSION
 from hkdbench.benchmark.engine.trainer import train
-from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.core.store import RunDir
 from hkdbench.methods import get_method, list_methods
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "runs.json"

@@ -19,7 +19,7 @@ TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=32", "da
 
 @pytest.fixture(scope="session")
 def _trained_teacher_store(tmp_path_factory):
-    from hkdbench.benchmark.cli import main
+    from hkdbench.benchmark.cli.main import main
     from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
     if not (FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists():
@@ -35,7 +35,7 @@ def done_teacher_store(_trained_teacher_store):
     RunDir, the ``train`` arguments of a kd student of it). The teacher run is trained once per session."""
     import shutil
 
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     def copy(folder):
         runs = folder / "runs"

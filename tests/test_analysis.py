@@ -11,7 +11,7 @@ from hkdbench.analysis.plots import all_plots
 from hkdbench.analysis.published import SOURCES, lookup, published_cells
 from hkdbench.analysis.report import make_report
 from hkdbench.analysis.tables import comparison_tables, published_markdown, published_side_by_side
-from hkdbench.benchmark.cli import main
+from hkdbench.benchmark.cli.main import main
 
 FAMILY = {"resnet_mini": "cnn", "vit_mini": "vit", "mixer_mini": "mlp", "swin_tiny": "swin", "resnet18": "cnn",
           "convnext_tiny": "convnext", "resmlp_12": "mlp"}
@@ -378,7 +378,7 @@ def test_read_sweeps_through_the_store(tmp_path):
     """Each sweep folder's manifest and submissions come back, in folder order; a folder without its sweep.json
     (a sweep being created) is left out."""
     from hkdbench.analysis.report import read_sweeps
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     store = RunStore(tmp_path)
     for sweep_id, runs in (("b-2", ["r3"]), ("a-1", ["r1", "r2"])):

@@ -9,8 +9,8 @@ from PIL import Image, ImageOps
 from _support import ks_critical, ks_statistic
 from hkdbench.benchmark.data import datasets
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import ConfigError, DataConfig, build_dataclass
-from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
+from hkdbench.benchmark.core.config import ConfigError, DataConfig, build_dataclass
+from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
 
 FMNIST = datasets.dataset_info("fashion-mnist")
 
@@ -121,7 +121,7 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path(pipeline)
 
 
 def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
-    from hkdbench.benchmark.commands import cmd_recipes
+    from hkdbench.benchmark.cli.main.commands import cmd_recipes
 
     assert "not applied" in loaders.color_jitter_note(0.4, "rand-m9-mstd0.5-inc1")
     assert loaders.color_jitter_note(0.4, None) == "" and loaders.color_jitter_note(0.0, "rand-m9-mstd0.5-inc1") == ""

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from hkdbench.benchmark.cli import main
+from hkdbench.benchmark.cli.main import main
 from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
 TEACHER = ["teacher", "--model", "resnet_mini", "--recipe", "demo"]
@@ -125,7 +125,7 @@ def test_a_fashion_mnist_root_without_the_data_is_refused_not_ignored(fmnist_ava
 
 def test_a_fashion_mnist_root_is_read(fmnist_available, tmp_path):
     """The files under data.root are the ones read (flat, or in torchvision's FashionMNIST/raw layout)."""
-    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.core.config import DataConfig
     from hkdbench.benchmark.data.datasets import load_tensors
 
     flat = _fmnist_copy(tmp_path)
@@ -243,7 +243,7 @@ def test_a_plugin_that_cannot_be_imported_is_named(runs_dir, capsys, tmp_path, m
 def test_a_garbage_config_json_is_named_and_left_alone(fmnist_available, runs_dir, capsys):
     from pathlib import Path
 
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     cfg = resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo")
     config = Path(runs_dir) / cfg.run_name() / "config.json"
@@ -279,7 +279,7 @@ def _fake_cifar100(tmp_path, monkeypatch):
 ])
 def test_a_damaged_cifar_file_is_named_before_anything_is_written(runs_dir, capsys, tmp_path, monkeypatch, damage,
                                                                   message):
-    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.core.config import DataConfig
     from hkdbench.benchmark.data.datasets import check_data_available
 
     folder = _fake_cifar100(tmp_path, monkeypatch)

@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.methods import list_methods, unregister_method
 from _support import FAMILY_MODELS, LOGIT_MSE_PLUGIN
 

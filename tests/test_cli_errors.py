@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from hkdbench.benchmark import commands
-from hkdbench.benchmark.cli import EXIT_BUG, main
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.cli.main import commands
+from hkdbench.benchmark.cli.main import EXIT_BUG, main
+from hkdbench.benchmark.core.config import ConfigError
 
 TEACHER = ["teacher", "--model", "resnet_mini", "--recipe", "demo", "data.train_subset=64", "data.eval_subset=64",
            "data.batch_size=32", "train.epochs=1"]
@@ -247,7 +247,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_how_to_resume(fmnist_available,
     """Ctrl-C twice at the end of epoch 2 (epoch 1's checkpoint written): exit 130 with the --resume hint, no
     traceback; the same command with --resume finishes the run. Before: a KeyboardInterrupt traceback."""
     from hkdbench.benchmark.engine import trainer
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     real_evaluate, calls = trainer.evaluate, []
 

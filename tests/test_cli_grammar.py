@@ -2,9 +2,9 @@
 teacher overrides spelled as in sweep, a sweep named by its id, override values read by their field's type."""
 import pytest
 
-from hkdbench.benchmark.cli import build_parser, main
-from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.cli.main import build_parser, main
+from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.sweep.plan import expand
 from hkdbench.benchmark.sweep.preset import load_preset
 from test_sweep import hkdbench

@@ -13,8 +13,8 @@ from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.data.stream import DataStream
 from hkdbench.benchmark.engine.cohort import check_cohort, group_cohorts
 from hkdbench.benchmark.engine.trainer import DivergedError, train, train_cohort
-from hkdbench.benchmark.recipes import resolve_run_config
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.methods import list_methods
 
 # randomness in every place: mixup/cutmix and erasing in the stream, drop-path in the student
@@ -142,7 +142,7 @@ def test_cli_trains_several_methods_as_a_cohort_and_survives_kill_9(fmnist_avail
     """`hkdbench train --method a,b`: killed -9 mid-epoch, resumed with --resume, each run ends as an
     uninterrupted cohort's."""
     overrides = [*TINY, "data.train_subset=640", "train.epochs=2", *[f"teacher.{o}" for o in TINY_TEACHER]]
-    cmd = [sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--teacher", "resnet_mini", "--student",
+    cmd = [sys.executable, "-m", "hkdbench.benchmark.cli.main", "train", "--teacher", "resnet_mini", "--student",
            "vit_mini", "--method", "kd,none", "--recipe", "demo", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = str(tmp_path / "whole")
@@ -170,7 +170,7 @@ def test_cli_trains_several_methods_as_a_cohort_and_survives_kill_9(fmnist_avail
 
 def test_a_cohort_runs_the_plain_teacher_pass_once_per_step(fmnist_available, tmp_path, monkeypatch):
     from hkdbench.benchmark.models.taps import TappedModel
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     runs = str(tmp_path / "runs")
     cfgs = [cfg_of(m, epochs=1) for m in ("kd", "fitnet", "dkd", "none")]

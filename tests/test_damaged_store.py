@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.core.store import RunDir
 
 from test_cli_errors import TEACHER, _run, _tree, finished_teacher  # noqa: F401 (a fixture)
 
@@ -102,7 +102,7 @@ def test_a_damaged_sweep_json_is_left_out_of_the_report_with_a_warning(store, ca
 
 
 def test_status_names_a_damaged_failed_record(tmp_path, capsys):
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
     from hkdbench.benchmark.sweep.status import format_state_table, run_states
 
     spec = _student_spec()
@@ -128,7 +128,7 @@ def test_status_names_the_job_that_trained_a_run_not_one_that_found_it_locked(tm
     Before: status named the last job submitted."""
     import pickle
 
-    from hkdbench.benchmark.store import RunStore, append_jsonl
+    from hkdbench.benchmark.core.store import RunStore, append_jsonl
     from hkdbench.benchmark.sweep.status import run_states
 
     spec = _student_spec()
@@ -149,7 +149,7 @@ def test_status_names_the_job_that_trained_a_run_not_one_that_found_it_locked(tm
 
 
 def test_status_reads_a_store_with_damaged_job_records(tmp_path, capsys):
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
     from hkdbench.benchmark.sweep.status import run_states
 
     spec = _student_spec()

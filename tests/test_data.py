@@ -9,7 +9,7 @@ import torch
 from _support import ks_critical, ks_statistic
 from hkdbench.benchmark.data import datasets
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.core.config import DataConfig
 
 
 def _write_idx(path, array):
@@ -245,7 +245,7 @@ def test_eval_interpolation_is_validated():
 
 
 def test_eval_interpolation_model_takes_the_students_timm_065_default():
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     def resolved(student, recipe, dataset):
         cfg = resolve_run_config(kind="student", student=student, method="none", dataset=dataset, recipe=recipe,
@@ -296,7 +296,7 @@ def test_a_dataset_registered_as_one_entry_trains(toy_dataset, tmp_path, in_memo
     from hkdbench.benchmark.engine.checkpoint import load_weights
     from hkdbench.benchmark.engine.trainer import train
     from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     cfg = resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo", dataset="toy-brightness",
                              overrides=["data.img_size=16", "data.batch_size=16", "data.workers=0",
@@ -313,8 +313,8 @@ def test_a_dataset_registered_as_one_entry_trains(toy_dataset, tmp_path, in_memo
 
 
 def test_auto_recipe_of_a_new_dataset_is_one_auto_recipes_line(toy_dataset, monkeypatch):
-    from hkdbench.benchmark.config import ConfigError
-    from hkdbench.benchmark.recipes import AUTO_RECIPES, resolve_run_config
+    from hkdbench.benchmark.core.config import ConfigError
+    from hkdbench.benchmark.recipes.resolve import AUTO_RECIPES, resolve_run_config
 
     with pytest.raises(ConfigError, match="no recipe for dataset 'toy-brightness'.*add the dataset to AUTO_RECIPES"):
         resolve_run_config(kind="teacher", student="resnet_mini", dataset="toy-brightness")

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hkdbench.benchmark.config import DataConfig
+from hkdbench.benchmark.core.config import DataConfig
 from hkdbench.benchmark.data.loaders import TensorLoader
 from hkdbench.benchmark.data.datasets import dataset_info
-from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
 pytestmark = pytest.mark.usefixtures("fmnist_available")
 
@@ -34,9 +34,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from hkdbench.benchmark.config import run_config_from_dict
+    from hkdbench.benchmark.core.config import run_config_from_dict
     from hkdbench.benchmark.engine.distributed import DistContext
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
     from hkdbench.benchmark.engine.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -153,10 +153,10 @@ def test_stateful_methods_under_ddp(tmp_path, method):
 def _cohort_worker(rank: int, world: int, port: int, cfg_dicts: list, runs_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from hkdbench.benchmark.config import run_config_from_dict
+    from hkdbench.benchmark.core.config import run_config_from_dict
     from hkdbench.benchmark.engine.distributed import DistContext
     from hkdbench.benchmark.engine.trainer import CohortTrainer
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

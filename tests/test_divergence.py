@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.core.store import RunDir, RunStore
 
 # the run of issue 26: DONE with eval_loss NaN and top-1 12.50 before
 DIVERGING_TEACHER = ["teacher", "--model", "resnet_mini", "data.train_subset=256", "data.eval_subset=128",
@@ -56,7 +56,7 @@ def test_a_non_finite_evaluation_loss_fails_the_run_never_done(fmnist_available,
 def test_non_finite_weights_at_the_end_of_an_epoch_fail_the_run(fmnist_available, runs_dir, monkeypatch):
     """Finite losses, but a weight that overflowed: the epoch's check of the weights catches it, names the tensor."""
     from hkdbench.benchmark.engine.trainer import CohortTrainer, DivergedError, train
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     record = CohortTrainer._epoch_record
 
@@ -80,7 +80,7 @@ def test_the_store_writes_strict_json_and_its_readers_take_it(tmp_path):
     """Every writer of the store emits strict JSON; a non-finite number comes back as itself through the store's
     readers, and the analysis collects such runs (a failed one, a done one with a NaN statistic)."""
     from hkdbench.analysis.collect import collect_runs, epoch_records
-    from hkdbench.benchmark.store import from_strict_json, loads, to_strict_json
+    from hkdbench.benchmark.core.store import from_strict_json, loads, to_strict_json
 
     value = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": float("-inf")}, "e": 2.5}
     written = to_strict_json(value)

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
+from hkdbench.benchmark.core.store import RunDir
 
 TINY = ["data.eval_subset=64", "data.batch_size=32", "data.img_size=16", "train.epochs=1"]
 TINY_TEACHER = [f"teacher.{o}" for o in TINY + ["data.train_subset=64"]]
@@ -155,7 +155,7 @@ def test_bad_input_fails_as_without_dry_run(argv, tmp_path, capsys):
 
 def test_the_settings_line_names_only_what_differs(fmnist_available):
     from hkdbench.benchmark.engine.plan import teacher_settings_note
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     def note(*overrides):
         cfg = resolve_run_config(kind="student", student="resnet_mini", teacher="resnet_mini", method="kd",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkdbench.benchmark.config import ConfigError, DataConfig
+from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data.datasets import FASHION_MNIST_DEBIAN_DIR
 
 pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DEBIAN_DIR / "t10k-images-idx3-ubyte.gz").exists(),
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not (FASHION_MNIST_DEBIAN_DIR / "t10k-images-idx
 
 def hkdbench(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", *map(str, args)], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", *map(str, args)], capture_output=True,
                          text=True, env=env, timeout=900)
     return run.returncode, run.stdout, run.stderr
 
@@ -61,7 +61,7 @@ def plain_timm_transform(data: DataConfig, crop_pct: float):
     """timm's eval transform for the pretrained-config fields the export writes for this evaluation."""
     from timm.data import create_transform, resolve_data_config
 
-    from hkdbench.benchmark.export import eval_preprocessing
+    from hkdbench.benchmark.engine.export import eval_preprocessing
 
     return create_transform(**resolve_data_config({}, pretrained_cfg=eval_preprocessing(data, crop_pct)))
 
@@ -93,7 +93,7 @@ def test_paper224_resize_and_crop_is_what_timm_computes(fmnist_test, img_size, c
 
 
 def test_an_evaluation_timm_cannot_express_is_refused():
-    from hkdbench.benchmark.export import eval_preprocessing
+    from hkdbench.benchmark.engine.export import eval_preprocessing
 
     with pytest.raises(ConfigError, match=r"data.img_size=24 is below fashion-mnist's native 28 px.*exportable"):
         eval_preprocessing(DataConfig(pipeline="small", img_size=24), crop_pct=1.0)
@@ -138,9 +138,9 @@ def test_plain_timm_on_the_export_scores_the_runs_own_accuracy(run_fixture, requ
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from hkdbench.benchmark.export import export_run
+    from hkdbench.benchmark.engine.export import export_run
     from hkdbench.benchmark.models.zoo import zoo_entry
-    from hkdbench.benchmark.store import RunDir
+    from hkdbench.benchmark.core.store import RunDir
 
     run = request.getfixturevalue(run_fixture)
     export_run(run, "timm", out=tmp_path, weights="last")  # the last epoch's weights: summary's last_top1

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.config import DataConfig, OptimConfig, TrainConfig
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.core.config import DataConfig, OptimConfig, TrainConfig
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -1,5 +1,5 @@
-"""The GPU check (scripts/gpu-check.sh, benchmark/gpu_check.py) and the cohort speed benchmark it runs
-(benchmark/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
+"""The GPU check (scripts/gpu-check.sh, benchmark/tools/gpu_check.py) and the cohort speed benchmark it runs
+(benchmark/tools/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
 failing and a timed-out part recorded without stopping the check; the comparisons and the arithmetic of the
 time shares against hand-computed values."""
 import hashlib
@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkdbench.benchmark import cohort_speed, gpu_check
-from hkdbench.benchmark.config import PIPELINE_VERSION
-from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+from hkdbench.benchmark.tools import cohort_speed
+
+from hkdbench.benchmark.tools import gpu_check
+from hkdbench.benchmark.core.config import PIPELINE_VERSION
+from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,16 +1,16 @@
 """At most one host synchronisation per training step, for every registered method (issue #10, item 4).
 
 On the CPU the reads that would synchronise on a GPU are counted by patching torch
-(``benchmark/probes/host_sync.py``; on CUDA the same function counts torch's own sync warnings). The one read
+(``benchmark/tools/host_sync.py``; on CUDA the same function counts torch's own sync warnings). The one read
 allowed is the step's packed transfer of its losses, statistics and correct count."""
 import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import OptimConfig
+from hkdbench.benchmark.core.config import OptimConfig
 from hkdbench.benchmark.engine.step import TrainStep, _make_ema, setup_training
 from hkdbench.benchmark.data.stream import prepare_batch
-from hkdbench.benchmark.probes.host_sync import count_host_syncs, count_step_syncs
+from hkdbench.benchmark.tools.host_sync import count_host_syncs, count_step_syncs
 from hkdbench.methods import Targets, TrainingSet, get_method, list_methods, load_plugins
 from _support import TEST_CLASSES, TEST_IMG, small_model
 

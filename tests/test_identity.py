@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from _support import LOGIT_MSE_PLUGIN
-from hkdbench.benchmark.config import (PIPELINE_VERSION, DataConfig, OptimConfig, TrainConfig, identity,
+from hkdbench.benchmark.core.config import (PIPELINE_VERSION, DataConfig, OptimConfig, TrainConfig, identity,
                                        run_config_from_dict, to_dict)
-from hkdbench.benchmark.recipes import resolve_run_config
-from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
+from hkdbench.benchmark.core.store import RunDir, RunStore
 from hkdbench.methods import (MethodCodeChangedError, get_method, load_plugins, method_code, register_method,
                               unregister_method)
 from hkdbench.methods.registry import source_fingerprint
@@ -168,7 +168,7 @@ def test_a_run_configured_for_other_code_is_refused_before_anything_is_written(t
 def _hkdbench(args, cwd, plugin):
     env = {k: v for k, v in os.environ.items() if k != "HKDBENCH_METHODS"}
     env.update(OMP_NUM_THREADS="1", HKDBENCH_METHODS=str(plugin))
-    out = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", *args], cwd=cwd, env=env,
+    out = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", *args], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -222,7 +222,7 @@ def test_a_sweep_over_an_edited_plugin_trains_the_edited_method(tmp_path, plugin
 
 
 def test_the_methods_listing_shows_each_method_s_code(plugin, capsys):
-    from hkdbench.benchmark.cli import main
+    from hkdbench.benchmark.cli.main import main
 
     load_plugins(str(plugin))
     try:

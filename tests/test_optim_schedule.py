@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, param_groups
-from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
+from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
 
 # OFA-KD train.py argparse defaults (identical in PAT's train.py) that reach the optimiser, scheduler, loss,
 # mixup, EMA and crop; the YAML of each recipe is applied on top, as `parser.set_defaults(**yaml)` does.

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from hkdbench.analysis.collect import collect_runs
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.probes.overhead import run_overhead
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.tools.overhead import run_overhead
 
 PAIR = dict(teacher="resnet_mini", student="vit_mini", batch_size=8, img_size=16, warmup=1, repeats=2,
             num_classes=10)
@@ -71,7 +71,7 @@ def test_cli(tmp_path, capsys):
 def test_times_the_trainers_own_step(monkeypatch):
     """The benchmark must measure the step training runs (step.TrainStep), not a copy of it."""
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
 
     calls = []
     real_step = step.TrainStep.step
@@ -90,7 +90,7 @@ def test_builds_its_step_with_the_trainers_setup(monkeypatch):
     """The benchmark and the trainer share engine.step.setup_training: the method, module, optimiser and scaler
     the benchmark times are built as a training run builds them."""
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
 
     built = []
     real_setup = step.setup_training
@@ -114,7 +114,7 @@ def test_method_costs_per_method():
     from hkdbench.methods import TrainingSet, get_method, list_methods, method_config
 
     from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.probes.overhead import method_costs
+    from hkdbench.benchmark.tools.overhead import method_costs
 
     costs = method_costs("resnet_mini", "vit_mini", 10)
     assert costs["train_set_size"] == 5000 and set(costs["methods"]) == set(list_methods())
@@ -137,7 +137,7 @@ def test_compile_is_measured_under_its_own_name(monkeypatch):
     """--compile times the compiled step (as train.compile=true) and names the measurement apart; without it the
     name is the one a measurement had before the option."""
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
 
     monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")  # inductor's C++ build is minutes on this machine
     seen = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.core.store import RunStore
 from _support import LOGIT_MSE_PLUGIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_a_plugin_method_trains_in_a_local_sweep(tmp_path, plugin):
         "teacher_overrides": {"data": TINY, "train": {"epochs": 1}}}))
     runs = tmp_path / "runs"
     # a relative plugin path, as a user types it: the workers get it made absolute
-    out = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "sweep", str(preset), "--executor",
+    out = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", "sweep", str(preset), "--executor",
                           "local", "--runs-dir", str(runs)], cwd=tmp_path, env=_env(HKDBENCH_METHODS=plugin.name),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -63,7 +63,7 @@ def test_a_pickled_job_loads_its_plugins_where_the_variable_is_unset(tmp_path, p
     """What a Slurm node does: unpickle the RunJob and call it, in a process whose environment may lack
     HKDBENCH_METHODS (here: it is removed)."""
     from hkdbench.benchmark.sweep.job import RunJob
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
     from hkdbench.methods import load_plugins, unregister_method
 
     monkeypatch.setenv("HKDBENCH_METHODS", str(plugin))

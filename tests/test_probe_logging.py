@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkdbench.benchmark.config import identity
+from hkdbench.benchmark.core.config import identity
 from hkdbench.benchmark.probes.hooks import TrainingProbes, probe_set
-from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.engine.trainer import train
 
 from _support import small_model
@@ -103,7 +103,7 @@ def test_probe_set_is_a_fixed_seeded_draw():
 
 def _teacher_runs(runs_dir, teachers=("resnet_mini", "mixer_mini")):
     """Trains each teacher as a sweep would (the teacher run of a kd student): name -> its run directory."""
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     out = {}
     for t in teachers:
@@ -164,7 +164,7 @@ def test_student_alone_probed_against_named_teacher_runs(fmnist_available, runs_
 
 
 def test_probe_teachers_bad_input_fails_before_anything_is_written(fmnist_available, runs_dir):
-    from hkdbench.benchmark.config import ConfigError
+    from hkdbench.benchmark.core.config import ConfigError
     from hkdbench.benchmark.engine.trainer import ProbeTeacherMissingError
 
     probe = ["train.probe_every=1", "train.probe_teachers=[teacher_resnet_mini_fashion-mnist_s0_000000000000]"]
@@ -184,8 +184,8 @@ def test_probe_teachers_bad_input_fails_before_anything_is_written(fmnist_availa
 def test_a_cli_cohort_probes_its_student_alone_against_the_cohorts_teacher(fmnist_available, runs_dir):
     """`hkdbench train --method none,kd --teacher T` with CKA probes: the teacher run is trained first (it is not
     in the store yet), then the student alone is probed against it as kd is: cka@<teacher run>/..."""
-    from hkdbench.benchmark.cli import main
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.cli.main import main
+    from hkdbench.benchmark.core.store import RunStore
 
     probe = ["train.probe_every=1", "train.probe_images=64"]
     code = main(["train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "none,kd", "--recipe",

@@ -33,7 +33,7 @@ MAX_GEOMETRIC_MEAN_DIFF = 0.05
 
 @pytest.fixture(scope="module")
 def fmnist():
-    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.core.config import DataConfig
     from hkdbench.benchmark.data.datasets import DataNotFoundError, load_tensors
 
     try:

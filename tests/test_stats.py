@@ -118,7 +118,7 @@ def test_overhead_table_and_loaded_machine_warning():
 
 
 def test_tables_say_whether_their_runs_share_batches(store):  # noqa: F811
-    from hkdbench.benchmark.config import PIPELINE_VERSION
+    from hkdbench.benchmark.core.config import PIPELINE_VERSION
 
     runs = collect_runs(store)
     table = next(t for t in comparison_tables(runs) if t.key["epochs"] == 3)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.core.store import RunDir, RunStore
 from hkdbench.benchmark.engine.trainer import train
 
 from test_trainer import TINY, TINY_TEACHER, _assert_same_kept_files, _strip_times, tiny_cfg
@@ -79,7 +79,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_ru
     """The signal lands once epoch 1's metrics exist (mid-run); the process exits 128+signum saying how to resume."""
     args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
             *TINY, "train.epochs=6", *[f"teacher.{o}" for o in TINY_TEACHER]]
-    cli = [sys.executable, "-m", "hkdbench.benchmark.cli", "train"]
+    cli = [sys.executable, "-m", "hkdbench.benchmark.cli.main", "train"]
     reference = subprocess.run([*cli, "--runs-dir", str(tmp_path / "a"), *args], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     runs_b = tmp_path / "b"

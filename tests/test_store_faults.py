@@ -10,9 +10,9 @@ import subprocess
 import pytest
 import torch
 
-from hkdbench.benchmark.cli import main
-from hkdbench.benchmark.recipes import resolve_run_config
-from hkdbench.benchmark.store import RunDir, StoreWriteError, atomic_write_json
+from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
+from hkdbench.benchmark.core.store import RunDir, StoreWriteError, atomic_write_json
 from hkdbench.benchmark.engine.trainer import train
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]

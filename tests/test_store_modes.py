@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hkdbench.benchmark.engine.checkpoint import atomic_torch_save
-from hkdbench.benchmark.store import atomic_write_json
+from hkdbench.benchmark.core.store import atomic_write_json
 
 
 @contextlib.contextmanager

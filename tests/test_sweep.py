@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.models.zoo import zoo_entry
 from hkdbench.benchmark.sweep.plan import expand
 from hkdbench.benchmark.sweep.preset import load_preset, missing_requirements, preset_names
@@ -25,7 +25,7 @@ TINY = {"train_subset": 256, "eval_subset": 256, "batch_size": 64, "img_size": 1
 
 
 def hkdbench(*args):
-    from hkdbench.benchmark.cli import main
+    from hkdbench.benchmark.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -195,7 +195,7 @@ def test_local_executor_sweep(tmp_path):
 
 @pytest.mark.usefixtures("fmnist_available")
 def test_status_reports_done_failed_partial_and_pending(tmp_path):
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     preset, runs = tiny_preset(tmp_path, methods=["none"], seeds=[0, 1, 2, 3]), tmp_path / "runs"
     hkdbench("sweep", preset, "--runs-dir", runs, "seeds=[0]")

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from hkdbench.benchmark.engine.trainer import train
-from hkdbench.benchmark.recipes import teacher_run_config
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.recipes.resolve import teacher_run_config
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.sweep.plan import cohort_id, expand, make_cohorts
 from hkdbench.benchmark.sweep.preset import load_preset
 

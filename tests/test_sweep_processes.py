@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.sweep.plan import expand
 from hkdbench.benchmark.sweep.preset import load_preset
 
@@ -74,7 +74,7 @@ def test_runs_claimed_after_planning_are_skipped_at_submission(tmp_path, monkeyp
 
 
 def _sweep_command(preset, runs, *extra):
-    return [sys.executable, "-m", "hkdbench.benchmark.cli", "sweep", preset, "--executor", "local",
+    return [sys.executable, "-m", "hkdbench.benchmark.cli.main", "sweep", preset, "--executor", "local",
             "--runs-dir", str(runs), *extra]
 
 

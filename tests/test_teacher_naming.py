@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from hkdbench.benchmark.config import run_config_from_dict
-from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.core.config import run_config_from_dict
+from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.sweep.plan import expand
 from hkdbench.benchmark.sweep.preset import load_preset
 
@@ -56,7 +56,7 @@ def test_the_stored_config_rebuilds_the_same_names():
 
 @pytest.mark.parametrize("bad", ["train.epochs=-1", "optim.lrr=1"])
 def test_a_bad_teacher_override_names_the_teacher_run(bad):
-    from hkdbench.benchmark.config import ConfigError
+    from hkdbench.benchmark.core.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"teacher override \(teacher\.<section>\.<field>=value\)"):
         _student([bad])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.engine.progress import EpochProgress, format_duration
-from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
 from _support import hub_cache as _hub_cache
 
@@ -22,7 +22,7 @@ TINY = ["train.epochs=2", "data.train_subset=256", "data.eval_subset=128", "data
 
 def hkdbench(*args, env=None, cwd=None):
     env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}.items() if v is not None}
-    run = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", *map(str, args)], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", *map(str, args)], capture_output=True,
                          text=True, env=env, cwd=cwd, timeout=900)
     return run.returncode, run.stdout, run.stderr
 
@@ -195,7 +195,7 @@ def test_pretrained_weights_resolve_from_the_cache_and_load(resnet18_cache):
 
 def test_pretrained_identity_enters_the_teacher_runs_hash(resnet18_cache):
     from hkdbench.benchmark.models.pretrained import _HASHES
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     _, file, _ = resnet18_cache
     args = dict(kind="student", student="vit_mini", teacher="resnet18", method="kd")
@@ -259,7 +259,7 @@ def resnet18_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_eval_reproduces_the_runs_own_accuracy(resnet18_run):
-    from hkdbench.benchmark.eval_run import evaluate_run
+    from hkdbench.benchmark.engine.eval_run import evaluate_run
 
     summary = json.loads((resnet18_run / "summary.json").read_text())
     result = evaluate_run(resnet18_run)["student"]
@@ -277,8 +277,8 @@ def test_eval_reproduces_the_runs_own_accuracy(resnet18_run):
 def test_timm_export_loads_in_plain_timm_with_the_same_logits(resnet18_run, tmp_path):
     import timm
 
-    from hkdbench.benchmark.eval_run import load_student
-    from hkdbench.benchmark.store import RunDir
+    from hkdbench.benchmark.engine.eval_run import load_student
+    from hkdbench.benchmark.core.store import RunDir
 
     student = load_student(RunDir(resnet18_run)).model
     code, out, err = hkdbench("export", resnet18_run, "--format", "timm", "--out", tmp_path / "timm")
@@ -315,8 +315,8 @@ def test_timm_export_loads_in_plain_timm_with_the_same_logits(resnet18_run, tmp_
 def test_onnx_export_matches_the_student_in_onnx_runtime(resnet18_run, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from hkdbench.benchmark.eval_run import load_student
-    from hkdbench.benchmark.store import RunDir
+    from hkdbench.benchmark.engine.eval_run import load_student
+    from hkdbench.benchmark.core.store import RunDir
 
     code, out, err = hkdbench("export", resnet18_run, "--format", "onnx", "--out", tmp_path)
     assert code == 0, err
@@ -329,7 +329,7 @@ def test_onnx_export_matches_the_student_in_onnx_runtime(resnet18_run, tmp_path)
 
 
 def test_export_refuses_a_model_timm_cannot_build_before_writing(tmp_path):
-    from hkdbench.benchmark.export import check_format
+    from hkdbench.benchmark.engine.export import check_format
 
     with pytest.raises(ConfigError, match="resnet_mini is one of hkdbench's own small configurations"):
         check_format("timm", None, "resnet_mini")
@@ -339,7 +339,7 @@ def test_export_refuses_a_model_timm_cannot_build_before_writing(tmp_path):
 
 @pytest.mark.slow
 def test_eval_scores_the_teacher_the_run_distilled_from(fmnist_available, runs_dir):
-    from hkdbench.benchmark.eval_run import evaluate_run
+    from hkdbench.benchmark.engine.eval_run import evaluate_run
 
     code, _, err = hkdbench("train", "--teacher", "resnet_mini", "--student", "vit_mini", "--method", "kd",
                             "--runs-dir", runs_dir, "teacher.train.epochs=1", "teacher.data.eval_subset=128",
@@ -355,7 +355,7 @@ def test_eval_scores_the_teacher_the_run_distilled_from(fmnist_available, runs_d
 
 
 def test_the_teacher_run_is_watched_like_the_student_run():
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     args = dict(kind="student", student="vit_mini", teacher="resnet_mini", method="kd")
     watched = resolve_run_config(**args, overrides=["train.log=tensorboard", "train.log_interval=5"])

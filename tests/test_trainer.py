@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.engine.optim import param_groups
 from hkdbench.benchmark.engine.trainer import DivergedError, RunExistsError, train
 
@@ -117,11 +117,11 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     """SIGKILL in the middle of epoch 2 (after the epoch-1 checkpoint), then `hkdbench train --resume`."""
     args = ["--teacher", "resnet_mini", "--student", "mixer_mini", "--method", "kd", "--recipe", "demo",
             *TINY, "train.epochs=6", *[f"teacher.{o}" for o in TINY_TEACHER]]
-    reference = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir",
+    reference = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", "train", "--runs-dir",
                                 str(tmp_path / "a"), *args], capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     runs_b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir", str(runs_b),
+    proc = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.cli.main", "train", "--runs-dir", str(runs_b),
                              *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     checkpoint = None
@@ -137,7 +137,7 @@ def test_killed_process_resumes_from_its_checkpoint(fmnist_available, tmp_path):
     run = RunStore(str(runs_b)).runs()
     student_dir = next(r for r in run if r.path.name.startswith("kd_"))
     assert not student_dir.is_done and student_dir.has_checkpoint
-    done = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli", "train", "--runs-dir", str(runs_b),
+    done = subprocess.run([sys.executable, "-m", "hkdbench.benchmark.cli.main", "train", "--runs-dir", str(runs_b),
                            "--resume", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "resuming at epoch" in done.stdout
@@ -149,7 +149,7 @@ def test_a_compiled_step_trains_as_the_eager_step(monkeypatch):
     """train.compile: the student and the method's modules under torch.compile give the eager step's losses and
     weights up to float rounding, under the same parameter names. Backend aot_eager here (dynamo's tracing of the
     taps and modules, AOT autograd; inductor's C++ build takes minutes on this CPU; a GPU check runs inductor)."""
-    from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.core.config import OptimConfig
     from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.step import TrainStep, setup_training
     from hkdbench.benchmark.models.zoo import create_model
@@ -185,7 +185,7 @@ def test_setup_training_places_the_pieces():
     """The setup the trainer and the overhead benchmark share: the method built on the pair, module and teacher
     on the device in the asked memory format, the optimiser over the trainable parameters only (not the
     teacher's), the GradScaler on exactly under fp16."""
-    from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.core.config import OptimConfig
     from hkdbench.benchmark.engine.step import setup_training
     from hkdbench.benchmark.models.zoo import create_model
 

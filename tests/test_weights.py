@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from hkdbench.analysis.collect import collect_runs
-from hkdbench.benchmark.config import ConfigError, ModelConfig
+from hkdbench.benchmark.core.config import ConfigError, ModelConfig
 from hkdbench.benchmark.data.loaders import build_loaders
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
-from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
 from hkdbench.benchmark.engine.checkpoint import MissingWeightsError, load_weights
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.engine.trainer import Trainer, best_record, train
 from hkdbench.benchmark.engine.evaluation import evaluate
 

@@ -16,8 +16,8 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.benchmark.config import ConfigError, DataConfig
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.config import ConfigError, DataConfig
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 
 class DataNotFoundError(HkdbenchError, FileNotFoundError):

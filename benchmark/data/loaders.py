@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from hkdbench.benchmark.config import ConfigError, DataConfig
+from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
 from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
                                              load_tensors, train_subset_indices, training_images)

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.store import RunDir, atomic_replace
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.store import RunDir, atomic_replace
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")

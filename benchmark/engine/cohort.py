@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional, Sequence
 
-from hkdbench.benchmark.config import ConfigError, RunConfig
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
 
 
 def stream_key(cfg: RunConfig) -> str:

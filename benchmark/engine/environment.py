@@ -7,7 +7,7 @@ from typing import Any, Dict
 
 import torch
 
-from hkdbench.benchmark.store import cpu_model, git_sha, timestamp
+from hkdbench.benchmark.core.store import cpu_model, git_sha, timestamp
 
 
 def environment(device: torch.device, world_size: int = 1) -> Dict[str, Any]:

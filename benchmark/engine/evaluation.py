@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.models.taps import TappedModel
 
 

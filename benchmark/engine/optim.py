@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Sequence, Set
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import ConfigError, OptimConfig
+from hkdbench.benchmark.core.config import ConfigError, OptimConfig
 
 
 def _as_module(params) -> nn.Module:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from hkdbench.benchmark.config import RunConfig
-from hkdbench.benchmark.store import RunDir, RunStore
+from hkdbench.benchmark.core.config import RunConfig
+from hkdbench.benchmark.core.store import RunDir, RunStore
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def _teacher_run(given: List[PlannedRun], store: RunStore) -> Optional[PlannedRu
     """The teacher run the students distil from, when one is trained here (not a checkpoint, nor timm's weights
     as they are); the trainer reads it for the first student that trains and uses a teacher."""
     from hkdbench.benchmark.engine.cohort import teacher_key
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     readers = [r for r in given if teacher_key(r.cfg) is not None and r.cfg.teacher_recipe is not None]
     if not readers:

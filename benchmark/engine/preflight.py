@@ -8,7 +8,7 @@ import math
 import os
 from typing import Iterable, Optional
 
-from hkdbench.benchmark.config import ConfigError, RunConfig
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
 
 
 def check_run_inputs(cfg: RunConfig) -> None:
@@ -52,7 +52,7 @@ def check_teacher(cfg: RunConfig) -> None:
     if cfg.teacher_recipe is None:  # timm's pretrained weights as they are: found in the cache with the config
         return
     from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     t_cfg = teacher_run_config(cfg)  # its teacher.* overrides were validated with the config
     check_data_available(t_cfg.data)

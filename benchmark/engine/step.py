@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method_config
 
-from hkdbench.benchmark.config import OptimConfig, RunConfig
+from hkdbench.benchmark.core.config import OptimConfig, RunConfig
 from hkdbench.benchmark.data.stream import Batch
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, is_fused

@@ -7,9 +7,9 @@ from typing import Any, Dict
 
 from hkdbench.benchmark.engine.checkpoint import CheckpointError, load_fitting, load_weights
 from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.store import DamagedRunFileError, RunDir
+from hkdbench.benchmark.core.store import DamagedRunFileError, RunDir
 
 
 class TeacherRunError(HkdbenchError, RuntimeError):

@@ -16,8 +16,8 @@ import math
 import os
 from typing import Any, Dict, Mapping
 
-from hkdbench.benchmark.config import RunConfig
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.config import RunConfig
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 # train.log value -> (module to import, extra that installs it)
 _NEEDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}

@@ -29,11 +29,11 @@ import torch
 from hkdbench.methods import TrainingSet, check_method_code, get_method, method_source
 
 from hkdbench.benchmark.data import loaders
-from hkdbench.benchmark.config import PIPELINE_VERSION, RunConfig
+from hkdbench.benchmark.core.config import PIPELINE_VERSION, RunConfig
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.environment import environment
-from hkdbench.benchmark.store import RunDir, RunStore, StoreWriteError, timestamp
+from hkdbench.benchmark.core.store import RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
 from hkdbench.benchmark.data.stream import DataStream
@@ -41,7 +41,7 @@ from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, non
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
 from hkdbench.benchmark.engine.teacher import TeacherRunError, load_teacher_run, refuse_failed
 from hkdbench.benchmark.engine.step import TrainStep, _EpochSums, _make_ema, build_criterion, setup_training
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 log = logging.getLogger("hkdbench")
 
@@ -160,7 +160,7 @@ class CohortTrainer:
         if as_is:
             return teacher.to(self.device), None
         from hkdbench.benchmark.engine.plan import teacher_settings_note
-        from hkdbench.benchmark.recipes import teacher_run_config
+        from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
         t_cfg = teacher_run_config(cfg)
         t_dir = self.store.run_dir(t_cfg)
@@ -224,7 +224,7 @@ class CohortTrainer:
         ``wait_for_lock=False``: a run whose lock another process holds is left to it ('owned'), and a cohort of
         one raises RunLockedError."""
         from hkdbench.benchmark.engine.tracking import check_tracker_available
-        from hkdbench.benchmark.store import RunLockedError
+        from hkdbench.benchmark.core.store import RunLockedError
 
         from hkdbench.benchmark.engine.preflight import check_on_device
 
@@ -362,7 +362,7 @@ class CohortTrainer:
             m.saved = None
             self.say(f"{m.name}: resuming at epoch {m.state['epoch'] + 1}, step {m.state['step']}", [m])
         elif self.is_main:
-            from hkdbench.benchmark.store import atomic_write_json
+            from hkdbench.benchmark.core.store import atomic_write_json
             atomic_write_json(m.run_dir.env_file, {**environment(self.device, self.world_size), **setup.environment(),
                                                    "global_batch": cfg.data.batch_size * self.world_size,
                                                    "lr": cfg.optim.lr, "channels_last": channels_last,
@@ -607,7 +607,7 @@ class CohortTrainer:
             return {"teacher_weights": "checkpoint", "teacher_run": None}
         if cfg.teacher_recipe is None:  # timm's pretrained weights, as they are
             return {"teacher_weights": f"pretrained:{cfg.teacher.pretrained}", "teacher_run": None}
-        from hkdbench.benchmark.recipes import teacher_run_config
+        from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
         return {"teacher_weights": cfg.teacher.weights, "teacher_run": teacher_run_config(cfg).run_name()}
 

@@ -18,8 +18,8 @@ from typing import Dict, Optional, Tuple
 
 import torch.nn as nn
 
-from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader looks for, in its order

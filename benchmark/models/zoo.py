@@ -27,7 +27,7 @@ from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
 from hkdbench.benchmark.models.families import family_groups, family_of, group_takes_img_size
 from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 
 class UnknownModelError(HkdbenchError, KeyError):

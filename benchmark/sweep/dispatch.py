@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.store import RunStore, append_jsonl, timestamp
+from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.core.store import RunStore, append_jsonl, timestamp
 from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
 from hkdbench.benchmark.sweep.plan import Cohort, RunSpec, SweepPlan, make_cohorts
 from hkdbench.benchmark.sweep.job import RunJob
@@ -92,7 +92,7 @@ class Sweep:
     def write_manifest(self, executor: Optional[str] = None, command: Optional[str] = None) -> None:
         """``sweep.json``: the preset, every run's config and, one entry per ``run``, when, how (executor) and
         with which command line the sweep was invoked (the report's provenance)."""
-        from hkdbench.benchmark.config import to_dict
+        from hkdbench.benchmark.core.config import to_dict
 
         invocations = self.records.manifest().get("invocations", []) if self.records.exists else []
         if executor is not None:

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import submitit
 
-from hkdbench.benchmark.config import run_config_from_dict
-from hkdbench.benchmark.store import RunLockedError, RunStore
+from hkdbench.benchmark.core.config import run_config_from_dict
+from hkdbench.benchmark.core.store import RunLockedError, RunStore
 from hkdbench.benchmark.sweep.plan import cohort_id
 
 

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from hkdbench.benchmark.config import ConfigError, RunConfig, deep_merge, flatten
+from hkdbench.benchmark.core.config import ConfigError, RunConfig, deep_merge, flatten
 from hkdbench.benchmark.sweep.preset import Preset
 
 
@@ -54,7 +54,7 @@ def expand(p: Preset) -> SweepPlan:
     from hkdbench.methods import get_method
 
     from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
-    from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
 
     cells: List[Tuple[str, str, str, int]] = []
     students: Dict[str, RunSpec] = {}

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, build_dataclass, deep_merge, load_yaml,
+from hkdbench.benchmark.core.config import (RUN_SECTIONS, ConfigError, build_dataclass, deep_merge, load_yaml,
                                        parse_overrides)
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def validate_preset(p: Preset, origin: str) -> None:
     from hkdbench.methods import get_method, list_methods
 
     from hkdbench.benchmark.models.zoo import zoo, zoo_entry
-    from hkdbench.benchmark.recipes import recipe_names
+    from hkdbench.benchmark.recipes.resolve import recipe_names
 
     known_models = ", ".join(zoo())
     pairs = p.pair_list()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 
-from hkdbench.benchmark.store import RunStore
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.sweep.plan import RunSpec
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import ConfigError, OptimConfig
+from hkdbench.benchmark.core.config import ConfigError, OptimConfig
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer
 from hkdbench.methods import Targets, TrainingSet, get_method, method_config
 from hkdbench.methods.crd import ContrastMemory, NegativeSampler, nce_loss
@@ -196,7 +196,7 @@ def test_defaults_are_the_references():
 @pytest.mark.usefixtures("fmnist_available")
 @pytest.mark.parametrize("in_memory", ["yes", "no"])
 def test_loaders_yield_each_samples_training_set_index(in_memory):
-    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.core.config import DataConfig
     from hkdbench.benchmark.data.loaders import build_loaders
 
     cfg = DataConfig(train_subset=96, eval_subset=16, batch_size=16, img_size=28, workers=0, in_memory=in_memory)
@@ -218,7 +218,7 @@ TINY = ["data.train_subset=64", "data.eval_subset=64", "data.batch_size=16", "da
 @pytest.mark.usefixtures("fmnist_available")
 def test_crd_trains_and_a_stopped_run_resumes_bit_for_bit(tmp_path):
     """The memory banks, Z and the negatives' RNG are in the checkpoint: stop mid-epoch 2, resume, compare."""
-    from hkdbench.benchmark.recipes import resolve_run_config, teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
     from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method="crd", recipe="demo",
@@ -252,8 +252,8 @@ def test_crd_in_an_inline_sweep(tmp_path):
     import contextlib
     import io
 
-    from hkdbench.benchmark.cli import main
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.cli.main import main
+    from hkdbench.benchmark.core.store import RunStore
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -267,7 +267,7 @@ def test_crd_in_an_inline_sweep(tmp_path):
 
 def test_under_mixup_the_step_passes_the_unmixed_samples_indices(minis):
     """timm's batch mixup mixes row i (weight lambda) with row B-1-i: row i's index stays the loader's."""
-    from hkdbench.benchmark.config import DataConfig
+    from hkdbench.benchmark.core.config import DataConfig
     from hkdbench.benchmark.data.loaders import build_mixup
     from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.step import TrainModule, TrainStep

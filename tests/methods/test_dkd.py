@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.models.taps import Features
 from hkdbench.benchmark.models.zoo import create_model
 from hkdbench.methods import Targets, get_method, kd_kl, list_methods, method_config

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.models.taps import Features, StageInfo
 from hkdbench.benchmark.models.zoo import create_model
 from hkdbench.methods import Targets, get_method, method_config

@@ -39,7 +39,7 @@ def _preset(tmp_path: Path, name: str, **fields) -> str:
 
 def _hkdbench(*args: str) -> str:
     """``hkdbench ARGS`` in this process (the jobs themselves run under Slurm); its standard output."""
-    from hkdbench.benchmark.cli import main
+    from hkdbench.benchmark.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -95,7 +95,7 @@ def test_sweep_as_job_arrays_then_resubmit_runs_nothing(slurm_cluster, tmp_path)
 
 
 def test_preempted_job_resumes_bit_exact_and_cancelled_job_is_reported(slurm_cluster, tmp_path):
-    from hkdbench.benchmark.store import RunDir
+    from hkdbench.benchmark.core.store import RunDir
     from hkdbench.benchmark.sweep.plan import expand
     from hkdbench.benchmark.sweep.preset import load_preset
     from hkdbench.benchmark.engine.trainer import train

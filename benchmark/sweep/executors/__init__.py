@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from hkdbench.benchmark.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError
 
 EXECUTORS = {"inline": "in this process, one run after the other",
              "local": "local processes (submitit), --parallel at a time",

@@ -7,12 +7,12 @@ import sys
 import time
 from typing import Dict
 
-from hkdbench.benchmark.config import ConfigError
-from hkdbench.benchmark.recipes import RECIPES, resolve_run_config
+from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
 
 
 def cmd_train(args, overrides) -> int:
-    from hkdbench.benchmark.config import split_teacher_overrides
+    from hkdbench.benchmark.core.config import split_teacher_overrides
     from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
     from hkdbench.benchmark.engine.trainer import train, train_cohort
 
@@ -41,7 +41,7 @@ def _dry_run(cfgs, args) -> int:
     from hkdbench.benchmark.engine.evaluation import select_device
     from hkdbench.benchmark.engine.plan import format_plan, plan_runs
     from hkdbench.benchmark.engine.trainer import check_probe_teachers, unfinished_run_error
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     select_device(args.device)  # a device this machine lacks fails here as the training would
     store = RunStore(args.runs_dir)
@@ -143,7 +143,7 @@ def cmd_models(args, _overrides) -> int:
 def cmd_recipes(args, _overrides) -> int:
     from hkdbench.benchmark.data.loaders import color_jitter_note
 
-    from hkdbench.benchmark.recipes import AUTO_RECIPES
+    from hkdbench.benchmark.recipes.resolve import AUTO_RECIPES
 
     print("auto, by dataset (CNN students / the others): "
           + "; ".join(f"{d}: {r['cnn']} / {r['other']}" for d, r in AUTO_RECIPES.items()))
@@ -177,7 +177,7 @@ def cmd_methods(args, _overrides) -> int:
 
 
 def print_method_costs(teacher: str, student: str, num_classes: int) -> None:
-    from hkdbench.benchmark.probes.overhead import method_costs
+    from hkdbench.benchmark.tools.overhead import method_costs
 
     costs = method_costs(teacher, student, num_classes)
     print(f"train-time cost for {teacher} -> {student} at {costs['img_size']}px, {num_classes} classes "
@@ -192,14 +192,14 @@ def print_method_costs(teacher: str, student: str, num_classes: int) -> None:
 
 
 def cmd_demo(args, _overrides) -> int:
-    from hkdbench.benchmark.demo import run_demo
+    from hkdbench.benchmark.engine.demo import run_demo
 
     return run_demo(runs_dir=args.runs_dir, device=args.device, quick=args.quick)
 
 
 def cmd_overhead(args, _overrides) -> int:
     from hkdbench.analysis.overhead_table import print_overhead_table
-    from hkdbench.benchmark.probes.overhead import run_overhead
+    from hkdbench.benchmark.tools.overhead import run_overhead
 
     results = run_overhead(args.teacher, args.student, methods=args.methods, batch_size=args.batch_size,
                  img_size=args.img_size, warmup=args.warmup, repeats=args.repeats, device=args.device,
@@ -211,7 +211,7 @@ def cmd_overhead(args, _overrides) -> int:
 
 def _analysis_paths(args):
     """The run store to read and the folder to write, both checked before anything is read or written."""
-    from hkdbench.benchmark.store import RunStore, check_folder
+    from hkdbench.benchmark.core.store import RunStore, check_folder
 
     return RunStore(args.runs_dir).root, check_folder(args.out, "--out")
 
@@ -289,7 +289,7 @@ def cmd_sweep(args, _overrides) -> int:
     if preset_arg is None and not grid["students"]:
         raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
                           "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
-    from hkdbench.benchmark.cli import slurm_settings
+    from hkdbench.benchmark.cli.main import slurm_settings
 
     preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
     start = time.time()
@@ -316,7 +316,7 @@ def cmd_sweep(args, _overrides) -> int:
 
 def cmd_status(args, _overrides) -> int:
     from hkdbench.benchmark.sweep.status import format_state_table, run_states
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.core.store import RunStore
 
     args.target, args.settings = args.settings[0], args.settings[1:]
     specs, runs_dir, title = _status_specs(args)
@@ -331,7 +331,7 @@ def _status_specs(args):
     expanded as the sweep would."""
     from pathlib import Path
 
-    from hkdbench.benchmark.store import SWEEPS_DIR, RunStore, SweepDir
+    from hkdbench.benchmark.core.store import SWEEPS_DIR, RunStore, SweepDir
     from hkdbench.benchmark.sweep.plan import expand
     from hkdbench.benchmark.sweep.preset import load_preset, preset_names
 
@@ -355,8 +355,8 @@ def _status_specs(args):
 
 def _manifest_specs(sweep, manifest) -> list:
     """The run specs a sweep's manifest records; a config in it this version cannot read names the file."""
-    from hkdbench.benchmark.config import run_config_from_dict
-    from hkdbench.benchmark.errors import HkdbenchError, StoreError
+    from hkdbench.benchmark.core.config import run_config_from_dict
+    from hkdbench.benchmark.core.errors import HkdbenchError, StoreError
     from hkdbench.benchmark.sweep.plan import RunSpec
 
     if "runs" not in manifest:
@@ -379,7 +379,7 @@ def _exists(path) -> bool:
 
 
 def cmd_eval(args, _overrides) -> int:
-    from hkdbench.benchmark.eval_run import evaluate_run
+    from hkdbench.benchmark.engine.eval_run import evaluate_run
 
     items = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     results = evaluate_run(args.run, weights=args.weights, ema=args.ema, teacher=args.teacher, overrides=items,
@@ -390,7 +390,7 @@ def cmd_eval(args, _overrides) -> int:
 
 
 def cmd_export(args, _overrides) -> int:
-    from hkdbench.benchmark.export import export_run
+    from hkdbench.benchmark.engine.export import export_run
 
     print(f"wrote {export_run(args.run, args.format, out=args.out, weights=args.weights, ema=args.ema)}")
     return 0

@@ -41,8 +41,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from hkdbench.benchmark.config import ConfigError, DataConfig, RunConfig
-from hkdbench.benchmark.store import check_folder
+from hkdbench.benchmark.core.config import ConfigError, DataConfig, RunConfig
+from hkdbench.benchmark.core.store import check_folder
 
 FORMATS = ("timm", "safetensors", "onnx")
 
@@ -146,7 +146,7 @@ def check_format(fmt: str, architecture: Optional[str], zoo_name: str) -> None:
 def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, weights: str = "best",
                ema: bool = False) -> Path:
     """Writes the export and returns its path (a folder for ``timm``, a file otherwise)."""
-    from hkdbench.benchmark.eval_run import load_student, open_run
+    from hkdbench.benchmark.engine.eval_run import load_student, open_run
     from hkdbench.benchmark.models.pretrained import zoo_architecture
 
     rd = open_run(path)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from hkdbench.benchmark.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
+from hkdbench.benchmark.core.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
                                        TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
 from hkdbench.benchmark.data.datasets import dataset_info
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.models.pretrained import used_as_is
 from hkdbench.benchmark.models.zoo import zoo_entry
 

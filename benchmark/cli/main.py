@@ -10,7 +10,7 @@ import traceback
 import warnings
 from typing import List, Optional, Sequence
 
-from hkdbench.benchmark.errors import HkdbenchError
+from hkdbench.benchmark.core.errors import HkdbenchError
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_export_commands(sub) -> None:
-    """eval and export of a finished run's student (benchmark/eval_run.py, benchmark/export.py)."""
+    """eval and export of a finished run's student (benchmark/engine/eval_run.py, benchmark/engine/export.py)."""
     for name, text in (("eval", "top-1/top-5 of a run's kept student weights (and of its teacher)"),
                        ("export", "write a run's deployable student for plain timm (timm), safetensors or ONNX")):
         p = sub.add_parser(name, help=text)
@@ -330,7 +330,7 @@ def report_error(prefix: str, err: BaseException, debug: bool = False) -> int:
     """Prints what went wrong in one line (with ``debug``, after the traceback) and returns the exit code: 2 for an
     expected error (:class:`HkdbenchError`, a write the store cannot take), 130 for Ctrl-C, 1 for a lack of memory,
     :data:`EXIT_BUG` for anything else: a bug, never passed off as bad input."""
-    from hkdbench.benchmark.store import WRITE_ERRNOS, describe_write_error
+    from hkdbench.benchmark.core.store import WRITE_ERRNOS, describe_write_error
 
     if debug:
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
@@ -372,7 +372,7 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _dispatch(args) -> int:
-    from hkdbench.benchmark import commands
+    from hkdbench.benchmark.cli.main import commands
 
     return getattr(commands, f"cmd_{args.command}")(args, _overrides if hasattr(args, "overrides") else None)
 

@@ -38,9 +38,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.config import PIPELINE_VERSION, ConfigError, identity_hash
+from hkdbench.benchmark.core.config import PIPELINE_VERSION, ConfigError, identity_hash
 from hkdbench.benchmark.engine.environment import environment
-from hkdbench.benchmark.store import RunDir, RunStore, atomic_write_json
+from hkdbench.benchmark.core.store import RunDir, RunStore, atomic_write_json
 
 BASELINES = ("none", "kd")
 
@@ -148,7 +148,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     """Builds the pair and the method, and measures one method's train step (see the module docstring)."""
     from hkdbench.methods import TrainingSet, get_method
 
-    from hkdbench.benchmark.config import OptimConfig
+    from hkdbench.benchmark.core.config import OptimConfig
     from hkdbench.benchmark.data.loaders import seed_everything
     from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.evaluation import use_channels_last

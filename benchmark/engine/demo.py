@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-from hkdbench.benchmark.recipes import resolve_run_config
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.engine.trainer import train_cohort
 
 TEACHER, STUDENT, METHODS = "resnet_mini", "vit_mini", ("none", "kd", "fitnet")

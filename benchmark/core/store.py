@@ -44,8 +44,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from hkdbench.benchmark.config import RunConfig, run_config_from_dict
-from hkdbench.benchmark.errors import HkdbenchError, StoreError
+from hkdbench.benchmark.core.config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.core.errors import HkdbenchError, StoreError
 
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"

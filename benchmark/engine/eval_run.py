@@ -9,11 +9,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from hkdbench.benchmark.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
+from hkdbench.benchmark.core.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
                                        parse_overrides, to_dict)
 from hkdbench.benchmark.engine.checkpoint import load_weights
-from hkdbench.benchmark.errors import StoreError
-from hkdbench.benchmark.store import RunDir
+from hkdbench.benchmark.core.errors import StoreError
+from hkdbench.benchmark.core.store import RunDir
 
 
 def open_run(path: str | Path) -> RunDir:
@@ -63,8 +63,8 @@ def load_teacher(cfg: RunConfig, store_root: Path):
 
     from hkdbench.benchmark.data.datasets import dataset_info
     from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.recipes import teacher_run_config
-    from hkdbench.benchmark.store import RunStore
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
+    from hkdbench.benchmark.core.store import RunStore
     from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
 
     if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
@@ -118,6 +118,6 @@ def _teacher_label(cfg: RunConfig) -> str:
         return f"checkpoint {cfg.teacher.checkpoint}"
     if cfg.teacher_recipe is None:
         return f"timm pretrained {cfg.teacher.pretrained}"
-    from hkdbench.benchmark.recipes import teacher_run_config
+    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
     return f"{cfg.teacher.weights} weights of {teacher_run_config(cfg).run_name()}"

@@ -18,7 +18,7 @@ OUTDIR gets ``summary.json`` and ``summary.md`` (rewritten after every part: a c
 and ``raw/<part>.json`` + ``raw/<part>.log``. ``--tiny`` runs every part at toy sizes (the demo's *_mini
 models, 32 px, a few steps) so that a test can run the whole check on a CPU.
 
-    python -m hkdbench.benchmark.gpu_check OUTDIR [--tiny] [--budget-s 420] [--data-root DIR]
+    python -m hkdbench.benchmark.tools.gpu_check OUTDIR [--tiny] [--budget-s 420] [--data-root DIR]
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from hkdbench.benchmark.cohort_speed import OFA_METHODS
-from hkdbench.benchmark.store import atomic_write_bytes
+from hkdbench.benchmark.tools.cohort_speed import OFA_METHODS
+from hkdbench.benchmark.core.store import atomic_write_bytes
 
 Pair = Tuple[str, str]
 
@@ -119,7 +119,7 @@ def _write_json(path: Path, body: Any) -> None:
 def part_env(out: Path, device: Optional[str]) -> None:
     import torch
 
-    from hkdbench.benchmark.cohort_speed import compile_available
+    from hkdbench.benchmark.tools.cohort_speed import compile_available
     from hkdbench.benchmark.engine.environment import environment
     from hkdbench.benchmark.engine.evaluation import select_device
 
@@ -149,7 +149,7 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
     import torch
 
     from hkdbench.benchmark.engine.evaluation import select_device
-    from hkdbench.benchmark.probes.overhead import BASELINES, OverheadConfig, add_ratios, measure_method
+    from hkdbench.benchmark.tools.overhead import BASELINES, OverheadConfig, add_ratios, measure_method
 
     dev = select_device(device)
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
@@ -179,7 +179,7 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
 
 def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, methods: Sequence[str],
                 batch_size: int, steps: int, repeats: int, data_root: Optional[str]) -> None:
-    from hkdbench.benchmark.cohort_speed import measure_pair, pair_setting
+    from hkdbench.benchmark.tools.cohort_speed import measure_pair, pair_setting
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_cohort_") as work:
         result = measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work),
@@ -195,7 +195,7 @@ def part_resume(out: Path, device: Optional[str], teacher: str, student: str, ba
     """The run straight through, and stopped mid-way through its second epoch then resumed, compared."""
     import torch
 
-    from hkdbench.benchmark.cohort_speed import pair_setting, run_configs, save_random_teacher
+    from hkdbench.benchmark.tools.cohort_speed import pair_setting, run_configs, save_random_teacher
     from hkdbench.benchmark.engine.trainer import train
 
     setting = pair_setting(teacher, student, batch_size)
@@ -274,7 +274,7 @@ def run_part(part: Part, raw: Path, timeout_s: float) -> Dict[str, Any]:
                               "raw": out.name, "log": log.name}
     tic = time.perf_counter()
     with open(log, "w") as f:
-        child = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.gpu_check", "--run-part", spec],
+        child = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.tools.gpu_check", "--run-part", spec],
                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = child.wait(timeout=timeout_s)
@@ -386,7 +386,7 @@ def _overhead_markdown(parts: List[Dict[str, Any]]) -> List[str]:
 
 
 def _cohort_markdown(parts: List[Dict[str, Any]]) -> List[str]:
-    from hkdbench.benchmark.cohort_speed import format_results
+    from hkdbench.benchmark.tools.cohort_speed import format_results
 
     results = [p["result"] for p in parts if p["kind"] == "cohort" and p.get("result")]
     if not results:
@@ -428,7 +428,7 @@ def _child(spec_json: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hkdbench.benchmark.gpu_check",
+    p = argparse.ArgumentParser(prog="python -m hkdbench.benchmark.tools.gpu_check",
                                 description="the GPU check: overhead, cohort and resume measurements into OUTDIR")
     p.add_argument("outdir", nargs="?")
     p.add_argument("--tiny", action="store_true", help="toy sizes (*_mini models, 32 px, a few steps), for a CPU")

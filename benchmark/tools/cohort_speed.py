@@ -16,7 +16,7 @@ teacher). Per step, a cohort that shares the teacher pass costs T + sum S_i and 
 ratio is the expected one; the rest of the measured time (building models, the data pipeline, evaluation,
 checkpoints) is reported as "other".
 
-    python -m hkdbench.benchmark.cohort_speed --pairs demo "swin_tiny->resnet18" --steps 8 --repeats 3
+    python -m hkdbench.benchmark.tools.cohort_speed --pairs demo "swin_tiny->resnet18" --steps 8 --repeats 3
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ DEFAULT_BATCH = {32: 64, 224: 8}
 
 def compile_available() -> bool:
     """Whether this version of the trainer has the ``train.compile`` setting."""
-    from hkdbench.benchmark.config import TrainConfig
+    from hkdbench.benchmark.core.config import TrainConfig
 
     return "compile" in {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -57,7 +57,7 @@ class PairSetting:
 
 def parse_pairs(items: Sequence[str]) -> List[Tuple[str, str]]:
     """``T->S`` items, or ``demo`` (the pair of ``hkdbench demo``) and ``demo-preset`` (the demo preset's six)."""
-    from hkdbench.benchmark import demo
+    from hkdbench.benchmark.engine import demo
     from hkdbench.benchmark.models.zoo import zoo_entry
     from hkdbench.benchmark.sweep.preset import load_preset
 
@@ -81,7 +81,7 @@ def pair_setting(teacher: str, student: str, batch_size: Optional[int] = None) -
     """The models' own input size (the larger of the two); the demo recipe at 32 px, else the papers' CIFAR
     recipe for the student's family (as ``--recipe auto`` picks it on CIFAR-100), on Fashion-MNIST."""
     from hkdbench.benchmark.models.zoo import zoo_entry
-    from hkdbench.benchmark.recipes import AUTO_RECIPES
+    from hkdbench.benchmark.recipes.resolve import AUTO_RECIPES
 
     size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
     family = "cnn" if zoo_entry(student).family == "cnn" else "other"
@@ -109,7 +109,7 @@ def save_random_teacher(setting: PairSetting, folder: Path, seed: int = 0) -> Pa
 def run_configs(setting: PairSetting, teacher_checkpoint: Path, methods: Sequence[str], steps: int,
                 data_root: Optional[str] = None, compile_step: bool = False, extra: Sequence[str] = ()):
     """One config per method: one epoch of ``steps`` batches, a one-batch evaluation, no progress lines."""
-    from hkdbench.benchmark.recipes import resolve_run_config
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
@@ -193,7 +193,7 @@ def teacher_forward_ms(setting: PairSetting, device, dtype, channels_last: bool,
     import torch
 
     from hkdbench.benchmark.engine.evaluation import _autocast
-    from hkdbench.benchmark.probes.overhead import _sync
+    from hkdbench.benchmark.tools.overhead import _sync
     from hkdbench.benchmark.models.zoo import create_model
 
     teacher = create_model(setting.teacher, NUM_CLASSES, in_chans=IN_CHANS, img_size=setting.img_size).to(device)
@@ -220,7 +220,7 @@ def step_parts(setting: PairSetting, cfgs, device, repeats: int = 3) -> Dict[str
     from hkdbench.methods import get_method
 
     from hkdbench.benchmark.engine.evaluation import autocast_dtype, use_channels_last
-    from hkdbench.benchmark.probes.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
 
     dtype = autocast_dtype(cfgs[0].train.precision, device)
     channels_last = use_channels_last(cfgs[0].train.channels_last, device)
@@ -301,7 +301,7 @@ def format_results(results: List[Dict[str, Any]]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hkdbench.benchmark.cohort_speed",
+    p = argparse.ArgumentParser(prog="python -m hkdbench.benchmark.tools.cohort_speed",
                                 description="time a cell's methods trained as one cohort against separate runs")
     p.add_argument("--pairs", nargs="+", default=["demo", "swin_tiny->resnet18"],
                    help="TEACHER->STUDENT, 'demo' (resnet_mini->vit_mini) or 'demo-preset' (its six pairs)")
