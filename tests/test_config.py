@@ -73,7 +73,7 @@ def test_teacher_run_is_shared_by_students_of_the_same_teacher():
 
 
 def test_auto_has_a_recipe_per_dataset_and_names_the_missing_one(monkeypatch):
-    from hkdbench.benchmark.recipes.resolve import resolve as recipes
+    from hkdbench.benchmark.recipes import resolve as recipes
 
     assert _cfg(dataset="cifar10", student="resnet18", teacher="swin_tiny").recipe == "cifar-cnn"
     assert _cfg(dataset="imagenet", student="deit_tiny", teacher="resnet18").recipe == "imagenet-vit"

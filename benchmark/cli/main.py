@@ -372,7 +372,7 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 def _dispatch(args) -> int:
-    from hkdbench.benchmark.cli.main import commands
+    from hkdbench.benchmark.cli import commands
 
     return getattr(commands, f"cmd_{args.command}")(args, _overrides if hasattr(args, "overrides") else None)
 
