@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hkdbench.benchmark.core.errors import HkdbenchError
+from hkdbench.benchmark.data.stream import Targets
 from hkdbench.benchmark.models.taps import Features, TappedModel
 
 # The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other
@@ -53,15 +54,6 @@ TASK_LOSS = "ce"
 
 
 TASK_LOSS = "ce"  # the key of the task (classification) term in every method's losses
-
-
-@dataclass
-class Targets:
-    """Labels of a batch: ``hard`` class indices (B,), under mixup/cutmix ``soft`` label rows (B, C), and for a
-    method that ``needs_sample_indices`` the training-set ``index`` (B,) of each row's (un-mixed) sample."""
-    hard: torch.Tensor
-    soft: Optional[torch.Tensor] = None
-    index: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

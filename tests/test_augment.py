@@ -121,7 +121,7 @@ def test_colour_jitter_is_off_under_auto_augment_on_the_per_image_path(pipeline)
 
 
 def test_recipes_say_when_their_colour_jitter_is_not_applied(capsys):
-    from hkdbench.benchmark.cli.commands import cmd_recipes
+    from hkdbench.benchmark.cli.run_commands import cmd_recipes
 
     assert "not applied" in loaders.color_jitter_note(0.4, "rand-m9-mstd0.5-inc1")
     assert loaders.color_jitter_note(0.4, None) == "" and loaders.color_jitter_note(0.0, "rand-m9-mstd0.5-inc1") == ""

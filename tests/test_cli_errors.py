@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hkdbench.benchmark.cli import commands
+from hkdbench.benchmark.cli import run_commands as commands
 from hkdbench.benchmark.cli.main import EXIT_BUG, main
 from hkdbench.benchmark.core.config import ConfigError
 

@@ -2,7 +2,8 @@
 teacher overrides spelled as in sweep, a sweep named by its id, override values read by their field's type."""
 import pytest
 
-from hkdbench.benchmark.cli.main import build_parser, main
+from hkdbench.benchmark.cli.arguments import build_parser
+from hkdbench.benchmark.cli.main import main
 from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.sweep.plan import expand

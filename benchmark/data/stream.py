@@ -17,7 +17,14 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from hkdbench.methods import Targets
+
+@dataclass
+class Targets:
+    """Labels of a batch: ``hard`` class indices (B,), under mixup/cutmix ``soft`` label rows (B, C), and for a
+    method that ``needs_sample_indices`` the training-set ``index`` (B,) of each row's (un-mixed) sample."""
+    hard: torch.Tensor
+    soft: Optional[torch.Tensor] = None
+    index: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -147,7 +147,7 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
                ema: bool = False) -> Path:
     """Writes the export and returns its path (a folder for ``timm``, a file otherwise)."""
     from hkdbench.benchmark.engine.eval_run import load_student, open_run
-    from hkdbench.benchmark.models.pretrained import zoo_architecture
+    from hkdbench.benchmark.models.zoo import zoo_architecture
 
     rd = open_run(path)
     folder = check_folder(Path(out) if out else rd.path / "export", "--out")

@@ -136,34 +136,3 @@ def warn_scratch_imagenet_teacher(teacher_cfg) -> Optional[str]:
     warnings.warn(message, stacklevel=2)
     print(message, file=sys.stderr, flush=True)
     return message
-
-
-_ARCHITECTURES: Dict[str, Optional[str]] = {}
-
-
-def zoo_architecture(zoo_name: str) -> Optional[str]:
-    """The timm architecture a zoo model is built as (None for the suite's own small configurations), found by
-    building it on the meta device (no memory, no weights)."""
-    if zoo_name not in _ARCHITECTURES:
-        import torch
-
-        from hkdbench.benchmark.models.zoo import zoo_entry
-
-        entry = zoo_entry(zoo_name)
-        with torch.device("meta"):
-            model = entry.build(num_classes=1, in_chans=3, img_size=entry.img_size)
-        _ARCHITECTURES[zoo_name] = getattr(model, "pretrained_cfg", {}).get("architecture")
-    return _ARCHITECTURES[zoo_name]
-
-
-def resolve_for_model(zoo_name: str, name: str) -> PretrainedWeights:
-    """``name``'s weights, checked to fit the zoo model ``zoo_name``."""
-    architecture = zoo_architecture(zoo_name)
-    if architecture is None:
-        raise ConfigError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
-                          "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
-    weights = resolve_pretrained(name)
-    if weights.architecture != architecture:
-        raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
-                          f"{architecture} (e.g. {architecture}.<tag>)")
-    return weights

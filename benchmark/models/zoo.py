@@ -25,8 +25,10 @@ from timm.models import mlp_mixer as timm_mixer
 from timm.models import resnet as timm_resnet
 from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
+from hkdbench.benchmark.models.pretrained import PretrainedWeights, load_pretrained_into, resolve_pretrained
 from hkdbench.benchmark.models.families import family_groups, family_of, group_takes_img_size
 from hkdbench.benchmark.models.taps import TappedModel
+from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.core.errors import HkdbenchError
 
 
@@ -182,8 +184,6 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optio
         raise ValueError(f"model {name!r} is registered as family {entry.family!r} but builds a {built!r} model "
                          f"({type(model).__name__})")
     if pretrained:
-        from hkdbench.benchmark.models.pretrained import load_pretrained_into
-
         load_pretrained_into(model, pretrained, pretrained_sha256, num_classes, in_chans)
     return TappedModel(model, name=name, family=entry.family, img_size=size, in_chans=in_chans)
 
@@ -193,3 +193,31 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optio
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Which timm weights fit a zoo model (the weights themselves are models/pretrained.py's)
+_ARCHITECTURES: Dict[str, Optional[str]] = {}
+
+
+def zoo_architecture(zoo_name: str) -> Optional[str]:
+    """The timm architecture a zoo model is built as (None for the suite's own small configurations), found by
+    building it on the meta device (no memory, no weights)."""
+    if zoo_name not in _ARCHITECTURES:
+        import torch
+
+        entry = zoo_entry(zoo_name)
+        with torch.device("meta"):
+            model = entry.build(num_classes=1, in_chans=3, img_size=entry.img_size)
+        _ARCHITECTURES[zoo_name] = getattr(model, "pretrained_cfg", {}).get("architecture")
+    return _ARCHITECTURES[zoo_name]
+
+
+def resolve_for_model(zoo_name: str, name: str) -> PretrainedWeights:
+    """``name``'s weights, checked to fit the zoo model ``zoo_name``."""
+    architecture = zoo_architecture(zoo_name)
+    if architecture is None:
+        raise ConfigError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
+                          "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
+    weights = resolve_pretrained(name)
+    if weights.architecture != architecture:
+        raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
+                          f"{architecture} (e.g. {architecture}.<tag>)")
+    return weights

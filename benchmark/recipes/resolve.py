@@ -183,7 +183,7 @@ def _naming_teacher_run(cfg: RunConfig) -> RunConfig:
 def _pretrained(model: str, name: str, flag: str):
     """The weights ``name`` for ``model``; when they do not fit or cannot be found, a ConfigError starting with
     ``flag`` (which weights, given how)."""
-    from hkdbench.benchmark.models.pretrained import resolve_for_model
+    from hkdbench.benchmark.models.zoo import resolve_for_model
 
     try:
         return resolve_for_model(model, name)
