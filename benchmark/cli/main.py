@@ -87,13 +87,14 @@ def report_error(prefix: str, err: BaseException, debug: bool = False) -> int:
 
 
 def _where(err: BaseException) -> str:
-    """`` (at file:line in function)`` of the innermost frame of hkdbench's own code the error passed through."""
+    """`` (at module:line in function)`` of the innermost frame of hkdbench's own code the error passed through."""
     frames = [(frame, line) for frame, line in traceback.walk_tb(err.__traceback__)]
     ours = [(f, n) for f, n in frames if f.f_globals.get("__name__", "").startswith("hkdbench.")]
     if not (ours or frames):
         return ""
     frame, line = (ours or frames)[-1]
-    return f" (at {os.path.basename(frame.f_code.co_filename)}:{line} in {frame.f_code.co_name})"
+    where = frame.f_globals.get("__name__") if ours else os.path.basename(frame.f_code.co_filename)
+    return f" (at {where}:{line} in {frame.f_code.co_name})"
 
 
 def _first_line(err: BaseException) -> str:
