@@ -39,7 +39,8 @@ def test_an_unexpected_error_is_a_bug_in_one_line_with_its_own_exit_code(monkeyp
     code, err = _run(["models"], capsys)
     assert code == EXIT_BUG == 70
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "internal error: ZeroDivisionError: division by zero (at hkdbench.benchmark.cli.main:" in err  # hkdbench's innermost frame
+    # the module and line of hkdbench's innermost frame
+    assert "internal error: ZeroDivisionError: division by zero (at hkdbench.benchmark.cli.main:" in err
     assert "This is a bug, not bad input: rerun with --debug (or HKDBENCH_DEBUG=1)" in err
 
 

@@ -23,7 +23,6 @@ class StageInfo:
     """Where a stage's feature lives and what it looks like (per sample, no batch dimension)."""
     stage: int
     module: str                 # the module whose output is the stage feature
-    entry_module: str           # the module whose input is the stage's input (for pre-hooks)
     layout: str                 # 'nchw' or 'tokens'
     shape: Tuple[int, ...]      # (C, H, W) or (L, D) without prefix tokens
     grid: Tuple[int, int]       # spatial grid (H, W) of the map or of the tokens
@@ -72,10 +71,6 @@ class TappedModel(nn.Module):
     def stage_entry_module(self, stage: int) -> nn.Module:
         """The module whose input is the stage's input (a forward pre-hook there alters what enters the stage)."""
         return self.model.get_submodule(self._entry_module_names[_check_stage(stage)])
-
-    @property
-    def is_token_model(self) -> bool:
-        return self.raw_layout != "nchw"
 
     # -- forward ------------------------------------------------------------------------------------------------
     def _make_hook(self, stage: int):
@@ -133,8 +128,8 @@ class TappedModel(nn.Module):
                 if side * side != n:
                     raise ValueError(f"{self.name}: {n} patch tokens do not form a square grid")
                 layout, shape, grid = "tokens", (n, r.shape[2]), (side, side)
-            infos[stage] = StageInfo(stage, self._stage_module_names[stage], self._entry_module_names[stage],
-                                     layout, shape, grid, self.num_prefix if layout == "tokens" else 0)
+            prefix = self.num_prefix if layout == "tokens" else 0
+            infos[stage] = StageInfo(stage, self._stage_module_names[stage], layout, shape, grid, prefix)
         return infos
 
     def deploy_parameter_count(self) -> int:

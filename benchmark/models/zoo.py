@@ -188,9 +188,6 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: Optio
     return TappedModel(model, name=name, family=entry.family, img_size=size, in_chans=in_chans)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Feature taps
-# --------------------------------------------------------------------------------------------------------------
 
 
 # Which timm weights fit a zoo model (the weights themselves are models/pretrained.py's)

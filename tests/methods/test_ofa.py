@@ -164,7 +164,7 @@ def test_224_projector_structure(zoo224):
 
 
 def test_prefix_token_is_read_out():
-    info = StageInfo(1, "x", "x", "tokens", (16, 8), (4, 4), num_prefix=1)
+    info = StageInfo(1, "x", "tokens", (16, 8), (4, 4), num_prefix=1)
     p = build_branch_projector(info, 8, 8, 5).eval()
     x, cls = torch.randn(2, 16, 8), torch.randn(2, 1, 8)
     out = p(x, cls)
@@ -192,13 +192,13 @@ def assert_pytorch_default_bias(conv):
 def test_cnn_projector_init_as_reference():
     torch.manual_seed(0)
     # ResNet18 (D_s 512) with a 768-wide teacher: stage 4 is Conv2d(512, 768, 1) with bias, then Linear(768, 100)
-    stage4 = build_branch_projector(StageInfo(4, "x", "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100)
+    stage4 = build_branch_projector(StageInfo(4, "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100)
     conv = stage4.body.convs
     assert std_close(conv.weight, math.sqrt(2 / 768))  # kaiming normal, fan_out = 768 * 1 * 1 (default: 0.026)
     assert_pytorch_default_bias(conv)
     assert std_close(stage4.head.weight, 0.02) and torch.count_nonzero(stage4.head.bias) == 0
     # stage 1: SepConvs, depthwise 3x3 fan_out = 64 * 9, BN 1 / 0
-    stage1 = build_branch_projector(StageInfo(1, "x", "x", "nchw", (64, 56, 56), (56, 56)), 512, 768, 100)
+    stage1 = build_branch_projector(StageInfo(1, "x", "nchw", (64, 56, 56), (56, 56)), 512, 768, 100)
     depthwise = stage1.body.convs[0][0]
     assert depthwise.groups == 64 and std_close(depthwise.weight, math.sqrt(2 / (64 * 9)), rel=0.15)
     bns = [m for m in stage1.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -207,7 +207,7 @@ def test_cnn_projector_init_as_reference():
 
 def test_token_projector_init_as_reference():
     torch.manual_seed(0)
-    deit = StageInfo(1, "x", "x", "tokens", (196, 192), (14, 14), num_prefix=1)
+    deit = StageInfo(1, "x", "tokens", (196, 192), (14, 14), num_prefix=1)
     p = build_branch_projector(deit, 192, 768, 100)
     linears = [m for m in p.modules() if isinstance(m, torch.nn.Linear)]
     big = [m for m in linears if m.weight.numel() >= 192 * 192]  # the merger, qkv, proj, mlp and head

@@ -136,17 +136,17 @@ def test_eval_mode_and_disabled_scalers_leave_state_alone(minis):
 # -- projectors ------------------------------------------------------------------------------------------------------
 
 def test_layernorm_decoupling_projectors():
-    cnn = StageInfo(2, "x", "x", "nchw", (32, 8, 8), (8, 8))
+    cnn = StageInfo(2, "x", "nchw", (32, 8, 8), (8, 8))
     p = build_branch_projector(cnn, 64, 128, 10, style="spofa")
     assert isinstance(p.head[0], nn.LayerNorm) and p.head[0].normalized_shape == (128,)
     assert isinstance(build_branch_projector(cnn, 64, 128, 10).head, nn.Linear)  # OFA: no LayerNorm
     # Swin-P stage 1 at 224 px: 3 merges, no GELU, the last merger without norm
-    swin = StageInfo(1, "x", "x", "tokens", (3136, 48), (56, 56))
+    swin = StageInfo(1, "x", "tokens", (3136, 48), (56, 56))
     body = build_branch_projector(swin, 384, 768, 100, style="spofa").body
     assert [type(m.norm).__name__ for m in body.mergers] == ["LayerNorm", "LayerNorm", "Identity"]
     assert all(isinstance(m.act, nn.Identity) for m in body.mergers)
     # DeiT: one merger keeps its LayerNorm; the cls token is dropped and the token mean is read out
-    deit = StageInfo(1, "x", "x", "tokens", (196, 192), (14, 14), num_prefix=1)
+    deit = StageInfo(1, "x", "tokens", (196, 192), (14, 14), num_prefix=1)
     body = build_branch_projector(deit, 192, 768, 100, style="spofa").body
     assert isinstance(body.mergers[0].norm, nn.LayerNorm) and not body.use_prefix
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_projector_init_as_reference():
     # spofaKD's init_weights is OFAKD's: the stage-4 conv bias keeps PyTorch's default, the LayerNorm before the
     # head keeps its default 1 / 0, the head gets trunc_normal(0.02) and a zero bias
     torch.manual_seed(0)
-    p = build_branch_projector(StageInfo(4, "x", "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100, style="spofa")
+    p = build_branch_projector(StageInfo(4, "x", "nchw", (512, 7, 7), (7, 7)), 512, 768, 100, style="spofa")
     conv, (norm, head) = p.body.convs, p.head
     bound = 1 / math.sqrt(512)
     assert float(conv.bias.detach().abs().max()) <= bound and torch.count_nonzero(conv.bias) == 768
