@@ -15,7 +15,7 @@ The contract, beyond ``losses``:
   probe takes it as the task side and every other term as the distillation side.
 * **Parameter groups.** :meth:`Distiller.optimizer_groups` may return groups of the method's own parameters
   with their own options (``lr_scale``: a multiple of the scheduled lr, as timm's schedulers honour it;
-  ``weight_decay``). The optimiser factory (``benchmark/optim.py``) leaves those parameters out of its default
+  ``weight_decay``). The optimiser factory (``benchmark/engine/optim.py``) leaves those parameters out of its default
   groups and appends these; a group without ``weight_decay`` is split by the default rule (no decay for ndim <= 1
   and ``*.bias``). The default (no groups) is the reference's: every parameter in the default groups.
 * **Sample indices.** A method with ``needs_sample_indices = True`` (memory banks, as CRD's) gets each sample's

@@ -1,4 +1,4 @@
-"""benchmark/randaugment.py against timm's own RandAugment (its PIL ops, its sampling, its policy parser).
+"""benchmark/data/randaugment.py against timm's own RandAugment (its PIL ops, its sampling, its policy parser).
 
 timm 0.6.5 and the installed timm share the RandAugment ops and level mappings used here (for magnitudes <= 10);
 where they differ the 0.6.5 behaviour is the reference: posterize to 0 bits is a black image (the Pillow of 0.6.5's

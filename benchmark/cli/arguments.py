@@ -173,7 +173,7 @@ METRICS = ("best_top1", "last_top1", "best_top5", "last_top5", "ema_best_top1", 
 
 
 def _add_analysis_commands(sub) -> None:
-    """overhead, collect, table, plot, report (benchmark/overhead.py and the analysis package)."""
+    """overhead, collect, table, plot, report (tools/overhead.py and the analysis package)."""
     p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
                                         "parameters for one pair (stored as runs of kind 'overhead')")
     p.add_argument("--teacher", required=True)
@@ -218,7 +218,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 
 def _add_sweep_commands(sub) -> None:
-    """sweep and status (benchmark/sweep.py, benchmark/dispatch.py)."""
+    """sweep and status (the sweep package)."""
     p = sub.add_parser("sweep", help="run a preset's teacher x student x method x seed grid inline, on local "
                                      "processes or as Slurm job arrays (skips done runs, resumes cut-off ones)")
     from hkdbench.benchmark.sweep.executors import EXECUTORS
