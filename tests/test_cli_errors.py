@@ -128,7 +128,7 @@ def test_a_sweep_refuses_a_negative_parallel_before_writing(tmp_path, monkeypatc
     def submit(*args, **kwargs):  # where it hung: no job slot is ever free
         raise AssertionError("submitted with parallel=-1")
 
-    monkeypatch.setattr(local, "submit", submit)
+    monkeypatch.setattr(local.LocalExecutor, "submit", submit)
     sweep = Sweep(expand(load_preset("demo")), str(tmp_path / "runs"), "cpu")
     with pytest.raises(ConfigError, match="parallel must be >= 0"):
         sweep.run("local", parallel=-1, check_inputs=False)

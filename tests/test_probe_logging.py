@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hkdbench.benchmark.core.config import identity
-from hkdbench.benchmark.probes.hooks import TrainingProbes, probe_set
+from hkdbench.benchmark.probes.cka import probe_set
+from hkdbench.benchmark.probes.hooks import TrainingProbes
 from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.engine.trainer import train
 
@@ -69,12 +70,13 @@ def test_conflict_probe_agree_and_oppose():
     loss = student(x).logits.pow(2).mean()
     probes.on_losses({"ce": loss, "kd": 0.5 * loss}, global_step=0)       # same direction
     probes.on_losses({"ce": loss, "kd": -2.0 * loss}, global_step=1)      # opposite direction
-    agree, oppose = probes.tracker.history
+    tracker = probes.probes["conflict"].tracker
+    agree, oppose = tracker.history
     assert agree.cosine == pytest.approx(1.0, abs=1e-6) and agree.norm_ratio == pytest.approx(0.5, rel=1e-5)
     assert oppose.cosine == pytest.approx(-1.0, abs=1e-6) and oppose.norm_ratio == pytest.approx(2.0, rel=1e-5)
     values = probes.epoch_values(0, last_epoch=True)
     assert values["conflict/fraction"] == 0.5 and values["conflict/cosine"] == pytest.approx(0.0, abs=1e-6)
-    assert values["conflict/steps"] == 2 and len(probes.tracker) == 0  # reset per epoch
+    assert values["conflict/steps"] == 2 and len(tracker) == 0  # reset per epoch
 
 
 class _FakeLoader:
@@ -121,7 +123,7 @@ def test_student_alone_probed_against_named_teacher_runs(fmnist_available, runs_
     from hkdbench.benchmark.data import loaders
     from hkdbench.benchmark.engine.checkpoint import load_weights
     from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.probes.hooks import cka_matrix
+    from hkdbench.benchmark.probes.cka import cka_matrix
 
     teachers = _teacher_runs(runs_dir)
     names = tuple(sorted(teachers))

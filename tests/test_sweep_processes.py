@@ -143,3 +143,29 @@ def test_a_stopped_local_sweep_stops_its_workers_and_resumes_to_the_same_result(
     theirs = torch.load(reference.run_dir.path / "final.pt", weights_only=True)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert len(rd.metrics()) == spec.cfg.train.epochs
+
+
+def test_status_asks_each_jobs_executor_and_cancel_stops_the_running_ones(tmp_path):
+    """A job record goes back to the executor that wrote it (registry: one class per executor): a live local job
+    is running, and ``cancel`` sends it SIGTERM (its worker would save a checkpoint and exit)."""
+    from hkdbench.benchmark.core.store import append_jsonl
+    from hkdbench.benchmark.sweep.executors import EXECUTORS
+    from hkdbench.benchmark.sweep.status import cancel, run_states
+
+    assert {name: cls.name for name, cls in EXECUTORS.items()} == {"inline": "inline", "local": "local",
+                                                                   "slurm": "slurm"}
+    (spec,) = _students(tiny_preset(tmp_path, methods=["none"]))
+    store = RunStore(tmp_path / "runs")
+    rd = store.run_dir(spec.cfg)
+    rd.claim(spec.cfg)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        append_jsonl(rd.jobs_file, {"job_id": str(worker.pid), "executor": "local", "folder": str(tmp_path)})
+        (state,) = run_states([spec], store)
+        assert (state.status, state.job_id) == ("running", str(worker.pid)), state
+        assert cancel([state], store) == [str(worker.pid)]
+        assert worker.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        worker.kill()
+    (state,) = run_states([spec], store)
+    assert (state.status, state.reason) == ("cancelled", f"local job {worker.pid} CANCELLED (the process is gone)")

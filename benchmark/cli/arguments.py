@@ -224,7 +224,7 @@ def _add_sweep_commands(sub) -> None:
     from hkdbench.benchmark.sweep.executors import EXECUTORS
 
     p.add_argument("--executor", default="inline", choices=list(EXECUTORS),
-                   help="; ".join(f"{name}: {what}" for name, what in EXECUTORS.items()))
+                   help="; ".join(f"{name}: {cls.description}" for name, cls in EXECUTORS.items()))
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the expanded grid, each run's status and what "
                                                           "would be submitted; submit nothing")

@@ -1,5 +1,4 @@
-"""CKA between teacher and student stages (the maths; the trainer hook is in hooks.py, gradient conflict in
-conflict.py).
+"""CKA between teacher and student stages: the maths, and the training probe (:class:`CKAProbe`) on it.
 
 CKA (Kornblith et al., 2019, "Similarity of Neural Network Representations Revisited")
 ------------------------------------------------------------------------------------------
@@ -40,15 +39,20 @@ split off by :class:`TappedModel`); ``pool='mean'`` averages over space / tokens
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, List, Mapping, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from hkdbench.benchmark.models.taps import LAYOUTS
+from hkdbench.benchmark.models.taps import LAYOUTS, STAGES
+from hkdbench.benchmark.probes.base import Probe, ProbedRun
 
 KERNELS = ("linear", "rbf")
 POOLS = ("none", "mean")
+
+PROBE_SEED = 20240501  # the probe set's draw: the same images in every run
 
 # Feature columns per chunk when forming X X^T in float64, to bound the memory of the float64 copy.
 _GRAM_CHUNK_ELEMENTS = 1 << 24
@@ -322,7 +326,122 @@ class CKAAccumulator:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Gradient conflict
+# The training probe
 # --------------------------------------------------------------------------------------------------------------
 
+def _loader_size(loader) -> Optional[int]:
+    if hasattr(loader, "labels"):
+        return len(loader.labels)
+    if hasattr(loader, "dataset"):
+        return len(loader.dataset)
+    return None
 
+
+def probe_set(loader, n_images: int, batch_size: int) -> List[torch.Tensor]:
+    """A fixed probe set from an evaluation loader, as a list of minibatches (CPU tensors).
+
+    The images are a seeded random draw of ``n_images`` positions of the loader's (ordered) test set, kept in
+    test-set order, so class-sorted sets (ImageNet val) are still covered. Minibatches have ``batch_size`` images;
+    a last one with fewer than 4 (the unbiased HSIC minimum) is merged into the one before.
+    """
+    total = _loader_size(loader)
+    wanted = None
+    if total is not None and total > n_images:
+        g = torch.Generator().manual_seed(PROBE_SEED)
+        wanted = torch.randperm(total, generator=g)[:n_images].sort().values
+    kept: List[torch.Tensor] = []
+    count, offset = 0, 0
+    for images, _ in loader.batches():
+        b = images.shape[0]
+        if wanted is None:
+            take = images[: n_images - count]
+        else:
+            lo, hi = torch.searchsorted(wanted, torch.tensor([offset, offset + b])).tolist()
+            take = images[(wanted[lo:hi] - offset).to(images.device)] if hi > lo else images[:0]
+        offset += b
+        if take.shape[0]:
+            kept.append(take.detach().cpu())
+            count += take.shape[0]
+        if count >= n_images:
+            break
+    if not kept:
+        raise ValueError("the CKA probe set is empty: the test set has no images")
+    flat = torch.cat(kept)
+    chunks = list(flat.split(batch_size))
+    if len(chunks) > 1 and chunks[-1].shape[0] < 4:
+        last = chunks.pop()
+        chunks[-1] = torch.cat([chunks[-1], last])
+    if chunks[0].shape[0] < 4:
+        raise ValueError(f"the CKA probe set has {flat.shape[0]} images; it needs at least 4")
+    return chunks
+
+
+@torch.no_grad()
+def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: str = "linear",
+               autocast=None, channels_last: bool = False, prefix: str = "cka") -> Dict[str, float]:
+    """``{'<prefix>/<kernel>/t{i}_s{j}': value}`` for all stage pairs, both models in eval mode (restored after)."""
+    acc = CKAAccumulator.for_models(teacher, student, STAGES, STAGES, kernel=kernel)
+    modes = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    try:
+        for images in batches:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                t_out = teacher(images, stages=STAGES)
+                s_out = student(images, stages=STAGES)
+            acc.update({k: v.float() for k, v in t_out.stages.items()},
+                       {k: v.float() for k, v in s_out.stages.items()})
+    finally:
+        teacher.train(modes[0])
+        student.train(modes[1])
+    return {f"{prefix}/{kernel}/t{t}_s{s}": (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
+
+
+class CKAProbe(Probe):
+    """Every ``train.probe_every`` epochs (and at the last): minibatch CKA (unbiased HSIC, :class:`CKAAccumulator`)
+    between every teacher stage and every student stage on a fixed probe set of ``train.probe_images`` test images
+    (:func:`probe_set`: the same images and the same minibatches at every probe and in every run of a sweep), both
+    models in eval mode, kernel ``train.probe_kernel``; main process only. Keys: ``cka/<kernel>/t{i}_s{j}``
+    (teacher stage i, student stage j). A run without a teacher of its own (the student alone) is probed against
+    each run of ``train.probe_teachers`` instead: keys ``cka@<teacher run>/<kernel>/t{i}_s{j}``, the same
+    measurement, the reference of "CKA change from none"."""
+
+    name = "cka"
+    measures = "CKA between every teacher stage and every student stage on a fixed probe set"
+    keys = ("cka/<kernel>/t<i>_s<j>", "cka@<teacher run>/<kernel>/t<i>_s<j>", "cka_time_s")
+
+    def __init__(self, run: ProbedRun) -> None:
+        super().__init__(run)
+        t = run.cfg.train
+        self.every, self.kernel = t.probe_every, t.probe_kernel
+        # key prefix -> teacher: the run's own teacher, or the teacher runs a run without one is probed against
+        self.references = {"cka": run.teacher} if run.teacher is not None else {
+            f"cka@{name}": model for name, model in (run.probe_teachers or {}).items()}
+        self.batches: Optional[List[torch.Tensor]] = None
+        if self.references and run.is_main:
+            self.batches = probe_set(run.test_loader, t.probe_images,
+                                     min(run.cfg.data.eval_batch_size, t.probe_images))
+
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return bool(cfg.train.probe_every)
+
+    @property
+    def active(self) -> bool:
+        return self.batches is not None
+
+    def measures_epoch(self, epoch: int, last_epoch: bool) -> bool:
+        return (epoch + 1) % self.every == 0 or last_epoch
+
+    def epoch_values(self, epoch: int) -> Dict[str, Any]:
+        run = self.run
+        tic = time.perf_counter()
+        out: Dict[str, Any] = {}
+        for prefix, teacher in self.references.items():
+            out.update(cka_matrix(teacher, run.student, self.batches, run.device, self.kernel, run.autocast,
+                                  run.channels_last, prefix))
+        out["cka_time_s"] = time.perf_counter() - tic
+        return out

@@ -1,4 +1,5 @@
-"""Gradient conflict between the task loss and the distillation loss (the maths; the trainer hook is in hooks.py).
+"""Gradient conflict between the task loss and the distillation loss: the maths, and the training probe
+(:class:`ConflictProbe`) on it.
 
 :func:`gradient_conflict` takes the task loss and the distillation loss of one step *before* ``backward()`` and
 returns the cosine between their gradients on the given parameters (overall and per block), the norm ratio
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from hkdbench.benchmark.probes.base import Probe, ProbedRun
+from hkdbench.methods.base import TASK_LOSS
 
 BLOCK_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
@@ -249,4 +252,58 @@ class ConflictTracker:
         """:meth:`summary` then :meth:`reset`."""
         out = self.summary()
         self.reset()
+        return out
+
+
+class ConflictProbe(Probe):
+    """Every ``train.conflict_every`` steps: the cosine between the gradients of the task term (``'ce'``) and of
+    the sum of the distillation terms on the student's own parameters, whole model and per block
+    (:func:`student_blocks`), via ``torch.autograd.grad`` before the step's backward (extra backward passes only
+    on those steps). Per epoch: ``conflict/cosine`` (mean over measured steps), ``conflict/norm_ratio``
+    (||g_distill|| / ||g_task||), ``conflict/fraction`` (share of measured steps with cosine < 0),
+    ``conflict/steps``, ``conflict/task_norm``, ``conflict/distill_norm``, ``conflict/block/<name>`` (mean cosine)
+    and ``conflict/block_fraction/<name>``. A run resumed mid-epoch reports the steps since the resume for that
+    epoch."""
+
+    name = "conflict"
+    measures = "cosine and norm ratio between the task and the distillation gradients on the student"
+    keys = ("conflict/cosine", "conflict/norm_ratio", "conflict/fraction", "conflict/steps", "conflict/task_norm",
+            "conflict/distill_norm", "conflict/block/<block>", "conflict/block_fraction/<block>")
+
+    def __init__(self, run: ProbedRun) -> None:
+        super().__init__(run)
+        self.every = run.cfg.train.conflict_every
+        self.tracker = ConflictTracker()
+        self.blocks = student_blocks(run.student)
+
+    @staticmethod
+    def enabled(cfg) -> bool:
+        return bool(cfg.train.conflict_every)
+
+    def measures_step(self, global_step: int) -> bool:
+        return global_step % self.every == 0
+
+    def on_losses(self, losses: Dict[str, torch.Tensor], global_step: int, scaler=None) -> None:
+        """Under an enabled GradScaler (fp16) both losses are multiplied by its scale against underflow; cosines
+        and the norm ratio do not depend on it, the logged norms are divided back."""
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        distill = [v for k, v in losses.items() if k != TASK_LOSS]
+        if TASK_LOSS not in losses or not distill:
+            return  # the student alone (or a method without a task term): nothing to compare
+        task = losses[TASK_LOSS].float() * scale
+        distill_sum = sum(v.float() for v in distill) * scale
+        stats = gradient_conflict(task, distill_sum, blocks=self.blocks)
+        if scale != 1.0:
+            stats.task_norm, stats.distill_norm = stats.task_norm / scale, stats.distill_norm / scale
+        self.tracker.update(stats)
+
+    def epoch_values(self, epoch: int) -> Dict[str, Any]:
+        if not len(self.tracker):
+            return {}
+        s = self.tracker.epoch_summary()
+        out = {"conflict/cosine": s["mean_cosine"], "conflict/norm_ratio": s["mean_norm_ratio"],
+               "conflict/fraction": s["conflict_fraction"], "conflict/steps": s["steps"],
+               "conflict/task_norm": s["mean_task_norm"], "conflict/distill_norm": s["mean_distill_norm"]}
+        out.update({f"conflict/block/{b}": v for b, v in s["block_mean_cosine"].items()})
+        out.update({f"conflict/block_fraction/{b}": v for b, v in s["block_conflict_fraction"].items()})
         return out

@@ -13,51 +13,16 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.core.store import RunStore, append_jsonl, timestamp
-from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
-from hkdbench.benchmark.sweep.plan import Cohort, RunSpec, SweepPlan, make_cohorts
+from hkdbench.benchmark.sweep.executors import get_executor
+from hkdbench.benchmark.sweep.executors.base import SubmitOptions, SweepResult
 from hkdbench.benchmark.sweep.job import RunJob
+from hkdbench.benchmark.sweep.plan import Cohort, RunSpec, SweepPlan, make_cohorts
+from hkdbench.benchmark.sweep.preset import Preset, missing_requirements
 from hkdbench.benchmark.sweep.status import RunState, _count, format_state_table, run_states
-
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The job
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Run states
-# --------------------------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The sweep
-# --------------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SubmitOptions:
-    parallel: int = 0                         # local: jobs at a time (0: CPUs / slurm.cpus_per_task)
-    wait: bool = False                        # slurm: wait until the submitted runs end
-
-
-@dataclass
-class SweepResult:
-    sweep_dir: Path
-    submitted: List[Tuple[str, str]]          # (run name, job id)
-    skipped: List[RunState]
-    folder: Optional[Path] = None
-    failed: int = 0
-    stopped_by: int = 0                       # the signal that stopped the sweep (its workers saved and exited)
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.stopped_by if self.stopped_by else int(self.failed > 0)
 
 
 class Sweep:
@@ -78,11 +43,11 @@ class Sweep:
         print(message, file=self.out, flush=True)
 
     # -- planning -------------------------------------------------------------------------------------------------
-    def decide(self, retry_failed: bool = False, query_slurm: bool = True) -> Tuple[List[RunState], List[RunState]]:
+    def decide(self, retry_failed: bool = False) -> Tuple[List[RunState], List[RunState]]:
         """(to submit, to skip): done runs, queued/running ones and (without ``retry_failed``) failed ones are
         skipped; pending, partial (resumed from their checkpoint) and cancelled ones are submitted."""
         todo, skip = [], []
-        for st in run_states(self.plan.runs, self.store, query_slurm):
+        for st in run_states(self.plan.runs, self.store):
             if st.status in ("done", "running", "queued") or (st.status == "failed" and not retry_failed):
                 skip.append(st)
             else:
@@ -106,7 +71,7 @@ class Sweep:
         self.records.write_manifest(body)
 
     def dry_run(self, executor: str, retry_failed: bool = False) -> None:
-        todo, skip = self.decide(retry_failed, query_slurm=True)
+        todo, skip = self.decide(retry_failed)
         p = self.preset
         self.say(f"sweep {self.plan.sweep_id()}: preset {p.name}, dataset {p.dataset}, "
                  f"{len(self.plan.cells)} cells = {len(p.pair_list())} pairs x {len(p.methods)} methods x "
@@ -135,27 +100,23 @@ class Sweep:
         t_todo = [s for s in todo if s.spec.kind == "teacher"]
         s_todo = [s for s in todo if s.spec.kind == "student"]
         cohorts = make_cohorts([s.spec for s in s_todo], self.cohort)
+        submitter = get_executor(executor)(self)
         self.say(f"would submit ({executor}): {len(t_todo)} teacher run(s)"
-                 + (" as a first job array" if executor == "slurm" and t_todo else "")
+                 + (submitter.teachers_submitted_as if t_todo else "")
                  + f", then {len(s_todo)} student run(s)"
                  + (f" in {len(cohorts)} cohort(s), one job each" if self.cohort else "")
-                 + (" as job arrays, each after its own teacher's task (afterok)" if executor == "slurm" and t_todo
-                    else ""))
+                 + (submitter.students_submitted_as if t_todo else ""))
         for c in cohorts if self.cohort else []:
             self.say(f"  {c.describe()}")
-        from hkdbench.benchmark.sweep.executors import get_executor
-
-        note = getattr(get_executor(executor), "dry_run_note", None)
-        if note is not None:
-            self.say(note(self))
+        note = submitter.dry_run_note()
+        if note:
+            self.say(note)
         self.say(f"skipped: {len(skip)} ({_count(skip)})")
 
     # -- submission -----------------------------------------------------------------------------------------------
     def run(self, executor: str, retry_failed: bool = False, parallel: int = 0, wait: bool = False,
             command: Optional[str] = None, check_inputs: bool = True) -> SweepResult:
-        from hkdbench.benchmark.sweep.executors import get_executor
-
-        submitter = get_executor(executor)
+        submitter = get_executor(executor)(self)
         if parallel < 0:  # the local executor would wait forever for a free slot
             raise ConfigError(f"parallel must be >= 0 (0: CPUs / slurm.cpus_per_task), got {parallel}")
         missing = missing_requirements(self.preset)
@@ -165,7 +126,7 @@ class Sweep:
             from hkdbench.benchmark.engine.preflight import check_sweep_inputs
 
             check_sweep_inputs(spec.cfg for spec in self.plan.runs)
-        todo, skip = self.decide(retry_failed, query_slurm=True)
+        todo, skip = self.decide(retry_failed)
         self.write_manifest(executor, command)
         self.say(f"sweep {self.plan.sweep_id()}: {len(self.plan.runs)} runs; {len(todo)} to run, "
                  f"{len(skip)} skipped ({_count(skip)}); run store {self.root}")
@@ -174,7 +135,7 @@ class Sweep:
                 self.store.run_dir(st.spec.cfg).failed_file.unlink(missing_ok=True)
         teachers = [Cohort([s.spec]) for s in todo if s.spec.kind == "teacher"]
         students = make_cohorts([s.spec for s in todo if s.spec.kind == "student"], self.cohort)
-        return submitter.submit(self, teachers, students, skip, SubmitOptions(parallel, wait))
+        return submitter.submit(teachers, students, skip, SubmitOptions(parallel, wait))
 
     def job(self, cohort: Cohort) -> RunJob:
         """The job of one run, or of a cohort's runs."""
@@ -239,10 +200,5 @@ class Sweep:
             if not any(s.status in ("queued", "running") for s in states):
                 return sum(s.status != "done" for s in states)
             time.sleep(poll_s)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------------------------
 
 

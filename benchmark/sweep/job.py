@@ -28,6 +28,7 @@ import submitit
 
 from hkdbench.benchmark.core.config import run_config_from_dict
 from hkdbench.benchmark.core.store import RunLockedError, RunStore
+from hkdbench.benchmark.engine.stopping import STOP_SIGNALS, StopSignals
 from hkdbench.benchmark.sweep.plan import cohort_id
 
 
@@ -75,20 +76,17 @@ class RunJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Dict[str, Any]:
         import torch
 
-        from hkdbench.benchmark.engine import distributed
-
         os.environ.setdefault("OMP_NUM_THREADS", str(self.threads))
         torch.set_num_threads(max(int(self.threads), 1))
         self._load_plugins()
         self._stop = threading.Event()
-        executor = os.environ.get("SUBMITIT_EXECUTOR")
-        if executor in ("local", "slurm") and threading.current_thread() is threading.main_thread():
-            # submitit ignores SIGTERM. A local sweep stops its workers with it (Ctrl-C stops them too); Slurm
-            # sends it on scancel, on preemption and at the time limit (after the USR2 of --signal, if that came
-            # in time): each stops after the current step with a mid-epoch checkpoint, which the requeued job or
-            # the next submission of the sweep resumes.
-            for sig in (signal.SIGTERM, signal.SIGINT) if executor == "local" else (signal.SIGTERM,):
-                signal.signal(sig, self._on_stop_signal)
+        with self._stop_signals():
+            return self._run()
+
+    def _run(self) -> Dict[str, Any]:
+        """Trains in a worker thread; the main thread stays free for submitit's signal handlers."""
+        from hkdbench.benchmark.engine import distributed
+
         self._outcome: Dict[str, Any] = {}
         dist_ctx = distributed.init_from_submitit()
         should_stop = self._stop.is_set if dist_ctx is None else dist_ctx.stop_fn(self._stop.is_set)
@@ -99,9 +97,9 @@ class RunJob(submitit.helpers.Checkpointable):
                                         name="hkdbench-train")
         self._thread.start()
         try:
-            while self._thread.is_alive():  # the main thread stays free for submitit's signal handlers
+            while self._thread.is_alive():
                 self._thread.join(0.5)
-        except KeyboardInterrupt:  # Ctrl-C (inline sweeps): stop after the current step and save
+        except KeyboardInterrupt:  # Ctrl-C (inline sweeps), or a second one: stop after the current step and save
             self._stop.set()
             self._thread.join(self.stop_wait_s)
             raise
@@ -115,13 +113,16 @@ class RunJob(submitit.helpers.Checkpointable):
             distributed.shutdown()
         return outcome
 
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        """First stop signal: the trainer finishes its step, saves a mid-epoch checkpoint and the job exits
-        (resumable); repeats are ignored, except a second Ctrl-C, which aborts."""
-        if self._stop.is_set():
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
+    def _stop_signals(self) -> StopSignals:
+        """submitit ignores SIGTERM. A local sweep stops its workers with it (Ctrl-C stops them too); Slurm sends it
+        on scancel, on preemption and at the time limit (after the USR2 of --signal, if that came in time): each
+        stops after the current step with a mid-epoch checkpoint, which the requeued job or the next submission of
+        the sweep resumes. An inline job keeps the sweep process's handlers (Ctrl-C: KeyboardInterrupt)."""
+        executor = os.environ.get("SUBMITIT_EXECUTOR")
+        signals = {"local": STOP_SIGNALS, "slurm": (signal.SIGTERM,)}.get(executor or "", ())
+        return StopSignals(signals, on_stop=self._on_stop_signal)
+
+    def _on_stop_signal(self, signum: int) -> None:
         self._stop.set()
         print(f"hkdbench: {signal.Signals(signum).name}: stopping {self.name} after the current step (a checkpoint "
               "is saved; re-running the sweep resumes it)", file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 
 A preset (YAML under ``benchmark/presets/`` or any file) names the teacher -> student pairs (an explicit list,
 as in the papers' tables, or a ``teachers`` x ``students`` product), the methods, the seeds, the dataset and
-recipe, config overrides for the student and teacher runs, and the Slurm options::
+recipe, config overrides for the student and teacher runs, and the executors' options (the ``slurm:``
+section: ``executors/slurm.py``'s ``SlurmOptions``, which the local executor reads too)::
 
     name: cifar100-ofa
     dataset: cifar100
@@ -37,52 +38,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from hkdbench.benchmark.core.config import (RUN_SECTIONS, ConfigError, build_dataclass, deep_merge, load_yaml,
-                                       parse_overrides)
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    partition: Optional[str] = None
-    time: int = 60                      # minutes (the job's time limit; submitit requeues on timeout)
-    gpus_per_node: int = 0              # > 1: one process per GPU with DDP
-    tasks_per_node: int = 0             # processes per job (0: one per GPU, at least one); > 1 without GPUs: gloo
-    cpus_per_task: int = 1
-    mem_gb: Optional[float] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    array_parallelism: int = 64
-    signal_delay_s: int = 120           # --signal=USR2@N: the checkpoint lead time before the time limit
-    stop_wait_s: float = 0.0            # how long checkpoint() waits for the trainer to save (0: signal_delay_s - 15)
-    max_num_timeout: int = 3            # requeues after time-outs (preemptions do not count)
-    extra: Tuple[str, ...] = ()         # more sbatch flags, e.g. ["--exclusive", "--nice=10"]
-    job_name: str = "hkdbench"
-
-    def __post_init__(self):
-        if self.time < 1:
-            raise ValueError(f"slurm.time must be >= 1 minute, got {self.time}")
-        if self.gpus_per_node < 0 or self.cpus_per_task < 1 or self.array_parallelism < 1:
-            raise ValueError("slurm.gpus_per_node must be >= 0, slurm.cpus_per_task and slurm.array_parallelism >= 1")
-        if self.signal_delay_s < 0:
-            raise ValueError(f"slurm.signal_delay_s must be >= 0, got {self.signal_delay_s}")
-        if self.tasks_per_node < 0 or self.max_num_timeout < 0:
-            raise ValueError("slurm.tasks_per_node and slurm.max_num_timeout must be >= 0")
-        if self.mem_gb is not None and not 0 < self.mem_gb < float("inf"):
-            raise ValueError(f"slurm.mem_gb must be a finite number > 0 (or null: the partition's default), got "
-                             f"{self.mem_gb}")
-        if not 0 <= self.stop_wait_s < float("inf"):
-            raise ValueError(f"slurm.stop_wait_s must be a finite number >= 0 (0: signal_delay_s - 15), got "
-                             f"{self.stop_wait_s}")
-        for flag in self.extra:
-            if not flag.startswith("--"):
-                raise ValueError(f"slurm.extra: sbatch flags are given as '--name' or '--name=value', got {flag!r}")
-
-    @property
-    def tasks(self) -> int:
-        return self.tasks_per_node or max(self.gpus_per_node, 1)
-
-    @property
-    def stop_wait(self) -> float:
-        return self.stop_wait_s if self.stop_wait_s > 0 else max(self.signal_delay_s - 15, 5)
+                                            parse_overrides)
+from hkdbench.benchmark.sweep.executors.slurm import SlurmOptions
 
 
 @dataclass(frozen=True)
@@ -103,7 +60,7 @@ class Preset:
     teacher_checkpoints: Dict[str, Any] = field(default_factory=dict)
     teacher_pretrained: Dict[str, Any] = field(default_factory=dict)
     requires: Tuple[str, ...] = ()
-    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)  # the Slurm executor's; the local one's too
 
     def pair_list(self) -> List[Tuple[str, str]]:
         if self.pairs:

@@ -1,18 +1,16 @@
-"""Where every run of a sweep stands: the run store's status joined with the job records (``jobs.jsonl``) and,
-for Slurm jobs, ``squeue``/``sacct``; local jobs from their submitit files. And the status table, with the cohort
+"""Where every run of a sweep stands: the run store's status joined with the job records (``jobs.jsonl``) and
+what the executor of each job says of it (``Executor.states``: Slurm's from ``squeue``/``sacct``, local ones from
+their submitit files and processes); stopping them (:func:`cancel`). And the status table, with the cohort
 each run last trained in (``sweep --cohort``) and each cohort's members."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
-
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.store import RunStore
+from hkdbench.benchmark.sweep.executors import executor_of
+from hkdbench.benchmark.sweep.job import OWNED
 from hkdbench.benchmark.sweep.plan import RunSpec
 
 
@@ -34,37 +32,11 @@ class RunState:
         return self.spec.name
 
 
-def slurm_states(job_ids: Iterable[str]) -> Dict[str, Tuple[str, str]]:
-    """job id -> (state, reason) from squeue (active jobs, array tasks one per line) and sacct (finished)."""
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids or shutil.which("squeue") is None:
-        return {}
-    states: Dict[str, Tuple[str, str]] = {}
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30)
-        for line in out.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] in ids:
-                states[parts[0]] = (parts[1], parts[2] if parts[2] not in ("None", "") else "")
-        rest = [j for j in ids if j not in states]
-        if rest and shutil.which("sacct"):
-            out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(rest)],
-                                 capture_output=True, text=True, timeout=30)
-            for line in out.stdout.splitlines():
-                parts = line.strip().split("|")
-                if len(parts) >= 3 and parts[0] in rest:
-                    states[parts[0]] = (parts[1], f"exit code {parts[2]}" if parts[2] not in ("0:0", "") else "")
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return states
-
-
-def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = True) -> List[RunState]:
-    """Where every run stands, from the run store, the job records and (for Slurm jobs) squeue/sacct."""
+def run_states(specs: Sequence[RunSpec], store: RunStore) -> List[RunState]:
+    """Where every run stands, from the run store, the job records and the executors that ran the jobs."""
     dirs = [store.run_dir(s.cfg) for s in specs]
     last_jobs = [_last_job(rd.jobs(), rd.path.name) for rd in dirs]
-    slurm = slurm_states(j["job_id"] for j in last_jobs if j and j.get("executor") == "slurm") \
-        if query_slurm else {}
+    job_states = _job_states([j for j in last_jobs if j])
     states = []
     for spec, rd, job in zip(specs, dirs, last_jobs):
         job_id = str(job.get("job_id", "")) if job else ""
@@ -76,7 +48,7 @@ def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = Tr
             reason = failure.get("reason", "")
             log = failure.get("log", log) or str(rd.log_file)
         elif status in ("partial", "pending") and job:
-            state, why = slurm.get(job_id, ("", "")) if job.get("executor") == "slurm" else _local_state(job)
+            state, why = job_states.get((job.get("executor"), job_id), ("", ""))
             word = state.split()[0] if state else ""
             if word in ACTIVE_SLURM_STATES:
                 status = "running" if word in ("RUNNING", "COMPLETING") else "queued"
@@ -84,7 +56,7 @@ def run_states(specs: Sequence[RunSpec], store: RunStore, query_slurm: bool = Tr
             elif word in ("CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"):
                 status = "cancelled" if word == "CANCELLED" else "failed"
                 reason = f"{job.get('executor')} job {job_id} {state}" + (f" ({why})" if why else "")
-                error = _job_error(job)
+                error = _error(job)
                 if error:
                     reason += f": {error}"
             elif word == "COMPLETED":
@@ -102,11 +74,36 @@ def _failure(rd) -> Dict[str, Any]:
     return failure if isinstance(failure, dict) else {"reason": f"its FAILED record {rd.failed_file} is damaged"}
 
 
+def _job_states(jobs: Sequence[Dict[str, Any]]) -> Dict[Tuple[str, str], Tuple[str, str]]:
+    """(executor, job id) -> (state, reason): each job as the executor that ran it tells it (a record naming no
+    executor it knows: no state, the store's status stands)."""
+    by_executor: Dict[str, List[Dict[str, Any]]] = {}
+    for job in jobs:
+        by_executor.setdefault(job.get("executor"), []).append(job)
+    states = {}
+    for name, records in by_executor.items():
+        executor = executor_of(records[0])
+        if executor is None:
+            continue
+        states.update({(name, job_id): state for job_id, state in executor.states(records).items()})
+    return states
+
+
+def _outcome(job: Dict[str, Any]) -> Optional[Tuple[str, Any]]:
+    executor = executor_of(job)
+    return executor.outcome(job) if executor else None
+
+
+def _error(job: Dict[str, Any]) -> str:
+    executor = executor_of(job)
+    return executor.error(job) if executor else ""
+
+
 def _last_job(jobs: List[Dict[str, Any]], run: str) -> Optional[Dict[str, Any]]:
     """The run's job: its last job record, less those of jobs that found the run owned (locked by another
     process's job, which trained it) and exited without training it."""
     for job in reversed(jobs):
-        outcome = _job_result(job)
+        outcome = _outcome(job)
         if not (outcome and outcome[0] == "success" and _owned(outcome[1], run)):
             return job
     return None
@@ -114,50 +111,21 @@ def _last_job(jobs: List[Dict[str, Any]], run: str) -> Optional[Dict[str, Any]]:
 
 def _owned(outcome: Any, run: str) -> bool:
     """Whether a job's return value (``RunJob``'s: a run's status, or a cohort's ``runs``) says ``run`` was owned."""
-    from hkdbench.benchmark.sweep.job import OWNED
-
     if not isinstance(outcome, dict):
         return False
     runs = outcome.get("runs") if isinstance(outcome.get("runs"), dict) else {outcome.get("run"): outcome.get("status")}
     return runs.get(run) == OWNED
 
 
-def _local_state(job: Dict[str, Any]) -> Tuple[str, str]:
-    """A local job's state from its submitit files (the pid is the job id)."""
-    if _job_result(job) is not None:
-        err = _job_error(job)
-        return ("FAILED", err) if err else ("COMPLETED", "")
-    try:
-        os.kill(int(job.get("job_id")), 0)
-        return "RUNNING", ""
-    except (OSError, ValueError, TypeError):  # gone, or a record without a pid
-        return "CANCELLED", "the process is gone"
-
-
-def _job_result(job: Dict[str, Any]) -> Optional[Tuple[str, Any]]:
-    """(kind, payload) of the result submitit pickled for a job ('success' and its return value, or 'error' and
-    the traceback); None before the job ended, or when the file cannot be read."""
-    path = Path(job.get("folder", "")) / f"{job.get('job_id')}_0_result.pkl"
-    if not path.is_file():
-        return None
-    try:
-        import pickle
-
-        with open(path, "rb") as f:
-            kind, payload = pickle.load(f)
-    except Exception:  # noqa: BLE001 (a torn or foreign file: no result to read)
-        return None
-    return kind, payload
-
-
-def _job_error(job: Dict[str, Any]) -> str:
-    """The last line of the exception a job pickled, if any."""
-    result = _job_result(job)
-    if result is None or result[0] != "error":
-        return ""
-    payload = result[1]
-    lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+def cancel(states: Sequence[RunState], store: RunStore) -> List[str]:
+    """Stops the jobs of the runs that are queued or running (each saves a checkpoint where its executor can);
+    returns the job ids reached."""
+    jobs: Dict[str, List[Dict[str, Any]]] = {}
+    for st in states:
+        job = _last_job(store.run_dir(st.spec.cfg).jobs(), st.name) if st.status in ("queued", "running") else None
+        if job is not None:
+            jobs.setdefault(job.get("executor"), []).append(job)
+    return [job_id for records in jobs.values() for job_id in executor_of(records[0]).cancel(records)]
 
 
 STATUS_ORDER = ("done", "running", "queued", "partial", "pending", "failed", "cancelled")

@@ -1,24 +1,26 @@
-"""The executors a sweep submits its runs with, one module each, behind one interface:
-
-``submit(sweep, teachers, students, skip, options) -> SweepResult`` runs or submits the jobs to do (teachers first;
-each job a ``plan.Cohort``: one run, or with ``sweep --cohort`` the student runs trained together), and an
-optional ``dry_run_note(sweep) -> str`` adds what a dry run says about the submission. Adding an executor is one
-module here and one entry in :data:`EXECUTORS`.
-"""
+"""The executors a sweep runs its jobs with, one class each (:class:`~.base.Executor`: submit, states, cancel),
+one module each, and :data:`EXECUTORS`, the registry. Adding an executor is one module here and one line in
+:data:`EXECUTORS` (and, if it takes options of its own, its section in ``sweep/preset.py``'s ``Preset``)."""
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from typing import Dict, Optional, Type
 
 from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.sweep.executors.base import Executor
+from hkdbench.benchmark.sweep.executors.inline import InlineExecutor
+from hkdbench.benchmark.sweep.executors.local import LocalExecutor
+from hkdbench.benchmark.sweep.executors.slurm import SlurmExecutor
 
-EXECUTORS = {"inline": "in this process, one run after the other",
-             "local": "local processes (submitit), --parallel at a time",
-             "slurm": "Slurm job arrays (submitit), teachers first"}
+EXECUTORS: Dict[str, Type[Executor]] = {cls.name: cls for cls in (InlineExecutor, LocalExecutor, SlurmExecutor)}
 
 
-def get_executor(name: str) -> ModuleType:
-    """The executor's module; an unknown name fails with the known ones."""
+def get_executor(name: str) -> Type[Executor]:
+    """The executor's class; an unknown name fails with the known ones."""
     if name not in EXECUTORS:
         raise ConfigError(f"unknown executor {name!r}; allowed: {', '.join(EXECUTORS)}")
-    return importlib.import_module(f"{__name__}.{name}")
+    return EXECUTORS[name]
+
+
+def executor_of(job: Dict) -> Optional[Type[Executor]]:
+    """The executor that wrote a job record (None for a record naming none it knows)."""
+    return EXECUTORS.get(job.get("executor"))
