@@ -1,8 +1,8 @@
 """Images per second of the training augmentation, three ways, on Fashion-MNIST images with the cifar-vit recipe's
 data settings (RandomResizedCrop to --img-size, flip, rand-m9-mstd0.5-inc1, random erasing 0.25):
 
-* ``batched``: the in-memory path now (benchmark/data/loaders.py TensorLoader: timm's crop and RandAugment batched on the
-  device);
+* ``batched``: the in-memory path now (benchmark/data/loaders.py TensorLoader: timm's crop and RandAugment batched
+  on the device);
 * ``main``: the in-memory path before issue 9, rebuilt here: torchvision's RandAugment(2, 9) per image on the
   uint8 28 px tensor, then a batched fractional crop + bilinear grid_sample resize, colour jitter 0.4, normalise,
   random erasing;
