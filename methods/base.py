@@ -52,9 +52,6 @@ from hkdbench.benchmark.models.taps import Features, TappedModel
 TASK_LOSS = "ce"
 
 
-TASK_LOSS = "ce"  # the key of the task (classification) term in every method's losses
-
-
 @dataclass
 class Targets:
     """Labels of a batch: ``hard`` class indices (B,), under mixup/cutmix ``soft`` label rows (B, C), and for a
