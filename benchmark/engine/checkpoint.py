@@ -1,5 +1,5 @@
-"""The torch side of the run store: atomic ``torch.save``, a run's kept weights (file names from ``RunDir``), the
-RNG states a mid-epoch checkpoint keeps, and loading teacher checkpoints from a path, including state dicts
+"""The torch side of the run store: atomic ``torch.save``, a run's kept weights (file names from ``RunDir``), and
+loading teacher checkpoints from a path, including state dicts
 written by the timm 0.6.x of the HKD papers (e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm
 and DDP put around the weights are removed and the keys whose layout changed since are remapped by the model
 family's timm filter (Swin: the patch merging
@@ -8,11 +8,9 @@ relative-position index and attention mask stopped being saved)."""
 from __future__ import annotations
 
 import importlib
-import random
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -105,21 +103,6 @@ def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False)
     from hkdbench.benchmark.engine.checkpoint import load_state_dict_into
 
     load_state_dict_into(teacher.model, path, use_ema=use_ema)
-
-
-def _get_rng() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -33,9 +33,9 @@ from hkdbench.benchmark.core.config import PIPELINE_VERSION, RunConfig
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.environment import environment
+from hkdbench.benchmark.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 from hkdbench.benchmark.core.store import RunDir, RunStore, StoreWriteError, timestamp
-from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
-                                                  load_weights, save_weights)
+from hkdbench.benchmark.engine.checkpoint import atomic_torch_save, load_teacher_weights, load_weights, save_weights
 from hkdbench.benchmark.data.stream import DataStream
 from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
 from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
@@ -339,7 +339,7 @@ class CohortTrainer:
         cfg = m.cfg
         uses_teacher = get_method(cfg.method).uses_teacher
         own_teacher = teacher if uses_teacher else None
-        loaders.seed_everything(cfg.train.seed)  # the model's randomness: its initialisation first
+        seed_everything(cfg.train.seed)  # the model's randomness: its initialisation first
         student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
                                img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
                                pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
@@ -384,7 +384,7 @@ class CohortTrainer:
 
         m.tracker = (open_tracker(cfg, m.name, str(m.run_dir.tracking_dir), len(m.state["history"]))
                      if self.is_main else NullTracker())
-        m.rng = _get_rng()
+        m.rng = rng_state()
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def _loop(self, members: List[_Member], stream: DataStream, teacher, test_loader) -> None:
@@ -411,11 +411,11 @@ class CohortTrainer:
         start = m.state["step"] if epoch == m.state["epoch"] else 0
         m.sums = _EpochSums(m.state["partial"] if epoch == m.state["epoch"] else None)
         if start == 0:  # the model's randomness of the epoch; mid-epoch, the state the checkpoint kept
-            loaders.seed_everything(m.cfg.train.seed * 100_003 + epoch)
-            m.rng = _get_rng()
+            seed_everything(epoch_seed(m.cfg.train.seed, epoch))
+            m.rng = rng_state()
         else:
             m.rng = m.state["rng"]
-            _set_rng(m.rng)
+            set_rng_state(m.rng)
         m.state["epoch"], m.state["step"] = epoch, start
         # tqdm on a terminal (a cohort of one), a line every train.log_interval steps elsewhere
         from hkdbench.benchmark.engine.progress import EpochProgress
@@ -474,11 +474,11 @@ class CohortTrainer:
         if not self.swap_rng:
             yield
             return
-        _set_rng(m.rng)
+        set_rng_state(m.rng)
         try:
             yield
         finally:
-            m.rng = _get_rng()
+            m.rng = rng_state()
 
     def _diverged(self, m: _Member, record: Dict[str, Any]) -> str:
         """What shows that the member diverged by the end of an epoch (its evaluation loss, its weights or its EMA's
@@ -654,7 +654,7 @@ class CohortTrainer:
             "scaler": ctx.scaler.state_dict(), "ema": m.ema.state_dict() if m.ema is not None else None,
             "epoch": epoch, "step": step, "history": m.state["history"],
             "partial": sums.state() if sums is not None else None,
-            "rng": _get_rng(), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
+            "rng": rng_state(), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
         }
         atomic_torch_save(m.run_dir.checkpoint_file, state)
 
