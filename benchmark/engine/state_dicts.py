@@ -1,29 +1,22 @@
-"""The torch side of the run store: atomic ``torch.save``, a run's kept weights (file names from ``RunDir``), and
-loading teacher checkpoints from a path, including state dicts
-written by the timm 0.6.x of the HKD papers (e.g. the CIFAR-100 teachers OFA-KD released): the wrappers timm
-and DDP put around the weights are removed and the keys whose layout changed since are remapped by the model
-family's timm filter (Swin: the patch merging
-moved from the end of stage i to the start of stage i+1, the classifier from ``head`` to ``head.fc``, and the
-relative-position index and attention mask stopped being saved)."""
+"""A state dict from a file into a model, checked to fit: the teacher checkpoints a run names by path
+(``teacher.checkpoint``), including state dicts written by the timm 0.6.x of the HKD papers (e.g. the CIFAR-100
+teachers OFA-KD released): the wrappers timm and DDP put around the weights are removed and the keys whose layout
+changed since are remapped by the model family's timm filter (Swin: the patch merging moved from the end of stage i
+to the start of stage i+1, the classifier from ``head`` to ``head.fc``, and the relative-position index and
+attention mask stopped being saved)."""
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.models.taps import TappedModel
-from hkdbench.benchmark.core.store import RunDir, atomic_replace
-from hkdbench.benchmark.core.errors import HkdbenchError
+from hkdbench.benchmark.engine.records import CheckpointError
 
 _WRAPPERS = ("state_dict", "model", "module")
 _EMA_WRAPPERS = ("state_dict_ema", "model_ema")
-
-
-class CheckpointError(HkdbenchError, RuntimeError):
-    pass
 
 
 def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
@@ -97,53 +90,3 @@ def load_fitting(model: nn.Module, state: Dict[str, torch.Tensor], source: str) 
 
 def _few(keys, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def load_teacher_weights(teacher: TappedModel, path: str, use_ema: bool = False) -> None:
-    from hkdbench.benchmark.engine.checkpoint import load_state_dict_into
-
-    load_state_dict_into(teacher.model, path, use_ema=use_ema)
-
-
-def atomic_torch_save(path: Path, obj: Any) -> None:
-    """torch.save through the store's atomic replace: a full disk leaves the previous file and a clear error."""
-    with atomic_replace(path) as tmp:
-        torch.save(obj, tmp)
-
-
-class MissingWeightsError(HkdbenchError, FileNotFoundError):
-    """A finished run lacks the weights asked for (e.g. a run from before best.pt was kept)."""
-
-
-def save_weights(rd: RunDir, which: str, state_dict: Dict[str, torch.Tensor], ema: bool = False) -> None:
-    """Keeps ``state_dict`` (moved to the CPU) as the run's ``which`` weights, atomically."""
-    atomic_torch_save(rd.weights_file(which, ema), {k: v.detach().cpu() for k, v in state_dict.items()})
-
-
-def load_weights(rd: RunDir, which: str, ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The state dict kept as the run's ``which`` weights; a clear error when the run never wrote it."""
-    path = rd.weights_file(which, ema)
-    if not path.exists():
-        raise MissingWeightsError(
-            f"{rd.path.name} has no {path.name} ({which} weights{' of the EMA' if ema else ''}): the run "
-            "finished before hkdbench kept them (or they were deleted). Train it again with --restart, or "
-            "use weights it kept (a teacher's: --teacher-weights last, final.pt, whose accuracy is last_top1)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (truncated zip, pickle garbage, ...: torch raises many kinds)
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the run's {which} weights "
-                              "are damaged: train the run again with --restart, or put back a good copy") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors; the run's {which} weights are "
-                              "damaged: train the run again with --restart, or put back a good copy")
-    return state
-
-
-def checkpoint_position(rd: RunDir) -> Optional[Tuple[int, int]]:
-    """(epoch, step) a resume of the run starts at (0-based epoch), from its checkpoint; None when it has none or
-    the file cannot be read (the resume itself says what is wrong). Memory-mapped: the tensors are not read."""
-    try:
-        state = torch.load(rd.checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
-        return int(state["epoch"]), int(state["step"])
-    except Exception:  # noqa: BLE001 (missing, truncated, foreign: torch raises many kinds)
-        return None
