@@ -53,9 +53,6 @@ from hkdbench.benchmark.models.taps import Features, TappedModel
 TASK_LOSS = "ce"
 
 
-TASK_LOSS = "ce"  # the key of the task (classification) term in every method's losses
-
-
 @dataclass(frozen=True)
 class TrainingSet:
     """What a method with ``needs_sample_indices`` knows of the training set: the label of every sample, in the

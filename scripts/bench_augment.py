@@ -33,6 +33,7 @@ from hkdbench.benchmark.data import datasets
 
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.core.config import DataConfig, build_dataclass
+from hkdbench.benchmark.engine.seeding import seed_everything
 from hkdbench.benchmark.recipes.resolve import RECIPES
 
 
@@ -156,7 +157,7 @@ def measure(turn: Callable[[int], int], count: int, device: torch.device) -> flo
 def run(args) -> Dict[str, object]:
     device = torch.device(args.device)
     cfg = _config(args)
-    loaders.seed_everything(0)
+    seed_everything(0)
     images, _ = datasets.load_tensors(cfg, train=True)
     images = images[:args.images]
     info, labels = datasets.dataset_info(cfg.dataset), torch.zeros(cfg.batch_size, dtype=torch.long)

@@ -10,6 +10,7 @@ from _support import ks_critical, ks_statistic
 from hkdbench.benchmark.data import datasets
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.core.config import ConfigError, DataConfig, build_dataclass
+from hkdbench.benchmark.engine.seeding import seed_everything
 from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
 
 FMNIST = datasets.dataset_info("fashion-mnist")
@@ -48,7 +49,7 @@ def test_cifar_vit_train_transform_matches_timms_per_image_path_in_distribution(
     n = 1536
     cfg = _recipe_data("cifar-vit", pipeline=pipeline, img_size=size, batch_size=256, eval_batch_size=256,
                        train_subset=n)
-    loaders.seed_everything(0)
+    seed_everything(0)
     fast, _, _ = loaders.build_loaders(cfg, torch.device("cpu"), 1.0)
     slow, _, _ = loaders.build_loaders(DataConfig(**{**cfg.__dict__, "in_memory": "no"}), torch.device("cpu"), 1.0)
     assert isinstance(fast, loaders.TensorLoader) and isinstance(slow, loaders.ImageLoader)
@@ -74,7 +75,7 @@ def test_randaugment_on_the_crops_changes_them_as_timms_does(fmnist_available):
     images, _ = datasets.load_tensors(cfg, train=True)
     images = images[:n]
     loader = loaders.TensorLoader(images, torch.zeros(n, dtype=torch.long), cfg, FMNIST, True, torch.device("cpu"), 1.0)
-    loaders.seed_everything(1)
+    seed_everything(1)
     crops = loader._train_crop(images.float())
     ours = (loader.rand_augment(crops) - crops).abs().flatten(1).mean(1).double()
     crop_flip, rand_augment = _timm_steps(cfg)

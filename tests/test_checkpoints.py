@@ -4,7 +4,8 @@ import re
 import pytest
 import torch
 
-from hkdbench.benchmark.engine.checkpoint import CheckpointError, load_state_dict_into
+from hkdbench.benchmark.engine.records import CheckpointError
+from hkdbench.benchmark.engine.state_dicts import load_state_dict_into
 from hkdbench.benchmark.models.zoo import create_model
 
 

@@ -247,10 +247,10 @@ def test_a_preset_file_that_cannot_be_read_is_named(tmp_path, capsys, content, m
 def test_a_second_ctrl_c_aborts_at_once_and_says_how_to_resume(fmnist_available, tmp_path, capsys, monkeypatch):
     """Ctrl-C twice at the end of epoch 2 (epoch 1's checkpoint written): exit 130 with the --resume hint, no
     traceback; the same command with --resume finishes the run. Before: a KeyboardInterrupt traceback."""
-    from hkdbench.benchmark.engine import trainer
+    from hkdbench.benchmark.engine import loop
     from hkdbench.benchmark.core.store import RunStore
 
-    real_evaluate, calls = trainer.evaluate, []
+    real_evaluate, calls = loop.evaluate, []
 
     def evaluate_then_ctrl_c_twice(*args, **kwargs):
         calls.append(1)
@@ -259,14 +259,14 @@ def test_a_second_ctrl_c_aborts_at_once_and_says_how_to_resume(fmnist_available,
             os.kill(os.getpid(), signal.SIGINT)  # the second: abort now
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate_then_ctrl_c_twice)
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_ctrl_c_twice)
     argv = [*TEACHER, "train.epochs=3", "--runs-dir", str(tmp_path / "runs")]
     code, err = _run(argv, capsys)
     assert code == 130 and "Traceback" not in err
     assert "aborted by a second Ctrl-C" in err and "the same command and --resume" in err
     (run,) = RunStore(tmp_path / "runs").runs()
     assert run.has_checkpoint and not run.is_done
-    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(loop, "evaluate", real_evaluate)
     assert main([*argv, "--resume"]) == 0 and run.is_done
 
 

@@ -293,7 +293,7 @@ def toy_dataset():
 
 @pytest.mark.parametrize("in_memory", ["auto", "no"])  # the batched tensor path, the per-image path
 def test_a_dataset_registered_as_one_entry_trains(toy_dataset, tmp_path, in_memory):
-    from hkdbench.benchmark.engine.checkpoint import load_weights
+    from hkdbench.benchmark.engine.records import load_weights
     from hkdbench.benchmark.engine.trainer import train
     from hkdbench.benchmark.models.zoo import create_model
     from hkdbench.benchmark.recipes.resolve import resolve_run_config

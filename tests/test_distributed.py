@@ -36,8 +36,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
 
     from hkdbench.benchmark.core.config import run_config_from_dict
     from hkdbench.benchmark.engine.distributed import DistContext
-    from hkdbench.benchmark.core.store import RunStore
-    from hkdbench.benchmark.engine.trainer import Trainer
+    from hkdbench.benchmark.engine.trainer import train
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -50,8 +49,8 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
             return super().wrap(module, *args)
 
     ctx = Ctx(rank=rank, world_size=world, backend="gloo")
-    result = Trainer(run_config_from_dict(cfg_dict), RunStore(runs_dir), device="cpu", progress=False,
-                     dist_ctx=ctx, echo=False).run(resume=True)
+    result = train(run_config_from_dict(cfg_dict), runs_dir, resume=True, device="cpu", progress=False,
+                   dist_ctx=ctx, echo=False)
     module = captured["module"]
     torch.save({"student": module.student.model.state_dict(), "module": module.state_dict(),
                 "status": result.status, "top1": result.summary["last_top1"] if result.summary else None},

@@ -121,7 +121,7 @@ def test_student_alone_probed_against_named_teacher_runs(fmnist_available, runs_
     kept weights (its last, the teacher run's best) on the probe set; no cka/ keys of its own; the probe changes
     nothing in training; without the field, the field is no part of the run's identity."""
     from hkdbench.benchmark.data import loaders
-    from hkdbench.benchmark.engine.checkpoint import load_weights
+    from hkdbench.benchmark.engine.records import load_weights
     from hkdbench.benchmark.models.zoo import create_model
     from hkdbench.benchmark.probes.cka import cka_matrix
 
@@ -167,7 +167,7 @@ def test_student_alone_probed_against_named_teacher_runs(fmnist_available, runs_
 
 def test_probe_teachers_bad_input_fails_before_anything_is_written(fmnist_available, runs_dir):
     from hkdbench.benchmark.core.config import ConfigError
-    from hkdbench.benchmark.engine.trainer import ProbeTeacherMissingError
+    from hkdbench.benchmark.engine.teacher import ProbeTeacherMissingError
 
     probe = ["train.probe_every=1", "train.probe_teachers=[teacher_resnet_mini_fashion-mnist_s0_000000000000]"]
     cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="demo", overrides=TINY + probe)

@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from hkdbench.benchmark.engine.checkpoint import atomic_torch_save
+from hkdbench.benchmark.engine.records import atomic_torch_save
 from hkdbench.benchmark.core.store import atomic_write_json
 
 

@@ -8,9 +8,9 @@ from hkdbench.benchmark.core.config import ConfigError, ModelConfig
 from hkdbench.benchmark.data.loaders import build_loaders
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
-from hkdbench.benchmark.engine.checkpoint import MissingWeightsError, load_weights
+from hkdbench.benchmark.engine.records import MissingWeightsError, best_record, load_weights
 from hkdbench.benchmark.core.store import RunStore
-from hkdbench.benchmark.engine.trainer import Trainer, best_record, train
+from hkdbench.benchmark.engine.trainer import CohortTrainer, train
 from hkdbench.benchmark.engine.evaluation import evaluate
 
 TINY = ["data.train_subset=256", "data.eval_subset=128", "data.batch_size=64", "data.img_size=16"]
@@ -39,7 +39,7 @@ def evaluate_state(cfg, state):
 
 def spy_on_teachers(monkeypatch):
     """The state dict of every teacher the trainer hands to a student run, in order."""
-    used, prepare = [], Trainer.prepare_teacher
+    used, prepare = [], CohortTrainer.prepare_teacher
 
     def recording(self, *args):
         teacher, top1 = prepare(self, *args)
@@ -47,7 +47,7 @@ def spy_on_teachers(monkeypatch):
             used.append({k: v.clone() for k, v in teacher.model.state_dict().items()})
         return teacher, top1
 
-    monkeypatch.setattr(Trainer, "prepare_teacher", recording)
+    monkeypatch.setattr(CohortTrainer, "prepare_teacher", recording)
     return used
 
 

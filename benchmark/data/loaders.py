@@ -23,10 +23,8 @@ transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-e
 from __future__ import annotations
 
 import math
-import random
 from typing import Iterator, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
@@ -44,12 +42,6 @@ from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available,
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1_000_003 * seed + epoch)
     return torch.randperm(n, generator=g)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
 
 
 def _rrc_params(batch: int, height: int, width: int, scale: Tuple[float, float], ratio=(3 / 4, 4 / 3),

@@ -11,7 +11,8 @@ import torch
 
 from hkdbench.benchmark.core.config import (ConfigError, DataConfig, RunConfig, build_dataclass, deep_merge,
                                        parse_overrides, to_dict)
-from hkdbench.benchmark.engine.checkpoint import load_weights
+from hkdbench.benchmark.engine.records import load_weights
+from hkdbench.benchmark.engine.teacher import teacher_source
 from hkdbench.benchmark.core.errors import StoreError
 from hkdbench.benchmark.core.store import RunDir
 
@@ -58,27 +59,18 @@ def load_student(rd: RunDir, weights: str = "best", ema: bool = False):
 
 
 def load_teacher(cfg: RunConfig, store_root: Path):
-    """The teacher the run distilled from: its checkpoint, timm's pretrained weights, or its teacher run's."""
-    from hkdbench.methods import get_method
-
+    """The teacher the run distilled from (``teacher.teacher_source``): its checkpoint, timm's pretrained weights,
+    or its teacher run's."""
     from hkdbench.benchmark.data.datasets import dataset_info
-    from hkdbench.benchmark.models.zoo import create_model
-    from hkdbench.benchmark.recipes.resolve import teacher_run_config
     from hkdbench.benchmark.core.store import RunStore
-    from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
 
-    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+    source = teacher_source(cfg)
+    if source is None:
         raise ConfigError(f"the run ({cfg.kind}, method {cfg.method}) has no teacher to evaluate")
     info = dataset_info(cfg.data.dataset)
-    as_is = cfg.teacher_recipe is None
-    teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size,
-                           pretrained=cfg.teacher.pretrained if as_is else None,
-                           pretrained_sha256=cfg.teacher.pretrained_sha256)
-    if cfg.teacher.checkpoint:
-        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
-    elif not as_is:
-        t_dir = RunStore(store_root).run_dir(teacher_run_config(cfg))
-        teacher.model.load_state_dict(load_weights(t_dir, cfg.teacher.weights))
+    teacher = source.build(info.num_classes, info.in_chans)
+    if source.is_run:
+        teacher.model.load_state_dict(load_weights(source.run_dir(RunStore(store_root)), cfg.teacher.weights))
     return teacher.eval()
 
 
@@ -101,8 +93,7 @@ def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, tea
     channels_last = use_channels_last(cfg.train.channels_last, dev)
     models = {"student": (load_student(rd, weights, ema), rd.weights_file(weights, ema).name)}
     if teacher:
-        t = load_teacher(cfg, rd.path.parent)
-        models["teacher"] = (t, _teacher_label(cfg))
+        models["teacher"] = (load_teacher(cfg, rd.path.parent), teacher_source(cfg).label())
     results = {}
     for role, (model, label) in models.items():
         model = model.to(dev)
@@ -112,12 +103,3 @@ def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, tea
         results[role] = {**scores, "weights": label}
     return results
 
-
-def _teacher_label(cfg: RunConfig) -> str:
-    if cfg.teacher.checkpoint:
-        return f"checkpoint {cfg.teacher.checkpoint}"
-    if cfg.teacher_recipe is None:
-        return f"timm pretrained {cfg.teacher.pretrained}"
-    from hkdbench.benchmark.recipes.resolve import teacher_run_config
-
-    return f"{cfg.teacher.weights} weights of {teacher_run_config(cfg).run_name()}"

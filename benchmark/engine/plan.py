@@ -55,14 +55,13 @@ def _given(cfg: RunConfig, rd: RunDir, resume: bool, restart: bool) -> PlannedRu
 def _teacher_run(given: List[PlannedRun], store: RunStore) -> Optional[PlannedRun]:
     """The teacher run the students distil from, when one is trained here (not a checkpoint, nor timm's weights
     as they are); the trainer reads it for the first student that trains and uses a teacher."""
-    from hkdbench.benchmark.engine.cohort import teacher_key
-    from hkdbench.benchmark.recipes.resolve import teacher_run_config
+    from hkdbench.benchmark.engine.teacher import teacher_source
 
-    readers = [r for r in given if teacher_key(r.cfg) is not None and r.cfg.teacher_recipe is not None]
+    readers = [(r, source) for r in given if (source := teacher_source(r.cfg)) is not None and source.is_run]
     if not readers:
         return None
-    student = next((r for r in readers if r.trains), readers[0])
-    t_cfg = teacher_run_config(student.cfg)
+    student, source = next(((r, s) for r, s in readers if r.trains), readers[0])
+    t_cfg = source.run_config
     rd = store.run_dir(t_cfg)
     status, note = rd.status(), teacher_settings_note(student.cfg, t_cfg)
     if rd.is_done or not student.trains:
@@ -88,7 +87,7 @@ def _probe_teacher_runs(cfgs: Sequence[RunConfig], store: RunStore,
 
 
 def _resumes_at(rd: RunDir) -> str:
-    from hkdbench.benchmark.engine.checkpoint import checkpoint_position
+    from hkdbench.benchmark.engine.records import checkpoint_position
 
     position = checkpoint_position(rd)
     if position is None:

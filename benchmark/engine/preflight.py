@@ -35,26 +35,21 @@ def check_eval_crop(cfg: RunConfig) -> None:
 
 
 def check_teacher(cfg: RunConfig) -> None:
-    from hkdbench.methods import get_method
-
     from hkdbench.benchmark.data.datasets import check_data_available, dataset_info
+    from hkdbench.benchmark.engine.teacher import CHECKPOINT, teacher_source
 
-    if cfg.teacher is None or not get_method(cfg.method).uses_teacher:
+    source = teacher_source(cfg)
+    if source is None:
         return
-    if cfg.teacher.checkpoint:
-        from hkdbench.benchmark.models.zoo import create_model
-        from hkdbench.benchmark.engine.checkpoint import load_teacher_weights
-
+    if source.kind == CHECKPOINT:
         info = dataset_info(cfg.data.dataset)
-        teacher = create_model(cfg.teacher.name, info.num_classes, in_chans=info.in_chans, img_size=cfg.data.img_size)
-        load_teacher_weights(teacher, cfg.teacher.checkpoint, cfg.teacher.checkpoint_ema)
+        source.build(info.num_classes, info.in_chans)  # loads the checkpoint: it must fit the teacher
         return
-    if cfg.teacher_recipe is None:  # timm's pretrained weights as they are: found in the cache with the config
+    if not source.is_run:  # timm's pretrained weights as they are: found in the cache with the config
         return
     from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
-    from hkdbench.benchmark.recipes.resolve import teacher_run_config
 
-    t_cfg = teacher_run_config(cfg)  # its teacher.* overrides were validated with the config
+    t_cfg = source.run_config  # its teacher.* overrides were validated with the config
     check_data_available(t_cfg.data)
     check_eval_crop(t_cfg)
     warn_scratch_imagenet_teacher(t_cfg)

@@ -1,7 +1,6 @@
 """One optimisation step (:class:`TrainStep`: the distiller's forward passes and losses, backward, clipping, the
 optimiser, the schedule, the student EMA), what it is built from (:func:`setup_training`, shared by the trainer
-and the overhead benchmark), the module that holds student and method together, the criterion and the running
-sums of an epoch (kept in mid-epoch checkpoints)."""
+and the overhead benchmark), the module that holds student and method together, and the criterion."""
 
 from __future__ import annotations
 
@@ -19,33 +18,6 @@ from hkdbench.benchmark.data.stream import Batch
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, is_fused
 from hkdbench.benchmark.engine.evaluation import _autocast, autocast_dtype, enable_cudnn_benchmark
-
-
-class _EpochSums:
-    """Running sums of one epoch's per-term losses and statistics (kept in checkpoints mid-epoch)."""
-
-    def __init__(self, state: Optional[Dict[str, Any]] = None):
-        state = state or {}
-        self.sums: Dict[str, float] = dict(state.get("sums", {}))
-        self.steps: int = state.get("steps", 0)
-        self.images: int = state.get("images", 0)
-        self.correct: int = state.get("correct", 0)
-        self.seconds: float = state.get("seconds", 0.0)
-
-    def add(self, values: Dict[str, float], images: int, correct: int, seconds: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        self.images += images
-        self.correct += correct
-        self.seconds += seconds
-
-    def means(self) -> Dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-
-    def state(self) -> Dict[str, Any]:
-        return {"sums": self.sums, "steps": self.steps, "images": self.images, "correct": self.correct,
-                "seconds": self.seconds}
 
 
 class TrainModule(nn.Module):

@@ -51,10 +51,9 @@ class SweepPlan:
 
 def expand(p: Preset) -> SweepPlan:
     """Every (pair, method, seed) cell resolved to its run config; the distinct teacher runs they need."""
-    from hkdbench.methods import get_method
-
     from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
-    from hkdbench.benchmark.recipes.resolve import resolve_run_config, teacher_run_config
+    from hkdbench.benchmark.engine.teacher import teacher_source
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
     cells: List[Tuple[str, str, str, int]] = []
     students: Dict[str, RunSpec] = {}
@@ -82,8 +81,9 @@ def expand(p: Preset) -> SweepPlan:
                 spec = students.get(name)
                 if spec is None:
                     spec = students[name] = RunSpec(cfg, "student")
-                    if cfg.teacher_recipe is not None and get_method(m).uses_teacher:  # the teacher is trained
-                        t_cfg = teacher_run_config(cfg)
+                    source = teacher_source(cfg)
+                    if source is not None and source.is_run:  # the teacher is trained
+                        t_cfg = source.run_config
                         t_name = t_cfg.run_name()
                         if t_name not in teachers:
                             warn_scratch_imagenet_teacher(t_cfg)

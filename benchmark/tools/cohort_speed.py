@@ -96,7 +96,7 @@ def save_random_teacher(setting: PairSetting, folder: Path, seed: int = 0) -> Pa
     """The teacher with random weights as a checkpoint file: the runs use it as it is (no teacher run)."""
     import torch
 
-    from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.engine.seeding import seed_everything
     from hkdbench.benchmark.models.zoo import create_model
 
     seed_everything(seed)

@@ -149,7 +149,7 @@ def measure_method(cfg: OverheadConfig) -> Dict[str, Any]:
     from hkdbench.methods import TrainingSet, get_method
 
     from hkdbench.benchmark.core.config import OptimConfig
-    from hkdbench.benchmark.data.loaders import seed_everything
+    from hkdbench.benchmark.engine.seeding import seed_everything
     from hkdbench.benchmark.data.stream import prepare_batch
     from hkdbench.benchmark.engine.evaluation import use_channels_last
     from hkdbench.benchmark.engine.step import TrainStep, setup_training
