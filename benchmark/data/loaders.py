@@ -16,7 +16,7 @@ img_size / crop_pct + center crop. ``small`` keeps the native resolution (padded
 
 Datasets that fit in memory take the fast path: the whole split is one uint8 tensor on the training device and
 every augmentation is a batched tensor op, no per-image PIL work: crop boxes drawn as timm draws them, the resize
-computed as Pillow computes it (equal to Pillow's uint8 output), RandAugment from ``benchmark/randaugment.py`` on
+computed as Pillow computes it (equal to Pillow's uint8 output), RandAugment from ``data/randaugment.py`` on
 the whole-number crop. ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image
 transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
 """
@@ -508,7 +508,7 @@ def in_memory_path(cfg: DataConfig) -> bool:
 
 def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
     """(train loader, eval loader, DatasetInfo) for a data config; with ``world_size > 1`` each loader yields
-    rank ``rank``'s share (see benchmark/distributed.py)."""
+    rank ``rank``'s share (see engine/distributed.py)."""
     if cfg.eval_interpolation == "model":
         raise ValueError("data.eval_interpolation=model is resolved to the student's default when a run's config is "
                          "built (recipes.resolve_run_config); pass 'bilinear' or 'bicubic' to build_loaders")
