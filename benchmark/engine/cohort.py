@@ -2,7 +2,7 @@
 
 Runs share a stream when they train the same student on the same data settings, seed, precision and memory
 format (:func:`stream_key`): each step draws one batch for all of them. Members that also share a teacher
-(:func:`cohort_key`) share its plain forward pass; a run without a teacher (``none``, or a method that uses
+(:func:`teacher_key`) share its plain forward pass; a run without a teacher (``none``, or a method that uses
 none) joins the first cohort of its stream. Every member writes its own run directory, exactly as alone.
 """
 from __future__ import annotations
@@ -32,11 +32,6 @@ def teacher_key(cfg: RunConfig) -> Optional[str]:
     t = cfg.teacher
     source = cfg.teacher_run or t.checkpoint or t.pretrained or "scratch"
     return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256])
-
-
-def cohort_key(cfg: RunConfig) -> str:
-    """Runs with equal keys can train as one cohort: one stream and one teacher."""
-    return json.dumps([stream_key(cfg), teacher_key(cfg)])
 
 
 def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
