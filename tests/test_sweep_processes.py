@@ -169,3 +169,27 @@ def test_status_asks_each_jobs_executor_and_cancel_stops_the_running_ones(tmp_pa
         worker.kill()
     (state,) = run_states([spec], store)
     assert (state.status, state.reason) == ("cancelled", f"local job {worker.pid} CANCELLED (the process is gone)")
+
+
+def test_hkdbench_cancel_stops_a_presets_running_job_and_says_which(tmp_path, capsys):
+    """``hkdbench cancel`` finds the running job through the run's job record and stops it through its executor;
+    with nothing queued or running it says so and stops nothing."""
+    from hkdbench.benchmark.cli.main import main
+    from hkdbench.benchmark.core.store import append_jsonl
+
+    preset = tiny_preset(tmp_path, methods=["none"])
+    (spec,) = _students(preset)
+    store = RunStore(tmp_path / "runs")
+    argv = ["cancel", str(preset), "--runs-dir", str(store.root)]
+    assert main(argv) == 0
+    assert "no queued or running job to cancel" in capsys.readouterr().out
+    rd = store.run_dir(spec.cfg)
+    rd.claim(spec.cfg)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        append_jsonl(rd.jobs_file, {"job_id": str(worker.pid), "executor": "local", "folder": str(tmp_path)})
+        assert main(argv) == 0
+        assert f"cancelled 1 job(s): {worker.pid}" in capsys.readouterr().out
+        assert worker.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        worker.kill()

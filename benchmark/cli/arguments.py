@@ -260,6 +260,12 @@ def _add_sweep_commands(sub) -> None:
                         "a sweep directory (runs/_sweeps/ID) or a sweep's ID (any executor's, inline included)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     _add_grid_options(p)
+    p = sub.add_parser("cancel", help="stop the queued and running jobs of a sweep's runs (each keeps its checkpoint; "
+                                      "the same sweep command resumes them)")
+    p.add_argument("settings", nargs="+", metavar="SWEEP_OR_PRESET [key=value]",
+                   help="a sweep directory (runs/_sweeps/ID), a sweep's ID, or a preset as `status` takes it")
+    p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
+    _add_grid_options(p)
 
 
 def _add_grid_options(p: argparse.ArgumentParser) -> None:

@@ -107,7 +107,7 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 # What reads only the run store (no model, no method): these never import torch, so they answer at once
-STORE_COMMANDS = ("collect", "table", "plot", "report", "status")
+STORE_COMMANDS = ("collect", "table", "plot", "report", "status", "cancel")
 
 
 def _dispatch(args) -> int:

@@ -1,5 +1,6 @@
-"""The ``hkdbench`` subcommands that only read the run store: collect, table, plot, report and status. Nothing here
-imports torch or a method (a preset given to ``status`` is expanded as the sweep would, which does)."""
+"""The ``hkdbench`` subcommands that read the run store without building a model: collect, table, plot, report,
+status, and cancel (which also stops jobs through their executors). Nothing here imports torch or a method, except
+where a preset is expanded as the sweep would (status or cancel given a preset)."""
 from __future__ import annotations
 
 from hkdbench.benchmark.cli.arguments import grid_of
@@ -75,6 +76,24 @@ def cmd_status(args, _overrides) -> int:
     return 0
 
 
+def cmd_cancel(args, _overrides) -> int:
+    """Stops the queued and running jobs of a sweep's runs through the executor that submitted each; every run keeps
+    its last checkpoint, and the same sweep command later resumes them."""
+    from hkdbench.benchmark.core.store import RunStore
+    from hkdbench.benchmark.sweep.status import cancel, run_states
+
+    args.target, args.settings = args.settings[0], args.settings[1:]
+    specs, runs_dir, title = _status_specs(args)
+    store = RunStore(runs_dir)
+    jobs = cancel(run_states(specs, store), store)
+    if not jobs:
+        print(f"{title}: no queued or running job to cancel")
+        return 0
+    print(f"{title}: cancelled {len(jobs)} job(s): {', '.join(jobs)}. Each run keeps its last checkpoint; the same "
+          "sweep command resumes them")
+    return 0
+
+
 def _status_specs(args):
     """(the runs, the run store, a title) of what ``status`` was given: a sweep directory, a sweep's id, or a preset
     expanded as the sweep would."""
@@ -98,6 +117,9 @@ def _status_specs(args):
         raise ConfigError(f"unknown preset {args.target!r}, and no sweep of that id in the run store "
                           f"{by_id.path.parent.parent} (no {by_id.manifest_file}); shipped presets: "
                           f"{', '.join(preset_names())}, or a YAML file's path")
+    from hkdbench.methods import load_plugins
+
+    load_plugins()  # a preset may name a plugin's method
     plan = expand(load_preset(args.target, list(args.settings), grid_of(args)))
     return plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
 
