@@ -353,7 +353,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """timm 0.6.5 ``train.py``'s optimiser and schedule arguments (see ``benchmark/optim.py``)."""
+    """timm 0.6.5 ``train.py``'s optimiser and schedule arguments (see ``engine/optim.py``)."""
     name: str = "sgd"                   # 'sgd' (timm's: Nesterov momentum) or 'adamw'
     lr: float = 0.05
     momentum: float = 0.9
@@ -408,7 +408,7 @@ class TrainConfig:
     ema_decay: float = 0.0              # student EMA; 0 disables
     drop_path: Optional[float] = None   # student stochastic depth; None: the timm model's default (train.py)
     eval_every: int = 1
-    # Probes (benchmark/probing.py), logged into metrics.jsonl; 0 turns a probe off.
+    # Probes (probes/: the PROBES registry in probes/hooks.py), logged into metrics.jsonl; 0 turns a probe off.
     probe_every: int = 0                # epochs between CKA probes (teacher stage x student stage)
     probe_images: int = 512             # fixed probe set, drawn deterministically from the test set
     probe_kernel: str = "linear"        # 'linear' or 'rbf'

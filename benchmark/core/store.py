@@ -21,7 +21,7 @@
     <runs>/_submitit/    submitit's job folders (logs, pickled jobs and results)
 
 This module is torch-free (the analysis reads the store through it); the torch side (weights, checkpoints) is
-``engine/checkpoint.py``, which takes its file names from :class:`RunDir`.
+``engine/records.py``, which takes its file names from :class:`RunDir`.
 
 Every write is atomic, so a kill at any moment leaves either the previous or the new file, never half of one.
 """

@@ -123,7 +123,7 @@ class TrainStep:
     memory format): lr schedule, forward (method + teacher) under autocast, summed loss, backward, clipping,
     optimiser and EMA updates, then one read of the step's values from the device (its one host
     synchronisation, ``tests/test_host_sync.py``). The trainer runs it; ``hkdbench overhead`` times it."""
-    probes = None  # a probing.TrainingProbes when train.probe_every / train.conflict_every are on
+    probes = None  # a probes.hooks.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
                  device: torch.device, ema=None, dtype=None, channels_last: bool = False):
