@@ -1,31 +1,35 @@
 #!/usr/bin/env bash
-# The GPU check (benchmark/tools/gpu_check.py) on one GPU machine without network, in about 8 minutes:
+# The GPU check (benchmark/tools/gpu_check.py) on one GPU machine without network, in about 7 minutes:
 #
 #   bash scripts/gpu-check.sh --prepare        # here (pip reaches an index or its cache): builds .gpu-bundle/
 #   bash scripts/gpu-check.sh [--tiny] OUTDIR  # there: installs the project, measures, writes OUTDIR
+#   bash scripts/gpu-check.sh --requirements   # there: what the machine lacks, what the bundle would install
 #
-# The bundle (.gpu-bundle/, git-ignored, ~30 MB: copy it along with the checkout) holds the pure-Python wheels the
-# project needs beyond torch, torchvision, timm, pandas, matplotlib and seaborn (submitit, cloudpickle, tqdm, and
-# setuptools for the editable install) and the Fashion-MNIST files. The check installs the project with
-# `pip install --no-deps -e .` into a venv that sees the machine's packages (.gpu-venv/, git-ignored), adds only
-# the bundle's wheels whose modules are missing, then runs the parts within what is left of the 8 minutes.
+# The machine's python needs torch, torchvision, numpy and pyyaml, nothing else. The bundle (.gpu-bundle/,
+# git-ignored, ~34 MB: copy it along with the checkout) holds the pure-Python wheels of the rest at the versions
+# this checkout is tested with (timm, submitit, cloudpickle, tqdm; timm runs without its huggingface_hub and
+# safetensors, which only fetch and read pretrained weights), setuptools for the editable install, and the
+# Fashion-MNIST files. The check installs the project with `pip install --no-deps -e .` into a venv that sees the
+# machine's packages (.gpu-venv/, git-ignored), adds the bundle's wheels whose distribution is missing there or of
+# another version, then runs the parts within what is left of the budget.
 #
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 480: install + parts), GPU_CHECK_TINY=1 (the
-# same as --tiny: toy sizes, for a CPU), GPU_CHECK_SKIP_INSTALL=1 (use PYTHON as it is: the project is installed).
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 400: install + parts; the device tool allows
+# 600 s a command), GPU_CHECK_TINY=1 (the same as --tiny: toy sizes, for a CPU), GPU_CHECK_SKIP_INSTALL=1 (use
+# PYTHON as it is: the project is installed), GPU_BUNDLE (default .gpu-bundle/).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUNDLE="${GPU_BUNDLE:-$ROOT/.gpu-bundle}"
 PYTHON="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-400}"
 FASHION_MNIST_DIR="${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}"
-# module:distribution pairs the bundle can supply (pyyaml is not among them: it has compiled wheels, and timm
-# already needs it)
-BUNDLED="submitit:submitit cloudpickle:cloudpickle tqdm:tqdm"
-REQUIRED_PRESENT="torch torchvision timm numpy pandas matplotlib seaborn yaml"
+# what the machine must have (compiled packages); the bundle brings the rest as pure-Python wheels (pandas,
+# matplotlib and seaborn are for the analysis and the figures, which the check never imports)
+REQUIRED_PRESENT="torch torchvision numpy yaml"
+BUNDLED="timm submitit cloudpickle tqdm"
 
 usage() {
-    echo "usage: bash scripts/gpu-check.sh --prepare | bash scripts/gpu-check.sh [--tiny] OUTDIR" >&2
+    echo "usage: bash scripts/gpu-check.sh --prepare | --requirements | [--tiny] OUTDIR" >&2
     exit 2
 }
 
@@ -36,11 +40,13 @@ prepare() {
     # the versions this checkout is tested with, as installed in its venv; and a setuptools that builds wheels on
     # its own (>= 70.1: no 'wheel' package) for the editable install in pip's isolated build environment
     local pins
-    pins=$("$py" - <<'EOF'
-import importlib.metadata as m
-print(" ".join(f"{d}=={m.version(d)}" for d in ("submitit", "cloudpickle", "tqdm")), "setuptools>=70.1")
+    # shellcheck disable=SC2086
+    pins=$("$py" - $BUNDLED <<'EOF'
+import importlib.metadata as m, sys
+print(" ".join(f"{d}=={m.version(d)}" for d in sys.argv[1:]), "setuptools>=70.1")
 EOF
-) || { echo "gpu-check --prepare: $py lacks one of submitit, cloudpickle, tqdm" >&2; exit 1; }
+) || { echo "gpu-check --prepare: $py lacks one of $BUNDLED" >&2; exit 1; }
+    rm -f "$BUNDLE"/wheels/*.whl  # one version of each: the bundle is the tested set, nothing older
     # shellcheck disable=SC2086
     "$py" -m pip download --no-deps --only-binary=:all: -d "$BUNDLE/wheels" $pins || {
         echo "gpu-check --prepare: pip could not fetch $pins (no index and no cache?)" >&2; exit 1; }
@@ -55,10 +61,38 @@ EOF
     ls "$BUNDLE/wheels" "$BUNDLE/fashion-mnist"
 }
 
+# the bundle's wheels that PY needs (missing there, or of another version), one path a line; fails, naming them,
+# where PY lacks a module the bundle cannot supply. Nothing is imported (find_spec, metadata): a quick check.
+bundle_wheels_needed() {
+    # shellcheck disable=SC2086
+    "$PY" - "$BUNDLE/wheels" $REQUIRED_PRESENT -- $BUNDLED <<'EOF'
+import importlib.metadata, importlib.util, pathlib, re, sys
+wheels, rest = sys.argv[1], " ".join(sys.argv[2:])
+required, bundled = (part.split() for part in rest.split(" -- "))
+absent = [m for m in required if importlib.util.find_spec(m) is None]
+if absent:
+    sys.exit(f"the check needs {', '.join(absent)} installed in {sys.executable} (the bundle brings only "
+             f"{', '.join(bundled)})")
+def norm(name):
+    return re.sub(r"[-_.]+", "_", name).lower()
+files = {norm(w.name.split("-")[0]): w for w in pathlib.Path(wheels).glob("*.whl")}
+for dist in bundled:
+    wheel = files.get(norm(dist))
+    if wheel is None:
+        sys.exit(f"the bundle {wheels} has no wheel of {dist}: run scripts/gpu-check.sh --prepare where pip works")
+    try:
+        present = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        present = None
+    if present != wheel.name.split("-")[1]:
+        print(wheel)
+EOF
+}
+
 # install PY: PYTHON itself when it is a venv, else a venv over its packages (failing that, its user site); then
-# the missing bundled wheels and the project (editable, no deps)
+# the bundle's wheels it needs and the project (editable, no deps)
 install() {
-    local venv="$ROOT/.gpu-venv" missing
+    local venv="$ROOT/.gpu-venv" wheels
     if "$PYTHON" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
         PY="$PYTHON"  # a venv made from a venv would not see its packages
     elif "$PYTHON" -m venv --system-site-packages "$venv" && "$venv/bin/python" -c "import torch"; then
@@ -69,20 +103,11 @@ install() {
         export PIP_USER=1 PIP_BREAK_SYSTEM_PACKAGES=1
     fi
     echo "installing with $PY"
-    # one interpreter, no imports (find_spec): absent required modules fail, absent bundled ones are installed
-    missing=$("$PY" - $REQUIRED_PRESENT -- $BUNDLED <<'EOF'
-import importlib.util, sys
-required, bundled = " ".join(sys.argv[1:]).split(" -- ")
-absent = [m for m in required.split() if importlib.util.find_spec(m) is None]
-if absent:
-    sys.exit(f"the check needs {', '.join(absent)} installed in {sys.executable}")
-print(" ".join(p.split(":")[1] for p in bundled.split() if importlib.util.find_spec(p.split(":")[0]) is None))
-EOF
-) || return 1
-    if [ -n "$missing" ]; then
-        echo "installing from $BUNDLE/wheels: $missing"
+    wheels=$(bundle_wheels_needed) || return 1
+    if [ -n "$wheels" ]; then
+        echo "installing from $BUNDLE/wheels:" $wheels
         # shellcheck disable=SC2086
-        "$PY" -m pip install --no-index --no-deps --find-links "$BUNDLE/wheels" $missing || return 1
+        "$PY" -m pip install --no-index --no-deps $wheels || return 1
     fi
     # the machine's setuptools builds the editable install; without one (or too old), the bundle's
     "$PY" -m pip install --no-index --no-deps --no-build-isolation -e "$ROOT" \
@@ -100,6 +125,13 @@ TINY="${GPU_CHECK_TINY:-}"
 [ $# -ge 1 ] || usage
 case "$1" in
     --prepare) [ $# -eq 1 ] || usage; prepare; exit $? ;;
+    --requirements)
+        [ $# -eq 1 ] || usage
+        PY="$PYTHON"
+        wheels=$(bundle_wheels_needed) || exit 1
+        names=$(for w in $wheels; do basename "$w"; done | tr '\n' ' ')
+        echo "$PYTHON has torch, torchvision, numpy and pyyaml; to install from the bundle: ${names:-nothing}"
+        exit 0 ;;
     --tiny) TINY=1; shift ;;
 esac
 [ $# -eq 1 ] || usage

@@ -1,7 +1,9 @@
 """The GPU check (scripts/gpu-check.sh, benchmark/tools/gpu_check.py) and the cohort speed benchmark it runs
 (benchmark/tools/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
-failing and a timed-out part recorded without stopping the check; the comparisons and the arithmetic of the
-time shares against hand-computed values."""
+failing and a timed-out part recorded without stopping the check, a timed-out one with what it had measured; the
+budget passed on from part to part; the parts' order; the resume part's two straight runs and its verdict; what
+the script requires of the machine's python; the comparisons and the arithmetic of the time shares against
+hand-computed values."""
 import hashlib
 import inspect
 import json
@@ -9,6 +11,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +46,11 @@ def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
     assert all(parts[n]["status"] == "ok" for n in list(parts)[:-1]), {n: p.get("error") for n, p in parts.items()}
     assert parts["overhead_compile"]["status"] == "skipped"
     assert summary["tiny"] is True and summary["install"].startswith("skipped")
+    ran = list(parts.values())[:-1]
+    for record in ran:  # the time a part leaves passes on: every part but the first gets more than its share
+        assert record["budget_s"] > 0 and record["seconds"] < record["budget_s"]
+    assert all(r["budget_s"] > r["planned_s"] for r in ran[1:]), [(r["budget_s"], r["planned_s"]) for r in ran]
+    assert sum(r["planned_s"] for r in ran) == pytest.approx(summary["budget_s"], abs=0.5)
     for name in list(parts)[:-1]:
         assert (out / "raw" / f"{name}.json").is_file() and (out / "raw" / f"{name}.log").is_file()
     assert parts["env"]["result"]["device"] == "cpu" and parts["env"]["result"]["torch"] == torch.__version__
@@ -75,7 +83,7 @@ def test_the_cohort_part_reports_its_ratio_and_where_the_time_goes(tiny_check):
     r = next(p for p in summary["parts"] if p["name"].startswith("cohort"))["result"]
     assert (r["teacher"], r["student"], r["img_size"], r["batch_size"], r["steps"]) == ("resnet_mini", "vit_mini",
                                                                                        32, 16, 2)
-    assert len(r["cohort_s"]) == len(r["separate_s"]) == r["repeats"] == 1
+    assert len(r["cohort_s"]) == len(r["separate_s"]) == r["repeats"] == r["repeats_done"] == 1
     assert r["ratio"] == pytest.approx(r["cohort_s"][0] / r["separate_s"][0])
     parts = r["parts"]
     assert parts["methods_with_teacher"] == ["kd", "dkd"]
@@ -87,13 +95,19 @@ def test_the_cohort_part_reports_its_ratio_and_where_the_time_goes(tiny_check):
 
 
 @pytest.mark.slow
-def test_the_resume_part_stops_mid_epoch_and_matches_the_straight_run_on_cpu(tiny_check):
-    _, summary = tiny_check
+def test_the_resume_part_stops_mid_epoch_and_matches_two_straight_runs_on_cpu(tiny_check):
+    out, summary = tiny_check
     r = next(p for p in summary["parts"] if p["name"] == "resume")["result"]
-    assert (r["straight"], r["stopped"], r["resumed"]) == ("done", "interrupted", "done")
+    assert (r["straight"], r["stopped"], r["resumed"]) == (["done", "done"], "interrupted", "done")
     assert r["stopped_at"] == {"epoch": 2, "step": 2}  # 3 steps an epoch, the stop after the 5th
-    assert r["metrics_equal"] is True and r["metrics_max_abs_diff"] == {}  # CPU: bit for bit
-    assert r["weights_equal"] is True and r["weights_tensors_differing"] == 0 and r["weights_tensors"] > 10
+    for key in ("resumed_vs_straight", "resumed_vs_second_straight", "straight_vs_straight"):
+        c = r[key]  # CPU: bit for bit, all three ways
+        assert c["metrics_equal"] is True and c["metrics_max_abs_diff"] == {}, key
+        assert c["weights_equal"] is True and c["weights_tensors_differing"] == 0 and c["weights_tensors"] > 10
+    assert r["verdict"] == "equal"
+    md = (out / "summary.md").read_text()
+    assert "- the two straight runs against each other: metrics equal; final weights equal bit for bit" in md
+    assert "Verdict: **equal**" in md
 
 
 def test_a_failing_part_is_recorded_with_its_error(tmp_path):
@@ -107,7 +121,7 @@ def test_a_failing_part_is_recorded_with_its_error(tmp_path):
 
 
 def test_a_method_that_fails_is_recorded_and_the_others_measured(tmp_path, monkeypatch):
-    from hkdbench.benchmark.probes import overhead
+    from hkdbench.benchmark.tools import overhead
 
     real = overhead.measure_method
 
@@ -143,18 +157,190 @@ def test_compile_without_the_setting_says_so_before_measuring(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_the_budget_is_split_in_proportion_and_compile_runs_last():
-    scale = 420 / sum(gpu_check._planned_budget(gpu_check.FULL, True))
-    parts = gpu_check.plan(gpu_check.FULL, "cuda", "/data", compile_parts=True, scale=scale)
+def test_the_parts_run_in_order_with_the_compiled_baselines_before_the_other_compiled_methods():
+    parts = gpu_check.plan(gpu_check.FULL, "cuda", "/data", compile_parts=True)
     names = [p.name for p in parts]
     assert names == ["env", "overhead_eager_swin_tiny_resnet18", "overhead_eager_convnext_tiny_deit_tiny",
                      "cohort_swin_tiny_resnet18", "cohort_resnet_mini_vit_mini", "resume",
-                     "overhead_compile_swin_tiny_resnet18", "overhead_compile_convnext_tiny_deit_tiny"]
-    assert parts[1].budget_s == gpu_check.FULL.budgets["overhead_eager"] * scale
-    assert sum(p.budget_s for p in parts) == pytest.approx(420)  # the parts share the whole budget
+                     "overhead_compile_baselines_swin_tiny_resnet18",
+                     "overhead_compile_baselines_convnext_tiny_deit_tiny",
+                     "overhead_compile_methods_swin_tiny_resnet18", "overhead_compile_methods_convnext_tiny_deit_tiny"]
+    methods = {p.name: p.args.get("methods") for p in parts}
+    assert methods["overhead_eager_swin_tiny_resnet18"] == ["none", "kd", "dkd", "fitnet", "ofa"]
+    assert methods["overhead_compile_baselines_swin_tiny_resnet18"] == ["none", "kd"]
+    assert methods["overhead_compile_methods_convnext_tiny_deit_tiny"] == ["dkd", "fitnet", "ofa"]
+    assert [p.args["compile"] for p in parts if p.kind == "overhead"] == [False] * 2 + [True] * 4
+    assert gpu_check.BASELINES == overhead_baselines()
     assert parts[1].args["batch_size"] == 128 and parts[1].args["img_size"] == 224
-    assert parts[1].args["precision"] == "bf16" and parts[-1].args["compile"] is True
+    assert parts[1].args["precision"] == "bf16"
     assert parts[3].args["batch_size"] == 32 and parts[4].args["batch_size"] == 128
+    assert "overhead_compile" not in " ".join(p.name for p in gpu_check.plan(gpu_check.FULL, None, None, False))
+
+
+def overhead_baselines():
+    from hkdbench.benchmark.tools.overhead import BASELINES
+
+    return BASELINES
+
+
+def test_a_part_gets_its_share_of_what_is_left():
+    assert gpu_check.part_budget(300, [10, 20]) == pytest.approx(100)
+    assert gpu_check.part_budget(300, [20]) == pytest.approx(300)  # the last part: all that is left
+    assert gpu_check.part_budget(0, [10, 20]) == 0
+
+
+def test_the_budget_a_part_leaves_passes_on_to_the_next(tmp_path, monkeypatch):
+    given = []
+
+    def instant_part(part, raw, timeout_s):  # every part ends at once: each leaves all of its budget
+        given.append((part.name, timeout_s))
+        return {"name": part.name, "kind": part.kind, "status": "ok", "seconds": 0.0, "budget_s": timeout_s}
+
+    monkeypatch.setattr(gpu_check, "run_part", instant_part)
+    summary = gpu_check.run_check(tmp_path, gpu_check.FULL, 400, "cpu", None, compile_parts=True, tiny=False)
+    shares = [p.share_s for p in gpu_check.plan(gpu_check.FULL, "cpu", None, True)]
+    planned = [r["planned_s"] for r in summary["parts"]]
+    assert planned == pytest.approx([400 * s / sum(shares) for s in shares], abs=0.1)
+    budgets = [b for _, b in given]
+    assert budgets[0] == pytest.approx(planned[0], abs=0.1)
+    for i, budget in enumerate(budgets):  # what is left (~400 s) shared among the parts still to run
+        assert budget == pytest.approx(400 * shares[i] / sum(shares[i:]), rel=0.01)
+    assert budgets[-1] == pytest.approx(400, rel=0.01) and all(b > p for b, p in zip(budgets[1:], planned[1:]))
+    assert json.loads((tmp_path / "summary.json").read_text())["parts"][-1]["budget_s"] == budgets[-1]
+
+
+def test_a_part_given_too_little_is_skipped_and_its_time_passes_on(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(gpu_check, "run_part", lambda part, raw, timeout_s: ran.append(part.name) or {
+        "name": part.name, "kind": part.kind, "status": "ok", "seconds": 0.0})
+    summary = gpu_check.run_check(tmp_path, gpu_check.FULL, 30, "cpu", None, compile_parts=True, tiny=False)
+    statuses = [p["status"] for p in summary["parts"]]
+    assert statuses[0] == "skipped" and summary["parts"][0]["error"] == "no time left in the budget"
+    assert statuses[-1] == "ok" and ran[-1] == "overhead_compile_methods_convnext_tiny_deit_tiny"
+
+
+def test_a_part_that_times_out_keeps_what_it_had_measured(tmp_path, monkeypatch):
+    """The budget runs out (here: as soon as the part has written its first method) while the part is still
+    measuring: the child is killed, and the methods it measured before are in its record."""
+    def budget_ends_after_first_write(child, out, timeout_s):
+        end = time.monotonic() + 300
+        while time.monotonic() < end and child.poll() is None:
+            if out.exists() and json.loads(out.read_text())["methods"]:
+                raise subprocess.TimeoutExpired(child.args, timeout_s)
+            time.sleep(0.02)
+        raise AssertionError("the part ended, or wrote nothing, before its budget ran out")
+
+    monkeypatch.setattr(gpu_check, "wait_for_part", budget_ends_after_first_write)
+    methods = ["none", "kd", "dkd", "fitnet", "ofa"]
+    part = gpu_check.Part("overhead_cut", "overhead", dict(device="cpu", teacher="resnet_mini", student="vit_mini",
+                          methods=methods, batch_size=2, img_size=32, warmup=1, repeats=30, precision="fp32",
+                          compile=False), 60)
+    record = gpu_check.run_part(part, tmp_path, timeout_s=60)
+    assert record["status"] == "timeout" and record["error"].endswith("killed at its budget of 60 s")
+    measured = list(record["result"]["methods"])
+    assert 1 <= len(measured) < len(methods) and measured == methods[:len(measured)]  # in order, the first kept
+    assert record["result"]["methods"]["none"]["step_time_ms"] > 0
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # atomic writes: no temp file left
+
+
+def test_the_cohort_part_measures_only_the_repeats_that_fit_and_writes_each(tmp_path, monkeypatch):
+    from hkdbench.benchmark.tools import cohort_speed as cs
+
+    written = []
+    real_write = gpu_check._write_json
+    monkeypatch.setattr(gpu_check, "_write_json", lambda path, body: written.append(dict(body)) or real_write(
+        path, body))
+    out = tmp_path / "cohort.json"
+    # a deadline already passed: the first repeat and the parts are measured all the same, nothing after them
+    gpu_check.part_cohort(out, "cpu", "resnet_mini", "vit_mini", ["kd", "dkd"], 8, 1, 3, None,
+                          deadline=time.time())
+    r = json.loads(out.read_text())
+    assert (r["repeats"], r["repeats_done"], len(r["ratios"])) == (3, 1, 1) and "parts" in r and "shares" in r
+    assert [w["repeats_done"] for w in written] == [1]
+    assert cs.MARGIN > 1
+
+
+def test_the_cohort_part_goes_on_while_a_repeat_fits(tmp_path, monkeypatch):
+    from hkdbench.benchmark.tools import cohort_speed as cs
+
+    reports = []
+    result = cs.measure_pair(cs.pair_setting("resnet_mini", "vit_mini", 8), ["kd"], 1, 2, tmp_path, "cpu",
+                             part_repeats=0, deadline=time.time() + 600, on_progress=lambda r: reports.append(
+                                 r["repeats_done"]))
+    assert reports == [1, 2] and result["repeats_done"] == 2 and len(result["cohort_s"]) == 2
+    assert "parts" not in result
+
+
+def _comparison(weights=0.0, metrics=None, note=None):
+    c = {"metrics_equal": not (metrics or note), "metrics_max_abs_diff": metrics or {}, "weights_equal": weights == 0.0,
+         "weights_tensors": 4, "weights_tensors_differing": int(weights > 0), "weights_max_abs_diff": weights}
+    if note:
+        c["metrics_note"] = note
+    return c
+
+
+def test_the_resume_verdict_tells_a_bug_from_nondeterminism():
+    verdict = gpu_check.resume_verdict
+    same = _comparison()
+    assert verdict({"resumed_vs_straight": same})["verdict"] == "equal"
+    assert verdict({"resumed_vs_straight": _comparison(1e-3)})["verdict"] == "undecided"  # no second straight run
+    noisy = {"straight_vs_straight": _comparison(2e-3, {"loss/ce": 1e-4})}
+    assert verdict({**noisy, "resumed_vs_straight": _comparison(3e-3, {"loss/ce": 2e-4}),
+                    "resumed_vs_second_straight": _comparison(1e-3)})["verdict"] == "nondeterminism"
+    far = verdict({**noisy, "resumed_vs_straight": _comparison(2e-3), "resumed_vs_second_straight":
+                   _comparison(9e-3)})  # more than NOISE_FACTOR (4) times the straight runs' difference
+    assert far["verdict"] == "resume_bug" and far["verdict_note"].startswith("weights: ")
+    # the straight runs agree bit for bit: any difference of the resumed run is the resume's
+    exact = {"straight_vs_straight": same, "resumed_vs_second_straight": _comparison(1e-7)}
+    assert verdict({**exact, "resumed_vs_straight": _comparison(1e-7)})["verdict"] == "resume_bug"
+    metrics = verdict({**exact, "resumed_vs_straight": _comparison(metrics={"top1": "1.0 against None"}),
+                       "resumed_vs_second_straight": same})
+    assert metrics["verdict"] == "resume_bug" and metrics["verdict_note"].startswith("metrics: ")
+    assert verdict({**noisy, "resumed_vs_straight": _comparison(note="2 epochs against 1"),
+                    "resumed_vs_second_straight": same})["verdict"] == "resume_bug"
+
+
+def _fake_python(tmp_path: Path, modules, dists) -> Path:
+    """A python that sees only ``modules`` (empty packages) and ``dists`` (name -> version metadata)."""
+    site = tmp_path / "site"
+    for name in modules:
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text("")
+    for name, version in dists.items():
+        info = site / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    wrapper = tmp_path / "python"
+    base = getattr(sys, "_base_executable", sys.executable)
+    wrapper.write_text(f'#!/bin/sh\nPYTHONPATH="{site}" exec "{base}" -S "$@"\n')  # -S: no site-packages
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def _requirements(python: Path, bundle: Path):
+    env = {**os.environ, "PYTHON": str(python), "GPU_BUNDLE": str(bundle)}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), "--requirements"], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_script_needs_only_torch_torchvision_numpy_and_pyyaml_and_brings_the_rest(tmp_path):
+    bundle = tmp_path / "bundle"
+    (bundle / "wheels").mkdir(parents=True)
+    for wheel in ("timm-1.0.31", "submitit-1.5.4", "cloudpickle-3.1.3", "tqdm-4.70.1", "setuptools-84.2.1"):
+        (bundle / "wheels" / f"{wheel}-py3-none-any.whl").write_text("")
+    # no pandas, matplotlib, seaborn, huggingface_hub, safetensors; timm of another version; tqdm of the same
+    bare = _fake_python(tmp_path / "bare", ["torch", "torchvision", "numpy", "yaml", "timm", "tqdm"],
+                        {"timm": "0.9.2", "tqdm": "4.70.1"})
+    proc = _requirements(bare, bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("to install from the bundle: timm-1.0.31-py3-none-any.whl "
+                                        "submitit-1.5.4-py3-none-any.whl cloudpickle-3.1.3-py3-none-any.whl")
+    no_torch = _fake_python(tmp_path / "no_torch", ["torchvision", "numpy"], {})
+    proc = _requirements(no_torch, bundle)
+    assert proc.returncode == 1 and "the check needs torch, yaml installed in" in proc.stderr
+    (bundle / "wheels" / "timm-1.0.31-py3-none-any.whl").unlink()
+    proc = _requirements(bare, bundle)
+    assert proc.returncode == 1 and "has no wheel of timm: run scripts/gpu-check.sh --prepare" in proc.stderr
 
 
 @pytest.mark.parametrize("sizes", [gpu_check.FULL, gpu_check.TINY], ids=["full", "tiny"])
@@ -215,7 +401,7 @@ def test_time_shares_split_each_way_into_teacher_students_and_the_rest():
 
 def test_the_script_says_how_to_call_it():
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh")], capture_output=True, text=True)
-    assert proc.returncode == 2 and "usage: bash scripts/gpu-check.sh --prepare" in proc.stderr
+    assert proc.returncode == 2 and "usage: bash scripts/gpu-check.sh --prepare | --requirements" in proc.stderr
 
 
 def test_cohort_speed_rejects_bad_options_before_any_work(capsys):

@@ -5,7 +5,9 @@ one short epoch on Fashion-MNIST, in one process, twice per repeat: as one cohor
 separate runs (``train`` each), in alternating order (cohort first on even repeats), each in a fresh run store.
 The ratio cohort / separate is taken per repeat and its median reported: on a shared machine absolute times drift,
 ratios taken side by side much less. Every method first trains one untimed step, which pays the one-time costs
-(lazy imports, allocator pools, kernel caches).
+(lazy imports, allocator pools, kernel caches). Under a time limit (``measure_pair``'s deadline, as the GPU check
+gives it) the parts below are measured right after the first repeat, and a further repeat starts only when it
+will end in time.
 
 The teacher is the pair's model with random weights saved once to a checkpoint file (``--teacher-checkpoint``):
 a teacher used as it is, so no teacher training is timed (cost does not depend on the weights).
@@ -30,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 OFA_METHODS = ("none", "kd", "dkd", "fitnet", "ofa")
 DATASET, NUM_CLASSES, IN_CHANS = "fashion-mnist", 10, 1
@@ -161,17 +163,15 @@ def _timed(way: str, cfgs, work: Path, tag: str, device: Optional[str]) -> float
     return seconds
 
 
-def time_cohort_and_separate(cfgs, warmup_cfgs, work: Path, repeats: int, device: Optional[str]) -> Dict[str, Any]:
-    """``warmup_cfgs`` (the same runs, one step each) train first, untimed: every method's one-time costs (lazy
-    imports, allocator pools, kernel caches) then land on no measurement."""
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
-    _timed("separate", warmup_cfgs, work, "warmup", device)
-    times: Dict[str, List[float]] = {"cohort": [], "separate": []}
-    for r in range(repeats):
-        order = ("cohort", "separate") if r % 2 == 0 else ("separate", "cohort")
-        for way in order:
-            times[way].append(_timed(way, cfgs, work, f"r{r}_{way}", device))
+def time_one_repeat(r: int, cfgs, work: Path, device: Optional[str], times: Dict[str, List[float]]) -> float:
+    """Repeat ``r``: both ways, cohort first on even repeats; their times appended to ``times``; its seconds."""
+    tic = time.perf_counter()
+    for way in (("cohort", "separate") if r % 2 == 0 else ("separate", "cohort")):
+        times[way].append(_timed(way, cfgs, work, f"r{r}_{way}", device))
+    return time.perf_counter() - tic
+
+
+def timing_summary(times: Dict[str, List[float]]) -> Dict[str, Any]:
     ratios = [c / s for c, s in zip(times["cohort"], times["separate"])]
     return {"cohort_s": times["cohort"], "separate_s": times["separate"], "ratios": ratios,
             "ratio": statistics.median(ratios), "cohort_s_median": statistics.median(times["cohort"]),
@@ -260,24 +260,43 @@ def time_shares(parts: Dict[str, Any], timing: Dict[str, Any], steps: int) -> Di
 
 def measure_pair(setting: PairSetting, methods: Sequence[str], steps: int, repeats: int, work: Path,
                  device: Optional[str] = None, data_root: Optional[str] = None, part_repeats: int = 3,
-                 compile_step: bool = False) -> Dict[str, Any]:
+                 compile_step: bool = False, deadline: Optional[float] = None,
+                 on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """The cohort/separate timing of one pair, and (``part_repeats`` > 0: timed steps per part) where its step
-    time goes."""
+    time goes. Measured in the order that keeps the most under a time limit: the untimed warm-up, one repeat,
+    the parts, then the other repeats while one more fits before ``deadline`` (``time.time()``; None: all of
+    them); ``on_progress`` gets the result as it grows (``repeats_done`` says how far it got)."""
     from hkdbench.benchmark.engine.evaluation import select_device
 
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    report = on_progress or (lambda result: None)
     dev = select_device(device)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = save_random_teacher(setting, work)
     cfgs = run_configs(setting, checkpoint, methods, steps, data_root, compile_step)
     warmup_cfgs = run_configs(setting, checkpoint, methods, 1, data_root, compile_step)
     result: Dict[str, Any] = {**dataclasses.asdict(setting), "methods": list(methods), "steps": steps,
-                              "repeats": repeats, "device": str(dev), "compile": compile_step,
+                              "repeats": repeats, "repeats_done": 0, "device": str(dev), "compile": compile_step,
                               "precision": cfgs[0].train.precision}
-    result.update(time_cohort_and_separate(cfgs, warmup_cfgs, work, repeats, str(dev)))
-    if part_repeats > 0:
-        result["parts"] = step_parts(setting, cfgs, dev, part_repeats)
-        result["shares"] = time_shares(result["parts"], result, steps)
+    _timed("separate", warmup_cfgs, work, "warmup", str(dev))
+    times: Dict[str, List[float]] = {"cohort": [], "separate": []}
+    longest = 0.0
+    for r in range(repeats):
+        if r and deadline is not None and time.time() + MARGIN * longest > deadline:
+            break  # another repeat would not end in time: what is measured stays whole
+        longest = max(longest, time_one_repeat(r, cfgs, work, str(dev), times))
+        result.update(timing_summary(times), repeats_done=r + 1)
+        if r == 0 and part_repeats > 0:
+            result["parts"] = step_parts(setting, cfgs, dev, part_repeats)
+        if "parts" in result:
+            result["shares"] = time_shares(result["parts"], result, steps)
+        report(result)
     return result
+
+
+# a repeat is started only when this many times the longest one so far still ends before the deadline
+MARGIN = 1.2
 
 
 # --------------------------------------------------------------------------------------------------------------

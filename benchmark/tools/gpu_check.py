@@ -1,29 +1,35 @@
-"""The GPU check (``scripts/gpu-check.sh OUTDIR``): what one GPU does with this harness, in about 8 minutes.
+"""The GPU check (``scripts/gpu-check.sh OUTDIR``): what one GPU does with this harness, in about 7 minutes.
 
 Its parts, each in its own process with its own time budget, so that a crash, an out-of-memory or a timeout of
 one part is recorded (status, error, the tail of its log) and the others still run:
 
 * ``env``: versions, the GPU, whether ``train.compile`` exists in this version;
-* ``overhead_eager_*`` / ``overhead_compile_*``: ``hkdbench overhead``'s measurement (``measure_method``: the
-  trainer's own step) at 224 px, batch 128, bf16 + channels_last, per method: images/s, step time, peak memory,
-  FLOPs, with ratios to ``none`` and ``kd``; without and with compile, for ``swin_tiny -> resnet18`` and
-  ``convnext_tiny -> deit_tiny``. Each method's result is written as soon as it is measured, so a timeout keeps
-  the methods done;
-* ``cohort_*``: ``cohort_speed``'s cohort/separate time ratio for one pair;
-* ``resume``: one run trained straight through, and the same run stopped mid-epoch by a stop request (the
-  trainer's ``should_stop``, as a SIGTERM or Slurm's USR2 asks) and resumed; their metrics and final weights
-  compared (equal, or the largest differences).
+* ``overhead_eager_*``: ``hkdbench overhead``'s measurement (``measure_method``: the trainer's own step) at 224 px,
+  batch 128, bf16 + channels_last, per method: images/s, step time, peak memory, FLOPs, with ratios to ``none``
+  and ``kd``, for ``swin_tiny -> resnet18`` and ``convnext_tiny -> deit_tiny``;
+* ``cohort_*``: ``cohort_speed``'s cohort/separate time ratio for one pair; a further repeat only where it fits;
+* ``resume``: one run trained straight through, the same run stopped mid-epoch by a stop request (the trainer's
+  ``should_stop``, as a SIGTERM or Slurm's USR2 asks) and resumed, and a second straight run: the two straight
+  runs' difference is the device's own nondeterminism, against which the resumed run's difference is judged;
+* ``overhead_compile_baselines_*`` then ``overhead_compile_methods_*``: the overhead measurement with
+  ``train.compile``, the baselines (none, kd) of every pair before the other methods (compiling is slow: a
+  budget that runs out keeps the ratios' references).
+
+Every part writes what it has measured as it goes (atomically: a part killed at its budget keeps the methods,
+repeats or runs it finished). The budget is shared in proportion to each part's planned share of what is left
+when it starts, so the time a part does not use passes on to the ones after it.
 
 OUTDIR gets ``summary.json`` and ``summary.md`` (rewritten after every part: a check cut short still has one)
 and ``raw/<part>.json`` + ``raw/<part>.log``. ``--tiny`` runs every part at toy sizes (the demo's *_mini
 models, 32 px, a few steps) so that a test can run the whole check on a CPU.
 
-    python -m hkdbench.benchmark.tools.gpu_check OUTDIR [--tiny] [--budget-s 420] [--data-root DIR]
+    python -m hkdbench.benchmark.tools.gpu_check OUTDIR [--tiny] [--budget-s 400] [--data-root DIR]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -36,15 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from hkdbench.benchmark.tools.cohort_speed import OFA_METHODS
 from hkdbench.benchmark.core.store import atomic_write_bytes
+from hkdbench.benchmark.tools.cohort_speed import OFA_METHODS
+
+# overhead.BASELINES (the ratios' references), named here so that the parent process never imports torch
+BASELINES = ("none", "kd")
 
 Pair = Tuple[str, str]
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each part is, and its share of the time budget (seconds at the default budget)."""
+    """How big each part is, and its planned share of the time budget (seconds, in proportion to the others)."""
     overhead_pairs: Tuple[Pair, ...]
     overhead_batch: int
     overhead_img: int
@@ -54,27 +63,29 @@ class Sizes:
     cohort_pairs: Tuple[Pair, ...]
     cohort_methods: Tuple[str, ...]
     cohort_batches: Tuple[int, ...]      # one per cohort pair
-    cohort_steps: int
-    cohort_repeats: int
+    cohort_steps: Tuple[int, ...]        # one per cohort pair
+    cohort_repeats: int                  # at most: a repeat that would not end within the part's budget is left
     resume_pair: Pair
     resume_batch: int
     resume_steps: int                    # steps per epoch; two epochs, stopped mid-way through the second
-    budgets: Dict[str, float] = field(default_factory=dict)
+    shares: Dict[str, float] = field(default_factory=dict)
+    cohort_shares: Tuple[float, ...] = ()  # one per cohort pair
 
 
 FULL = Sizes(overhead_pairs=(("swin_tiny", "resnet18"), ("convnext_tiny", "deit_tiny")), overhead_batch=128,
              overhead_img=224, overhead_warmup=3, overhead_repeats=10, precision="bf16",
              cohort_pairs=(("swin_tiny", "resnet18"), ("resnet_mini", "vit_mini")), cohort_methods=OFA_METHODS,
-             cohort_batches=(32, 128),
-             cohort_steps=20, cohort_repeats=2, resume_pair=("swin_tiny", "resnet18"), resume_batch=32,
-             resume_steps=8,
-             budgets={"env": 20, "overhead_eager": 45, "cohort": 60, "resume": 45, "overhead_compile": 80})
+             cohort_batches=(32, 128), cohort_steps=(12, 20), cohort_repeats=3,
+             resume_pair=("swin_tiny", "resnet18"), resume_batch=32, resume_steps=6,
+             shares={"env": 10, "overhead_eager": 40, "resume": 60, "compile_baselines": 40, "compile_methods": 40},
+             cohort_shares=(75, 30))
 # the plumbing only: one pair each, two methods that share the teacher in the cohort
 TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"),), overhead_batch=8, overhead_img=32, overhead_warmup=1,
              overhead_repeats=2, precision="fp32", cohort_pairs=(("resnet_mini", "vit_mini"),),
-             cohort_methods=("kd", "dkd"), cohort_batches=(16,), cohort_steps=2, cohort_repeats=1,
+             cohort_methods=("kd", "dkd"), cohort_batches=(16,), cohort_steps=(2,), cohort_repeats=1,
              resume_pair=("resnet_mini", "vit_mini"), resume_batch=16, resume_steps=3,
-             budgets={"env": 30, "overhead_eager": 60, "cohort": 90, "resume": 60, "overhead_compile": 60})
+             shares={"env": 30, "overhead_eager": 60, "resume": 90, "compile_baselines": 60, "compile_methods": 60},
+             cohort_shares=(90,))
 
 
 @dataclass(frozen=True)
@@ -82,29 +93,43 @@ class Part:
     name: str
     kind: str                            # a key of PARTS
     args: Dict[str, Any]
-    budget_s: float
+    share_s: float                       # its planned share of the budget, in proportion to the other parts'
 
 
-def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_parts: bool,
-         scale: float = 1.0) -> List[Part]:
-    """The parts in the order they run: the cheap and sure ones first, compile (slow to warm up) last."""
-    def part(name, kind, budget_key, **args):
-        return Part(name, kind, {"device": device, **args}, sizes.budgets[budget_key] * scale)
+def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_parts: bool) -> List[Part]:
+    """The parts in the order they run: the cheap and sure ones first, compile (slow to warm up) last, with the
+    baselines of every pair before any other compiled method."""
+    sh = sizes.shares
+    overhead = dict(device=device, batch_size=sizes.overhead_batch, img_size=sizes.overhead_img,
+                    warmup=sizes.overhead_warmup, repeats=sizes.overhead_repeats, precision=sizes.precision)
+    others = [m for m in OFA_METHODS if m not in BASELINES]
 
-    overhead = dict(batch_size=sizes.overhead_batch, img_size=sizes.overhead_img, warmup=sizes.overhead_warmup,
-                    repeats=sizes.overhead_repeats, precision=sizes.precision, methods=list(OFA_METHODS))
-    parts = [part("env", "env", "env")]
-    parts += [part(f"overhead_eager_{t}_{s}", "overhead", "overhead_eager", teacher=t, student=s, compile=False,
-                   **overhead) for t, s in sizes.overhead_pairs]
-    parts += [part(f"cohort_{t}_{s}", "cohort", "cohort", teacher=t, student=s, data_root=data_root,
-                   methods=list(sizes.cohort_methods), batch_size=batch, steps=sizes.cohort_steps,
-                   repeats=sizes.cohort_repeats) for (t, s), batch in zip(sizes.cohort_pairs, sizes.cohort_batches)]
-    parts.append(part("resume", "resume", "resume", teacher=sizes.resume_pair[0], student=sizes.resume_pair[1],
-                      batch_size=sizes.resume_batch, steps=sizes.resume_steps, data_root=data_root))
+    def overhead_parts(prefix: str, share: float, methods: Sequence[str], compile: bool) -> List[Part]:
+        return [Part(f"{prefix}_{t}_{s}", "overhead", dict(overhead, teacher=t, student=s, methods=list(methods),
+                                                           compile=compile), share)
+                for t, s in sizes.overhead_pairs]
+
+    parts = [Part("env", "env", {"device": device}, sh["env"])]
+    parts += overhead_parts("overhead_eager", sh["overhead_eager"], list(BASELINES) + others, compile=False)
+    parts += [Part(f"cohort_{t}_{s}", "cohort", dict(device=device, teacher=t, student=s, data_root=data_root,
+                                                     methods=list(sizes.cohort_methods), batch_size=batch,
+                                                     steps=steps, repeats=sizes.cohort_repeats), share)
+              for (t, s), batch, steps, share in zip(sizes.cohort_pairs, sizes.cohort_batches, sizes.cohort_steps,
+                                                     sizes.cohort_shares)]
+    parts.append(Part("resume", "resume", dict(device=device, teacher=sizes.resume_pair[0],
+                                               student=sizes.resume_pair[1], batch_size=sizes.resume_batch,
+                                               steps=sizes.resume_steps, data_root=data_root), sh["resume"]))
     if compile_parts:
-        parts += [part(f"overhead_compile_{t}_{s}", "overhead", "overhead_compile", teacher=t, student=s,
-                       compile=True, **overhead) for t, s in sizes.overhead_pairs]
+        parts += overhead_parts("overhead_compile_baselines", sh["compile_baselines"], BASELINES, compile=True)
+        parts += overhead_parts("overhead_compile_methods", sh["compile_methods"], others, compile=True)
     return parts
+
+
+def part_budget(left_s: float, shares: Sequence[float]) -> float:
+    """The first of ``shares``' parts gets its share of the time left, in proportion to the shares of the parts
+    still to run: what the parts before it did not use passes on to it and the ones after it."""
+    total = sum(shares)
+    return left_s * shares[0] / total if total > 0 else 0.0
 
 
 def _write_json(path: Path, body: Any) -> None:
@@ -136,8 +161,6 @@ def part_env(out: Path, device: Optional[str]) -> None:
 
 def overhead_compile_available() -> bool:
     """Whether the trainer's setup (which ``hkdbench overhead`` times) can compile the trained modules."""
-    import inspect
-
     from hkdbench.benchmark.engine.step import setup_training
 
     return "compile" in inspect.signature(setup_training).parameters
@@ -145,11 +168,12 @@ def overhead_compile_available() -> bool:
 
 def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, methods: Sequence[str],
                   batch_size: int, img_size: int, warmup: int, repeats: int, precision: str, compile: bool) -> None:
-    """``hkdbench overhead``'s measurement, method by method (the file rewritten after each one)."""
+    """``hkdbench overhead``'s measurement of ``methods`` in their order, the file rewritten after each one (the
+    ratios to the baselines measured in this part; the summary adds them across parts)."""
     import torch
 
     from hkdbench.benchmark.engine.evaluation import select_device
-    from hkdbench.benchmark.tools.overhead import BASELINES, OverheadConfig, add_ratios, measure_method
+    from hkdbench.benchmark.tools.overhead import OverheadConfig, add_ratios, measure_method
 
     dev = select_device(device)
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
@@ -161,8 +185,8 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
     body: Dict[str, Any] = {"config": dataclasses.asdict(base), "methods": {}}
     if not compile:  # one-time costs, as run_overhead does (compiled, it would be one more compile to wait for)
         measure_method(dataclasses.replace(base, warmup=1, repeats=1))
-    ordered = list(BASELINES) + [m for m in methods if m not in BASELINES]
-    for name in ordered:
+    measured: Dict[str, Any] = {}
+    for name in methods:
         try:
             body["methods"][name] = measure_method(dataclasses.replace(base, method=name))
         except Exception as err:  # an out-of-memory or an unsupported pair: recorded, the next method goes on
@@ -178,51 +202,110 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
 
 
 def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, methods: Sequence[str],
-                batch_size: int, steps: int, repeats: int, data_root: Optional[str]) -> None:
+                batch_size: int, steps: int, repeats: int, data_root: Optional[str],
+                deadline: Optional[float] = None) -> None:
+    """The cohort/separate ratio, written after each repeat; another repeat only where it ends before
+    ``deadline`` (the part's budget)."""
     from hkdbench.benchmark.tools.cohort_speed import measure_pair, pair_setting
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_cohort_") as work:
-        result = measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work),
-                              device, data_root)
-    _write_json(out, result)
+        measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work), device,
+                     data_root, deadline=deadline, on_progress=lambda result: _write_json(out, result))
 
 
 TIME_KEYS = ("epoch_time_s", "images_per_s")
+# the resumed run may differ from the straight runs by this many times their difference from each other
+NOISE_FACTOR = 4.0
 
 
 def part_resume(out: Path, device: Optional[str], teacher: str, student: str, batch_size: int, steps: int,
                 data_root: Optional[str], method: str = "kd") -> None:
-    """The run straight through, and stopped mid-way through its second epoch then resumed, compared."""
-    import torch
-
+    """A straight run; the same run stopped mid-way through its second epoch, then resumed; a second straight
+    run, whose difference from the first is the device's nondeterminism. Written after each."""
     from hkdbench.benchmark.tools.cohort_speed import pair_setting, run_configs, save_random_teacher
-    from hkdbench.benchmark.engine.trainer import train
 
     setting = pair_setting(teacher, student, batch_size)
-    stop_after = steps + steps // 2 + 1  # steps done when the stop arrives: mid-way through epoch 2
     with tempfile.TemporaryDirectory(prefix="gpu_check_resume_") as work:
         work_dir = Path(work)
         checkpoint = save_random_teacher(setting, work_dir)
         cfg = run_configs(setting, checkpoint, [method], steps, data_root, extra=["train.epochs=2"])[0]
-        common = dict(device=device, progress=False, echo=False)
-        straight = train(cfg, runs_dir=str(work_dir / "straight"), **common)
-        calls = {"n": 0}
-
-        def stop_requested() -> bool:
-            calls["n"] += 1
-            return calls["n"] >= stop_after
-
-        stopped = train(cfg, runs_dir=str(work_dir / "stopped"), should_stop=stop_requested, **common)
-        saved = torch.load(stopped.run_dir.checkpoint_file, map_location="cpu", weights_only=False)
-        resumed = train(cfg, runs_dir=str(work_dir / "stopped"), resume=True, **common)
-        body = {"pair": f"{teacher} -> {student}", "method": method, "img_size": setting.img_size,
-                "batch_size": batch_size, "steps_per_epoch": steps, "epochs": 2, "device": straight.summary["device"],
-                "straight": straight.status, "stopped": stopped.status, "resumed": resumed.status,
-                "stopped_at": {"epoch": saved["epoch"] + 1, "step": saved["step"]}}
-        body.update(compare_metrics(straight.run_dir.metrics(), resumed.run_dir.metrics()))
-        body.update(compare_weights(torch.load(straight.run_dir.weights_file("last"), map_location="cpu"),
-                                    torch.load(resumed.run_dir.weights_file("last"), map_location="cpu")))
+        body: Dict[str, Any] = {"pair": f"{teacher} -> {student}", "method": method, "img_size": setting.img_size,
+                                "batch_size": batch_size, "steps_per_epoch": steps, "epochs": 2}
+        first = _train_run(cfg, work_dir / "straight_1", device)
+        body.update(device=first.summary["device"], straight=[first.status])
+        _write_json(out, body)
+        stopped, resumed, stopped_at = _stop_and_resume(cfg, work_dir / "stopped", device, steps + steps // 2 + 1)
+        body.update(stopped=stopped.status, resumed=resumed.status, stopped_at=stopped_at,
+                    resumed_vs_straight=compare_runs(first, resumed))
+        body.update(resume_verdict(body))
+        _write_json(out, body)
+        second = _train_run(cfg, work_dir / "straight_2", device)
+        body["straight"].append(second.status)
+        body.update(straight_vs_straight=compare_runs(first, second),
+                    resumed_vs_second_straight=compare_runs(second, resumed))
+        body.update(resume_verdict(body))
     _write_json(out, body)
+
+
+def _train_run(cfg, runs_dir: Path, device: Optional[str], **kwargs):
+    from hkdbench.benchmark.engine.trainer import train
+
+    return train(cfg, runs_dir=str(runs_dir), device=device, progress=False, echo=False, **kwargs)
+
+
+def _stop_and_resume(cfg, runs_dir: Path, device: Optional[str], stop_after: int):
+    """The run stopped by a stop request once ``stop_after`` steps are done, then resumed; and where it stopped."""
+    import torch
+
+    calls = {"n": 0}
+
+    def stop_requested() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= stop_after
+
+    stopped = _train_run(cfg, runs_dir, device, should_stop=stop_requested)
+    saved = torch.load(stopped.run_dir.checkpoint_file, map_location="cpu", weights_only=False)
+    resumed = _train_run(cfg, runs_dir, device, resume=True)
+    return stopped, resumed, {"epoch": saved["epoch"] + 1, "step": saved["step"]}
+
+
+def compare_runs(a, b) -> Dict[str, Any]:
+    """Two finished runs: their epoch records and final weights."""
+    import torch
+
+    return {**compare_metrics(a.run_dir.metrics(), b.run_dir.metrics()),
+            **compare_weights(torch.load(a.run_dir.weights_file("last"), map_location="cpu"),
+                              torch.load(b.run_dir.weights_file("last"), map_location="cpu"))}
+
+
+def _distances(comparison: Dict[str, Any]) -> Dict[str, float]:
+    """A comparison as one distance per axis (the largest absolute difference; inf where not a number)."""
+    metric_diffs = list(comparison.get("metrics_max_abs_diff", {}).values())
+    metrics = (float("inf") if "metrics_note" in comparison or any(isinstance(v, str) for v in metric_diffs)
+               else max(metric_diffs, default=0.0))
+    weights = float("inf") if "weights_note" in comparison else comparison["weights_max_abs_diff"]
+    return {"metrics": metrics, "weights": weights}
+
+
+def resume_verdict(body: Dict[str, Any]) -> Dict[str, str]:
+    """Whether the resumed run differs from the straight runs by more than they differ from each other:
+    ``equal`` (bit for bit), ``nondeterminism`` (within NOISE_FACTOR times the straight runs' own difference),
+    ``resume_bug``, or ``undecided`` (it differs and the second straight run is not there to judge it)."""
+    resumed = body["resumed_vs_straight"]
+    if resumed["metrics_equal"] and resumed["weights_equal"]:
+        return {"verdict": "equal", "verdict_note": "the resumed run matches the straight run bit for bit"}
+    if "straight_vs_straight" not in body:
+        return {"verdict": "undecided", "verdict_note": "the resumed run differs from the straight run; the second "
+                                                        "straight run, which tells nondeterminism apart, is missing"}
+    noise = _distances(body["straight_vs_straight"])
+    off = {axis: max(d, _distances(body["resumed_vs_second_straight"])[axis])
+           for axis, d in _distances(resumed).items()}
+    for axis in ("weights", "metrics"):
+        if off[axis] > NOISE_FACTOR * noise[axis]:
+            return {"verdict": "resume_bug", "verdict_note": f"{axis}: the resumed run differs from the straight "
+                    f"runs by {off[axis]:.3g}, the straight runs from each other by {noise[axis]:.3g}"}
+    return {"verdict": "nondeterminism", "verdict_note": f"the resumed run differs from the straight runs by "
+            f"{off['weights']:.3g} (weights), as they differ from each other ({noise['weights']:.3g})"}
 
 
 def compare_metrics(a: List[Dict[str, Any]], b: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -267,9 +350,10 @@ PARTS: Dict[str, Callable[..., None]] = {"env": part_env, "overhead": part_overh
 # --------------------------------------------------------------------------------------------------------------
 
 def run_part(part: Part, raw: Path, timeout_s: float) -> Dict[str, Any]:
-    """The part in a child process (``--run-part``), killed at ``timeout_s``; its record for the summary."""
+    """The part in a child process (``--run-part``), killed at ``timeout_s``; its record for the summary, with
+    what it wrote before it ended (all of it, or what it had measured when it was killed)."""
     out, log = raw / f"{part.name}.json", raw / f"{part.name}.log"
-    spec = json.dumps({"kind": part.kind, "args": part.args, "out": str(out)})
+    spec = json.dumps({"kind": part.kind, "args": part.args, "out": str(out), "deadline": time.time() + timeout_s})
     record: Dict[str, Any] = {"name": part.name, "kind": part.kind, "budget_s": round(timeout_s, 1),
                               "raw": out.name, "log": log.name}
     tic = time.perf_counter()
@@ -277,7 +361,7 @@ def run_part(part: Part, raw: Path, timeout_s: float) -> Dict[str, Any]:
         child = subprocess.Popen([sys.executable, "-m", "hkdbench.benchmark.tools.gpu_check", "--run-part", spec],
                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = child.wait(timeout=timeout_s)
+            code = wait_for_part(child, out, timeout_s)
             record["status"] = "ok" if code == 0 else "failed"
             record["exit_code"] = code
         except subprocess.TimeoutExpired:
@@ -294,27 +378,39 @@ def run_part(part: Part, raw: Path, timeout_s: float) -> Dict[str, Any]:
     return record
 
 
+def wait_for_part(child: subprocess.Popen, out: Path, timeout_s: float) -> int:
+    """The child's exit code; TimeoutExpired past ``timeout_s``. (``out``, the file the child writes as it
+    goes, is for a test's stand-in that ends the wait once something is written.)"""
+    return child.wait(timeout=timeout_s)
+
+
 def _log_tail(log: Path, lines: int = 12) -> str:
     text = log.read_text(errors="replace").strip().splitlines()
     return "\n".join(text[-lines:])
+
+
+MIN_PART_S = 5.0  # a part given less is skipped: it would not get past its imports
 
 
 def run_check(outdir: Path, sizes: Sizes, budget_s: float, device: Optional[str], data_root: Optional[str],
               compile_parts: bool, tiny: bool, install: Optional[str] = None) -> Dict[str, Any]:
     raw = outdir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    parts = plan(sizes, device, data_root, compile_parts, scale=budget_s / sum(_planned_budget(sizes, compile_parts)))
+    parts = plan(sizes, device, data_root, compile_parts)
+    shares = [p.share_s for p in parts]
     deadline = time.monotonic() + budget_s
     summary: Dict[str, Any] = {"tiny": tiny, "budget_s": budget_s, "device_requested": device, "install": install,
                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "sizes": dataclasses.asdict(sizes),
                                "parts": []}
-    for part in parts:
-        left = deadline - time.monotonic()
-        if left < 5:
-            record = {"name": part.name, "kind": part.kind, "status": "skipped", "error": "no time left in the budget"}
+    for i, part in enumerate(parts):
+        budget = part_budget(deadline - time.monotonic(), shares[i:])
+        planned = {"planned_s": round(budget_s * part.share_s / sum(shares), 1)}
+        if budget < MIN_PART_S:
+            record = {"name": part.name, "kind": part.kind, "status": "skipped", **planned,
+                      "error": "no time left in the budget"}
         else:
-            print(f"gpu-check: {part.name} (budget {min(part.budget_s, left):.0f} s)", flush=True)
-            record = run_part(part, raw, min(part.budget_s, left))
+            print(f"gpu-check: {part.name} (budget {budget:.0f} s)", flush=True)
+            record = {**run_part(part, raw, budget), **planned}
             print(f"gpu-check: {part.name}: {record['status']} in {record['seconds']} s", flush=True)
         summary["parts"].append(record)
         summary["seconds"] = round(budget_s - max(deadline - time.monotonic(), 0), 1)
@@ -327,20 +423,13 @@ def run_check(outdir: Path, sizes: Sizes, budget_s: float, device: Optional[str]
     return summary
 
 
-def _planned_budget(sizes: Sizes, compile_parts: bool) -> List[float]:
-    b = sizes.budgets
-    n = len(sizes.overhead_pairs)
-    return [b["env"], n * b["overhead_eager"], len(sizes.cohort_pairs) * b["cohort"], b["resume"],
-            n * b["overhead_compile"] if compile_parts else 0.0]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The summary
 # --------------------------------------------------------------------------------------------------------------
 
 def write_summary(outdir: Path, summary: Dict[str, Any]) -> None:
     _write_json(outdir / "summary.json", summary)
-    (outdir / "summary.md").write_text(summary_markdown(summary))
+    atomic_write_bytes(outdir / "summary.md", summary_markdown(summary).encode())
 
 
 def summary_markdown(summary: Dict[str, Any]) -> str:
@@ -359,17 +448,29 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _overhead_markdown(parts: List[Dict[str, Any]]) -> List[str]:
-    lines: List[str] = []
+def merged_overhead(parts: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """The overhead parts' methods by pair and mode (eager, compile), with the ratios taken across the parts of
+    the same pair and mode (the compiled methods' to the compiled baselines of their own part)."""
+    from hkdbench.benchmark.tools.overhead import add_ratios
+
     by_pair: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for p in parts:
         result = p.get("result")
         if p["kind"] == "overhead" and result:
             c = result["config"]
-            mode = "compile" if c.get("compile") else "eager"
-            by_pair.setdefault(f"{c['teacher']} -> {c['student']}, {c['img_size']} px, batch {c['batch_size']}, "
-                               f"{c['precision']}, {c['device']}", {})[mode] = result["methods"]
-    for pair, modes in by_pair.items():
+            pair = (f"{c['teacher']} -> {c['student']}, {c['img_size']} px, batch {c['batch_size']}, "
+                    f"{c['precision']}, {c['device']}")
+            by_pair.setdefault(pair, {}).setdefault("compile" if c.get("compile") else "eager", {}).update(
+                {m: dict(r) for m, r in result["methods"].items()})
+    for modes in by_pair.values():
+        for methods in modes.values():
+            add_ratios({m: r for m, r in methods.items() if "error" not in r})
+    return by_pair
+
+
+def _overhead_markdown(parts: List[Dict[str, Any]]) -> List[str]:
+    lines: List[str] = []
+    for pair, modes in merged_overhead(parts).items():
         lines += ["", f"## Overhead: {pair}", "",
                   "| method | mode | images/s | step ms | peak MiB | GFLOP/img | step vs none | step vs kd |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -392,21 +493,31 @@ def _cohort_markdown(parts: List[Dict[str, Any]]) -> List[str]:
     if not results:
         return []
     methods = ", ".join(results[0]["methods"])
-    return ["", f"## Cohort against separate runs ({methods})", "", format_results(results)]
+    done = ", ".join(f"{r['teacher']} -> {r['student']} {r['repeats_done']} of {r['repeats']}" for r in results)
+    return ["", f"## Cohort against separate runs ({methods})", "", format_results(results), "",
+            f"Repeats measured within the budget: {done}."]
+
+
+def _comparison_text(c: Dict[str, Any]) -> str:
+    metrics = "equal" if c["metrics_equal"] else f"differ: {c.get('metrics_max_abs_diff') or c.get('metrics_note')}"
+    weights = ("equal bit for bit" if c["weights_equal"] else
+               f"{c.get('weights_tensors_differing')} of {c.get('weights_tensors')} tensors differ, largest "
+               f"absolute difference {c.get('weights_max_abs_diff')}")
+    return f"metrics {metrics}; final weights {weights}"
 
 
 def _resume_markdown(parts: Dict[str, Dict[str, Any]]) -> List[str]:
     r = parts.get("resume", {}).get("result")
-    if not r:
+    if not r or "resumed_vs_straight" not in r:
         return []
-    metrics = "equal" if r["metrics_equal"] else f"differ: {r.get('metrics_max_abs_diff') or r.get('metrics_note')}"
-    weights = ("equal bit for bit" if r["weights_equal"] else
-               f"{r.get('weights_tensors_differing')} of {r.get('weights_tensors')} tensors differ, largest "
-               f"absolute difference {r.get('weights_max_abs_diff')}")
-    return ["", f"## Stop and resume: {r['method']} {r['pair']}", "",
-            f"{r['epochs']} epochs of {r['steps_per_epoch']} steps on {r['device']}; stopped at epoch "
-            f"{r['stopped_at']['epoch']}, step {r['stopped_at']['step']} ({r['stopped']}), resumed ({r['resumed']}). "
-            f"Against the run trained straight through: metrics {metrics}; final weights {weights}."]
+    lines = ["", f"## Stop and resume: {r['method']} {r['pair']}", "",
+             f"{r['epochs']} epochs of {r['steps_per_epoch']} steps on {r['device']}; stopped at epoch "
+             f"{r['stopped_at']['epoch']}, step {r['stopped_at']['step']} ({r['stopped']}), resumed ({r['resumed']}).",
+             "", f"- resumed against the straight run: {_comparison_text(r['resumed_vs_straight'])}"]
+    if "straight_vs_straight" in r:
+        lines += [f"- resumed against the second straight run: {_comparison_text(r['resumed_vs_second_straight'])}",
+                  f"- the two straight runs against each other: {_comparison_text(r['straight_vs_straight'])}"]
+    return lines + ["", f"Verdict: **{r['verdict']}** ({r['verdict_note']})."]
 
 
 def _num(v, spec: str = ".1f") -> str:
@@ -419,8 +530,12 @@ def _num(v, spec: str = ".1f") -> str:
 
 def _child(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    function = PARTS[spec["kind"]]
+    args = dict(spec["args"])
+    if "deadline" in inspect.signature(function).parameters:  # the parts that plan their work by the time left
+        args["deadline"] = spec["deadline"]
     try:
-        PARTS[spec["kind"]](Path(spec["out"]), **spec["args"])
+        function(Path(spec["out"]), **args)
     except Exception:
         traceback.print_exc()
         return 1
@@ -432,7 +547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 description="the GPU check: overhead, cohort and resume measurements into OUTDIR")
     p.add_argument("outdir", nargs="?")
     p.add_argument("--tiny", action="store_true", help="toy sizes (*_mini models, 32 px, a few steps), for a CPU")
-    p.add_argument("--budget-s", type=float, default=420.0, help="seconds for all the parts together")
+    p.add_argument("--budget-s", type=float, default=400.0, help="seconds for all the parts together")
     p.add_argument("--device", default=None, help="cuda, cpu (default: CUDA when present)")
     p.add_argument("--data-root", default=None, help="where Fashion-MNIST is (default: the dataset's own lookup)")
     p.add_argument("--compile-parts", dest="compile_parts", action="store_true", default=None,
