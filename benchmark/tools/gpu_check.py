@@ -234,7 +234,8 @@ def part_resume(out: Path, device: Optional[str], teacher: str, student: str, ba
         first = _train_run(cfg, work_dir / "straight_1", device)
         body.update(device=first.summary["device"], straight=[first.status])
         _write_json(out, body)
-        stopped, resumed, stopped_at = _stop_and_resume(cfg, work_dir / "stopped", device, steps + steps // 2 + 1)
+        mid_second_epoch = steps + steps // 2 + 1  # steps done when the stop arrives
+        stopped, resumed, stopped_at = _stop_and_resume(cfg, work_dir / "stopped", device, mid_second_epoch)
         body.update(stopped=stopped.status, resumed=resumed.status, stopped_at=stopped_at,
                     resumed_vs_straight=compare_runs(first, resumed))
         body.update(resume_verdict(body))
