@@ -54,7 +54,8 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
                    dist_ctx=ctx, echo=False)
     module = captured["module"]
     torch.save({"student": module.student.model.state_dict(), "module": module.state_dict(),
-                "status": result.status, "top1": result.summary["last_top1"] if result.summary else None},
+                "status": result.status, "top1": result.summary["last_top1"] if result.summary else None,
+                "ddp_ignored": sorted(getattr(module, "_ddp_params_and_buffers_to_ignore", []))},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -140,6 +141,9 @@ def test_stateful_methods_under_ddp(tmp_path, method):
         for k in ema:  # the batch statistic is averaged over ranks: the same baseline everywhere
             assert torch.equal(m0[k], m1[k]), k
     elif method == "crd":  # every rank applies every rank's batch: identical banks, all 256 rows updated
+        # ... by itself: DDP does not broadcast rank 0's banks at every forward
+        assert ranks[0]["ddp_ignored"] == [f"method.memory.{b}" for b in ("memory_student", "memory_teacher",
+                                                                          "z_student", "z_teacher")]
         for k in ("method.memory.memory_student", "method.memory.memory_teacher", "method.memory.z_student"):
             assert torch.equal(m0[k], m1[k]), k
         norms = m0["method.memory.memory_student"].norm(dim=1)
