@@ -100,10 +100,10 @@ class CohortLoop:
         m.sums = EpochSums(m.state["partial"] if epoch == m.state["epoch"] else None)
         if start == 0:  # the model's randomness of the epoch; mid-epoch, the state the checkpoint kept
             seed_everything(epoch_seed(m.cfg.train.seed, epoch))
-            m.rng = rng_state()
+            m.rng = rng_state(self.runs.device)
         else:
             m.rng = m.state["rng"]
-            set_rng_state(m.rng)
+            set_rng_state(m.rng, self.runs.device)
         m.state["epoch"], m.state["step"] = epoch, start
         is_main = self.runs.is_main
         m.progress = EpochProgress(epoch=epoch, epochs=m.cfg.train.epochs, steps=len(stream), start_step=start,
@@ -152,11 +152,11 @@ class CohortLoop:
         if not self.swap_rng:
             yield
             return
-        set_rng_state(m.rng)
+        set_rng_state(m.rng, self.runs.device)
         try:
             yield
         finally:
-            m.rng = rng_state()
+            m.rng = rng_state(self.runs.device)
 
     def _member_step(self, m: Member, batch, epoch: int, step: int, shared: Optional[Features],
                      teacher_share: float) -> Tuple[Dict[str, float], int, float]:

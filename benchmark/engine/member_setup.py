@@ -58,7 +58,7 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
     # TensorBoard / W&B mirror of metrics.jsonl (train.log)
     m.tracker = (open_tracker(cfg, m.name, str(m.run_dir.tracking_dir), len(m.state["history"]))
                  if runs.is_main else NullTracker())
-    m.rng = rng_state()
+    m.rng = rng_state(runs.device)
 
 
 def _resume(m: Member, runs: RunLifecycle, setup: TrainingSetup) -> None:
