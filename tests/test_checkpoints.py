@@ -55,3 +55,32 @@ def test_wrong_checkpoint_fails_clearly(tmp_path):
         load_state_dict_into(create_model("vit_mini", 10, in_chans=1).model, str(path))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_state_dict_into(create_model("vit_mini", 10, in_chans=1).model, str(tmp_path / "nope.pth"))
+
+
+def test_a_checkpoints_rng_state_holds_the_runs_device_only_and_restores_on_fewer_gpus(monkeypatch):
+    """The RNG state a checkpoint keeps: the run's CUDA device's generator only (not every visible GPU's), put back
+    on the resuming run's device whatever GPUs the saving process saw; on a CPU the CUDA part is left unused. The
+    CUDA generator calls are recorded here (no GPU on this machine)."""
+    import torch.cuda
+
+    from hkdbench.benchmark.engine.seeding import rng_state, set_rng_state
+
+    cpu = torch.device("cpu")
+    assert "cuda" not in rng_state(cpu) and "cuda" not in rng_state()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or
+                        torch.full((16,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device, state)))
+    torch.manual_seed(3)
+    state = rng_state(torch.device("cuda", 1))
+    expected = torch.rand(3)
+    assert calls == [("get", torch.device("cuda", 1))] and len(state["cuda"]) == 1
+    # a checkpoint of older code saved 8 GPUs' states; the resuming process sees one GPU, or none
+    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    calls.clear()
+    set_rng_state(state, cpu)
+    assert calls == [] and torch.equal(torch.rand(3), expected)  # resumed on a CPU: the CPU draws come back
+    set_rng_state(state, torch.device("cuda", 0))
+    ((what, device, cuda_state),) = calls
+    assert (what, device) == ("set", torch.device("cuda", 0)) and torch.equal(cuda_state, state["cuda"][0])
+    assert torch.equal(torch.rand(3), expected)

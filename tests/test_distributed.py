@@ -7,6 +7,7 @@
 * the loaders shard every global batch disjointly and keep the single-process order.
 """
 import json
+import math
 import os
 import socket
 
@@ -53,7 +54,8 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, runs_dir: str, out
                    dist_ctx=ctx, echo=False)
     module = captured["module"]
     torch.save({"student": module.student.model.state_dict(), "module": module.state_dict(),
-                "status": result.status, "top1": result.summary["last_top1"] if result.summary else None},
+                "status": result.status, "top1": result.summary["last_top1"] if result.summary else None,
+                "ddp_ignored": sorted(getattr(module, "_ddp_params_and_buffers_to_ignore", []))},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -139,6 +141,9 @@ def test_stateful_methods_under_ddp(tmp_path, method):
         for k in ema:  # the batch statistic is averaged over ranks: the same baseline everywhere
             assert torch.equal(m0[k], m1[k]), k
     elif method == "crd":  # every rank applies every rank's batch: identical banks, all 256 rows updated
+        # ... by itself: DDP does not broadcast rank 0's banks at every forward
+        assert ranks[0]["ddp_ignored"] == [f"method.memory.{b}" for b in ("memory_student", "memory_teacher",
+                                                                          "z_student", "z_teacher")]
         for k in ("method.memory.memory_student", "method.memory.memory_teacher", "method.memory.z_student"):
             assert torch.equal(m0[k], m1[k]), k
         norms = m0["method.memory.memory_student"].norm(dim=1)
@@ -186,3 +191,49 @@ def test_a_cohort_under_ddp_equals_its_runs_under_ddp_alone(tmp_path):
         mine = torch.load(cohort_runs / cfg.run_name() / "final.pt", weights_only=True)
         theirs = torch.load(alone_runs / cfg.run_name() / "final.pt", weights_only=True)
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), cfg.method
+
+
+def _diverging_cohort_worker(rank: int, world: int, port: int, cfg_dicts: list, runs_dir: str, out_dir: str) -> None:
+    """The cohort worker, where KD's loss becomes NaN at its second step on rank 1 alone (rank 0's shard stays
+    finite at that step). A short gloo timeout: a rank left waiting in a collective fails the test, not hangs it."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from hkdbench.methods.kd import KD
+
+    if rank == 1:
+        real, calls = KD.losses, iter(range(10 ** 6))
+
+        def nan_at_the_second_step(self, *args, **kwargs):
+            losses = real(self, *args, **kwargs)
+            if next(calls) == 1:
+                losses["kd"] = losses["kd"] * float("nan")
+            return losses
+
+        KD.losses = nan_at_the_second_step
+    real_init = dist.init_process_group
+    dist.init_process_group = lambda *a, **k: real_init(*a, timeout=datetime.timedelta(seconds=60), **k)
+    _cohort_worker(rank, world, port, cfg_dicts, runs_dir, out_dir)
+
+
+def test_a_divergence_on_one_rank_fails_the_run_on_every_rank_at_that_step(tmp_path):
+    """A cohort (none, kd) on two ranks, KD's loss NaN on rank 1 alone at its step 1: both ranks mark kd FAILED at
+    that step (its record holds rank 1's terms) and train 'none' to the end: the job ends, and no rank waits in a
+    collective of kd while the other runs none's."""
+    from hkdbench.benchmark.core.store import RunDir
+
+    checkpoint = _teacher_checkpoint(tmp_path)
+    cfgs = [resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method=m, recipe="demo",
+                               teacher_checkpoint=checkpoint, overrides=TINY + ["train.epochs=2"])
+            for m in ("none", "kd")]
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    mp.spawn(_diverging_cohort_worker, args=(2, _free_port(), [c.to_dict() for c in cfgs], str(runs), str(out)),
+             nprocs=2, join=True)
+    assert [torch.load(out / f"rank{r}.pt") for r in range(2)] == [["done", "failed"]] * 2
+    failure = RunDir(runs / cfgs[1].run_name()).failure()
+    assert (failure["epoch"], failure["step"]) == (1, 1)  # 2 steps per epoch: the second step of epoch 1
+    assert "non-finite loss at epoch 1, step 1 on rank 1 of 2" in failure["reason"]
+    assert math.isnan(failure["losses"]["kd"]) and math.isfinite(failure["losses"]["ce"])
+    assert [m["epoch"] for m in RunDir(runs / cfgs[0].run_name()).metrics()] == [1, 2]

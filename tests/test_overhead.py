@@ -155,3 +155,23 @@ def test_compile_is_measured_under_its_own_name(monkeypatch):
     plain = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd")
     assert cfg.run_hash() != OverheadConfig(**{**cfg.__dict__, "compile": False}).run_hash()
     assert plain.run_hash() == OverheadConfig(**{**plain.__dict__, "compile": False}).run_hash()
+
+
+def test_the_default_precision_is_the_one_training_runs_on_the_device(monkeypatch, tmp_path):
+    """Without --precision the step is timed in train.precision=auto as training resolves it on the device: fp32 on
+    this CPU (the name a measurement had before), bf16 where autocast_dtype resolves 'auto' to it (a GPU); the
+    stored run names the resolved precision. Only the configs are looked at (the measurement is stubbed)."""
+    import torch
+
+    from hkdbench.benchmark.engine import evaluation
+    from hkdbench.benchmark.tools import overhead
+
+    timed = []
+    monkeypatch.setattr(overhead, "measure_method", lambda cfg: timed.append(cfg.precision) or 1 / 0)
+    for resolved, name in ((None, "fp32"), (torch.bfloat16, "bf16")):
+        timed.clear()
+        if resolved is not None:
+            monkeypatch.setattr(evaluation, "autocast_dtype", lambda precision, device, dtype=resolved: dtype)
+        with pytest.raises(ZeroDivisionError):
+            run_overhead("resnet_mini", "vit_mini", methods=["kd"], runs_dir=str(tmp_path), echo=lambda *a: None)
+        assert timed == [name]

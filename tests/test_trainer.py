@@ -181,6 +181,33 @@ def test_a_compiled_step_trains_as_the_eager_step(monkeypatch):
     assert eager_values[0]["loss/ce"] != eager_values[-1]["loss/ce"]  # the steps did train
 
 
+@pytest.mark.slow
+def test_a_compiled_run_with_the_conflict_probe_trains_fresh_and_resumed(fmnist_available, tmp_path, monkeypatch):
+    """train.compile with train.conflict_every (the probe's autograd.grad(..., retain_graph=True) before the step's
+    backward), CRD: its memory module recompiles at step 1, and after a resume at step 2 the first backward of every
+    graph is a plain step's, then step 3 is measured. Both used to fail (AOTAutograd's donated buffers); now the
+    compiled run, stopped and resumed, logs the eager run's losses and conflict values up to float rounding."""
+    monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")
+    conflict = ["train.conflict_every=3"]  # 4 steps per epoch: global steps 0 and 3, then 6
+    eager = train(tiny_cfg("crd", extra=conflict), runs_dir=str(tmp_path / "eager"), progress=False, echo=False)
+    cfg = tiny_cfg("crd", extra=conflict + ["train.compile=true"])
+    train(teacher_run_config(cfg), runs_dir=str(tmp_path / "compiled"), progress=False, echo=False)
+    calls = iter(range(100))
+    first = train(cfg, runs_dir=str(tmp_path / "compiled"), progress=False, echo=False,
+                  should_stop=lambda: next(calls) == 1)  # after step 1
+    assert first.status == "interrupted"
+    state = torch.load(first.run_dir.checkpoint_file, weights_only=False)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    resumed = train(cfg, runs_dir=str(tmp_path / "compiled"), resume=True, progress=False, echo=False)
+    assert resumed.status == "done" and json.loads(resumed.run_dir.env_file.read_text())["compile"] is True
+    want, got = eager.run_dir.metrics(), resumed.run_dir.metrics()
+    assert [r["conflict/steps"] for r in got] == [1, 1]  # step 3 since the resume, then step 6
+    for key in ("loss/ce", "loss/crd", "eval_loss"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-4), key
+    assert got[1]["conflict/cosine"] == pytest.approx(want[1]["conflict/cosine"], rel=1e-3, abs=1e-5)
+    assert got[1]["conflict/norm_ratio"] == pytest.approx(want[1]["conflict/norm_ratio"], rel=1e-3)
+
+
 def test_setup_training_places_the_pieces():
     """The setup the trainer and the overhead benchmark share: the method built on the pair, module and teacher
     on the device in the asked memory format, the optimiser over the trainable parameters only (not the

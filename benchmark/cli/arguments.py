@@ -185,7 +185,9 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--num-classes", type=at_least(2), default=100)
     p.add_argument("--warmup", type=at_least(0), default=3)
     p.add_argument("--repeats", type=at_least(1), default=10)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the step training runs here (train.precision=auto: bf16 or fp16 on a GPU, fp32 on "
+                        "a CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")

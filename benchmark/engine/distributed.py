@@ -14,7 +14,11 @@ The trainer takes a ``dist_ctx`` (an instance of :class:`DistContext`) and asks 
   is the one that is saved;
 * the stop request of a Slurm USR2 reaches rank 0 only (submitit checkpoints there); :meth:`DistContext.
   should_stop` turns the local flag into a collective decision (an all-reduce MAX per step), so every rank
-  stops after the same step.
+  stops after the same step;
+* divergence is decided the same way (:meth:`DistContext.first_rank`, one all-reduce per step): a NaN on one
+  rank's shard marks the run FAILED on every rank at that step, with that rank's loss terms
+  (:meth:`DistContext.from_rank`), so no rank waits in a collective of a run the others have left and, in a
+  cohort, no rank pairs one member's collectives with another member's.
 
 Methods with state: SPOFA all-reduces its EMA statistic itself; PAT lists its per-rank feedback buffers in
 ``_ddp_params_and_buffers_to_ignore``, which :meth:`DistContext.wrap` collects from every submodule (with the
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -117,6 +121,25 @@ class DistContext:
             return bool(flag.item() > 0)
 
         return should_stop
+
+    def first_rank(self, flags: Sequence[bool]) -> List[Optional[int]]:
+        """For each flag, the lowest rank on which it is true (None: on none), the same answer on every rank: one
+        all-reduce MAX of ``world_size - rank`` where a flag is set. How the ranks decide together that a run
+        diverged, so that each marks it FAILED at the same step and none waits in a collective of a run the others
+        left. Every rank must call it at the same point with flags for the same runs."""
+        if not flags:
+            return []
+        mine = [float(self.world_size - self.rank) if flag else 0.0 for flag in flags]
+        reduced = torch.tensor(mine, dtype=torch.float64, device=self.device())
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+        return [self.world_size - int(v) if v > 0 else None for v in reduced.tolist()]
+
+    def from_rank(self, value: Any, src: int) -> Any:
+        """``value`` of rank ``src`` (any picklable object) on every rank."""
+        box = [value]
+        dist.broadcast_object_list(box, src=src, device=self.device())
+        return box[0]
+
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"

@@ -1,7 +1,7 @@
 """The training loop of a cohort: per step one batch of the shared stream and, when two or more members read it,
 one plain teacher pass for all of them; then each member's step under its own RNG state. Per epoch and member: its
 metrics line (evaluation at the evaluated epochs), its best weights, an atomic checkpoint. A stop request saves
-every member at the same step; a member that diverges fails alone."""
+every member at the same step; a member that diverges fails alone (under DDP, on every rank at the same step)."""
 from __future__ import annotations
 
 import contextlib
@@ -100,10 +100,10 @@ class CohortLoop:
         m.sums = EpochSums(m.state["partial"] if epoch == m.state["epoch"] else None)
         if start == 0:  # the model's randomness of the epoch; mid-epoch, the state the checkpoint kept
             seed_everything(epoch_seed(m.cfg.train.seed, epoch))
-            m.rng = rng_state()
+            m.rng = rng_state(self.runs.device)
         else:
             m.rng = m.state["rng"]
-            set_rng_state(m.rng)
+            set_rng_state(m.rng, self.runs.device)
         m.state["epoch"], m.state["step"] = epoch, start
         is_main = self.runs.is_main
         m.progress = EpochProgress(epoch=epoch, epochs=m.cfg.train.epochs, steps=len(stream), start_step=start,
@@ -123,18 +123,9 @@ class CohortLoop:
                 tic = time.perf_counter()
                 shared, users = self._teacher_pass(active, teacher, batch)
                 share = (time.perf_counter() - tic) / max(len(users), 1)
-                for m in active:
-                    tic = time.perf_counter()
-                    with self._rng_of(m):
-                        values, correct = m.ctx.step(batch, epoch, step, shared)
-                    total = sum(v for k, v in values.items() if k.startswith("loss/"))
-                    if not math.isfinite(total):
-                        self._fail_diverged(m, epoch, step, values)
-                        continue
-                    seconds = time.perf_counter() - tic + (share if m in users else 0.0)
-                    m.sums.add(values, batch.labels.shape[0] * world_size, correct, seconds)
-                    m.state["step"] = step + 1
-                    m.progress.update(total, values["lr"], batch.labels.shape[0] * world_size)
+                outcomes = [self._member_step(m, batch, epoch, step, shared, share if m in users else 0.0)
+                            for m in active]
+                self._count_step(active, outcomes, epoch, step, batch.labels.shape[0] * world_size)
                 if not any(m.status == "training" for m in members):
                     return None
                 if self.should_stop() and step + 1 < len(stream):
@@ -161,16 +152,51 @@ class CohortLoop:
         if not self.swap_rng:
             yield
             return
-        set_rng_state(m.rng)
+        set_rng_state(m.rng, self.runs.device)
         try:
             yield
         finally:
-            m.rng = rng_state()
+            m.rng = rng_state(self.runs.device)
 
-    def _fail_diverged(self, m: Member, epoch: int, step: int, values: Dict[str, float]) -> None:
+    def _member_step(self, m: Member, batch, epoch: int, step: int, shared: Optional[Features],
+                     teacher_share: float) -> Tuple[Dict[str, float], int, float]:
+        """The member's step under its RNG: its host values, correct count and seconds (its share of the
+        cohort's teacher pass included)."""
+        tic = time.perf_counter()
+        with self._rng_of(m):
+            values, correct = m.ctx.step(batch, epoch, step, shared)
+        return values, correct, time.perf_counter() - tic + teacher_share
+
+    def _count_step(self, active: List[Member], outcomes, epoch: int, step: int, images: int) -> None:
+        """Each member's step added to its epoch, or the member FAILED where its loss is not finite on some rank:
+        decided by every rank together after the cohort's step, so that all ranks fail the same members at the same
+        step and keep pairing the same members' collectives."""
+        totals = [sum(v for k, v in values.items() if k.startswith("loss/")) for values, _, _ in outcomes]
+        diverged_on = self._first_rank([not math.isfinite(total) for total in totals])
+        for m, (values, correct, seconds), total, rank in zip(active, outcomes, totals, diverged_on):
+            if rank is not None:
+                self._fail_diverged(m, epoch, step, values, rank)
+                continue
+            m.sums.add(values, images, correct, seconds)
+            m.state["step"] = step + 1
+            m.progress.update(total, values["lr"], images)
+
+    def _first_rank(self, flags: List[bool]) -> List[Optional[int]]:
+        """For each flag, the lowest rank where it is set (None: nowhere); the same on every rank under DDP."""
+        dist = self.runs.dist
+        return dist.first_rank(flags) if dist is not None else [0 if flag else None for flag in flags]
+
+    def _on_rank(self, value, rank: int, text: str) -> Tuple[object, str]:
+        """``value`` as rank ``rank`` saw it, and ``text`` that says which rank that was (nothing in one process)."""
+        dist = self.runs.dist
+        if dist is None:
+            return value, text
+        return dist.from_rank(value, rank), f"{text} on rank {rank} of {dist.world_size}"
+
+    def _fail_diverged(self, m: Member, epoch: int, step: int, values: Dict[str, float], rank: int) -> None:
+        values, where = self._on_rank(values, rank, f"at epoch {epoch + 1}, step {step}")
         terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
-        reason = f"non-finite loss at epoch {epoch + 1}, step {step}: " + ", ".join(
-            f"{k}={v}" for k, v in terms.items())
+        reason = f"non-finite loss {where}: " + ", ".join(f"{k}={v}" for k, v in terms.items())
         self.runs.fail(m, reason, epoch=epoch + 1, step=step, losses=terms)
 
     def _stop(self, m: Member, epoch: int, step: int) -> None:
@@ -209,11 +235,13 @@ class CohortLoop:
         runs, history = self.runs, m.state["history"]
         record = self._record_epoch(m, epoch, test_loader)
         history.append(record)
-        if seen := self._diverged(m, record):
+        seen = self._diverged(m, record)
+        (rank,) = self._first_rank([bool(seen)])  # a rank's own buffers (PAT's feedback) may diverge alone
+        if rank is not None:
+            seen, where = self._on_rank(seen, rank, f"at the end of epoch {epoch + 1}")
             if runs.is_main:  # the epoch that diverged, for the record; its weights are kept nowhere
                 m.run_dir.write_metrics(history)
-            runs.fail(m, f"diverged at the end of epoch {epoch + 1}: {seen}", epoch=epoch + 1,
-                      losses=nonfinite_losses(record))
+            runs.fail(m, f"diverged {where}: {seen}", epoch=epoch + 1, losses=nonfinite_losses(record))
             return
         m.state["epoch"], m.state["step"], m.state["partial"] = epoch + 1, 0, None
         if runs.is_main:

@@ -49,7 +49,8 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
              f"on {cfg.data.dataset}, {cfg.train.epochs} epochs, {len(train_loader)} steps/epoch, "
              f"device {runs.device}{', ' + str(setup.dtype) if setup.dtype else ''}", [m])
     m.ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, setup.module, setup.method,
-                      setup.optimizer, setup.scaler, runs.device, ema, setup.dtype, channels_last)
+                      setup.optimizer, setup.scaler, runs.device, ema, setup.dtype, channels_last,
+                      compiled=setup.compile_backend is not None)
     probe_teachers = (load_probe_teachers(cfg, runs.store, info.num_classes, info.in_chans, runs.device)
                       if runs.is_main else {})  # the probe runs in the main process only
     m.ctx.probes = build_probes(cfg, student, own_teacher, test_loader, runs.device, setup.dtype,
@@ -57,7 +58,7 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
     # TensorBoard / W&B mirror of metrics.jsonl (train.log)
     m.tracker = (open_tracker(cfg, m.name, str(m.run_dir.tracking_dir), len(m.state["history"]))
                  if runs.is_main else NullTracker())
-    m.rng = rng_state()
+    m.rng = rng_state(runs.device)
 
 
 def _resume(m: Member, runs: RunLifecycle, setup: TrainingSetup) -> None:

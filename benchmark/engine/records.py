@@ -104,7 +104,7 @@ def save_checkpoint(m: Member, epoch: int, step: int, sums: Optional[EpochSums])
         "scaler": ctx.scaler.state_dict(), "ema": m.ema.state_dict() if m.ema is not None else None,
         "epoch": epoch, "step": step, "history": m.state["history"],
         "partial": sums.state() if sums is not None else None,
-        "rng": rng_state(), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
+        "rng": rng_state(ctx.device), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
     }
     atomic_torch_save(m.run_dir.checkpoint_file, state)
 

@@ -5,7 +5,7 @@ keys its own by (seed, epoch, step) (``data/stream.py``), so a model's draws nev
 from __future__ import annotations
 
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -22,16 +22,22 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """The generators' states; with a CUDA ``device`` (the one the run uses) its generator's too, and no other
+    GPU's: another GPU's draws are not the run's, and a resume may see fewer GPUs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = [torch.cuda.get_rng_state(device)]
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any], device: Optional[torch.device] = None) -> None:
+    """Puts back a :func:`rng_state`. Its CUDA state (the first of its list: the run's device; a checkpoint of older
+    code holds one per GPU it saw, the run's first) goes to ``device`` when that is a CUDA device, and is left
+    unused on a CPU, whatever GPUs the saving process had."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved = state.get("cuda") or []
+    if saved and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved[0].cpu(), device)

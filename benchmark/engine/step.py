@@ -4,6 +4,7 @@ and the overhead benchmark), the module that holds student and method together, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -126,8 +127,9 @@ class TrainStep:
     probes = None  # a probes.hooks.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
-                 device: torch.device, ema=None, dtype=None, channels_last: bool = False):
+                 device: torch.device, ema=None, dtype=None, channels_last: bool = False, compiled: bool = False):
         self.optim, self.epochs, self.steps = optim, epochs, steps
+        self.compiled = compiled  # the trained modules run under torch.compile (train.compile)
         self.wrapped, self.module, self.method = wrapped, module, method
         self.optimizer, self.scaler, self.ema = optimizer, scaler, ema
         self.dtype, self.channels_last = dtype, channels_last
@@ -144,6 +146,25 @@ class TrainStep:
              ) -> Tuple[Dict[str, float], int]:
         """``shared_teacher``: the plain teacher pass on ``batch.images`` (a cohort's), which the method then
         takes instead of running the teacher itself."""
+        with self._graph_settings():
+            return self._step(batch, epoch, step, shared_teacher)
+
+    def _graph_settings(self):
+        """A compiled step with a probe that differentiates the losses before the backward (the gradient-conflict
+        probe's ``autograd.grad(..., retain_graph=True)``) compiles and runs its graphs without AOTAutograd's
+        donated buffers: donation lets a compiled backward overwrite the tensors its forward saved, which a second
+        backward through the same graph still needs (AOTAutograd refuses it). On every step, not only the measured
+        ones: a graph's backward is compiled once, at its first backward, which may be a plain step's (after a
+        resume, or a recompile such as CRD's memory at step 1). The cost: the backward cannot reuse those tensors'
+        memory for its own."""
+        if self.compiled and self.probes is not None and self.probes.retains_graph:
+            import torch._functorch.config
+
+            return torch._functorch.config.patch(donated_buffer=False)
+        return contextlib.nullcontext()
+
+    def _step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features]
+              ) -> Tuple[Dict[str, float], int]:
         lr = self.schedule.apply(epoch, step)
         self.module.train()
         with _autocast(self.device, self.dtype), self.method.sharing_teacher_pass(batch.images, shared_teacher):

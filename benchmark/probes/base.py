@@ -32,6 +32,9 @@ class Probe(abc.ABC):
     name: ClassVar[str]
     measures: ClassVar[str]             # one line: what it measures
     keys: ClassVar[Tuple[str, ...]]     # the metric keys it writes (``<...>`` marks a part that varies)
+    # True: its on_losses differentiates the step's losses before the step's own backward (autograd.grad with
+    # retain_graph), so a compiled step must keep its saved tensors for a second backward (engine/step.py)
+    retains_graph: ClassVar[bool] = False
 
     def __init__(self, run: ProbedRun) -> None:
         self.run = run

@@ -266,6 +266,7 @@ class ConflictProbe(Probe):
     epoch."""
 
     name = "conflict"
+    retains_graph = True
     measures = "cosine and norm ratio between the task and the distillation gradients on the student"
     keys = ("conflict/cosine", "conflict/norm_ratio", "conflict/fraction", "conflict/steps", "conflict/task_norm",
             "conflict/distill_norm", "conflict/block/<block>", "conflict/block_fraction/<block>")

@@ -43,6 +43,11 @@ class TrainingProbes:
     def active(self) -> bool:
         return bool(self.probes)
 
+    @property
+    def retains_graph(self) -> bool:
+        """Whether a probe takes gradients of the step's losses before the step's backward (see Probe)."""
+        return any(probe.retains_graph for probe in self.probes.values())
+
     def on_losses(self, losses: Dict[str, torch.Tensor], global_step: int, scaler=None) -> None:
         """Inside the step, before backward: the probes that measure this step."""
         for probe in self.probes.values():

@@ -240,20 +240,24 @@ def add_ratios(results: Dict[str, Dict[str, Any]]) -> None:
 
 def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = None, batch_size: int = 32,
                  img_size: Optional[int] = None, warmup: int = 3, repeats: int = 10, device: Optional[str] = None,
-                 runs_dir: Optional[str] = None, num_classes: int = 100, precision: str = "fp32",
+                 runs_dir: Optional[str] = None, num_classes: int = 100, precision: str = "auto",
                  restart: bool = False, compile: bool = False, echo=print) -> Dict[str, Dict[str, Any]]:
-    """Measures every method (default: all registered) and stores one ``overhead`` run per method."""
+    """Measures every method (default: all registered) and stores one ``overhead`` run per method. ``precision``
+    'auto' (the default) times the step training runs on the device: ``train.precision``'s 'auto' as training
+    resolves it (bf16 on a GPU that has it, fp16 on one without, fp32 on a CPU); the run records the resolved name."""
     from hkdbench.benchmark.models.zoo import zoo_entry
-    from hkdbench.benchmark.engine.evaluation import select_device
+    from hkdbench.benchmark.engine.evaluation import autocast_dtype, select_device
 
     ordered = _methods_in_order(teacher, student, methods)
     if img_size is None:
         img_size = max(zoo_entry(teacher).img_size, zoo_entry(student).img_size)
     if warmup < 0 or repeats < 1 or batch_size < 1:
         raise ConfigError("overhead needs --warmup >= 0, --repeats >= 1 and --batch-size >= 1")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     dev = select_device(device)
+    if precision == "auto":
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(precision, dev)]
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
                           img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
                           precision=precision, device=str(dev), compile=compile)
