@@ -1,4 +1,6 @@
-"""The run store: one directory per run, named by the hash of its resolved config.
+"""The run store: one directory per run, named by what it is and the hash of its resolved config
+(:func:`run_name`: ``kd_resnet_mini_to_vit_mini_<dataset>_s0_<hash>``, ``teacher_<model>_...``,
+``student_<model>_...`` for the student alone, ``overhead_<method>_...``).
 
     <runs>/<name>_<hash>/
         config.json      the resolved config (written once; a different config never lands in this directory)
@@ -44,13 +46,65 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from hkdbench.benchmark.core.config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.core.config import (OVERHEAD_KIND, OverheadConfig, RunConfig, overhead_config_from_dict,
+                                           run_config_from_dict)
 from hkdbench.benchmark.core.errors import HkdbenchError, StoreError
 
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"
 SUBMITIT_DIR = "_submitit"
 CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
+
+
+# -- run names ---------------------------------------------------------------------------------------------------
+# A run's directory is named by what it is, for people, then by its hash, which alone identifies it (the hash does not
+# include the name). Only this module builds or reads a name: everything else asks the store for a run's directory.
+TEACHER_RUN = "teacher"    # teacher_<model>_<dataset>_s<seed>_<hash>: a teacher trained for students to distil from
+# student_<model>_<dataset>_s<seed>_<hash>: the student trained alone (method 'none', no teacher), the same plain
+# training as a teacher run's but of a student, which is what its role says and what the name mirrors
+STUDENT_ALONE = "student"
+
+
+def run_name(cfg: RunConfig | OverheadConfig) -> str:
+    """The one naming rule of the store's runs, by the run's kind."""
+    if cfg.kind == OVERHEAD_KIND:
+        device_type = cfg.device.split(":")[0]  # cuda:1 -> cuda, as torch.device(...).type
+        return (f"{OVERHEAD_KIND}_{cfg.method}_{cfg.teacher}_to_{cfg.student}_b{cfg.batch_size}_{cfg.img_size}px_"
+                f"{device_type}_{cfg.run_hash()}")
+    return f"{_what_is_trained(cfg)}_{_trained_on(cfg)}"
+
+
+def _what_is_trained(cfg: RunConfig) -> str:
+    if cfg.kind == TEACHER_RUN:
+        return f"{TEACHER_RUN}_{cfg.student.name}"
+    if cfg.teacher is None:  # a method other than 'none' that uses no teacher keeps its name in front
+        return f"{STUDENT_ALONE if cfg.method == 'none' else cfg.method}_{cfg.student.name}"
+    return f"{cfg.method}_{cfg.teacher.name}_to_{cfg.student.name}"
+
+
+def _trained_on(cfg: RunConfig) -> str:
+    return f"{cfg.data.dataset}_s{cfg.train.seed}_{cfg.run_hash()}"
+
+
+def legacy_run_names(cfg: RunConfig | OverheadConfig) -> List[str]:
+    """The names the run had in earlier versions of the store: a run without a teacher was
+    ``<method>_none_to_<student>_...`` (``none`` for the missing teacher), so ``none_none_to_...`` for the student
+    alone. Its hash is the same, so the store finds a run stored under such a name and never trains it again."""
+    if cfg.kind == OVERHEAD_KIND or cfg.kind == TEACHER_RUN or cfg.teacher is not None:
+        return []
+    return [f"{cfg.method}_none_to_{cfg.student.name}_{_trained_on(cfg)}"]
+
+
+def first_run_name(cfg: RunConfig | OverheadConfig) -> str:
+    """The name the run was first given: its legacy name where it has one (:func:`legacy_run_names`), else its name.
+    Ids made of run names (a sweep's) take it, so that a renaming leaves them, and the records kept under them, as
+    they were."""
+    return (legacy_run_names(cfg) or [run_name(cfg)])[0]
+
+
+def is_teacher_run_name(name: str) -> bool:
+    """Whether ``name`` (e.g. of ``train.probe_teachers``) is a teacher run's."""
+    return name.startswith(f"{TEACHER_RUN}_")
 
 
 def runs_root(path: Optional[str] = None) -> Path:
@@ -355,15 +409,26 @@ class RunDir:
         return "pending"
 
     def config(self) -> RunConfig:
-        """The run's config; a config.json this version cannot read as one is named, with what to do."""
-        body = self._stored_config()
-        try:
-            return run_config_from_dict(body)
-        except HkdbenchError as err:
-            raise StoreError(f"{self.config_file} does not hold a run config ({err.message()}); {_MOVE_IT}") from None
+        """A training run's config; a config.json this version cannot read as one is named, with what to do."""
+        return self._typed_config(run_config_from_dict, overhead=False)
 
-    def _stored_config(self) -> Dict[str, Any]:
-        """config.json as a dict; a damaged one is named, with what to do."""
+    def overhead_config(self) -> OverheadConfig:
+        """An overhead measurement's config (benchmark/tools/overhead.py), read as :meth:`config` reads a run's."""
+        return self._typed_config(overhead_config_from_dict, overhead=True)
+
+    def _typed_config(self, build, overhead: bool):
+        body = self.config_record()
+        what = "an overhead config" if overhead else "a run config"
+        if (body.get("kind") == OVERHEAD_KIND) != overhead:
+            other = "a training run's" if overhead else "an overhead measurement's (no weights, no epochs)"
+            raise StoreError(f"{self.config_file} holds {other} config, not {what}")
+        try:
+            return build(body)
+        except HkdbenchError as err:
+            raise StoreError(f"{self.config_file} does not hold {what} ({err.message()}); {_MOVE_IT}") from None
+
+    def config_record(self) -> Dict[str, Any]:
+        """config.json as stored; a damaged one is named, with what to do."""
         try:
             body = loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -432,6 +497,14 @@ class RunDir:
         with contextlib.suppress(FileNotFoundError):
             self.failed_file.unlink()
         atomic_write_bytes(self.done_file, b"")
+
+    def store_measurement(self, cfg: OverheadConfig, env: Dict[str, Any], summary: Dict[str, Any]) -> None:
+        """A finished measurement run (the overhead benchmark's, under the run's lock): its config, environment
+        and result, replacing an earlier measurement of the same config."""
+        self.reset()
+        atomic_write_json(self.config_file, cfg.to_dict())
+        atomic_write_json(self.env_file, env)
+        self.mark_done(summary)
 
     def reset(self) -> None:
         """Forgets the run's progress (``--restart``); keeps config.json."""
@@ -516,8 +589,14 @@ class RunStore:
         what = "--runs-dir" if root else "HKDBENCH_RUNS" if os.environ.get("HKDBENCH_RUNS") else "the run store"
         self.root = check_folder(runs_root(str(root) if root else None), what)
 
-    def run_dir(self, cfg: RunConfig) -> RunDir:
-        return RunDir(self.root / cfg.run_name())
+    def run_dir(self, cfg: RunConfig | OverheadConfig) -> RunDir:
+        """The run's directory: under its name, or under the name an earlier version gave it where the run is
+        stored there (:func:`legacy_run_names`), so that a finished run is found and not trained again."""
+        named = RunDir(self.root / run_name(cfg))
+        if named.config_file.exists():
+            return named
+        stored = (RunDir(self.root / name) for name in legacy_run_names(cfg))
+        return next((rd for rd in stored if rd.config_file.exists()), named)
 
     def runs(self) -> List[RunDir]:
         if not self.root.is_dir():

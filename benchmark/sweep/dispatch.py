@@ -193,7 +193,7 @@ class Sweep:
             rd = self.store.run_dir(spec.cfg)
             rd.claim(spec.cfg)
             append_jsonl(rd.jobs_file, record)
-            self.records.record_submission({**record, "run": spec.name})
+            self.records.record_submission({**record, "run": rd.path.name})  # the name the report finds it by
 
     def untaken(self, cohort: Cohort, prefix: str = "") -> Optional[Cohort]:
         """The cohort less the runs :meth:`taken` (each one said, after ``prefix``); None when none is left."""
