@@ -43,6 +43,7 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -105,6 +106,66 @@ def first_run_name(cfg: RunConfig | OverheadConfig) -> str:
 def is_teacher_run_name(name: str) -> bool:
     """Whether ``name`` (e.g. of ``train.probe_teachers``) is a teacher run's."""
     return name.startswith(f"{TEACHER_RUN}_")
+
+
+def teacher_model_from_name(name: str, dataset: str) -> Optional[str]:
+    """The model a teacher run trained, read from its name (``teacher_<model>_<dataset>_s<seed>_<hash>``) taking it
+    to have trained on ``dataset``: for a teacher run that is no longer in the store. None when the name is not one."""
+    hit = re.fullmatch(rf"{TEACHER_RUN}_(.+)_{re.escape(str(dataset))}_s\d+_[0-9a-f]+", name)
+    return hit.group(1) if hit else None
+
+
+def describe_run(config: Dict[str, Any]) -> Dict[str, Any]:
+    """What a run is, from its config.json as any version stored it (:meth:`RunDir.config_record`): its kind, method,
+    teacher and student models, and for a training run its dataset, recipe, seed and epochs."""
+    if config.get("kind") == OVERHEAD_KIND:
+        return {k: config.get(k) for k in ("method", "student", "teacher", "seed")} | {"kind": OVERHEAD_KIND}
+    teacher, train = config.get("teacher") or {}, config.get("train") or {}
+    return {"kind": config.get("kind"), "method": config.get("method"),
+            "teacher": teacher.get("name") if isinstance(teacher, dict) else None,
+            "student": (config.get("student") or {}).get("name"), "dataset": (config.get("data") or {}).get("dataset"),
+            "recipe": config.get("recipe"), "seed": train.get("seed"), "epochs": train.get("epochs")}
+
+
+# -- metric keys -------------------------------------------------------------------------------------------------
+# The keys of metrics.jsonl's records that the engine, the methods and the probes write and the analysis reads.
+LOSS_PREFIX = "loss/"          # loss/<term>: a loss term of the method (summed into the training loss)
+STAT_PREFIX = "stat/"          # stat/<name>: a statistic the method logs
+CONFLICT_PREFIX = "conflict/"  # conflict/<value>: the gradient-conflict probe (probes/hooks.py), per epoch
+CONFLICT_COSINE = CONFLICT_PREFIX + "cosine"          # mean cosine(g_task, g_distill) over the measured steps
+CONFLICT_FRACTION = CONFLICT_PREFIX + "fraction"      # share of measured steps with a negative cosine
+CONFLICT_NORM_RATIO = CONFLICT_PREFIX + "norm_ratio"  # mean ||g_distill|| / ||g_task||
+# cka/<kernel>/t{i}_s{j}: CKA of teacher stage i and student stage j against the run's own teacher;
+# cka@<teacher run>/<kernel>/t{i}_s{j}: the same against a named teacher run (train.probe_teachers of a student alone)
+OWN_CKA = "cka"
+NAMED_CKA = "cka@"
+_CKA_KEY = re.compile(rf"{OWN_CKA}(?:{NAMED_CKA[-1]}(?P<teacher_run>[^/]+))?/(?P<kernel>[^/]+)"
+                      r"/t(?P<teacher_stage>\d+)_s(?P<student_stage>\d+)")
+
+
+def cka_prefix(teacher_run: Optional[str] = None) -> str:
+    """The prefix of the CKA keys against the run's own teacher, or against the teacher run named ``teacher_run``."""
+    return OWN_CKA if teacher_run is None else f"{NAMED_CKA}{teacher_run}"
+
+
+def cka_key(prefix: str, kernel: str, teacher_stage: int, student_stage: int) -> str:
+    return f"{prefix}/{kernel}/t{teacher_stage}_s{student_stage}"
+
+
+@dataclass(frozen=True)
+class CkaKey:
+    teacher_run: Optional[str]  # None: the run's own teacher
+    kernel: str
+    teacher_stage: int
+    student_stage: int
+
+
+def parse_cka_key(key: str) -> Optional[CkaKey]:
+    """What a CKA key of metrics.jsonl measured; None for any other key."""
+    hit = _CKA_KEY.fullmatch(key)
+    if hit is None:
+        return None
+    return CkaKey(hit["teacher_run"], hit["kernel"], int(hit["teacher_stage"]), int(hit["student_stage"]))
 
 
 def runs_root(path: Optional[str] = None) -> Path:
@@ -428,19 +489,26 @@ class RunDir:
             raise StoreError(f"{self.config_file} does not hold {what} ({err.message()}); {_MOVE_IT}") from None
 
     def config_record(self) -> Dict[str, Any]:
-        """config.json as stored; a damaged one is named, with what to do."""
+        """config.json as stored, whatever version of hkdbench wrote it (the analysis reads every run's, also of
+        fields this version does not know); a damaged one is named, with what to do."""
         try:
             body = loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}") from None
+            raise DamagedRunFileError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}",
+                                      NOT_JSON) from None
         if not isinstance(body, dict):
-            raise StoreError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; {_MOVE_IT}")
+            raise DamagedRunFileError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; "
+                                      f"{_MOVE_IT}", NOT_AN_OBJECT)
         return body
 
     def summary(self) -> Dict[str, Any]:
         """summary.json; a damaged one is named, with what to do."""
         return _read_record(self.summary_file, "the run's result: train it again with --restart, or put back a "
                                                "good copy")
+
+    def env(self) -> Dict[str, Any]:
+        """env.json: the versions, git sha, device and world size the run ran with (engine/environment.py)."""
+        return _read_record(self.env_file, "the run's hardware and versions: put back a good copy")
 
     def failure(self) -> Dict[str, Any]:
         """FAILED: the reason and details of a failed run."""
@@ -555,21 +623,41 @@ class RunLockedError(HkdbenchError, RuntimeError):
 _MOVE_IT = "the run directory is damaged: move it away (or delete it) and run again"
 
 
+# The fields of a sweep's records, written by the sweep (sweep/dispatch.py) and read by `hkdbench status|report
+# <sweep>` and the report's provenance. sweep.json: the sweep's id, its preset, its run store, one entry per `hkdbench
+# sweep` that submitted it (when, with which executor and command line, in cohorts or not) and its runs (each with its
+# name, kind, the teacher run it needs, the grid cells it serves and its config). submissions.jsonl: one line per run a
+# job trained, the job's record with the run's directory name and the time.
+SWEEP_ID, SWEEP_PRESET, SWEEP_RUNS_DIR = "sweep", "preset", "runs_dir"
+SWEEP_INVOCATIONS, SWEEP_RUNS = "invocations", "runs"
+INVOKED_AT, INVOKED_EXECUTOR, INVOKED_COMMAND, INVOKED_COHORT = "time", "executor", "command", "cohort"
+RUN_NAME, RUN_KIND, RUN_TEACHER_RUN, RUN_CELLS, RUN_CONFIG = "name", "kind", "teacher_run", "cells", "config"
+SUBMITTED_RUN, SUBMITTED_AT = "run", "time"
+
+
 def _manifest_problem(body: Any) -> str:
     """What is wrong with the fields a sweep.json holds ('' when nothing; each reader needs only some of them)."""
     if not isinstance(body, dict):
         return f"a JSON {type(body).__name__}, not an object"
-    runs = body.get("runs", [])
-    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("config"), dict)
-                                             and isinstance(r.get("kind"), str) for r in runs):
-        return "its 'runs' are not a list of runs, each with its 'kind' and 'config'"
-    if not isinstance(body.get("invocations", []), list):
-        return "its 'invocations' are not a list"
+    runs = body.get(SWEEP_RUNS, [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get(RUN_CONFIG), dict)
+                                             and isinstance(r.get(RUN_KIND), str) for r in runs):
+        return f"its '{SWEEP_RUNS}' are not a list of runs, each with its '{RUN_KIND}' and '{RUN_CONFIG}'"
+    if not isinstance(body.get(SWEEP_INVOCATIONS, []), list):
+        return f"its '{SWEEP_INVOCATIONS}' are not a list"
     return ""
 
 
+NOT_JSON, NOT_AN_OBJECT = "not valid JSON", "not a JSON object"  # what is wrong with a damaged record, in brief
+
+
 class DamagedRunFileError(StoreError, ValueError):
-    """A file of a run directory exists but does not hold what the store wrote there."""
+    """A file of a run directory exists but does not hold what the store wrote there; ``why`` says what is wrong in
+    brief (:data:`NOT_JSON`, :data:`NOT_AN_OBJECT`), for a reader that names the file in words of its own."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 def _read_record(path: Path, what: str) -> Dict[str, Any]:
@@ -577,10 +665,10 @@ def _read_record(path: Path, what: str) -> Dict[str, Any]:
     try:
         record = loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise DamagedRunFileError(f"{path} is damaged (not valid JSON: {err}); it holds {what}") from None
+        raise DamagedRunFileError(f"{path} is damaged ({NOT_JSON}: {err}); it holds {what}", NOT_JSON) from None
     if not isinstance(record, dict):
         raise DamagedRunFileError(f"{path} is damaged (a JSON {type(record).__name__}, not an object); it holds "
-                                  f"{what}")
+                                  f"{what}", NOT_AN_OBJECT)
     return record
 
 
@@ -603,8 +691,21 @@ class RunStore:
             return []
         return [RunDir(p) for p in sorted(self.root.iterdir()) if (p / CONFIG_FILE).exists()]
 
+    def all_runs(self) -> List[RunDir]:
+        """Every run directory under the root at any depth (stores copied side by side under one folder), sorted;
+        the root must exist. A folder whose name starts with '.' (a temp copy) holds none."""
+        if not self.root.is_dir():
+            raise StoreError(f"run store {str(self.root)!r} does not exist (--runs-dir, or HKDBENCH_RUNS)")
+        found = sorted(p.parent for p in self.root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
+        return [RunDir(path) for path in found]
+
     def sweep_dir(self, sweep_id: str) -> "SweepDir":
         return SweepDir(self.root / SWEEPS_DIR / sweep_id)
+
+    def sweeps(self) -> List["SweepDir"]:
+        """The store's sweeps that have a manifest, by id."""
+        found = (SweepDir(path) for path in sorted((self.root / SWEEPS_DIR).glob("*")))
+        return [sweep for sweep in found if sweep.exists]
 
     @property
     def submitit_folder(self) -> Path:
@@ -625,8 +726,8 @@ class SweepDir:
         return self.manifest_file.exists()
 
     def manifest(self) -> Dict[str, Any]:
-        """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
-        ``runs`` (name, kind, teacher_run, cells, config); a file without them is named as damaged."""
+        """sweep.json: the sweep's id, preset, run store, invocations and runs (the fields :data:`SWEEP_ID` and those
+        beside it); a file without them is named as damaged."""
         try:
             body = loads(self.manifest_file.read_text())
         except (ValueError, UnicodeDecodeError) as err:

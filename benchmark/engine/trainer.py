@@ -33,7 +33,7 @@ from hkdbench.benchmark.core.config import PIPELINE_VERSION, RunConfig
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.models.zoo import create_model, zoo_entry
 from hkdbench.benchmark.engine.environment import environment
-from hkdbench.benchmark.core.store import RunDir, RunStore, StoreWriteError, timestamp
+from hkdbench.benchmark.core.store import LOSS_PREFIX, RunDir, RunStore, StoreWriteError, timestamp
 from hkdbench.benchmark.engine.checkpoint import (_get_rng, _set_rng, atomic_torch_save, load_teacher_weights,
                                                   load_weights, save_weights)
 from hkdbench.benchmark.data.stream import DataStream
@@ -440,7 +440,7 @@ class CohortTrainer:
                     tic = time.perf_counter()
                     with self._rng_of(m):
                         values, correct = m.ctx.step(batch, epoch, step, shared)
-                    total = sum(v for k, v in values.items() if k.startswith("loss/"))
+                    total = sum(v for k, v in values.items() if k.startswith(LOSS_PREFIX))
                     if not math.isfinite(total):
                         self._fail_diverged(m, epoch, step, values)
                         continue
@@ -489,7 +489,7 @@ class CohortTrainer:
         return describe(nonfinite_losses(record), nonfinite_tensors(tensors))
 
     def _fail_diverged(self, m: _Member, epoch: int, step: int, values: Dict[str, float]) -> None:
-        terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
+        terms = {k[len(LOSS_PREFIX):]: v for k, v in values.items() if k.startswith(LOSS_PREFIX)}
         reason = f"non-finite loss at epoch {epoch + 1}, step {step}: " + ", ".join(
             f"{k}={v}" for k, v in terms.items())
         self._fail(m, reason, epoch=epoch + 1, step=step, losses=terms)
@@ -561,7 +561,7 @@ class CohortTrainer:
             correct, images = reduced[-2], reduced[-1]
         record.update(means)
         record["lr"] = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
-        record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
+        record["train_loss"] = sum(v for k, v in means.items() if k.startswith(LOSS_PREFIX))
         record["train_top1"] = 100.0 * correct / max(images, 1)
         record["epoch_time_s"] = sums.seconds
         record["images_per_s"] = sums.images / max(sums.seconds, 1e-9)
@@ -743,7 +743,7 @@ def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Di
 
 
 def _format_epoch(r: Dict[str, Any], epochs: int) -> str:
-    terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in r.items() if k.startswith("loss/"))
+    terms = " ".join(f"{k[len(LOSS_PREFIX):]}={v:.4f}" for k, v in r.items() if k.startswith(LOSS_PREFIX))
     acc = f" top1={r['top1']:.2f} top5={r['top5']:.2f}" if "top1" in r else ""
     ema = f" ema_top1={r['ema_top1']:.2f}" if "ema_top1" in r else ""
     return (f"epoch {r['epoch']}/{epochs} {terms}{acc}{ema} lr={r['lr']:.2e} "

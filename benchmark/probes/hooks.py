@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from hkdbench.benchmark.core.store import CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO, cka_key, cka_prefix
 from hkdbench.benchmark.models.taps import STAGES
 from hkdbench.methods.base import TASK_LOSS
 
@@ -86,7 +87,7 @@ def probe_set(loader, n_images: int, batch_size: int) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: str = "linear",
-               autocast=None, channels_last: bool = False, prefix: str = "cka") -> Dict[str, float]:
+               autocast=None, channels_last: bool = False, prefix: str = cka_prefix()) -> Dict[str, float]:
     """``{'<prefix>/<kernel>/t{i}_s{j}': value}`` for all stage pairs, both models in eval mode (restored after)."""
     acc = CKAAccumulator.for_models(teacher, student, STAGES, STAGES, kernel=kernel)
     modes = (teacher.training, student.training)
@@ -105,7 +106,7 @@ def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: st
     finally:
         teacher.train(modes[0])
         student.train(modes[1])
-    return {f"{prefix}/{kernel}/t{t}_s{s}": (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
+    return {cka_key(prefix, kernel, t, s): (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
 
 
 class TrainingProbes:
@@ -117,8 +118,8 @@ class TrainingProbes:
         self.probe_every, self.conflict_every, self.kernel = t.probe_every, t.conflict_every, t.probe_kernel
         self.student, self.teacher, self.device = student, teacher, device
         # key prefix -> teacher: the run's own teacher, or the teacher runs a run without one is probed against
-        self.references = {"cka": teacher} if teacher is not None else {
-            f"cka@{name}": model for name, model in (probe_teachers or {}).items()}
+        self.references = {cka_prefix(): teacher} if teacher is not None else {
+            cka_prefix(name): model for name, model in (probe_teachers or {}).items()}
         self.autocast, self.channels_last = autocast, channels_last
         self.batches: Optional[List[torch.Tensor]] = None
         # CKA needs a teacher to compare with; it is run by the main process only.
@@ -160,8 +161,8 @@ class TrainingProbes:
             out["cka_time_s"] = time.perf_counter() - tic
         if self.conflict_every and len(self.tracker):
             s = self.tracker.epoch_summary()
-            out.update({"conflict/cosine": s["mean_cosine"], "conflict/norm_ratio": s["mean_norm_ratio"],
-                        "conflict/fraction": s["conflict_fraction"], "conflict/steps": s["steps"],
+            out.update({CONFLICT_COSINE: s["mean_cosine"], CONFLICT_NORM_RATIO: s["mean_norm_ratio"],
+                        CONFLICT_FRACTION: s["conflict_fraction"], "conflict/steps": s["steps"],
                         "conflict/task_norm": s["mean_task_norm"], "conflict/distill_norm": s["mean_distill_norm"]})
             out.update({f"conflict/block/{b}": v for b, v in s["block_mean_cosine"].items()})
             out.update({f"conflict/block_fraction/{b}": v for b, v in s["block_conflict_fraction"].items()})
