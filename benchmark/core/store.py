@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from hkdbench.benchmark.core.config import (OVERHEAD_KIND, OverheadConfig, RunConfig, overhead_config_from_dict,
                                            run_config_from_dict)
@@ -477,7 +477,7 @@ class RunDir:
         """An overhead measurement's config (benchmark/tools/overhead.py), read as :meth:`config` reads a run's."""
         return self._typed_config(overhead_config_from_dict, overhead=True)
 
-    def _typed_config(self, build, overhead: bool):
+    def _typed_config(self, build: Callable[[Dict[str, Any]], Any], overhead: bool) -> Any:
         body = self.config_record()
         what = "an overhead config" if overhead else "a run config"
         if (body.get("kind") == OVERHEAD_KIND) != overhead:
