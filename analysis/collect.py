@@ -34,16 +34,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import pandas as pd
 
-from hkdbench.benchmark.core.errors import StoreError
-from hkdbench.benchmark.core.store import CONFIG_FILE, RunDir, read_json_or_none
+from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, NAMED_CKA, OVERHEAD_KIND,
+                                          DamagedRunFileError, RunDir, RunStore, describe_run, parse_cka_key,
+                                          teacher_model_from_name)
 
 from .order import method_label
 
@@ -143,14 +143,6 @@ def _method_settings(config: Dict[str, Any]) -> Optional[List[str]]:
     return None if settings is None else [str(s) for s in settings]
 
 
-def run_dirs(root: Path) -> List[Path]:
-    """Every run directory (one holding config.json) under ``root``, at any depth, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise StoreError(f"run store {str(root)!r} does not exist (--runs-dir, or HKDBENCH_RUNS)")
-    return sorted(p.parent for p in root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
-
-
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
     """A run directory's epoch records, through the store's reader (a torn line is warned about, not dropped
     silently)."""
@@ -163,28 +155,21 @@ def _finite(values: Iterable) -> List[float]:
 
 def _probe_summary(metrics: List[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {}
-    cos = _finite(r.get("conflict/cosine") for r in metrics)
-    frac = _finite(r.get("conflict/fraction") for r in metrics)
+    cos = _finite(r.get(CONFLICT_COSINE) for r in metrics)
+    frac = _finite(r.get(CONFLICT_FRACTION) for r in metrics)
     out["conflict_cosine_mean"] = sum(cos) / len(cos) if cos else None
     out["conflict_fraction_mean"] = sum(frac) / len(frac) if frac else None
-    last_cka = next((r for r in reversed(metrics) if any(k.startswith("cka/") for k in r)), None)
+    last_cka = next((own for own in map(_own_cka, reversed(metrics)) if own), None)
     if last_cka is not None:
-        diag = _finite(v for k, v in last_cka.items() if k.startswith("cka/")
-                       and k.rsplit("/", 1)[1].split("_")[0][1:] == k.rsplit("/", 1)[1].split("_")[1][1:])
+        diag = _finite(v for k, v in last_cka.items() if k.teacher_stage == k.student_stage)
         out["cka_diag_last"] = sum(diag) / len(diag) if diag else None
     return out
 
 
-def _identity_from_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Identity columns from config.json alone (for runs without a summary)."""
-    if config.get("kind") == "overhead":
-        return {k: config.get(k) for k in ("method", "student", "teacher", "seed")} | {"kind": "overhead"}
-    teacher = config.get("teacher") or {}
-    return {"kind": config.get("kind"), "method": config.get("method"),
-            "teacher": teacher.get("name") if isinstance(teacher, dict) else None,
-            "student": (config.get("student") or {}).get("name"), "dataset": (config.get("data") or {}).get("dataset"),
-            "recipe": config.get("recipe"), "seed": (config.get("train") or {}).get("seed"),
-            "epochs": (config.get("train") or {}).get("epochs")}
+def _own_cka(record: Dict[str, Any]) -> Dict[Any, Any]:
+    """An epoch record's CKA values against the run's own teacher, by their parsed key."""
+    keys = {k: parse_cka_key(k) for k in record}
+    return {key: record[k] for k, key in keys.items() if key is not None and key.teacher_run is None}
 
 
 # a DONE run whose summary.json cannot be read: status 'damaged', in no table
@@ -192,13 +177,21 @@ _NO_RESULT = ("the run is DONE but its result is lost, so it is in no table: put
               "with --restart")
 
 
-def _read_object(path: Path, consequence: str, check=lambda body: "") -> Optional[Dict[str, Any]]:
-    """A JSON object the store wrote; None when the file is missing or, with a warning naming it and saying what that
-    means for the run (``consequence``), damaged: not JSON, not an object, or what ``check`` finds wrong in it."""
+def _read_object(read: Callable[[], Dict[str, Any]], path: Path, consequence: str,
+                 check: Callable[[Dict[str, Any]], str] = lambda body: "") -> Optional[Dict[str, Any]]:
+    """A record of a run, by the store's reader ``read`` of the file ``path``; None when the file is missing or, with
+    a warning naming it and saying what that means for the run (``consequence``), damaged: not JSON, not an object,
+    unreadable, or what ``check`` finds wrong in it."""
     if not path.exists():
         return None
-    body = read_json_or_none(path)
-    why = "not valid JSON" if body is None else "not a JSON object" if not isinstance(body, dict) else check(body)
+    try:
+        body = read()
+    except DamagedRunFileError as err:
+        why = err.why
+    except OSError as err:
+        why = f"unreadable: {err.strerror}"
+    else:
+        why = check(body)
     if not why:
         return body
     warnings.warn(f"{path} is damaged ({why}); {consequence}", stacklevel=3)
@@ -226,14 +219,15 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     """The tidy row of one run directory."""
     path = Path(path)
     rd = RunDir(path)
-    config = _read_object(rd.config_file, "the run is left out: move its directory away, or put back a good copy")
+    config = _read_object(rd.config_record, rd.config_file, "the run is left out: move its directory away, or put "
+                          "back a good copy")
     if config is None:
         return {"run": path.name}  # no kind: not a row
-    env = _read_object(rd.env_file, "its hardware and versions are unknown") or {}
+    env = _read_object(rd.env, rd.env_file, "its hardware and versions are unknown") or {}
     done = rd.is_done
-    summary = _read_object(rd.summary_file, _NO_RESULT, _summary_problem) if done else None
-    failed = _read_object(rd.failed_file, "its reason is unknown") if rd.is_failed else None
-    row: Dict[str, Any] = {"run": path.name, **_identity_from_config(config)}
+    summary = _read_object(rd.summary, rd.summary_file, _NO_RESULT, _summary_problem) if done else None
+    failed = _read_object(rd.failure, rd.failed_file, "its reason is unknown") if rd.is_failed else None
+    row: Dict[str, Any] = {"run": path.name, **describe_run(config)}
     row["status"] = ("damaged" if done and summary is None else "done" if done
                      else "failed" if rd.is_failed else "unfinished")
     if summary:
@@ -252,7 +246,7 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     row.setdefault("device", env.get("device"))
     if rd.is_failed:
         row["failure"] = failed.get("reason") if failed is not None else "unknown (its FAILED record is damaged)"
-    if row.get("kind") != "overhead":
+    if row.get("kind") != OVERHEAD_KIND:
         row.update(_probe_summary(read_metrics(path)))
     row["path"] = str(path.relative_to(root)) if root is not None else str(path)
     return row
@@ -335,7 +329,7 @@ def _labels(df: pd.DataFrame, settings: pd.Series, teacher: pd.Series) -> pd.Ser
 def collect_runs(runs_dir, include_unfinished: bool = True) -> pd.DataFrame:
     """One row per run of the store at ``runs_dir`` (see the module docstring)."""
     root = Path(runs_dir)
-    rows = [r for r in (run_row(p, root) for p in run_dirs(root)) if r.get("kind")]  # run directories only
+    rows = [r for r in (run_row(rd.path, root) for rd in RunStore(root).all_runs()) if r.get("kind")]
     df = pd.DataFrame(rows, columns=None if rows else ID_COLUMNS + _LABEL_INPUTS)
     df = label_runs(df)
     for col in ID_COLUMNS + RESULT_COLUMNS:
@@ -392,24 +386,19 @@ def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None,
     student alone, they would multiply the columns; :func:`collect_cka` holds them. ``records``: that frame, if
     already read."""
     records = epoch_records(runs_dir, runs) if records is None else records
-    return records.drop(columns=[c for c in records.columns if str(c).startswith("cka@")])
+    return records.drop(columns=[c for c in records.columns if str(c).startswith(NAMED_CKA)])
 
 
 CKA_ID = ["run", "method", "method_label", "teacher", "teacher_run", "probe", "student", "dataset", "recipe",
           "setting", "setting_label", "seed"]
 CKA_COLUMNS = CKA_ID + ["epoch", "kernel", "teacher_stage", "student_stage", "cka"]
-# cka/<kernel>/t{i}_s{j} (against the run's own teacher) or cka@<teacher run>/<kernel>/t{i}_s{j} (a named one)
-CKA_KEY = re.compile(r"cka(?:@(?P<probe_run>[^/]+))?/(?P<kernel>[^/]+)/t(?P<teacher_stage>\d+)_s(?P<student_stage>\d+)")
 OWN, NAMED = "own teacher", "named run"
 
 
 def _teacher_model(probe_run: str, dataset: str, models: Dict[str, str]) -> Optional[str]:
-    """The model a teacher run trained: from the store, else from its name (``teacher_<model>_<dataset>_s<seed>_
-    <hash>``, RunConfig.run_name), taking the teacher to have trained on the probing run's dataset."""
-    if probe_run in models:
-        return models[probe_run]
-    hit = re.fullmatch(rf"teacher_(.+)_{re.escape(str(dataset))}_s\d+_[0-9a-f]+", probe_run)
-    return hit.group(1) if hit else None
+    """The model a teacher run trained: from the store, else from its name (the store reads it), taking the teacher
+    to have trained on the probing run's dataset."""
+    return models[probe_run] if probe_run in models else teacher_model_from_name(probe_run, dataset)
 
 
 def _name_probed_teachers(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -436,13 +425,16 @@ def cka_table(records: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """The long CKA table (:data:`CKA_COLUMNS`) of an epoch frame's ``cka/`` and ``cka@`` columns; ``runs`` gives
     each run's teacher run and the models of the teacher runs. ``probe`` says against what: the run's own teacher
     (``teacher_run`` is empty for a teacher from a checkpoint) or a named teacher run."""
-    keys = [c for c in records.columns if CKA_KEY.fullmatch(str(c))]
+    keys = {c: key for c, key in ((c, parse_cka_key(str(c))) for c in records.columns) if key is not None}
     if records.empty or not keys:
         return pd.DataFrame(columns=CKA_COLUMNS)
-    long = records[["run", "epoch"] + keys].melt(id_vars=["run", "epoch"], var_name="key", value_name="cka")
+    long = records[["run", "epoch"] + list(keys)].melt(id_vars=["run", "epoch"], var_name="key", value_name="cka")
     long["cka"] = pd.to_numeric(long["cka"], errors="coerce")
     long = long[np.isfinite(long["cka"].astype(float))]  # a key absent at an epoch, or a probe that failed
-    long = long.join(long.pop("key").str.extract(CKA_KEY))
+    parts = pd.DataFrame([(k.teacher_run, k.kernel, k.teacher_stage, k.student_stage) for k in keys.values()],
+                         index=list(keys), columns=["probe_run", "kernel", "teacher_stage", "student_stage"])
+    key = long.pop("key")
+    long = long.join(parts, on=key)
     ids = runs.set_index("run")[[c for c in CKA_ID if c not in ("run", "probe")]]
     long = long.join(ids, on="run")
     long["probe"] = np.where(long["probe_run"].isna(), OWN, NAMED)

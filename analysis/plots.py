@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from hkdbench.benchmark.core.store import CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO  # noqa: E402
+
 from .collect import OWN, SETTING_KEYS, cka_table, keyed  # noqa: E402
 from .order import BASELINE, REFERENCE, method_of, ordered, palette  # noqa: E402
 from .stats import BOOTSTRAP_RESAMPLES, by_seed, paired_difference  # noqa: E402
@@ -511,9 +513,9 @@ def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
         paths += _save(fig, out_dir, _slug("cka_epochs", kernel, t, "to", s, d, st))
     return paths
 
-_CONFLICT_PANELS = [("conflict/cosine", "cosine(g_task, g_distill)"),
-                    ("conflict/fraction", "fraction of probed steps with cosine < 0"),
-                    ("conflict/norm_ratio", "‖g_distill‖ / ‖g_task‖ (log)")]
+_CONFLICT_PANELS = [(CONFLICT_COSINE, "cosine(g_task, g_distill)"),
+                    (CONFLICT_FRACTION, "fraction of probed steps with cosine < 0"),
+                    (CONFLICT_NORM_RATIO, "‖g_distill‖ / ‖g_task‖ (log)")]
 OUTLIER_RATIO = 100.0  # a norm ratio above this is labelled: the task gradient is then negligible after clipping
 
 
@@ -521,12 +523,12 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
     """Per pair, every probed (run, epoch) value as its own point per method (x jittered by seed, marker by epoch),
     so that equal values stay visible; norm ratios above ``OUTLIER_RATIO`` are labelled with their value."""
     _style()
-    if "conflict/cosine" not in epochs.columns:
+    if CONFLICT_COSINE not in epochs.columns:
         return []
     paths: List[Path] = []
     markers = "os^Dv<>p"
     for (t, s, d, st), g, _ in _pairs(epochs):
-        g = g.dropna(subset=["conflict/cosine"])
+        g = g.dropna(subset=[CONFLICT_COSINE])
         if g.empty:
             continue
         methods = ordered(g["method_label"])
@@ -548,7 +550,7 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
                     dx += (epochs_seen.index(r["epoch"]) - (len(epochs_seen) - 1) / 2) * 0.08
                     ax.plot(x + dx, v, markers[epochs_seen.index(r["epoch"]) % len(markers)], color=pal[m], ms=6,
                             mec="black", mew=0.5, alpha=0.9)
-                    if col == "conflict/norm_ratio" and v > OUTLIER_RATIO:
+                    if col == CONFLICT_NORM_RATIO and v > OUTLIER_RATIO:
                         outliers.append((v, int(r["epoch"])))
                 if outliers:  # one label per method: the range of its outliers and their epochs
                     vs, es = [v for v, _ in outliers], sorted({e for _, e in outliers})
@@ -556,7 +558,7 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
                                 (x, max(vs)), xytext=(12, -12), textcoords="offset points", fontsize=8)
                     outliers = []
             ax.set_xticks(range(len(methods)), methods, rotation=30)
-            ax.set_xlim(-0.6, len(methods) - 0.4 + (1.2 if col == "conflict/norm_ratio" else 0))
+            ax.set_xlim(-0.6, len(methods) - 0.4 + (1.2 if col == CONFLICT_NORM_RATIO else 0))
             ax.set_ylabel(label)
         axes[0].axhline(0, color="black", lw=0.8)
         axes[0].set_ylim(-1.05, 1.05)

@@ -23,9 +23,10 @@ import pandas as pd
 
 from hkdbench import TIME_FORMAT
 from hkdbench.benchmark.core.errors import StoreError
-from hkdbench.benchmark.core.store import SWEEPS_DIR, SweepDir
+from hkdbench.benchmark.core.store import (INVOKED_AT, INVOKED_COMMAND, INVOKED_EXECUTOR, SUBMITTED_AT, SUBMITTED_RUN,
+                                          SWEEP_ID, SWEEP_INVOCATIONS, SWEEP_PRESET, RunStore)
 
-from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed, run_dirs
+from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed
 from .plots import FIGURES, all_plots
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
@@ -65,7 +66,8 @@ def check_readable(runs: pd.DataFrame, runs_dir) -> pd.DataFrame:
     """``runs`` (collect_runs' table), unless it is empty: then a StoreError that says why, raised before anything
     is written (every table and figure would be empty)."""
     if runs.empty:
-        what = "no run whose config.json can be read (see the warnings)" if run_dirs(runs_dir) else "no run directory"
+        what = ("no run whose config.json can be read (see the warnings)" if RunStore(runs_dir).all_runs()
+                else "no run directory")
         raise StoreError(f"run store {runs_dir} holds {what}: nothing to collect, tabulate or plot, and nothing was "
                          "written. Is --runs-dir right?")
     return runs
@@ -135,10 +137,7 @@ def _duration(seconds: float) -> str:
 def read_sweeps(runs_dir) -> List[Dict[str, Any]]:
     """The sweep manifests of a run store (``_sweeps/<id>/sweep.json``) with their submission records."""
     sweeps = []
-    for path in sorted((Path(runs_dir) / SWEEPS_DIR).glob("*")):
-        sweep = SweepDir(path)
-        if not sweep.exists:
-            continue
+    for sweep in RunStore(runs_dir).sweeps():
         try:
             sweeps.append({**sweep.manifest(), "submissions": sweep.submissions()})
         except StoreError as err:
@@ -149,15 +148,16 @@ def read_sweeps(runs_dir) -> List[Dict[str, Any]]:
 def sweep_lines(sweep: Dict[str, Any], runs: pd.DataFrame) -> List[str]:
     """How one sweep was run: its command lines, and the wall time from its first submission to the last
     finish of the runs it submitted."""
-    preset = sweep.get("preset", {})
-    line = f"- sweep `{sweep.get('sweep')}`, preset `{preset.get('name')}`"
+    preset = sweep.get(SWEEP_PRESET, {})
+    line = f"- sweep `{sweep.get(SWEEP_ID)}`, preset `{preset.get('name')}`"
     line += f" ({preset['description']})" if preset.get("description") else ""
-    commands = [i for i in sweep.get("invocations", []) if isinstance(i, dict) and i.get("command")]
+    commands = [i for i in sweep.get(SWEEP_INVOCATIONS, []) if isinstance(i, dict) and i.get(INVOKED_COMMAND)]
     if commands:
-        line += ": " + "; ".join(f"`{i['command']}` ({i.get('executor')}, {i.get('time')})" for i in commands)
-    submitted = {s["run"] for s in sweep["submissions"] if isinstance(s.get("run"), str)}
+        line += ": " + "; ".join(f"`{i[INVOKED_COMMAND]}` ({i.get(INVOKED_EXECUTOR)}, {i.get(INVOKED_AT)})"
+                                 for i in commands)
+    submitted = {s[SUBMITTED_RUN] for s in sweep["submissions"] if isinstance(s.get(SUBMITTED_RUN), str)}
     mine = runs[runs["run"].isin(submitted) & (runs["status"] == "done")]
-    starts = [t for t in (_time(s.get("time")) for s in sweep["submissions"]) if t is not None]
+    starts = [t for t in (_time(s.get(SUBMITTED_AT)) for s in sweep["submissions"]) if t is not None]
     finishes = [_finish_time(r) for _, r in mine.iterrows()]
     ends = [t for t, _ in finishes if t is not None]
     if starts and ends and len(mine) == len(submitted):

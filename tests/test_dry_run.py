@@ -130,7 +130,7 @@ def test_a_cohort_lists_its_teacher_run_then_every_member(fmnist_available, tmp_
     assert [e[0].split(":")[0] for e in entries] == [
         f"1. teacher run {teacher}", entries[1][0].split(":")[0],
         *(f"{i}. student run {_names(overrides, m)[1]}" for i, m in ((3, "kd"), (4, "fitnet")))]
-    assert entries[1][0].startswith("2. student run none_none_to_resnet_mini_fashion-mnist_s0_")
+    assert entries[1][0].startswith("2. student run student_resnet_mini_fashion-mnist_s0_")
     assert f"   CKA-probed against {teacher}" in entries[1]  # the student alone, against the cohort's teacher run
     assert out.splitlines()[-1] == "would train: 1 teacher run, then 3 student runs in one cohort"
     assert not (tmp_path / "runs").exists()

@@ -412,12 +412,12 @@ def test_cohort_speed_rejects_bad_options_before_any_work(capsys):
 
 
 def test_an_overhead_hash_follows_the_identity_rule_and_differs_with_compile():
-    base = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8)
+    base = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8, method_code="v1")
     body = {"kind": "overhead", "teacher": "resnet_mini", "student": "vit_mini", "method": "kd", "batch_size": 8,
             "method_code": "v1", "pipeline": PIPELINE_VERSION}  # every field away from its default, and the code
     body = json.dumps(body, sort_keys=True, separators=(",", ":"))
     assert base.run_hash() == hashlib.sha256(body.encode()).hexdigest()[:12]
-    assert OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8,
+    assert OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=8, method_code="v1",
                           compile=True).run_hash() != base.run_hash()
 
 

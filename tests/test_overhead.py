@@ -6,6 +6,7 @@ import pytest
 
 from hkdbench.analysis.collect import collect_runs
 from hkdbench.benchmark.cli.main import main
+from hkdbench.benchmark.core.store import RunDir, RunStore, run_name
 from hkdbench.benchmark.tools.overhead import run_overhead
 
 PAIR = dict(teacher="resnet_mini", student="vit_mini", batch_size=8, img_size=16, warmup=1, repeats=2,
@@ -42,10 +43,13 @@ def test_stored_as_runs_and_collected(measured):
     runs, results = measured
     dirs = sorted(p for p in Path(runs).iterdir() if p.is_dir())
     assert len(dirs) == 3
+    store = RunStore(runs)
     for d in dirs:
         assert (d / "DONE").exists() and (d / "env.json").exists()
         assert json.loads((d / "config.json").read_text())["kind"] == "overhead"
         assert json.loads((d / "summary.json").read_text())["kind"] == "overhead"
+        cfg = RunDir(d).overhead_config()  # read back through the store, named by its rule
+        assert store.run_dir(cfg).path == d and d.name == run_name(cfg) and cfg.method_code
     table = collect_runs(runs)
     assert set(table["kind"]) == {"overhead"} and set(table["method"]) == {"none", "kd", "fitnet"}
     fit = table[table["method"] == "fitnet"].iloc[0]
@@ -71,7 +75,8 @@ def test_cli(tmp_path, capsys):
 def test_times_the_trainers_own_step(monkeypatch):
     """The benchmark must measure the step training runs (step.TrainStep), not a copy of it."""
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.core.config import OverheadConfig
+    from hkdbench.benchmark.tools.overhead import measure_method
 
     calls = []
     real_step = step.TrainStep.step
@@ -90,7 +95,8 @@ def test_builds_its_step_with_the_trainers_setup(monkeypatch):
     """The benchmark and the trainer share engine.step.setup_training: the method, module, optimiser and scaler
     the benchmark times are built as a training run builds them."""
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.core.config import OverheadConfig
+    from hkdbench.benchmark.tools.overhead import measure_method
 
     built = []
     real_setup = step.setup_training
@@ -136,8 +142,9 @@ def test_method_costs_per_method():
 def test_compile_is_measured_under_its_own_name(monkeypatch):
     """--compile times the compiled step (as train.compile=true) and names the measurement apart; without it the
     name is the one a measurement had before the option."""
+    from hkdbench.benchmark.core.config import OverheadConfig
     from hkdbench.benchmark.engine import step
-    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.tools.overhead import measure_method
 
     monkeypatch.setenv("HKDBENCH_COMPILE_BACKEND", "aot_eager")  # inductor's C++ build is minutes on this machine
     seen = []
@@ -149,10 +156,10 @@ def test_compile_is_measured_under_its_own_name(monkeypatch):
 
     monkeypatch.setattr(step, "setup_training", recording)
     cfg = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", batch_size=4, img_size=16,
-                         num_classes=10, warmup=1, repeats=1, compile=True)
+                         num_classes=10, warmup=1, repeats=1, compile=True, method_code="v1")
     result = measure_method(cfg)
     assert seen == [True] and result["step_time_ms"] > 0
-    plain = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd")
+    plain = OverheadConfig(teacher="resnet_mini", student="vit_mini", method="kd", method_code="v1")
     assert cfg.run_hash() != OverheadConfig(**{**cfg.__dict__, "compile": False}).run_hash()
     assert plain.run_hash() == OverheadConfig(**{**plain.__dict__, "compile": False}).run_hash()
 

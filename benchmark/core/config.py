@@ -8,11 +8,12 @@ import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
 from hkdbench.benchmark.core.errors import HkdbenchError
+from hkdbench.benchmark.core.names import OVERHEAD_KIND, is_teacher_run_name, run_name
 
 
 class ConfigError(HkdbenchError, ValueError):
@@ -398,6 +399,13 @@ class OptimConfig:
 TRACKERS = ("none", "tensorboard", "wandb")
 MAX_SEED = 2 ** 40  # seed * 100003 + epoch must stay within torch.manual_seed's 64 bits
 
+def _not_teacher_runs(names: Sequence[Any]) -> List[Any]:
+    """The items of ``names`` that do not name a teacher run, by the store's naming rule."""
+    if not names:
+        return []
+    return [name for name in names if not isinstance(name, str) or not is_teacher_run_name(name)]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
@@ -434,7 +442,7 @@ class TrainConfig:
             raise ValueError("train.probe_every and train.conflict_every must be >= 0 (0 turns the probe off)")
         if self.probe_images < 4:
             raise ValueError(f"train.probe_images must be >= 4 (unbiased HSIC), got {self.probe_images}")
-        bad = [t for t in self.probe_teachers if not isinstance(t, str) or not t.startswith("teacher_")]
+        bad = _not_teacher_runs(self.probe_teachers)
         if bad:
             raise ValueError(f"train.probe_teachers must name teacher runs (teacher_<model>_<dataset>_s<seed>_<hash>), "
                              f"got {', '.join(map(repr, bad))}")
@@ -524,13 +532,52 @@ class RunConfig:
         return identity_hash(self, pipeline=PIPELINE_VERSION)
 
     def run_name(self) -> str:
-        seed = f"s{self.train.seed}"
-        if self.kind == "teacher":
-            return f"teacher_{self.student.name}_{self.data.dataset}_{seed}_{self.run_hash()}"
-        teacher = self.teacher.name if self.teacher else "none"
-        return f"{self.method}_{teacher}_to_{self.student.name}_{self.data.dataset}_{seed}_{self.run_hash()}"
+        """The run's directory name, by the store's naming rule (core/names.py)."""
+        return run_name(self)
 
 
 def run_config_from_dict(d: Mapping[str, Any]) -> RunConfig:
     """Rebuilds a RunConfig from its stored JSON form."""
     return build_dataclass(RunConfig, d)
+
+
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    """What the overhead benchmark measures of one method on one teacher/student pair, on synthetic data: the config
+    of a run of kind ``'overhead'`` (benchmark/tools/overhead.py)."""
+    kind: ClassVar[str] = OVERHEAD_KIND
+    teacher: str
+    student: str
+    method: str
+    batch_size: int = 32
+    img_size: int = 32
+    num_classes: int = 100
+    in_chans: int = 3
+    warmup: int = 3
+    repeats: int = 10
+    precision: str = "fp32"          # 'fp32', 'bf16', 'fp16' (autocast)
+    optimizer: str = "adamw"
+    device: str = "cpu"
+    seed: int = 0
+    protocol: int = 2                # what is timed; 2: the trainer's TrainStep (1 timed a bare forward/backward)
+    compile: bool = False            # torch.compile of the step's models, as train.compile=true
+    # the measured method's code (methods.method_code), as a training run's: set by the tool that stores the run
+    method_code: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, **to_dict(self)}
+
+    def run_hash(self) -> str:
+        """The one rule of run identities (:func:`identity`: fields away from their defaults, the method's code among
+        them) with the run's kind and the version of the pipeline whose step is timed."""
+        if not self.method_code:
+            raise ValueError(f"the overhead run of {self.method!r} has no method_code: its hash would not say which "
+                             "code was measured")
+        return identity_hash(self, kind=self.kind, pipeline=PIPELINE_VERSION)
+
+
+def overhead_config_from_dict(d: Mapping[str, Any]) -> OverheadConfig:
+    """Rebuilds an OverheadConfig from its stored JSON form (which names its kind)."""
+    return build_dataclass(OverheadConfig, {k: v for k, v in d.items() if k != "kind"})

@@ -1,4 +1,6 @@
-"""The run store: one directory per run, named by the hash of its resolved config.
+"""The run store: one directory per run, named by what it is and the hash of its resolved config
+(:func:`run_name`: ``kd_resnet_mini_to_vit_mini_<dataset>_s0_<hash>``, ``teacher_<model>_...``,
+``student_<model>_...`` for the student alone, ``overhead_<method>_...``).
 
     <runs>/<name>_<hash>/
         config.json      the resolved config (written once; a different config never lands in this directory)
@@ -41,16 +43,75 @@ import subprocess
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from hkdbench.benchmark.core.config import RunConfig, run_config_from_dict
+from hkdbench.benchmark.core.config import OverheadConfig, RunConfig, overhead_config_from_dict, run_config_from_dict
+# The naming rule is core/names.py's (the config names a run through it without importing the store); the store is
+# where every other module gets a name from.
+from hkdbench.benchmark.core.names import (OVERHEAD_KIND, STUDENT_ALONE, TEACHER_RUN,  # noqa: F401
+                                           first_run_name, is_teacher_run_name, legacy_run_names, run_name,
+                                           teacher_model_from_name)
 from hkdbench.benchmark.core.errors import HkdbenchError, StoreError
 
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"
 SUBMITIT_DIR = "_submitit"
 CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
+
+
+def describe_run(config: Dict[str, Any]) -> Dict[str, Any]:
+    """What a run is, from its config.json as any version stored it (:meth:`RunDir.config_record`): its kind, method,
+    teacher and student models, and for a training run its dataset, recipe, seed and epochs."""
+    if config.get("kind") == OVERHEAD_KIND:
+        return {k: config.get(k) for k in ("method", "student", "teacher", "seed")} | {"kind": OVERHEAD_KIND}
+    teacher, train = config.get("teacher") or {}, config.get("train") or {}
+    return {"kind": config.get("kind"), "method": config.get("method"),
+            "teacher": teacher.get("name") if isinstance(teacher, dict) else None,
+            "student": (config.get("student") or {}).get("name"), "dataset": (config.get("data") or {}).get("dataset"),
+            "recipe": config.get("recipe"), "seed": train.get("seed"), "epochs": train.get("epochs")}
+
+
+# -- metric keys -------------------------------------------------------------------------------------------------
+# The keys of metrics.jsonl's records that the engine, the methods and the probes write and the analysis reads.
+LOSS_PREFIX = "loss/"          # loss/<term>: a loss term of the method (summed into the training loss)
+STAT_PREFIX = "stat/"          # stat/<name>: a statistic the method logs
+CONFLICT_PREFIX = "conflict/"  # conflict/<value>: the gradient-conflict probe (probes/hooks.py), per epoch
+CONFLICT_COSINE = CONFLICT_PREFIX + "cosine"          # mean cosine(g_task, g_distill) over the measured steps
+CONFLICT_FRACTION = CONFLICT_PREFIX + "fraction"      # share of measured steps with a negative cosine
+CONFLICT_NORM_RATIO = CONFLICT_PREFIX + "norm_ratio"  # mean ||g_distill|| / ||g_task||
+# cka/<kernel>/t{i}_s{j}: CKA of teacher stage i and student stage j against the run's own teacher;
+# cka@<teacher run>/<kernel>/t{i}_s{j}: the same against a named teacher run (train.probe_teachers of a student alone)
+OWN_CKA = "cka"
+NAMED_CKA = "cka@"
+_CKA_KEY = re.compile(rf"{OWN_CKA}(?:{NAMED_CKA[-1]}(?P<teacher_run>[^/]+))?/(?P<kernel>[^/]+)"
+                      r"/t(?P<teacher_stage>\d+)_s(?P<student_stage>\d+)")
+
+
+def cka_prefix(teacher_run: Optional[str] = None) -> str:
+    """The prefix of the CKA keys against the run's own teacher, or against the teacher run named ``teacher_run``."""
+    return OWN_CKA if teacher_run is None else f"{NAMED_CKA}{teacher_run}"
+
+
+def cka_key(prefix: str, kernel: str, teacher_stage: int, student_stage: int) -> str:
+    return f"{prefix}/{kernel}/t{teacher_stage}_s{student_stage}"
+
+
+@dataclass(frozen=True)
+class CkaKey:
+    teacher_run: Optional[str]  # None: the run's own teacher
+    kernel: str
+    teacher_stage: int
+    student_stage: int
+
+
+def parse_cka_key(key: str) -> Optional[CkaKey]:
+    """What a CKA key of metrics.jsonl measured; None for any other key."""
+    hit = _CKA_KEY.fullmatch(key)
+    if hit is None:
+        return None
+    return CkaKey(hit["teacher_run"], hit["kernel"], int(hit["teacher_stage"]), int(hit["student_stage"]))
 
 
 def runs_root(path: Optional[str] = None) -> Path:
@@ -355,27 +416,45 @@ class RunDir:
         return "pending"
 
     def config(self) -> RunConfig:
-        """The run's config; a config.json this version cannot read as one is named, with what to do."""
-        body = self._stored_config()
-        try:
-            return run_config_from_dict(body)
-        except HkdbenchError as err:
-            raise StoreError(f"{self.config_file} does not hold a run config ({err.message()}); {_MOVE_IT}") from None
+        """A training run's config; a config.json this version cannot read as one is named, with what to do."""
+        return self._typed_config(run_config_from_dict, overhead=False)
 
-    def _stored_config(self) -> Dict[str, Any]:
-        """config.json as a dict; a damaged one is named, with what to do."""
+    def overhead_config(self) -> OverheadConfig:
+        """An overhead measurement's config (benchmark/tools/overhead.py), read as :meth:`config` reads a run's."""
+        return self._typed_config(overhead_config_from_dict, overhead=True)
+
+    def _typed_config(self, build: Callable[[Dict[str, Any]], Any], overhead: bool) -> Any:
+        body = self.config_record()
+        what = "an overhead config" if overhead else "a run config"
+        if (body.get("kind") == OVERHEAD_KIND) != overhead:
+            other = "a training run's" if overhead else "an overhead measurement's (no weights, no epochs)"
+            raise StoreError(f"{self.config_file} holds {other} config, not {what}")
+        try:
+            return build(body)
+        except HkdbenchError as err:
+            raise StoreError(f"{self.config_file} does not hold {what} ({err.message()}); {_MOVE_IT}") from None
+
+    def config_record(self) -> Dict[str, Any]:
+        """config.json as stored, whatever version of hkdbench wrote it (the analysis reads every run's, also of
+        fields this version does not know); a damaged one is named, with what to do."""
         try:
             body = loads(self.config_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}") from None
+            raise DamagedRunFileError(f"{self.config_file} is not valid JSON ({err}); {_MOVE_IT}",
+                                      NOT_JSON) from None
         if not isinstance(body, dict):
-            raise StoreError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; {_MOVE_IT}")
+            raise DamagedRunFileError(f"{self.config_file} holds a JSON {type(body).__name__}, not a run config; "
+                                      f"{_MOVE_IT}", NOT_AN_OBJECT)
         return body
 
     def summary(self) -> Dict[str, Any]:
         """summary.json; a damaged one is named, with what to do."""
         return _read_record(self.summary_file, "the run's result: train it again with --restart, or put back a "
                                                "good copy")
+
+    def env(self) -> Dict[str, Any]:
+        """env.json: the versions, git sha, device and world size the run ran with (engine/environment.py)."""
+        return _read_record(self.env_file, "the run's hardware and versions: put back a good copy")
 
     def failure(self) -> Dict[str, Any]:
         """FAILED: the reason and details of a failed run."""
@@ -433,6 +512,14 @@ class RunDir:
             self.failed_file.unlink()
         atomic_write_bytes(self.done_file, b"")
 
+    def store_measurement(self, cfg: OverheadConfig, env: Dict[str, Any], summary: Dict[str, Any]) -> None:
+        """A finished measurement run (the overhead benchmark's, under the run's lock): its config, environment
+        and result, replacing an earlier measurement of the same config."""
+        self.reset()
+        atomic_write_json(self.config_file, cfg.to_dict())
+        atomic_write_json(self.env_file, env)
+        self.mark_done(summary)
+
     def reset(self) -> None:
         """Forgets the run's progress (``--restart``); keeps config.json."""
         kept = [self.path / name for name in WEIGHTS_FILES.values()]
@@ -482,21 +569,41 @@ class RunLockedError(HkdbenchError, RuntimeError):
 _MOVE_IT = "the run directory is damaged: move it away (or delete it) and run again"
 
 
+# The fields of a sweep's records, written by the sweep (sweep/dispatch.py) and read by `hkdbench status|report
+# <sweep>` and the report's provenance. sweep.json: the sweep's id, its preset, its run store, one entry per `hkdbench
+# sweep` that submitted it (when, with which executor and command line, in cohorts or not) and its runs (each with its
+# name, kind, the teacher run it needs, the grid cells it serves and its config). submissions.jsonl: one line per run a
+# job trained, the job's record with the run's directory name and the time.
+SWEEP_ID, SWEEP_PRESET, SWEEP_RUNS_DIR = "sweep", "preset", "runs_dir"
+SWEEP_INVOCATIONS, SWEEP_RUNS = "invocations", "runs"
+INVOKED_AT, INVOKED_EXECUTOR, INVOKED_COMMAND, INVOKED_COHORT = "time", "executor", "command", "cohort"
+RUN_NAME, RUN_KIND, RUN_TEACHER_RUN, RUN_CELLS, RUN_CONFIG = "name", "kind", "teacher_run", "cells", "config"
+SUBMITTED_RUN, SUBMITTED_AT = "run", "time"
+
+
 def _manifest_problem(body: Any) -> str:
     """What is wrong with the fields a sweep.json holds ('' when nothing; each reader needs only some of them)."""
     if not isinstance(body, dict):
         return f"a JSON {type(body).__name__}, not an object"
-    runs = body.get("runs", [])
-    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("config"), dict)
-                                             and isinstance(r.get("kind"), str) for r in runs):
-        return "its 'runs' are not a list of runs, each with its 'kind' and 'config'"
-    if not isinstance(body.get("invocations", []), list):
-        return "its 'invocations' are not a list"
+    runs = body.get(SWEEP_RUNS, [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get(RUN_CONFIG), dict)
+                                             and isinstance(r.get(RUN_KIND), str) for r in runs):
+        return f"its '{SWEEP_RUNS}' are not a list of runs, each with its '{RUN_KIND}' and '{RUN_CONFIG}'"
+    if not isinstance(body.get(SWEEP_INVOCATIONS, []), list):
+        return f"its '{SWEEP_INVOCATIONS}' are not a list"
     return ""
 
 
+NOT_JSON, NOT_AN_OBJECT = "not valid JSON", "not a JSON object"  # what is wrong with a damaged record, in brief
+
+
 class DamagedRunFileError(StoreError, ValueError):
-    """A file of a run directory exists but does not hold what the store wrote there."""
+    """A file of a run directory exists but does not hold what the store wrote there; ``why`` says what is wrong in
+    brief (:data:`NOT_JSON`, :data:`NOT_AN_OBJECT`), for a reader that names the file in words of its own."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 def _read_record(path: Path, what: str) -> Dict[str, Any]:
@@ -504,10 +611,10 @@ def _read_record(path: Path, what: str) -> Dict[str, Any]:
     try:
         record = loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise DamagedRunFileError(f"{path} is damaged (not valid JSON: {err}); it holds {what}") from None
+        raise DamagedRunFileError(f"{path} is damaged ({NOT_JSON}: {err}); it holds {what}", NOT_JSON) from None
     if not isinstance(record, dict):
         raise DamagedRunFileError(f"{path} is damaged (a JSON {type(record).__name__}, not an object); it holds "
-                                  f"{what}")
+                                  f"{what}", NOT_AN_OBJECT)
     return record
 
 
@@ -516,16 +623,35 @@ class RunStore:
         what = "--runs-dir" if root else "HKDBENCH_RUNS" if os.environ.get("HKDBENCH_RUNS") else "the run store"
         self.root = check_folder(runs_root(str(root) if root else None), what)
 
-    def run_dir(self, cfg: RunConfig) -> RunDir:
-        return RunDir(self.root / cfg.run_name())
+    def run_dir(self, cfg: RunConfig | OverheadConfig) -> RunDir:
+        """The run's directory: under its name, or under the name an earlier version gave it where the run is
+        stored there (:func:`legacy_run_names`), so that a finished run is found and not trained again."""
+        named = RunDir(self.root / run_name(cfg))
+        if named.config_file.exists():
+            return named
+        stored = (RunDir(self.root / name) for name in legacy_run_names(cfg))
+        return next((rd for rd in stored if rd.config_file.exists()), named)
 
     def runs(self) -> List[RunDir]:
         if not self.root.is_dir():
             return []
         return [RunDir(p) for p in sorted(self.root.iterdir()) if (p / CONFIG_FILE).exists()]
 
+    def all_runs(self) -> List[RunDir]:
+        """Every run directory under the root at any depth (stores copied side by side under one folder), sorted;
+        the root must exist. A folder whose name starts with '.' (a temp copy) holds none."""
+        if not self.root.is_dir():
+            raise StoreError(f"run store {str(self.root)!r} does not exist (--runs-dir, or HKDBENCH_RUNS)")
+        found = sorted(p.parent for p in self.root.rglob(CONFIG_FILE) if not p.parent.name.startswith("."))
+        return [RunDir(path) for path in found]
+
     def sweep_dir(self, sweep_id: str) -> "SweepDir":
         return SweepDir(self.root / SWEEPS_DIR / sweep_id)
+
+    def sweeps(self) -> List["SweepDir"]:
+        """The store's sweeps that have a manifest, by id."""
+        found = (SweepDir(path) for path in sorted((self.root / SWEEPS_DIR).glob("*")))
+        return [sweep for sweep in found if sweep.exists]
 
     @property
     def submitit_folder(self) -> Path:
@@ -546,8 +672,8 @@ class SweepDir:
         return self.manifest_file.exists()
 
     def manifest(self) -> Dict[str, Any]:
-        """sweep.json: ``sweep`` (id), ``preset``, ``runs_dir``, ``invocations`` (time, executor, command) and
-        ``runs`` (name, kind, teacher_run, cells, config); a file without them is named as damaged."""
+        """sweep.json: the sweep's id, preset, run store, invocations and runs (the fields :data:`SWEEP_ID` and those
+        beside it); a file without them is named as damaged."""
         try:
             body = loads(self.manifest_file.read_text())
         except (ValueError, UnicodeDecodeError) as err:

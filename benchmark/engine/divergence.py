@@ -7,13 +7,15 @@ from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
 import torch
 
+from hkdbench.benchmark.core.store import LOSS_PREFIX
+
 # the values of an epoch record that a diverged run makes non-finite (accuracies are counts: always finite)
 _LOSSES = ("train_loss", "eval_loss")
 
 
 def nonfinite_losses(record: Mapping[str, Any]) -> Dict[str, float]:
     """The loss values of an epoch record (``train_loss``, ``eval_loss``, ``loss/<term>``) that are NaN or infinite."""
-    return {k: v for k, v in record.items() if (k in _LOSSES or k.startswith("loss/"))
+    return {k: v for k, v in record.items() if (k in _LOSSES or k.startswith(LOSS_PREFIX))
             and isinstance(v, (int, float)) and not math.isfinite(v)}
 
 

@@ -26,6 +26,7 @@ from hkdbench.benchmark.engine.seeding import epoch_seed, rng_state, seed_everyt
 from hkdbench.benchmark.engine.teacher import teacher_provenance
 from hkdbench.benchmark.models.taps import Features
 from hkdbench.benchmark.models.zoo import zoo_entry
+from hkdbench.benchmark.core.store import LOSS_PREFIX
 
 TeacherFor = Callable[[RunConfig, object], Tuple[object, Optional[float]]]
 
@@ -171,7 +172,7 @@ class CohortLoop:
         """Each member's step added to its epoch, or the member FAILED where its loss is not finite on some rank:
         decided by every rank together after the cohort's step, so that all ranks fail the same members at the same
         step and keep pairing the same members' collectives."""
-        totals = [sum(v for k, v in values.items() if k.startswith("loss/")) for values, _, _ in outcomes]
+        totals = [sum(v for k, v in values.items() if k.startswith(LOSS_PREFIX)) for values, _, _ in outcomes]
         diverged_on = self._first_rank([not math.isfinite(total) for total in totals])
         for m, (values, correct, seconds), total, rank in zip(active, outcomes, totals, diverged_on):
             if rank is not None:
@@ -195,7 +196,7 @@ class CohortLoop:
 
     def _fail_diverged(self, m: Member, epoch: int, step: int, values: Dict[str, float], rank: int) -> None:
         values, where = self._on_rank(values, rank, f"at epoch {epoch + 1}, step {step}")
-        terms = {k[5:]: v for k, v in values.items() if k.startswith("loss/")}
+        terms = {k[len(LOSS_PREFIX):]: v for k, v in values.items() if k.startswith(LOSS_PREFIX)}
         reason = f"non-finite loss {where}: " + ", ".join(f"{k}={v}" for k, v in terms.items())
         self.runs.fail(m, reason, epoch=epoch + 1, step=step, losses=terms)
 

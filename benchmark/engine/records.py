@@ -16,6 +16,7 @@ from hkdbench.benchmark.core.store import RunDir, atomic_replace, timestamp
 from hkdbench.benchmark.engine.member import Member
 from hkdbench.benchmark.engine.seeding import rng_state
 from hkdbench.benchmark.models.zoo import zoo_entry
+from hkdbench.benchmark.core.store import LOSS_PREFIX
 
 
 class CheckpointError(HkdbenchError, RuntimeError):
@@ -193,7 +194,7 @@ def epoch_record(epoch: int, sums: EpochSums, lr: float, world_size: int, distri
         correct, images = reduced[-2], reduced[-1]
     record.update(means)
     record["lr"] = lr
-    record["train_loss"] = sum(v for k, v in means.items() if k.startswith("loss/"))
+    record["train_loss"] = sum(v for k, v in means.items() if k.startswith(LOSS_PREFIX))
     record["train_top1"] = 100.0 * correct / max(images, 1)
     record["epoch_time_s"] = sums.seconds
     record["images_per_s"] = sums.images / max(sums.seconds, 1e-9)
@@ -220,7 +221,7 @@ def best_record(history: List[Dict[str, Any]], key: str = "top1") -> Optional[Di
 
 def format_epoch(r: Dict[str, Any], epochs: int) -> str:
     """The epoch's log line."""
-    terms = " ".join(f"{k[5:]}={v:.4f}" for k, v in r.items() if k.startswith("loss/"))
+    terms = " ".join(f"{k[len(LOSS_PREFIX):]}={v:.4f}" for k, v in r.items() if k.startswith(LOSS_PREFIX))
     acc = f" top1={r['top1']:.2f} top5={r['top5']:.2f}" if "top1" in r else ""
     ema = f" ema_top1={r['ema_top1']:.2f}" if "ema_top1" in r else ""
     return (f"epoch {r['epoch']}/{epochs} {terms}{acc}{ema} lr={r['lr']:.2e} "

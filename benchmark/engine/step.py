@@ -15,6 +15,7 @@ import torch.nn as nn
 from hkdbench.methods import Distiller, Targets, TrainingSet, get_method, method_config
 
 from hkdbench.benchmark.core.config import OptimConfig, RunConfig
+from hkdbench.benchmark.core.store import LOSS_PREFIX, STAT_PREFIX
 from hkdbench.benchmark.data.stream import Batch
 from hkdbench.benchmark.models.taps import Features, TappedModel
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, is_fused
@@ -190,8 +191,8 @@ class TrainStep:
         """The step's loss terms, the method's statistics and the correct count in one device-to-host transfer:
         the step's one synchronisation (the trainer checks the host values for divergence). Packed in float64,
         which holds each float32 value (and the count) exactly: the floats ``.item()`` gave term by term."""
-        values = {f"loss/{k}": v.detach().float() for k, v in losses.items()}  # as logged before: float32
-        values.update({f"stat/{k}": v for k, v in self.method.statistics().items()})
+        values = {f"{LOSS_PREFIX}{k}": v.detach().float() for k, v in losses.items()}  # as logged before: float32
+        values.update({f"{STAT_PREFIX}{k}": v for k, v in self.method.statistics().items()})
         values["correct"] = correct
         packed = torch.stack([torch.as_tensor(v, device=self.device).detach().reshape(()).to(torch.float64)
                               for v in values.values()])

@@ -48,6 +48,7 @@ import torch
 
 from hkdbench.benchmark.models.taps import LAYOUTS, STAGES
 from hkdbench.benchmark.probes.base import Probe, ProbedRun
+from hkdbench.benchmark.core.store import cka_key, cka_prefix
 
 KERNELS = ("linear", "rbf")
 POOLS = ("none", "mean")
@@ -378,7 +379,7 @@ def probe_set(loader, n_images: int, batch_size: int) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: str = "linear",
-               autocast=None, channels_last: bool = False, prefix: str = "cka") -> Dict[str, float]:
+               autocast=None, channels_last: bool = False, prefix: str = cka_prefix()) -> Dict[str, float]:
     """``{'<prefix>/<kernel>/t{i}_s{j}': value}`` for all stage pairs, both models in eval mode (restored after)."""
     acc = CKAAccumulator.for_models(teacher, student, STAGES, STAGES, kernel=kernel)
     modes = (teacher.training, student.training)
@@ -397,7 +398,7 @@ def cka_matrix(teacher, student, batches: List[torch.Tensor], device, kernel: st
     finally:
         teacher.train(modes[0])
         student.train(modes[1])
-    return {f"{prefix}/{kernel}/t{t}_s{s}": (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
+    return {cka_key(prefix, kernel, t, s): (None if math.isnan(v) else v) for (t, s), v in acc.as_dict().items()}
 
 
 class CKAProbe(Probe):
@@ -418,8 +419,8 @@ class CKAProbe(Probe):
         t = run.cfg.train
         self.every, self.kernel = t.probe_every, t.probe_kernel
         # key prefix -> teacher: the run's own teacher, or the teacher runs a run without one is probed against
-        self.references = {"cka": run.teacher} if run.teacher is not None else {
-            f"cka@{name}": model for name, model in (run.probe_teachers or {}).items()}
+        self.references = {cka_prefix(): run.teacher} if run.teacher is not None else {
+            cka_prefix(name): model for name, model in (run.probe_teachers or {}).items()}
         self.batches: Optional[List[torch.Tensor]] = None
         if self.references and run.is_main:
             self.batches = probe_set(run.test_loader, t.probe_images,

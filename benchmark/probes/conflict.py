@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from hkdbench.benchmark.probes.base import Probe, ProbedRun
 from hkdbench.methods.base import TASK_LOSS
+from hkdbench.benchmark.core.store import CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO, CONFLICT_PREFIX
 
 BLOCK_NAMES = ("stem", "stage1", "stage2", "stage3", "stage4", "head")
 
@@ -302,9 +303,10 @@ class ConflictProbe(Probe):
         if not len(self.tracker):
             return {}
         s = self.tracker.epoch_summary()
-        out = {"conflict/cosine": s["mean_cosine"], "conflict/norm_ratio": s["mean_norm_ratio"],
-               "conflict/fraction": s["conflict_fraction"], "conflict/steps": s["steps"],
-               "conflict/task_norm": s["mean_task_norm"], "conflict/distill_norm": s["mean_distill_norm"]}
-        out.update({f"conflict/block/{b}": v for b, v in s["block_mean_cosine"].items()})
-        out.update({f"conflict/block_fraction/{b}": v for b, v in s["block_conflict_fraction"].items()})
+        out = {CONFLICT_COSINE: s["mean_cosine"], CONFLICT_NORM_RATIO: s["mean_norm_ratio"],
+               CONFLICT_FRACTION: s["conflict_fraction"], CONFLICT_PREFIX + "steps": s["steps"],
+               CONFLICT_PREFIX + "task_norm": s["mean_task_norm"],
+               CONFLICT_PREFIX + "distill_norm": s["mean_distill_norm"]}
+        out.update({f"{CONFLICT_PREFIX}block/{b}": v for b, v in s["block_mean_cosine"].items()})
+        out.update({f"{CONFLICT_PREFIX}block_fraction/{b}": v for b, v in s["block_conflict_fraction"].items()})
         return out

@@ -16,7 +16,10 @@ import time
 from typing import List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.config import ConfigError
-from hkdbench.benchmark.core.store import RunStore, append_jsonl, timestamp
+from hkdbench.benchmark.core.store import (INVOKED_AT, INVOKED_COHORT, INVOKED_COMMAND, INVOKED_EXECUTOR, RUN_CELLS,
+                                           RUN_CONFIG, RUN_KIND, RUN_NAME, RUN_TEACHER_RUN, SUBMITTED_AT, SUBMITTED_RUN,
+                                           SWEEP_ID, SWEEP_INVOCATIONS, SWEEP_PRESET, SWEEP_RUNS, SWEEP_RUNS_DIR,
+                                           RunStore, append_jsonl, timestamp)
 from hkdbench.benchmark.sweep.executors import get_executor
 from hkdbench.benchmark.sweep.executors.base import SubmitOptions, SweepResult
 from hkdbench.benchmark.sweep.job import RunJob
@@ -59,15 +62,15 @@ class Sweep:
         with which command line the sweep was invoked (the report's provenance)."""
         from hkdbench.benchmark.core.config import to_dict
 
-        invocations = self.records.manifest().get("invocations", []) if self.records.exists else []
+        invocations = self.records.manifest().get(SWEEP_INVOCATIONS, []) if self.records.exists else []
         if executor is not None:
-            invocations.append({"time": timestamp(), "executor": executor, "command": command,
-                                "cohort": self.cohort})
-        body = {"sweep": self.plan.sweep_id(), "preset": to_dict(self.preset), "runs_dir": str(self.root),
-                "invocations": invocations,
-                "runs": [{"name": r.name, "kind": r.kind, "teacher_run": r.teacher_run,
-                          "cells": [list(c) for c in r.cells], "config": r.cfg.to_dict()}
-                         for r in self.plan.runs]}
+            invocations.append({INVOKED_AT: timestamp(), INVOKED_EXECUTOR: executor, INVOKED_COMMAND: command,
+                                INVOKED_COHORT: self.cohort})
+        body = {SWEEP_ID: self.plan.sweep_id(), SWEEP_PRESET: to_dict(self.preset), SWEEP_RUNS_DIR: str(self.root),
+                SWEEP_INVOCATIONS: invocations,
+                SWEEP_RUNS: [{RUN_NAME: r.name, RUN_KIND: r.kind, RUN_TEACHER_RUN: r.teacher_run,
+                              RUN_CELLS: [list(c) for c in r.cells], RUN_CONFIG: r.cfg.to_dict()}
+                             for r in self.plan.runs]}
         self.records.write_manifest(body)
 
     def dry_run(self, executor: str, retry_failed: bool = False) -> None:
@@ -147,14 +150,14 @@ class Sweep:
     def record(self, cohort: Cohort, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
         """The job's line in each of its runs' ``jobs.jsonl`` and in the sweep's ``submissions.jsonl``."""
         record = {"job_id": job_id, "executor": executor, "sweep": self.plan.sweep_id(), "stdout": stdout,
-                  "stderr": stderr, "folder": str(self.folder), "time": timestamp()}
+                  "stderr": stderr, "folder": str(self.folder), SUBMITTED_AT: timestamp()}
         if cohort.grouped:
             record["cohort"] = cohort.record()
         for spec in cohort.specs:
             rd = self.store.run_dir(spec.cfg)
             rd.claim(spec.cfg)
             append_jsonl(rd.jobs_file, record)
-            self.records.record_submission({**record, "run": spec.name})
+            self.records.record_submission({**record, SUBMITTED_RUN: rd.path.name})  # as the report finds it
 
     def untaken(self, cohort: Cohort, prefix: str = "") -> Optional[Cohort]:
         """The cohort less the runs :meth:`taken` (each one said, after ``prefix``); None when none is left."""

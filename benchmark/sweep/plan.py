@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.config import ConfigError, RunConfig, deep_merge, flatten
+from hkdbench.benchmark.core.store import first_run_name
 from hkdbench.benchmark.sweep.preset import Preset
 
 
@@ -42,7 +43,7 @@ class SweepPlan:
         return self.teachers + self.students
 
     def digest(self) -> str:
-        names = sorted(r.name for r in self.runs)
+        names = sorted(first_run_name(r.cfg) for r in self.runs)
         return hashlib.sha256("\n".join(names).encode()).hexdigest()[:10]
 
     def sweep_id(self) -> str:

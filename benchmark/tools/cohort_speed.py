@@ -220,7 +220,8 @@ def step_parts(setting: PairSetting, cfgs, device, repeats: int = 3) -> Dict[str
     from hkdbench.methods import get_method
 
     from hkdbench.benchmark.engine.evaluation import autocast_dtype, use_channels_last
-    from hkdbench.benchmark.tools.overhead import OverheadConfig, measure_method
+    from hkdbench.benchmark.core.config import OverheadConfig
+    from hkdbench.benchmark.tools.overhead import measure_method
 
     dtype = autocast_dtype(cfgs[0].train.precision, device)
     channels_last = use_channels_last(cfgs[0].train.channels_last, device)

@@ -173,7 +173,8 @@ def part_overhead(out: Path, device: Optional[str], teacher: str, student: str, 
     import torch
 
     from hkdbench.benchmark.engine.evaluation import select_device
-    from hkdbench.benchmark.tools.overhead import OverheadConfig, add_ratios, measure_method
+    from hkdbench.benchmark.core.config import OverheadConfig
+    from hkdbench.benchmark.tools.overhead import add_ratios, measure_method
 
     dev = select_device(device)
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,

@@ -18,9 +18,10 @@ For every method, in one process (so the numbers are comparable), on synthetic i
 * **extra parameters**: the method's own trainable parameters (``Distiller.extra_parameter_count``).
 
 Each value also as a ratio to the student trained alone (method ``none``) and to ``kd``. Each method's result is
-stored as a run of kind ``'overhead'`` in the run store (``config.json``, ``env.json``, ``summary.json``,
-``DONE``), named by the hash of its measurement config, so ``hkdbench collect`` picks it up with the training
-runs. Teachers and students have random weights: cost does not depend on them.
+stored through the run store as a run of kind ``'overhead'`` (``RunDir.store_measurement``: config, environment,
+summary, DONE), named by the store's rule from its :class:`~hkdbench.benchmark.core.config.OverheadConfig`, which
+``RunDir.overhead_config()`` reads back; ``hkdbench collect`` picks it up with the training runs. Teachers and
+students have random weights: cost does not depend on them.
 
 :func:`method_costs` is the quick static counterpart (``hkdbench methods --pair``): each method built on the pair,
 nothing run, its extra parameters, the training memory they add and its buffers.
@@ -31,48 +32,18 @@ import ctypes
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.core.config import PIPELINE_VERSION, ConfigError, identity_hash
+from hkdbench.benchmark.core.config import ConfigError, OverheadConfig
+from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.engine.environment import environment
-from hkdbench.benchmark.core.store import RunDir, RunStore, atomic_write_json
 
 BASELINES = ("none", "kd")
-
-
-@dataclass(frozen=True)
-class OverheadConfig:
-    teacher: str
-    student: str
-    method: str
-    batch_size: int = 32
-    img_size: int = 32
-    num_classes: int = 100
-    in_chans: int = 3
-    warmup: int = 3
-    repeats: int = 10
-    precision: str = "fp32"          # 'fp32', 'bf16', 'fp16' (autocast)
-    optimizer: str = "adamw"
-    device: str = "cpu"
-    seed: int = 0
-    protocol: int = 2                # what is timed; 2: the trainer's TrainStep (1 timed a bare forward/backward)
-    compile: bool = False            # torch.compile of the step's models, as train.compile=true
-
-    def run_hash(self) -> str:
-        """The one rule of run identities (config.identity: fields away from their defaults), with the code of the
-        method and of the pipeline whose step is timed."""
-        from hkdbench.methods import method_code
-
-        return identity_hash(self, kind="overhead", method_code=method_code(self.method), pipeline=PIPELINE_VERSION)
-
-    def run_name(self) -> str:
-        return (f"overhead_{self.method}_{self.teacher}_to_{self.student}_b{self.batch_size}_{self.img_size}px_"
-                f"{torch.device(self.device).type}_{self.run_hash()}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,8 +216,10 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     """Measures every method (default: all registered) and stores one ``overhead`` run per method. ``precision``
     'auto' (the default) times the step training runs on the device: ``train.precision``'s 'auto' as training
     resolves it (bf16 on a GPU that has it, fp16 on one without, fp32 on a CPU); the run records the resolved name."""
-    from hkdbench.benchmark.models.zoo import zoo_entry
+    from hkdbench.methods import method_code
+
     from hkdbench.benchmark.engine.evaluation import autocast_dtype, select_device
+    from hkdbench.benchmark.models.zoo import zoo_entry
 
     ordered = _methods_in_order(teacher, student, methods)
     if img_size is None:
@@ -261,9 +234,9 @@ def run_overhead(teacher: str, student: str, methods: Optional[Sequence[str]] = 
     base = OverheadConfig(teacher=teacher, student=student, method="none", batch_size=batch_size,
                           img_size=img_size, num_classes=num_classes, warmup=warmup, repeats=repeats,
                           precision=precision, device=str(dev), compile=compile)
-    configs = {name: replace(base, method=name) for name in ordered}
+    configs = {name: replace(base, method=name, method_code=method_code(name)) for name in ordered}
     store = RunStore(runs_dir)
-    planned = [RunDir(store.root / cfg.run_name()) for cfg in configs.values()]
+    planned = [store.run_dir(cfg) for cfg in configs.values()]
     if not restart and all(rd.is_done for rd in planned):
         for rd in planned:
             echo(f"{rd.path.name}: already done (pass --restart to measure again)")
@@ -309,24 +282,21 @@ def _store_result(store: RunStore, cfg: OverheadConfig, result: Dict[str, Any], 
 
     from hkdbench.benchmark.models.zoo import zoo_entry
 
-    rd = RunDir(store.root / cfg.run_name())
+    rd = store.run_dir(cfg)
     if rd.is_done and not restart:
         echo(f"{rd.path.name}: already done, kept (pass --restart to store the new measurement)")
         return
     uses_teacher = get_method(cfg.method).uses_teacher
     rd.path.mkdir(parents=True, exist_ok=True)
     with rd.lock():
-        rd.reset()
-        atomic_write_json(rd.config_file, {"kind": "overhead", **asdict(cfg)})
-        atomic_write_json(rd.env_file, env)
-        summary = {"run": rd.path.name, "hash": cfg.run_hash(), "kind": "overhead", "method": cfg.method,
+        summary = {"run": rd.path.name, "hash": cfg.run_hash(), "kind": cfg.kind, "method": cfg.method,
                    "teacher": cfg.teacher if uses_teacher else None, "student": cfg.student,
                    "teacher_family": zoo_entry(cfg.teacher).family if uses_teacher else None,
                    "student_family": zoo_entry(cfg.student).family, "dataset": "synthetic",
                    "overhead_teacher": cfg.teacher, "batch_size": cfg.batch_size, "img_size": cfg.img_size,
                    "num_classes": cfg.num_classes, "precision": cfg.precision, "warmup": cfg.warmup,
                    "repeats": cfg.repeats, "device": cfg.device, **result}
-        rd.mark_done(summary)
+        rd.store_measurement(cfg, env, summary)
 
 
 def method_costs(teacher: str, student: str, num_classes: int) -> Dict[str, Any]:
