@@ -118,7 +118,8 @@ class CohortLoop:
         start = min(m.state["step"] for m in members)
         world_size = self.runs.world_size
         try:
-            for step, batch in stream.batches(epoch, start):
+            batches = stream.lookahead(epoch, start)  # each step draws the next batch before its host read
+            for step, batch in batches:
                 active = [m for m in members if m.trains_at(epoch, step)]
                 tic = time.perf_counter()
                 shared, users = self._teacher_pass(active, teacher, batch)
@@ -126,12 +127,12 @@ class CohortLoop:
                 for m in active:
                     tic = time.perf_counter()
                     with self._rng_of(m):
-                        values, correct = m.ctx.step(batch, epoch, step, shared)
+                        values, correct = m.ctx.step(batch, epoch, step, shared, before_read=batches.draw_next)
                     total = sum(v for k, v in values.items() if k.startswith("loss/"))
                     if not math.isfinite(total):
                         self._fail_diverged(m, epoch, step, values)
                         continue
-                    seconds = time.perf_counter() - tic + (share if m in users else 0.0)
+                    seconds = time.perf_counter() - tic - batches.take_draw_seconds() + (share if m in users else 0.0)
                     m.sums.add(values, batch.labels.shape[0] * world_size, correct, seconds)
                     m.state["step"] = step + 1
                     m.progress.update(total, values["lr"], batch.labels.shape[0] * world_size)
