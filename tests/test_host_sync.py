@@ -5,6 +5,7 @@ On the CPU the reads that would synchronise on a GPU are counted by patching tor
 (``benchmark/tools/host_sync.py``; on CUDA the same function counts torch's own sync warnings). The one read
 allowed in a step is its packed transfer of its losses, statistics and correct count."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -167,3 +168,18 @@ def test_the_cifar_vit_stream_draws_batches_on_a_device_whose_values_cannot_be_r
     stream = _cifar_vit_stream(torch.device("meta"))
     for _, batch in itertools.islice(stream.batches(epoch=0), 3):
         assert batch.images.device.type == "meta" and batch.targets.soft.shape == (32, 10)
+
+
+def test_the_stream_speed_tool_times_each_contender_and_counts_the_streams_syncs(fmnist_available, tmp_path):
+    """benchmark/tools/stream_speed.py end to end at a tiny size (what it measures is not asserted: no timing in
+    tests), its JSON and its report."""
+    from hkdbench.benchmark.tools import stream_speed
+
+    out = tmp_path / "speed.json"
+    stream_speed.main(["--device", "cpu", "--img-size", "16", "--batch-size", "8", "--steps", "2", "--repeats", "2",
+                       "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) == set(stream_speed.CONTENDERS)
+    assert all(len(rates) == 2 and min(rates) > 0 for rates in result["images_per_s"].values())
+    assert result["stream_host_syncs_per_batch"] == 0 and result["precision"] == "float32"
+    assert result["overlap_over_serial"] > 0 and result["serial_over_parts"] > 0

@@ -17,8 +17,11 @@ img_size / crop_pct + center crop. ``small`` keeps the native resolution (padded
 Datasets that fit in memory take the fast path: the whole split is one uint8 tensor on the training device and
 every augmentation is a batched tensor op, no per-image PIL work: crop boxes drawn as timm draws them, the resize
 computed as Pillow computes it (equal to Pillow's uint8 output), RandAugment from ``data/randaugment.py`` on
-the whole-number crop. ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image
-transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
+the whole-number crop. None of it makes the host wait for the device (``tests/test_host_sync.py`` counts one
+batch's reads): every random draw is a device op or a host draw (RandAugment's, mixup's, erasing's), and the
+epoch's order goes to the device without blocking (``data/transfer.py``). ImageNet (or ``data.in_memory=no``)
+goes through a DataLoader with timm's per-image transforms. Every epoch's order comes from (seed, epoch), so a run
+resumed mid-epoch sees the same batches.
 """
 from __future__ import annotations
 

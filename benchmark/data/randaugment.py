@@ -18,10 +18,12 @@ What timm 0.6.5 does (``timm/data/auto_augment.py``; OFA-KD and PAT train with `
   call when the train interpolation is ``random``, else the train interpolation.
 - Colour ops are PIL's ``ImageOps`` / ``ImageEnhance`` on uint8 images.
 
-How it is computed here: one draw of every random choice for the whole batch (from ``generator`` on the images'
-device, else torch's global RNG), then for each op slot the images are grouped by the op they drew and every group is
-processed at once; the geometric ops of a slot share one sampling pass per resampling filter and axis (rows only for
-ShearX/TranslateXRel, columns only for ShearY/TranslateYRel, 2-D for Rotate). The sampler is PIL's: output pixel
+How it is computed here: one draw of every random choice for the whole batch, on the host (torch's global CPU RNG,
+or ``generator``), then for each op slot the images are grouped by the op they drew and every group is processed at
+once. The grouping is planned on the host from those draws and the per-image arguments reach the images' device in
+one non-blocking copy, so a batch makes no host synchronisation on a GPU (``tests/test_host_sync.py``). The
+geometric ops of a slot share one sampling pass per resampling filter and axis (rows only for ShearX/TranslateXRel,
+columns only for ShearY/TranslateYRel, 2-D for Rotate). The sampler is PIL's: output pixel
 centres mapped by the affine matrix, points outside [0, W) x [0, H) take the fill colour, clamped taps inside,
 bilinear ``a + (b - a) d`` and PIL's bicubic (a = -1 cubic convolution), computed in float64 and truncated to uint8
 as PIL does. Colour ops reproduce PIL's integer arithmetic: ``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``,
