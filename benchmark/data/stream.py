@@ -11,8 +11,8 @@ The trainer reads the stream one batch ahead (:class:`Lookahead`): the next batc
 once the step's work is queued on the device and before the step's one host read, so on a GPU the host issues the
 next batch's augmentation while the device still runs the step. That changes no batch (each is a function of (seed,
 epoch, step) alone) and no model's randomness (``keyed_rng`` puts back the states it finds, the member's inside its
-step). The batched pipeline makes no host synchronisation per batch (``tests/test_data.py`` counts them): a draw that
-had to read the device would make the host wait for the step it is meant to overlap.
+step). The batched pipeline makes no host synchronisation per batch (``tests/test_host_sync.py`` counts them): a
+draw that had to read the device would make the host wait for the step it is meant to overlap.
 """
 from __future__ import annotations
 
