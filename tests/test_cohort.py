@@ -82,6 +82,31 @@ def test_the_stream_is_keyed_by_seed_epoch_and_step_not_by_what_else_draws(fmnis
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_drawing_ahead_changes_no_batch_and_no_models_randomness(fmnist_available):
+    """The trainer's Lookahead: the batches of batches(), in order, with the next one drawn early (at most one
+    ahead) between a model's draws, which go on as if nothing had been drawn."""
+    cfg = cfg_of("kd")
+    device = torch.device("cpu")
+    train_loader, _, info = loaders.build_loaders(cfg.data, device, 0.875)
+    stream = DataStream(train_loader, seed=3, device=device,
+                        mixup=loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing))
+    plain = [(step, b.images, b.targets.soft) for step, b in stream.batches(epoch=1, start_step=1)]
+    torch.manual_seed(9)
+    expected_model_draws = [torch.rand(4) for _ in range(2 * len(plain))]
+    torch.manual_seed(9)
+    ahead, seen, model_draws = stream.lookahead(epoch=1, start_step=1), [], []
+    for step, batch in ahead:
+        model_draws.append(torch.rand(4))  # a dropout mask before the step's read
+        ahead.draw_next()
+        ahead.draw_next()  # a second call draws nothing more
+        model_draws.append(torch.rand(4))
+        seen.append((step, batch.images, batch.targets.soft))
+    assert [s[0] for s in seen] == [p[0] for p in plain] == list(range(1, len(stream)))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(seen, plain))
+    assert all(torch.equal(a, b) for a, b in zip(model_draws, expected_model_draws))
+    assert ahead.take_draw_seconds() > 0 and ahead.take_draw_seconds() == 0.0
+
+
 def test_a_stopped_cohort_resumes_bit_for_bit(fmnist_available, tmp_path):
     cfgs = [cfg_of(m) for m in ("none", "kd", "fitnet")]
     whole = train_cohort(cfgs, runs_dir=str(tmp_path / "whole"), progress=False, echo=False)

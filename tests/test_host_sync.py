@@ -1,16 +1,23 @@
-"""At most one host synchronisation per training step, for every registered method (issue #10, item 4).
+"""At most one host synchronisation per training step, for every registered method (issue #10, item 4), and none
+per batch of the data stream (issue #27, item 3).
 
 On the CPU the reads that would synchronise on a GPU are counted by patching torch
 (``benchmark/tools/host_sync.py``; on CUDA the same function counts torch's own sync warnings). The one read
-allowed is the step's packed transfer of its losses, statistics and correct count."""
+allowed in a step is its packed transfer of its losses, statistics and correct count."""
+import itertools
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 
 from hkdbench.benchmark.core.config import OptimConfig
+from hkdbench.benchmark.data import loaders
+from hkdbench.benchmark.data.stream import DataStream
+from hkdbench.benchmark.recipes.resolve import resolve_run_config
 from hkdbench.benchmark.engine.step import TrainStep, _make_ema, setup_training
 from hkdbench.benchmark.data.stream import prepare_batch
-from hkdbench.benchmark.tools.host_sync import count_host_syncs, count_step_syncs
+from hkdbench.benchmark.tools.host_sync import count_host_syncs, count_step_syncs, count_stream_syncs
 from hkdbench.methods import Targets, TrainingSet, get_method, list_methods, load_plugins
 from _support import TEST_CLASSES, TEST_IMG, small_model
 
@@ -130,3 +137,49 @@ def test_evaluation_reads_the_device_once_and_scores_as_by_hand():
     assert scores["top1"] == pytest.approx(100 * (logits.argmax(1) == y).double().mean().item())
     assert scores["top5"] == pytest.approx(100 * top5)
     assert scores["loss"] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def _cifar_vit_stream(device: torch.device) -> DataStream:
+    """The ``cifar-vit`` recipe's training stream (RandomResizedCrop with per-image resampling, flip, RandAugment
+    rand-m9-mstd0.5-inc1, mixup/cutmix, random erasing), with CRD's sample indices, at a size a CPU affords."""
+    cfg = resolve_run_config(kind="student", student="vit_mini", method="none", recipe="cifar-vit",
+                             overrides=["data.img_size=32", "data.batch_size=32", "data.train_subset=128",
+                                        "data.eval_subset=32"])
+    assert cfg.data.auto_augment and cfg.data.mixup and cfg.data.cutmix and cfg.data.reprob
+    train_loader, _, info = loaders.build_loaders(cfg.data, device, 1.0)
+    mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
+    return DataStream(train_loader, cfg.train.seed, device, mixup, with_index=True)
+
+
+def test_a_batch_of_the_cifar_vit_stream_makes_no_host_sync(fmnist_available):
+    stream = _cifar_vit_stream(CPU)
+    for step in (0, 2):  # an epoch's first batch (its order goes to the device too) and a later one
+        (drawn, batch), reads = count_stream_syncs(stream, epoch=1, step=step)
+        assert reads == [], f"batch {step}: {len(reads)} host reads: {reads}"
+        assert drawn == step and batch.images.shape == (32, 1, 32, 32) and batch.targets.soft is not None
+    # what was left out: the three reads of RandAugment's draws, made and planned on the host
+    _, every_read = count_host_syncs(lambda: next(stream.batches(1, 2)), CPU)
+    assert every_read == ["Tensor.tolist"] * 3
+
+
+def test_the_cifar_vit_stream_draws_batches_on_a_device_whose_values_cannot_be_read(fmnist_available):
+    """A meta tensor has no values: reading one (``.tolist()``, a data-dependent size such as bincount's) raises.
+    The stream's batches come through, so none of its steps reads a value from the data's device."""
+    stream = _cifar_vit_stream(torch.device("meta"))
+    for _, batch in itertools.islice(stream.batches(epoch=0), 3):
+        assert batch.images.device.type == "meta" and batch.targets.soft.shape == (32, 10)
+
+
+def test_the_stream_speed_tool_times_each_contender_and_counts_the_streams_syncs(fmnist_available, tmp_path):
+    """benchmark/tools/stream_speed.py end to end at a tiny size (what it measures is not asserted: no timing in
+    tests), its JSON and its report."""
+    from hkdbench.benchmark.tools import stream_speed
+
+    out = tmp_path / "speed.json"
+    stream_speed.main(["--device", "cpu", "--img-size", "16", "--batch-size", "8", "--steps", "2", "--repeats", "2",
+                       "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) == set(stream_speed.CONTENDERS)
+    assert all(len(rates) == 2 and min(rates) > 0 for rates in result["images_per_s"].values())
+    assert result["stream_host_syncs_per_batch"] == 0 and result["precision"] == "float32"
+    assert result["overlap_over_serial"] > 0 and result["serial_over_parts"] > 0

@@ -24,6 +24,22 @@ def tiny_cfg(method="kd", student="vit_mini", teacher="resnet_mini", epochs=2, e
                               overrides=TINY + [f"train.epochs={epochs}", *extra], teacher_overrides=TINY_TEACHER)
 
 
+def test_each_step_draws_the_next_batch_before_its_host_read(fmnist_available, runs_dir, monkeypatch):
+    """The loop's lookahead: batch n + 1 is drawn inside step n, after its work is queued and before its one host
+    read (on a GPU the device still runs step n while the host augments), and the epoch's last step draws none."""
+    from hkdbench.benchmark.data import stream as stream_module
+    from hkdbench.benchmark.engine.step import TrainStep
+
+    events = []
+    draw, read = stream_module.prepare_batch, TrainStep._read_values
+    monkeypatch.setattr(stream_module, "prepare_batch", lambda *a, **k: events.append("draw") or draw(*a, **k))
+    monkeypatch.setattr(TrainStep, "_read_values", lambda self, *a: events.append("read") or read(self, *a))
+    cfg = tiny_cfg(method="none", teacher=None, epochs=2)
+    assert train(cfg, runs_dir=runs_dir, progress=False).status == "done"
+    steps = 256 // 64
+    assert events == (["draw"] + ["draw", "read"] * (steps - 1) + ["read"]) * 2
+
+
 def test_no_weight_decay_on_biases_and_norms():
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
     no_decay, decay = param_groups([model], 0.05)  # timm's order (schedule/optimiser: test_optim_schedule.py)

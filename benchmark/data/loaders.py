@@ -17,8 +17,11 @@ img_size / crop_pct + center crop. ``small`` keeps the native resolution (padded
 Datasets that fit in memory take the fast path: the whole split is one uint8 tensor on the training device and
 every augmentation is a batched tensor op, no per-image PIL work: crop boxes drawn as timm draws them, the resize
 computed as Pillow computes it (equal to Pillow's uint8 output), RandAugment from ``data/randaugment.py`` on
-the whole-number crop. ImageNet (or ``data.in_memory=no``) goes through a DataLoader with timm's per-image
-transforms. Every epoch's order comes from (seed, epoch), so a run resumed mid-epoch sees the same batches.
+the whole-number crop. None of it makes the host wait for the device (``tests/test_host_sync.py`` counts one
+batch's reads): every random draw is a device op or a host draw (RandAugment's, mixup's, erasing's), and the
+epoch's order goes to the device without blocking (``data/transfer.py``). ImageNet (or ``data.in_memory=no``)
+goes through a DataLoader with timm's per-image transforms. Every epoch's order comes from (seed, epoch), so a run
+resumed mid-epoch sees the same batches.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from timm.data import Mixup
 
 from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
+from hkdbench.benchmark.data.transfer import to_device
 from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
                                              load_tensors, train_subset_indices, training_images)
 
@@ -201,7 +205,8 @@ class TensorLoader:
         """(images, labels) per step, or with ``with_index`` (images, labels, index): each sample's index in
         this split (for methods with per-sample state)."""
         n = len(self.labels)
-        order = epoch_permutation(n, seed, epoch).to(self.device) if self.train else torch.arange(n, device=self.device)
+        order = (to_device(epoch_permutation(n, seed, epoch), self.device) if self.train
+                 else torch.arange(n, device=self.device))
         for step in range(start_step, len(self)):
             idx = order[_batch_slice(step, self.batch_size, self.train, self.rank, self.world_size)]
             batch = (self._transform(self.images[idx]), self.labels[idx])
@@ -349,7 +354,7 @@ class ImageLoader:
         for i, (images, labels) in enumerate(loader):
             batch = (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
             if with_index:
-                batch += (order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device),)
+                batch += (to_device(order[i * self.batch_size:(i + 1) * self.batch_size], self.device),)
             yield batch
 
     def all_labels(self) -> torch.Tensor:

@@ -18,10 +18,12 @@ What timm 0.6.5 does (``timm/data/auto_augment.py``; OFA-KD and PAT train with `
   call when the train interpolation is ``random``, else the train interpolation.
 - Colour ops are PIL's ``ImageOps`` / ``ImageEnhance`` on uint8 images.
 
-How it is computed here: one draw of every random choice for the whole batch (from ``generator`` on the images'
-device, else torch's global RNG), then for each op slot the images are grouped by the op they drew and every group is
-processed at once; the geometric ops of a slot share one sampling pass per resampling filter and axis (rows only for
-ShearX/TranslateXRel, columns only for ShearY/TranslateYRel, 2-D for Rotate). The sampler is PIL's: output pixel
+How it is computed here: one draw of every random choice for the whole batch, on the host (torch's global CPU RNG,
+or ``generator``), then for each op slot the images are grouped by the op they drew and every group is processed at
+once. The grouping is planned on the host from those draws and the per-image arguments reach the images' device in
+one non-blocking copy, so a batch makes no host synchronisation on a GPU (``tests/test_host_sync.py``). The
+geometric ops of a slot share one sampling pass per resampling filter and axis (rows only for ShearX/TranslateXRel,
+columns only for ShearY/TranslateYRel, 2-D for Rotate). The sampler is PIL's: output pixel
 centres mapped by the affine matrix, points outside [0, W) x [0, H) take the fill colour, clamped taps inside,
 bilinear ``a + (b - a) d`` and PIL's bicubic (a = -1 cubic convolution), computed in float64 and truncated to uint8
 as PIL does. Colour ops reproduce PIL's integer arithmetic: ``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``,
@@ -47,12 +49,15 @@ is slower than timm's PIL ops, which the per-image DataLoader path keeps using.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+
+from hkdbench.benchmark.data.transfer import to_device
 
 LEVEL_DENOM = 10.0  # timm: magnitude M means level M / 10 of each op's range
 
@@ -176,8 +181,11 @@ class BatchRandAugment:
         return f"BatchRandAugment({self.spec}, fill={self.fill}, interpolation={self.interpolation!r})"
 
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The batch augmented with choices drawn on the host (torch's global CPU RNG, or ``generator``'s device):
+        host draws let the grouping be planned without reading the images' device."""
         _check_images(images)
-        return self.apply(images, self.draw(images.shape[0], images.device, generator))
+        device = generator.device if generator is not None else "cpu"
+        return self.apply(images, self.draw(images.shape[0], device, generator))
 
     def draw(self, batch_size: int, device: Union[str, torch.device] = "cpu",
              generator: Optional[torch.Generator] = None) -> RandAugmentDraws:
@@ -203,14 +211,19 @@ class BatchRandAugment:
         return RandAugmentDraws(op, applied, magnitude, negate, bicubic)
 
     def apply(self, images: torch.Tensor, draws: RandAugmentDraws) -> torch.Tensor:
-        """The ops of ``draws`` applied slot by slot, each op once for all the images that drew it."""
+        """The ops of ``draws`` applied slot by slot, each op once for all the images that drew it. The grouping is
+        planned on the host from host draws (draws made on a device are read back first: one synchronisation) and
+        the per-image arguments reach the images' device in one non-blocking copy."""
         _check_images(images)
         x = _quantize(images)
         fill = _fill_for(self.fill, x)
-        names = self.spec.op_names
-        for slot in range(draws.op.shape[1]):
-            x = _apply_slot(x, names, draws.op[:, slot], draws.applied[:, slot], draws.magnitude[:, slot],
-                            draws.negate[:, slot], draws.bicubic[:, slot], fill)
+        groups, order = _plan_groups(draws, self.spec.op_names)
+        arguments = torch.stack([_on_host(draws.magnitude).double(), _on_host(draws.negate).double(),
+                                 order.double()])  # (3, B, num_ops): whole numbers and float64 travel exactly
+        magnitude, negate, order = to_device(arguments, x.device).unbind(0)
+        negate, order = negate.bool(), order.long()
+        for slot, slot_groups in enumerate(groups):
+            x = _apply_slot(x, slot_groups, order[:, slot], magnitude[:, slot], negate[:, slot], fill)
         return x.to(images.dtype)
 
 
@@ -236,27 +249,54 @@ def apply_op(images: torch.Tensor, name: str, magnitude: torch.Tensor, negate: t
 
 # ----------------------------------------------------------------------------------------------- batching
 
-def _apply_slot(x, names, op, applied, magnitude, negate, bicubic, fill):
-    """Groups the images by (op, resampling) drawn in this slot (one host sync) and runs every group at once."""
-    n_ops = len(names)
-    geometric = torch.tensor([name in _GEOMETRIC_OPS for name in names], device=op.device)
-    key = torch.where(applied, 2 * op + (bicubic & geometric[op]).long(), 2 * n_ops)  # 2 * n_ops: not applied
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=2 * n_ops + 1).tolist()
+class _Group(NamedTuple):
+    """The images of one slot that drew the same op and resampling: ``count`` entries of the slot's order from
+    ``start`` on."""
+    name: str
+    bicubic: bool
+    start: int
+    count: int
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.device.type == "cpu" else tensor.cpu()
+
+
+def _plan_groups(draws: RandAugmentDraws, names: Sequence[str]) -> Tuple[List[List[_Group]], torch.Tensor]:
+    """Per slot, the images sorted (stably) by the op and resampling they drew, not applied last: the groups along
+    that order and the order itself, (B, num_ops) on the host. Computed from the draws' host values, so on a GPU
+    no group size is read from the device."""
+    ops, applied, bicubic = (_on_host(t).tolist() for t in (draws.op, draws.applied, draws.bicubic))
+    batch, slots, skipped = len(ops), draws.op.shape[1], 2 * len(names)
+    groups, orders = [], []
+    for slot in range(slots):
+        keys = [2 * ops[i][slot] + (bicubic[i][slot] and names[ops[i][slot]] in _GEOMETRIC_OPS)
+                if applied[i][slot] else skipped for i in range(batch)]
+        order = sorted(range(batch), key=keys.__getitem__)  # Python's sort is stable
+        slot_groups, start = [], 0
+        for key, members in itertools.groupby(order, key=keys.__getitem__):
+            count = sum(1 for _ in members)
+            if key != skipped:
+                slot_groups.append(_Group(names[key // 2], bool(key % 2), start, count))
+            start += count
+        groups.append(slot_groups)
+        orders.append(order)
+    return groups, torch.tensor(orders, dtype=torch.int64).reshape(slots, batch).T
+
+
+def _apply_slot(x, groups: List[_Group], order, magnitude, negate, fill):
+    """Runs every group of one slot at once: colour ops in place (the groups are disjoint), the geometric ops in
+    one sampling pass per axis and resampling. ``order``, ``magnitude``, ``negate``: the slot's (B,) on the
+    device."""
     warps: Dict[Tuple[str, bool], Tuple[list, list]] = {}  # (axis, bicubic) -> (image indices, matrices)
-    start = 0
-    for k, count in enumerate(counts[:2 * n_ops]):
-        idx = order[start:start + count]
-        start += count
-        if not count:
-            continue
-        name = names[k // 2]
-        if name in _COLOUR_OPS:
-            x[idx] = _COLOUR_OPS[name](x[idx], magnitude[idx], negate[idx])  # in place: the groups are disjoint
+    for group in groups:
+        idx = order[group.start:group.start + group.count]
+        if group.name in _COLOUR_OPS:
+            x[idx] = _COLOUR_OPS[group.name](x[idx], magnitude[idx], negate[idx])
         else:
-            indices, mats = warps.setdefault((_AXIS[name], bool(k % 2)), ([], []))
+            indices, mats = warps.setdefault((_AXIS[group.name], group.bicubic), ([], []))
             indices.append(idx)
-            mats.append(_GEOMETRIC_OPS[name](magnitude[idx], negate[idx], *x.shape[-2:]))
+            mats.append(_GEOMETRIC_OPS[group.name](magnitude[idx], negate[idx], *x.shape[-2:]))
     for (axis, cubic), (indices, mats) in warps.items():  # one sampling pass per axis and resampling
         idx = torch.cat(indices)
         x[idx] = _warp(x[idx], torch.cat(mats), cubic, fill, axis)
@@ -283,7 +323,7 @@ def _fill_for(fill: Tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
     if len(fill) not in (1, channels):
         raise ValueError(f"RandAugment fill has {len(fill)} values for {channels}-channel images")
     values = fill * channels if len(fill) == 1 else fill
-    return torch.tensor(values, dtype=torch.float64, device=x.device)
+    return to_device(torch.tensor(values, dtype=torch.float64), x.device)
 
 
 def _quantize(images: torch.Tensor) -> torch.Tensor:
@@ -334,8 +374,11 @@ def _per_image(values: torch.Tensor) -> torch.Tensor:
 def _histogram(x: torch.Tensor) -> torch.Tensor:
     """(G, C, 256) int64 counts of each channel's values."""
     g, c = x.shape[:2]
-    flat = x.long().reshape(g * c, -1) + 256 * torch.arange(g * c, device=x.device).view(-1, 1)
-    return torch.bincount(flat.view(-1), minlength=g * c * 256).view(g, c, 256)
+    flat = (x.long().reshape(g * c, -1) + 256 * torch.arange(g * c, device=x.device).view(-1, 1)).view(-1)
+    # scatter_add_, not bincount: on CUDA bincount reads the values' range back to size its output
+    counts = torch.zeros(g * c * 256, dtype=torch.int64, device=x.device)
+    return counts.scatter_add_(0, flat, torch.ones(1, dtype=torch.int64, device=x.device).expand_as(flat)).view(
+        g, c, 256)
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -461,7 +504,7 @@ for _name, _degenerate in (("Color", _color_degenerate), ("Contrast", _contrast_
 # (a x + b y + c, d x + e y + f).
 
 def _affine(g: int, like: torch.Tensor, **coefficients: torch.Tensor) -> torch.Tensor:
-    mats = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64, device=like.device).repeat(g, 1)
+    mats = torch.eye(2, 3, dtype=torch.float64, device=like.device).reshape(1, 6).repeat(g, 1)  # made there
     for position, value in coefficients.items():
         mats[:, "abcdef".index(position)] = value
     return mats

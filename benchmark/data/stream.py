@@ -6,11 +6,19 @@ touched by) a model's own randomness: initialisation, dropout, drop-path, a meth
 therefore sees the same batches whatever its method, alone or in a cohort (paired comparisons: common random
 numbers), and a run resumed mid-epoch sees the batches it would have seen. The epoch's order comes from (seed,
 epoch) through its own generator (``loaders.epoch_permutation``).
+
+The trainer reads the stream one batch ahead (:class:`Lookahead`): the next batch is drawn inside the current step,
+once the step's work is queued on the device and before the step's one host read, so on a GPU the host issues the
+next batch's augmentation while the device still runs the step. That changes no batch (each is a function of (seed,
+epoch, step) alone) and no model's randomness (``keyed_rng`` puts back the states it finds, the member's inside its
+step). The batched pipeline makes no host synchronisation per batch (``tests/test_host_sync.py`` counts them): a
+draw that had to read the device would make the host wait for the step it is meant to overlap.
 """
 from __future__ import annotations
 
 import contextlib
 import random
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Tuple
 
@@ -92,3 +100,44 @@ class DataStream:
                 images, labels, *index = next(items)
                 batch = prepare_batch(images, labels, index[0] if index else None, self.mixup, self.channels_last)
             yield step, batch
+
+    def lookahead(self, epoch: int, start_step: int = 0) -> "Lookahead":
+        """``batches(epoch, start_step)`` that can draw its next batch early (see :class:`Lookahead`)."""
+        return Lookahead(self.batches(epoch, start_step))
+
+
+_END = object()  # the epoch has no further batch
+
+
+class Lookahead:
+    """Iterates ``(step, Batch)`` items; ``draw_next()`` draws the next item now (at most one ahead), for the
+    iteration to hand out when it gets there. The trainer calls it just before a step's host read: the device still
+    has the step's work queued, so it never idles while the host draws and augments the next batch."""
+
+    def __init__(self, items: Iterator[Tuple[int, Batch]]):
+        self._items = items
+        self._ahead = None  # the next item drawn early, _END when there is none
+        self._draw_seconds = 0.0  # host time spent in draw_next since take_draw_seconds
+
+    def __iter__(self) -> "Lookahead":
+        return self
+
+    def __next__(self) -> Tuple[int, Batch]:
+        item, self._ahead = self._ahead, None
+        if item is None:
+            item = next(self._items, _END)
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def draw_next(self) -> None:
+        if self._ahead is None:
+            tic = time.perf_counter()
+            self._ahead = next(self._items, _END)
+            self._draw_seconds += time.perf_counter() - tic
+
+    def take_draw_seconds(self) -> float:
+        """The host time spent drawing ahead since the last call (the step that drew it leaves it out of its own
+        time)."""
+        seconds, self._draw_seconds = self._draw_seconds, 0.0
+        return seconds

@@ -119,12 +119,13 @@ class CohortLoop:
         start = min(m.state["step"] for m in members)
         world_size = self.runs.world_size
         try:
-            for step, batch in stream.batches(epoch, start):
+            batches = stream.lookahead(epoch, start)  # each step draws the next batch before its host read
+            for step, batch in batches:
                 active = [m for m in members if m.trains_at(epoch, step)]
                 tic = time.perf_counter()
                 shared, users = self._teacher_pass(active, teacher, batch)
                 share = (time.perf_counter() - tic) / max(len(users), 1)
-                outcomes = [self._member_step(m, batch, epoch, step, shared, share if m in users else 0.0)
+                outcomes = [self._member_step(m, batches, batch, epoch, step, shared, share if m in users else 0.0)
                             for m in active]
                 self._count_step(active, outcomes, epoch, step, batch.labels.shape[0] * world_size)
                 if not any(m.status == "training" for m in members):
@@ -159,14 +160,14 @@ class CohortLoop:
         finally:
             m.rng = rng_state(self.runs.device)
 
-    def _member_step(self, m: Member, batch, epoch: int, step: int, shared: Optional[Features],
+    def _member_step(self, m: Member, batches, batch, epoch: int, step: int, shared: Optional[Features],
                      teacher_share: float) -> Tuple[Dict[str, float], int, float]:
         """The member's step under its RNG: its host values, correct count and seconds (its share of the
-        cohort's teacher pass included)."""
+        cohort's teacher pass included, the next batch's draw made inside its step left out)."""
         tic = time.perf_counter()
         with self._rng_of(m):
-            values, correct = m.ctx.step(batch, epoch, step, shared)
-        return values, correct, time.perf_counter() - tic + teacher_share
+            values, correct = m.ctx.step(batch, epoch, step, shared, before_read=batches.draw_next)
+        return values, correct, time.perf_counter() - tic - batches.take_draw_seconds() + teacher_share
 
     def _count_step(self, active: List[Member], outcomes, epoch: int, step: int, images: int) -> None:
         """Each member's step added to its epoch, or the member FAILED where its loss is not finite on some rank:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,12 +143,13 @@ class TrainStep:
         with torch.no_grad(), _autocast(self.device, self.dtype):
             return self.method.teacher(images, stages=tuple(sorted(stages)))
 
-    def step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features] = None
-             ) -> Tuple[Dict[str, float], int]:
+    def step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features] = None,
+             before_read: Optional[Callable[[], None]] = None) -> Tuple[Dict[str, float], int]:
         """``shared_teacher``: the plain teacher pass on ``batch.images`` (a cohort's), which the method then
-        takes instead of running the teacher itself."""
+        takes instead of running the teacher itself. ``before_read``: called once the step's work is queued,
+        before its host read (the trainer draws the next batch there, while the device runs this step)."""
         with self._graph_settings():
-            return self._step(batch, epoch, step, shared_teacher)
+            return self._step(batch, epoch, step, shared_teacher, before_read)
 
     def _graph_settings(self):
         """A compiled step with a probe that differentiates the losses before the backward (the gradient-conflict
@@ -164,8 +165,8 @@ class TrainStep:
             return torch._functorch.config.patch(donated_buffer=False)
         return contextlib.nullcontext()
 
-    def _step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features]
-              ) -> Tuple[Dict[str, float], int]:
+    def _step(self, batch: Batch, epoch: int, step: int, shared_teacher: Optional[Features],
+              before_read: Optional[Callable[[], None]]) -> Tuple[Dict[str, float], int]:
         lr = self.schedule.apply(epoch, step)
         self.module.train()
         with _autocast(self.device, self.dtype), self.method.sharing_teacher_pass(batch.images, shared_teacher):
@@ -183,6 +184,8 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.module.student.model)
         correct = (s_out.logits.detach().argmax(-1) == batch.labels).sum()
+        if before_read is not None:
+            before_read()
         host = self._read_values(losses, correct)
         host["lr"] = lr
         return host, int(host.pop("correct"))

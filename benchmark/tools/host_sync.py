@@ -1,4 +1,4 @@
-"""How many times a training step makes the host wait for the device.
+"""How many times a training step, or the drawing of a batch, makes the host wait for the device.
 
 On CUDA the count is the device's own: ``torch.cuda.set_sync_debug_mode('warn')`` makes every synchronising call
 (``.item()``, a device-to-host copy, ``torch.nonzero``, boolean-mask indexing, ...) warn, and the warnings are
@@ -15,6 +15,8 @@ import warnings
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
+
+from hkdbench.benchmark.data.randaugment import BatchRandAugment
 
 # Tensor methods that hand a tensor's value to Python
 _TENSOR_READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__", "__complex__",
@@ -119,3 +121,24 @@ def count_step_syncs(train_step, batch, epoch: int = 0, step: int = 0, shared_te
 
     return count_host_syncs(lambda: train_step.step(batch, epoch, step, shared_teacher), train_step.device,
                             ignore=is_step_counter)
+
+
+def count_stream_syncs(stream, epoch: int = 0, step: int = 0):
+    """The host synchronisations of drawing batch ``step`` of ``epoch`` from a ``data.stream.DataStream`` (see
+    :func:`count_host_syncs`) and the ``(step, Batch)`` drawn. Reads of RandAugment's draws are left out: they are
+    made on the host (torch's CPU generator) on a GPU too, and planned there (``BatchRandAugment.apply``); they are
+    told apart by being what ``BatchRandAugment.draw`` returned during the call."""
+    host_draws: List[torch.Tensor] = []
+    draw = BatchRandAugment.draw
+
+    def recording_draw(self, *args, **kwargs):
+        draws = draw(self, *args, **kwargs)
+        host_draws.extend(t for t in draws if t.device.type == "cpu")
+        return draws
+
+    BatchRandAugment.draw = recording_draw
+    try:
+        return count_host_syncs(lambda: next(stream.batches(epoch, step)), stream.device,
+                                ignore=lambda tensor: any(tensor is t for t in host_draws))
+    finally:
+        BatchRandAugment.draw = draw
