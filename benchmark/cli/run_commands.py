@@ -9,21 +9,15 @@ import time
 
 from hkdbench.benchmark.cli.arguments import grid_of, slurm_settings
 from hkdbench.benchmark.core.config import ConfigError
-from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
+from hkdbench.benchmark.recipes.resolve import RECIPES, RunRequest
 
 
 def cmd_train(args, overrides) -> int:
-    from hkdbench.benchmark.core.config import split_teacher_overrides
     from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
     from hkdbench.benchmark.engine.trainer import train, train_cohort
 
-    run_items, teacher_items = split_teacher_overrides(overrides(args))
-    methods = _method_list(args.method)
-    cfgs = [resolve_run_config(kind="student", student=args.student, method=method, teacher=args.teacher,
-                               dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
-                               teacher_recipe=args.teacher_recipe, overrides=run_items,
-                               teacher_overrides=teacher_items, teacher_weights=args.teacher_weights,
-                               teacher_pretrained=args.teacher_pretrained) for method in methods]
+    request = run_request(args, overrides)
+    cfgs = [request.resolve(method) for method in _method_list(args.method)]
     for cfg in cfgs:
         _check_flags(args, cfg)
     if len(cfgs) > 1:
@@ -34,6 +28,37 @@ def cmd_train(args, overrides) -> int:
     if len(cfgs) == 1:
         return _train_until_done_or_stopped(lambda **kw: [train(cfgs[0], **kw)], args)
     return _train_until_done_or_stopped(lambda **kw: train_cohort(cfgs, **kw), args)
+
+
+def run_request(args, overrides) -> RunRequest:
+    """What ``train``, ``teacher`` or ``config`` asks for: the config file (-c), then the flags, then the key=value
+    overrides."""
+    kind = "teacher" if args.command == "teacher" else "student"
+    if args.command == "config":
+        kind = _config_kind(args)
+    request = RunRequest.from_file(args.config, kind)
+    if kind == "teacher":
+        request.given(student=args.model, pretrained=args.pretrained, dataset=args.dataset, recipe=args.recipe)
+    else:
+        request.given(student=args.student, teacher=args.teacher, dataset=args.dataset, recipe=args.recipe,
+                      teacher_checkpoint=args.teacher_checkpoint, teacher_recipe=args.teacher_recipe,
+                      teacher_weights=args.teacher_weights, teacher_pretrained=args.teacher_pretrained)
+    return request.with_overrides(overrides(args))
+
+
+def _config_kind(args) -> str:
+    """The kind of run ``hkdbench config`` shows: a teacher run with --model, else the config file's kind."""
+    from hkdbench.benchmark.core.config import load_config_file
+
+    student_flags = [f"--{name.replace('_', '-')}" for name in ("student", "teacher", "method", "teacher_checkpoint",
+                                                                 "teacher_pretrained", "teacher_recipe",
+                                                                 "teacher_weights") if getattr(args, name)]
+    if args.model or args.pretrained:
+        if student_flags:
+            raise ConfigError(f"--model (a teacher run) excludes a student run's {', '.join(student_flags)}")
+        return "teacher"
+    body = load_config_file(args.config) if args.config and not student_flags else {}
+    return "teacher" if body.get("kind") == "teacher" else "student"
 
 
 def _dry_run(cfgs, args) -> int:
@@ -56,15 +81,16 @@ def _dry_run(cfgs, args) -> int:
 
 
 def _method_list(given) -> list:
-    """``--method`` values (repeated, or comma lists) in order, each once; kd when none is given."""
+    """``--method`` values (repeated, or comma lists) in order, each once; [None] when none is given (the config
+    file's method, else kd)."""
     methods = []
-    for item in given or ["kd"]:
+    for item in given or []:
         for name in item.split(","):
             if name.strip() and name.strip() not in methods:
                 methods.append(name.strip())
-    if not methods:
+    if given and not methods:
         raise ConfigError("--method needs a method name (see `hkdbench methods`)")
-    return methods
+    return methods or [None]
 
 
 def _train_until_done_or_stopped(train_runs, args) -> int:
@@ -101,12 +127,21 @@ def _train_until_done_or_stopped(train_runs, args) -> int:
 def cmd_teacher(args, overrides) -> int:
     from hkdbench.benchmark.engine.trainer import train
 
-    cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
-                             recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
+    cfg = run_request(args, overrides).resolve()
     _check_flags(args, cfg)
     if args.dry_run:
         return _dry_run([cfg], args)
     return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
+
+
+def cmd_config(args, overrides) -> int:
+    """Prints each resolved run config (one per --method) with every field's value, default and help."""
+    from hkdbench.benchmark.cli.config_listing import format_config
+
+    request = run_request(args, overrides)
+    methods = _method_list(args.method) if request.kind == "student" else [None]
+    print("\n\n".join(format_config(request.resolve(method), args.format) for method in methods))
+    return 0
 
 
 def _check_flags(args, cfg) -> None:
