@@ -237,6 +237,15 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models (as train.compile=true; "
                                                           "the warm-up steps then include the compilation)")
+    p = sub.add_parser("runs", help="list the run store's runs: method, pair, setting, seed, status, epoch, last and "
+                                    "best top-1, age (newest first)")
+    p.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+    for key, text in (("method", "methods (teacher: the teacher runs)"),
+                      ("teacher", "teacher models (their teacher runs too)"), ("student", "student models"),
+                      ("status", "done, running, partial, pending, failed, damaged"), ("dataset", "datasets")):
+        _add_list_option(p, f"--{key}", f"only these {text}")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"),
+                   help="table (default), csv or json (the run's name included)")
     for name, text in (("collect", "write the tidy tables of every run (runs.csv, epochs.csv, cka.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),
