@@ -79,7 +79,7 @@ def test_the_command_line_reads_the_file_in_every_grammar(tmp_path, monkeypatch)
 
     seen = []
     monkeypatch.setattr(trainer, "train", lambda cfg, **_: seen.append(cfg) or trainer.RunResult("done", None))
-    monkeypatch.setattr("hkdbench.benchmark.cli.run_commands._check_flags", lambda args, cfg: None)
+    monkeypatch.setattr("hkdbench.benchmark.cli.run_commands.check_before_training", lambda cfg, device: None)
     path = _write(tmp_path, {"student": "vit_mini", "teacher": "resnet_mini", "recipe": "demo",
                              "train": {"epochs": 2}})
     assert main(["train", "train.epochs=3", "--config", path, "--seed", "7"]) == 0

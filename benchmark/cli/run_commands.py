@@ -1,28 +1,24 @@
-"""The ``hkdbench`` subcommands that build models or train: train, teacher, demo, eval, export, overhead, sweep,
-and the listings of models, recipes and methods."""
+"""The ``hkdbench`` subcommands that build models or train: train, teacher, config, demo, eval, export, overhead,
+sweep, and the listings of models, recipes and methods."""
 from __future__ import annotations
 
 import shlex
 import signal
 import sys
 import time
+from typing import List, Optional, Sequence
 
 from hkdbench.benchmark.cli.arguments import grid_of, slurm_settings
-from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.recipes.resolve import RECIPES, RunRequest
 
 
 def cmd_train(args, overrides) -> int:
-    from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
     from hkdbench.benchmark.engine.trainer import train, train_cohort
 
-    request = run_request(args, overrides)
-    cfgs = [request.resolve(method) for method in _method_list(args.method)]
-    for cfg in cfgs:
-        _check_flags(args, cfg)
-    if len(cfgs) > 1:
-        check_cohort(cfgs)
-        cfgs = probing_the_cohorts_teacher(cfgs)
+    if args.resume and args.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    cfgs = checked_configs(run_request(args, overrides), _method_list(args.method), args.device)
     if args.dry_run:
         return _dry_run(cfgs, args)
     if len(cfgs) == 1:
@@ -127,8 +123,9 @@ def _train_until_done_or_stopped(train_runs, args) -> int:
 def cmd_teacher(args, overrides) -> int:
     from hkdbench.benchmark.engine.trainer import train
 
-    cfg = run_request(args, overrides).resolve()
-    _check_flags(args, cfg)
+    if args.resume and args.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    (cfg,) = checked_configs(run_request(args, overrides), [None], args.device)
     if args.dry_run:
         return _dry_run([cfg], args)
     return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
@@ -144,17 +141,29 @@ def cmd_config(args, overrides) -> int:
     return 0
 
 
-def _check_flags(args, cfg) -> None:
-    """Fails before anything is built or written: conflicting flags, missing data."""
+def checked_configs(request: RunRequest, methods: Sequence[Optional[str]], device: Optional[str]) -> List[RunConfig]:
+    """The configs of ``request`` (one per method: a cohort when several), each checked before anything is built or
+    written (its data, the device, the tracker); a cohort's student alone probed against its teacher. The command
+    line and the Python API (hkdbench.api) train through this."""
+    from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
+
+    cfgs = [request.resolve(method) for method in methods]
+    for cfg in cfgs:
+        check_before_training(cfg, device)
+    if len(cfgs) > 1:
+        check_cohort(cfgs)
+        cfgs = probing_the_cohorts_teacher(cfgs)
+    return cfgs
+
+
+def check_before_training(cfg: RunConfig, device: Optional[str]) -> None:
+    """Fails before anything is built or written: missing data, a device or tracker this machine lacks."""
     from hkdbench.benchmark.engine.evaluation import select_device
     from hkdbench.benchmark.engine.preflight import check_on_device, check_run_inputs
-
-    if args.resume and args.restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    check_run_inputs(cfg)
-    check_on_device(cfg, select_device(args.device))
     from hkdbench.benchmark.engine.tracking import check_tracker_available
 
+    check_run_inputs(cfg)
+    check_on_device(cfg, select_device(device))
     check_tracker_available(cfg.train.log)
     if cfg.kind == "teacher":
         from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher
