@@ -78,8 +78,14 @@ def test_out_of_memory_says_what_to_lower(monkeypatch, capsys):
 
 
 def test_a_usage_error_returns_2_instead_of_exiting(capsys):
-    assert main(["teacher"]) == 2  # --model missing: argparse's message, no SystemExit out of main
-    assert "the following arguments are required: --model" in capsys.readouterr().err
+    assert main(["export", "RUN"]) == 2  # --format missing: argparse's message, no SystemExit out of main
+    assert "the following arguments are required: --format" in capsys.readouterr().err
+
+
+def test_a_run_without_a_model_says_which_option_gives_it(capsys):
+    """--model (--student) is optional for argparse since a config file may name the model instead."""
+    assert main(["teacher"]) == 2
+    assert capsys.readouterr().err == "hkdbench teacher: error: no model to train: give --model\n"
 
 
 @pytest.mark.parametrize("argv,message", [

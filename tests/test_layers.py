@@ -46,7 +46,7 @@ sys.exit(main(sys.argv[1:] + ["--debug"]))
 
 
 @pytest.mark.parametrize("command", [["status", "SWEEP"], ["collect", "--out", "OUT"], ["table", "--out", "OUT"],
-                                     ["report", "--out", "OUT"]], ids=lambda c: c[0])
+                                     ["report", "--out", "OUT"], ["runs"]], ids=lambda c: c[0])
 def test_a_command_that_reads_the_store_imports_no_torch(command, tmp_path):
     runs = REPO / "results" / "runs"
     sweep = sorted((runs / "_sweeps").iterdir())[0]

@@ -30,5 +30,6 @@ def test_the_wheel_holds_every_module_and_preset(tmp_path):
     expected = _source_files()
     assert any(n.startswith("hkdbench/benchmark/presets/") for n in expected)
     assert expected <= names, sorted(expected - names)
+    assert "hkdbench/py.typed" in names  # PEP 561: the API's type hints reach the users' type checkers
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hkdbench = hkdbench.benchmark.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

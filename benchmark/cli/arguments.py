@@ -5,30 +5,47 @@ import argparse
 import json
 from typing import Dict, List
 
+from hkdbench import __version__
 from hkdbench.benchmark.core.config import ConfigError
 
 DEBUG_FLAG, DEBUG_ENV = "--debug", "HKDBENCH_DEBUG"  # the traceback of an error is printed under either
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="fashion-mnist",
+RUNS_DIR_HELP = "the run store (default: $HKDBENCH_RUNS or ./runs)"
+DEVICE_HELP = "cuda, cuda:1, cpu (default: CUDA when present)"
+_OVERRIDES_HELP = "config overrides, before, between or after the options, over the config file's: data.*, optim.*, " \
+                  "train.*, method.* (e.g. optim.lr=0.1 method.eps=[1.5]); `hkdbench config` lists every field"
+TEACHER_OVERRIDES_HELP = "; also teacher.<section>.<field>=value for the teacher run (e.g. teacher.train.epochs=3), " \
+                         "as sweep takes them"
+
+
+def _add_config_options(p: argparse.ArgumentParser, teacher_overrides: bool) -> None:
+    """What sets a run's config: a config file, the dataset, the recipe, the seed and epochs, key=value overrides
+    (``teacher_overrides``: also those of a student's teacher run)."""
+    p.add_argument("-c", "--config", default=None, metavar="FILE",
+                   help="a run config file (YAML with config.json's fields, any of them: data:, optim:, train:, "
+                        "method_cfg:, student:, teacher:, ...; a run's own RUN/config.json replays that run); the "
+                        "options and key=value overrides go over it")
+    p.add_argument("--dataset", default=None,
                    help="fashion-mnist (default, offline), cifar10, cifar100, imagenet")
     p.add_argument("--data-root", default=None, help="dataset root (same as data.root=PATH)")
-    p.add_argument("--recipe", default="auto", help="training recipe (default: auto, the papers' choice by dataset "
-                                                     "and student family); see `hkdbench recipes`")
+    p.add_argument("--recipe", default=None, help="training recipe (default: auto, the papers' choice by dataset "
+                                                  "and student family); see `hkdbench recipes`")
     p.add_argument("--seed", type=int, default=None, help="same as train.seed=N")
     p.add_argument("--epochs", type=int, default=None, help="same as train.epochs=N")
-    p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=_OVERRIDES_HELP + (TEACHER_OVERRIDES_HELP if teacher_overrides else ""))
+
+
+def _add_run_options(p: argparse.ArgumentParser, teacher_overrides: bool) -> None:
+    _add_config_options(p, teacher_overrides)
+    p.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--resume", action="store_true", help="continue an unfinished run from its checkpoint")
     p.add_argument("--restart", action="store_true", help="discard an existing run's progress and start over")
     p.add_argument("--dry-run", action="store_true",
                    help="print every run this command would train, in order (a teacher run first), with its epochs, "
                         "steps per epoch, data settings and state in the run store; train and write nothing")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, before, between or after the options: data.*, optim.*, train.*, method.* "
-                        "(e.g. optim.lr=0.1 method.eps=[1.5]); train also takes teacher.<section>.<field>=value for "
-                        "the teacher run (e.g. teacher.train.epochs=3), as sweep does")
 
 
 def at_least(minimum: int, meaning: str = ""):
@@ -96,20 +113,15 @@ def overrides(args) -> List[str]:
     return items
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hkdbench", description="Heterogeneous knowledge distillation benchmark")
-    parser.add_argument(DEBUG_FLAG, action="store_true", help=f"on an error, also print the traceback (anywhere "
-                                                               f"on the line; or set {DEBUG_ENV}=1)")
-    # every subcommand takes its positionals (key=value overrides, a preset) before, between and after options
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
-
-    p = sub.add_parser("train", help="distil a teacher into a student (the teacher is trained first if needed)")
+def _add_student_options(p: argparse.ArgumentParser) -> None:
+    """The models and method of a student run (train, config)."""
     p.add_argument("--teacher", default=None, help="teacher model (see `hkdbench models`)")
-    p.add_argument("--student", required=True, help="student model (see `hkdbench models`)")
+    p.add_argument("--student", default=None, help="student model (see `hkdbench models`; required unless the "
+                                                   "config file names one)")
     p.add_argument("--method", action="append", default=None,
-                   help="distillation method (see `hkdbench methods`; default kd); 'none' trains the student alone. "
-                        "Several (repeated, or a,b,c) train as one cohort: one data stream and one teacher pass "
-                        "per step, each method its own run")
+                   help="distillation method (see `hkdbench methods`; default: the config file's, else kd); 'none' "
+                        "trains the student alone. Several (repeated, or a,b,c) train as one cohort: one data stream "
+                        "and one teacher pass per step, each method its own run")
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
     p.add_argument("--teacher-pretrained", default=None, metavar="NAME",
@@ -117,21 +129,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured): used "
                         "as they are on ImageNet, fine-tuned by the teacher run on other datasets")
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
-    p.add_argument("--teacher-weights", default="best", choices=("best", "last"),
+    p.add_argument("--teacher-weights", default=None, choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
                         "timm's model_best) or its last; teacher_top1 is theirs")
-    _add_run_options(p)
 
-    p = sub.add_parser("teacher", help="train a teacher once per teacher config (reused by every student run)")
-    p.add_argument("--model", required=True, help="teacher model (see `hkdbench models`)")
+
+def _add_teacher_options(p: argparse.ArgumentParser) -> None:
+    """The model of a teacher run (teacher, config)."""
+    p.add_argument("--model", default=None, help="teacher model (see `hkdbench models`; required unless the config "
+                                                 "file names one)")
     p.add_argument("--pretrained", default=None, metavar="NAME",
                    help="start from timm's pretrained weights (architecture.tag) and fine-tune them")
-    _add_run_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hkdbench", description="Heterogeneous knowledge distillation benchmark")
+    parser.add_argument("--version", action="version", version=f"hkdbench {__version__}",
+                        help="print hkdbench's version and exit")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=f"on an error, also print the traceback (anywhere "
+                                                               f"on the line; or set {DEBUG_ENV}=1)")
+    # every subcommand takes its positionals (key=value overrides, a preset) before, between and after options
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser,
+                                help="the command (hkdbench COMMAND --help: its options)")
+
+    p = sub.add_parser("train", help="distil a teacher into a student (the teacher is trained first if needed)")
+    _add_student_options(p)
+    _add_run_options(p, teacher_overrides=True)
+
+    p = sub.add_parser("teacher", help="train a teacher once per teacher config (reused by every student run)")
+    _add_teacher_options(p)
+    _add_run_options(p, teacher_overrides=False)
+
+    p = sub.add_parser("config", help="print every field of a run's resolved config with its value, its default and "
+                                      "its help (train's arguments; --model for a teacher run); writes nothing")
+    _add_student_options(p)
+    _add_teacher_options(p)
+    _add_config_options(p, teacher_overrides=True)
+    p.add_argument("--format", default="table", choices=("table", "yaml", "json"),
+                   help="table (default): field, value, default, help; yaml: the config as a file `train -c` "
+                        "takes; json: the fields with their values, defaults and help")
 
     p = sub.add_parser("methods", help="list the registered distillation methods and their defaults")
     p.add_argument("--pair", nargs=2, metavar=("TEACHER", "STUDENT"),
                    help="also report each method's extra trainable parameters and memory for this pair")
-    p.add_argument("--num-classes", type=at_least(2), default=100)
+    p.add_argument("--num-classes", type=at_least(2), default=100, help="classes of the pair's heads (default: "
+                                                                         "%(default)s)")
 
     p = sub.add_parser("models", help="list the model zoo")
     p.add_argument("--stages", action="store_true", help="also print each model's stage layouts (builds them)")
@@ -139,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the training recipes")
 
     p = sub.add_parser("demo", help="the offline demo: a teacher of one family distilled into a student of another")
-    p.add_argument("--runs-dir", default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     _add_analysis_commands(sub)
     _add_sweep_commands(sub)
@@ -157,7 +199,8 @@ def _add_eval_export_commands(sub) -> None:
         p.add_argument("--weights", default="best", choices=("best", "last"),
                        help="the run's best epoch by top-1 (best.pt, default) or its last (final.pt)")
         p.add_argument("--ema", action="store_true", help="the student EMA's weights (runs with train.ema_decay)")
-    p.add_argument("--format", required=True, choices=("timm", "safetensors", "onnx"))
+    p.add_argument("--format", required=True, choices=("timm", "safetensors", "onnx"),
+                   help="timm: a plain timm model's folder; safetensors: one state-dict file; onnx: the graph")
     p.add_argument("--out", "-o", default=None, help="output folder (default: RUN/export)")
     p = sub.choices["eval"]
     p.__class__ = _IntermixedParser  # data.key=value before or after the options
@@ -176,15 +219,17 @@ def _add_analysis_commands(sub) -> None:
     """overhead, collect, table, plot, report (tools/overhead.py and the analysis package)."""
     p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
                                         "parameters for one pair (stored as runs of kind 'overhead')")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True, help="teacher model (see `hkdbench models`)")
+    p.add_argument("--student", required=True, help="student model (see `hkdbench models`)")
     _add_list_option(p, "--methods", "default: every registered method ('none' and 'kd' are always measured, for "
                                      "the ratios)")
-    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per step (default: %(default)s)")
     p.add_argument("--img-size", type=at_least(1), default=None, help="default: the larger of the two models' sizes")
-    p.add_argument("--num-classes", type=at_least(2), default=100)
-    p.add_argument("--warmup", type=at_least(0), default=3)
-    p.add_argument("--repeats", type=at_least(1), default=10)
+    p.add_argument("--num-classes", type=at_least(2), default=100, help="classes of the heads (default: "
+                                                                         "%(default)s)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed steps first (default: %(default)s)")
+    p.add_argument("--repeats", type=at_least(1), default=10, help="timed steps; the median is kept (default: "
+                                                                   "%(default)s)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="default: the step training runs here (train.precision=auto: bf16 or fp16 on a GPU, fp32 on "
                         "a CPU)")
@@ -193,6 +238,15 @@ def _add_analysis_commands(sub) -> None:
     p.add_argument("--restart", action="store_true", help="measure again where a result is already stored")
     p.add_argument("--compile", action="store_true", help="torch.compile the step's models (as train.compile=true; "
                                                           "the warm-up steps then include the compilation)")
+    p = sub.add_parser("runs", help="list the run store's runs: method, pair, setting, seed, status, epoch, last and "
+                                    "best top-1, age (newest first)")
+    p.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+    for key, text in (("method", "methods (teacher: the teacher runs)"),
+                      ("teacher", "teacher models (their teacher runs too)"), ("student", "student models"),
+                      ("status", "done, running, partial, pending, failed, damaged"), ("dataset", "datasets")):
+        _add_list_option(p, f"--{key}", f"only these {text}")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"),
+                   help="table (default), csv or json (the run's name included)")
     for name, text in (("collect", "write the tidy tables of every run (runs.csv, epochs.csv, cka.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),

@@ -2,6 +2,7 @@
 cli/store_commands.py for those that only read the run store) and turns any error into one line and an exit code."""
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -68,6 +69,10 @@ def report_error(prefix: str, err: BaseException, debug: bool = False) -> int:
 
     if debug:
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if isinstance(err, BrokenPipeError):  # the reader went away (`hkdbench runs | head`): nothing left to say
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as a shell reports a process ended by SIGPIPE
     if isinstance(err, KeyboardInterrupt):
         print(f"{prefix}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
@@ -107,7 +112,7 @@ def _out_of_memory(err: BaseException) -> bool:
 
 
 # What reads only the run store (no model, no method): these never import torch, so they answer at once
-STORE_COMMANDS = ("collect", "table", "plot", "report", "status", "cancel")
+STORE_COMMANDS = ("collect", "table", "plot", "report", "status", "cancel", "runs")
 
 
 def _dispatch(args) -> int:

@@ -1,39 +1,60 @@
-"""The ``hkdbench`` subcommands that build models or train: train, teacher, demo, eval, export, overhead, sweep,
-and the listings of models, recipes and methods."""
+"""The ``hkdbench`` subcommands that build models or train: train, teacher, config, demo, eval, export, overhead,
+sweep, and the listings of models, recipes and methods."""
 from __future__ import annotations
 
 import shlex
 import signal
 import sys
 import time
+from typing import List, Optional, Sequence
 
 from hkdbench.benchmark.cli.arguments import grid_of, slurm_settings
-from hkdbench.benchmark.core.config import ConfigError
-from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
+from hkdbench.benchmark.recipes.resolve import RECIPES, RunRequest
 
 
 def cmd_train(args, overrides) -> int:
-    from hkdbench.benchmark.core.config import split_teacher_overrides
-    from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
     from hkdbench.benchmark.engine.trainer import train, train_cohort
 
-    run_items, teacher_items = split_teacher_overrides(overrides(args))
-    methods = _method_list(args.method)
-    cfgs = [resolve_run_config(kind="student", student=args.student, method=method, teacher=args.teacher,
-                               dataset=args.dataset, recipe=args.recipe, teacher_checkpoint=args.teacher_checkpoint,
-                               teacher_recipe=args.teacher_recipe, overrides=run_items,
-                               teacher_overrides=teacher_items, teacher_weights=args.teacher_weights,
-                               teacher_pretrained=args.teacher_pretrained) for method in methods]
-    for cfg in cfgs:
-        _check_flags(args, cfg)
-    if len(cfgs) > 1:
-        check_cohort(cfgs)
-        cfgs = probing_the_cohorts_teacher(cfgs)
+    if args.resume and args.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    cfgs = checked_configs(run_request(args, overrides), _method_list(args.method), args.device)
     if args.dry_run:
         return _dry_run(cfgs, args)
     if len(cfgs) == 1:
         return _train_until_done_or_stopped(lambda **kw: [train(cfgs[0], **kw)], args)
     return _train_until_done_or_stopped(lambda **kw: train_cohort(cfgs, **kw), args)
+
+
+def run_request(args, overrides) -> RunRequest:
+    """What ``train``, ``teacher`` or ``config`` asks for: the config file (-c), then the flags, then the key=value
+    overrides."""
+    kind = "teacher" if args.command == "teacher" else "student"
+    if args.command == "config":
+        kind = _config_kind(args)
+    request = RunRequest.from_file(args.config, kind)
+    if kind == "teacher":
+        request.given(student=args.model, pretrained=args.pretrained, dataset=args.dataset, recipe=args.recipe)
+    else:
+        request.given(student=args.student, teacher=args.teacher, dataset=args.dataset, recipe=args.recipe,
+                      teacher_checkpoint=args.teacher_checkpoint, teacher_recipe=args.teacher_recipe,
+                      teacher_weights=args.teacher_weights, teacher_pretrained=args.teacher_pretrained)
+    return request.with_overrides(overrides(args))
+
+
+def _config_kind(args) -> str:
+    """The kind of run ``hkdbench config`` shows: a teacher run with --model, else the config file's kind."""
+    from hkdbench.benchmark.core.config import load_config_file
+
+    student_flags = [f"--{name.replace('_', '-')}" for name in ("student", "teacher", "method", "teacher_checkpoint",
+                                                                 "teacher_pretrained", "teacher_recipe",
+                                                                 "teacher_weights") if getattr(args, name)]
+    if args.model or args.pretrained:
+        if student_flags:
+            raise ConfigError(f"--model (a teacher run) excludes a student run's {', '.join(student_flags)}")
+        return "teacher"
+    body = load_config_file(args.config) if args.config and not student_flags else {}
+    return "teacher" if body.get("kind") == "teacher" else "student"
 
 
 def _dry_run(cfgs, args) -> int:
@@ -56,15 +77,16 @@ def _dry_run(cfgs, args) -> int:
 
 
 def _method_list(given) -> list:
-    """``--method`` values (repeated, or comma lists) in order, each once; kd when none is given."""
+    """``--method`` values (repeated, or comma lists) in order, each once; [None] when none is given (the config
+    file's method, else kd)."""
     methods = []
-    for item in given or ["kd"]:
+    for item in given or []:
         for name in item.split(","):
             if name.strip() and name.strip() not in methods:
                 methods.append(name.strip())
-    if not methods:
+    if given and not methods:
         raise ConfigError("--method needs a method name (see `hkdbench methods`)")
-    return methods
+    return methods or [None]
 
 
 def _train_until_done_or_stopped(train_runs, args) -> int:
@@ -101,25 +123,47 @@ def _train_until_done_or_stopped(train_runs, args) -> int:
 def cmd_teacher(args, overrides) -> int:
     from hkdbench.benchmark.engine.trainer import train
 
-    cfg = resolve_run_config(kind="teacher", student=args.model, method="none", dataset=args.dataset,
-                             recipe=args.recipe, overrides=overrides(args), pretrained=args.pretrained)
-    _check_flags(args, cfg)
+    if args.resume and args.restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    (cfg,) = checked_configs(run_request(args, overrides), [None], args.device)
     if args.dry_run:
         return _dry_run([cfg], args)
     return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
 
 
-def _check_flags(args, cfg) -> None:
-    """Fails before anything is built or written: conflicting flags, missing data."""
+def cmd_config(args, overrides) -> int:
+    """Prints each resolved run config (one per --method) with every field's value, default and help."""
+    from hkdbench.benchmark.cli.config_listing import format_config
+
+    request = run_request(args, overrides)
+    methods = _method_list(args.method) if request.kind == "student" else [None]
+    print("\n\n".join(format_config(request.resolve(method), args.format) for method in methods))
+    return 0
+
+
+def checked_configs(request: RunRequest, methods: Sequence[Optional[str]], device: Optional[str]) -> List[RunConfig]:
+    """The configs of ``request`` (one per method: a cohort when several), each checked before anything is built or
+    written (its data, the device, the tracker); a cohort's student alone probed against its teacher. The command
+    line and the Python API (hkdbench.api) train through this."""
+    from hkdbench.benchmark.engine.cohort import check_cohort, probing_the_cohorts_teacher
+
+    cfgs = [request.resolve(method) for method in methods]
+    for cfg in cfgs:
+        check_before_training(cfg, device)
+    if len(cfgs) > 1:
+        check_cohort(cfgs)
+        cfgs = probing_the_cohorts_teacher(cfgs)
+    return cfgs
+
+
+def check_before_training(cfg: RunConfig, device: Optional[str]) -> None:
+    """Fails before anything is built or written: missing data, a device or tracker this machine lacks."""
     from hkdbench.benchmark.engine.evaluation import select_device
     from hkdbench.benchmark.engine.preflight import check_on_device, check_run_inputs
-
-    if args.resume and args.restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    check_run_inputs(cfg)
-    check_on_device(cfg, select_device(args.device))
     from hkdbench.benchmark.engine.tracking import check_tracker_available
 
+    check_run_inputs(cfg)
+    check_on_device(cfg, select_device(device))
     check_tracker_available(cfg.train.log)
     if cfg.kind == "teacher":
         from hkdbench.benchmark.models.pretrained import warn_scratch_imagenet_teacher

@@ -1,4 +1,4 @@
-"""The ``hkdbench`` subcommands that read the run store without building a model: collect, table, plot, report,
+"""The ``hkdbench`` subcommands that read the run store without building a model: runs, collect, table, plot, report,
 status, and cancel (which also stops jobs through their executors). Nothing here imports torch or a method, except
 where a preset is expanded as the sweep would (status or cancel given a preset)."""
 from __future__ import annotations
@@ -61,6 +61,15 @@ def cmd_report(args, _overrides) -> int:
     command = "hkdbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
     index = make_report(runs_dir, out, args.metric, command=command)
     print(f"wrote {index}")
+    return 0
+
+
+def cmd_runs(args, _overrides) -> int:
+    from hkdbench.benchmark.cli.runs_listing import FILTERS, format_runs, runs_table
+    from hkdbench.benchmark.core.store import RunStore
+
+    table = runs_table(RunStore(args.runs_dir).root, {key: getattr(args, key) for key in FILTERS})
+    print(format_runs(table, args.format))
     return 0
 
 

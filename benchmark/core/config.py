@@ -2,6 +2,7 @@
 overrides, validated field by field, and hashed to name the run's directory."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -112,16 +113,29 @@ def build_dataclass(cls: type, values: Mapping[str, Any], where: str = ""):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping of {cls.__name__} fields ({where or 'section'}"
                           f".<field>=value), got {values!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(repr(k) for k in unknown)} in {where or cls.__name__}; "
-                          f"allowed: {', '.join(sorted(known))}")
+    check_known_fields(cls, values, where)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def check_known_fields(cls: type, values: Mapping[str, Any], where: str = "") -> None:
+    """A ConfigError naming the fields of ``values`` that ``cls`` lacks, the allowed ones and, for a likely typo, the
+    field meant with its help."""
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
+    if not unknown:
+        return
+    guesses = {k: difflib.get_close_matches(k, known, n=1, cutoff=0.6) for k in unknown}
+    meant = [known[g[0]] for g in guesses.values() if g]
+    hint = "; did you mean " + ", ".join(f"{f.name!r} -- {f.metadata['help']}" if f.metadata.get("help") else
+                                         repr(f.name) for f in meant) + "?" if meant else ""
+    documented = any(f.metadata.get("help") for f in known.values())  # a run config's section, not a method's
+    listing = "; `hkdbench config` lists every field with its value, default and help" if documented else ""
+    raise ConfigError(f"unknown field(s) {', '.join(repr(k) for k in unknown)} in {where or cls.__name__}; "
+                      f"allowed: {', '.join(sorted(known))}{hint}{listing}")
 
 
 def _is_float_field(annotation: Any) -> bool:
@@ -165,16 +179,24 @@ def to_dict(obj: Any) -> Any:
 PIPELINE_VERSION = 1
 
 
-def where_or_how(default: Any) -> Any:
+def setting(default: Any = MISSING, help: str = "", identity: bool = True) -> Any:
+    """A config field with its one line of help: the one source of the text that ``hkdbench config`` prints, the
+    unknown-field errors quote and a generated reference can list (:func:`field_docs`). ``identity=False``: left out of
+    the run's identity (see :func:`where_or_how` and :func:`restated`)."""
+    metadata = {"help": help} if identity else {"help": help, "identity": False}
+    return field(default=default, metadata=metadata)
+
+
+def where_or_how(default: Any, help: str = "") -> Any:
     """A config field that says where or how fast a run goes, or how it is watched, never what it computes: left out
     of the run's identity."""
-    return field(default=default, metadata={"identity": False})
+    return setting(default, help, identity=False)
 
 
-def restated(default: Any = MISSING) -> Any:
+def restated(default: Any = MISSING, help: str = "") -> Any:
     """A config field whose content another field of the identity already stands for (the method's resolved
     hyperparameters by ``method_settings``; how the teacher run is trained by ``teacher_run``): left out of it."""
-    return field(default=default, metadata={"identity": False})
+    return setting(default, help, identity=False)
 
 
 def _field_default(f) -> Any:
@@ -288,29 +310,32 @@ MAX_IMG_SIZE = 4096
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"
-    root: Optional[str] = None          # None: the dataset's default location
-    download: bool = False              # torchvision datasets only; needs a network
-    pipeline: str = "small"             # 'small' (demo resolution) or 'paper224' (the papers' CIFAR-at-224)
-    img_size: int = 32
-    train_subset: int = 0               # 0: the whole training set; else the first N of a seeded permutation
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    workers: int = where_or_how(4)      # DataLoader workers for the per-image path
-    eval_subset: int = 0                # 0: the whole test set; else its first N images (quick checks only)
-    in_memory: str = "auto"             # 'auto', 'yes', 'no': the whole-set uint8 tensor fast path
-    hflip: float = 0.5
-    rrc_scale: Tuple[float, ...] = (0.08, 1.0)
-    train_interpolation: str = "bilinear"  # training resize: 'bilinear', 'bicubic' or 'random' (either, per image)
-    eval_interpolation: str = "bilinear"   # evaluation resize: 'bilinear', 'bicubic' or 'model' (the model's default)
-    crop_padding: int = 4               # 'small' pipeline random crop padding
-    color_jitter: float = 0.0
-    auto_augment: Optional[str] = None  # e.g. 'rand-m9-mstd0.5-inc1'
-    reprob: float = 0.0                 # random erasing probability
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    crop_pct: Optional[float] = None    # None: the student's crop_pct from the zoo
-
+    dataset: str = setting("fashion-mnist", "the dataset (set by --dataset; it picks the recipe and the classes)")
+    root: Optional[str] = setting(None, "the dataset's folder (null: its default location; same as --data-root)")
+    download: bool = setting(False, "let torchvision download the dataset (cifar10/cifar100 only; needs a network)")
+    pipeline: str = setting("small", "input pipeline: 'small' (demo resolution, padded random crop) or 'paper224' "
+                                     "(the papers' CIFAR-at-224: timm's random resized crop)")
+    img_size: int = setting(32, "training and evaluation image size in pixels (a side)")
+    train_subset: int = setting(0, "0: the whole training set; else the first N of a seeded permutation")
+    batch_size: int = setting(128, "training batch per process (timm's --batch-size)")
+    eval_batch_size: int = setting(256, "evaluation batch")
+    workers: int = where_or_how(4, "DataLoader workers of the per-image path")
+    eval_subset: int = setting(0, "0: the whole test set; else its first N images (quick checks only)")
+    in_memory: str = setting("auto", "'auto', 'yes', 'no': the whole set as one uint8 tensor, augmented on the device")
+    hflip: float = setting(0.5, "horizontal flip probability")
+    rrc_scale: Tuple[float, ...] = setting((0.08, 1.0), "random resized crop: the range of the area kept ('paper224')")
+    train_interpolation: str = setting("bilinear", "training resize: 'bilinear', 'bicubic' or 'random' (either, per "
+                                                   "image, as timm's train.py)")
+    eval_interpolation: str = setting("bilinear", "evaluation resize: 'bilinear', 'bicubic' or 'model' (the "
+                                                  "student's default)")
+    crop_padding: int = setting(4, "random crop padding of the 'small' pipeline")
+    color_jitter: float = setting(0.0, "colour jitter strength (timm: applied only without auto_augment)")
+    auto_augment: Optional[str] = setting(None, "timm's RandAugment policy, e.g. 'rand-m9-mstd0.5-inc1' (null: none)")
+    reprob: float = setting(0.0, "random erasing probability")
+    mixup: float = setting(0.0, "mixup alpha (0: off)")
+    cutmix: float = setting(0.0, "cutmix alpha (0: off)")
+    crop_pct: Optional[float] = setting(None, "evaluation centre-crop fraction (null: the student's crop_pct from the "
+                                              "zoo)")
     def __post_init__(self):
         if self.pipeline not in ("small", "paper224"):
             raise ValueError(f"data.pipeline must be 'small' or 'paper224', got {self.pipeline!r}")
@@ -355,22 +380,22 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """timm 0.6.5 ``train.py``'s optimiser and schedule arguments (see ``engine/optim.py``)."""
-    name: str = "sgd"                   # 'sgd' (timm's: Nesterov momentum) or 'adamw'
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    betas: Tuple[float, ...] = (0.9, 0.999)  # adamw
-    eps: float = 1e-8                   # adamw (torch's default, which timm keeps without --opt-eps)
-    sched: str = "cosine"               # 'cosine' (CosineLRScheduler) or 'step' (StepLRScheduler)
-    sched_on_updates: bool = False      # False: stepped once per epoch, as the reference; True: per update
-    warmup_epochs: float = 0.0
-    warmup_lr: float = 1e-4
-    min_lr: float = 0.0                 # cosine floor (the step schedule has none, as in timm)
-    decay_epochs: float = 100.0         # step: decay every decay_epochs (OFA-KD train.py default 100)
-    decay_rate: float = 0.1             # step: the factor per decay
-    clip_grad: float = 0.0              # 0: no clipping (norm clipping otherwise, timm's clip_mode 'norm')
-    label_smoothing: float = 0.0
-
+    name: str = setting("sgd", "optimiser: 'sgd' (timm's: Nesterov momentum) or 'adamw'")
+    lr: float = setting(0.05, "peak learning rate (after the warm-up)")
+    momentum: float = setting(0.9, "sgd momentum (Nesterov)")
+    weight_decay: float = setting(5e-4, "weight decay (timm's: not on biases and norms)")
+    betas: Tuple[float, ...] = setting((0.9, 0.999), "adamw betas")
+    eps: float = setting(1e-8, "adamw eps (torch's default, which timm keeps without --opt-eps)")
+    sched: str = setting("cosine", "schedule: 'cosine' (CosineLRScheduler) or 'step' (StepLRScheduler)")
+    sched_on_updates: bool = setting(False, "false: the schedule steps once per epoch, as the references; true: per "
+                                            "update")
+    warmup_epochs: float = setting(0.0, "linear warm-up from warmup_lr, in epochs")
+    warmup_lr: float = setting(1e-4, "learning rate at the start of the warm-up")
+    min_lr: float = setting(0.0, "cosine floor (the step schedule has none, as in timm)")
+    decay_epochs: float = setting(100.0, "step schedule: decay every decay_epochs (OFA-KD train.py default 100)")
+    decay_rate: float = setting(0.1, "step schedule: the factor per decay")
+    clip_grad: float = setting(0.0, "gradient norm clipping (0: none; timm's clip_mode 'norm')")
+    label_smoothing: float = setting(0.0, "label smoothing of the task loss")
     def __post_init__(self):
         if self.name not in ("sgd", "adamw"):
             raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {self.name!r}")
@@ -408,31 +433,31 @@ def _not_teacher_runs(names: Sequence[Any]) -> List[Any]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    seed: int = 0
-    # 'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', 'bf16', 'fp16'
-    precision: str = "auto"
-    channels_last: str = "auto"         # 'auto' (on CUDA), 'yes', 'no'
-    ema_decay: float = 0.0              # student EMA; 0 disables
-    drop_path: Optional[float] = None   # student stochastic depth; None: the timm model's default (train.py)
-    eval_every: int = 1
+    epochs: int = setting(10, "training epochs")
+    seed: int = setting(0, "seed of the data stream and of the models' randomness (same as --seed)")
+    precision: str = setting("auto", "'auto' (bf16 on CUDA with support, fp16 otherwise; fp32 on CPU), 'fp32', "
+                                     "'bf16', 'fp16'")
+    channels_last: str = setting("auto", "channels-last memory format: 'auto' (on CUDA), 'yes', 'no'")
+    ema_decay: float = setting(0.0, "student EMA decay per update (0: no EMA)")
+    drop_path: Optional[float] = setting(None, "student stochastic depth (null: the timm model's default, as "
+                                               "train.py)")
+    eval_every: int = setting(1, "epochs between evaluations (the last epoch is always evaluated)")
     # Probes (probes/: the PROBES registry in probes/hooks.py), logged into metrics.jsonl; 0 turns a probe off.
-    probe_every: int = 0                # epochs between CKA probes (teacher stage x student stage)
-    probe_images: int = 512             # fixed probe set, drawn deterministically from the test set
-    probe_kernel: str = "linear"        # 'linear' or 'rbf'
-    conflict_every: int = 0             # steps between gradient-conflict measurements (task vs distillation)
-    # Teacher runs of the store (names) that a run without a teacher of its own (the student alone) probes its CKA
-    # against, with their best weights, as the distilled runs probe theirs: the reference of the CKA-change figure.
+    probe_every: int = setting(0, "epochs between CKA probes, teacher stage x student stage (0: off)")
+    probe_images: int = setting(512, "CKA probe set size, drawn deterministically from the test set")
+    probe_kernel: str = setting("linear", "CKA kernel: 'linear' or 'rbf'")
+    conflict_every: int = setting(0, "steps between gradient-conflict measurements, task vs distillation (0: off)")
     # A sweep sets it for its `none` runs (one per teacher the run serves); empty: no such probe.
-    probe_teachers: Tuple[str, ...] = ()
+    probe_teachers: Tuple[str, ...] = setting((), "teacher runs (names) a student trained alone is CKA-probed against "
+                                                  "(the reference of the CKA-change figure)")
     # Where the run is watched (not part of the run's hash: they change no result; benchmark/engine/tracking.py and
     # benchmark/engine/progress.py). The run store stays the source of truth.
-    log: str = where_or_how("none")     # experiment tracker: 'tensorboard', 'wandb' or 'none'
-    log_interval: int = where_or_how(50)  # steps between progress lines when stdout is not a terminal (0: none)
+    log: str = where_or_how("none", "experiment tracker: 'tensorboard', 'wandb' or 'none'")
+    log_interval: int = where_or_how(50, "steps between progress lines when stdout is not a terminal (0: none)")
     # torch.compile of the student and the method's modules (engine/step.py: compile_trained_modules); the same
     # result up to float rounding, so it is in env.json, not in the hash
-    compile: bool = where_or_how(False)
-
+    compile: bool = where_or_how(False, "torch.compile the student and the method's modules (same result up to float "
+                                        "rounding)")
     def __post_init__(self):
         if self.log not in TRACKERS:
             raise ValueError(f"train.log must be one of {', '.join(TRACKERS)}, got {self.log!r}")
@@ -477,17 +502,18 @@ WEIGHTS_KINDS = ("best", "last")       # the weights a run keeps: its best evalu
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    checkpoint: Optional[str] = None    # a state dict to load (teachers: instead of training one)
-    checkpoint_ema: bool = False        # take the EMA weights from a timm checkpoint that has them
-    # A teacher trained here: which weights of its run students load. 'best' (its best epoch by top-1), as the
-    # references' teachers are the model_best of timm's train.py; 'last' for its last epoch.
-    weights: str = "best"
-    # timm's pretrained weights (a hub name or tag, e.g. 'swin_tiny_patch4_window7_224.ms_in1k') and the SHA-256
-    # of the weights file they resolved to (benchmark/models/pretrained.py): the weights' identity, part of the hash.
-    pretrained: Optional[str] = None
-    pretrained_sha256: Optional[str] = None
-
+    name: str = setting(help="the model (see `hkdbench models`)")
+    checkpoint: Optional[str] = setting(None, "a state dict to load (a teacher: instead of training one; "
+                                              "--teacher-checkpoint)")
+    checkpoint_ema: bool = setting(False, "take the EMA weights from a timm checkpoint that has them")
+    # The references' teachers are the model_best of timm's train.py.
+    weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
+                                   "epoch by top-1) or 'last'")
+    # (benchmark/models/pretrained.py): the weights' identity, part of the hash
+    pretrained: Optional[str] = setting(None, "timm's pretrained weights, architecture.tag (e.g. "
+                                              "swin_tiny_patch4_window7_224.ms_in1k)")
+    pretrained_sha256: Optional[str] = setting(None, "the SHA-256 of the file those weights resolved to (recorded, "
+                                                     "not set)")
     def __post_init__(self):
         if self.pretrained and self.checkpoint:
             raise ValueError("pretrained and checkpoint exclude each other (both give the model's weights)")
@@ -501,28 +527,29 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    kind: str                           # 'student' or 'teacher'
-    student: ModelConfig
-    method: str
-    method_cfg: Dict[str, Any] = restated()  # the method's hyperparameters, every one as resolved
-    data: DataConfig
-    optim: OptimConfig
-    train: TrainConfig
-    # the method's hyperparameters that differ from its defaults, canonical key=value (sorted, as flatten() writes
-    # them): what the run stands for of method_cfg, and the label that keeps the run's table cell apart
-    method_settings: Tuple[str, ...] = ()
-    # the method's computation (methods/registry.py: method_code): 'v<N>', a built-in method's declared version, or
-    # 'src-<hash>', a plugin's source fingerprint; a run is trained only while it matches the loaded code
-    method_code: str = ""
-    teacher: Optional[ModelConfig] = None
-    teacher_recipe: Optional[str] = restated(None)  # the recipe the teacher is trained with when it has no checkpoint
-    # key=value overrides of that teacher run, canonical (sorted, each value as the teacher run reads it, none that
-    # changes nothing): the teacher run is rebuilt from them
-    teacher_overrides: Tuple[str, ...] = restated(())
-    recipe: str = ""
-    # the name (with its hash) of the run that trains the teacher; a student's hash names its teacher by it
-    teacher_run: Optional[str] = None
-
+    kind: str = setting(help="'student' (hkdbench train) or 'teacher' (hkdbench teacher)")
+    student: ModelConfig = setting(help="the model the run trains (a teacher run's: the teacher)")
+    method: str = setting(help="the distillation method (see `hkdbench methods`); 'none' trains the model alone")
+    method_cfg: Dict[str, Any] = restated(help="the method's hyperparameters, every one as resolved (method.<field>)")
+    data: DataConfig = setting(help="the data and its augmentation")
+    optim: OptimConfig = setting(help="the optimiser and its schedule")
+    train: TrainConfig = setting(help="the training loop")
+    # what the run stands for of method_cfg, and the label that keeps the run's table cell apart
+    method_settings: Tuple[str, ...] = setting((), "the method's hyperparameters that differ from its defaults, "
+                                                   "canonical key=value (recorded, not set)")
+    # 'v<N>', a built-in method's declared version, or 'src-<hash>', a plugin's source fingerprint; a run is trained
+    # only while it matches the loaded code (methods/registry.py: method_code)
+    method_code: str = setting("", "the version of the method's computation (recorded, not set)")
+    teacher: Optional[ModelConfig] = setting(None, "the teacher (null: none); its fields as the student's")
+    teacher_recipe: Optional[str] = restated(None, "the recipe the teacher run is trained with (--teacher-recipe)")
+    # canonical (sorted, each value as the teacher run reads it, none that changes nothing): the teacher run is
+    # rebuilt from them
+    teacher_overrides: Tuple[str, ...] = restated((), "key=value overrides of the teacher run (teacher.<section>."
+                                                      "<field>=value)")
+    recipe: str = setting("", "the training recipe (see `hkdbench recipes`; --recipe)")
+    # a student's hash names its teacher by it
+    teacher_run: Optional[str] = setting(None, "the name (with its hash) of the run that trains the teacher (recorded, "
+                                               "not set)")
     def to_dict(self) -> Dict[str, Any]:
         return to_dict(self)
 
@@ -581,3 +608,101 @@ class OverheadConfig:
 def overhead_config_from_dict(d: Mapping[str, Any]) -> OverheadConfig:
     """Rebuilds an OverheadConfig from its stored JSON form (which names its kind)."""
     return build_dataclass(OverheadConfig, {k: v for k, v in d.items() if k != "kind"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fields' documentation and config files
+# --------------------------------------------------------------------------------------------------------------
+
+REQUIRED = "(required)"  # the default shown for a field without one
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One field of the run config: its dotted key, its type, its default (:data:`REQUIRED` when it has none) and its
+    one line of help, as the dataclasses declare them."""
+    key: str
+    type: str
+    default: Any
+    help: str
+
+
+def _type_name(annotation: Any) -> str:
+    """``Optional[float]`` -> 'float or null', ``Tuple[float, ...]`` -> 'list of float'."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (tuple, Tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin in (dict, Dict):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _dataclass_in(annotation: Any) -> Optional[type]:
+    """The dataclass a field holds (also as Optional[...]), or None."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    return next((a for a in candidates if is_dataclass(a)), None)
+
+
+def field_docs(cls: type = RunConfig, prefix: str = "") -> List[FieldDoc]:
+    """Every leaf field of the config tree under ``cls`` (sections and models expanded: ``data.img_size``,
+    ``teacher.name``), in declaration order: the one source of the fields' help (``hkdbench config``, the
+    unknown-field errors, a generated reference)."""
+    docs: List[FieldDoc] = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        inner = _dataclass_in(hints[f.name])
+        if inner is not None:
+            docs.extend(field_docs(inner, f"{prefix}{f.name}."))
+            continue
+        default = _field_default(f)
+        docs.append(FieldDoc(f"{prefix}{f.name}", _type_name(hints[f.name]),
+                             REQUIRED if default is MISSING else to_dict(default), f.metadata.get("help", "")))
+    return docs
+
+
+def check_partial(cls: type, values: Any, where: str) -> Dict[str, Any]:
+    """``values`` for some fields of ``cls`` (a section of a config file): every name known, every value of its
+    field's type, sections and models checked the same way; the values as read. Checks between fields wait for the
+    whole config (a recipe fills the rest)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    check_known_fields(cls, values, where)
+    hints = typing.get_type_hints(cls)
+    checked: Dict[str, Any] = {}
+    for key, value in values.items():
+        inner, path = _dataclass_in(hints[key]), f"{where}.{key}" if where else key
+        if inner is None or value is None:
+            checked[key] = _coerce(value, hints[key], path)
+        else:
+            checked[key] = check_partial(inner, {"name": value} if isinstance(value, str) else value, path)
+    return checked
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A run config file (YAML; a run's config.json is one): the fields of :class:`RunConfig`, each section partial
+    (``train: {epochs: 3}``), a model given as its name or as its fields, ``teacher_overrides`` as ``key=value`` items
+    or as sections. Every name and type is checked here; a ConfigError names the file and the field."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory (a run's is RUN/config.json)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    try:
+        body = load_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"config file {path} holds {type(body).__name__ if body is not None else 'nothing'}, not "
+                          "a mapping of run config fields (data:, optim:, train:, ...)")
+    body = dict(body)
+    if isinstance(body.get("teacher_overrides"), Mapping):  # sections, as a preset writes them
+        body["teacher_overrides"] = flatten(body["teacher_overrides"])
+    try:
+        return check_partial(RunConfig, body, "")
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from None

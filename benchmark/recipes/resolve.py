@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from hkdbench.benchmark.core.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
-                                       TrainConfig, build_dataclass, deep_merge, flatten, parse_overrides, to_dict)
+                                            TrainConfig, build_dataclass, deep_merge, flatten, load_config_file,
+                                            parse_overrides, split_teacher_overrides, to_dict)
 from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.models.pretrained import used_as_is
@@ -210,3 +212,161 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
     return resolve_run_config(kind="teacher", student=cfg.teacher.name, method="none", dataset=cfg.data.dataset,
                               recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located),
                               pretrained=cfg.teacher.pretrained)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A run config file (hkdbench train/teacher -c FILE), then the command line's flags, then its key=value overrides
+# --------------------------------------------------------------------------------------------------------------
+
+# Fields a config file may hold that resolution derives from the others: a run's config.json records them, and a
+# replay of that file checks that this hkdbench derives the same (else the run would not be the one recorded).
+DERIVED_FIELDS = ("method_settings", "method_code", "teacher_run", "student.pretrained_sha256",
+                  "teacher.pretrained_sha256")
+_FIXED_MODEL_FIELDS = {"checkpoint_ema": False}  # what neither `train` nor `teacher` sets: a file must leave it so
+
+
+@dataclasses.dataclass
+class RunRequest:
+    """What ``hkdbench train``/``teacher`` (or the API) asks for: :func:`resolve_run_config`'s arguments, from a config
+    file (:func:`from_file`), then the flags given, then ``key=value`` overrides (``teacher.*`` to the teacher run).
+    ``method_cfg``: the file's hyperparameters, for its ``method`` only."""
+    kind: str
+    arguments: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    teacher_overrides: List[str] = dataclasses.field(default_factory=list)
+    method_cfg: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    file: Optional[str] = None
+    body: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: Optional[str], kind: str) -> "RunRequest":
+        if path is None:
+            return cls(kind)
+        body = load_config_file(path)
+        _check_file_kind(body, kind, path)
+        student, teacher = body.get("student") or {}, body.get("teacher") or {}
+        for role, model in (("student", student), ("teacher", teacher)):
+            for key, value in _FIXED_MODEL_FIELDS.items():
+                if model.get(key, value) != value:
+                    raise ConfigError(f"config file {path}: {role}.{key}={model[key]!r} is not a setting of hkdbench "
+                                      f"{kind}; leave it out")
+        sections = {k: dict(body[k]) for k in RUN_SECTIONS if body.get(k)}
+        dataset = sections.get("data", {}).pop("dataset", None)
+        arguments = {"student": student.get("name"), "pretrained": student.get("pretrained"),
+                     "dataset": dataset, "recipe": body.get("recipe")}
+        if kind == "student":
+            arguments.update(method=body.get("method"), teacher=teacher.get("name"),
+                             teacher_checkpoint=teacher.get("checkpoint"), teacher_weights=teacher.get("weights"),
+                             teacher_pretrained=teacher.get("pretrained"), teacher_recipe=body.get("teacher_recipe"))
+            arguments.pop("pretrained")
+        return cls(kind, {k: v for k, v in arguments.items() if v is not None}, sections,
+                   list(body.get("teacher_overrides") or []), dict(body.get("method_cfg") or {}), path, body)
+
+    def given(self, **flags: Any) -> "RunRequest":
+        """The request with the flags given on the command line (None: not given) over the file's."""
+        self.arguments.update({k: v for k, v in flags.items() if v is not None})
+        return self
+
+    def with_overrides(self, items: Sequence[str]) -> "RunRequest":
+        """``key=value`` items over the file's sections; ``teacher.<section>.<field>=value`` over its teacher
+        overrides (a later value of a key wins)."""
+        own, teacher = split_teacher_overrides(items)
+        if teacher and self.kind == "teacher":
+            raise ConfigError(f"teacher.* overrides ({', '.join(teacher)}) set a student's teacher run; for this "
+                              "teacher run, set its fields directly (train.epochs=3)")
+        self.overrides = deep_merge(self.overrides, parse_overrides(own))
+        self.teacher_overrides = [*self.teacher_overrides, *teacher]
+        return self
+
+    def resolve(self, method: Optional[str] = None) -> RunConfig:
+        """The run's config (``method``: one of a cohort's, else the file's or kd); a pure replay of a config file is
+        checked to stand for the same run (:data:`DERIVED_FIELDS`)."""
+        try:
+            cfg = resolve_run_config(**self._arguments(method))
+        except ConfigError as err:
+            raise self._blamed(err, method) from None
+        if self.file is not None:
+            check_replay(self.body, cfg, self.file)
+        return cfg
+
+    def _arguments(self, method: Optional[str]) -> Dict[str, Any]:
+        arguments = dict(self.arguments, kind=self.kind)
+        if self.kind == "student":
+            arguments["method"] = method or arguments.get("method", "kd")
+        if "student" not in arguments:
+            flag = "--student" if self.kind == "student" else "--model"
+            raise ConfigError(f"no model to train: give {flag}" + (f" (config file {self.file} names none: "
+                                                                   "student: NAME)" if self.file else ""))
+        mine = self.method_cfg if arguments.get("method") == self.body.get("method", "none") else {}
+        overrides = deep_merge(self.overrides, {"method": deep_merge(mine, self.overrides.get("method", {}))})
+        return {**arguments, "overrides": overrides, "teacher_overrides": self.teacher_overrides}
+
+    def _blamed(self, err: ConfigError, method: Optional[str]) -> ConfigError:
+        """``err`` naming the config file when the file alone (with the flags) fails so too."""
+        if self.file is None:
+            return err
+        alone = dataclasses.replace(RunRequest.from_file(self.file, self.kind), arguments=self.arguments)
+        try:
+            resolve_run_config(**alone._arguments(method))
+        except ConfigError as again:
+            if again.message() == err.message():
+                return ConfigError(f"config file {self.file}: {err.message()}")
+        return err
+
+
+def _check_file_kind(body: Mapping[str, Any], kind: str, path: str) -> None:
+    """A teacher run's file given to ``train`` (or a student's to ``teacher``) says which command takes it."""
+    stated = body.get("kind", kind)
+    if stated not in ("student", "teacher"):
+        raise ConfigError(f"config file {path}: kind must be 'student' or 'teacher', got {stated!r}")
+    if stated != kind:
+        command = "hkdbench teacher" if stated == "teacher" else "hkdbench train"
+        raise ConfigError(f"config file {path} is a {stated} run's config (kind: {stated}); train it with `{command} "
+                          f"-c {path}`")
+    if kind == "teacher":
+        extra = [k for k in ("teacher", "teacher_recipe", "teacher_run") if body.get(k)]
+        extra += ["teacher_overrides"] if body.get("teacher_overrides") else []
+        extra += [f"method={body['method']!r}"] if body.get("method", "none") != "none" else []
+        if extra:
+            raise ConfigError(f"config file {path}: a teacher run has no teacher nor method; remove "
+                              f"{', '.join(extra)}")
+
+
+def _at(body: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        body = body.get(part) if isinstance(body, Mapping) else None
+    return body
+
+
+def _same(given: Any, resolved: Any) -> bool:
+    """Whether the fields a file gives have the values resolved (a section: those of its fields it gives)."""
+    if isinstance(given, Mapping) and isinstance(resolved, Mapping):
+        return all(k in resolved and _same(v, resolved[k]) for k, v in given.items())
+    return json.loads(json.dumps(given)) == json.loads(json.dumps(resolved))
+
+
+def check_replay(body: Mapping[str, Any], cfg: RunConfig, path: str) -> None:
+    """A config file whose settings all resolved as written (a run's config.json replayed) must derive what it
+    records (:data:`DERIVED_FIELDS`): else this hkdbench would train another run under the recorded one's settings."""
+    resolved = cfg.to_dict()
+    plain = {k: v for k, v in body.items() if k not in DERIVED_FIELDS}
+    for role in ("student", "teacher"):
+        if isinstance(plain.get(role), Mapping):
+            plain[role] = {k: v for k, v in plain[role].items() if k != "pretrained_sha256"}
+    if not _same(plain, resolved):
+        return  # the command line changed something: a new run, its derived fields derived afresh
+    for key in DERIVED_FIELDS:
+        recorded = _at(body, key)
+        if recorded is not None and not _same(recorded, _at(resolved, key)):
+            raise ConfigError(f"config file {path} records {key}={recorded!r}, but this hkdbench derives "
+                              f"{_at(resolved, key)!r} from its settings: {_REPLAY_ADVICE[key.split('.')[-1]]}. "
+                              f"Remove {key} from the file to train the settings with this code (a new run)")
+
+
+_REPLAY_ADVICE = {
+    "method_code": "the method's code changed since that run, so it would compute something else",
+    "method_settings": "the method's defaults changed since that run",
+    "teacher_run": "the teacher run it names would not be the one trained now (its settings, the pipeline or its "
+                   "weights changed)",
+    "pretrained_sha256": "the pretrained weights resolve to another file than that run used",
+}
