@@ -119,6 +119,10 @@ class Distiller(nn.Module):
     needs_sample_indices: ClassVar[bool] = False
     # True: some trainable parameter may get no gradient in a step, so DDP must look for unused parameters
     find_unused_parameters: ClassVar[bool] = False
+    # Set when the method exchanges values between DDP ranks inside its forward (an all-reduce or all-gather whose
+    # result that forward uses, as CRD's first-batch Z): ranks emulated one after another in a process
+    # (train.world > processes, benchmark/engine/ranks.py) cannot give it, so such a run is refused
+    syncs_ranks_in_forward: ClassVar[bool] = False
 
     def __init__(self, cfg, student: TappedModel, teacher: Optional[TappedModel], num_classes: int,
                  criterion: Optional[nn.Module] = None, train_set: Optional[TrainingSet] = None):

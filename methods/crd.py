@@ -155,6 +155,7 @@ class CRD(Distiller):
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Tian et al., ICLR 2020, Contrastive Representation Distillation"
     needs_sample_indices = True
+    syncs_ranks_in_forward = True  # the first batch's Z and the banks' update: every rank's embeddings
 
     @dataclass(frozen=True)
     class Config:

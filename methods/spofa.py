@@ -88,6 +88,7 @@ class EmaBaseline(nn.Module):
 class SPOFA(OFA):
     name = "spofa"
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
+    syncs_ranks_in_forward = True  # its deviation mu_prev - s takes s averaged over the ranks
     paper = "arXiv 2606.24557 (2026), HKD via Geometry Decoupling and Momentum-Aware Gradient Regulation"
     projector_style = "spofa"
 

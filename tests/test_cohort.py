@@ -63,16 +63,16 @@ def test_the_stream_is_keyed_by_seed_epoch_and_step_not_by_what_else_draws(fmnis
     device = torch.device("cpu")
     train_loader, _, info = loaders.build_loaders(cfg.data, device, 0.875)
     mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-    stream = DataStream(train_loader, seed=3, device=device, mixup=mixup)
-    plain = [b.images for _, b in stream.batches(epoch=1)]
+    stream = DataStream([train_loader], seed=3, device=device, mixup=mixup)
+    plain = [b.images for _, (b,) in stream.batches(epoch=1)]
     drawn = []
-    for _, batch in stream.batches(epoch=1):  # a model drawing between the steps changes nothing
+    for _, (batch,) in stream.batches(epoch=1):  # a model drawing between the steps changes nothing
         drawn.append(batch.images)
         torch.rand(1000), torch.randn(7)
     assert all(torch.equal(a, b) for a, b in zip(plain, drawn))
-    resumed = [b.images for _, b in stream.batches(epoch=1, start_step=2)]
+    resumed = [b.images for _, (b,) in stream.batches(epoch=1, start_step=2)]
     assert all(torch.equal(a, b) for a, b in zip(plain[2:], resumed))
-    other_epoch = [b.images for _, b in stream.batches(epoch=2)]
+    other_epoch = [b.images for _, (b,) in stream.batches(epoch=2)]
     assert not torch.equal(plain[0], other_epoch[0])
     # and the stream leaves the global RNGs as it found them
     torch.manual_seed(5)
@@ -88,14 +88,14 @@ def test_drawing_ahead_changes_no_batch_and_no_models_randomness(fmnist_availabl
     cfg = cfg_of("kd")
     device = torch.device("cpu")
     train_loader, _, info = loaders.build_loaders(cfg.data, device, 0.875)
-    stream = DataStream(train_loader, seed=3, device=device,
+    stream = DataStream([train_loader], seed=3, device=device,
                         mixup=loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing))
-    plain = [(step, b.images, b.targets.soft) for step, b in stream.batches(epoch=1, start_step=1)]
+    plain = [(step, b.images, b.targets.soft) for step, (b,) in stream.batches(epoch=1, start_step=1)]
     torch.manual_seed(9)
     expected_model_draws = [torch.rand(4) for _ in range(2 * len(plain))]
     torch.manual_seed(9)
     ahead, seen, model_draws = stream.lookahead(epoch=1, start_step=1), [], []
-    for step, batch in ahead:
+    for step, (batch,) in ahead:
         model_draws.append(torch.rand(4))  # a dropout mask before the step's read
         ahead.draw_next()
         ahead.draw_next()  # a second call draws nothing more

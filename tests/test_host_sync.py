@@ -148,13 +148,13 @@ def _cifar_vit_stream(device: torch.device) -> DataStream:
     assert cfg.data.auto_augment and cfg.data.mixup and cfg.data.cutmix and cfg.data.reprob
     train_loader, _, info = loaders.build_loaders(cfg.data, device, 1.0)
     mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-    return DataStream(train_loader, cfg.train.seed, device, mixup, with_index=True)
+    return DataStream([train_loader], cfg.train.seed, device, mixup, with_index=True)
 
 
 def test_a_batch_of_the_cifar_vit_stream_makes_no_host_sync(fmnist_available):
     stream = _cifar_vit_stream(CPU)
     for step in (0, 2):  # an epoch's first batch (its order goes to the device too) and a later one
-        (drawn, batch), reads = count_stream_syncs(stream, epoch=1, step=step)
+        (drawn, (batch,)), reads = count_stream_syncs(stream, epoch=1, step=step)
         assert reads == [], f"batch {step}: {len(reads)} host reads: {reads}"
         assert drawn == step and batch.images.shape == (32, 1, 32, 32) and batch.targets.soft is not None
     # what was left out: the three reads of RandAugment's draws, made and planned on the host
@@ -166,7 +166,7 @@ def test_the_cifar_vit_stream_draws_batches_on_a_device_whose_values_cannot_be_r
     """A meta tensor has no values: reading one (``.tolist()``, a data-dependent size such as bincount's) raises.
     The stream's batches come through, so none of its steps reads a value from the data's device."""
     stream = _cifar_vit_stream(torch.device("meta"))
-    for _, batch in itertools.islice(stream.batches(epoch=0), 3):
+    for _, (batch,) in itertools.islice(stream.batches(epoch=0), 3):
         assert batch.images.device.type == "meta" and batch.targets.soft.shape == (32, 10)
 
 

@@ -423,6 +423,7 @@ class OptimConfig:
 
 TRACKERS = ("none", "tensorboard", "wandb")
 MAX_SEED = 2 ** 40  # seed * 100003 + epoch must stay within torch.manual_seed's 64 bits
+MAX_WORLD = 4096  # ranks: far above any reference (OFA-KD: 8); a larger value is a typo
 
 def _not_teacher_runs(names: Sequence[Any]) -> List[Any]:
     """The items of ``names`` that do not name a teacher run, by the store's naming rule."""
@@ -458,6 +459,13 @@ class TrainConfig:
     # result up to float rounding, so it is in env.json, not in the hash
     compile: bool = where_or_how(False, "torch.compile the student and the method's modules (same result up to float "
                                         "rounding)")
+    # How many ranks the reference spread its global batch over (data.batch_size per rank): part of what the run
+    # computes (each rank's slice augmented, normalised and lossed on its own, the gradients averaged over the ranks);
+    # the processes that run them are not: each trains world / processes ranks in turn (engine/ranks.py)
+    world: int = setting(1, "ranks the global batch is spread over, as the reference ran (OFA-KD: 8); each device "
+                            "trains world / processes of them in turn")
+    sync_bn: bool = setting(False, "timm's --sync-bn: BatchNorm statistics over every rank's slice (world > 1, one "
+                                   "GPU per rank)")
     def __post_init__(self):
         if self.log not in TRACKERS:
             raise ValueError(f"train.log must be one of {', '.join(TRACKERS)}, got {self.log!r}")
@@ -480,6 +488,12 @@ class TrainConfig:
             raise ValueError(f"train.probe_kernel must be 'linear' or 'rbf', got {self.probe_kernel!r}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if not 1 <= self.world <= MAX_WORLD:
+            raise ValueError(f"train.world must be in [1, {MAX_WORLD}] (the reference's number of ranks, e.g. 8 for "
+                             f"OFA-KD's recipes), got {self.world}")
+        if self.sync_bn and self.world == 1:
+            raise ValueError("train.sync_bn=true needs train.world > 1 (with one rank BatchNorm already sees the "
+                             "whole batch)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.channels_last not in ("auto", "yes", "no"):

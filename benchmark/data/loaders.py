@@ -26,7 +26,7 @@ resumed mid-epoch sees the same batches.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -514,30 +514,41 @@ def in_memory_path(cfg: DataConfig) -> bool:
 def build_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, rank: int = 0, world_size: int = 1):
     """(train loader, eval loader, DatasetInfo) for a data config; with ``world_size > 1`` each loader yields
     rank ``rank``'s share (see engine/distributed.py)."""
+    trains, test, info = build_rank_loaders(cfg, device, crop_pct, [rank], world_size, rank, world_size)
+    return trains[0], test, info
+
+
+def build_rank_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, ranks: Sequence[int], world: int,
+                       process: int = 0, processes: int = 1):
+    """([a train loader for each of ``ranks``], eval loader, DatasetInfo): the training slices of ranks ``ranks``
+    of ``world`` (train.world; a process emulating several ranks takes several), over one copy of the data; the
+    evaluation shard of process ``process`` of ``processes`` (the test set is split over processes, not ranks)."""
     if cfg.eval_interpolation == "model":
         raise ValueError("data.eval_interpolation=model is resolved to the student's default when a run's config is "
                          "built (recipes.resolve_run_config); pass 'bilinear' or 'bicubic' to build_loaders")
-    shard = {"rank": rank, "world_size": world_size}
     info = dataset_info(cfg.dataset)
     check_data_available(cfg)
+    eval_shard = {"rank": process, "world_size": processes}
     if in_memory_path(cfg):
         train_x, train_y = load_tensors(cfg, train=True)
         keep = train_subset_indices(len(train_y), cfg.train_subset)
+        train_x, train_y = train_x[keep].to(device), train_y[keep].to(device)  # one copy for every rank's loader
         test_x, test_y = load_tensors(cfg, train=False)
         if cfg.eval_subset:
             test_x, test_y = test_x[:cfg.eval_subset], test_y[:cfg.eval_subset]
-        train = TensorLoader(train_x[keep], train_y[keep], cfg, info, True, device, crop_pct, **shard)
-        test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct, **shard)
+        trains = [TensorLoader(train_x, train_y, cfg, info, True, device, crop_pct, rank=r, world_size=world)
+                  for r in ranks]
+        test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct, **eval_shard)
     else:
         train_ds = _image_dataset(cfg, info, True, crop_pct)
         if cfg.train_subset:
             train_ds = torch.utils.data.Subset(train_ds, train_subset_indices(len(train_ds), cfg.train_subset).tolist())
-        train = ImageLoader(train_ds, cfg, True, device, **shard)
+        trains = [ImageLoader(train_ds, cfg, True, device, rank=r, world_size=world) for r in ranks]
         test_ds = _image_dataset(cfg, info, False, crop_pct)
         if cfg.eval_subset:
             test_ds = torch.utils.data.Subset(test_ds, range(min(cfg.eval_subset, len(test_ds))))
-        test = ImageLoader(test_ds, cfg, False, device, **shard)
-    if len(train) == 0:
-        raise ConfigError(f"the training set has fewer images than one batch ({cfg.batch_size}); lower "
-                          "data.batch_size or raise data.train_subset")
-    return train, test, info
+        test = ImageLoader(test_ds, cfg, False, device, **eval_shard)
+    if len(trains[0]) == 0:
+        raise ConfigError(f"the training set has fewer images than one global batch ({cfg.batch_size} x {world} "
+                          f"rank(s)); lower data.batch_size or raise data.train_subset")
+    return trains, test, info

@@ -1,6 +1,6 @@
 """Cohorts: runs that share a data stream train together in one process.
 
-Runs share a stream when they train the same student on the same data settings, seed, precision and memory
+Runs share a stream when they train the same student on the same data settings, seed, ranks, precision and memory
 format (:func:`stream_key`): each step draws one batch for all of them. Members that also share a teacher
 (:func:`teacher_key`) share its plain forward pass; a run without a teacher (``none``, or a method that uses
 none) joins the first cohort of its stream. Every member writes its own run directory, exactly as alone.
@@ -15,9 +15,10 @@ from hkdbench.benchmark.core.config import ConfigError, RunConfig
 
 def stream_key(cfg: RunConfig) -> str:
     """What fixes a run's batches: the student (its input size and crop), the data settings, the seed, the
-    label smoothing that mixup folds into its targets, and the precision and memory format of the shared
-    teacher pass."""
+    ranks the global batch is spread over (each its own slice and draws), the label smoothing that mixup folds
+    into its targets, and the precision and memory format of the shared teacher pass."""
     body: Dict[str, Any] = {"student": cfg.student.name, "data": cfg.data, "seed": cfg.train.seed,
+                            "world": cfg.train.world,
                             "label_smoothing": cfg.optim.label_smoothing, "precision": cfg.train.precision,
                             "channels_last": cfg.train.channels_last}
     return json.dumps(_plain(body), sort_keys=True, default=str)

@@ -76,7 +76,7 @@ def reduce_sums(values: List[float]) -> List[float]:
     return t.cpu().tolist()
 
 
-def _ignored_names(root: nn.Module) -> List[str]:
+def ignored_names(root: nn.Module) -> List[str]:
     """Every submodule's ``_ddp_params_and_buffers_to_ignore``, prefixed with that submodule's name."""
     names: List[str] = []
     for prefix, sub in root.named_modules():
@@ -105,7 +105,7 @@ class DistContext:
         fusion branch at the first step); off otherwise, sparing DDP a traversal of the graph every step."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ignored = _ignored_names(module)
+        ignored = ignored_names(module)
         if ignored:  # DDP reads this attribute on the module it wraps only
             module._ddp_params_and_buffers_to_ignore = ignored
         device_ids = [self.device().index] if self.backend == "nccl" else None

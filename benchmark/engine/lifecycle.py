@@ -16,6 +16,7 @@ from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.core.store import RunDir, RunLockedError, RunStore, StoreWriteError
 from hkdbench.benchmark.engine.member import Member, RunResult
 from hkdbench.benchmark.engine.preflight import check_on_device
+from hkdbench.benchmark.engine.ranks import RankLayout, check_layout
 from hkdbench.benchmark.engine.records import keep_last, read_checkpoint
 from hkdbench.benchmark.engine.teacher import check_probe_teachers
 from hkdbench.benchmark.engine.tracking import check_tracker_available
@@ -52,7 +53,12 @@ class RunLifecycle:
 
     @property
     def world_size(self) -> int:
+        """The processes (devices) training the cohort; ``train.world`` is the ranks they train."""
         return self.dist.world_size if self.dist else 1
+
+    def layout(self, cfg: RunConfig) -> RankLayout:
+        """Which of ``cfg``'s ranks this process trains."""
+        return RankLayout(cfg.train.world, self.dist.rank if self.dist else 0, self.world_size)
 
     def say(self, message: str, members: Optional[Sequence[Member]] = None) -> None:
         """Logs, prints (``echo``) and appends the line to the log of each member (default: every run in training)."""
@@ -68,12 +74,14 @@ class RunLifecycle:
                 f.write(message + "\n")
 
     def check_before_writes(self, resume: bool, restart: bool) -> None:
-        """Changed method code, a missing tracker package or probe teacher, a setting the device cannot run, a
-        checkpoint without --resume (said here, not after a teacher was trained for it)."""
+        """Changed method code, a missing tracker package or probe teacher, a setting the device cannot run, ranks
+        the processes cannot train as the reference did, a checkpoint without --resume (said here, not after a
+        teacher was trained for it)."""
         for cfg, rd in zip(self.cfgs, self.run_dirs):
             check_method_code(cfg.method, cfg.method_code)
             check_tracker_available(cfg.train.log)
             check_on_device(cfg, self.device)
+            check_layout(cfg, self.world_size, self.device)
             if not resume and not restart and not rd.is_done and rd.has_checkpoint:
                 raise unfinished_run_error(rd)
         check_probe_teachers(self.cfgs, self.store)

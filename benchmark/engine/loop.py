@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+
+import torch.distributed
 from typing import Callable, Dict, List, Optional, Tuple
 
 from hkdbench.methods import get_method
@@ -22,7 +24,7 @@ from hkdbench.benchmark.engine.member_setup import build_member
 from hkdbench.benchmark.engine.progress import EpochProgress
 from hkdbench.benchmark.engine.records import (EpochSums, epoch_record, evaluation_fields, format_epoch, keep_best,
                                                run_summary, save_checkpoint)
-from hkdbench.benchmark.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
+from hkdbench.benchmark.engine.seeding import rng_state, set_rng_state
 from hkdbench.benchmark.engine.teacher import teacher_provenance
 from hkdbench.benchmark.models.taps import Features
 from hkdbench.benchmark.models.zoo import zoo_entry
@@ -47,7 +49,8 @@ class CohortLoop:
         runs.start_logs(members)
         self.swap_rng = len(members) > 1
         first = members[0].cfg
-        train_loader, test_loader, info = self._loaders(first, members)
+        train_loaders, test_loader, info = self._loaders(first, members)
+        train_loader = train_loaders[0]
         user = next((m.cfg for m in members if get_method(m.cfg.method).uses_teacher and m.cfg.teacher), None)
         teacher, teacher_top1 = self.teacher_for(user, info) if user else (None, None)
         channels_last = use_channels_last(first.train.channels_last, runs.device)
@@ -61,17 +64,19 @@ class CohortLoop:
             runs.say(f"cohort of {len(members)} runs on one data stream"
                      + (f" and one {user.teacher.name} pass per step" if teacher is not None else "") + ": "
                      + ", ".join(m.name for m in members), members)
-        stream = DataStream(train_loader, first.train.seed, runs.device,
+        stream = DataStream(train_loaders, first.train.seed, runs.device,
                             loaders.build_mixup(first.data, info.num_classes, first.optim.label_smoothing),
-                            channels_last, any(get_method(m.cfg.method).needs_sample_indices for m in members))
+                            channels_last, any(get_method(m.cfg.method).needs_sample_indices for m in members),
+                            ranks=runs.layout(first).ranks)
         self._epochs(members, stream, teacher, test_loader)
 
     def _loaders(self, first: RunConfig, members: List[Member]):
-        """The cohort's loaders (its members share the data settings) and its dataset's info."""
-        runs = self.runs
+        """The cohort's training loaders (one per rank this process trains: its members share the data settings
+        and train.world), its evaluation loader and its dataset's info."""
+        runs, layout = self.runs, self.runs.layout(first)
         crop_pct = first.data.crop_pct or zoo_entry(first.student.name).crop_pct
-        built = loaders.build_loaders(first.data, runs.device, crop_pct, rank=runs.dist.rank if runs.dist else 0,
-                                      world_size=runs.world_size)
+        built = loaders.build_rank_loaders(first.data, runs.device, crop_pct, layout.ranks, layout.world,
+                                           layout.process, layout.processes)
         if jitter_note := loaders.color_jitter_note(first.data.color_jitter, first.data.auto_augment):
             runs.say(f"{', '.join(m.name for m in members)}: {jitter_note}", members)
         return built
@@ -99,8 +104,8 @@ class CohortLoop:
     def _begin_epoch(self, m: Member, epoch: int, stream) -> None:
         start = m.state["step"] if epoch == m.state["epoch"] else 0
         m.sums = EpochSums(m.state["partial"] if epoch == m.state["epoch"] else None)
-        if start == 0:  # the model's randomness of the epoch; mid-epoch, the state the checkpoint kept
-            seed_everything(epoch_seed(m.cfg.train.seed, epoch))
+        if start == 0:  # each rank's model randomness of the epoch; mid-epoch, the state the checkpoint kept
+            m.ranks.seed_epoch(m.cfg.train.seed, epoch)
             m.rng = rng_state(self.runs.device)
         else:
             m.rng = m.state["rng"]
@@ -117,17 +122,17 @@ class CohortLoop:
         """Runs the epoch for ``members`` (each from its own step); returns the step to resume at if a stop was
         requested."""
         start = min(m.state["step"] for m in members)
-        world_size = self.runs.world_size
+        world = members[0].cfg.train.world  # a cohort's members share it (cohort.stream_key)
         try:
-            batches = stream.lookahead(epoch, start)  # each step draws the next batch before its host read
-            for step, batch in batches:
+            lookahead = stream.lookahead(epoch, start)  # each step draws the next batch before its host read
+            for step, batches in lookahead:  # one batch per rank this process trains
                 active = [m for m in members if m.trains_at(epoch, step)]
                 tic = time.perf_counter()
-                shared, users = self._teacher_pass(active, teacher, batch)
+                shared, users = self._teacher_passes(active, teacher, batches)
                 share = (time.perf_counter() - tic) / max(len(users), 1)
-                outcomes = [self._member_step(m, batches, batch, epoch, step, shared, share if m in users else 0.0)
+                outcomes = [self._member_step(m, lookahead, batches, epoch, step, shared, share if m in users else 0.0)
                             for m in active]
-                self._count_step(active, outcomes, epoch, step, batch.labels.shape[0] * world_size)
+                self._count_step(active, outcomes, epoch, step, batches[0].labels.shape[0] * world)
                 if not any(m.status == "training" for m in members):
                     return None
                 if self.should_stop() and step + 1 < len(stream):
@@ -138,14 +143,15 @@ class CohortLoop:
                     m.progress.close()
         return None
 
-    def _teacher_pass(self, active: List[Member], teacher, batch) -> Tuple[Optional[Features], List[Member]]:
-        """The plain teacher pass of the step and the members that share it (None and none when fewer than two
-        read one: a single reader runs it in its own step, as it always did)."""
+    def _teacher_passes(self, active: List[Member], teacher, batches
+                        ) -> Tuple[Optional[List[Features]], List[Member]]:
+        """The plain teacher pass of each rank's batch of the step and the members that share them (None and none
+        when fewer than two read one: a single reader runs it in its own step, as it always did)."""
         users = [m for m in active if m.ctx.method.uses_teacher and m.ctx.method.plain_teacher_stages() is not None]
         if teacher is None or len(users) < 2:
             return None, []
         stages = set().union(*(m.ctx.method.plain_teacher_stages() for m in users))
-        return users[0].ctx.teacher_pass(batch.images, stages), users
+        return [users[0].ctx.teacher_pass(batch.images, stages) for batch in batches], users
 
     @contextlib.contextmanager
     def _rng_of(self, m: Member):
@@ -160,14 +166,14 @@ class CohortLoop:
         finally:
             m.rng = rng_state(self.runs.device)
 
-    def _member_step(self, m: Member, batches, batch, epoch: int, step: int, shared: Optional[Features],
+    def _member_step(self, m: Member, lookahead, batches, epoch: int, step: int, shared: Optional[List[Features]],
                      teacher_share: float) -> Tuple[Dict[str, float], int, float]:
         """The member's step under its RNG: its host values, correct count and seconds (its share of the
         cohort's teacher pass included, the next batch's draw made inside its step left out)."""
         tic = time.perf_counter()
         with self._rng_of(m):
-            values, correct = m.ctx.step(batch, epoch, step, shared, before_read=batches.draw_next)
-        return values, correct, time.perf_counter() - tic - batches.take_draw_seconds() + teacher_share
+            values, correct = m.ctx.step_ranks(batches, epoch, step, shared, before_read=lookahead.draw_next)
+        return values, correct, time.perf_counter() - tic - lookahead.take_draw_seconds() + teacher_share
 
     def _count_step(self, active: List[Member], outcomes, epoch: int, step: int, images: int) -> None:
         """Each member's step added to its epoch, or the member FAILED where its loss is not finite on some rank:
@@ -205,9 +211,11 @@ class CohortLoop:
         """A stop request: the member's checkpoint at the cohort's step (a member that had not reached it keeps
         the checkpoint it has)."""
         saved = m.position == (epoch, step)
-        if saved and self.runs.is_main:
+        if saved:
             with self._rng_of(m):
-                save_checkpoint(m, epoch, step, m.sums)
+                ranks = self._rank_states(m)
+                if self.runs.is_main:
+                    save_checkpoint(m, epoch, step, m.sums, ranks)
         self.runs.stopped(m, epoch, step, saved)
 
     def _record_epoch(self, m: Member, epoch: int, test_loader) -> Dict[str, object]:
@@ -246,9 +254,10 @@ class CohortLoop:
             runs.fail(m, f"diverged {where}: {seen}", epoch=epoch + 1, losses=nonfinite_losses(record))
             return
         m.state["epoch"], m.state["step"], m.state["partial"] = epoch + 1, 0, None
+        ranks = self._rank_states(m)
         if runs.is_main:
             keep_best(m)  # before the checkpoint: a kill in between redoes this epoch
-            save_checkpoint(m, epoch + 1, 0, None)
+            save_checkpoint(m, epoch + 1, 0, None, ranks)
             m.run_dir.write_metrics(history)
         m.tracker.log_epoch(record)
         line = format_epoch(record, m.cfg.train.epochs)
@@ -256,7 +265,19 @@ class CohortLoop:
         if epoch + 1 == m.cfg.train.epochs:
             self._finish(m)
 
+    def _rank_states(self, m: Member) -> Optional[Dict[int, object]]:
+        """Every rank's own state (``ranks.RankStates``) on every process, for a checkpoint; None with one rank. Called
+        by every process at the same point, with the member's generators in place."""
+        if m.cfg.train.world == 1:
+            return None
+        mine = m.ranks.local_states(rng_state(self.runs.device))
+        if self.runs.dist is None:
+            return mine
+        parts = [None] * self.runs.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        return {rank: state for part in parts for rank, state in part.items()}
+
     def _finish(self, m: Member) -> None:
         runs = self.runs
-        summary = run_summary(m, teacher_provenance(m.cfg), runs.world_size, runs.device, len(runs.cfgs))
+        summary = run_summary(m, teacher_provenance(m.cfg), runs.device, len(runs.cfgs))
         runs.finish(m, summary)

@@ -33,6 +33,7 @@ class Member:
         self.tracker = None
         self.state: Dict[str, Any] = {}          # epoch, step, history, partial, teacher_top1 (records.RESUMED)
         self.rng: Optional[Dict[str, Any]] = None
+        self.ranks = None                        # its ranks of train.world on this process (ranks.RankStates)
         self.sums = None                         # the running sums of the epoch in training (records.EpochSums)
         self.progress = None
 

@@ -11,6 +11,7 @@ from hkdbench.benchmark.core.store import atomic_write_json
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.engine.lifecycle import RunLifecycle
 from hkdbench.benchmark.engine.member import Member
+from hkdbench.benchmark.engine.ranks import RankStates
 from hkdbench.benchmark.engine.records import check_kept_best, restore_checkpoint
 from hkdbench.benchmark.engine.seeding import rng_state, seed_everything
 from hkdbench.benchmark.engine.step import TrainingSetup, TrainStep, _make_ema, build_criterion, setup_training
@@ -31,18 +32,29 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
     student = create_model(cfg.student.name, info.num_classes, in_chans=info.in_chans,
                            img_size=cfg.data.img_size, drop_path_rate=cfg.train.drop_path,
                            pretrained=cfg.student.pretrained, pretrained_sha256=cfg.student.pretrained_sha256)
+    layout = runs.layout(cfg)
+    if cfg.train.sync_bn and layout.processes > 1:  # one process per rank (ranks.check_layout)
+        import torch.nn as nn
+
+        nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
     train_set = (TrainingSet(train_loader.all_labels()) if get_method(cfg.method).needs_sample_indices
                  else None)
     setup = setup_training(cfg.method, cfg.method_cfg, student, own_teacher, info.num_classes,
                            build_criterion(cfg), train_set, cfg.optim, cfg.train.precision, channels_last,
                            runs.device, compile=cfg.train.compile)
     ema = _make_ema(student, cfg.train.ema_decay)
-    wrapped = runs.dist.wrap(setup.module, setup.method.find_unused_parameters) if runs.dist else setup.module
+    # DDP where each process trains one rank; ranks emulated in turn average their gradients themselves
+    ddp = runs.dist is not None and not layout.emulated
+    wrapped = runs.dist.wrap(setup.module, setup.method.find_unused_parameters) if ddp else setup.module
     m.student, m.ema = student, ema
+    m.ranks = RankStates(layout, setup.module, runs.device)
     m.state = {"epoch": 0, "step": 0, "history": [], "partial": None,
                "teacher_top1": teacher_top1 if uses_teacher else None}
     if m.saved is not None:
         _resume(m, runs, setup)
+        if m.state.get("ranks") is not None:  # this process's ranks' own states; its first's generators
+            first_rng = m.ranks.load(m.state["ranks"])
+            m.state["rng"] = first_rng if first_rng is not None else m.state["rng"]
     elif runs.is_main:
         atomic_write_json(m.run_dir.env_file, _environment(m, runs, setup, channels_last))
     runs.say(f"{m.name}: {cfg.method} {cfg.teacher.name if cfg.teacher else '-'} -> {cfg.student.name} "
@@ -50,7 +62,7 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
              f"device {runs.device}{', ' + str(setup.dtype) if setup.dtype else ''}", [m])
     m.ctx = TrainStep(cfg.optim, cfg.train.epochs, len(train_loader), wrapped, setup.module, setup.method,
                       setup.optimizer, setup.scaler, runs.device, ema, setup.dtype, channels_last,
-                      compiled=setup.compile_backend is not None)
+                      compiled=setup.compile_backend is not None, ranks=m.ranks)
     probe_teachers = (load_probe_teachers(cfg, runs.store, info.num_classes, info.in_chans, runs.device)
                       if runs.is_main else {})  # the probe runs in the main process only
     m.ctx.probes = build_probes(cfg, student, own_teacher, test_loader, runs.device, setup.dtype,
@@ -75,7 +87,8 @@ def _environment(m: Member, runs: RunLifecycle, setup: TrainingSetup, channels_l
     """The member's env.json: versions and hardware, how it trains here, its method's source, its cohort."""
     cfg = m.cfg
     return {**environment(runs.device, runs.world_size), **setup.environment(),
-            "global_batch": cfg.data.batch_size * runs.world_size,
+            "global_batch": cfg.data.batch_size * cfg.train.world, "world": cfg.train.world,
+            "ranks_per_process": cfg.train.world // runs.world_size,
             "lr": cfg.optim.lr, "channels_last": channels_last,
             "autocast": str(setup.dtype) if setup.dtype else "fp32",
             "method_source": method_source(cfg.method),

@@ -96,9 +96,11 @@ def check_kept_best(rd: RunDir, history: List[Dict[str, Any]]) -> None:
 RESUMED = ("epoch", "step", "history", "partial", "rng", "teacher_top1")  # the member's state a resume takes back
 
 
-def save_checkpoint(m: Member, epoch: int, step: int, sums: Optional[EpochSums]) -> None:
+def save_checkpoint(m: Member, epoch: int, step: int, sums: Optional[EpochSums],
+                    ranks: Optional[Dict[int, Any]] = None) -> None:
     """The member's training state at (epoch, step); its RNG is the one in the global generators (the member's
-    own at its turn)."""
+    own at its turn). ``ranks``: with train.world > 1, every rank's own state by rank (``ranks.RankStates``:
+    its generators, its per-rank buffers), which the module and the RNG above hold of rank 0 only."""
     ctx = m.ctx
     state = {
         "module": ctx.module.state_dict(), "optimizer": ctx.optimizer.state_dict(),
@@ -106,6 +108,7 @@ def save_checkpoint(m: Member, epoch: int, step: int, sums: Optional[EpochSums])
         "epoch": epoch, "step": step, "history": m.state["history"],
         "partial": sums.state() if sums is not None else None,
         "rng": rng_state(ctx.device), "teacher_top1": m.state["teacher_top1"], "config_hash": m.cfg.run_hash(),
+        "ranks": ranks,
     }
     atomic_torch_save(m.run_dir.checkpoint_file, state)
 
@@ -137,7 +140,7 @@ def restore_checkpoint(state: Dict[str, Any], setup, ema) -> Dict[str, Any]:
     setup.scaler.load_state_dict(state["scaler"])
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
-    return {k: state[k] for k in RESUMED}
+    return {**{k: state[k] for k in RESUMED}, "ranks": state.get("ranks")}
 
 
 def checkpoint_position(rd: RunDir) -> Optional[Tuple[int, int]]:
@@ -228,7 +231,7 @@ def format_epoch(r: Dict[str, Any], epochs: int) -> str:
             f"time={r['epoch_time_s']:.1f}s {r['images_per_s']:.0f} img/s")
 
 
-def run_summary(m: Member, teacher: Dict[str, Any], world_size: int, device, cohort_size: int) -> Dict[str, Any]:
+def run_summary(m: Member, teacher: Dict[str, Any], device, cohort_size: int) -> Dict[str, Any]:
     """The finished run's summary.json; ``teacher``: which teacher weights it used (``teacher.teacher_provenance``)."""
     cfg, rd, history = m.cfg, m.run_dir, m.state["history"]
     evaluated = [r for r in history if "top1" in r]
@@ -250,7 +253,7 @@ def run_summary(m: Member, teacher: Dict[str, Any], world_size: int, device, coh
         "method_extra_params": m.ctx.method.extra_parameter_count(),
         "train_time_s": sum(r["epoch_time_s"] for r in history),
         "images_per_s": float(np.mean([r["images_per_s"] for r in history])),
-        "global_batch": cfg.data.batch_size * world_size, "device": str(device),
+        "global_batch": cfg.data.batch_size * cfg.train.world, "world": cfg.train.world, "device": str(device),
         "pipeline": PIPELINE_VERSION, "cohort_size": cohort_size, "finished": timestamp(),
     }
     if "ema_top1" in last:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,8 +128,10 @@ class TrainStep:
     probes = None  # a probes.hooks.TrainingProbes when train.probe_every / train.conflict_every are on
 
     def __init__(self, optim: OptimConfig, epochs: int, steps: int, wrapped, module, method, optimizer, scaler,
-                 device: torch.device, ema=None, dtype=None, channels_last: bool = False, compiled: bool = False):
+                 device: torch.device, ema=None, dtype=None, channels_last: bool = False, compiled: bool = False,
+                 ranks=None):
         self.optim, self.epochs, self.steps = optim, epochs, steps
+        self.ranks = ranks  # a ranks.RankStates where this process trains several ranks of train.world
         self.compiled = compiled  # the trained modules run under torch.compile (train.compile)
         self.wrapped, self.module, self.method = wrapped, module, method
         self.optimizer, self.scaler, self.ema = optimizer, scaler, ema
@@ -150,6 +152,78 @@ class TrainStep:
         before its host read (the trainer draws the next batch there, while the device runs this step)."""
         with self._graph_settings():
             return self._step(batch, epoch, step, shared_teacher, before_read)
+
+    def step_ranks(self, batches: List[Batch], epoch: int, step: int,
+                   shared_teachers: Optional[List[Optional[Features]]] = None,
+                   before_read: Optional[Callable[[], None]] = None) -> Tuple[Dict[str, float], int]:
+        """One global step of the ranks this process trains, ``batches[j]`` (and ``shared_teachers[j]``) its j-th
+        rank's: :meth:`step` where it trains one; else each rank's forward and backward in turn as that rank
+        (``ranks.RankStates.as_rank``), their gradients' mean over every rank of train.world, one optimiser step.
+        The host values: each term's mean over this process's ranks, their correct count summed. ``before_read``:
+        as :meth:`step`'s."""
+        shared_teachers = shared_teachers or [None] * len(batches)
+        if len(batches) == 1:
+            return self.step(batches[0], epoch, step, shared_teachers[0], before_read)
+        with self._graph_settings():
+            return self._emulated_step(batches, epoch, step, shared_teachers, before_read)
+
+    def _emulated_step(self, batches: List[Batch], epoch: int, step: int, shared_teachers: List[Optional[Features]],
+                       before_read: Optional[Callable[[], None]]) -> Tuple[Dict[str, float], int]:
+        from hkdbench.benchmark.engine.ranks import PairwiseSum, take_grads
+
+        lr = self.schedule.apply(epoch, step)
+        self.module.train()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer.zero_grad(set_to_none=True)
+        grads, terms, correct = PairwiseSum(), [], 0
+        for j, (batch, shared) in enumerate(zip(batches, shared_teachers)):
+            with self.ranks.as_rank(j):
+                losses, hits = self._rank_backward(batch, epoch, step, shared, probe=j == 0)
+            grads.add(take_grads(params))
+            terms.append(self._host_tensors(losses))
+            correct = correct + hits
+        self.ranks.mean_gradients(params, grads.total())
+        self._optimise()
+        if before_read is not None:
+            before_read()
+        host = self._read_means(terms, correct)
+        host["lr"] = lr
+        return host, int(host.pop("correct"))
+
+    def _rank_backward(self, batch: Batch, epoch: int, step: int, shared: Optional[Features], probe: bool):
+        """One rank's forward, losses and backward (its gradients left on the parameters); its loss terms and
+        correct count, on the device. The probes see the first rank's terms."""
+        with _autocast(self.device, self.dtype), self.method.sharing_teacher_pass(batch.images, shared):
+            s_out, losses = self.module(batch.images, batch.targets, epoch)
+        loss = sum(v.float() for v in losses.values())
+        if probe and self.probes is not None:
+            self.probes.on_losses(losses, epoch * self.steps + step, self.scaler)
+        self.scaler.scale(loss).backward()
+        return losses, (s_out.logits.detach().argmax(-1) == batch.labels).sum()
+
+    def _optimise(self) -> None:
+        """Clipping, the optimiser (through the GradScaler), rank 0's shared buffers everywhere, the EMA."""
+        if self.optim.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ranks.sync_shared_buffers()
+        if self.ema is not None:
+            self.ema.update(self.module.student.model)
+
+    def _host_tensors(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        values = {f"{LOSS_PREFIX}{k}": v.detach().float() for k, v in losses.items()}
+        values.update({f"{STAT_PREFIX}{k}": torch.as_tensor(v, device=self.device).detach().float()
+                       for k, v in self.method.statistics().items()})
+        return values
+
+    def _read_means(self, terms: List[Dict[str, torch.Tensor]], correct: torch.Tensor) -> Dict[str, float]:
+        """Each term's mean over the ranks and the correct count, in one transfer (float64, as :meth:`_read_values`)."""
+        means = {k: torch.stack([t[k].reshape(()).to(torch.float64) for t in terms]).mean() for k in terms[0]}
+        means["correct"] = correct.to(torch.float64)
+        packed = torch.stack(list(means.values()))
+        return dict(zip(means, packed.tolist()))
 
     def _graph_settings(self):
         """A compiled step with a probe that differentiates the losses before the backward (the gradient-conflict

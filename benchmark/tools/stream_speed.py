@@ -47,7 +47,7 @@ def build_stream(args, device: torch.device, channels_last: bool):
                                         f"data.eval_subset={args.batch_size}"])
     train_loader, _, info = loaders.build_loaders(cfg.data, device, 1.0)
     mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
-    return DataStream(train_loader, cfg.train.seed, device, mixup, channels_last), info
+    return DataStream([train_loader], cfg.train.seed, device, mixup, channels_last), info
 
 
 def build_kd_step(args, device: torch.device, num_classes: int, in_chans: int):
@@ -72,7 +72,7 @@ def build_kd_step(args, device: torch.device, num_classes: int, in_chans: int):
 
 def contenders(stream, train_step) -> Dict[str, Callable[[int], None]]:
     """Each contender as a turn over one epoch of the stream (a new epoch each turn: new batches)."""
-    fixed = next(stream.batches(0))[1]
+    (fixed,) = next(stream.batches(0))[1]  # one rank
 
     def stream_alone(epoch: int) -> None:
         for _ in stream.batches(epoch):
@@ -83,12 +83,12 @@ def contenders(stream, train_step) -> Dict[str, Callable[[int], None]]:
             train_step.step(fixed, 0, step)
 
     def serial(epoch: int) -> None:
-        for step, batch in stream.batches(epoch):
+        for step, (batch,) in stream.batches(epoch):
             train_step.step(batch, 0, step)
 
     def overlap(epoch: int) -> None:
         batches = stream.lookahead(epoch)
-        for step, batch in batches:
+        for step, (batch,) in batches:
             train_step.step(batch, 0, step, before_read=batches.draw_next)
 
     return dict(zip(CONTENDERS, (stream_alone, step_alone, serial, overlap)))
