@@ -125,9 +125,10 @@ def count_step_syncs(train_step, batch, epoch: int = 0, step: int = 0, shared_te
 
 def count_stream_syncs(stream, epoch: int = 0, step: int = 0):
     """The host synchronisations of drawing batch ``step`` of ``epoch`` from a ``data.stream.DataStream`` (see
-    :func:`count_host_syncs`) and the ``(step, [Batch of each rank])`` drawn. Reads of RandAugment's draws are left out: they are
-    made on the host (torch's CPU generator) on a GPU too, and planned there (``BatchRandAugment.apply``); they are
-    told apart by being what ``BatchRandAugment.draw`` returned during the call."""
+    :func:`count_host_syncs`) and the ``(step, [Batch of each rank])`` drawn. Reads of RandAugment's draws are left
+    out: they are made on the host (torch's CPU generator) on a GPU too, and planned there
+    (``BatchRandAugment.apply``); they are told apart by being what ``BatchRandAugment.draw`` returned during the
+    call."""
     host_draws: List[torch.Tensor] = []
     draw = BatchRandAugment.draw
 
