@@ -1,7 +1,8 @@
 """The GPU check (scripts/gpu-check.sh, benchmark/tools/gpu_check.py) and the cohort speed benchmark it runs
 (benchmark/tools/cohort_speed.py): the whole check at toy sizes on the CPU, the files it writes and their fields; a
 failing and a timed-out part recorded without stopping the check, a timed-out one with what it had measured; the
-budget passed on from part to part; the parts' order; the resume part's two straight runs and its verdict; what
+budget passed on from part to part; the parts' order; the data stream part (images/s with and without the overlap,
+the stream's host syncs), written as it goes; the resume part's two straight runs and its verdict; what
 the script requires of the machine's python; the comparisons and the arithmetic of the time shares against
 hand-computed values."""
 import hashlib
@@ -41,8 +42,8 @@ def tiny_check(tmp_path_factory):
 def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
     out, summary = tiny_check
     parts = {p["name"]: p for p in summary["parts"]}
-    assert list(parts) == ["env", "overhead_eager_swin_mini_resnet_mini", "cohort_resnet_mini_vit_mini", "resume",
-                           "overhead_compile"]
+    assert list(parts) == ["env", "overhead_eager_swin_mini_resnet_mini", "stream_resnet_mini_vit_mini",
+                           "cohort_resnet_mini_vit_mini", "resume", "overhead_compile"]
     assert all(parts[n]["status"] == "ok" for n in list(parts)[:-1]), {n: p.get("error") for n, p in parts.items()}
     assert parts["overhead_compile"]["status"] == "skipped"
     assert summary["tiny"] is True and summary["install"].startswith("skipped")
@@ -56,8 +57,34 @@ def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
     assert parts["env"]["result"]["device"] == "cpu" and parts["env"]["result"]["torch"] == torch.__version__
     md = (out / "summary.md").read_text()
     for heading in ("# GPU check (tiny sizes)", "## Overhead: swin_mini -> resnet_mini, 32 px, batch 8, fp32, cpu",
+                    "## Data stream: cifar-vit, kd resnet_mini -> vit_mini, 32 px, batch 16, float32, cpu",
                     "## Cohort against separate runs (kd, dkd)", "## Stop and resume: kd resnet_mini -> vit_mini"):
         assert heading in md
+
+
+@pytest.mark.slow
+def test_the_stream_part_times_every_contender_and_counts_the_streams_syncs(tiny_check):
+    out, summary = tiny_check
+    r = next(p for p in summary["parts"] if p["kind"] == "stream")["result"]
+    assert (r["teacher"], r["student"], r["img_size"], r["batch_size"], r["steps"]) == ("resnet_mini", "vit_mini",
+                                                                                       32, 16, 2)
+    assert r["device"] == "cpu" and r["precision"] == "float32"
+    assert r["repeats"] == r["repeats_done"] == 2  # the CPU's budget fits both
+    assert list(r["images_per_s"]) == ["stream", "step", "serial", "overlap"]
+    for name, rates in r["images_per_s"].items():
+        assert len(rates) == 2 and min(rates) > 0
+        assert r["median_images_per_s"][name] == pytest.approx(statistics.median(rates))
+    per_repeat = list(zip(*r["images_per_s"].values()))
+    assert r["overlap_over_serial"] == pytest.approx(statistics.median(o / s for _, _, s, o in per_repeat))
+    assert r["serial_over_parts"] == pytest.approx(statistics.median(s * (1 / a + 1 / b)
+                                                                     for a, b, s, _ in per_repeat))
+    assert r["stream_host_syncs_per_batch"] == 0 and r["stream_host_syncs"] == []  # the CPU's host-read counter
+    md = (out / "summary.md").read_text()
+    assert "Host syncs of one batch of the stream: **0** (host reads, the CPU's counter)." in md
+    row = (f"| {r['median_images_per_s']['stream']:.1f} | {r['median_images_per_s']['step']:.1f} | "
+           f"{r['median_images_per_s']['serial']:.1f} | {r['median_images_per_s']['overlap']:.1f} | "
+           f"{r['overlap_over_serial']:.3f} |")
+    assert row in md and "Medians of 2 of 2 repeats" in md
 
 
 @pytest.mark.slow
@@ -161,7 +188,7 @@ def test_the_parts_run_in_order_with_the_compiled_baselines_before_the_other_com
     parts = gpu_check.plan(gpu_check.FULL, "cuda", "/data", compile_parts=True)
     names = [p.name for p in parts]
     assert names == ["env", "overhead_eager_swin_tiny_resnet18", "overhead_eager_convnext_tiny_deit_tiny",
-                     "cohort_swin_tiny_resnet18", "cohort_resnet_mini_vit_mini", "resume",
+                     "stream_resnet18_deit_tiny", "cohort_swin_tiny_resnet18", "cohort_resnet_mini_vit_mini", "resume",
                      "overhead_compile_baselines_swin_tiny_resnet18",
                      "overhead_compile_baselines_convnext_tiny_deit_tiny",
                      "overhead_compile_methods_swin_tiny_resnet18", "overhead_compile_methods_convnext_tiny_deit_tiny"]
@@ -173,7 +200,10 @@ def test_the_parts_run_in_order_with_the_compiled_baselines_before_the_other_com
     assert gpu_check.BASELINES == overhead_baselines()
     assert parts[1].args["batch_size"] == 128 and parts[1].args["img_size"] == 224
     assert parts[1].args["precision"] == "bf16"
-    assert parts[3].args["batch_size"] == 32 and parts[4].args["batch_size"] == 128
+    stream = parts[3].args
+    assert (stream["img_size"], stream["batch_size"], stream["steps"], stream["precision"]) == (224, 128, 8, "bf16")
+    assert stream["data_root"] == "/data"
+    assert parts[4].args["batch_size"] == 32 and parts[5].args["batch_size"] == 128
     assert "overhead_compile" not in " ".join(p.name for p in gpu_check.plan(gpu_check.FULL, None, None, False))
 
 
@@ -258,6 +288,38 @@ def test_the_cohort_part_measures_only_the_repeats_that_fit_and_writes_each(tmp_
     assert (r["repeats"], r["repeats_done"], len(r["ratios"])) == (3, 1, 1) and "parts" in r and "shares" in r
     assert [w["repeats_done"] for w in written] == [1]
     assert cs.MARGIN > 1
+
+
+def test_the_stream_part_writes_its_syncs_then_each_repeat_that_fits(tmp_path, monkeypatch, fmnist_available):
+    written = []
+    real_write = gpu_check._write_json
+    monkeypatch.setattr(gpu_check, "_write_json", lambda path, body: written.append(
+        (body["repeats_done"], "stream_host_syncs_per_batch" in body, "images_per_s" in body)) or real_write(
+        path, body))
+    out = tmp_path / "stream.json"
+    # a deadline already passed: the syncs and the first repeat are measured all the same, nothing after them; one
+    # step a turn (the syncs are counted on the stream's only batch, drawn a second time)
+    gpu_check.part_stream(out, "cpu", "resnet_mini", "vit_mini", 16, 8, 1, 3, "fp32", None, deadline=time.time())
+    assert written == [(0, True, False), (1, True, True)]
+    r = json.loads(out.read_text())
+    assert (r["repeats"], r["repeats_done"], r["stream_host_syncs_per_batch"]) == (3, 1, 0)
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in r["images_per_s"].values())
+    from hkdbench.benchmark.tools import stream_speed
+
+    with pytest.raises(TypeError, match="no option img"):
+        stream_speed.options(img=16)
+
+
+def test_the_stream_summary_names_the_gpus_syncs_and_a_part_cut_before_its_first_repeat():
+    base = {"teacher": "resnet18", "student": "deit_tiny", "img_size": 224, "batch_size": 128, "steps": 8,
+            "precision": "bfloat16", "device": "cuda", "device_name": "NVIDIA H100", "repeats": 5}
+    sync = "called a synchronizing CUDA operation"
+    cut = {**base, "repeats_done": 0, "stream_host_syncs_per_batch": 3, "stream_host_syncs": [sync] * 2 + ["other"]}
+    md = "\n".join(gpu_check._stream_markdown([{"kind": "stream", "result": cut}]))
+    assert "## Data stream: cifar-vit, kd resnet18 -> deit_tiny, 224 px, batch 128, bfloat16, NVIDIA H100" in md
+    assert (f"Host syncs of one batch of the stream: **3** (torch's sync debug mode); 2 x {sync}; 1 x other."
+            in md)
+    assert "No repeat measured within the budget." in md and "| stream img/s |" not in md
 
 
 def test_the_cohort_part_goes_on_while_a_repeat_fits(tmp_path, monkeypatch):

@@ -7,6 +7,10 @@ one part is recorded (status, error, the tail of its log) and the others still r
 * ``overhead_eager_*``: ``hkdbench overhead``'s measurement (``measure_method``: the trainer's own step) at 224 px,
   batch 128, bf16 + channels_last, per method: images/s, step time, peak memory, FLOPs, with ratios to ``none``
   and ``kd``, for ``swin_tiny -> resnet18`` and ``convnext_tiny -> deit_tiny``;
+* ``stream_*``: ``stream_speed``'s measurement of the ``cifar-vit`` data stream for one pair: images/s of the
+  stream alone, of the KD step alone, of both serially and with the next batch drawn inside the step (before its
+  host read); the host synchronisations of one batch (torch's sync debug mode on CUDA); a further repeat only where
+  it fits;
 * ``cohort_*``: ``cohort_speed``'s cohort/separate time ratio for one pair; a further repeat only where it fits;
 * ``resume``: one run trained straight through, the same run stopped mid-epoch by a stop request (the trainer's
   ``should_stop``, as a SIGTERM or Slurm's USR2 asks) and resumed, and a second straight run: the two straight
@@ -38,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -68,6 +73,11 @@ class Sizes:
     resume_pair: Pair
     resume_batch: int
     resume_steps: int                    # steps per epoch; two epochs, stopped mid-way through the second
+    stream_pair: Pair
+    stream_img: int
+    stream_batch: int
+    stream_steps: int                    # batches per timed turn
+    stream_repeats: int                  # at most, as cohort_repeats
     shares: Dict[str, float] = field(default_factory=dict)
     cohort_shares: Tuple[float, ...] = ()  # one per cohort pair
 
@@ -77,14 +87,20 @@ FULL = Sizes(overhead_pairs=(("swin_tiny", "resnet18"), ("convnext_tiny", "deit_
              cohort_pairs=(("swin_tiny", "resnet18"), ("resnet_mini", "vit_mini")), cohort_methods=OFA_METHODS,
              cohort_batches=(32, 128), cohort_steps=(12, 20), cohort_repeats=3,
              resume_pair=("swin_tiny", "resnet18"), resume_batch=32, resume_steps=6,
-             shares={"env": 10, "overhead_eager": 40, "resume": 60, "compile_baselines": 40, "compile_methods": 40},
+             stream_pair=("resnet18", "deit_tiny"), stream_img=224, stream_batch=128, stream_steps=8,
+             stream_repeats=5,
+             shares={"env": 10, "overhead_eager": 40, "stream": 30, "resume": 60, "compile_baselines": 40,
+                     "compile_methods": 40},
              cohort_shares=(75, 30))
 # the plumbing only: one pair each, two methods that share the teacher in the cohort
 TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"),), overhead_batch=8, overhead_img=32, overhead_warmup=1,
              overhead_repeats=2, precision="fp32", cohort_pairs=(("resnet_mini", "vit_mini"),),
              cohort_methods=("kd", "dkd"), cohort_batches=(16,), cohort_steps=(2,), cohort_repeats=1,
              resume_pair=("resnet_mini", "vit_mini"), resume_batch=16, resume_steps=3,
-             shares={"env": 30, "overhead_eager": 60, "resume": 90, "compile_baselines": 60, "compile_methods": 60},
+             stream_pair=("resnet_mini", "vit_mini"), stream_img=32, stream_batch=16, stream_steps=2,
+             stream_repeats=2,
+             shares={"env": 30, "overhead_eager": 60, "stream": 45, "resume": 90, "compile_baselines": 60,
+                     "compile_methods": 60},
              cohort_shares=(90,))
 
 
@@ -97,8 +113,9 @@ class Part:
 
 
 def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_parts: bool) -> List[Part]:
-    """The parts in the order they run: the cheap and sure ones first, compile (slow to warm up) last, with the
-    baselines of every pair before any other compiled method."""
+    """The parts in the order they run: the cheap and sure ones first (the stream part, like the cohort parts,
+    measures the repeats that fit), compile (slow to warm up) last, with the baselines of every pair before any
+    other compiled method."""
     sh = sizes.shares
     overhead = dict(device=device, batch_size=sizes.overhead_batch, img_size=sizes.overhead_img,
                     warmup=sizes.overhead_warmup, repeats=sizes.overhead_repeats, precision=sizes.precision)
@@ -111,6 +128,11 @@ def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_
 
     parts = [Part("env", "env", {"device": device}, sh["env"])]
     parts += overhead_parts("overhead_eager", sh["overhead_eager"], list(BASELINES) + others, compile=False)
+    teacher, student = sizes.stream_pair
+    parts.append(Part(f"stream_{teacher}_{student}", "stream", dict(
+        device=device, teacher=teacher, student=student, img_size=sizes.stream_img, batch_size=sizes.stream_batch,
+        steps=sizes.stream_steps, repeats=sizes.stream_repeats, precision=sizes.precision, data_root=data_root),
+        sh["stream"]))
     parts += [Part(f"cohort_{t}_{s}", "cohort", dict(device=device, teacher=t, student=s, data_root=data_root,
                                                      methods=list(sizes.cohort_methods), batch_size=batch,
                                                      steps=steps, repeats=sizes.cohort_repeats), share)
@@ -212,6 +234,20 @@ def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, me
     with tempfile.TemporaryDirectory(prefix="gpu_check_cohort_") as work:
         measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work), device,
                      data_root, deadline=deadline, on_progress=lambda result: _write_json(out, result))
+
+
+def part_stream(out: Path, device: Optional[str], teacher: str, student: str, img_size: int, batch_size: int,
+                steps: int, repeats: int, precision: str, data_root: Optional[str],
+                deadline: Optional[float] = None) -> None:
+    """``stream_speed``'s measurement, written once the stream's host syncs are counted and after each repeat;
+    another repeat only where it ends before ``deadline`` (the part's budget)."""
+    from hkdbench.benchmark.engine.evaluation import select_device
+    from hkdbench.benchmark.tools import stream_speed
+
+    args = stream_speed.options(device=str(select_device(device)), teacher=teacher, student=student,
+                                img_size=img_size, batch_size=batch_size, steps=steps, repeats=repeats,
+                                precision=precision, data_root=data_root)
+    stream_speed.run(args, deadline=deadline, on_progress=lambda result: _write_json(out, result))
 
 
 TIME_KEYS = ("epoch_time_s", "images_per_s")
@@ -343,8 +379,8 @@ def compare_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
             "weights_max_abs_diff": worst}
 
 
-PARTS: Dict[str, Callable[..., None]] = {"env": part_env, "overhead": part_overhead, "cohort": part_cohort,
-                                         "resume": part_resume}
+PARTS: Dict[str, Callable[..., None]] = {"env": part_env, "overhead": part_overhead, "stream": part_stream,
+                                         "cohort": part_cohort, "resume": part_resume}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -446,7 +482,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
     for p in summary["parts"]:
         note = (p.get("error") or "").strip().splitlines()
         lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', '-')} | {note[-1][:160] if note else ''} |")
-    lines += _overhead_markdown(summary["parts"]) + _cohort_markdown(summary["parts"]) + _resume_markdown(parts)
+    lines += (_overhead_markdown(summary["parts"]) + _stream_markdown(summary["parts"])
+              + _cohort_markdown(summary["parts"]) + _resume_markdown(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -498,6 +535,28 @@ def _cohort_markdown(parts: List[Dict[str, Any]]) -> List[str]:
     done = ", ".join(f"{r['teacher']} -> {r['student']} {r['repeats_done']} of {r['repeats']}" for r in results)
     return ["", f"## Cohort against separate runs ({methods})", "", format_results(results), "",
             f"Repeats measured within the budget: {done}."]
+
+
+def _stream_markdown(parts: List[Dict[str, Any]]) -> List[str]:
+    lines: List[str] = []
+    for r in (p["result"] for p in parts if p["kind"] == "stream" and p.get("result")):
+        counter = "torch's sync debug mode" if r["device"].startswith("cuda") else "host reads, the CPU's counter"
+        lines += ["", f"## Data stream: cifar-vit, kd {r['teacher']} -> {r['student']}, {r['img_size']} px, batch "
+                  f"{r['batch_size']}, {r['precision']}, {r['device_name']}", "",
+                  f"Host syncs of one batch of the stream: **{r['stream_host_syncs_per_batch']}** ({counter})"
+                  + "".join(f"; {n} x {m[:120]}" for m, n in Counter(r["stream_host_syncs"]).items()) + "."]
+        if not r["repeats_done"]:
+            lines += ["", "No repeat measured within the budget."]
+            continue
+        rates = r["median_images_per_s"]
+        lines += ["", "| stream img/s | step img/s | serial img/s | overlap img/s | overlap / serial | "
+                      "serial / parts in turn | overlap / parts in turn |", "|---:|---:|---:|---:|---:|---:|---:|",
+                  f"| {rates['stream']:.1f} | {rates['step']:.1f} | {rates['serial']:.1f} | {rates['overlap']:.1f} "
+                  f"| {r['overlap_over_serial']:.3f} | {r['serial_over_parts']:.3f} | {r['overlap_over_parts']:.3f} |",
+                  "", f"Medians of {r['repeats_done']} of {r['repeats']} repeats (each a turn of {r['steps']} "
+                      f"batches per contender, interleaved); `overlap` draws the next batch inside the step, before "
+                      f"its host read."]
+    return lines
 
 
 def _comparison_text(c: Dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ them). Four contenders take turns within each repeat, each turn one epoch of ``-
 Reported: each contender's median images/s, and the medians over repeats of ``overlap / serial`` and of ``serial``
 against the two parts run one after the other (``1 / (1/stream + 1/step)``). On a CPU nothing runs asynchronously,
 so overlap can gain nothing there (the ratio shows its cost is nil); on a GPU it gains up to the stream's host time.
-Also the host synchronisations of one batch (``count_stream_syncs``: torch's sync debug mode on CUDA).
+Also the host synchronisations of one batch (``count_stream_syncs``: torch's sync debug mode on CUDA), counted on
+the second batch drawn (the first pays the one-time costs). The GPU check runs it as its ``stream`` part (``run`` with
+``deadline`` and ``on_progress``: written once the syncs are counted, then after each repeat).
 
     python -m hkdbench.benchmark.tools.stream_speed --steps 4 --repeats 5
     python -m hkdbench.benchmark.tools.stream_speed --device cuda --teacher resnet18 --student deit_tiny \\
@@ -28,9 +30,11 @@ import itertools
 import json
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from hkdbench.benchmark.tools.cohort_speed import MARGIN
 
 CONTENDERS = ("stream", "step", "serial", "overlap")
 
@@ -41,10 +45,12 @@ def build_stream(args, device: torch.device, channels_last: bool):
     from hkdbench.benchmark.data.stream import DataStream
     from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
+    overrides = [f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}",
+                 f"data.train_subset={args.steps * args.batch_size}", f"data.eval_subset={args.batch_size}"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
     cfg = resolve_run_config(kind="student", student=args.student, method="none", recipe="cifar-vit",
-                             overrides=[f"data.img_size={args.img_size}", f"data.batch_size={args.batch_size}",
-                                        f"data.train_subset={args.steps * args.batch_size}",
-                                        f"data.eval_subset={args.batch_size}"])
+                             overrides=overrides)
     train_loader, _, info = loaders.build_loaders(cfg.data, device, 1.0)
     mixup = loaders.build_mixup(cfg.data, info.num_classes, cfg.optim.label_smoothing)
     return DataStream([train_loader], cfg.train.seed, device, mixup, channels_last), info
@@ -107,32 +113,52 @@ def timed_images_per_s(turn: Callable[[int], None], epoch: int, images: int, dev
     return images / (time.perf_counter() - tic)
 
 
-def run(args) -> Dict[str, object]:
+def run(args, deadline: Optional[float] = None,
+        on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """The measurement. ``on_progress`` gets the result as it grows: once the syncs are counted (``repeats_done``
+    0), then after each repeat; a repeat after the first starts only where ``MARGIN`` times the longest one so far
+    still ends before ``deadline`` (``time.time()``; None: all ``--repeats``)."""
     from hkdbench.benchmark.engine.evaluation import use_channels_last
     from hkdbench.benchmark.tools.host_sync import count_stream_syncs
 
     if min(args.steps, args.repeats, args.batch_size) < 1:
         raise SystemExit("--steps, --repeats and --batch-size must be >= 1")
+    report_progress = on_progress or (lambda result: None)
     device = torch.device(args.device)
     stream, info = build_stream(args, device, use_channels_last("auto", device))
     train_step = build_kd_step(args, device, info.num_classes, info.in_chans)
-    _, syncs = count_stream_syncs(stream, epoch=0, step=1)
+    next(stream.batches(0))  # the one-time costs (CUDA context, pinned buffers, first kernels) left out of the count
+    _, syncs = count_stream_syncs(stream, epoch=0, step=min(1, len(stream) - 1))
+    result: Dict[str, Any] = {
+        "device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "teacher": args.teacher, "student": args.student, "img_size": args.img_size,
+        "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "repeats_done": 0,
+        "precision": str(train_step.dtype or torch.float32).replace("torch.", ""),
+        "stream_host_syncs_per_batch": len(syncs), "stream_host_syncs": syncs}
+    report_progress(result)
     turns = contenders(stream, train_step)
     epochs = itertools.count(1)
     for turn in turns.values():  # warm-up: allocator pools, cuDNN's autotuner, lazy imports
         turn(next(epochs))
     images = len(stream) * args.batch_size
     rates: Dict[str, List[float]] = {name: [] for name in turns}
-    for _ in range(args.repeats):
+    longest = 0.0
+    for r in range(args.repeats):
+        if r and deadline is not None and time.time() + MARGIN * longest > deadline:
+            break  # another repeat would not end in time: the ones measured stay whole
+        tic = time.perf_counter()
         for name, turn in turns.items():
             rates[name].append(timed_images_per_s(turn, next(epochs), images, device))
+        longest = max(longest, time.perf_counter() - tic)
+        result.update(rate_summary(rates), repeats_done=r + 1)
+        report_progress(result)
+    return result
+
+
+def rate_summary(rates: Dict[str, List[float]]) -> Dict[str, Any]:
+    """Each contender's images/s and their median; the medians of the per-repeat ratios."""
     per_repeat = list(zip(*(rates[name] for name in CONTENDERS)))
-    return {"device": str(device), "device_name": _device_name(device), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
-            "img_size": args.img_size, "batch_size": args.batch_size, "steps": args.steps,
-            "repeats": args.repeats, "precision": str(train_step.dtype or torch.float32).replace("torch.", ""),
-            "stream_host_syncs_per_batch": len(syncs),
-            "stream_host_syncs": syncs, "images_per_s": rates,
+    return {"images_per_s": {name: list(values) for name, values in rates.items()},
             "median_images_per_s": {name: statistics.median(values) for name, values in rates.items()},
             "overlap_over_serial": statistics.median(o / s for _, _, s, o in per_repeat),
             "serial_over_parts": statistics.median(s * (1 / a + 1 / b) for a, b, s, _ in per_repeat),
@@ -144,7 +170,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def report(result: Dict[str, object]) -> str:
-    lines = [f"{name:<8} {rate:9.1f} images/s (median of {result['repeats']}: "
+    lines = [f"{name:<8} {rate:9.1f} images/s (median of {result['repeats_done']}: "
              f"{', '.join(f'{r:.0f}' for r in result['images_per_s'][name])})"
              for name, rate in result["median_images_per_s"].items()]
     lines.append(f"medians of the per-repeat ratios: overlap / serial {result['overlap_over_serial']:.3f}, "
@@ -157,19 +183,35 @@ def report(result: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--teacher", default="resnet_mini")
+    p.add_argument("--student", default="vit_mini")
+    p.add_argument("--img-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4, help="batches per timed turn (one epoch of the stream)")
+    p.add_argument("--repeats", type=int, default=5, help="turns of every contender, interleaved")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto",
+                   help="the step's autocast, as train.precision (auto: bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--data-root", default=None, help="where Fashion-MNIST is (default: the dataset's own lookup)")
+    p.add_argument("--json", help="also write the result to this file")
+    return p
+
+
+def options(**values: Any) -> argparse.Namespace:
+    """The command line's options as ``run`` takes them: its defaults, with ``values`` (by their Python names) in
+    their place; a name it does not have is a TypeError."""
+    args = parser().parse_args([])
+    unknown = sorted(set(values) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"stream_speed has no option {', '.join(unknown)}")
+    vars(args).update(values)
+    return args
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--teacher", default="resnet_mini")
-    parser.add_argument("--student", default="vit_mini")
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4, help="batches per timed turn (one epoch of the stream)")
-    parser.add_argument("--repeats", type=int, default=5, help="turns of every contender, interleaved")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16", "auto"), default="auto",
-                        help="the step's autocast, as train.precision (auto: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     result = run(args)
     print(report(result))
     if args.json:
