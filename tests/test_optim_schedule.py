@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.engine.optim import LRSchedule, build_optimizer, param_groups
-from hkdbench.benchmark.recipes.resolve import RECIPES, resolve_run_config
+from hkdbench.benchmark.recipes.resolve import RECIPES, RUNS_VARIANTS, resolve_run_config
 
 # OFA-KD train.py argparse defaults (identical in PAT's train.py) that reach the optimiser, scheduler, loss,
 # mixup, EMA and crop; the YAML of each recipe is applied on top, as `parser.set_defaults(**yaml)` does.
@@ -49,10 +49,27 @@ REFERENCE_YAML = {
 REFERENCE_RECIPES = tuple(REFERENCE_YAML)
 DATASET = {"cifar-cnn": "cifar100", "cifar-vit": "cifar100", "cifar-teacher": "cifar100",
            "imagenet-cnn": "imagenet", "imagenet-vit": "imagenet"}
+# The authors' runs: (the released YAML, what their run set on top of it, the ranks). OFA-KD: the args.yaml its author
+# posted (OFAKD #14: CIFAR Swin-T -> ResNet18 OFA; #15: ImageNet DeiT-T -> ResNet18 OFA; #19: CIFAR DeiT-T and Swin-P)
+# and the README's --nproc_per_node=8; PAT: command_cifar.sh (1 process) and command_imagenet.sh (4), both
+# `--amp --model-ema` (decay from the YAML, else train.py's 0.9998).
+AUTHORS_RUNS = {
+    "cifar-cnn-ofa-runs": ("cifar-cnn", dict(lr=0.1, amp=False, model_ema=False, drop_path=None), 8),
+    "cifar-vit-ofa-runs": ("cifar-vit", dict(min_lr=1e-6, amp=True, model_ema=True, model_ema_decay=[0.99996],
+                                             drop_path=0.0), 8),
+    "imagenet-cnn-ofa-runs": ("imagenet-cnn", dict(amp=True, model_ema=False, drop_path=0.0), 8),
+    "imagenet-vit-ofa-runs": ("imagenet-vit", dict(), 8),
+    "cifar-cnn-pat-runs": ("cifar-cnn", dict(amp=True, model_ema=True), 1),
+    "cifar-vit-pat-runs": ("cifar-vit", dict(amp=True, model_ema=True), 1),
+    "imagenet-cnn-pat-runs": ("imagenet-cnn", dict(amp=True, model_ema=True), 4),
+    "imagenet-vit-pat-runs": ("imagenet-vit", dict(amp=True, model_ema=True), 4),
+}
+DATASET.update({name: DATASET[base] for name, (base, _, _) in AUTHORS_RUNS.items()})
 
 
 def reference_args(recipe: str, epochs=None) -> SimpleNamespace:
-    args = {**TRAIN_PY_DEFAULTS, **REFERENCE_YAML[recipe]}
+    base, run, _world = AUTHORS_RUNS.get(recipe, (recipe, {}, 1))
+    args = {**TRAIN_PY_DEFAULTS, **REFERENCE_YAML[base], **run}
     if epochs is not None:
         args["epochs"] = epochs
     return SimpleNamespace(**args)
@@ -120,11 +137,11 @@ def our_trace(cfg, steps=3):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("epochs", [None, 25, 7])
-@pytest.mark.parametrize("recipe", REFERENCE_RECIPES)
+@pytest.mark.parametrize("recipe", REFERENCE_RECIPES + tuple(AUTHORS_RUNS))
 def test_per_epoch_lr_of_every_recipe_is_timms_scheduler_stepped_as_the_reference(recipe, epochs):
     expected = reference_trace(reference_args(recipe, epochs))
     ours = our_trace(our_cfg(recipe, epochs))
-    assert len(ours) == len(expected) == (epochs or REFERENCE_YAML[recipe]["epochs"])
+    assert len(ours) == len(expected) == (epochs or reference_args(recipe).epochs)
     assert ours == pytest.approx(expected, rel=1e-12, abs=0)
 
 
@@ -372,9 +389,12 @@ def test_bad_optim_fields_name_the_field_and_what_is_allowed(override, message):
 # Recipe audit: every optimiser/schedule/train field and the plain data fields against the reference's args
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", REFERENCE_RECIPES)
+@pytest.mark.parametrize("recipe", REFERENCE_RECIPES + tuple(AUTHORS_RUNS))
 def test_recipe_fields_are_the_reference_arguments(recipe):
     ref, cfg = reference_args(recipe), our_cfg(recipe)
+    # --amp: float16 autocast with a GradScaler; amp false: float32; unstated: the project's default (auto)
+    assert cfg.train.precision == {True: "fp16", False: "fp32"}.get(getattr(ref, "amp", None), "auto")
+    assert cfg.train.world == AUTHORS_RUNS.get(recipe, (None, None, 1))[2]
     o, d, t = cfg.optim, cfg.data, cfg.train
     assert (o.name, o.lr, o.weight_decay, o.momentum) == (ref.opt, ref.lr, ref.weight_decay, ref.momentum)
     assert (o.sched, o.sched_on_updates, o.warmup_epochs, o.warmup_lr) == (ref.sched, False, ref.warmup_epochs,
@@ -410,6 +430,41 @@ def test_drop_path_none_keeps_the_models_default_and_a_value_replaces_it():
 
 def test_every_recipe_is_audited():
     assert set(RECIPES) - set(REFERENCE_RECIPES) == {"demo"}  # the offline demo is not a reference recipe
+    assert set(RUNS_VARIANTS) == set(AUTHORS_RUNS)
+    assert {name: v.base for name, v in RUNS_VARIANTS.items()} == {n: b for n, (b, _, _) in AUTHORS_RUNS.items()}
+
+
+@pytest.mark.parametrize("student,dataset,expected", [
+    ("resnet18", "cifar100", "cifar-cnn-{}-runs"), ("swin_pico", "cifar100", "cifar-vit-{}-runs"),
+    ("mobilenetv2_100", "imagenet", "imagenet-cnn-{}-runs"), ("deit_tiny", "imagenet", "imagenet-vit-{}-runs")])
+@pytest.mark.parametrize("reference", ["ofa", "pat"])
+def test_auto_runs_picks_the_authors_run_of_autos_recipe(student, dataset, expected, reference):
+    cfg = resolve_run_config(kind="student", student=student, method="none", dataset=dataset,
+                             recipe=f"auto-{reference}-runs")
+    assert cfg.recipe == expected.format(reference)
+
+
+def test_a_variant_is_its_base_with_its_changes_and_a_run_of_its_own():
+    from hkdbench.benchmark.core.config import identity
+
+    released = our_cfg("cifar-vit")
+    runs = our_cfg("cifar-vit-ofa-runs")
+    assert RECIPES["cifar-vit"]["optim"]["min_lr"] == 1e-5  # the released YAML is left as it is
+    assert (runs.optim.min_lr, runs.train.ema_decay, runs.train.drop_path) == (1e-6, 0.99996, 0.0)
+    assert (runs.train.precision, runs.train.world, runs.recipe) == ("fp16", 8, "cifar-vit-ofa-runs")
+    assert (runs.data, runs.optim.lr) == (released.data, released.optim.lr)
+    assert runs.run_hash() != released.run_hash()
+    # the variant's fields are overridable as any recipe's: fp32 on a CPU is another run, named so
+    assert our_cfg("cifar-vit-ofa-runs", extra=["train.precision=fp32"]).run_hash() != runs.run_hash()
+    # PAT's CIFAR runs state one rank, the default: it is not part of their identity
+    assert "world" not in identity(our_cfg("cifar-cnn-pat-runs").train)
+
+
+def test_auto_runs_without_a_variant_for_the_dataset_is_refused():
+    with pytest.raises(ConfigError, match="auto-ofa-runs has no variant of recipe 'demo'.*cifar-cnn, cifar-vit"):
+        resolve_run_config(kind="student", student="resnet_mini", method="none", recipe="auto-ofa-runs")
+    with pytest.raises(ConfigError, match="unknown recipe 'cifar-vit-runs'.*cifar-vit-ofa-runs"):
+        resolve_run_config(kind="student", student="vit_mini", method="none", recipe="cifar-vit-runs")
 
 
 # ---------------------------------------------------------------------------------------------------------------

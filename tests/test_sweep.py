@@ -81,9 +81,14 @@ def test_other_presets_expand(tmp_path, monkeypatch):
     pat = expand(load_preset("cifar100-pat"))
     assert ("convnext_tiny", "deit_tiny") in pat.preset.pair_list() and "pat" in pat.preset.methods
     assert len(pat.cells) == 4 * 5 * 3
+    # PAT's runs: the released YAMLs with command_cifar.sh's --amp --model-ema on one rank
+    assert {r.cfg.recipe for r in pat.students} == {"cifar-cnn-pat-runs", "cifar-vit-pat-runs"}
+    assert {(r.cfg.train.ema_decay, r.cfg.train.precision, r.cfg.train.world) for r in pat.students} == {
+        (0.9998, "fp16", 1)}
     imagenet = expand(load_preset("imagenet-ofa"))
-    assert {r.cfg.recipe for r in imagenet.students} == {"imagenet-cnn", "imagenet-vit"}
-    assert imagenet.preset.slurm.gpus_per_node == 8
+    assert {r.cfg.recipe for r in imagenet.students} == {"imagenet-cnn-ofa-runs", "imagenet-vit-ofa-runs"}
+    # 8 GPUs, one per rank of OFA-KD's 8
+    assert imagenet.preset.slurm.gpus_per_node == 8 == {r.cfg.train.world for r in imagenet.students}.pop()
     demo = expand(load_preset("demo"))
     # every cross-family pair of resnet/vit/mixer; `none` runs once per student, not once per pair
     assert len(demo.preset.pair_list()) == 6 and all(t != s for t, s in demo.preset.pair_list())

@@ -188,7 +188,7 @@ def cmd_models(args, _overrides) -> int:
 def cmd_recipes(args, _overrides) -> int:
     from hkdbench.benchmark.data.loaders import color_jitter_note
 
-    from hkdbench.benchmark.recipes.resolve import AUTO_RECIPES
+    from hkdbench.benchmark.recipes.resolve import AUTO_RECIPES, RUNS_VARIANTS
 
     print("auto, by dataset (CNN students / the others): "
           + "; ".join(f"{d}: {r['cnn']} / {r['other']}" for d, r in AUTO_RECIPES.items()))
@@ -204,6 +204,10 @@ def cmd_recipes(args, _overrides) -> int:
               f"train interpolation {d.get('train_interpolation', 'bilinear')}, "
               f"eval {d.get('eval_interpolation', 'bilinear')})"
               f"{' + ' + ', '.join(extras) if extras else ''}{'; ' + jitter_note if jitter_note else ''}")
+    print("the authors' runs (auto-ofa-runs / auto-pat-runs pick one by student family, as auto does):")
+    for name, variant in RUNS_VARIANTS.items():
+        changes = " ".join(f"{key}={value}" for key, (value, _source) in variant.changes.items())
+        print(f"{name}: {variant.base} with {changes}")
     return 0
 
 

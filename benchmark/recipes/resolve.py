@@ -2,14 +2,16 @@
 
 ``auto`` picks the papers' recipe by dataset and student family: CNN students get the SGD recipe
 (``configs/cifar/cnn.yaml`` of OFA-KD/PAT), ViT/Swin/MLP students the AdamW + RandAugment + mixup recipe
-(``configs/cifar/vit_mlp.yaml``). Batch sizes are per process, as in timm (the papers ran 8 x 128 for OFA and
-1 x 128 for PAT); the effective batch and learning rate are recorded with every run.
+(``configs/cifar/vit_mlp.yaml``). Batch sizes are per rank, as in timm; the released YAMLs do not say how many
+ranks (``train.world``) the authors ran, nor what their runs changed on the command line (AMP, EMA, ...): the
+``*-ofa-runs`` / ``*-pat-runs`` variants (:data:`RUNS_VARIANTS`, ``auto-ofa-runs`` / ``auto-pat-runs``) are those
+runs, each change with its source. The global batch is recorded with every run.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.config import (RUN_SECTIONS, ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig,
                                             TrainConfig, build_dataclass, deep_merge, flatten, load_config_file,
@@ -80,8 +82,88 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 
 
+
+@dataclasses.dataclass(frozen=True)
+class RunsVariant:
+    """What a reference's authors ran where it differs from the released YAML (``base``): each changed field
+    (``section.field``) with its value and the source that states it. A field set to its default (PAT's CIFAR
+    ``train.world=1``) is stated for the record and changes no run's identity."""
+    base: str
+    reference: str
+    changes: Mapping[str, Tuple[Any, str]]
+
+    def body(self) -> Dict[str, Any]:
+        nested: Dict[str, Dict[str, Any]] = {}
+        for key, (value, _source) in self.changes.items():
+            section, name = key.split(".")
+            nested.setdefault(section, {})[name] = value
+        return deep_merge(RECIPES[self.base], nested)
+
+
+_OFA_README = "OFAKD README: `--nproc_per_node=8`"
+_OFA_14 = "OFAKD #14, the author's args.yaml of the CIFAR Swin-T -> ResNet18 OFA run"
+_OFA_15 = "OFAKD #15, the author's args.yaml of the ImageNet DeiT-T -> ResNet18 OFA run"
+_OFA_19 = "OFAKD #19, the author's args.yaml of the CIFAR DeiT-T and Swin-P runs"
+_PAT_CIFAR = "PAT command_cifar.sh: `--nproc_per_node=1 ... --amp --model-ema`"
+_PAT_IMAGENET = "PAT command_imagenet.sh: `--nproc_per_node=4 ... --amp --model-ema`"
+_EMA_DEFAULT = "train.py's --model-ema-decay default 0.9998 (no PAT YAML sets it)"
+_FP16 = "`--amp`: timm's native AMP, float16 autocast with a GradScaler"
+
+# Named recipes for the authors' real runs; ``auto-ofa-runs`` / ``auto-pat-runs`` pick one by student family as
+# ``auto`` picks the released YAML. README: "The authors' runs against the released YAML".
+RUNS_VARIANTS: Dict[str, RunsVariant] = {
+    "cifar-cnn-ofa-runs": RunsVariant("cifar-cnn", "OFA-KD", {
+        "train.world": (8, f"{_OFA_README}; the author's log in OFAKD #14 has 48 steps per epoch (50000 // 1024)"),
+        "optim.lr": (0.1, f"{_OFA_14}: lr 0.1 (YAML 0.05)"),
+        "train.precision": ("fp32", f"{_OFA_14}: amp false"),
+    }),
+    "cifar-vit-ofa-runs": RunsVariant("cifar-vit", "OFA-KD", {
+        "train.world": (8, _OFA_README),
+        "optim.min_lr": (1e-6, f"{_OFA_19}: min_lr 1.0e-06 (YAML 1e-5)"),
+        "train.ema_decay": (0.99996, f"{_OFA_19}: model_ema true, model_ema_decay 0.99996"),
+        "train.drop_path": (0.0, f"{_OFA_19}: drop_path 0.0 (Swin's default 0.1)"),
+        "train.precision": ("fp16", f"{_OFA_19}: amp true; {_FP16}"),
+    }),
+    "imagenet-cnn-ofa-runs": RunsVariant("imagenet-cnn", "OFA-KD", {
+        "train.world": (8, _OFA_README),
+        "train.drop_path": (0.0, f"{_OFA_15}: drop_path 0.0"),
+        "train.precision": ("fp16", f"{_OFA_15}: amp true; {_FP16}"),
+    }),
+    "imagenet-vit-ofa-runs": RunsVariant("imagenet-vit", "OFA-KD", {
+        "train.world": (8, _OFA_README),
+    }),
+    "cifar-cnn-pat-runs": RunsVariant("cifar-cnn", "PAT", {
+        "train.world": (1, _PAT_CIFAR),
+        "train.ema_decay": (0.9998, f"{_PAT_CIFAR}; {_EMA_DEFAULT}"),
+        "train.precision": ("fp16", f"{_PAT_CIFAR}; {_FP16}"),
+    }),
+    "cifar-vit-pat-runs": RunsVariant("cifar-vit", "PAT", {
+        "train.world": (1, _PAT_CIFAR),
+        "train.ema_decay": (0.9998, f"{_PAT_CIFAR}; {_EMA_DEFAULT}"),
+        "train.precision": ("fp16", f"{_PAT_CIFAR}; {_FP16}"),
+    }),
+    "imagenet-cnn-pat-runs": RunsVariant("imagenet-cnn", "PAT", {
+        "train.world": (4, _PAT_IMAGENET),
+        "train.ema_decay": (0.9998, f"{_PAT_IMAGENET}; {_EMA_DEFAULT}"),
+        "train.precision": ("fp16", f"{_PAT_IMAGENET}; {_FP16}"),
+    }),
+    # PAT's configs/imagenet/vit_mlp.yaml sets model_ema_decay 0.99996, as imagenet-vit already does
+    "imagenet-vit-pat-runs": RunsVariant("imagenet-vit", "PAT", {
+        "train.world": (4, _PAT_IMAGENET),
+        "train.precision": ("fp16", f"{_PAT_IMAGENET}; {_FP16}"),
+    }),
+}
+# auto-<suffix>: the variant <auto's pick>-<suffix>
+AUTO_RUNS = {"auto-ofa-runs": "ofa-runs", "auto-pat-runs": "pat-runs"}
+
+
 def recipe_names() -> Sequence[str]:
-    return ("auto", *RECIPES)
+    return ("auto", *AUTO_RUNS, *RECIPES, *RUNS_VARIANTS)
+
+
+def recipe_body(name: str) -> Dict[str, Any]:
+    """The fields of a named recipe (a released YAML's or a variant's), as nested sections."""
+    return RUNS_VARIANTS[name].body() if name in RUNS_VARIANTS else RECIPES[name]
 
 
 # What ``auto`` picks, per dataset: the recipe for CNN students and for the others (ViT/Swin/ConvNeXt/MLP). A new
@@ -95,8 +177,15 @@ AUTO_RECIPES: Dict[str, Dict[str, str]] = {
 
 
 def resolve_recipe_name(recipe: str, dataset: str, student: str) -> str:
+    if recipe in AUTO_RUNS:
+        picked = resolve_recipe_name("auto", dataset, student)
+        variant = f"{picked}-{AUTO_RUNS[recipe]}"
+        if variant not in RUNS_VARIANTS:
+            raise ConfigError(f"--recipe {recipe} has no variant of recipe {picked!r} (for {student} on {dataset}); "
+                              f"the authors' runs are known for: {', '.join(v.base for v in _variants(recipe))}")
+        return variant
     if recipe != "auto":
-        if recipe not in RECIPES:
+        if recipe not in RECIPES and recipe not in RUNS_VARIANTS:
             raise ConfigError(f"unknown recipe {recipe!r}; known recipes: {', '.join(recipe_names())}")
         return recipe
     if dataset not in AUTO_RECIPES:
@@ -106,6 +195,10 @@ def resolve_recipe_name(recipe: str, dataset: str, student: str) -> str:
         raise ConfigError(f"--recipe auto has no recipe for dataset {dataset!r} (it knows {', '.join(AUTO_RECIPES)}); "
                           f"name one (--recipe, known: {', '.join(RECIPES)}) or add the dataset to AUTO_RECIPES")
     return AUTO_RECIPES[dataset]["cnn" if zoo_entry(student).family == "cnn" else "other"]
+
+
+def _variants(auto_name: str) -> List[RunsVariant]:
+    return [v for name, v in RUNS_VARIANTS.items() if name.endswith(f"-{AUTO_RUNS[auto_name]}")]
 
 
 def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher: Optional[str] = None,
@@ -129,7 +222,7 @@ def resolve_run_config(*, kind: str, student: str, method: str = "none", teacher
     elif kind == "student" and teacher is None:
         raise ConfigError(f"method {method!r} needs a teacher (--teacher NAME)")
     recipe_name = resolve_recipe_name(recipe, dataset, student)
-    body = deep_merge(RECIPES[recipe_name], {"data": {"dataset": dataset}})
+    body = deep_merge(recipe_body(recipe_name), {"data": {"dataset": dataset}})
     extra = parse_overrides(list(overrides)) if not isinstance(overrides, Mapping) else dict(overrides)
     unknown = sorted(set(extra) - {*RUN_SECTIONS, "method"})
     if unknown:
