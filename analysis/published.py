@@ -1,111 +1,153 @@
-"""PUBLISHED numbers, not measured by this suite: top-1 (%) cells of the OFA-KD paper's tables, each with its source.
+"""PUBLISHED numbers, not measured by this suite: tables of top-1 (%) cells that a paper reports, each cell with the
+source that states it and who states it there. The report sets them beside our cells
+(``tables.published_side_by_side``).
 
-The OFA-KD paper (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge
-Distillation", NeurIPS 2023) could not be read here, so a cell is kept only where a public source states it: an
-issue of the reference repository (the author's comment, or a user quoting the paper's table) or another paper that
-reprints the table. Cells with no such source are not listed at all, and the report shows nothing without its
-source. Where two sources disagree, or a source disagrees with a value this project used to list, the cell's
-``note`` says so. Model names are this suite's zoo names; ``column`` is ``teacher``, ``none`` (the student trained
-from scratch) or a method name (``crd``: the paper's CRD column, the suite's ``crd`` method).
-Kept as text in a module (not a package-data file) so it ships with every install.
+A table is a CSV file, one cell per row:
+
+    dataset    the dataset (``cifar100``, ``imagenet``, ...)
+    teacher    the teacher model (this suite's zoo name); empty for a student trained alone
+    student    the student model; empty for a teacher's own accuracy
+    method     ``teacher`` (the teacher's accuracy), ``none`` (the student alone) or a method label of our tables
+               (``kd``, ``ofa``, ``kd[temperature=4]``)
+    value      top-1 in percent
+    source     where the value is stated: a URL or a citation
+    quoted_by  who states it there (the authors, a user quoting the paper, another paper reprinting the table)
+    paper      optional: the paper whose table the value is from
+    note       optional: what a reader should know (a disagreement between sources, a cell not re-checked)
+
+One cell may have several rows with different sources (all are shown); the same cell twice from one source is an
+error. The shipped table, ``published.csv`` beside this module (package data, ``--published ofa-kd``), holds the
+OFA-KD paper's cells that a public source states; the paper itself could not be read here, so a cell without such a
+source is not listed. ``hkdbench report --published FILE`` reads a user's table in the same format, checked row by
+row before anything is written.
 """
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
-from typing import Dict
+import csv
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List, Sequence
 
 import pandas as pd
 
+from hkdbench.benchmark.core.config import ConfigError
 
-@dataclass(frozen=True)
-class Source:
-    label: str   # how a table cites it
-    what: str    # who says it, and where
-    url: str
-
-
-SOURCES: Dict[str, Source] = {
-    "ofakd#14": Source("OFAKD #14", "the OFA-KD author in the reference repository's issue 'Reproduced Results'",
-                       "https://github.com/Hao840/OFAKD/issues/14"),
-    "ofakd#19": Source("OFAKD #19", "the OFA-KD author in the reference repository's issue 'Accuracy in cifar100'",
-                       "https://github.com/Hao840/OFAKD/issues/19"),
-    "ofakd#22": Source("OFAKD #22", "a user quoting the paper's teacher accuracies, reference repository issue",
-                       "https://github.com/Hao840/OFAKD/issues/22"),
-    "ofakd#23": Source("OFAKD #23", "a user quoting the paper's table ('yours: ...'), reference repository issue",
-                       "https://github.com/Hao840/OFAKD/issues/23"),
-    "ofakd#2": Source("OFAKD #2", "the OFA-KD author in the reference repository's issues",
-                      "https://github.com/Hao840/OFAKD/issues/2"),
-    "fbt": Source("FBT reprint", "the OFA-KD table as reprinted by 'Fuse Before Transfer' (ICCV 2025)",
-                  "https://arxiv.org/abs/2410.12342"),
-}
-
-_RESMLP_NOTE = ("FBT's reprint gives 75.21; this project used to list 81.22 (consistent with the OFA abstract's "
-                "'+8.0 max gain' over DKD 73.22, a cell no source confirms). Unresolved until read in the paper.")
-_SWIN_R18_IN1K_NOTE = "this project used to list 71.85 (no source); FBT's reprint gives 71.76"
-
-# dataset, teacher, student, column, top1, source, note
-PUBLISHED_CSV = f"""\
-dataset,teacher,student,column,top1,source,note
-cifar100,swin_tiny,,teacher,89.26,ofakd#22,
-cifar100,vit_small,,teacher,92.04,ofakd#22,
-cifar100,,resnet18,none,74.01,ofakd#14,
-cifar100,,deit_tiny,none,68.00,ofakd#23,
-cifar100,convnext_tiny,deit_tiny,kd,72.99,ofakd#19,
-cifar100,convnext_tiny,swin_pico,kd,76.44,ofakd#19,
-cifar100,swin_tiny,resnet18,fitnet,78.87,fbt,
-cifar100,swin_tiny,resnet18,crd,77.63,fbt,
-cifar100,swin_tiny,resnet18,kd,78.74,fbt,
-cifar100,swin_tiny,resnet18,ofa,80.54,fbt,
-cifar100,vit_small,resnet18,fitnet,77.71,fbt,
-cifar100,vit_small,resnet18,crd,76.60,fbt,
-cifar100,vit_small,resnet18,kd,77.26,fbt,
-cifar100,vit_small,resnet18,ofa,80.15,fbt,
-cifar100,vit_small,mobilenetv2_100,fitnet,73.54,fbt,
-cifar100,vit_small,mobilenetv2_100,crd,78.14,fbt,
-cifar100,vit_small,mobilenetv2_100,kd,72.77,fbt,
-cifar100,vit_small,mobilenetv2_100,ofa,78.45,fbt,
-cifar100,convnext_tiny,deit_tiny,fitnet,60.78,fbt,
-cifar100,convnext_tiny,deit_tiny,crd,65.94,fbt,
-cifar100,convnext_tiny,deit_tiny,ofa,75.76,fbt,
-cifar100,convnext_tiny,swin_pico,fitnet,24.06,fbt,
-cifar100,convnext_tiny,resmlp_12,fitnet,45.47,fbt,
-cifar100,convnext_tiny,resmlp_12,crd,63.35,fbt,
-cifar100,convnext_tiny,resmlp_12,kd,72.25,fbt,
-cifar100,convnext_tiny,resmlp_12,ofa,75.21,fbt,"{_RESMLP_NOTE}"
-imagenet,deit_tiny,resnet18,ofa,71.34,ofakd#2,
-imagenet,swin_tiny,resnet18,ofa,71.76,fbt,"{_SWIN_R18_IN1K_NOTE}"
-imagenet,swin_tiny,mobilenetv2_100,ofa,72.32,fbt,
-imagenet,convnext_tiny,deit_tiny,ofa,74.41,fbt,
-"""
-
-PAPER = "OFA-KD (Hao et al., NeurIPS 2023)"
+SHIPPED = "ofa-kd"  # the name of the shipped table on the command line
+COLUMNS = ("dataset", "teacher", "student", "method", "value", "source", "quoted_by", "paper", "note")
+OPTIONAL = ("paper", "note")
+CELL_KEY = ["dataset", "teacher", "student", "method"]
 
 
-def published_cells() -> pd.DataFrame:
-    """Every published cell with a source: one row per (dataset, teacher, student, column). A teacher's own
-    accuracy has no student; a student trained alone has no teacher (empty strings)."""
-    df = pd.read_csv(io.StringIO(PUBLISHED_CSV), dtype={"teacher": str, "student": str, "note": str},
-                     keep_default_na=False)
-    df["top1"] = df["top1"].astype(float)
-    unknown = sorted(set(df["source"]) - set(SOURCES))
-    if unknown:  # a cell whose source is not described is not shown anywhere
-        raise ValueError(f"published cells cite undescribed sources {unknown}; describe them in SOURCES")
-    return df
+def shipped_path() -> Path:
+    return Path(str(resources.files("hkdbench.analysis") / "published.csv"))
 
 
-def lookup(cells: pd.DataFrame, dataset: str, teacher: str, student: str, column: str):
-    """The published row for one cell of one of our tables, or None."""
-    if column == "teacher":
-        hit = cells[(cells["column"] == "teacher") & (cells["teacher"] == teacher)]
-    elif column == "none":
-        hit = cells[(cells["column"] == "none") & (cells["student"] == student)]
-    else:
-        hit = cells[(cells["column"] == column) & (cells["teacher"] == teacher) & (cells["student"] == student)]
-    hit = hit[hit["dataset"] == dataset]
-    return None if hit.empty else hit.iloc[0]
+def published_cells(tables: Sequence[str] = (SHIPPED,)) -> pd.DataFrame:
+    """Every cell of the named tables (``ofa-kd``: the shipped one; else a CSV file), with ``file`` and ``row`` (the
+    row's number, the first cell's 1). Raises ConfigError naming the file, row and field of what is wrong."""
+    cells: List[Dict[str, object]] = []
+    for name in tables:
+        cells += _read_table(shipped_path() if name == SHIPPED else Path(name))
+    frame = pd.DataFrame(cells, columns=[*COLUMNS, "file", "row"])
+    _refuse_repeats(frame)
+    return frame
 
 
-def source_lines(keys) -> list:
-    """Markdown lines describing the cited sources, in the order given."""
-    return [f"- **{SOURCES[k].label}**: {SOURCES[k].what}, <{SOURCES[k].url}>" for k in keys]
+def lookup(cells: pd.DataFrame, dataset: str, teacher: str, student: str, column: str) -> pd.DataFrame:
+    """The published rows (none, one or several sources) for one cell of one of our tables."""
+    hit = (cells["dataset"] == dataset) & (cells["method"] == column)
+    if column != "none":  # a student trained alone is the same whatever teacher its table row names
+        hit &= cells["teacher"] == teacher
+    if column != "teacher":  # a teacher's accuracy is the same whatever its student
+        hit &= cells["student"] == student
+    return cells[hit]
+
+
+def _read_table(path: Path) -> List[Dict[str, object]]:
+    where = f"published table {path}"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError(f"{where}: cannot be read as a UTF-8 CSV file ({err})") from None
+    if not rows or not any(rows[0]):
+        raise ConfigError(f"{where} is empty: its first line must name the columns {', '.join(COLUMNS)}")
+    header = [name.strip() for name in rows[0]]
+    _check_header(header, where)
+    cells = []
+    for number, values in enumerate(rows[1:], 1):
+        if not any(v.strip() for v in values):
+            continue  # a blank line
+        if len(values) != len(header):
+            raise ConfigError(f"{where}, row {number}: {len(values)} fields, the header names {len(header)}")
+        cell = {name: "" for name in OPTIONAL} | {k: v.strip() for k, v in zip(header, values)}
+        cells.append(_checked_cell(cell, f"{where}, row {number}") | {"file": str(path), "row": number})
+    if not cells:
+        raise ConfigError(f"{where} holds no cells (only its header)")
+    return cells
+
+
+def _check_header(header: List[str], where: str) -> None:
+    unknown = [name for name in header if name not in COLUMNS]
+    missing = [name for name in COLUMNS if name not in header and name not in OPTIONAL]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if unknown or missing or repeated:
+        problems = [f"unknown column(s) {', '.join(map(repr, unknown))}" if unknown else "",
+                    f"missing column(s) {', '.join(missing)}" if missing else "",
+                    f"repeated column(s) {', '.join(repeated)}" if repeated else ""]
+        raise ConfigError(f"{where}: {'; '.join(p for p in problems if p)}; the columns are {', '.join(COLUMNS)} "
+                          f"({' and '.join(OPTIONAL)} optional)")
+
+
+def _checked_cell(cell: Dict[str, str], where: str) -> Dict[str, object]:
+    for name in ("dataset", "method", "source", "quoted_by"):
+        if not cell[name]:
+            raise ConfigError(f"{where}, field {name}: empty; {_NEEDED[name]}")
+    # a student trained alone has no teacher, a teacher's own accuracy no student; every other cell has both
+    for name, empty_for in (("teacher", "none"), ("student", "teacher")):
+        if cell["method"] == empty_for and cell[name]:
+            raise ConfigError(f"{where}, field {name}: {cell[name]!r}, but method {empty_for} has no {name} "
+                              f"(leave it empty)")
+        if cell["method"] != empty_for and not cell[name]:
+            raise ConfigError(f"{where}, field {name}: empty; method {cell['method']} needs the {name} model")
+    return cell | {"value": _percent(cell["value"], f"{where}, field value")}
+
+
+_NEEDED = {"dataset": "the dataset the value was measured on (cifar100, imagenet, ...)",
+           "method": "teacher, none or a method label (kd, ofa, kd[temperature=4])",
+           "source": "where the value is stated (a URL or a citation)",
+           "quoted_by": "who states the value in the source (the authors, a user quoting the paper, ...)"}
+
+
+def _percent(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a number (top-1 in percent, e.g. 78.74)") from None
+    if not math.isfinite(value) or not 0.0 <= value <= 100.0:
+        raise ConfigError(f"{where}: {text} is not a top-1 in percent (0 to 100)")
+    return value
+
+
+def _refuse_repeats(frame: pd.DataFrame) -> None:
+    """One cell from one source twice (in one file or across files) is a typo or a merge, never two values."""
+    repeated = frame[frame.duplicated([*CELL_KEY, "source"], keep=False)]
+    if repeated.empty:
+        return
+    first = repeated.iloc[0]
+    same = repeated[(repeated[[*CELL_KEY, "source"]] == first[[*CELL_KEY, "source"]]).all(axis=1)]
+    places = " and ".join(f"{r.file}, row {r.row}" for r in same.itertuples())
+    pair = f"{first['teacher'] or '-'} -> {first['student'] or '-'}"
+    raise ConfigError(f"published tables: the cell {first['dataset']} {pair} {first['method']} from {first['source']} "
+                      f"is given twice ({places}); keep one")
+
+
+def source_text(row) -> str:
+    """How a table cites one published row: the paper, who states the value, where."""
+    where = f"<{row['source']}>" if str(row["source"]).startswith(("http://", "https://")) else row["source"]
+    paper = f"{row['paper']}, " if row.get("paper") else ""
+    return f"{paper}as stated by {row['quoted_by']}: {where}"
+

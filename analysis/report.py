@@ -5,7 +5,8 @@
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
     <out>/cka.csv            the CKA table (one row per run, epoch, kernel and teacher stage / student stage pair,
                              with the teacher run it was measured against)
-    <out>/tables/*.md|tex|csv  comparison tables (and published numbers side by side, CIFAR-100 only)
+    <out>/tables/*.md|tex|csv  comparison tables, and the published numbers beside their cells
+                             (published_vs_ours_*: the shipped OFA-KD cells or --published FILE)
     <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict,
                              convergence)
 
@@ -17,7 +18,7 @@ import os
 import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -28,6 +29,7 @@ from hkdbench.benchmark.core.store import (INVOKED_AT, INVOKED_COMMAND, INVOKED_
 
 from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed
 from .plots import FIGURES, all_plots
+from .published import SHIPPED, published_cells
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from .tables import TIE_RULE, comparison_tables, published_markdown, published_side_by_side
 
@@ -209,10 +211,25 @@ def provenance_lines(runs_dir, runs: pd.DataFrame) -> List[str]:
     return lines + overhead_lines(runs)
 
 
-def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[str] = None) -> Path:
-    """Regenerates everything into ``out_dir`` and returns the index (README.md)."""
+def published_lines(table, cells, tables_dir: Path) -> List[str]:
+    """The table's published numbers side by side (written as Markdown and CSV too); nothing when none match."""
+    pub = published_side_by_side(table, cells)
+    if pub is None:
+        return []
+    stem = f"published_vs_ours_{table.slug}"
+    pub.to_csv(tables_dir / f"{stem}.csv", index=False)
+    (tables_dir / f"{stem}.md").write_text(published_markdown(pub) + "\n")
+    return ["#### Published numbers side by side", "", published_markdown(pub), ""]
+
+
+def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[str] = None,
+                published: Sequence[str] = (SHIPPED,)) -> Path:
+    """Regenerates everything into ``out_dir`` and returns the index (README.md). ``published``: the tables of
+    published numbers set beside ours (``published.py``: ``ofa-kd``, the shipped one, or CSV files), read and
+    checked before anything is written."""
     out = Path(out_dir)
     tables_dir, figures_dir = out / "tables", out / "figures"
+    cells = published_cells(published)
     tidy = tidy_tables(runs_dir)
     out.mkdir(parents=True, exist_ok=True)
     # the report owns these two folders: what an earlier report drew from runs no longer in the store goes
@@ -242,12 +259,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
         paths = table.write(tables_dir)
         lines += [f"### {table.title}", "", table.to_markdown(title=False), "",
                   "Files: " + ", ".join(f"[{p.suffix[1:]}]({_rel(p, out)})" for p in paths), ""]
-        pub = published_side_by_side(table)
-        if pub is not None:
-            stem = f"published_vs_ours_{table.slug}"
-            pub.to_csv(tables_dir / f"{stem}.csv", index=False)
-            (tables_dir / f"{stem}.md").write_text(published_markdown(pub) + "\n")
-            lines += ["#### Published numbers side by side", "", published_markdown(pub), ""]
+        lines += published_lines(table, cells, tables_dir)
 
     lines += ["## Figures", ""]
     figures = all_plots(runs, tidy["epochs"], figures_dir, metric, tables, cka=tidy["cka"])

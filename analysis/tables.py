@@ -15,8 +15,8 @@ Every table has four parts (see :mod:`.stats` for the rules):
 
 A cell is bold only where the method beats the student alone: its paired interval lies above 0. A ``none`` run
 has no teacher, so one S run serves every row of its student. Written as Markdown, LaTeX (booktabs) and CSV (tidy:
-one line per cell; ranks in their own CSV). Where a public source gives the OFA-KD paper's number for a cell,
-:func:`published_side_by_side` sets it next to ours.
+one line per cell; ranks in their own CSV). Where a published table (``published.py``) gives a number for a cell,
+:func:`published_side_by_side` sets it next to ours, with whether it lies in our seed interval.
 """
 from __future__ import annotations
 
@@ -394,48 +394,76 @@ def _fill_pair(table: ComparisonTable, pair, g: pd.DataFrame, metric: str) -> No
 # Published numbers side by side
 # --------------------------------------------------------------------------------------------------------------
 
-def published_side_by_side(table: ComparisonTable) -> Optional[pd.DataFrame]:
-    """Our mean next to the published number of every cell of ``table`` that a public source gives (see
-    ``published.py``: only sourced cells exist), with the source and any note; None when there is none."""
-    from .published import PAPER, lookup, published_cells
+TOP1_METRICS = ("best_top1", "last_top1")  # what a published top-1 can be set beside
+BAND_RULE = ("seed interval: the 95 % t interval of our mean over seeds; the published value lies inside it, above or "
+             "below it (a cell of one seed has none)")
 
-    pub = published_cells()
-    dataset = table.key.get("dataset")
-    if dataset not in set(pub["dataset"]):
+
+def published_side_by_side(table: ComparisonTable, cells: Optional[pd.DataFrame] = None) -> Optional[pd.DataFrame]:
+    """Our cell (mean, std, seed interval, n) next to every published value of it in ``cells`` (``published.py``:
+    the shipped table by default), with whether the value lies in our seed interval, its source and any note; None
+    when no cell of ``table`` has a published value, or when the table compares other than top-1."""
+    from .published import lookup, published_cells
+
+    if table.metric not in TOP1_METRICS:
         return None
+    cells = published_cells() if cells is None else cells
+    dataset = table.key.get("dataset")
     out = []
     for pair in table.rows:
-        t, s = pair
         # the published teacher is the one the pair's runs share (none where they had teachers trained otherwise)
-        entries = [("teacher", table.teacher_acc.get(pair, {}).get("")), (BASELINE, table.student_alone.get(s))]
+        entries = [("teacher", table.teacher_acc.get(pair, {}).get("")), (BASELINE, table.student_alone.get(pair[1]))]
         entries += [(m, table.cells.get((pair, m))) for m in table.methods if m != BASELINE]
         for column, ours in entries:
-            row = lookup(pub, dataset, t, s, column)
-            if row is None:
-                continue
-            out.append({"teacher": t, "student": s, "column": column, "ours": ours.mean if ours else None,
-                        "ours_n": ours.n if ours else 0, "published": float(row["top1"]),
-                        "delta": (ours.mean - float(row["top1"])) if ours else None, "source": row["source"],
-                        "note": row["note"], "paper": PAPER})
+            for _, row in lookup(cells, dataset, *pair, column).iterrows():
+                out.append(_side_row(pair, column, ours, row))
     return pd.DataFrame(out) if out else None
 
 
-def published_markdown(df: pd.DataFrame) -> str:
-    from .published import PAPER, SOURCES, source_lines
+def _side_row(pair, column: str, ours: Optional[Cell], row) -> Dict[str, object]:
+    acc = ours.acc if ours else None
+    return {"teacher": pair[0], "student": pair[1], "column": column, "ours": acc.mean if acc else None,
+            "ours_std": acc.std if acc else None, "ours_low": acc.low if acc else None,
+            "ours_high": acc.high if acc else None, "ours_n": acc.n if acc else 0, "published": row["value"],
+            "delta": (acc.mean - row["value"]) if acc else None, "in_seed_interval": seed_band(acc, row["value"]),
+            "source": row["source"], "quoted_by": row["quoted_by"], "paper": row["paper"], "note": row["note"]}
 
-    lines = [f"| Teacher → Student | column | ours | published ({PAPER}) | ours − published | source |",
-             "|:---|:---|---:|---:|---:|:---|"]
-    notes = []
+
+def seed_band(acc, published: float) -> str:
+    """Where a published value lies against our seed interval: inside, above, below; or why there is no answer."""
+    if acc is None:
+        return "not run"
+    if acc.low is None:
+        return "one seed: no interval"
+    return "inside" if acc.low <= published <= acc.high else ("above" if published > acc.high else "below")
+
+
+def published_markdown(df: pd.DataFrame, digits: int = 2) -> str:
+    """The side-by-side table, its sources numbered once each ([1], ...), and its notes."""
+    from .published import source_text
+
+    lines = ["| Teacher → Student | column | ours | published | ours − published | published vs our seed interval "
+             "| source |", "|:---|:---|---:|---:|---:|:---|:---|"]
+    sources: Dict[str, int] = {}
+    notes: Dict[str, int] = {}
     for _, r in df.iterrows():
-        ours = f"{r['ours']:.2f}" if r["ours"] is not None and not pd.isna(r["ours"]) else "–"
-        delta = f"{r['delta']:+.2f}" if r["delta"] is not None and not pd.isna(r["delta"]) else "–"
-        mark = ""
+        cite = f"[{sources.setdefault(source_text(r), len(sources) + 1)}]"
         if r["note"]:
-            notes.append(r["note"])
-            mark = f" (note {len(notes)})"
-        lines.append(f"| {r['teacher']} → {r['student']} | {r['column']} | {ours} | {r['published']:.2f} | "
-                     f"{delta} | {SOURCES[r['source']].label}{mark} |")
-    lines += ["", "Published numbers, not measured here; only cells that a public source states are shown:"]
-    lines += source_lines(dict.fromkeys(df["source"]))
-    lines += [f"- note {i}: {n}" for i, n in enumerate(notes, 1)]
+            cite += f" (note {notes.setdefault(r['note'], len(notes) + 1)})"
+        delta = "–" if r["delta"] is None or pd.isna(r["delta"]) else f"{r['delta']:+.{digits}f}"
+        lines.append(f"| {r['teacher']} → {r['student']} | {r['column']} | {_ours_text(r, digits)} | "
+                     f"{r['published']:.{digits}f} | {delta} | {r['in_seed_interval']} | {cite} |")
+    lines += ["", f"Ours: mean ± std [95 % t interval] (n seeds). Published numbers, not measured here; {BAND_RULE}.",
+              "", "Sources:", ""]
+    lines += [f"- [{i}] {text}" for text, i in sources.items()]
+    lines += [f"- note {i}: {text}" for text, i in notes.items()]
     return "\n".join(lines)
+
+
+def _ours_text(r, digits: int) -> str:
+    if r["ours"] is None or pd.isna(r["ours"]):
+        return "–"
+    if r["ours_n"] == 1:
+        return f"{r['ours']:.{digits}f} (1 seed)"
+    return (f"{r['ours']:.{digits}f} ± {r['ours_std']:.{digits}f} [{r['ours_low']:.{digits}f}, "
+            f"{r['ours_high']:.{digits}f}] (n={r['ours_n']})")

@@ -150,8 +150,11 @@ def list_runs(runs_dir: Optional[str | Path] = None, **filters: Sequence[str]) -
     return runs_table(_store_root(runs_dir), {k: [v] if isinstance(v, str) else list(v) for k, v in filters.items()})
 
 
-def report(runs_dir: Optional[str | Path] = None, out: str | Path = "results", metric: str = "best_top1") -> Path:
-    """Writes every table and figure of the store with an index README.md into ``out``; returns the index's path."""
+def report(runs_dir: Optional[str | Path] = None, out: str | Path = "results", metric: str = "best_top1",
+           published: Sequence[str | Path] = ("ofa-kd",)) -> Path:
+    """Writes every table and figure of the store with an index README.md into ``out``; returns the index's path.
+    ``published``: the tables of published numbers set beside ours ('ofa-kd', the shipped cells, or CSV files in
+    their format: ``hkdbench report --published``)."""
     from hkdbench.analysis.report import make_report
     from hkdbench.benchmark.cli.arguments import METRICS
     from hkdbench.benchmark.core.config import ConfigError
@@ -159,4 +162,5 @@ def report(runs_dir: Optional[str | Path] = None, out: str | Path = "results", m
 
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
-    return make_report(_store_root(runs_dir), check_folder(str(out), "out"), metric)
+    return make_report(_store_root(runs_dir), check_folder(str(out), "out"), metric,
+                       published=[str(table) for table in published])

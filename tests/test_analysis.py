@@ -1,6 +1,7 @@
 """The analysis layer on a synthetic run store with known numbers (no training)."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -8,7 +9,7 @@ import pytest
 
 from hkdbench.analysis.collect import collect_epochs, collect_runs
 from hkdbench.analysis.plots import all_plots
-from hkdbench.analysis.published import SOURCES, lookup, published_cells
+from hkdbench.analysis.published import lookup, published_cells
 from hkdbench.analysis.report import make_report
 from hkdbench.analysis.tables import comparison_tables, published_markdown, published_side_by_side
 from hkdbench.benchmark.cli.main import main
@@ -194,35 +195,65 @@ def test_comparison_table_numbers(store, tmp_path):
     assert other.ranks().empty and "no ranks" in other.to_markdown()
 
 
-def test_published_cells_all_have_a_described_source():
+def test_shipped_published_cells_cite_who_states_them():
     pub = published_cells()
-    assert set(pub["source"]) <= set(SOURCES) and (pub["top1"] > 0).all()
-    assert not pub.duplicated(["dataset", "teacher", "student", "column"]).any()
+    assert (pub["value"] > 0).all() and (pub["source"] != "").all() and (pub["quoted_by"] != "").all()
+    assert not pub.duplicated(["dataset", "teacher", "student", "method", "source"]).any()
     # the cells no public source states (Mixer-B/16 rows, the DKD column, ...) are not kept
-    assert "mixer_b16" not in set(pub["teacher"]) and "dkd" not in set(pub["column"])
-    ofa = lookup(pub, "cifar100", "convnext_tiny", "resmlp_12", "ofa")
-    assert ofa["top1"] == pytest.approx(75.21) and ofa["source"] == "fbt" and "81.22" in ofa["note"]
-    assert lookup(pub, "cifar100", "swin_tiny", "anything", "teacher")["top1"] == pytest.approx(89.26)
-    assert lookup(pub, "cifar100", "anything", "resnet18", "none")["source"] == "ofakd#14"
-    assert lookup(pub, "imagenet", "deit_tiny", "resnet18", "ofa")["top1"] == pytest.approx(71.34)
-    assert lookup(pub, "cifar100", "deit_tiny", "resnet18", "ofa") is None
+    assert "mixer_b16" not in set(pub["teacher"]) and "dkd" not in set(pub["method"])
+    ofa = lookup(pub, "cifar100", "convnext_tiny", "resmlp_12", "ofa").iloc[0]
+    assert ofa["value"] == pytest.approx(75.21) and "2410.12342" in ofa["source"] and "81.22" in ofa["note"]
+    assert lookup(pub, "cifar100", "swin_tiny", "anything", "teacher").iloc[0]["value"] == pytest.approx(89.26)
+    assert lookup(pub, "imagenet", "deit_tiny", "resnet18", "ofa").iloc[0]["value"] == pytest.approx(71.34)
+    assert lookup(pub, "cifar100", "deit_tiny", "resnet18", "ofa").empty
+    # OFAKD #14 and #19: a user (liguopeng0923) quotes the paper there, not its author
+    for dataset, teacher, student, method in (("cifar100", "", "resnet18", "none"),
+                                              ("cifar100", "convnext_tiny", "deit_tiny", "kd"),
+                                              ("cifar100", "convnext_tiny", "swin_pico", "kd")):
+        row = lookup(pub, dataset, teacher, student, method).iloc[0]
+        assert row["quoted_by"].startswith("a user (liguopeng0923)") and "author" not in row["quoted_by"]
+    # FBT's reprint (23 cells) could not be re-read: every one of its cells says so
+    fbt = pub[pub["source"].str.contains("2410.12342")]
+    assert len(fbt) == 23 and fbt["note"].str.contains("not re-read").all()
 
 
 def test_published_numbers_side_by_side(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "kd", "swin_tiny", "resnet18", 0, 78.0, dataset="cifar100", recipe="cifar-cnn")
-    write_run(root, "dkd", "swin_tiny", "resnet18", 0, 79.0, dataset="cifar100", recipe="cifar-cnn")
-    write_run(root, "none", None, "resnet18", 0, 74.5, dataset="cifar100", recipe="cifar-cnn")
+    for seed, (kd, dkd, alone) in enumerate([(78.0, 79.0, 74.5), (79.0, 79.5, 73.5), (80.0, 80.0, 74.0)]):
+        write_run(root, "kd", "swin_tiny", "resnet18", seed, kd, dataset="cifar100", recipe="cifar-cnn")
+        write_run(root, "dkd", "swin_tiny", "resnet18", seed, dkd, dataset="cifar100", recipe="cifar-cnn")
+        write_run(root, "none", None, "resnet18", seed, alone, dataset="cifar100", recipe="cifar-cnn")
     table = comparison_tables(collect_runs(root))[0]
-    side = published_side_by_side(table)
-    kd = side[side["column"] == "kd"].iloc[0]
-    assert kd["published"] == pytest.approx(78.74) and kd["delta"] == pytest.approx(78.0 - 78.74)
-    assert kd["source"] == "fbt"
-    assert set(side["column"]) == {"teacher", "none", "kd"}  # no sourced DKD cell: not shown
-    md = published_markdown(side)
-    assert "| FBT reprint |" in md and "https://arxiv.org/abs/2410.12342" in md and "OFAKD #14" in md
+    side = published_side_by_side(table).set_index("column")
+    # kd: 79.0 +- 1.0 over 3 seeds, t(0.975, 2) = 4.303: [76.52, 81.48] holds FBT's 78.74
+    kd = side.loc["kd"]
+    assert (kd["ours"], kd["ours_std"], kd["ours_n"]) == (pytest.approx(79.0), pytest.approx(1.0), 3)
+    assert (kd["ours_low"], kd["ours_high"]) == (pytest.approx(79.0 - 4.302653 / 3 ** 0.5, abs=1e-5),
+                                                 pytest.approx(79.0 + 4.302653 / 3 ** 0.5, abs=1e-5))
+    assert kd["published"] == pytest.approx(78.74) and kd["delta"] == pytest.approx(79.0 - 78.74)
+    assert kd["in_seed_interval"] == "inside" and "2410.12342" in kd["source"]
+    # the student alone: 74.0 +- 0.5, [72.76, 75.24] holds the paper's 74.01; the teacher is one run (80.0)
+    assert side.loc["none", "in_seed_interval"] == "inside"
+    assert (side.loc["teacher", "ours"], side.loc["teacher", "in_seed_interval"]) == (80.0, "one seed: no interval")
+    assert set(side.index) == {"teacher", "none", "kd"}  # no sourced DKD cell: not shown
+    md = published_markdown(side.reset_index())
+    assert "79.00 ± 1.00 [76.52, 81.48] (n=3) | 78.74 | +0.26 | inside | [" in md
+    assert "as stated by a user (liguopeng0923)" in md and "<https://github.com/Hao840/OFAKD/issues/14>" in md
+    assert md.count("not re-read") == 1  # one note, cited by each FBT cell
     index = make_report(root, tmp_path / "results")
     assert "Published numbers side by side" in index.read_text()
+    written = pd.read_csv(next((tmp_path / "results" / "tables").glob("published_vs_ours_*.csv")))
+    assert set(written["in_seed_interval"]) == {"inside", "one seed: no interval"}
+
+
+def test_seed_band_says_where_the_published_value_lies():
+    from hkdbench.analysis.stats import mean_interval
+    from hkdbench.analysis.tables import seed_band
+
+    acc = mean_interval([70.0, 71.0, 72.0])  # [68.52, 73.48]
+    assert [seed_band(acc, v) for v in (68.0, 71.0, 74.0)] == ["below", "inside", "above"]
+    assert seed_band(mean_interval([70.0]), 70.0) == "one seed: no interval"
+    assert seed_band(None, 70.0) == "not run"
 
 
 def test_published_note_shown_where_a_reprint_disagrees(tmp_path):
@@ -230,7 +261,73 @@ def test_published_note_shown_where_a_reprint_disagrees(tmp_path):
     write_run(root, "ofa", "convnext_tiny", "resmlp_12", 0, 77.0, dataset="cifar100", recipe="cifar-vit")
     side = published_side_by_side(comparison_tables(collect_runs(root))[0])
     md = published_markdown(side)
-    assert "75.21" in md and "(note 1)" in md and "note 1: FBT's reprint gives 75.21" in md
+    assert "| 77.00 (1 seed) | 75.21 | +1.79 | one seed: no interval | [1] (note 1) |" in md
+    assert "note 1: this project used to list 81.22" in md
+
+
+USER_TABLE = """dataset,teacher,student,method,value,source,quoted_by
+cifar100,swin_tiny,resnet18,kd,81.50,My paper (2026) Table 3,its authors
+cifar100,swin_tiny,resnet18,dkd,77.00,https://example.org/table,a blog post reprinting it
+cifar100,,resnet18,none,70.25,My paper (2026) Table 3,its authors
+"""
+
+
+def test_report_takes_a_users_published_table(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (kd, dkd, alone) in enumerate([(78.0, 79.0, 74.5), (79.0, 79.5, 73.5), (80.0, 80.0, 74.0)]):
+        write_run(root, "kd", "swin_tiny", "resnet18", seed, kd, dataset="cifar100", recipe="cifar-cnn")
+        write_run(root, "dkd", "swin_tiny", "resnet18", seed, dkd, dataset="cifar100", recipe="cifar-cnn")
+        write_run(root, "none", None, "resnet18", seed, alone, dataset="cifar100", recipe="cifar-cnn")
+    mine = tmp_path / "mine.csv"
+    mine.write_text(USER_TABLE)
+    assert main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "out"), "--published", str(mine)]) == 0
+    md = next((tmp_path / "out" / "tables").glob("published_vs_ours_*.md")).read_text()
+    assert "| swin_tiny → resnet18 | kd | 79.00 ± 1.00 [76.52, 81.48] (n=3) | 81.50 | -2.50 | above | [1] |" in md
+    assert "| dkd | 79.50 ± 0.50 [78.26, 80.74] (n=3) | 77.00 | +2.50 | below | [2] |" in md
+    assert "| none | 74.00 ± 0.50 [72.76, 75.24] (n=3) | 70.25 | +3.75 | below | [1] |" in md
+    assert "78.74" not in md  # the shipped cells are not there unless named
+    assert main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "both"), "--published", "ofa-kd",
+                 "--published", str(mine)]) == 0
+    both = pd.read_csv(next((tmp_path / "both" / "tables").glob("published_vs_ours_*.csv")))
+    assert sorted(both.loc[both["column"] == "kd", "published"]) == [78.74, 81.5]  # one row per source
+
+
+@pytest.mark.parametrize("text,message", [
+    ("dataset,teacher,student,method,value,source\n", r"missing column\(s\) quoted_by; the columns are dataset"),
+    ("dataset,teacher,student,method,value,source,quoted_by,year\n", r"unknown column\(s\) 'year'"),
+    ("", r"is empty: its first line must name the columns"),
+    ("dataset,teacher,student,method,value,source,quoted_by\n", r"holds no cells"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,ofa,8o.1,x,y\n", r"row 4, field value: '8o.1' is not a number"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,ofa,180,x,y\n", r"row 4, field value: 180 is not a top-1 in percent"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,ofa,80,,y\n", r"row 4, field source: empty; where the value"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,ofa,80,x,\n", r"row 4, field quoted_by: empty"),
+    (USER_TABLE + "cifar100,,resnet18,ofa,80,x,y\n", r"row 4, field teacher: empty; method ofa needs the teacher"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,none,80,x,y\n", r"row 4, field teacher: 'swin_tiny', but method none"),
+    (USER_TABLE + "cifar100,swin_tiny,,kd,80,x,y\n", r"row 4, field student: empty"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,kd,80,x\n", r"row 4: 6 fields, the header names 7"),
+    (USER_TABLE + "cifar100,swin_tiny,resnet18,kd,80.0,My paper (2026) Table 3,again\n",
+     r"cifar100 swin_tiny -> resnet18 kd from My paper \(2026\) Table 3 is given twice \(.*mine.csv, row 1 and "
+     r".*mine.csv, row 4\)"),
+])
+def test_a_bad_published_table_is_refused_naming_file_row_and_field_before_any_write(tmp_path, capsys, text,
+                                                                                       message):
+    root = tmp_path / "runs"
+    write_run(root, "kd", "swin_tiny", "resnet18", 0, 78.0, dataset="cifar100", recipe="cifar-cnn")
+    mine = tmp_path / "mine.csv"
+    mine.write_text(text)
+    out = tmp_path / "out"
+    assert main(["report", "--runs-dir", str(root), "--out", str(out), "--published", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert f"published table {mine}" in err or "given twice" in err
+    assert not out.exists()
+
+
+def test_a_missing_published_table_is_named(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_run(root, "kd", "swin_tiny", "resnet18", 0, 78.0, dataset="cifar100", recipe="cifar-cnn")
+    assert main(["report", "--runs-dir", str(root), "--out", str(tmp_path / "out"), "--published", "nope.csv"]) == 2
+    assert "published table nope.csv: no such file" in capsys.readouterr().err
 
 
 def test_plots_written(store, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """The wheel holds every module of the code folders under hkdbench.* (packages are found by setup.py, not listed),
-the presets, and the command's entry point."""
+the presets, the published cells, and the command's entry point."""
 import shutil
 import subprocess
 import sys
@@ -14,7 +14,7 @@ def _source_files():
     files = {f"hkdbench/{p.relative_to(REPO / 'hkdbench')}" for p in (REPO / "hkdbench").rglob("*.py")}
     for folder in CODE_FOLDERS:
         for p in (REPO / folder).rglob("*"):
-            if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts:
+            if p.suffix in (".py", ".yaml", ".csv") and "__pycache__" not in p.parts:
                 files.add(f"hkdbench/{p.relative_to(REPO)}")
     return files
 
@@ -29,6 +29,7 @@ def test_the_wheel_holds_every_module_and_preset(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = _source_files()
     assert any(n.startswith("hkdbench/benchmark/presets/") for n in expected)
+    assert "hkdbench/analysis/published.csv" in expected  # package data the report reads (--published ofa-kd)
     assert expected <= names, sorted(expected - names)
     assert "hkdbench/py.typed" in names  # PEP 561: the API's type hints reach the users' type checkers
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

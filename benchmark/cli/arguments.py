@@ -258,6 +258,11 @@ def _add_analysis_commands(sub) -> None:
         if name in ("table", "report"):
             p.add_argument("--metric", default="best_top1", choices=METRICS, help="the accuracy compared (default: "
                                                                                  "%(default)s)")
+        if name == "report":
+            p.add_argument("--published", action="append", metavar="FILE",
+                           help="a table of published numbers to set beside ours: a CSV file with the columns "
+                                "dataset, teacher, student, method, value, source, quoted_by (paper, note optional); "
+                                "repeat for several; 'ofa-kd' names the shipped OFA-KD cells (default: ofa-kd alone)")
 
 
 class _IntermixedParser(argparse.ArgumentParser):

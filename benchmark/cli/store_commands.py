@@ -55,11 +55,12 @@ def cmd_report(args, _overrides) -> int:
     import shlex
     import sys
 
+    from hkdbench.analysis.published import SHIPPED
     from hkdbench.analysis.report import make_report
 
     runs_dir, out = _analysis_paths(args)
     command = "hkdbench " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["report"] else None
-    index = make_report(runs_dir, out, args.metric, command=command)
+    index = make_report(runs_dir, out, args.metric, command=command, published=args.published or [SHIPPED])
     print(f"wrote {index}")
     return 0
 
