@@ -286,6 +286,9 @@ def _add_sweep_commands(sub) -> None:
                                                           "would be submitted; submit nothing")
     _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every finished run's resume checkpoint (as train.keep_checkpoint=true; default: "
+                        "removed once the run is done)")
     p.add_argument("--cohort", action="store_true",
                    help="train the student runs that share a data stream and a teacher (same student, data, seed, "
                         "teacher run; the student-alone run joins them) as one job each: one batch and one "

@@ -269,7 +269,8 @@ def cmd_sweep(args, _overrides) -> int:
     if preset_arg is None and not grid["students"]:
         raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
                           "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
-    preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
+    kept = ["train.keep_checkpoint=true"] if args.keep_checkpoints else []
+    preset = load_preset(preset_arg, [*args.settings, *kept, *slurm_settings(args)], grid)
     start = time.time()
     plan = expand(preset)
     from hkdbench.benchmark.engine.tracking import check_tracker_available
