@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from hkdbench import __version__
 from hkdbench.benchmark.core.config import ConfigError
@@ -314,15 +314,17 @@ def _add_sweep_commands(sub) -> None:
 
     p = sub.add_parser("status", help="where every run of a preset or sweep stands: done / running / queued / "
                                       "pending / failed (with the reason and log)")
-    p.add_argument("settings", nargs="+", metavar="PRESET_OR_SWEEP [key=value]",
-                   help="a preset name or YAML file (expanded with the same key=value overrides as the sweep), "
-                        "a sweep directory (runs/_sweeps/ID) or a sweep's ID (any executor's, inline included)")
+    p.add_argument("settings", nargs="*", metavar="[PRESET_OR_SWEEP] key=value",
+                   help="a preset name or YAML file (expanded with the same key=value overrides as the sweep; "
+                        "optional with an inline grid: --students ...), a sweep directory (runs/_sweeps/ID) or a "
+                        "sweep's ID (any executor's, inline included)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     _add_grid_options(p)
     p = sub.add_parser("cancel", help="stop the queued and running jobs of a sweep's runs (each keeps its checkpoint; "
                                       "the same sweep command resumes them)")
-    p.add_argument("settings", nargs="+", metavar="SWEEP_OR_PRESET [key=value]",
-                   help="a sweep directory (runs/_sweeps/ID), a sweep's ID, or a preset as `status` takes it")
+    p.add_argument("settings", nargs="*", metavar="[SWEEP_OR_PRESET] key=value",
+                   help="a sweep directory (runs/_sweeps/ID), a sweep's ID, or a preset or inline grid as `status` "
+                        "takes it")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     _add_grid_options(p)
 
@@ -333,6 +335,18 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     _add_list_option(p, "--students", "inline grid: students (replaces the preset's pairs)")
     _add_list_option(p, "--methods", "methods")
     _add_list_option(p, "--seeds", "seeds")
+
+
+def preset_and_overrides(settings: List[str], what: str = "preset") -> tuple[Optional[str], List[str]]:
+    """The positionals of sweep, status and cancel: an optional preset (or YAML file, sweep id or directory) first,
+    then ``key=value`` overrides; an inline grid (--students ...) may stand in for the preset."""
+    first = settings[0] if settings else None
+    preset = first if first is not None and ("=" not in first or first.endswith((".yaml", ".yml"))) else None
+    overrides = settings[1:] if preset is not None else list(settings)
+    stray = [item for item in overrides if "=" not in item]
+    if stray:
+        raise ConfigError(f"expected key=value overrides after the {what}, got {' '.join(stray)}")
+    return preset, overrides
 
 
 def grid_of(args) -> Dict[str, object]:
