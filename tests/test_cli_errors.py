@@ -332,3 +332,14 @@ def test_fuzz_findings_a_path_that_is_not_utf8_is_printed_as_its_bytes(fmnist_av
     with contextlib.redirect_stdout(stdout):
         assert main([*TEACHER, "--dry-run", "--runs-dir", str(runs)]) == 0
     assert os.fsencode(str(runs)) in stdout.buffer.getvalue()
+
+
+@pytest.mark.usefixtures("fmnist_available")
+def test_ema_weights_of_a_run_without_an_ema_are_refused_with_what_to_do(tmp_path, done_teacher_store, capsys):
+    _, run, _ = done_teacher_store(tmp_path)
+    for argv in (["eval", str(run.path), "--ema"],
+                 ["export", str(run.path), "--ema", "--format", "safetensors", "--out", str(tmp_path / "out")]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and f"{run.path.name} has no EMA weights" in err and "train.ema_decay=0" in err, err
+        assert "leave out --ema" in err and "--teacher-weights" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -149,7 +149,7 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
     from hkdbench.benchmark.engine.eval_run import load_student, open_run
     from hkdbench.benchmark.models.zoo import zoo_architecture
 
-    rd = open_run(path)
+    rd = open_run(path, ema)
     folder = check_folder(Path(out) if out else rd.path / "export", "--out")
     cfg = rd.config()
     architecture = zoo_architecture(cfg.student.name)
