@@ -157,3 +157,21 @@ def test_resume_without_the_best_weights_its_checkpoint_records_fails_clearly(fm
         train(cfg, runs_dir=runs_dir, progress=False, echo=False, resume=True)
     restarted = train(cfg, runs_dir=runs_dir, progress=False, echo=False, restart=True)
     assert restarted.status == "done" and restarted.run_dir.weights_file("best").exists()
+
+
+def test_an_imagenet_teacher_checkpoint_on_fashion_mnist_names_the_file_and_the_keys(fmnist_available, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """The issue's case: a 3-channel, 1000-class resnet18 state dict given as the teacher of a 1-channel, 10-class
+    dataset is refused with the file and the keys that differ, before any run directory is written."""
+    import timm
+
+    from hkdbench.benchmark.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "in1k.pth")
+    code = main(["train", "--teacher", "resnet18", "--student", "vit_mini", "--method", "kd", "--teacher-checkpoint",
+                 "in1k.pth", "--runs-dir", str(tmp_path / "runs"), *TINY, "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "in1k.pth does not fit ResNet with 10 classes" in err, err
+    assert "conv1.weight (64, 3, 7, 7) (the model: (64, 1, 7, 7))" in err and "fc.weight (1000, 512)" in err
+    assert "Traceback" not in err and not any((tmp_path / "runs").glob("kd_*"))
