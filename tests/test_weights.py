@@ -175,3 +175,47 @@ def test_an_imagenet_teacher_checkpoint_on_fashion_mnist_names_the_file_and_the_
     assert code == 2 and "in1k.pth does not fit ResNet with 10 classes" in err, err
     assert "conv1.weight (64, 3, 7, 7) (the model: (64, 1, 7, 7))" in err and "fc.weight (1000, 512)" in err
     assert "Traceback" not in err and not any((tmp_path / "runs").glob("kd_*"))
+
+
+def _no_proxy(monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_the_clients_retries(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, weights missing from the cache and no hub to reach: one connection attempt, then
+    the error (the hub client retried 5 times per file with back-off: about 60 s), never a download call."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from hkdbench.benchmark.models.pretrained import PretrainedUnavailableError, resolve_pretrained
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _no_proxy(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("a download was tried"))
+    with pytest.raises(PretrainedUnavailableError, match=rf"the hub http://127.0.0.1:{port} cannot be reached: "
+                                                         r"Connection refused; .*set HF_HUB_OFFLINE=1"):
+        resolve_pretrained("resnet18.a1_in1k")
+
+
+def test_the_hub_probe_says_nothing_of_a_reachable_hub_or_behind_a_proxy(monkeypatch):
+    import socket
+
+    from hkdbench.benchmark.models.pretrained import hub_unreachable
+
+    _no_proxy(monkeypatch)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert hub_unreachable(f"http://127.0.0.1:{listening.getsockname()[1]}") is None
+        port = listening.getsockname()[1]
+    assert "cannot be reached" in hub_unreachable(f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")  # only the proxy knows: the client decides
+    assert hub_unreachable(f"http://127.0.0.1:{port}") is None

@@ -72,17 +72,43 @@ def _hub_file(repo_id: str, name: str) -> Path:
             return Path(cached)
     offline = constants.HF_HUB_OFFLINE
     problems = []
-    if not offline:
+    unreachable = None if offline else hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        problems.append(unreachable)
+    elif not offline:
         for filename in _WEIGHT_FILES:
             try:
                 return Path(hf_hub_download(repo, filename, revision=revision or None))
-            except Exception as err:  # no network, no such file, ...: say what the hub answered
+            except Exception as err:  # no such file, a hub error, ...: say what the hub answered
                 problems.append(f"{filename}: {type(err).__name__}")
     raise PretrainedUnavailableError(
         f"pretrained weights {name} (hub repo {repo}) are not in the hub cache {constants.HF_HUB_CACHE}"
         f"{' and HF_HUB_OFFLINE is set' if offline else ' and could not be downloaded (' + '; '.join(problems) + ')'}"
         f". Fetch them on a machine with network (python -c \"import timm; timm.create_model('{name}', "
-        "pretrained=True)\") into the same HF_HOME, or give the teacher as a checkpoint file")
+        "pretrained=True)\") into the same HF_HOME, or give the teacher as a local weight file")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
+    """Why the hub at ``endpoint`` cannot be reached (one TCP connection, at most ``timeout`` s), or None. The hub
+    client retries a connection error 5 times per file with back-off (about 60 s for the two files timm tries):
+    without a network the answer comes at once. Behind a proxy the probe cannot tell, so it says nothing."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    if url.hostname is None or urllib.request.getproxies().get(url.scheme):
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return (f"the hub {endpoint} cannot be reached: {err.strerror or type(err).__name__}; without a network "
+                "set HF_HUB_OFFLINE=1 to read only the cache")
+    return None
 
 
 _HASHES: Dict[Tuple[str, int, int], str] = {}
