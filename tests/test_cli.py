@@ -121,3 +121,20 @@ def test_demo_quick_prints_the_comparison_table(fmnist_available, runs_dir, caps
     # a second demo reuses every finished run
     assert main(["demo", "--quick", "--runs-dir", runs_dir]) == 0
     assert capsys.readouterr().out.count("already done") == 3
+
+
+@pytest.mark.usefixtures("fmnist_available")
+def test_analysis_commands_write_by_default_where_the_report_keeps_their_files(tmp_path, done_teacher_store,
+                                                                               monkeypatch, capsys):
+    runs, _, _ = done_teacher_store(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["collect", "--runs-dir", runs]) == 0
+    printed = capsys.readouterr().out
+    assert "runs: results/runs.csv" in printed and (tmp_path / "results" / "epochs.csv").exists()
+    assert main(["report", "--runs-dir", runs]) == 0
+    assert (tmp_path / "results" / "README.md").exists() and not (tmp_path / "analysis_out").exists()
+    from hkdbench.benchmark.cli.arguments import build_parser
+
+    parser = build_parser()
+    assert [parser.parse_args([name]).out for name in ("collect", "table", "plot", "report")] == \
+        ["results", "results/tables", "results/figures", "results"]

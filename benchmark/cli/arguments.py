@@ -215,6 +215,10 @@ def _add_eval_export_commands(sub) -> None:
 METRICS = ("best_top1", "last_top1", "best_top5", "last_top5", "ema_best_top1", "ema_last_top1")
 
 
+# collect, table and plot write by default where `report` (the whole of them) keeps what they write
+REPORT_PLACES = {"collect": "results", "table": "results/tables", "plot": "results/figures", "report": "results"}
+
+
 def _add_analysis_commands(sub) -> None:
     """overhead, collect, table, plot, report (tools/overhead.py and the analysis package)."""
     p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
@@ -253,8 +257,8 @@ def _add_analysis_commands(sub) -> None:
                        ("report", "regenerate every table and figure with an index README.md")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
-        p.add_argument("--out", "-o", default="results" if name == "report" else "analysis_out",
-                       help="output folder (default: %(default)s)")
+        p.add_argument("--out", "-o", default=REPORT_PLACES[name],
+                       help="output folder (default: %(default)s, where `report` keeps them)")
         if name in ("table", "report"):
             p.add_argument("--metric", default="best_top1", choices=METRICS, help="the accuracy compared (default: "
                                                                                  "%(default)s)")
