@@ -124,10 +124,11 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
                         "and one teacher pass per step, each method its own run")
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
-    p.add_argument("--teacher-pretrained", default=None, metavar="NAME",
-                   help="timm's pretrained weights for the teacher (architecture.tag, e.g. "
-                        "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured): used "
-                        "as they are on ImageNet, fine-tuned by the teacher run on other datasets")
+    p.add_argument("--teacher-pretrained", default=None, metavar="NAME_OR_FILE",
+                   help="pretrained weights for the teacher: timm's (architecture.tag, e.g. "
+                        "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured) or a "
+                        "local weight file of the teacher's architecture (its SHA-256 in the hash): used as they "
+                        "are on ImageNet, fine-tuned by the teacher run on other datasets")
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
     p.add_argument("--teacher-weights", default=None, choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
@@ -138,8 +139,9 @@ def _add_teacher_options(p: argparse.ArgumentParser) -> None:
     """The model of a teacher run (teacher, config)."""
     p.add_argument("--model", default=None, help="teacher model (see `hkdbench models`; required unless the config "
                                                  "file names one)")
-    p.add_argument("--pretrained", default=None, metavar="NAME",
-                   help="start from timm's pretrained weights (architecture.tag) and fine-tune them")
+    p.add_argument("--pretrained", default=None, metavar="NAME_OR_FILE",
+                   help="start from pretrained weights (timm's architecture.tag, or a local weight file of the "
+                        "model's architecture) and fine-tune them")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -528,8 +528,8 @@ class ModelConfig:
     weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
                                    "epoch by top-1) or 'last'")
     # (benchmark/models/pretrained.py): the weights' identity, part of the hash
-    pretrained: Optional[str] = setting(None, "timm's pretrained weights, architecture.tag (e.g. "
-                                              "swin_tiny_patch4_window7_224.ms_in1k)")
+    pretrained: Optional[str] = setting(None, "pretrained weights: timm's architecture.tag (e.g. "
+                                              "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path")
     pretrained_sha256: Optional[str] = setting(None, "the SHA-256 of the file those weights resolved to (recorded, "
                                                      "not set)")
     def __post_init__(self):
