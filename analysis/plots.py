@@ -101,8 +101,10 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         rows, cols = _grid(len(table.methods))
         # a panel is as wide as its students, or as its title (a label such as kd[temperature=4]) needs
         width = max(1.5 * len(students), 0.13 * max(len(m) for m in table.methods))
-        fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.5, 1.05 * len(teachers) * rows + 1.2),
-                                 squeeze=False)
+        # constrained layout keeps each row's tick labels, the next row's titles and the suptitle apart at any
+        # number of teacher rows (a fixed spacing let them overlap with one teacher)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.5, (1.05 * len(teachers) + 1.3) * rows + 1.0),
+                                 squeeze=False, layout="constrained")
         cmap = plt.get_cmap("RdBu")
         for ax, m in zip(axes.flat, table.methods):
             grid = np.full((len(teachers), len(students)), np.nan)
@@ -127,12 +129,11 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
                 ax.set_ylabel("teacher")
         for ax in list(axes.flat)[len(table.methods):]:
             ax.axis("off")
-        fig.subplots_adjust(hspace=0.55, wspace=0.08)
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
         fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
                      f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {table.pairing_note}",
-                     y=0.98, va="bottom", fontsize=11)  # above the panels' titles however short the figure
+                     fontsize=11)
         paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
     return paths
 

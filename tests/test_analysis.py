@@ -779,3 +779,42 @@ def test_a_table_title_names_the_differing_data_field_not_a_hash(store):
     assert small.student_alone["vit_mini"].mean == 56.0 and small.cells[(("resnet_mini", "vit_mini"), "kd")].gain == 3
     assert "**fashion-mnist, recipe demo, 3 epochs; data.train_subset=256**" in small.to_markdown()
     assert set(small.to_frame()["setting_label"]) == {"data.train_subset=256"}
+
+
+def _text_boxes(fig):
+    """(owner, extent) of the figure's suptitle and each visible panel's title, x label and x tick labels."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [("suptitle", fig._suptitle.get_window_extent(renderer))] if fig._suptitle else []
+    for i, ax in enumerate(fig.axes):
+        if not ax.axison:
+            continue
+        texts = [ax.title, ax.xaxis.label, *ax.get_xticklabels()]
+        boxes += [(f"panel {i}", t.get_window_extent(renderer)) for t in texts if t.get_text()]
+    return boxes
+
+
+@pytest.mark.parametrize("methods", [1, 5])
+def test_a_gain_heatmap_with_one_teacher_row_has_no_overlapping_text(tmp_path, monkeypatch, methods):
+    """One teacher makes panels one cell tall: with two rows of panels the first row's student labels ran into the
+    second row's titles."""
+    import itertools
+
+    from hkdbench.analysis import plots
+
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(root, "none", None, "vit_mini", seed, 60.0 + seed)
+        for m in ["kd", "fitnet", "dkd", "ofa", "rkd"][:methods]:
+            write_run(root, m, "resnet_mini", "vit_mini", seed, 62.0 + seed)
+    clashes = []
+    save = plots._save
+
+    def checking_save(fig, out_dir, stem):
+        clashes.extend((a, b) for (a, x), (b, y) in itertools.combinations(_text_boxes(fig), 2)
+                       if a != b and x.overlaps(y))
+        return save(fig, out_dir, stem)
+
+    monkeypatch.setattr(plots, "_save", checking_save)
+    assert len(plots.gain_heatmaps(comparison_tables(collect_runs(root)), tmp_path / "figures")) == 2
+    assert clashes == []

@@ -118,6 +118,38 @@ def test_demo_quick_prints_the_comparison_table(fmnist_available, runs_dir, caps
     table = [line for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     assert [line.split("|")[1].strip() for line in table] == ["none", "kd", "fitnet"]
     assert "teacher top-1" in out
+    teacher = float(out.split("teacher top-1 ")[1].split()[0])
+    best = max(float(line.split("|")[2]) for line in table)
+    assert ("Note: the teacher" in out) == (teacher < best)  # said exactly when the teacher is the weaker model
     # a second demo reuses every finished run
     assert main(["demo", "--quick", "--runs-dir", runs_dir]) == 0
     assert capsys.readouterr().out.count("already done") == 3
+
+
+@pytest.mark.usefixtures("fmnist_available")
+def test_analysis_commands_write_by_default_where_the_report_keeps_their_files(tmp_path, done_teacher_store,
+                                                                               monkeypatch, capsys):
+    runs, _, _ = done_teacher_store(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["collect", "--runs-dir", runs]) == 0
+    printed = capsys.readouterr().out
+    assert "runs: results/runs.csv" in printed and (tmp_path / "results" / "epochs.csv").exists()
+    assert main(["report", "--runs-dir", runs]) == 0
+    assert (tmp_path / "results" / "README.md").exists() and not (tmp_path / "analysis_out").exists()
+    from hkdbench.benchmark.cli.arguments import build_parser
+
+    parser = build_parser()
+    assert [parser.parse_args([name]).out for name in ("collect", "table", "plot", "report")] == \
+        ["results", "results/tables", "results/figures", "results"]
+
+
+def test_the_demo_says_when_its_teacher_is_worse_than_a_student():
+    from hkdbench.benchmark.engine.demo import weak_teacher_note
+
+    rows = [{"method": "none", "best_top1": 60.0, "teacher_top1": 55.0},
+            {"method": "kd", "best_top1": 62.5, "teacher_top1": 55.0}]
+    note = weak_teacher_note(rows, quick=True)
+    assert "teacher (55.00 % top-1) is worse than the student kd (62.50 %)" in note
+    assert "not knowledge from a better model" in note and "without --quick" in note
+    assert "teacher.train.epochs" in weak_teacher_note(rows, quick=False)
+    assert weak_teacher_note([{**r, "teacher_top1": 70.0} for r in rows]) is None

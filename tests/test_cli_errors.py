@@ -104,6 +104,8 @@ def test_a_run_without_a_model_says_which_option_gives_it(capsys):
     (["overhead", "--teacher", "resnet_mini", "--student", "vit_mini", "--img-size", "0"], "--img-size: must be >= 1"),
     (["methods", "--pair", "resnet_mini", "vit_mini", "--num-classes", "1"], "--num-classes: must be >= 2"),
     (["report", "--metric", "top1"], "argument --metric: invalid choice: 'top1'"),
+    (["table", "--metric", "foo"], "argument --metric: invalid choice: 'foo' (choose from 'best_top1', 'last_top1', "
+                                   "'best_top5', 'last_top5', 'ema_best_top1', 'ema_last_top1')"),
 ])
 def test_every_number_and_name_on_the_command_line_is_checked_before_anything_is_written(argv, message, capsys,
                                                                                          tmp_path):
@@ -332,3 +334,14 @@ def test_fuzz_findings_a_path_that_is_not_utf8_is_printed_as_its_bytes(fmnist_av
     with contextlib.redirect_stdout(stdout):
         assert main([*TEACHER, "--dry-run", "--runs-dir", str(runs)]) == 0
     assert os.fsencode(str(runs)) in stdout.buffer.getvalue()
+
+
+@pytest.mark.usefixtures("fmnist_available")
+def test_ema_weights_of_a_run_without_an_ema_are_refused_with_what_to_do(tmp_path, done_teacher_store, capsys):
+    _, run, _ = done_teacher_store(tmp_path)
+    for argv in (["eval", str(run.path), "--ema"],
+                 ["export", str(run.path), "--ema", "--format", "safetensors", "--out", str(tmp_path / "out")]):
+        code, err = _run(argv, capsys)
+        assert code == 2 and f"{run.path.name} has no EMA weights" in err and "train.ema_decay=0" in err, err
+        assert "leave out --ema" in err and "--teacher-weights" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

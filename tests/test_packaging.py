@@ -34,3 +34,18 @@ def test_the_wheel_holds_every_module_and_preset(tmp_path):
     assert "hkdbench/py.typed" in names  # PEP 561: the API's type hints reach the users' type checkers
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "hkdbench = hkdbench.benchmark.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_installed_torch_torchvision_and_timm_are_within_the_declared_bounds():
+    """The bounds of pyproject.toml are the releases the suite passed on: a run of the suite on others must widen
+    them on purpose (after the golden runs pass there), not slip past them."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    bounds = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    for name in ("torch", "torchvision", "timm"):
+        assert bounds[name].filter([version(name)], prereleases=True), (name, version(name), str(bounds[name]))
+        assert any(spec.operator == "<" for spec in bounds[name]), f"{name} has no upper bound"

@@ -258,3 +258,19 @@ def test_checkpoint_stops_the_trainer_saves_and_the_requeued_job_resumes(tmp_pat
     theirs = torch.load(reference.run_dir.path / "final.pt", weights_only=True)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert Path(runs / spec.name / "summary.json").exists()
+
+
+def test_status_and_cancel_take_an_inline_grid_with_overrides_as_the_sweep_does(tmp_path):
+    grid = ["--teachers", "resnet_mini", "--students", "vit_mini", "--methods", "kd", "--seeds", "0"]
+    code, out, err = hkdbench("sweep", *grid, "train.epochs=1", "--dry-run", "--runs-dir", tmp_path)
+    assert code == 0, err
+    sweep_id = out.split()[1].rstrip(":")
+    code, out, err = hkdbench("status", *grid, "train.epochs=1", "--runs-dir", tmp_path)
+    assert code == 0, err
+    assert f"(sweep {sweep_id})" in out and "2 runs: 2 pending" in out  # the runs the sweep would train
+    code, out, err = hkdbench("cancel", *grid, "train.epochs=1", "--runs-dir", tmp_path)
+    assert code == 0 and "no queued or running job to cancel" in out, err
+    code, _, err = hkdbench("status", "--runs-dir", tmp_path)
+    assert code == 2 and "inline grid" in err
+    code, _, err = hkdbench("status", "demo", "oops", "--runs-dir", tmp_path)
+    assert code == 2 and "expected key=value overrides after the preset or sweep, got oops" in err

@@ -52,9 +52,9 @@ def test_a_run_writes_the_run_store(fmnist_available, runs_dir):
     result = train(cfg, runs_dir=runs_dir, progress=False)
     rd = result.run_dir
     assert result.status == "done" and rd.is_done
-    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE", "best.pt",
-                 "final.pt"):
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "DONE", "best.pt", "final.pt"):
         assert (rd.path / name).exists(), name
+    assert not rd.checkpoint_file.exists()  # a finished run keeps its weights, not its resume state
     assert rd.path.name.endswith(cfg.run_hash())
     metrics = rd.metrics()
     assert [m["epoch"] for m in metrics] == [1, 2]

@@ -157,3 +157,133 @@ def test_resume_without_the_best_weights_its_checkpoint_records_fails_clearly(fm
         train(cfg, runs_dir=runs_dir, progress=False, echo=False, resume=True)
     restarted = train(cfg, runs_dir=runs_dir, progress=False, echo=False, restart=True)
     assert restarted.status == "done" and restarted.run_dir.weights_file("best").exists()
+
+
+def test_an_imagenet_teacher_checkpoint_on_fashion_mnist_names_the_file_and_the_keys(fmnist_available, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """The issue's case: a 3-channel, 1000-class resnet18 state dict given as the teacher of a 1-channel, 10-class
+    dataset is refused with the file and the keys that differ, before any run directory is written."""
+    import timm
+
+    from hkdbench.benchmark.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "in1k.pth")
+    code = main(["train", "--teacher", "resnet18", "--student", "vit_mini", "--method", "kd", "--teacher-checkpoint",
+                 "in1k.pth", "--runs-dir", str(tmp_path / "runs"), *TINY, "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "in1k.pth does not fit ResNet with 10 classes" in err, err
+    assert "conv1.weight (64, 3, 7, 7) (the model: (64, 1, 7, 7))" in err and "fc.weight (1000, 512)" in err
+    assert "Traceback" not in err and not any((tmp_path / "runs").glob("kd_*"))
+
+
+def _no_proxy(monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_the_clients_retries(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, weights missing from the cache and no hub to reach: one connection attempt, then
+    the error (the hub client retried 5 times per file with back-off: about 60 s), never a download call."""
+    import socket
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from hkdbench.benchmark.models.pretrained import PretrainedUnavailableError, resolve_pretrained
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _no_proxy(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("a download was tried"))
+    with pytest.raises(PretrainedUnavailableError, match=rf"the hub http://127.0.0.1:{port} cannot be reached: "
+                                                         r"Connection refused; .*set HF_HUB_OFFLINE=1"):
+        resolve_pretrained("resnet18.a1_in1k")
+
+
+def test_the_hub_probe_says_nothing_of_a_reachable_hub_or_behind_a_proxy(monkeypatch):
+    import socket
+
+    from hkdbench.benchmark.models.pretrained import hub_unreachable
+
+    _no_proxy(monkeypatch)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        assert hub_unreachable(f"http://127.0.0.1:{listening.getsockname()[1]}") is None
+        port = listening.getsockname()[1]
+    assert "cannot be reached" in hub_unreachable(f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")  # only the proxy knows: the client decides
+    assert hub_unreachable(f"http://127.0.0.1:{port}") is None
+
+
+@pytest.fixture(scope="module")
+def resnet18_files(tmp_path_factory):
+    """ImageNet-shaped resnet18 and resnet34 state dicts (3 channels, 1000 classes) as local files; a damaged one."""
+    import timm
+
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("resnet18").state_dict(), root / "r18.pth")
+    torch.save(timm.create_model("resnet34").state_dict(), root / "r34.pth")
+    (root / "broken.pth").write_bytes(b"\x80\x04garbage")
+    return root
+
+
+def test_a_teacher_fine_tuned_from_a_local_weight_file(resnet18_files, tmp_path):
+    """--teacher-pretrained FILE: the teacher run starts from the file (its SHA-256 in the hash, as hub weights'),
+    the channels and the classifier adapted by timm's loader as for hub weights."""
+    import shutil
+
+    from hkdbench.benchmark.models.pretrained import file_sha256
+
+    path = resnet18_files / "r18.pth"
+    cfg = resolve_run_config(kind="student", student="vit_mini", teacher="resnet18", method="kd", recipe="demo",
+                             overrides=TINY, teacher_pretrained=str(path))
+    assert (cfg.teacher.pretrained, cfg.teacher.pretrained_sha256) == (str(path), file_sha256(path))
+    t_cfg = teacher_run_config(cfg)
+    assert t_cfg.student.pretrained == str(path) and cfg.teacher_run == t_cfg.run_name()
+    # other bytes in the same file: another teacher run, hence another student run
+    changed = tmp_path / "r18.pth"
+    shutil.copy(path, changed)
+    state = torch.load(path)
+    state["layer1.0.conv1.weight"] += 1
+    torch.save(state, changed)
+    other = resolve_run_config(kind="student", student="vit_mini", teacher="resnet18", method="kd", recipe="demo",
+                               overrides=TINY, teacher_pretrained=str(changed))
+    assert other.teacher_run != cfg.teacher_run and other.run_hash() != cfg.run_hash()
+    # loaded into the 1-channel, 10-class teacher: the body is the file's, the head a fresh one
+    teacher = create_model("resnet18", 10, in_chans=1, pretrained=str(path), pretrained_sha256=file_sha256(path))
+    own, saved = teacher.model.state_dict(), torch.load(path)
+    assert torch.equal(own["layer4.1.conv2.weight"], saved["layer4.1.conv2.weight"])
+    assert torch.allclose(own["conv1.weight"], saved["conv1.weight"].sum(1, keepdim=True))  # timm's 3 -> 1 channel
+    assert own["fc.weight"].shape == (10, 512)
+    with pytest.raises(ConfigError, match="has SHA-256 .* the run recorded"):
+        create_model("resnet18", 10, in_chans=1, pretrained=str(path), pretrained_sha256="0" * 64)
+
+
+def test_an_inline_grid_starts_its_teacher_from_a_local_weight_file(resnet18_files):
+    from hkdbench.benchmark.sweep.plan import expand
+    from hkdbench.benchmark.sweep.preset import load_preset
+
+    path = resnet18_files / "r18.pth"
+    plan = expand(load_preset(None, [f"teacher_pretrained.resnet18={path}", *TINY],
+                              grid={"teachers": ["resnet18"], "students": ["vit_mini"], "methods": ["kd"]}))
+    (teacher,) = plan.teachers
+    assert teacher.cfg.student.pretrained == str(path) and teacher.cfg.student.pretrained_sha256
+
+
+@pytest.mark.parametrize("file, message", [
+    ("missing.pth", "pretrained weights file {root}/missing.pth: no such file"),
+    ("r34.pth", "pretrained weights file {root}/r34.pth does not fit resnet18: unexpected keys layer1.2.conv1.weight"),
+    ("broken.pth", "pretrained weights file {root}/broken.pth cannot be read as a state dict"),
+])
+def test_a_local_weight_file_that_cannot_be_the_teacher_is_named(resnet18_files, file, message):
+    with pytest.raises(ConfigError, match="--teacher-pretrained") as err:
+        resolve_run_config(kind="student", student="vit_mini", teacher="resnet18", method="kd", recipe="demo",
+                           overrides=TINY, teacher_pretrained=str(resnet18_files / file))
+    assert message.format(root=resnet18_files) in str(err.value)

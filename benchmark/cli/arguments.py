@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from hkdbench import __version__
 from hkdbench.benchmark.core.config import ConfigError
@@ -124,10 +124,11 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
                         "and one teacher pass per step, each method its own run")
     p.add_argument("--teacher-checkpoint", default=None, help="load the teacher from this state dict instead of "
                                                               "training it")
-    p.add_argument("--teacher-pretrained", default=None, metavar="NAME",
-                   help="timm's pretrained weights for the teacher (architecture.tag, e.g. "
-                        "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured): used "
-                        "as they are on ImageNet, fine-tuned by the teacher run on other datasets")
+    p.add_argument("--teacher-pretrained", default=None, metavar="NAME_OR_FILE",
+                   help="pretrained weights for the teacher: timm's (architecture.tag, e.g. "
+                        "swin_tiny_patch4_window7_224.ms_in1k; from the hub cache, HF_HUB_OFFLINE honoured) or a "
+                        "local weight file of the teacher's architecture (its SHA-256 in the hash): used as they "
+                        "are on ImageNet, fine-tuned by the teacher run on other datasets")
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
     p.add_argument("--teacher-weights", default=None, choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
@@ -138,8 +139,9 @@ def _add_teacher_options(p: argparse.ArgumentParser) -> None:
     """The model of a teacher run (teacher, config)."""
     p.add_argument("--model", default=None, help="teacher model (see `hkdbench models`; required unless the config "
                                                  "file names one)")
-    p.add_argument("--pretrained", default=None, metavar="NAME",
-                   help="start from timm's pretrained weights (architecture.tag) and fine-tune them")
+    p.add_argument("--pretrained", default=None, metavar="NAME_OR_FILE",
+                   help="start from pretrained weights (timm's architecture.tag, or a local weight file of the "
+                        "model's architecture) and fine-tune them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +217,10 @@ def _add_eval_export_commands(sub) -> None:
 METRICS = ("best_top1", "last_top1", "best_top5", "last_top5", "ema_best_top1", "ema_last_top1")
 
 
+# collect, table and plot write by default where `report` (the whole of them) keeps what they write
+REPORT_PLACES = {"collect": "results", "table": "results/tables", "plot": "results/figures", "report": "results"}
+
+
 def _add_analysis_commands(sub) -> None:
     """overhead, collect, table, plot, report (tools/overhead.py and the analysis package)."""
     p = sub.add_parser("overhead", help="measure every method's train step time, memory, FLOPs and extra "
@@ -253,8 +259,8 @@ def _add_analysis_commands(sub) -> None:
                        ("report", "regenerate every table and figure with an index README.md")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
-        p.add_argument("--out", "-o", default="results" if name == "report" else "analysis_out",
-                       help="output folder (default: %(default)s)")
+        p.add_argument("--out", "-o", default=REPORT_PLACES[name],
+                       help="output folder (default: %(default)s, where `report` keeps them)")
         if name in ("table", "report"):
             p.add_argument("--metric", default="best_top1", choices=METRICS, help="the accuracy compared (default: "
                                                                                  "%(default)s)")
@@ -291,6 +297,9 @@ def _add_sweep_commands(sub) -> None:
                                                           "would be submitted; submit nothing")
     _add_grid_options(p)
     p.add_argument("--retry-failed", action="store_true", help="also re-submit runs marked FAILED")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every finished run's resume checkpoint (as train.keep_checkpoint=true; default: "
+                        "removed once the run is done)")
     p.add_argument("--cohort", action="store_true",
                    help="train the student runs that share a data stream and a teacher (same student, data, seed, "
                         "teacher run; the student-alone run joins them) as one job each: one batch and one "
@@ -316,15 +325,17 @@ def _add_sweep_commands(sub) -> None:
 
     p = sub.add_parser("status", help="where every run of a preset or sweep stands: done / running / queued / "
                                       "pending / failed (with the reason and log)")
-    p.add_argument("settings", nargs="+", metavar="PRESET_OR_SWEEP [key=value]",
-                   help="a preset name or YAML file (expanded with the same key=value overrides as the sweep), "
-                        "a sweep directory (runs/_sweeps/ID) or a sweep's ID (any executor's, inline included)")
+    p.add_argument("settings", nargs="*", metavar="[PRESET_OR_SWEEP] key=value",
+                   help="a preset name or YAML file (expanded with the same key=value overrides as the sweep; "
+                        "optional with an inline grid: --students ...), a sweep directory (runs/_sweeps/ID) or a "
+                        "sweep's ID (any executor's, inline included)")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     _add_grid_options(p)
     p = sub.add_parser("cancel", help="stop the queued and running jobs of a sweep's runs (each keeps its checkpoint; "
                                       "the same sweep command resumes them)")
-    p.add_argument("settings", nargs="+", metavar="SWEEP_OR_PRESET [key=value]",
-                   help="a sweep directory (runs/_sweeps/ID), a sweep's ID, or a preset as `status` takes it")
+    p.add_argument("settings", nargs="*", metavar="[SWEEP_OR_PRESET] key=value",
+                   help="a sweep directory (runs/_sweeps/ID), a sweep's ID, or a preset or inline grid as `status` "
+                        "takes it")
     p.add_argument("--runs-dir", default=None, help="the run store (default: $HKDBENCH_RUNS or ./runs)")
     _add_grid_options(p)
 
@@ -335,6 +346,18 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     _add_list_option(p, "--students", "inline grid: students (replaces the preset's pairs)")
     _add_list_option(p, "--methods", "methods")
     _add_list_option(p, "--seeds", "seeds")
+
+
+def preset_and_overrides(settings: List[str], what: str = "preset") -> tuple[Optional[str], List[str]]:
+    """The positionals of sweep, status and cancel: an optional preset (or YAML file, sweep id or directory) first,
+    then ``key=value`` overrides; an inline grid (--students ...) may stand in for the preset."""
+    first = settings[0] if settings else None
+    preset = first if first is not None and ("=" not in first or first.endswith((".yaml", ".yml"))) else None
+    overrides = settings[1:] if preset is not None else list(settings)
+    stray = [item for item in overrides if "=" not in item]
+    if stray:
+        raise ConfigError(f"expected key=value overrides after the {what}, got {' '.join(stray)}")
+    return preset, overrides
 
 
 def grid_of(args) -> Dict[str, object]:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from hkdbench.benchmark.cli.arguments import grid_of, slurm_settings
+from hkdbench.benchmark.cli.arguments import grid_of, preset_and_overrides, slurm_settings
 from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.recipes.resolve import RECIPES, RunRequest
 
@@ -263,17 +263,13 @@ def cmd_sweep(args, _overrides) -> int:
     from hkdbench.benchmark.sweep.plan import expand
     from hkdbench.benchmark.sweep.preset import load_preset
 
-    preset_arg = None
-    if args.settings and "=" not in args.settings[0] or args.settings and args.settings[0].endswith((".yaml", ".yml")):
-        preset_arg, args.settings = args.settings[0], args.settings[1:]  # positionals: [PRESET] key=value...
-    stray = [item for item in args.settings if "=" not in item]
-    if stray:
-        raise ConfigError(f"expected key=value overrides after the preset, got {' '.join(stray)}")
+    preset_arg, args.settings = preset_and_overrides(args.settings)
     grid = grid_of(args)
     if preset_arg is None and not grid["students"]:
         raise ConfigError("give a preset (demo, cifar100-ofa, cifar100-pat, imagenet-ofa or a YAML file) or an "
                           "inline grid (--teachers A,B --students C --methods kd,ofa --seeds 0,1)")
-    preset = load_preset(preset_arg, [*args.settings, *slurm_settings(args)], grid)
+    kept = ["train.keep_checkpoint=true"] if args.keep_checkpoints else []
+    preset = load_preset(preset_arg, [*args.settings, *kept, *slurm_settings(args)], grid)
     start = time.time()
     plan = expand(preset)
     from hkdbench.benchmark.engine.tracking import check_tracker_available

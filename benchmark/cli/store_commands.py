@@ -3,7 +3,7 @@ status, and cancel (which also stops jobs through their executors). Nothing here
 where a preset is expanded as the sweep would (status or cancel given a preset)."""
 from __future__ import annotations
 
-from hkdbench.benchmark.cli.arguments import grid_of
+from hkdbench.benchmark.cli.arguments import grid_of, preset_and_overrides
 from hkdbench.benchmark.core.config import ConfigError
 
 
@@ -78,7 +78,6 @@ def cmd_status(args, _overrides) -> int:
     from hkdbench.benchmark.sweep.status import format_state_table, run_states
     from hkdbench.benchmark.core.store import RunStore
 
-    args.target, args.settings = args.settings[0], args.settings[1:]
     specs, runs_dir, title = _status_specs(args)
     store = RunStore(runs_dir)
     print(f"{title}; run store {store.root}")
@@ -92,7 +91,6 @@ def cmd_cancel(args, _overrides) -> int:
     from hkdbench.benchmark.core.store import RunStore
     from hkdbench.benchmark.sweep.status import cancel, run_states
 
-    args.target, args.settings = args.settings[0], args.settings[1:]
     specs, runs_dir, title = _status_specs(args)
     store = RunStore(runs_dir)
     jobs = cancel(run_states(specs, store), store)
@@ -110,9 +108,14 @@ def _status_specs(args):
     from pathlib import Path
 
     from hkdbench.benchmark.core.store import SWEEPS_DIR, RunStore, SweepDir
-    from hkdbench.benchmark.sweep.plan import expand
-    from hkdbench.benchmark.sweep.preset import load_preset, preset_names
+    from hkdbench.benchmark.sweep.preset import preset_names
 
+    args.target, args.settings = preset_and_overrides(args.settings, "preset or sweep")
+    if args.target is None:
+        if not grid_of(args)["students"]:
+            raise ConfigError("give a sweep (its directory or id), a preset, or an inline grid (--teachers A "
+                              "--students B ...) as the sweep was given")
+        return _expanded(None, args)
     target = Path(args.target)
     by_id = RunStore(args.runs_dir).sweep_dir(args.target)
     if not _exists(target) and "/" not in args.target and _exists(by_id.manifest_file):
@@ -127,10 +130,17 @@ def _status_specs(args):
         raise ConfigError(f"unknown preset {args.target!r}, and no sweep of that id in the run store "
                           f"{by_id.path.parent.parent} (no {by_id.manifest_file}); shipped presets: "
                           f"{', '.join(preset_names())}, or a YAML file's path")
+    return _expanded(args.target, args)
+
+
+def _expanded(preset, args):
+    """(the runs, the run store, a title) of a preset or inline grid, expanded as the sweep would."""
+    from hkdbench.benchmark.sweep.plan import expand
+    from hkdbench.benchmark.sweep.preset import load_preset
     from hkdbench.methods import load_plugins
 
     load_plugins()  # a preset may name a plugin's method
-    plan = expand(load_preset(args.target, list(args.settings), grid_of(args)))
+    plan = expand(load_preset(preset, list(args.settings), grid_of(args)))
     return plan.runs, args.runs_dir, f"preset {plan.preset.name} (sweep {plan.sweep_id()})"
 
 

@@ -455,6 +455,10 @@ class TrainConfig:
     # benchmark/engine/progress.py). The run store stays the source of truth.
     log: str = where_or_how("none", "experiment tracker: 'tensorboard', 'wandb' or 'none'")
     log_interval: int = where_or_how(50, "steps between progress lines when stdout is not a terminal (0: none)")
+    # checkpoint.pt holds the optimiser and EMA beside the model (twice the kept weights' size): once the run is DONE
+    # only a resume would read it, and a finished run never resumes
+    keep_checkpoint: bool = where_or_how(False, "keep the resume checkpoint (checkpoint.pt) of a finished run (false: "
+                                                "removed once its kept weights and DONE are written)")
     # torch.compile of the student and the method's modules (engine/step.py: compile_trained_modules); the same
     # result up to float rounding, so it is in env.json, not in the hash
     compile: bool = where_or_how(False, "torch.compile the student and the method's modules (same result up to float "
@@ -524,8 +528,8 @@ class ModelConfig:
     weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
                                    "epoch by top-1) or 'last'")
     # (benchmark/models/pretrained.py): the weights' identity, part of the hash
-    pretrained: Optional[str] = setting(None, "timm's pretrained weights, architecture.tag (e.g. "
-                                              "swin_tiny_patch4_window7_224.ms_in1k)")
+    pretrained: Optional[str] = setting(None, "pretrained weights: timm's architecture.tag (e.g. "
+                                              "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path")
     pretrained_sha256: Optional[str] = setting(None, "the SHA-256 of the file those weights resolved to (recorded, "
                                                      "not set)")
     def __post_init__(self):

@@ -512,6 +512,12 @@ class RunDir:
             self.failed_file.unlink()
         atomic_write_bytes(self.done_file, b"")
 
+    def remove_checkpoint(self) -> None:
+        """Drops the resume state of a DONE run (its kept weights and summary stay): only a resume reads it."""
+        if self.is_done:
+            with contextlib.suppress(FileNotFoundError):
+                self.checkpoint_file.unlink()
+
     def store_measurement(self, cfg: OverheadConfig, env: Dict[str, Any], summary: Dict[str, Any]) -> None:
         """A finished measurement run (the overhead benchmark's, under the run's lock): its config, environment
         and result, replacing an earlier measurement of the same config."""

@@ -35,7 +35,10 @@ def run_demo(runs_dir: Optional[str] = None, device: Optional[str] = None, quick
         print("not finished: " + "; ".join(unfinished))
         return 3
     print()
-    print(format_table([r.summary for r in results]))
+    rows = [r.summary for r in results]
+    print(format_table(rows))
+    if note := weak_teacher_note(rows, quick):
+        print("\n" + note)
     print(f"\ntotal wall time {time.time() - start:.0f} s; runs in {results[0].run_dir.path.parent}")
     return 0
 
@@ -53,3 +56,17 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(f"| {r['method']} | {r['best_top1']:.2f} | {r['last_top1']:.2f} | {gain} | "
                      f"{r['train_time_s']:.0f} |")
     return "\n".join(lines)
+
+
+def weak_teacher_note(rows: List[Dict], quick: bool = False) -> Optional[str]:
+    """A word when the teacher scores below a student: a "gain" then is not a better model's knowledge passed on
+    (the regulariser of soft labels at best, noise at worst)."""
+    teacher_top1 = next((r["teacher_top1"] for r in rows if r.get("teacher_top1") is not None), None)
+    best = max(rows, key=lambda r: r["best_top1"])
+    if teacher_top1 is None or teacher_top1 >= best["best_top1"]:
+        return None
+    why = ("--quick trains the teacher for 1 epoch on 1024 images; `hkdbench demo` without --quick trains it "
+           "properly" if quick else "a longer teacher run (teacher.train.epochs) would make it the stronger model")
+    return (f"Note: the teacher ({teacher_top1:.2f} % top-1) is worse than the student {best['method']} "
+            f"({best['best_top1']:.2f} %), so a gain over the student alone here is not knowledge from a better "
+            f"model. {why[0].upper() + why[1:]}.")

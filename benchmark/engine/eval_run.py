@@ -17,8 +17,8 @@ from hkdbench.benchmark.core.errors import StoreError
 from hkdbench.benchmark.core.store import RunDir
 
 
-def open_run(path: str | Path) -> RunDir:
-    """A run directory of the store, named clearly when it is not one or has not finished."""
+def open_run(path: str | Path, ema: bool = False) -> RunDir:
+    """A run directory of the store, named clearly when it is not one, has not finished, or (``ema``) kept no EMA."""
     rd = RunDir(Path(path))
     try:
         is_run = rd.config_file.is_file()
@@ -29,6 +29,10 @@ def open_run(path: str | Path) -> RunDir:
     if not rd.is_done:
         raise ConfigError(f"{rd.path.name} has not finished (status {rd.status()}); its kept weights may be "
                           "missing or stale: finish it first (hkdbench train ... --resume)")
+    if ema and not rd.config().train.ema_decay:
+        raise ConfigError(f"{rd.path.name} has no EMA weights: it was trained without an EMA of the student "
+                          "(train.ema_decay=0); leave out --ema to use its own weights (best.pt, or final.pt "
+                          "with --weights last)")
     return rd
 
 
@@ -82,7 +86,7 @@ def evaluate_run(path: str | Path, weights: str = "best", ema: bool = False, tea
     from hkdbench.benchmark.models.zoo import zoo_entry
     from hkdbench.benchmark.engine.evaluation import autocast_dtype, evaluate, select_device, use_channels_last
 
-    rd = open_run(path)
+    rd = open_run(path, ema)
     cfg = rd.config()
     data = eval_data(cfg, overrides)
     check_data_available(data)

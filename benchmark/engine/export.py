@@ -42,7 +42,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from hkdbench.benchmark.core.config import ConfigError, DataConfig, RunConfig
-from hkdbench.benchmark.core.store import check_folder
+from hkdbench.benchmark.core.store import atomic_replace, atomic_write_bytes, check_folder
 
 FORMATS = ("timm", "safetensors", "onnx")
 
@@ -149,7 +149,7 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
     from hkdbench.benchmark.engine.eval_run import load_student, open_run
     from hkdbench.benchmark.models.zoo import zoo_architecture
 
-    rd = open_run(path)
+    rd = open_run(path, ema)
     folder = check_folder(Path(out) if out else rd.path / "export", "--out")
     cfg = rd.config()
     architecture = zoo_architecture(cfg.student.name)
@@ -161,7 +161,7 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
         _save_safetensors(model, folder / "model.safetensors", config)
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_bytes(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
         return folder
     target = folder / f"{rd.path.name}.{'onnx' if fmt == 'onnx' else 'safetensors'}"
     if fmt == "safetensors":
@@ -172,24 +172,22 @@ def export_run(path: str | Path, fmt: str, out: Optional[str | Path] = None, wei
 
 
 def _save_safetensors(model: torch.nn.Module, target: Path, config: Dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     # contiguous copies: tied or strided views cannot be written as they are
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    temp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(temp), metadata={"format": "pt", "timm_config": json.dumps(config)})
-    temp.replace(target)
+    # as bytes through the store's atomic write: safetensors' save_file creates its file with mode 0600
+    atomic_write_bytes(target, save(tensors, metadata={"format": "pt", "timm_config": json.dumps(config)}))
 
 
 def _save_onnx(model: torch.nn.Module, target: Path, config: Dict[str, Any]) -> None:
     import onnx
 
     example = torch.zeros(1, *config["pretrained_cfg"]["input_size"])
-    temp = target.with_name(f".{target.name}.tmp")
-    torch.onnx.export(model.eval(), (example,), str(temp), input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    proto = onnx.load(str(temp))
-    onnx.helper.set_model_props(proto, {"timm_config": json.dumps(config)})
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(temp))
-    temp.replace(target)
+    with atomic_replace(target) as temp:
+        torch.onnx.export(model.eval(), (example,), temp, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        proto = onnx.load(temp)
+        onnx.helper.set_model_props(proto, {"timm_config": json.dumps(config)})
+        onnx.checker.check_model(proto)
+        onnx.save(proto, temp)

@@ -170,12 +170,15 @@ class RunLifecycle:
         m.end("interrupted")
 
     def finish(self, m: Member, summary: Dict[str, Any]) -> None:
-        """The run's last files: its metrics (never short of the final epoch), final weights, summary and DONE."""
+        """The run's last files: its metrics (never short of the final epoch), final weights, summary and DONE;
+        then its resume checkpoint goes unless train.keep_checkpoint (a kill in between leaves a DONE run)."""
         rd = m.run_dir
         if self.is_main:
             rd.write_metrics(m.state["history"])
             keep_last(m)
             rd.mark_done(summary)
+            if not m.cfg.train.keep_checkpoint:
+                rd.remove_checkpoint()
         m.tracker.log_summary(summary)
         m.tracker.close()
         self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "

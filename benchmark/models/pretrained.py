@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from hkdbench.benchmark.core.config import ConfigError
@@ -38,8 +39,23 @@ class PretrainedWeights:
     num_classes: int    # the classifier the weights come with
 
 
-def resolve_pretrained(name: str) -> PretrainedWeights:
-    """Finds (or downloads, when online) the weights file of ``name`` through timm's config and the hub cache."""
+# how a local weight file is told from timm's architecture.tag names (which never hold a path separator)
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".tar", ".ckpt")
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether ``name`` is a local weight file's path rather than a timm weights name."""
+    return "/" in name or name.endswith(WEIGHT_FILE_SUFFIXES) or Path(name).expanduser().is_file()
+
+
+def resolve_pretrained(name: str, architecture: Optional[str] = None, classifier: str = "") -> PretrainedWeights:
+    """Finds (or downloads, when online) the weights file of ``name`` through timm's config and the hub cache; or,
+    for a local weight file, that file, taken as weights of ``architecture`` (``classifier``: its head's module)."""
+    if is_weight_file(name):
+        if architecture is None:
+            raise PretrainedUnavailableError(f"pretrained weights file {name}: a local file needs a timm model to "
+                                             "load it into")
+        return local_weights(name, architecture, classifier)
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
@@ -72,17 +88,70 @@ def _hub_file(repo_id: str, name: str) -> Path:
             return Path(cached)
     offline = constants.HF_HUB_OFFLINE
     problems = []
-    if not offline:
+    unreachable = None if offline else hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        problems.append(unreachable)
+    elif not offline:
         for filename in _WEIGHT_FILES:
             try:
                 return Path(hf_hub_download(repo, filename, revision=revision or None))
-            except Exception as err:  # no network, no such file, ...: say what the hub answered
+            except Exception as err:  # no such file, a hub error, ...: say what the hub answered
                 problems.append(f"{filename}: {type(err).__name__}")
     raise PretrainedUnavailableError(
         f"pretrained weights {name} (hub repo {repo}) are not in the hub cache {constants.HF_HUB_CACHE}"
         f"{' and HF_HUB_OFFLINE is set' if offline else ' and could not be downloaded (' + '; '.join(problems) + ')'}"
         f". Fetch them on a machine with network (python -c \"import timm; timm.create_model('{name}', "
-        "pretrained=True)\") into the same HF_HOME, or give the teacher as a checkpoint file")
+        "pretrained=True)\") into the same HF_HOME, or give the teacher as a local weight file")
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> Optional[str]:
+    """Why the hub at ``endpoint`` cannot be reached (one TCP connection, at most ``timeout`` s), or None. The hub
+    client retries a connection error 5 times per file with back-off (about 60 s for the two files timm tries):
+    without a network the answer comes at once. Behind a proxy the probe cannot tell, so it says nothing."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    url = urllib.parse.urlsplit(endpoint)
+    if url.hostname is None or urllib.request.getproxies().get(url.scheme):
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        return (f"the hub {endpoint} cannot be reached: {err.strerror or type(err).__name__}; without a network "
+                "set HF_HUB_OFFLINE=1 to read only the cache")
+    return None
+
+
+def local_weights(name: str, architecture: str, classifier: str) -> PretrainedWeights:
+    """A local weight file (a state dict, or a timm checkpoint holding one) as ``architecture``'s weights, named by
+    its absolute path; its classes are those of its ``classifier`` head."""
+    path = Path(name).expanduser().absolute()
+    if not path.is_file():
+        raise PretrainedUnavailableError(f"pretrained weights file {name}: no such file")
+    state = read_weight_file(path)
+    head = state.get(f"{classifier}.weight")
+    return PretrainedWeights(str(path), architecture, path, file_sha256(path), int(head.shape[0]) if head is not None
+                             and head.dim() >= 1 else 0)
+
+
+def read_weight_file(path: Path) -> Dict[str, torch.Tensor]:
+    """The state dict of a local weight file as timm's loader reads it (a checkpoint's EMA weights first, as timm);
+    a file that is not one is named."""
+    from timm.models import load_state_dict
+
+    try:
+        state = load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 (truncated zip, pickle garbage, a tensor of unsafe type: many kinds)
+        raise PretrainedUnavailableError(f"pretrained weights file {path} cannot be read as a state dict "
+                                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PretrainedUnavailableError(f"pretrained weights file {path} does not hold a state dict of tensors")
+    return state
 
 
 _HASHES: Dict[Tuple[str, int, int], str] = {}
@@ -106,8 +175,8 @@ def load_pretrained_into(model: nn.Module, name: str, sha256: Optional[str], num
     another size is left at its fresh init (timm's rule); a file whose hash is not the recorded one is refused."""
     from timm.models import load_pretrained
 
-    weights = resolve_pretrained(name)
     built = getattr(model, "pretrained_cfg", {}).get("architecture")
+    weights = resolve_pretrained(name, built, _classifier(model))
     if built != weights.architecture:
         raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}, but the model is "
                           f"{built or 'not a timm-registered architecture'}")
@@ -117,6 +186,32 @@ def load_pretrained_into(model: nn.Module, name: str, sha256: Optional[str], num
     cfg = {**model.pretrained_cfg, "file": str(weights.file), "num_classes": weights.num_classes}
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     load_pretrained(model, pretrained_cfg=cfg, num_classes=num_classes, in_chans=in_chans, filter_fn=filter_fn)
+
+
+def _classifier(model: nn.Module) -> str:
+    """The module name of the model's classifier head, as timm's pretrained config names it."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or ""
+    return head[0] if isinstance(head, (tuple, list)) else head
+
+
+def check_fits(path: Path, model: nn.Module) -> None:
+    """The local file's tensors fit ``model`` (built with the file's classes, 3 channels), but for what timm's loader
+    adapts (the classifier, dropped when the classes differ); else an error naming the file and the keys."""
+    state, own = read_weight_file(path), model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {tuple(state[k].shape)} (the model: {tuple(own[k].shape)})" for k in own
+               if k in state and state[k].shape != own[k].shape]
+    found = (("keys of another shape:", resized), ("missing keys", missing), ("unexpected keys", unexpected))
+    problems = [f"{what} {_few(keys)}" for what, keys in found if keys]
+    if problems:
+        architecture = getattr(model, "pretrained_cfg", {}).get("architecture")
+        raise ConfigError(f"pretrained weights file {path} does not fit {architecture}: {'; '.join(problems)} (are "
+                          "they weights of this architecture?)")
+
+
+def _few(keys, n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def used_as_is(weights_num_classes: int, dataset: str, num_classes: int) -> bool:

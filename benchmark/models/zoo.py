@@ -25,7 +25,8 @@ from timm.models import mlp_mixer as timm_mixer
 from timm.models import resnet as timm_resnet
 from timm.models import swin_transformer as timm_swin
 from timm.models import vision_transformer as timm_vit
-from hkdbench.benchmark.models.pretrained import PretrainedWeights, load_pretrained_into, resolve_pretrained
+from hkdbench.benchmark.models.pretrained import (PretrainedWeights, check_fits, is_weight_file, load_pretrained_into,
+                                                  resolve_pretrained)
 from hkdbench.benchmark.models.families import family_groups, family_of, group_takes_img_size
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.core.config import ConfigError
@@ -213,8 +214,26 @@ def resolve_for_model(zoo_name: str, name: str) -> PretrainedWeights:
     if architecture is None:
         raise ConfigError(f"{zoo_name} is one of the suite's own configurations, not a timm architecture: it has no "
                           "pretrained weights (the papers' 224 px models do; see `hkdbench models`)")
+    if is_weight_file(name):
+        return _local_weights_for(zoo_name, name, architecture)
     weights = resolve_pretrained(name)
     if weights.architecture != architecture:
         raise ConfigError(f"pretrained weights {weights.name} are for {weights.architecture}; {zoo_name} is "
                           f"{architecture} (e.g. {architecture}.<tag>)")
+    return weights
+
+
+def _local_weights_for(zoo_name: str, name: str, architecture: str) -> PretrainedWeights:
+    """A local weight file for the zoo model ``zoo_name``, checked key by key against it (built on the meta device
+    with the file's classes) before any run is written."""
+    import torch
+
+    entry = zoo_entry(zoo_name)
+    with torch.device("meta"):
+        probe = entry.build(num_classes=1, in_chans=3, img_size=entry.img_size)
+    head = probe.pretrained_cfg.get("classifier") or ""
+    weights = resolve_pretrained(name, architecture, head[0] if isinstance(head, (tuple, list)) else head)
+    with torch.device("meta"):
+        model = entry.build(num_classes=weights.num_classes or 1, in_chans=3, img_size=entry.img_size)
+    check_fits(weights.file, model)
     return weights

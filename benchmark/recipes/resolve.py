@@ -300,8 +300,9 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
     extra = parse_overrides(list(cfg.teacher_overrides))
     # the teacher sees the students' inputs: same data location and resolution, whatever its overrides say
     located = {"data": {"root": cfg.data.root, "download": cfg.data.download, "img_size": cfg.data.img_size}}
-    # watched like the student run unless its overrides say otherwise (train.log* are not part of any hash)
-    extra = deep_merge({"train": {"log": cfg.train.log, "log_interval": cfg.train.log_interval}}, extra)
+    # watched and kept like the student run unless its overrides say otherwise (these are not part of any hash)
+    kept = {key: getattr(cfg.train, key) for key in ("log", "log_interval", "keep_checkpoint")}
+    extra = deep_merge({"train": kept}, extra)
     return resolve_run_config(kind="teacher", student=cfg.teacher.name, method="none", dataset=cfg.data.dataset,
                               recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located),
                               pretrained=cfg.teacher.pretrained)

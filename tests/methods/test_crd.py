@@ -222,7 +222,7 @@ def test_crd_trains_and_a_stopped_run_resumes_bit_for_bit(tmp_path):
     from hkdbench.benchmark.engine.trainer import train
 
     cfg = resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method="crd", recipe="demo",
-                             overrides=TINY + ["train.epochs=2", "method.nce_k=32"],
+                             overrides=TINY + ["train.epochs=2", "method.nce_k=32", "train.keep_checkpoint=true"],
                              teacher_overrides=TINY + ["train.epochs=1"])
     reference = train(cfg, runs_dir=str(tmp_path / "a"), progress=False)
     history = reference.run_dir.metrics()
