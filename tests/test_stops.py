@@ -1,4 +1,5 @@
 """Stops that lose nothing: metrics repaired from the checkpoint, torn lines reported, stray temp files removed."""
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,9 @@ def finished_run(tmp_path_factory):
         pytest.skip("Fashion-MNIST is not installed")
     runs = tmp_path_factory.mktemp("finished") / "runs"
     cfg = tiny_cfg(epochs=3)
+    # kept: these tests take the finished run back to a kill before DONE, which leaves the checkpoint in place (a
+    # finished run removes it unless train.keep_checkpoint; not part of the run's identity)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_checkpoint=True))
     return cfg, runs, train(cfg, runs_dir=str(runs), progress=False).run_dir
 
 
