@@ -213,8 +213,10 @@ class TrainStep:
             self.ema.update(self.module.student.model)
 
     def _host_tensors(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The step's loss terms (float32, as logged before) and the method's statistics (in their own dtype), on the
+        device, by their metric keys."""
         values = {f"{LOSS_PREFIX}{k}": v.detach().float() for k, v in losses.items()}
-        values.update({f"{STAT_PREFIX}{k}": torch.as_tensor(v, device=self.device).detach().float()
+        values.update({f"{STAT_PREFIX}{k}": torch.as_tensor(v, device=self.device).detach()
                        for k, v in self.method.statistics().items()})
         return values
 
@@ -268,8 +270,7 @@ class TrainStep:
         """The step's loss terms, the method's statistics and the correct count in one device-to-host transfer:
         the step's one synchronisation (the trainer checks the host values for divergence). Packed in float64,
         which holds each float32 value (and the count) exactly: the floats ``.item()`` gave term by term."""
-        values = {f"{LOSS_PREFIX}{k}": v.detach().float() for k, v in losses.items()}  # as logged before: float32
-        values.update({f"{STAT_PREFIX}{k}": v for k, v in self.method.statistics().items()})
+        values = self._host_tensors(losses)
         values["correct"] = correct
         packed = torch.stack([torch.as_tensor(v, device=self.device).detach().reshape(()).to(torch.float64)
                               for v in values.values()])
