@@ -58,6 +58,8 @@ def test_hash_is_stable_and_changes_with_the_result_relevant_config():
     compiled = _cfg(overrides=["train.compile=true"])
     assert compiled.train.compile is True and compiled.run_hash() == a.run_hash()
     assert compiled.run_name() == a.run_name() and a.train.compile is False
+    # nor where the dataset lies or whether torchvision may download it (the dataset's name is what it is)
+    assert _cfg(overrides=["data.root=/elsewhere/fmnist", "data.download=true"]).run_hash() == a.run_hash()
 
 
 def test_student_alone_does_not_depend_on_a_teacher():

@@ -256,6 +256,14 @@ def test_a_teacher_fine_tuned_from_a_local_weight_file(resnet18_files, tmp_path)
     other = resolve_run_config(kind="student", student="vit_mini", teacher="resnet18", method="kd", recipe="demo",
                                overrides=TINY, teacher_pretrained=str(changed))
     assert other.teacher_run != cfg.teacher_run and other.run_hash() != cfg.run_hash()
+    # the same bytes elsewhere: the same runs (a file stands in the identity by its SHA-256, not where it lies)
+    moved = tmp_path / "copy" / "weights.pth"
+    moved.parent.mkdir()
+    shutil.copy(path, moved)
+    same = resolve_run_config(kind="student", student="vit_mini", teacher="resnet18", method="kd", recipe="demo",
+                              overrides=TINY, teacher_pretrained=str(moved))
+    assert same.teacher.pretrained == str(moved)
+    assert (same.teacher_run, same.run_hash()) == (cfg.teacher_run, cfg.run_hash())
     # loaded into the 1-channel, 10-class teacher: the body is the file's, the head a fresh one
     teacher = create_model("resnet18", 10, in_chans=1, pretrained=str(path), pretrained_sha256=file_sha256(path))
     own, saved = teacher.model.state_dict(), torch.load(path)

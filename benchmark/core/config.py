@@ -9,7 +9,8 @@ import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
@@ -179,11 +180,17 @@ def to_dict(obj: Any) -> Any:
 PIPELINE_VERSION = 1
 
 
-def setting(default: Any = MISSING, help: str = "", identity: bool = True) -> Any:
+def setting(default: Any = MISSING, help: str = "", identity: bool = True,
+            identity_as: Optional[Callable[[Any], Any]] = None) -> Any:
     """A config field with its one line of help: the one source of the text that ``hkdbench config`` prints, the
     unknown-field errors quote and a generated reference can list (:func:`field_docs`). ``identity=False``: left out of
-    the run's identity (see :func:`where_or_how` and :func:`restated`)."""
-    metadata = {"help": help} if identity else {"help": help, "identity": False}
+    the run's identity (see :func:`where_or_how` and :func:`restated`). ``identity_as``: what of the value the
+    identity holds (a local file's path: not where it lies, the SHA-256 field beside it stands for it)."""
+    metadata: Dict[str, Any] = {"help": help}
+    if not identity:
+        metadata["identity"] = False
+    if identity_as is not None:
+        metadata["identity_as"] = identity_as
     return field(default=default, metadata=metadata)
 
 
@@ -215,6 +222,8 @@ def identity(obj: Any) -> Dict[str, Any]:
         value = getattr(obj, f.name)
         if not f.metadata.get("identity", True) or value == _field_default(f):
             continue
+        if "identity_as" in f.metadata:
+            value = f.metadata["identity_as"](value)
         body[f.name] = identity(value) if is_dataclass(value) else to_dict(value)
     return body
 
@@ -311,8 +320,10 @@ MAX_IMG_SIZE = 4096
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = setting("fashion-mnist", "the dataset (set by --dataset; it picks the recipe and the classes)")
-    root: Optional[str] = setting(None, "the dataset's folder (null: its default location; same as --data-root)")
-    download: bool = setting(False, "let torchvision download the dataset (cifar10/cifar100 only; needs a network)")
+    # where the dataset lies and how it got there are not what it is (the dataset's name is)
+    root: Optional[str] = where_or_how(None, "the dataset's folder (null: its default location; same as --data-root)")
+    download: bool = where_or_how(False, "let torchvision download the dataset (cifar10/cifar100 only; needs a "
+                                         "network)")
     pipeline: str = setting("small", "input pipeline: 'small' (demo resolution, padded random crop) or 'paper224' "
                                      "(the papers' CIFAR-at-224: timm's random resized crop)")
     img_size: int = setting(32, "training and evaluation image size in pixels (a side)")
@@ -515,6 +526,22 @@ class TrainConfig:
         check_finite(self, "train")
 
 
+# How a local weight file is told from timm's architecture.tag names (which never hold a path separator); a resolved
+# local file is named by its absolute path.
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".tar", ".ckpt")
+LOCAL_WEIGHT_FILE = "local file"  # what a run's identity holds of a local file's path
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether ``name`` is a local weight file's path rather than a timm weights name."""
+    return "/" in name or name.endswith(WEIGHT_FILE_SUFFIXES) or Path(name).expanduser().is_file()
+
+
+def _weights_identity(name: str) -> str:
+    """A resolved local file (an absolute path) stands in the identity by its SHA-256 field, not by where it lies."""
+    return LOCAL_WEIGHT_FILE if "/" in name or name.endswith(WEIGHT_FILE_SUFFIXES) else name
+
+
 WEIGHTS_KINDS = ("best", "last")       # the weights a run keeps: its best evaluated epoch and its last epoch
 
 
@@ -527,9 +554,10 @@ class ModelConfig:
     # The references' teachers are the model_best of timm's train.py.
     weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
                                    "epoch by top-1) or 'last'")
-    # (benchmark/models/pretrained.py): the weights' identity, part of the hash
+    # (benchmark/models/pretrained.py): the weights' identity, part of the hash; a local file's by its SHA-256 only
     pretrained: Optional[str] = setting(None, "pretrained weights: timm's architecture.tag (e.g. "
-                                              "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path")
+                                              "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path",
+                                        identity_as=lambda name: _weights_identity(name))
     pretrained_sha256: Optional[str] = setting(None, "the SHA-256 of the file those weights resolved to (recorded, "
                                                      "not set)")
     def __post_init__(self):

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from hkdbench.benchmark.core.config import ConfigError
+from hkdbench.benchmark.core.config import ConfigError, is_weight_file
 from hkdbench.benchmark.core.errors import HkdbenchError
 
 
@@ -37,15 +37,6 @@ class PretrainedWeights:
     file: Path
     sha256: str
     num_classes: int    # the classifier the weights come with
-
-
-# how a local weight file is told from timm's architecture.tag names (which never hold a path separator)
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".tar", ".ckpt")
-
-
-def is_weight_file(name: str) -> bool:
-    """Whether ``name`` is a local weight file's path rather than a timm weights name."""
-    return "/" in name or name.endswith(WEIGHT_FILE_SUFFIXES) or Path(name).expanduser().is_file()
 
 
 def resolve_pretrained(name: str, architecture: Optional[str] = None, classifier: str = "") -> PretrainedWeights:
