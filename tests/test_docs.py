@@ -2,6 +2,7 @@
 its generated reference pages are those the sources give now, and every config field and CLI option is on them."""
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,3 +77,54 @@ def test_a_stale_page_is_reported(tmp_path, monkeypatch):
     fields = tmp_path / "config-fields.md"
     fields.write_text(fields.read_text().replace("| `train.epochs` |", "| `train.epochz` |"))
     assert gen_reference.stale_pages() == ["config-fields.md"] and gen_reference.main(["--check"]) == 1
+
+
+# README.md: what a newcomer needs first, every command in it run by a test (or by CI itself)
+README = ROOT / "README.md"
+README_COMMANDS = {
+    "bash scripts/demo.sh": "test_the_readme_demo_prints_what_the_readme_shows (with --quick)",
+    "bash scripts/test.sh": ".ci/run",
+    ".venv/bin/mkdocs build --strict": "test_the_site_builds_strictly",
+    ".venv/bin/python scripts/check_layers.py": "tests/test_layers.py",
+}
+
+
+def _readme_commands() -> set:
+    text = README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = {line.split("#")[0].strip() for block in blocks for line in block.splitlines()}
+    inline = set(re.findall(r"(?<!`)`((?:bash |\.venv/bin/|hkdbench )[^`\n]*)`(?!`)", text))
+    return (lines | inline) - {""}
+
+
+def test_the_readme_is_short_and_runs_only_tested_commands():
+    assert len(README.read_bytes()) < 15_000
+    assert _readme_commands() == set(README_COMMANDS)
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+    assert "scripts/check_layers.py" in (ROOT / "tests" / "test_layers.py").read_text()
+
+
+def test_the_readme_links_only_to_files_that_exist():
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text()):
+        assert (ROOT / target).exists(), target
+
+
+def _masked(line: str, runs: str) -> str:
+    """A line of the demo's output without what a run's size changes: hashes, numbers, the runs directory."""
+    line = line.replace(runs, "RUNS").replace("runs in runs", "runs in RUNS")
+    line = re.sub(r"_[0-9a-f]{12}\b", "_HASH", line)
+    return re.sub(r"[+-]?\d+(\.\d+)?", "N", line)
+
+
+@pytest.mark.slow
+def test_the_readme_demo_prints_what_the_readme_shows(fmnist_available, tmp_path):
+    runs = str(tmp_path / "runs")
+    done = subprocess.run(["bash", "scripts/demo.sh", "--quick", "--runs-dir", runs], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    printed = {_masked(line, runs) for line in done.stdout.splitlines()}
+    shown = README.read_text().split("## What the demo prints", 1)[1]
+    shown = re.search(r"```\n(.*?)```", shown, re.S).group(1)
+    for line in shown.splitlines():
+        if line.strip() and line != "...":
+            assert _masked(line, runs) in printed, line
