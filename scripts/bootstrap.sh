@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything hkdbench needs on a fresh machine: a virtual environment in .venv with the package
-# installed (editable, with the test extras), and the offline Fashion-MNIST data. Safe to run again: each step
+# installed (editable, with the test and docs extras), and the offline Fashion-MNIST data. Safe to run again: each step
 # is skipped when already done. Sourced by scripts/demo.sh and scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,9 +13,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
     echo "[setup] installing hkdbench and its dependencies into .venv (torch, torchvision, timm, ...)"
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 \
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,docs]' 2>&1 \
         | grep -v -e "^WARNING: Location" -e "is ignored: it is neither" || true
-    .venv/bin/python -c "import hkdbench.benchmark.cli.main, torch, timm" \
+    .venv/bin/python -c "import hkdbench.benchmark.cli.main, torch, timm, mkdocs, material" \
         || { echo "[setup] the install failed; see the pip output above" >&2; exit 1; }
     touch "$stamp"
 fi

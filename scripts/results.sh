@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 hkdbench=.venv/bin/hkdbench
 if [[ "${1:-}" != "--report-only" ]]; then
-  # one thread per run, two runs at a time: the fastest use of a 2-core CPU (see README, Tests)
+  # one thread per run, two runs at a time: the fastest use of a 2-core CPU (see docs/reference/tests.md)
   "$hkdbench" sweep demo --cohort --executor local --parallel 2 --runs-dir results/runs
   for pair in "resnet_mini vit_mini" "vit_mini mixer_mini" "mixer_mini resnet_mini"; do
     read -r teacher student <<<"$pair"

@@ -15,7 +15,7 @@ PAIRS = list(itertools.product(FAMILY_MODELS.values(), FAMILY_MODELS.values()))
 TEST_IMG = 16
 TEST_CLASSES = 10
 
-# A user's own method in its own file (README "Add your own method"), for the plugin tests.
+# A user's own method in its own file (docs/how-to/add-a-method.md), for the plugin tests.
 LOGIT_MSE_PLUGIN = textwrap.dedent('''
     from dataclasses import dataclass
     import torch.nn.functional as F

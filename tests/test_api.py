@@ -1,6 +1,6 @@
-"""The Python API (issue 23, item 4): the README's notebook example runs as written at tiny sizes; the entry points
-take what the commands take and go through the same resolution and checks; their hints are there for type checkers
-(py.typed, tests/test_packaging.py)."""
+"""The Python API (issue 23, item 4): the docs' notebook example (docs/how-to/python-api.md) runs as written at
+tiny sizes; the entry points take what the commands take and go through the same resolution and checks; their hints
+are there for type checkers (py.typed, tests/test_packaging.py)."""
 import inspect
 import re
 import typing
@@ -13,20 +13,19 @@ from hkdbench import api
 from hkdbench.benchmark.core.config import ConfigError
 from hkdbench.benchmark.core.store import RunStore
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "how-to" / "python-api.md"
 
 
-def _readme_example() -> str:
-    text = README.read_text()
-    start = text.index("**From Python.**")
-    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+def _docs_example() -> str:
+    text = PAGE.read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs_as_written(fmnist_available, tmp_path, monkeypatch, capsys):
+def test_the_docs_example_runs_as_written(fmnist_available, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_readme_example(), "README.md (From Python)", "exec"), namespace)
+    exec(compile(_docs_example(), "docs/how-to/python-api.md", "exec"), namespace)
     runs = RunStore(tmp_path / "runs").runs()
     students = {r.config().method for r in runs if r.config().kind == "student"}
     assert students == {"kd", "none", "dkd"} and all(r.is_done for r in runs)

@@ -108,7 +108,7 @@ def _check(argv, world, names, kind, result_in=None):
 @pytest.fixture(scope="module", autouse=True)
 def offline_hub_and_counts(request):
     """No example may reach the network (a --teacher-pretrained name is looked up in the hub cache only); at the end,
-    one line per kind of input: how many ran and how they ended (the README's figures)."""
+    one line per kind of input: how many ran and how they ended (the figures in docs/reference/failures.md)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         yield

@@ -37,7 +37,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                   "warmup_epochs": 0.5, "warmup_lr": 1e-5, "min_lr": 1e-5, "clip_grad": 5.0, "label_smoothing": 0.0},
         "train": {"epochs": 4},
     },
-    # OFA-KD / PAT configs/cifar/cnn.yaml (+ train.py defaults: warmup_lr 1e-4, no clipping); README: the audit
+    # OFA-KD / PAT configs/cifar/cnn.yaml (+ train.py defaults: warmup_lr 1e-4, no clipping); the audit:
+    # docs/reference/recipes.md
     "cifar-cnn": {
         "data": {**_CIFAR224, "color_jitter": 0.0},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 2e-3, "sched": "cosine",
@@ -110,7 +111,7 @@ _EMA_DEFAULT = "train.py's --model-ema-decay default 0.9998 (no PAT YAML sets it
 _FP16 = "`--amp`: timm's native AMP, float16 autocast with a GradScaler"
 
 # Named recipes for the authors' real runs; ``auto-ofa-runs`` / ``auto-pat-runs`` pick one by student family as
-# ``auto`` picks the released YAML. README: "The authors' runs against the released YAML".
+# ``auto`` picks the released YAML. docs/reference/recipes.md: "The authors' runs against the released YAML".
 RUNS_VARIANTS: Dict[str, RunsVariant] = {
     "cifar-cnn-ofa-runs": RunsVariant("cifar-cnn", "OFA-KD", {
         "train.world": (8, f"{_OFA_README}; the author's log in OFAKD #14 has 48 steps per epoch (50000 // 1024)"),
