@@ -317,6 +317,9 @@ class DataConfig:
                                      "(the papers' CIFAR-at-224: timm's random resized crop)")
     img_size: int = setting(32, "training and evaluation image size in pixels (a side)")
     train_subset: int = setting(0, "0: the whole training set; else the first N of a seeded permutation")
+    # data/datasets.py: held_out_mask (a fixed seed, stratified by class over the whole split, so every run shares it)
+    val_split: float = setting(0.0, "fraction of the training set held out to validate on (the kept best weights are "
+                                    "chosen on it); 0: none, the papers' convention (best by test top-1)")
     batch_size: int = setting(128, "training batch per process (timm's --batch-size)")
     eval_batch_size: int = setting(256, "evaluation batch")
     workers: int = where_or_how(4, "DataLoader workers of the per-image path")
@@ -359,6 +362,9 @@ class DataConfig:
             raise ValueError(f"data.crop_padding must be <= data.img_size ({self.img_size}), got {self.crop_padding}")
         if self.root is not None and not self.root.strip():
             raise ValueError("data.root is empty; leave it out for the dataset's default location, or give a path")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"data.val_split is the fraction of the training set held out for validation, in [0, 1) "
+                             f"(0: none), got {self.val_split}")
         for key in ("hflip", "reprob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self, key)}")
