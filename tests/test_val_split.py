@@ -114,6 +114,7 @@ def test_the_kept_best_weights_are_the_validation_selected_epochs(fmnist_availab
     assert all({"val_top1", "val_loss", "top1"} <= set(r) for r in history)
     chosen = max(history, key=lambda r: (r["val_top1"], -r["epoch"]))  # the first epoch of highest val top-1
     best = max(history, key=lambda r: (r["top1"], -r["epoch"]))
+    assert summary["selected_epoch"] != summary["best_epoch"]  # this tiny run's validation and test disagree
     assert (summary["selected_epoch"], summary["selected_top1"]) == (chosen["epoch"], chosen["top1"])
     assert summary["selected_val_top1"] == chosen["val_top1"] and summary["selected_weights"] == "best.pt"
     assert (summary["best_epoch"], summary["best_top1"]) == (best["epoch"], best["top1"])
@@ -141,5 +142,7 @@ def test_emulated_ranks_cohorts_and_resume_keep_the_split(fmnist_available, tmp_
     resumed = train_cohort(cfgs, runs_dir=runs, resume=True, progress=False, echo=False)
     for a, b in zip(whole, resumed):
         assert_same_run(a.run_dir, b.run_dir)
-    teacher_cfg = json.loads((tmp_path / "whole" / cfgs[1].teacher_run / "config.json").read_text())
-    assert teacher_cfg["data"]["val_split"] == 0.1
+    teacher_dir = tmp_path / "whole" / cfgs[1].teacher_run
+    assert json.loads((teacher_dir / "config.json").read_text())["data"]["val_split"] == 0.1
+    teacher_summary = json.loads((teacher_dir / "summary.json").read_text())
+    assert whole[1].summary["teacher_top1"] == teacher_summary["selected_top1"]  # the score of the best.pt it loads
