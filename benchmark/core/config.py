@@ -532,7 +532,7 @@ class ModelConfig:
     checkpoint_ema: bool = setting(False, "take the EMA weights from a timm checkpoint that has them")
     # The references' teachers are the model_best of timm's train.py.
     weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
-                                   "epoch by top-1) or 'last'")
+                                   "epoch by top-1; by validation top-1 with data.val_split) or 'last'")
     # (benchmark/models/pretrained.py): the weights' identity, part of the hash
     pretrained: Optional[str] = setting(None, "pretrained weights: timm's architecture.tag (e.g. "
                                               "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path")
