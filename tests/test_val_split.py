@@ -146,3 +146,12 @@ def test_emulated_ranks_cohorts_and_resume_keep_the_split(fmnist_available, tmp_
     assert json.loads((teacher_dir / "config.json").read_text())["data"]["val_split"] == 0.1
     teacher_summary = json.loads((teacher_dir / "summary.json").read_text())
     assert whole[1].summary["teacher_top1"] == teacher_summary["selected_top1"]  # the score of the best.pt it loads
+
+
+def test_the_command_line_refuses_a_bad_split_before_writing(fmnist_available, tmp_path, capsys):
+    from hkdbench.benchmark.cli.main import main
+
+    runs = tmp_path / "runs"
+    for bad in (["data.train_subset=200", "data.batch_size=16", "data.val_split=0.001"], ["data.val_split=1"]):
+        assert main(["train", "--student", "vit_mini", "--method", "none", "--runs-dir", str(runs), *bad]) == 2
+        assert "data.val_split" in capsys.readouterr().err and not runs.exists()
