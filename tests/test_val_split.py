@@ -108,7 +108,8 @@ def test_the_in_memory_and_per_image_paths_validate_on_the_same_images(fmnist_av
 
 
 def test_the_kept_best_weights_are_the_validation_selected_epochs(fmnist_available, tmp_path):
-    result = train(cfg_of(extra=["data.val_split=0.1"]), runs_dir=str(tmp_path), progress=False, echo=False)
+    result = train(cfg_of(extra=["data.val_split=0.1", "train.ema_decay=0.5"]), runs_dir=str(tmp_path),
+                   progress=False, echo=False)
     rd = result.run_dir
     history, summary = rd.metrics(), rd.summary()
     assert all({"val_top1", "val_loss", "top1"} <= set(r) for r in history)
@@ -119,7 +120,13 @@ def test_the_kept_best_weights_are_the_validation_selected_epochs(fmnist_availab
     assert summary["selected_val_top1"] == chosen["val_top1"] and summary["selected_weights"] == "best.pt"
     assert (summary["best_epoch"], summary["best_top1"]) == (best["epoch"], best["top1"])
     assert "best_weights" not in summary and summary["last_top1"] == history[-1]["top1"]
+    ema_chosen = max(history, key=lambda r: (r["ema_val_top1"], -r["epoch"]))
+    assert summary["ema_selected_epoch"] == ema_chosen["epoch"]
+    assert summary["ema_selected_top1"] == ema_chosen["ema_top1"]
+    assert summary["ema_selected_weights"] == "best_ema.pt" and "ema_best_weights" not in summary
     assert evaluate_run(rd.path, weights="best")["student"]["top1"] == pytest.approx(summary["selected_top1"])
+    assert evaluate_run(rd.path, weights="best", ema=True)["student"]["top1"] == pytest.approx(
+        summary["ema_selected_top1"])
     assert evaluate_run(rd.path, weights="last")["student"]["top1"] == pytest.approx(summary["last_top1"])
 
 
