@@ -132,7 +132,8 @@ def _add_student_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-recipe", default=None, help="recipe of the teacher run when it is trained here")
     p.add_argument("--teacher-weights", default=None, choices=("best", "last"),
                    help="which weights of the teacher run the student loads: its best epoch by top-1 (default, "
-                        "timm's model_best) or its last; teacher_top1 is theirs")
+                        "timm's model_best; by validation top-1 with data.val_split) or its last; teacher_top1 is "
+                        "theirs")
 
 
 def _add_teacher_options(p: argparse.ArgumentParser) -> None:
@@ -199,7 +200,8 @@ def _add_eval_export_commands(sub) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("run", metavar="RUN", help="the run's directory (RUNS_DIR/<run name>)")
         p.add_argument("--weights", default="best", choices=("best", "last"),
-                       help="the run's best epoch by top-1 (best.pt, default) or its last (final.pt)")
+                       help="the run's best epoch by top-1 (best.pt, default; by validation top-1 with "
+                            "data.val_split) or its last (final.pt)")
         p.add_argument("--ema", action="store_true", help="the student EMA's weights (runs with train.ema_decay)")
     p.add_argument("--format", required=True, choices=("timm", "safetensors", "onnx"),
                    help="timm: a plain timm model's folder; safetensors: one state-dict file; onnx: the graph")

@@ -328,6 +328,9 @@ class DataConfig:
                                      "(the papers' CIFAR-at-224: timm's random resized crop)")
     img_size: int = setting(32, "training and evaluation image size in pixels (a side)")
     train_subset: int = setting(0, "0: the whole training set; else the first N of a seeded permutation")
+    # data/datasets.py: held_out_mask (a fixed seed, stratified by class over the whole split, so every run shares it)
+    val_split: float = setting(0.0, "fraction of the training set held out to validate on (the kept best weights are "
+                                    "chosen on it); 0: none, the papers' convention (best by test top-1)")
     batch_size: int = setting(128, "training batch per process (timm's --batch-size)")
     eval_batch_size: int = setting(256, "evaluation batch")
     workers: int = where_or_how(4, "DataLoader workers of the per-image path")
@@ -370,6 +373,9 @@ class DataConfig:
             raise ValueError(f"data.crop_padding must be <= data.img_size ({self.img_size}), got {self.crop_padding}")
         if self.root is not None and not self.root.strip():
             raise ValueError("data.root is empty; leave it out for the dataset's default location, or give a path")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"data.val_split is the fraction of the training set held out for validation, in [0, 1) "
+                             f"(0: none), got {self.val_split}")
         for key in ("hflip", "reprob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.{key} is a probability in [0, 1], got {getattr(self, key)}")
@@ -553,7 +559,7 @@ class ModelConfig:
     checkpoint_ema: bool = setting(False, "take the EMA weights from a timm checkpoint that has them")
     # The references' teachers are the model_best of timm's train.py.
     weights: str = setting("best", "a teacher trained here: which weights of its run students load, 'best' (its best "
-                                   "epoch by top-1) or 'last'")
+                                   "epoch by top-1; by validation top-1 with data.val_split) or 'last'")
     # (benchmark/models/pretrained.py): the weights' identity, part of the hash; a local file's by its SHA-256 only
     pretrained: Optional[str] = setting(None, "pretrained weights: timm's architecture.tag (e.g. "
                                               "swin_tiny_patch4_window7_224.ms_in1k) or a local weight file's path",

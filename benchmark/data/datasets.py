@@ -103,10 +103,12 @@ def load_tensors(cfg: DataConfig, train: bool) -> Tensors:
 
 
 def check_data_available(cfg: DataConfig) -> None:
-    """Fails at once, before any model is built, when the data is not where the config says, or a subset asks
-    for more images than its split holds."""
+    """Fails at once, before any model is built, when the data is not where the config says, a subset asks
+    for more images than its split holds, or the validation split leaves a class or the validation set empty."""
     dataset(cfg.dataset).check(cfg)
     _check_subsets(cfg)
+    if cfg.val_split:
+        _check_val_split(cfg)
 
 
 def _check_subsets(cfg: DataConfig) -> None:
@@ -137,7 +139,9 @@ def training_split_size(cfg: DataConfig) -> int:
 
 def training_images(cfg: DataConfig) -> int:
     """How many images a run with these data settings trains on: the training split, less what
-    ``data.train_subset`` leaves out."""
+    ``data.train_subset`` leaves out and ``data.val_split`` holds out (which reads the labels)."""
+    if cfg.val_split:
+        return len(train_val_indices(cfg)[0])
     return subset_size(training_split_size(cfg), cfg.train_subset)
 
 
@@ -147,10 +151,11 @@ def subset_size(n: int, subset: int) -> int:
 
 
 def _check_training_set_size(cfg: DataConfig, n: int) -> None:
-    kept = subset_size(n, cfg.train_subset)
+    kept = training_images(cfg) if cfg.val_split else subset_size(n, cfg.train_subset)
     if kept < cfg.batch_size:
         raise ConfigError(f"data.batch_size={cfg.batch_size} is larger than the training set ({kept} images"
-                          f"{' kept by data.train_subset' if cfg.train_subset else ''}); lower data.batch_size"
+                          f"{' kept by data.train_subset' if cfg.train_subset else ''}"
+                          f"{' less data.val_split' if cfg.val_split else ''}); lower data.batch_size"
                           " or raise data.train_subset")
 
 
@@ -159,6 +164,66 @@ def train_subset_indices(n: int, subset: int) -> torch.Tensor:
     if subset <= 0 or subset >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(12345))[:subset].sort().values
+
+
+# The held-out images are drawn with a fixed seed, not the run's: every seed, method and teacher run of a dataset
+# holds out the same images, so a teacher run with the same data.val_split never trains on a student's validation
+# images and seeds differ only in training randomness (as data.train_subset's fixed permutation).
+VAL_SPLIT_SEED = 271828
+
+
+def held_out_mask(labels: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Which images of the whole training split (their ``labels``) are held out for validation: in each class, the
+    round(fraction x its size) images with the smallest fixed random keys, at most all but one. Over the whole split
+    it is stratified by class; a run on ``data.train_subset`` validates on the held-out images of its subset, so
+    the held-out set of any subset lies inside the whole split's (nested)."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    keys = torch.rand(len(labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED), dtype=torch.float64)
+    by_key = keys.argsort()
+    order = by_key[labels[by_key].argsort(stable=True)]  # by class, then by key within a class
+    counts = torch.bincount(labels)
+    quota = torch.minimum(torch.floor(counts.double() * fraction + 0.5).long(), counts - 1)
+    class_start = counts.cumsum(0) - counts
+    sorted_labels = labels[order]
+    rank_in_class = torch.arange(len(labels)) - class_start[sorted_labels]
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[order] = rank_in_class < quota[sorted_labels]
+    return mask
+
+
+def training_labels(cfg: DataConfig) -> torch.Tensor:
+    """The label of every image of the training split at ``cfg``'s root (before any subset), in index order."""
+    entry = dataset(cfg.dataset)
+    if entry.read_tensors is not None:
+        return entry.read_tensors(cfg, True)[1]
+    return torch.as_tensor(entry.image_dataset(cfg, True, None).targets)  # listed, not decoded
+
+
+def train_val_indices(cfg: DataConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the indices of the training split a run trains on, those it validates on): the ``data.train_subset`` pool
+    less its held-out images, and those (empty without ``data.val_split``); sorted."""
+    labels = training_labels(cfg) if cfg.val_split else None
+    n = len(labels) if labels is not None else training_split_size(cfg)
+    pool = train_subset_indices(n, cfg.train_subset)
+    if not cfg.val_split:
+        return pool, pool[:0]
+    held = held_out_mask(labels, cfg.val_split)[pool]
+    return pool[~held], pool[held]
+
+
+def _check_val_split(cfg: DataConfig) -> None:
+    """The validation split holds some images and leaves every class of the training pool some training images."""
+    train, val = train_val_indices(cfg)
+    pool = f"the {len(train) + len(val)} training images{' kept by data.train_subset' if cfg.train_subset else ''}"
+    if len(val) == 0:
+        raise ConfigError(f"data.val_split={cfg.val_split:g} holds out none of {pool}; raise data.val_split (or "
+                          "data.train_subset), or give 0 for no validation split")
+    labels = training_labels(cfg)
+    emptied = sorted(set(labels[val].tolist()) - set(labels[train].tolist()))
+    if emptied:
+        raise ConfigError(f"data.val_split={cfg.val_split:g} holds out every training image of class(es) "
+                          f"{', '.join(map(str, emptied[:10]))} among {pool}; lower data.val_split or raise "
+                          "data.train_subset")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data.randaugment import BatchRandAugment, fill_from_mean
 from hkdbench.benchmark.data.transfer import to_device
 from hkdbench.benchmark.data.datasets import (DatasetInfo, check_data_available, dataset, dataset_info,
-                                             load_tensors, train_subset_indices, training_images)
+                                             load_tensors, train_subset_indices, train_val_indices, training_images)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -447,13 +447,16 @@ def with_zero_bit_posterize(transform):
     return transform
 
 
-def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float):
-    """The dataset entry's per-image dataset, or else its whole-split tensors served one image at a time."""
+def _image_dataset(cfg: DataConfig, info: DatasetInfo, train: bool, crop_pct: float,
+                   training_split: Optional[bool] = None):
+    """The dataset entry's per-image dataset, or else its whole-split tensors served one image at a time; with
+    ``train``'s transforms, over the training split when ``training_split`` (default: ``train``)."""
     transform = _image_transform(cfg, info, train, crop_pct)
+    split = train if training_split is None else training_split
     entry = dataset(cfg.dataset)
     if entry.image_dataset is not None:
-        return entry.image_dataset(cfg, train, transform)
-    images, labels = entry.read_tensors(cfg, train)
+        return entry.image_dataset(cfg, split, transform)
+    images, labels = entry.read_tensors(cfg, split)
     return _TensorImageDataset(images, labels, transform)
 
 
@@ -531,7 +534,7 @@ def build_rank_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, r
     eval_shard = {"rank": process, "world_size": processes}
     if in_memory_path(cfg):
         train_x, train_y = load_tensors(cfg, train=True)
-        keep = train_subset_indices(len(train_y), cfg.train_subset)
+        keep = _training_indices(cfg, len(train_y))
         train_x, train_y = train_x[keep].to(device), train_y[keep].to(device)  # one copy for every rank's loader
         test_x, test_y = load_tensors(cfg, train=False)
         if cfg.eval_subset:
@@ -541,8 +544,8 @@ def build_rank_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, r
         test = TensorLoader(test_x, test_y, cfg, info, False, device, crop_pct, **eval_shard)
     else:
         train_ds = _image_dataset(cfg, info, True, crop_pct)
-        if cfg.train_subset:
-            train_ds = torch.utils.data.Subset(train_ds, train_subset_indices(len(train_ds), cfg.train_subset).tolist())
+        if cfg.train_subset or cfg.val_split:
+            train_ds = torch.utils.data.Subset(train_ds, _training_indices(cfg, len(train_ds)).tolist())
         trains = [ImageLoader(train_ds, cfg, True, device, rank=r, world_size=world) for r in ranks]
         test_ds = _image_dataset(cfg, info, False, crop_pct)
         if cfg.eval_subset:
@@ -552,3 +555,23 @@ def build_rank_loaders(cfg: DataConfig, device: torch.device, crop_pct: float, r
         raise ConfigError(f"the training set has fewer images than one global batch ({cfg.batch_size} x {world} "
                           f"rank(s)); lower data.batch_size or raise data.train_subset")
     return trains, test, info
+
+
+def _training_indices(cfg: DataConfig, n: int) -> torch.Tensor:
+    """The images of the ``n`` of the training split that a run trains on (data.train_subset, less data.val_split)."""
+    return train_val_indices(cfg)[0] if cfg.val_split else train_subset_indices(n, cfg.train_subset)
+
+
+def build_val_loader(cfg: DataConfig, device: torch.device, crop_pct: float, process: int = 0, processes: int = 1):
+    """The evaluation loader of the images ``data.val_split`` holds out of the training split (evaluation transforms,
+    sharded over processes as the test set), or None without a validation split."""
+    if not cfg.val_split:
+        return None
+    info = dataset_info(cfg.dataset)
+    held_out = train_val_indices(cfg)[1]
+    eval_shard = {"rank": process, "world_size": processes}
+    if in_memory_path(cfg):
+        images, labels = load_tensors(cfg, train=True)
+        return TensorLoader(images[held_out], labels[held_out], cfg, info, False, device, crop_pct, **eval_shard)
+    images = _image_dataset(cfg, info, False, crop_pct, training_split=True)
+    return ImageLoader(torch.utils.data.Subset(images, held_out.tolist()), cfg, False, device, **eval_shard)

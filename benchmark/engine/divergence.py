@@ -10,7 +10,7 @@ import torch
 from hkdbench.benchmark.core.store import LOSS_PREFIX
 
 # the values of an epoch record that a diverged run makes non-finite (accuracies are counts: always finite)
-_LOSSES = ("train_loss", "eval_loss")
+_LOSSES = ("train_loss", "eval_loss", "val_loss")
 
 
 def nonfinite_losses(record: Mapping[str, Any]) -> Dict[str, float]:

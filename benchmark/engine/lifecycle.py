@@ -181,6 +181,8 @@ class RunLifecycle:
                 rd.remove_checkpoint()
         m.tracker.log_summary(summary)
         m.tracker.close()
-        self.say(f"{rd.path.name}: done; best top-1 {summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
+        selected = (f"top-1 {summary['selected_top1']:.2f} at the validation-selected epoch "
+                    f"{summary['selected_epoch']}, best on test " if "selected_top1" in summary else "best top-1 ")
+        self.say(f"{rd.path.name}: done; {selected}{summary['best_top1']:.2f} (epoch {summary['best_epoch']}), "
                  f"last {summary['last_top1']:.2f}", [m])
         m.end("done", summary=summary)

@@ -43,6 +43,7 @@ class CohortLoop:
         self.runs, self.teacher_for, self.progress, self.should_stop = runs, teacher_for, progress, should_stop
         self.alone = len(runs.cfgs) == 1
         self.swap_rng = False  # several runs in training: each member's RNG state is swapped in for its work
+        self.val_loader = None  # the images data.val_split holds out (the cohort's members share the split)
 
     def train(self, members: List[Member]) -> None:
         runs = self.runs
@@ -50,6 +51,7 @@ class CohortLoop:
         self.swap_rng = len(members) > 1
         first = members[0].cfg
         train_loaders, test_loader, info = self._loaders(first, members)
+        self.val_loader = self._val_loader(first)
         train_loader = train_loaders[0]
         user = next((m.cfg for m in members if get_method(m.cfg.method).uses_teacher and m.cfg.teacher), None)
         teacher, teacher_top1 = self.teacher_for(user, info) if user else (None, None)
@@ -80,6 +82,11 @@ class CohortLoop:
         if jitter_note := loaders.color_jitter_note(first.data.color_jitter, first.data.auto_augment):
             runs.say(f"{', '.join(m.name for m in members)}: {jitter_note}", members)
         return built
+
+    def _val_loader(self, first: RunConfig):
+        layout = self.runs.layout(first)
+        crop_pct = first.data.crop_pct or zoo_entry(first.student.name).crop_pct
+        return loaders.build_val_loader(first.data, self.runs.device, crop_pct, layout.process, layout.processes)
 
     def _epochs(self, members: List[Member], stream: DataStream, teacher, test_loader) -> None:
         epochs = max(m.cfg.train.epochs for m in members)
@@ -225,10 +232,14 @@ class CohortLoop:
         lr = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
         record = epoch_record(epoch, m.sums, lr, runs.world_size, runs.dist is not None)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            scores = evaluate(ctx.module.student, test_loader, runs.device, ctx.dtype, ctx.channels_last)
-            ema = (evaluate(m.ema.module, test_loader, runs.device, ctx.dtype, ctx.channels_last)
-                   if m.ema is not None else None)
-            record.update(evaluation_fields(scores, ema))
+            student, ema = ctx.module.student, (m.ema.module if m.ema is not None else None)
+
+            def score(model, loader):  # None: no EMA, or no validation split
+                if model is None or loader is None:
+                    return None
+                return evaluate(model, loader, runs.device, ctx.dtype, ctx.channels_last)
+            record.update(evaluation_fields(score(student, test_loader), score(ema, test_loader),
+                                            score(student, self.val_loader), score(ema, self.val_loader)))
         if ctx.probes is not None:
             record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record

@@ -76,7 +76,7 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
 def _resume(m: Member, runs: RunLifecycle, setup: TrainingSetup) -> None:
     m.state.update(restore_checkpoint(m.saved, setup, m.ema))
     if runs.is_main:
-        check_kept_best(m.run_dir, m.state["history"])
+        check_kept_best(m.run_dir, m.cfg, m.state["history"])
         # the checkpoint's history is the truth: a kill may have cut off the metrics write
         m.run_dir.write_metrics(m.state["history"])
     m.saved = None

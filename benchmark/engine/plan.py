@@ -112,6 +112,11 @@ def describe_settings(cfg: RunConfig) -> str:
     split = training_split_size(data)
     kept = subset_size(split, data.train_subset)
     images = f"{kept} images" if kept == split else f"{kept} of {split} images (data.train_subset={data.train_subset})"
+    if data.val_split:
+        from hkdbench.benchmark.data.datasets import train_val_indices
+
+        held_out = len(train_val_indices(data)[1])
+        images += f", {held_out} of them held out to validate on (data.val_split={data.val_split:g})"
     return (f"{data.dataset}, {images}, {data.img_size} px, batch {data.batch_size}, recipe {cfg.recipe}: "
             f"{_plural(cfg.train.epochs, 'epoch')} x {_plural(train_steps_per_epoch(data), 'step')}/epoch")
 

@@ -63,13 +63,21 @@ def load_weights(rd: RunDir, which: str, ema: bool = False) -> Dict[str, torch.T
     return state
 
 
+def selection_key(cfg: RunConfig, ema: bool = False) -> str:
+    """The score that picks a run's kept best weights: validation top-1 with ``data.val_split``, else test top-1
+    (timm's model_best, the papers' convention: selection on the test set)."""
+    key = "val_top1" if cfg.data.val_split else "top1"
+    return f"ema_{key}" if ema else key
+
+
 def keep_best(m: Member) -> None:
     """Keeps the weights of the epoch just recorded as best.pt (best_ema.pt) when it beats every earlier
-    evaluated epoch, as timm's CheckpointSaver keeps model_best (a tie keeps the earlier epoch)."""
+    evaluated epoch by :func:`selection_key`, as timm's CheckpointSaver keeps model_best (a tie keeps the earlier
+    epoch)."""
     history = m.state["history"]
-    if best_record(history, "top1") is history[-1]:
+    if best_record(history, selection_key(m.cfg)) is history[-1]:
         save_weights(m.run_dir, "best", m.student.model.state_dict())
-    if m.ema is not None and best_record(history, "ema_top1") is history[-1]:
+    if m.ema is not None and best_record(history, selection_key(m.cfg, ema=True)) is history[-1]:
         save_weights(m.run_dir, "best", m.ema.module.state_dict(), ema=True)
 
 
@@ -79,10 +87,10 @@ def keep_last(m: Member) -> None:
         save_weights(m.run_dir, "last", m.ema.module.state_dict(), ema=True)
 
 
-def check_kept_best(rd: RunDir, history: List[Dict[str, Any]]) -> None:
+def check_kept_best(rd: RunDir, cfg: RunConfig, history: List[Dict[str, Any]]) -> None:
     """A checkpoint whose history has a best epoch comes with that epoch's weights (written before it)."""
-    for key, ema in (("top1", False), ("ema_top1", True)):
-        best = best_record(history, key)
+    for ema in (False, True):
+        best = best_record(history, selection_key(cfg, ema))
         path = rd.weights_file("best", ema)
         if best is not None and not path.exists():
             raise DamagedCheckpointError(
@@ -204,11 +212,18 @@ def epoch_record(epoch: int, sums: EpochSums, lr: float, world_size: int, distri
     return record
 
 
-def evaluation_fields(student: Dict[str, float], ema: Optional[Dict[str, float]]) -> Dict[str, Any]:
-    """The scores of an evaluated epoch (``evaluation.evaluate``'s) as its metrics line names them."""
+def evaluation_fields(student: Dict[str, float], ema: Optional[Dict[str, float]],
+                      val: Optional[Dict[str, float]] = None, ema_val: Optional[Dict[str, float]] = None
+                      ) -> Dict[str, Any]:
+    """The scores of an evaluated epoch (``evaluation.evaluate``'s) as its metrics line names them: on the test set,
+    and on the held-out validation images (``val``, ``ema_val``) with ``data.val_split``."""
     fields = {"top1": student["top1"], "top5": student["top5"], "eval_loss": student["loss"]}
     if ema is not None:
         fields.update({"ema_top1": ema["top1"], "ema_top5": ema["top5"]})
+    if val is not None:
+        fields.update({"val_top1": val["top1"], "val_loss": val["loss"]})
+    if ema_val is not None:
+        fields["ema_val_top1"] = ema_val["top1"]
     return fields
 
 
@@ -227,7 +242,8 @@ def format_epoch(r: Dict[str, Any], epochs: int) -> str:
     terms = " ".join(f"{k[len(LOSS_PREFIX):]}={v:.4f}" for k, v in r.items() if k.startswith(LOSS_PREFIX))
     acc = f" top1={r['top1']:.2f} top5={r['top5']:.2f}" if "top1" in r else ""
     ema = f" ema_top1={r['ema_top1']:.2f}" if "ema_top1" in r else ""
-    return (f"epoch {r['epoch']}/{epochs} {terms}{acc}{ema} lr={r['lr']:.2e} "
+    val = f" val_top1={r['val_top1']:.2f}" if "val_top1" in r else ""
+    return (f"epoch {r['epoch']}/{epochs} {terms}{acc}{ema}{val} lr={r['lr']:.2e} "
             f"time={r['epoch_time_s']:.1f}s {r['images_per_s']:.0f} img/s")
 
 
@@ -243,9 +259,10 @@ def run_summary(m: Member, teacher: Dict[str, Any], device, cohort_size: int) ->
         "teacher_family": zoo_entry(cfg.teacher.name).family if cfg.teacher else None,
         "student_family": zoo_entry(cfg.student.name).family, "dataset": cfg.data.dataset,
         "recipe": cfg.recipe, "seed": cfg.train.seed, "epochs": cfg.train.epochs,
-        # each accuracy is that of weights the run keeps: best.pt (best epoch by top-1) and final.pt
+        # best_*: the epoch of highest test top-1 (the papers' convention); its weights are best.pt only without
+        # data.val_split (with it, best.pt holds the validation-selected epoch, selected_*); last_*: final.pt
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-        "best_weights": rd.weights_file("best").name,
+        **_kept_best(cfg, rd, history),
         "last_top1": last["top1"], "last_top5": last["top5"], "last_epoch": last["epoch"],
         "last_weights": rd.weights_file("last").name,
         "teacher_top1": m.state["teacher_top1"], **teacher,
@@ -259,7 +276,23 @@ def run_summary(m: Member, teacher: Dict[str, Any], device, cohort_size: int) ->
     if "ema_top1" in last:
         ema_best = best_record(history, "ema_top1")
         summary.update({"ema_best_top1": ema_best["ema_top1"], "ema_best_epoch": ema_best["epoch"],
-                        "ema_best_weights": rd.weights_file("best", ema=True).name,
-                        "ema_last_top1": last["ema_top1"],
+                        **_kept_best(cfg, rd, history, ema=True), "ema_last_top1": last["ema_top1"],
                         "ema_last_weights": rd.weights_file("last", ema=True).name})
     return summary
+
+
+def kept_weights_scores(summary: Dict[str, Any], which: str) -> str:
+    """The prefix of the summary's keys that score the run's ``which`` kept weights ('best': best.pt, 'last':
+    final.pt): 'selected' for best.pt of a run with data.val_split, else ``which``."""
+    return "selected" if which == "best" and "selected_top1" in summary else which
+
+
+def _kept_best(cfg: RunConfig, rd: RunDir, history: List[Dict[str, Any]], ema: bool = False) -> Dict[str, Any]:
+    """What the summary says of best.pt (best_ema.pt): without data.val_split, the test-selected epoch's weights;
+    with it, the validation-selected epoch (selected_*: its test top-1, its epoch, its validation top-1)."""
+    prefix, weights = ("ema_" if ema else ""), rd.weights_file("best", ema).name
+    if not cfg.data.val_split:
+        return {f"{prefix}best_weights": weights}
+    chosen = best_record(history, selection_key(cfg, ema))
+    return {f"{prefix}selected_top1": chosen[f"{prefix}top1"], f"{prefix}selected_epoch": chosen["epoch"],
+            f"{prefix}selected_val_top1": chosen[f"{prefix}val_top1"], f"{prefix}selected_weights": weights}

@@ -22,7 +22,7 @@ from hkdbench.benchmark.core.config import RunConfig
 from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.core.store import DamagedRunFileError, RunDir, RunStore
 from hkdbench.benchmark.engine.divergence import describe, nonfinite_losses, nonfinite_tensors
-from hkdbench.benchmark.engine.records import CheckpointError, load_weights
+from hkdbench.benchmark.engine.records import CheckpointError, kept_weights_scores, load_weights
 from hkdbench.benchmark.engine.state_dicts import load_fitting, load_state_dict_into
 from hkdbench.benchmark.models.taps import TappedModel
 from hkdbench.benchmark.models.zoo import create_model
@@ -125,9 +125,10 @@ def load_for_student(source: TeacherSource, store: RunStore, num_classes: int, i
         train_run(source.run_config)
     which = source.cfg.teacher.weights
     recorded = load_teacher_run(teacher, t_dir, which)
+    scores = kept_weights_scores(recorded, which)  # best.pt of a run with data.val_split: its selected epoch
     say(f"teacher {source.name}: the {which} weights of {t_dir.path.name} "
-        f"(epoch {recorded.get(f'{which}_epoch', '?')}, top-1 {recorded[f'{which}_top1']:.2f})")
-    return teacher, recorded[f"{which}_top1"]
+        f"(epoch {recorded.get(f'{scores}_epoch', '?')}, top-1 {recorded[f'{scores}_top1']:.2f})")
+    return teacher, recorded[f"{scores}_top1"]
 
 
 def refuse_failed(t_dir: RunDir) -> None:

@@ -303,7 +303,9 @@ def teacher_run_config(cfg: RunConfig) -> RunConfig:
     located = {"data": {"root": cfg.data.root, "download": cfg.data.download, "img_size": cfg.data.img_size}}
     # watched and kept like the student run unless its overrides say otherwise (these are not part of any hash)
     kept = {key: getattr(cfg.train, key) for key in ("log", "log_interval", "keep_checkpoint")}
-    extra = deep_merge({"train": kept}, extra)
+    # the students' validation split unless its overrides say otherwise: the teacher never trains on the images a
+    # student's best epoch is chosen on (the split is the same for every run: data/datasets.py held_out_mask)
+    extra = deep_merge({"train": kept, "data": {"val_split": cfg.data.val_split}}, extra)
     return resolve_run_config(kind="teacher", student=cfg.teacher.name, method="none", dataset=cfg.data.dataset,
                               recipe=cfg.teacher_recipe or "auto", overrides=deep_merge(extra, located),
                               pretrained=cfg.teacher.pretrained)

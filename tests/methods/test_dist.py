@@ -135,3 +135,89 @@ def test_registered_and_trains_with_mini_models():
     sum(out.values()).backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# -- DIST's gradient on near-uniform student probabilities (issue 21, item 5) -----------------------------------------
+
+def f64_dist(zs, zt, T=1.0):
+    """DIST from the paper's definition in float64, its own way: Pearson's r as covariance over the product of the
+    standard deviations (no epsilon: undefined for a constant vector)."""
+    def r(a, b):  # rows
+        cov = ((a - a.mean(1, keepdim=True)) * (b - b.mean(1, keepdim=True))).mean(1)
+        return cov / (a.std(1, unbiased=False) * b.std(1, unbiased=False))
+    ps, pt = torch.softmax(zs.double() / T, 1), torch.softmax(zt.double() / T, 1)
+    return T ** 2 * (1 - r(ps, pt).mean()) + T ** 2 * (1 - r(ps.t(), pt.t()).mean())
+
+
+def reference_code_dist(zs, zt):
+    """The loss as hunto/DIST_KD's code writes Pearson's r: the cosine of the centred vectors, eps=1e-8 added to the
+    product of the norms (ours clamps the product at 1e-8 instead)."""
+    def r(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+    ps, pt = zs.softmax(1), zt.softmax(1)
+    return (1 - r(ps, pt).mean()) + (1 - r(ps.t(), pt.t()).mean())
+
+
+def logit_gradient(loss_fn, zs, *args):
+    z = zs.clone().requires_grad_(True)
+    loss_fn(z, *args).backward()
+    return z.grad
+
+
+def near_uniform_case(scale, batch=64, classes=10):
+    """Student logits of size ``scale`` (an untrained student), a confident teacher's logits, labels."""
+    g = torch.Generator().manual_seed(0)
+    zt = torch.randn(batch, classes, generator=g, dtype=torch.float64) * 3
+    zs = torch.randn(batch, classes, generator=g, dtype=torch.float64) * scale
+    return zs, zt, torch.randint(0, classes, (batch,), generator=g)
+
+
+def ours(zs, zt):
+    inter, intra = dist_terms(zs, zt.float(), 1.0)
+    return inter + intra
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-2, 1e-3, 1e-4])
+def test_our_float32_gradient_is_the_float64_definitions_on_near_uniform_probabilities(scale):
+    zs, zt, _ = near_uniform_case(scale)
+    reference = logit_gradient(f64_dist, zs, zt)
+    got = logit_gradient(ours, zs.float(), zt).double()
+    # float32 resolves the probabilities' deviations from 1/C (~scale / C) to ~1e-8: the error grows as 1/scale
+    assert (got - reference).norm() / reference.norm() < max(1e-5, 2e-8 / scale)
+
+
+def test_the_gradient_grows_as_one_over_the_student_logits_spread():
+    """Near uniform, p = (1 + z - mean z) / C to first order, so the centred probabilities are (z - mean z) / C and
+    d r / d z of row i is (b_i - r_i a_i) / |z_i - mean z_i| (a, b: the unit centred vectors): each row's
+    inter-class gradient has norm sqrt(1 - r_i^2) / (B |z_i - mean z_i|), while cross-entropy's stays ~|p - y| / B."""
+    for scale in (1e-2, 1e-3):
+        zs, zt, y = near_uniform_case(scale)
+
+        def inter(z, t):
+            return dist_terms(z, t, 1.0)[0]
+        grad = logit_gradient(inter, zs, zt)
+        centred = zs - zs.mean(1, keepdim=True)
+        r = pearson_rows(torch.softmax(zs, 1), torch.softmax(zt, 1))
+        predicted = (1 - r ** 2).sqrt() / (zs.shape[0] * centred.norm(dim=1))
+        np.testing.assert_allclose(grad.norm(dim=1).numpy(), predicted.numpy(), rtol=0.05)
+        task = logit_gradient(torch.nn.functional.cross_entropy, zs, y)
+        ratio = (grad.norm() / task.norm()).item()
+        assert 0.3 / scale < ratio < 3 / scale  # ~1/scale
+
+
+def test_a_zero_initialised_mixer_head_meets_the_epsilon_not_a_bug():
+    """timm's MLP-Mixer starts with a zero head: its first logits are exactly 0, its probabilities uniform up to
+    float32 rounding (~1e-8), Pearson's r undefined. Our clamp and the reference code's +eps then both divide by
+    ~1e-8: a distillation gradient ~1e6-1e7 times the task gradient at step 0 (the Mixer's first conflict probe),
+    pointing the same way in both; its exact size is rounding noise over the epsilon."""
+    student = create_model("mixer_mini", 10, in_chans=1, img_size=16)
+    assert torch.count_nonzero(student(torch.randn(4, 1, 16, 16)).logits) == 0
+    zs, zt, y = near_uniform_case(0.0)
+    ours_grad = logit_gradient(ours, zs.float(), zt).flatten()
+    reference_grad = logit_gradient(reference_code_dist, zs.float(), zt.float()).flatten()
+    assert torch.nn.functional.cosine_similarity(ours_grad, reference_grad, 0) > 0.99
+    assert 1 / 3 < (ours_grad.norm() / reference_grad.norm()).item() < 3
+    task = logit_gradient(lambda z: torch.nn.functional.cross_entropy(z, y), zs.float())
+    for grad in (ours_grad, reference_grad):
+        assert 1e6 < (grad.norm() / task.norm()).item() < 1e8
