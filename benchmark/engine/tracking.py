@@ -11,8 +11,9 @@ step), and W&B's own charts plot each epoch key against ``epoch`` and each ``ste
 Files go to the run's ``tracking/`` folder (TensorBoard's events; W&B's local files, synced later with
 ``wandb sync`` when offline). W&B runs offline by default on a Slurm node (``SLURM_JOB_ID`` set), where compute
 nodes rarely reach the internet; ``WANDB_MODE`` set by the user wins. On resume the same W&B run continues (its id
-comes from the run's hash; W&B ignores what is logged again at a step it has) and TensorBoard drops the events a
-killed attempt logged past the resumed step, so no step or epoch shows twice.
+comes from the run's hash; W&B's history cannot be rewound: it refuses, with a warning, a step below the last it
+holds, so steps a killed attempt logged past its checkpoint keep their first values) and TensorBoard drops the events
+a killed attempt logged past the resumed step, so no step or epoch shows twice there.
 """
 from __future__ import annotations
 
