@@ -178,3 +178,25 @@ def test_emulated_ranks_log_the_mean_of_their_ranks_at_each_step(fmnist_availabl
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and steps[-1]["epoch"] == 2
     for key in ("loss/ce", "loss/kd"):
         assert epoch_means(steps, key) == pytest.approx([r[key] for r in run_dir.metrics()], rel=1e-9), key
+
+
+def test_recording_every_step_adds_no_host_read(fmnist_available, tmp_path):
+    """The whole training of a run, once without records and once with one at every step and TensorBoard: the same
+    host reads (counted by patching torch, as tests/test_host_sync.py does), so a record reads nothing new."""
+    pytest.importorskip("tensorboard")
+    from collections import Counter
+
+    from hkdbench.benchmark.tools.host_sync import count_host_syncs
+
+    def reads(folder, extra):
+        cfg = cfg_of(epochs=1, extra=extra)
+        train(teacher_run_config(cfg), runs_dir=str(tmp_path / folder), progress=False, echo=False)
+        result, counted = count_host_syncs(lambda: train(cfg, runs_dir=str(tmp_path / folder), progress=False,
+                                                         echo=False), "cpu")
+        assert result.status == "done"
+        return Counter(counted)
+
+    quiet = reads("quiet", ["train.log_interval=0"])
+    watched = reads("watched", ["train.log_interval=1", "train.log=tensorboard"])
+    assert sum(quiet.values()) > 0 and watched == quiet
+    assert len(RunDir(next((tmp_path / "watched").glob("kd_*"))).steps()) == 4
