@@ -159,6 +159,25 @@ def test_a_run_stopped_mid_epoch_and_killed_past_its_checkpoint_resumes_each_ste
     assert_events_hold(run_dir)
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_its_records_afresh(fmnist_available, tmp_path):
+    pytest.importorskip("tensorboard")
+    cfg = cfg_of(epochs=1, extra=["train.log=tensorboard", "train.log_interval=1"])
+    train(teacher_run_config(cfg), runs_dir=str(tmp_path), progress=False, echo=False)
+    count = {"n": 0}
+
+    def stop_after_two():
+        count["n"] += 1
+        return count["n"] == 2
+
+    run_dir = train(cfg, runs_dir=str(tmp_path), progress=False, echo=False, should_stop=stop_after_two).run_dir
+    assert [r["step"] for r in run_dir.steps()] == [1, 2]
+    run_dir.checkpoint_file.unlink()  # as if killed at step 2, before any checkpoint
+    time.sleep(1.1)  # the next attempt's event file is named by a later second, so read after this one
+    assert train(cfg, runs_dir=str(tmp_path), progress=False, echo=False, resume=True).status == "done"
+    assert [r["step"] for r in run_dir.steps()] == [1, 2, 3, 4]
+    assert_events_hold(run_dir)  # the first attempt's scalars at steps 1 and 2 are gone
+
+
 def test_each_cohort_member_logs_its_own_steps_as_it_would_alone(fmnist_available, tmp_path):
     pytest.importorskip("tensorboard")
     cfgs = [cfg_of(method, extra=["train.log=tensorboard", "train.log_interval=2"]) for method in ("kd", "fitnet")]

@@ -76,8 +76,9 @@ class TensorBoardTracker(NullTracker):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: the reader hides every event at a larger step that a killed attempt logged past its last
-        # checkpoint (``start_step`` optimiser steps done); the epoch events' x, an epoch count, never exceeds it
-        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if start_step else None)
+        # checkpoint (``start_step`` optimiser steps done; the epoch events' x, an epoch count, never exceeds it), and
+        # on a fresh start every event of an attempt killed before its first checkpoint
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step + 1 if start_step else 0)
         if not start_step:
             self.writer.add_text("run", f"{run_name} (hash {cfg.run_hash()})", 0)
             self.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2, default=str) + "\n```", 0)
