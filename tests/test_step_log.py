@@ -125,6 +125,12 @@ def test_tensorboard_holds_the_per_step_records_and_the_epoch_records(fmnist_ava
     # every step recorded: their mean per epoch is the epoch's record
     for key in ("loss/ce", "loss/kd"):
         assert epoch_means(steps, key) == pytest.approx([r[key] for r in run_dir.metrics()], rel=1e-9)
+    from hkdbench import api
+
+    table = api.load_steps(tmp_path)  # the teacher run's records too (trained first, same log settings)
+    mine = table[table["run"] == run_dir.path.name]
+    assert list(mine["step"]) == list(range(1, 9)) and set(table["kind"]) == {"student", "teacher"}
+    assert list(mine["train_loss"]) == pytest.approx([r["train_loss"] for r in steps], rel=1e-12)
 
 
 def test_a_run_stopped_mid_epoch_and_killed_past_its_checkpoint_resumes_each_step_once(fmnist_available, tmp_path):
