@@ -155,6 +155,10 @@ def test_wandb_offline_run_holds_the_metrics_name_and_config(fmnist_available, r
         assert got["step/step"] == want["step"]
         for key in ("loss/ce", "lr", "train_loss", "images_per_s"):
             assert got[f"step/{key}"] == pytest.approx(want[key], rel=1e-9)
+    # W&B's charts: the step/ keys against step/step, the epoch keys against epoch
+    axes = {m.glob_name or m.name: m.step_metric for m in (r.metric for r in records
+                                                          if r.WhichOneof("record_type") == "metric")}
+    assert axes["step/*"] == "step/step" and axes["top1"] == axes["loss/ce"] == "epoch"
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert runs[0].display_name == run.name and runs[0].run_id == f"hkdbench-{run.name.rsplit('_', 1)[1]}"
     config = {item.key: json.loads(item.value_json) for item in runs[0].config.update}
