@@ -225,3 +225,16 @@ def test_recording_every_step_adds_no_host_read(fmnist_available, tmp_path):
     watched = reads("watched", ["train.log_interval=1", "train.log=tensorboard"])
     assert sum(quiet.values()) > 0 and watched == quiet
     assert len(RunDir(next((tmp_path / "watched").glob("kd_*"))).steps()) == 4
+
+
+def test_collect_skips_a_torn_step_line_naming_the_file_and_keeps_the_others(tmp_path):
+    from hkdbench.analysis.collect import collect_steps
+
+    from test_analysis import write_run
+
+    run = write_run(tmp_path, "kd", "resnet_mini", "vit_mini", 0, 80.0, epochs=2)  # 4 records, steps 1..4
+    with open(run / "steps.jsonl", "a") as f:
+        f.write('{"step": 5, "epo\n')
+    with pytest.warns(UserWarning, match=r"steps\.jsonl: line 5 is not valid JSON"):
+        table = collect_steps(tmp_path)
+    assert list(table["step"]) == [1, 2, 3, 4] and set(table["run"]) == {run.name}
