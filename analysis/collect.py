@@ -7,6 +7,8 @@
   'damaged': DONE but its summary unreadable). A damaged file is warned about, naming it, never read as empty.
 * :func:`collect_epochs`: one row per (run, epoch) of ``metrics.jsonl``, with the run's identity columns (for
   convergence and gradient-conflict figures), without the student alone's ``cka@<teacher run>/...`` probes.
+* :func:`collect_steps`: one row per (run, logged step) of ``steps.jsonl`` (every ``train.log_interval`` steps: the
+  step's loss terms, lr, images/s), with the same identity columns (for the training-loss curves).
 * :func:`collect_cka`: one row per (run, epoch, kernel, teacher stage, student stage) of every CKA probe, with the
   teacher run it was measured against (for the CKA figures): a distilled run's ``cka/<kernel>/t{i}_s{j}`` against its
   own teacher, a student-alone run's ``cka@<teacher run>/<kernel>/t{i}_s{j}`` against that named teacher run.
@@ -41,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import numpy as np
 import pandas as pd
 
-from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, NAMED_CKA, OVERHEAD_KIND,
+from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, NAMED_CKA, OVERHEAD_KIND, STEP_KEY,
                                           DamagedRunFileError, RunDir, RunStore, describe_run, parse_cka_key,
                                           teacher_model_from_name)
 
@@ -350,34 +352,47 @@ EPOCH_ID = ["run", "kind", "method", "method_label", "teacher", "student", "teac
             "dataset", "recipe", "setting", "setting_label", "seed"]
 
 
-def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
-    """One row per (run, epoch) of every finished training run's metrics.jsonl, every key kept."""
+def _run_records(runs_dir, runs: Optional[pd.DataFrame], read: Callable[[RunDir], List[Dict[str, Any]]],
+                 position: str, file_of: Callable[[RunDir], Path]) -> pd.DataFrame:
+    """One row per record ``read`` returns of every finished training run, every key kept, the run's identity
+    (EPOCH_ID) in front, sorted by run and ``position`` (the record's epoch or step)."""
     root = Path(runs_dir)
     runs = collect_runs(root) if runs is None else runs
     frames = []
     for _, r in runs.iterrows():
         if r["kind"] not in ("student", "teacher") or r["status"] != "done":
             continue
-        metrics = read_metrics(root / r["path"])
-        if not metrics:
+        records = read(RunDir(root / r["path"]))
+        if not records:
             continue
-        frame = pd.DataFrame(metrics)
+        frame = pd.DataFrame(records)
         clash = [c for c in EPOCH_ID if c in frame.columns]  # the run's identity, never a metric: an edited file
         if clash:
-            warnings.warn(f"{RunDir(root / r['path']).metrics_file}: key(s) {', '.join(clash)} name the run, not a "
-                          "metric (an edited file?); ignored", stacklevel=2)
+            warnings.warn(f"{file_of(RunDir(root / r['path']))}: key(s) {', '.join(clash)} name the run, not a "
+                          "metric (an edited file?); ignored", stacklevel=3)
         frame = frame.drop(columns=clash)
         for col in reversed(EPOCH_ID):
             frame.insert(0, col, r.get(col))
         frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=EPOCH_ID + ["epoch"])
+        return pd.DataFrame(columns=EPOCH_ID + [position])
     out = pd.concat(frames, ignore_index=True)
-    if "epoch" not in out.columns:  # records without one (edited): kept, at no epoch
-        out["epoch"] = None
-    for col in ("seed", "epoch"):
+    if position not in out.columns:  # records without one (edited): kept, at none
+        out[position] = None
+    for col in ("seed", position):
         out[col] = pd.to_numeric(out[col], errors="coerce").round().astype("Int64")
-    return out.sort_values(["run", "epoch"]).reset_index(drop=True)
+    return out.sort_values(["run", position]).reset_index(drop=True)
+
+
+def epoch_records(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per (run, epoch) of every finished training run's metrics.jsonl, every key kept."""
+    return _run_records(runs_dir, runs, lambda rd: read_metrics(rd.path), "epoch", lambda rd: rd.metrics_file)
+
+
+def collect_steps(runs_dir, runs: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """One row per (run, logged step) of every finished training run's steps.jsonl (STEP_KEY: the optimiser steps
+    done), every key kept; empty for runs trained with ``train.log_interval=0`` or before the file existed."""
+    return _run_records(runs_dir, runs, RunDir.steps, STEP_KEY, lambda rd: rd.steps_file)
 
 
 def collect_epochs(runs_dir, runs: Optional[pd.DataFrame] = None,

@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hkdbench.benchmark.core.store import CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO  # noqa: E402
+from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO,  # noqa: E402
+                                          LOSS_PREFIX, STEP_KEY)
 
 from .collect import OWN, SETTING_KEYS, cka_table, keyed  # noqa: E402
 from .order import BASELINE, REFERENCE, method_of, ordered, palette  # noqa: E402
@@ -362,18 +363,21 @@ def _pairs(epochs: pd.DataFrame):
         yield (t, s, d, st), g, base
 
 
-def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str]) -> None:
-    """Mean over seeds per epoch, with a band from the lowest to the highest seed."""
+def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str],
+               x: str = "epoch") -> None:
+    """Mean over seeds per ``x`` (epoch or step), with a band from the lowest to the highest seed; markers only where
+    the points are few enough to tell apart."""
     for m in methods:
-        mg = frame[frame["method_label"] == m][["epoch", y, "run"]].copy()
+        mg = frame[frame["method_label"] == m][[x, y, "run"]].copy()
         mg[y] = pd.to_numeric(mg[y], errors="coerce")
         mg = mg.dropna(subset=[y])
         if mg.empty:
             continue
-        stats = mg.groupby("epoch")[y].agg(["mean", "min", "max"]).reset_index()
-        ax.plot(stats["epoch"], stats["mean"], "--" if m == BASELINE else "-", marker="o", ms=4, color=pal[m], lw=1.8)
+        stats = mg.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
+        ax.plot(stats[x], stats["mean"], "--" if m == BASELINE else "-", marker="o" if len(stats) <= 40 else None,
+                ms=4, color=pal[m], lw=1.8)
         if mg["run"].nunique() > 1:
-            ax.fill_between(stats["epoch"].astype(float), stats["min"], stats["max"], color=pal[m], alpha=0.15, lw=0)
+            ax.fill_between(stats[x].astype(float), stats["min"], stats["max"], color=pal[m], alpha=0.15, lw=0)
 
 
 def _epoch_words(frame: pd.DataFrame) -> str:
@@ -608,6 +612,43 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
     return paths
 
 
+_LOSS_PANELS = [("train_loss", "training loss (the sum of the method's terms)"),
+                (LOSS_PREFIX + "ce", "its task term (loss/ce)")]
+
+
+def loss_curves(steps: pd.DataFrame, out_dir) -> List[Path]:
+    """Per pair, the training loss the method minimises and its task term over the logged steps (steps.jsonl, every
+    train.log_interval steps: each the value of that step), per method and the student alone. The sums of different
+    methods' terms are different quantities: the figure shows how each trains, the convergence figure compares."""
+    _style()
+    if steps is None or steps.empty or "train_loss" not in steps.columns:
+        return []
+    paths: List[Path] = []
+    for (t, s, d, st), g, base in _pairs(steps):
+        frame = pd.concat([g, base], ignore_index=True)
+        methods = ordered(frame["method_label"])
+        pal = palette(methods)
+        panels = [p for p in _LOSS_PANELS if p[0] in frame and frame[p[0]].notna().any()]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
+        for ax, (col, label) in zip(axes[0], panels):
+            _band_plot(ax, frame, col, pal, methods, x=STEP_KEY)
+            ax.set_xlabel("step (optimiser steps done)")
+            ax.set_ylabel(label)
+        _legend(fig, methods, pal)
+        fig.suptitle(f"Training loss: {t} → {s}, {d}{_pair_setting(g)} (dashed: student alone)\n"
+                     f"{_step_words(frame)}", y=1.04, fontsize=11)
+        fig.tight_layout()
+        paths += _save(fig, out_dir, _slug("loss_curve", t, "to", s, d, st))
+    return paths
+
+
+def _step_words(frame: pd.DataFrame) -> str:
+    seeds = frame.groupby("method_label")["run"].nunique()
+    seeds = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
+    return (f"{frame[STEP_KEY].nunique()} logged steps, {seeds} seeds per series; line: mean, band: lowest to "
+            "highest seed")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------------------
@@ -619,6 +660,7 @@ class Tables:
     epochs: pd.DataFrame
     cka: pd.DataFrame
     comparisons: List[ComparisonTable]
+    steps: Optional[pd.DataFrame] = None  # collect_steps' table (None: no per-step curves)
 
 
 @dataclass(frozen=True)
@@ -640,14 +682,16 @@ FIGURES: List[Figure] = [
     Figure("cka_epochs", "CKA per stage pair over epochs", lambda t, out: cka_epoch_curves(t.cka, out)),
     Figure("conflict", "Gradient conflict", lambda t, out: conflict_points(t.epochs, out)),
     Figure("convergence", "Convergence (top-1 and task loss)", lambda t, out: convergence_curves(t.epochs, out)),
+    Figure("loss_curves", "Training loss per step", lambda t, out: loss_curves(t.steps, out)),
 ]
 
 
 def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir, metric: str = "best_top1",
-              tables: Sequence[ComparisonTable] = None, cka: Optional[pd.DataFrame] = None) -> Dict[str, List[Path]]:
+              tables: Sequence[ComparisonTable] = None, cka: Optional[pd.DataFrame] = None,
+              steps: Optional[pd.DataFrame] = None) -> Dict[str, List[Path]]:
     """Every figure of :data:`FIGURES`, by kind. ``cka``: :func:`.collect.collect_cka`'s table; without it, the one
     of ``epochs``' own CKA columns (collect_epochs drops the student alone's ``cka@`` probes, so the CKA change is
-    then taken from KD)."""
+    then taken from KD). ``steps``: :func:`.collect.collect_steps`' table (without it, no training-loss curves)."""
     tables = comparison_tables(runs, metric) if tables is None else list(tables)
     cka = cka_table(epochs, runs) if cka is None else cka
-    return {f.kind: f.draw(Tables(runs, epochs, cka, tables), Path(out_dir)) for f in FIGURES}
+    return {f.kind: f.draw(Tables(runs, epochs, cka, tables, steps), Path(out_dir)) for f in FIGURES}

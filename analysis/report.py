@@ -3,14 +3,16 @@
     <out>/README.md          the index: tables inline, figures linked (PNG shown, PDF linked)
     <out>/runs.csv           the tidy table, one row per run
     <out>/epochs.csv         the per-epoch table (one row per run and epoch)
+    <out>/steps.csv          the per-step table (one row per run and logged step: steps.jsonl)
     <out>/cka.csv            the CKA table (one row per run, epoch, kernel and teacher stage / student stage pair,
                              with the teacher run it was measured against)
     <out>/tables/*.md|tex|csv  comparison tables, and the published numbers beside their cells
                              (published_vs_ours_*: the shipped OFA-KD cells or --published FILE)
     <out>/figures/*.png|pdf  every figure of ``plots.FIGURES`` (gains, ranks, cost, overhead, CKA, conflict,
-                             convergence)
+                             convergence, training loss per step)
 
-Only the stored files of the runs are read (config.json, env.json, summary.json, metrics.jsonl, DONE/FAILED).
+Only the stored files of the runs are read (config.json, env.json, summary.json, metrics.jsonl, steps.jsonl,
+DONE/FAILED).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from hkdbench.benchmark.core.errors import StoreError
 from hkdbench.benchmark.core.store import (INVOKED_AT, INVOKED_COMMAND, INVOKED_EXECUTOR, SUBMITTED_AT, SUBMITTED_RUN,
                                           SWEEP_ID, SWEEP_INVOCATIONS, SWEEP_PRESET, RunStore)
 
-from .collect import cka_table, collect_epochs, collect_runs, epoch_records, keyed
+from .collect import cka_table, collect_epochs, collect_runs, collect_steps, epoch_records, keyed
 from .plots import FIGURES, all_plots
 from .published import SHIPPED, published_cells
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
@@ -57,11 +59,12 @@ STATISTICS_LINES = [
 
 
 def tidy_tables(runs_dir) -> Dict[str, pd.DataFrame]:
-    """runs, epochs and cka of the store, each metrics.jsonl read once (a store without a readable run: see
+    """runs, epochs, steps and cka of the store, each metrics.jsonl read once (a store without a readable run: see
     :func:`check_readable`)."""
     runs = check_readable(collect_runs(runs_dir), runs_dir)
     records = epoch_records(runs_dir, runs)
-    return {"runs": runs, "epochs": collect_epochs(runs_dir, runs, records), "cka": cka_table(records, runs)}
+    return {"runs": runs, "epochs": collect_epochs(runs_dir, runs, records), "steps": collect_steps(runs_dir, runs),
+            "cka": cka_table(records, runs)}
 
 
 def check_readable(runs: pd.DataFrame, runs_dir) -> pd.DataFrame:
@@ -76,7 +79,8 @@ def check_readable(runs: pd.DataFrame, runs_dir) -> pd.DataFrame:
 
 
 def write_tidy(runs_dir, out_dir, tables: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Path]:
-    """Writes <out>/runs.csv, epochs.csv and cka.csv (``tables``: :func:`tidy_tables`, if already collected)."""
+    """Writes <out>/runs.csv, epochs.csv, steps.csv and cka.csv (``tables``: :func:`tidy_tables`, if already
+    collected)."""
     tables = tidy_tables(runs_dir) if tables is None else tables
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +252,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
               f"{int((runs['status'] == 'failed').sum())} failed, {int((runs['status'] == 'unfinished').sum())} "
               "unfinished" + _damaged_note(runs) + ".", ""]
     lines += ["Data: [runs.csv](runs.csv) (one row per run), [epochs.csv](epochs.csv) (one row per run and epoch), "
+              "[steps.csv](steps.csv) (one row per run and logged step), "
               "[cka.csv](cka.csv) (one row per run, epoch, kernel and stage pair, with the teacher run probed).", ""]
     lines += provenance_lines(runs_dir, runs)
 
@@ -262,7 +267,7 @@ def make_report(runs_dir, out_dir, metric: str = "best_top1", command: Optional[
         lines += published_lines(table, cells, tables_dir)
 
     lines += ["## Figures", ""]
-    figures = all_plots(runs, tidy["epochs"], figures_dir, metric, tables, cka=tidy["cka"])
+    figures = all_plots(runs, tidy["epochs"], figures_dir, metric, tables, cka=tidy["cka"], steps=tidy["steps"])
     for figure in FIGURES:
         paths = figures[figure.kind]
         lines += [f"### {figure.title}", ""]

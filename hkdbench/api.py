@@ -5,7 +5,8 @@ arguments across versions (new keyword arguments may be added); the modules unde
 * :func:`resolve` -- a run's config without training it (as ``hkdbench config``);
 * :func:`train` -- one run, :func:`train_cohort` -- several methods on one data stream (as ``hkdbench train``);
 * :func:`sweep` -- a preset's or an inline grid (as ``hkdbench sweep``);
-* :func:`load_runs`, :func:`load_epochs`, :func:`list_runs` -- the run store as pandas DataFrames;
+* :func:`load_runs`, :func:`load_epochs`, :func:`load_steps`, :func:`list_runs` -- the run store as pandas
+  DataFrames;
 * :func:`report` -- every table and figure with an index (as ``hkdbench report``).
 
 Each takes what the command takes, spelled as keyword arguments: a config file (``config=``, a run's config.json
@@ -24,7 +25,8 @@ if TYPE_CHECKING:  # the annotations only: importing hkdbench.api stays cheap
     from hkdbench.benchmark.engine.member import RunResult
     from hkdbench.benchmark.recipes.resolve import RunRequest
 
-__all__ = ["resolve", "train", "train_cohort", "sweep", "load_runs", "load_epochs", "list_runs", "report"]
+__all__ = ["resolve", "train", "train_cohort", "sweep", "load_runs", "load_epochs", "load_steps", "list_runs",
+           "report"]
 
 
 def _request(student: Optional[str], teacher: Optional[str], config: Optional[str], dataset: Optional[str],
@@ -136,6 +138,14 @@ def load_epochs(runs_dir: Optional[str | Path] = None) -> "pd.DataFrame":
     from hkdbench.analysis.collect import collect_epochs
 
     return collect_epochs(_store_root(runs_dir))
+
+
+def load_steps(runs_dir: Optional[str | Path] = None) -> "pd.DataFrame":
+    """One row per (run, logged step) of every finished training run: its steps.jsonl (every train.log_interval
+    steps: the step's loss terms, lr, train_loss, images_per_s, at ``step``) with the run's identity columns."""
+    from hkdbench.analysis.collect import collect_steps
+
+    return collect_steps(_store_root(runs_dir))
 
 
 def list_runs(runs_dir: Optional[str | Path] = None, **filters: Sequence[str]) -> "pd.DataFrame":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hkdbench.analysis.collect import collect_epochs, collect_runs
+from hkdbench.analysis.collect import collect_epochs, collect_runs, collect_steps
 from hkdbench.analysis.plots import all_plots
 from hkdbench.analysis.published import lookup, published_cells
 from hkdbench.analysis.report import make_report
@@ -66,6 +66,10 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
             r.update(_staged(f"cka@{run}/linear", values, epochs, e))
         metrics.append(r)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    steps = [{"step": s, "epoch": (s + 1) // 2, "lr": 1e-3, "loss/ce": 2.0 / s + 0.01 * seed, "images_per_s": 100.0,
+              "train_loss": 2.5 / s + 0.01 * seed, **({"loss/kd": 0.5 / s} if teacher else {})}
+             for s in range(1, 2 * epochs + 1)]  # every step of 2 per epoch, logged
+    (d / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     if status == "failed":
         (d / "FAILED").write_text(json.dumps({"reason": "non-finite loss at epoch 2"}))
         return d
@@ -344,7 +348,7 @@ def test_plots_written(store, tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "_save", recording_save)
     runs = collect_runs(store)
-    figures = all_plots(runs, collect_epochs(store, runs), tmp_path / "figs")
+    figures = all_plots(runs, collect_epochs(store, runs), tmp_path / "figs", steps=collect_steps(store, runs))
     assert set(figures) == {f.kind for f in plots.FIGURES}
     for kind, paths in figures.items():
         if kind == "cost_flops":
@@ -375,6 +379,11 @@ def test_plots_written(store, tmp_path, monkeypatch):
     conv = drawn["convergence_resnet_mini_to_vit_mini_fashion-mnist_" + setting]
     assert [a[2] for a in conv["axes"]] == ["test top-1 (%)", "test cross-entropy (task loss)"]
     assert "3 epochs" in conv["title"] and "band: lowest to highest seed" in conv["title"]
+    loss = drawn["loss_curve_resnet_mini_to_vit_mini_fashion-mnist_" + setting]
+    assert [a[1:3] for a in loss["axes"]] == [("step (optimiser steps done)",
+                                               "training loss (the sum of the method's terms)"),
+                                              ("step (optimiser steps done)", "its task term (loss/ce)")]
+    assert "6 logged steps, 2-3 seeds per series" in loss["title"]
 
 
 def test_report_index_and_cli(store, tmp_path):
@@ -382,6 +391,11 @@ def test_report_index_and_cli(store, tmp_path):
     assert main(["report", "--runs-dir", str(store), "--out", str(out)]) == 0
     index = (out / "README.md").read_text()
     assert (out / "runs.csv").exists() and (out / "epochs.csv").exists()
+    steps = pd.read_csv(out / "steps.csv")  # every finished training run's steps.jsonl, with its identity
+    assert {"run", "method_label", "setting", "seed", "step", "epoch", "train_loss", "loss/ce"} <= set(steps.columns)
+    assert len(steps) == sum(2 * r.epochs for r in collect_runs(store).itertuples()
+                             if r.kind in ("student", "teacher") and r.status == "done")
+    assert "[steps.csv](steps.csv)" in index and "loss_curve_resnet_mini_to_vit_mini" in index
     figures = sorted((out / "figures").glob("*.png"))
     tables = sorted((out / "tables").glob("*.md"))
     assert figures and tables

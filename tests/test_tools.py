@@ -143,10 +143,22 @@ def test_wandb_offline_run_holds_the_metrics_name_and_config(fmnist_available, r
     history = [{item.nested_key[0] if item.nested_key else item.key: json.loads(item.value_json)
                 for item in r.history.item} for r in records if r.WhichOneof("record_type") == "history"]
     expected = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["_step"] for h in history] == [1, 2]
-    for got, want in zip(history, expected):
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    # one W&B step: the optimiser steps done; a record every 2 steps, each epoch's beside its last step's
+    assert [h["_step"] for h in history] == [s["step"] for s in steps] == [2, 4, 6, 8]
+    epochs = [h for h in history if "epoch" in h]
+    assert [(h["_step"], h["epoch"]) for h in epochs] == [(4, 1), (8, 2)]
+    for got, want in zip(epochs, expected):
         for key in ("loss/ce", "top1", "lr", "train_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-9)
+    for got, want in zip(history, steps):
+        assert got["step/step"] == want["step"]
+        for key in ("loss/ce", "lr", "train_loss", "images_per_s"):
+            assert got[f"step/{key}"] == pytest.approx(want[key], rel=1e-9)
+    # W&B's charts: the step/ keys against step/step, the epoch keys against epoch
+    axes = {m.glob_name or m.name: m.step_metric for m in (r.metric for r in records
+                                                          if r.WhichOneof("record_type") == "metric")}
+    assert axes["step/*"] == "step/step" and axes["top1"] == axes["loss/ce"] == "epoch"
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert runs[0].display_name == run.name and runs[0].run_id == f"hkdbench-{run.name.rsplit('_', 1)[1]}"
     config = {item.key: json.loads(item.value_json) for item in runs[0].config.update}

@@ -255,7 +255,7 @@ def _add_analysis_commands(sub) -> None:
         _add_list_option(p, f"--{key}", f"only these {text}")
     p.add_argument("--format", default="table", choices=("table", "csv", "json"),
                    help="table (default), csv or json (the run's name included)")
-    for name, text in (("collect", "write the tidy tables of every run (runs.csv, epochs.csv, cka.csv)"),
+    for name, text in (("collect", "write the tidy tables of every run (runs.csv, epochs.csv, steps.csv, cka.csv)"),
                        ("table", "write the comparison tables (Markdown, LaTeX, CSV)"),
                        ("plot", "draw every figure (PNG and PDF)"),
                        ("report", "regenerate every table and figure with an index README.md")):

@@ -45,7 +45,7 @@ def cmd_plot(args, _overrides) -> int:
 
     runs_dir, out = _analysis_paths(args)
     tidy = tidy_tables(runs_dir)
-    for kind, paths in all_plots(tidy["runs"], tidy["epochs"], out, cka=tidy["cka"]).items():
+    for kind, paths in all_plots(tidy["runs"], tidy["epochs"], out, cka=tidy["cka"], steps=tidy["steps"]).items():
         for path in paths:
             print(f"{kind}: {path}")
     return 0

@@ -471,7 +471,8 @@ class TrainConfig:
     # Where the run is watched (not part of the run's hash: they change no result; benchmark/engine/tracking.py and
     # benchmark/engine/progress.py). The run store stays the source of truth.
     log: str = where_or_how("none", "experiment tracker: 'tensorboard', 'wandb' or 'none'")
-    log_interval: int = where_or_how(50, "steps between progress lines when stdout is not a terminal (0: none)")
+    log_interval: int = where_or_how(50, "steps between per-step records (steps.jsonl, the tracker's step/ scalars) "
+                                         "and progress lines when stdout is not a terminal (0: none)")
     # checkpoint.pt holds the optimiser and EMA beside the model (twice the kept weights' size): once the run is DONE
     # only a resume would read it, and a finished run never resumes
     keep_checkpoint: bool = where_or_how(False, "keep the resume checkpoint (checkpoint.pt) of a finished run (false: "
@@ -491,7 +492,8 @@ class TrainConfig:
         if self.log not in TRACKERS:
             raise ValueError(f"train.log must be one of {', '.join(TRACKERS)}, got {self.log!r}")
         if self.log_interval < 0:
-            raise ValueError(f"train.log_interval must be >= 0 (0: no progress lines), got {self.log_interval}")
+            raise ValueError(f"train.log_interval must be >= 0 (0: no per-step records or progress lines), "
+                             f"got {self.log_interval}")
         if self.probe_every < 0 or self.conflict_every < 0:
             raise ValueError("train.probe_every and train.conflict_every must be >= 0 (0 turns the probe off)")
         if self.probe_images < 4:

@@ -6,6 +6,9 @@
         config.json      the resolved config (written once; a different config never lands in this directory)
         env.json         python/torch/timm versions, git sha, device, world size
         metrics.jsonl    one line per finished epoch
+        steps.jsonl      one line every train.log_interval steps (the step's loss terms, lr, images/s), appended;
+                         a resume drops the lines past its checkpoint
+        tracking/        TensorBoard events and W&B files (train.log)
         checkpoint.pt    the latest training state (atomic: temp file + rename)
         best.pt          the student's (a teacher run's model's) weights at its best evaluated epoch by top-1,
                          rewritten when an epoch beats it (timm's model_best); a state dict of the bare timm model
@@ -25,7 +28,8 @@
 This module is torch-free (the analysis reads the store through it); the torch side (weights, checkpoints) is
 ``engine/records.py``, which takes its file names from :class:`RunDir`.
 
-Every write is atomic, so a kill at any moment leaves either the previous or the new file, never half of one.
+Every write is atomic, so a kill at any moment leaves either the previous or the new file, never half of one;
+steps.jsonl, appended, at worst a torn last line, which its reader skips and the resume removes.
 """
 from __future__ import annotations
 
@@ -81,6 +85,11 @@ CONFLICT_PREFIX = "conflict/"  # conflict/<value>: the gradient-conflict probe (
 CONFLICT_COSINE = CONFLICT_PREFIX + "cosine"          # mean cosine(g_task, g_distill) over the measured steps
 CONFLICT_FRACTION = CONFLICT_PREFIX + "fraction"      # share of measured steps with a negative cosine
 CONFLICT_NORM_RATIO = CONFLICT_PREFIX + "norm_ratio"  # mean ||g_distill|| / ||g_task||
+# steps.jsonl (every train.log_interval steps): the step's loss/<term> and stat/<name> values, "lr", "train_loss"
+# and "images_per_s", at STEP_KEY, the run's optimiser steps done (the trackers' x); a tracker shows them under
+# STEP_PREFIX, apart from the per-epoch values of the same names
+STEP_KEY = "step"
+STEP_PREFIX = "step/"
 # cka/<kernel>/t{i}_s{j}: CKA of teacher stage i and student stage j against the run's own teacher;
 # cka@<teacher run>/<kernel>/t{i}_s{j}: the same against a named teacher run (train.probe_teachers of a student alone)
 OWN_CKA = "cka"
@@ -376,6 +385,7 @@ class RunDir:
     config_file = property(lambda self: self.path / CONFIG_FILE)
     env_file = property(lambda self: self.path / "env.json")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    steps_file = property(lambda self: self.path / "steps.jsonl")  # one line every train.log_interval steps
     checkpoint_file = property(lambda self: self.path / "checkpoint.pt")
     summary_file = property(lambda self: self.path / "summary.json")
     done_file = property(lambda self: self.path / "DONE")
@@ -470,6 +480,11 @@ class RunDir:
             hint = " Resume the run (--resume) to rewrite the file from its checkpoint"
         return read_jsonl(self.metrics_file, hint)
 
+    def steps(self) -> List[Dict[str, Any]]:
+        """The per-step records (STEP_KEY ascending); a line torn by a kill is skipped with a warning (a resume
+        rewrites the file through its checkpoint's step)."""
+        return read_jsonl(self.steps_file, "" if self.is_done else " Resume the run to rewrite the file")
+
     def jobs(self) -> List[Dict[str, Any]]:
         """The run's submission records, oldest first."""
         return read_jsonl(self.jobs_file)
@@ -502,6 +517,26 @@ class RunDir:
     def write_metrics(self, records: List[Dict[str, Any]]) -> None:
         atomic_write_bytes(self.metrics_file, "".join(dumps(r, sort_keys=True) + "\n" for r in records).encode())
 
+    def append_steps(self, records: List[Dict[str, Any]]) -> None:
+        """Adds per-step records in one write of whole lines: a kill tears at most the last line, which the reader
+        skips."""
+        if records:
+            with open(self.steps_file, "ab") as f:
+                f.write("".join(dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+    def keep_steps_through(self, step: int) -> None:
+        """Drops the per-step records after optimiser step ``step`` (those a killed attempt logged past its
+        checkpoint, which the resumed run logs again) and any torn line, atomically; no file when none is kept."""
+        if not self.steps_file.exists():
+            return
+        with warnings.catch_warnings():  # a torn line is what this repairs
+            warnings.simplefilter("ignore")
+            kept = [r for r in self.steps() if isinstance(r.get(STEP_KEY), int) and r[STEP_KEY] <= step]
+        if kept:
+            atomic_write_bytes(self.steps_file, "".join(dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        else:
+            self.steps_file.unlink()
+
     def mark_failed(self, reason: str, **details: Any) -> None:
         atomic_write_json(self.failed_file, {"reason": reason, **details,
                                              "time": timestamp()})
@@ -529,7 +564,8 @@ class RunDir:
     def reset(self) -> None:
         """Forgets the run's progress (``--restart``); keeps config.json."""
         kept = [self.path / name for name in WEIGHTS_FILES.values()]
-        for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file, *kept):
+        for f in (self.checkpoint_file, self.summary_file, self.done_file, self.failed_file, self.metrics_file,
+                  self.steps_file, *kept):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         shutil.rmtree(self.tracking_dir, ignore_errors=True)  # a restarted run's curves start afresh

@@ -195,6 +195,7 @@ class CohortLoop:
             m.sums.add(values, images, correct, seconds)
             m.state["step"] = step + 1
             m.progress.update(total, values["lr"], images)
+            m.step_log.add(values, epoch, step, images, seconds)
 
     def _first_rank(self, flags: List[bool]) -> List[Optional[int]]:
         """For each flag, the lowest rank where it is set (None: nowhere); the same on every rank under DDP."""
@@ -270,7 +271,7 @@ class CohortLoop:
             keep_best(m)  # before the checkpoint: a kill in between redoes this epoch
             save_checkpoint(m, epoch + 1, 0, None, ranks)
             m.run_dir.write_metrics(history)
-        m.tracker.log_epoch(record)
+        m.tracker.log_epoch(record, (epoch + 1) * m.ctx.steps)
         line = format_epoch(record, m.cfg.train.epochs)
         runs.say(line if self.alone else f"{m.name}: {line}", [m])
         if epoch + 1 == m.cfg.train.epochs:

@@ -31,6 +31,7 @@ class Member:
         self.student: Optional[TappedModel] = None
         self.ema = None
         self.tracker = None
+        self.step_log = None                     # its per-step records (step_log.StepLog)
         self.state: Dict[str, Any] = {}          # epoch, step, history, partial, teacher_top1 (records.RESUMED)
         self.rng: Optional[Dict[str, Any]] = None
         self.ranks = None                        # its ranks of train.world on this process (ranks.RankStates)

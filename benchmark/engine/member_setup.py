@@ -14,6 +14,7 @@ from hkdbench.benchmark.engine.member import Member
 from hkdbench.benchmark.engine.ranks import RankStates
 from hkdbench.benchmark.engine.records import check_kept_best, restore_checkpoint
 from hkdbench.benchmark.engine.seeding import rng_state, seed_everything
+from hkdbench.benchmark.engine.step_log import StepLog
 from hkdbench.benchmark.engine.step import TrainingSetup, TrainStep, _make_ema, build_criterion, setup_training
 from hkdbench.benchmark.engine.teacher import load_probe_teachers
 from hkdbench.benchmark.engine.tracking import NullTracker, open_tracker
@@ -67,10 +68,18 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
                       if runs.is_main else {})  # the probe runs in the main process only
     m.ctx.probes = build_probes(cfg, student, own_teacher, test_loader, runs.device, setup.dtype,
                                 channels_last, runs.is_main, probe_teachers)
-    # TensorBoard / W&B mirror of metrics.jsonl (train.log)
-    m.tracker = (open_tracker(cfg, m.name, str(m.run_dir.tracking_dir), len(m.state["history"]))
-                 if runs.is_main else NullTracker())
+    _open_logs(m, runs, len(train_loader))
     m.rng = rng_state(runs.device)
+
+
+def _open_logs(m: Member, runs: RunLifecycle, steps_per_epoch: int) -> None:
+    """The member's tracker (TensorBoard / W&B mirror of metrics.jsonl and steps.jsonl: train.log) and per-step
+    log, from the optimiser step its checkpoint reached: the per-step records a killed attempt wrote past it go."""
+    done = m.state["epoch"] * steps_per_epoch + m.state["step"]
+    if runs.is_main:
+        m.run_dir.keep_steps_through(done)
+    m.tracker = (open_tracker(m.cfg, m.name, str(m.run_dir.tracking_dir), done) if runs.is_main else NullTracker())
+    m.step_log = StepLog(m.run_dir if runs.is_main else None, m.tracker, m.cfg.train.log_interval, steps_per_epoch)
 
 
 def _resume(m: Member, runs: RunLifecycle, setup: TrainingSetup) -> None:
