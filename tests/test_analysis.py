@@ -72,7 +72,7 @@ def write_run(root: Path, method, teacher, student, seed, best, *, dataset="fash
     summary = {"run": name, "hash": f"h{seed}", "kind": "student", "method": method, "teacher": teacher,
                "student": student, "teacher_family": FAMILY.get(teacher) if teacher else None,
                "student_family": FAMILY[student], "dataset": dataset, "recipe": recipe, "seed": seed,
-               "epochs": epochs, "best_top1": best, "best_epoch": epochs, "last_top1": best - 0.5,
+               "epochs": epochs, "best_top1": best, "best_epoch": epochs, "last_top1": best,
                "last_top5": 99.0, "best_top5": 99.5, "teacher_top1": teacher_top1 if teacher else None,
                "student_params": 1000, "method_extra_params": 10 if method == "fitnet" else 0, "train_time_s": 3.0,
                "images_per_s": 100.0, "global_batch": 128, "device": "cpu", "teacher_run": teacher_run}
