@@ -80,7 +80,8 @@ def _pair_setting(frame: pd.DataFrame) -> str:
 
 
 def _legend(fig, methods: Sequence[str], pal: Dict[str, str], **kw) -> None:
-    handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2, label=m if m != BASELINE else "none (alone)")
+    handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2, label=m) if m != BASELINE else
+               plt.Line2D([], [], color=pal[m], marker="s", mfc="none", mew=1.5, ls="--", lw=2, label="none (alone)")
                for m in methods]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="method", **kw)
 

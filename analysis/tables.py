@@ -497,7 +497,7 @@ def _fill_pair(table: ComparisonTable, pair, g: pd.DataFrame, metric: str) -> No
 # Published numbers side by side
 # --------------------------------------------------------------------------------------------------------------
 
-TOP1_METRICS = ("best_top1", "last_top1")  # what a published top-1 can be set beside
+TOP1_METRICS = (SELECTED, "best_top1", "last_top1")  # what a published top-1 can be set beside
 BAND_RULE = ("seed interval: the 95 % t interval of our mean over seeds; the published value lies inside it, above or "
              "below it (a cell of one seed has none)")
 
