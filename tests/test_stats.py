@@ -312,3 +312,25 @@ def test_the_teacher_column_counts_teacher_runs_not_accuracy_values(tmp_path):
 def test_signed_never_writes_minus_zero():
     assert [signed(v) for v in (-0.001, 0.004, -0.0, 0.006, -0.006, 1.234)] == [
         "0.00", "0.00", "0.00", "+0.01", "-0.01", "+1.23"]
+
+
+def test_cd_diagram_bars_join_what_the_critical_difference_does_not_separate():
+    from hkdbench.analysis.plots import _cliques
+
+    # CD 1.0: a-b-c within 1 of each other (a to c: 0.9), d 1.5 below c, and d-e joined; no bar inside another
+    assert _cliques({"a": 1.0, "b": 1.5, "c": 1.9, "d": 3.4, "e": 4.0}, 1.0) == [(1.0, 1.9), (3.4, 4.0)]
+    assert _cliques({"a": 1.0, "b": 2.0, "c": 3.0}, 1.5) == [(1.0, 2.0), (2.0, 3.0)]   # overlapping groups
+    assert _cliques({"a": 1.0, "b": 3.0}, 1.0) == []                                     # every order supported
+
+
+def test_gain_heatmap_washes_out_cells_the_corrected_test_does_not_support():
+    import matplotlib.pyplot as plt
+
+    from hkdbench.analysis.plots import NOT_SIGNIFICANT_SHADE, _cell_colour
+
+    cmap = plt.get_cmap("RdBu")
+    strong, weak = _cell_colour(cmap, -25.8, 30.0, True), _cell_colour(cmap, -25.8, 30.0, False)
+    assert list(strong) == pytest.approx(list(cmap((-25.8 + 30) / 60)))
+    assert list(weak[:3]) == pytest.approx([NOT_SIGNIFICANT_SHADE * c + (1 - NOT_SIGNIFICANT_SHADE) * 0.9
+                                            for c in strong[:3]])
+    assert np.ptp(weak[:3]) < 0.3 * np.ptp(strong[:3])     # far less saturated: reads as grey, not as a finding
