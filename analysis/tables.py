@@ -286,27 +286,7 @@ class ComparisonTable:
                 f"mean of their ranks; only pairs with every method are ranked. Interval: percentile bootstrap that "
                 f"draws the pairs and, within each drawn pair, its seeds, with replacement ({BOOTSTRAP_RESAMPLES} "
                 f"resamples, seed {BOOTSTRAP_SEED}); ranked first: the share of resamples in which the method ranks "
-                f"best (ties included). W/T/L counts pairs; {TIE_RULE}.", ""] + self.rank_test_lines(ranks)
-
-    def rank_test_lines(self, ranks: pd.DataFrame) -> List[str]:
-        """Friedman's test, the critical difference and the orders they support, in words."""
-        test = self.rank_test()
-        if test is None:
-            return ["Friedman's test needs at least 2 pairs with every method: no order is tested."]
-        name = {BASELINE: "none (S)"}
-        lines = [f"Friedman's test over {test.pairs} pairs and {test.methods} methods: chi² = {test.chi2:.2f} "
-                 f"(p = {test.p_chi2:.3g}), Iman–Davenport F = {test.f:.2f} (p = {test.p_f:.3g}); Nemenyi critical "
-                 f"difference at α = {ALPHA:.2f}: {test.cd:.2f} ranks (q = {test.q:.3f})."]
-        orders = supported_orders(ranks["mean_rank"].to_dict(), test)
-        if not test.rejects:
-            return lines + ["", "The F test does not reject that every method ranks alike: no order between "
-                                "methods is supported."]
-        if not orders:
-            return lines + ["", "The F test rejects that every method ranks alike, but no two average ranks differ by "
-                                "more than the critical difference: no order between two methods is supported."]
-        return lines + ["", "Orders the Nemenyi test supports (average ranks further apart than the critical "
-                            "difference): " + "; ".join(f"{name.get(a, a)} above {name.get(b, b)}"
-                                                        for a, b in orders) + ". No other order is supported."]
+                f"best (ties included). W/T/L counts pairs; {TIE_RULE}.", ""] + rank_test_lines(self.rank_test(), ranks)
 
     def to_markdown(self, digits: int = 2, title: bool = True) -> str:
         lines = [f"**{self.title}**", ""] if title else []
@@ -360,6 +340,27 @@ class ComparisonTable:
         pd.DataFrame([vars(test)] if test else [], columns=list(RankTest.__dataclass_fields__)).to_csv(
             paths[4], index=False)
         return paths
+
+
+def rank_test_lines(test: Optional[RankTest], ranks: pd.DataFrame) -> List[str]:
+    """Friedman's test, the critical difference and the orders they support (``ranks``: ComparisonTable.ranks), in
+    words: the only orders a table states."""
+    if test is None:
+        return ["Friedman's test needs at least 2 pairs with every method: no order is tested."]
+    name = {BASELINE: "none (S)"}
+    lines = [f"Friedman's test over {test.pairs} pairs and {test.methods} methods: chi² = {test.chi2:.2f} "
+             f"(p = {test.p_chi2:.3g}), Iman–Davenport F = {test.f:.2f} (p = {test.p_f:.3g}); Nemenyi critical "
+             f"difference at α = {ALPHA:.2f}: {test.cd:.2f} ranks (q = {test.q:.3f})."]
+    orders = supported_orders(ranks["mean_rank"].to_dict(), test)
+    if not test.rejects:
+        return lines + ["", "The F test does not reject that every method ranks alike: no order between "
+                            "methods is supported."]
+    if not orders:
+        return lines + ["", "The F test rejects that every method ranks alike, but no two average ranks differ by "
+                            "more than the critical difference: no order between two methods is supported."]
+    return lines + ["", "Orders the Nemenyi test supports (average ranks further apart than the critical "
+                        "difference): " + "; ".join(f"{name.get(a, a)} above {name.get(b, b)}"
+                                                    for a, b in orders) + ". No other order is supported."]
 
 
 def _metric_label(metric: str) -> str:

@@ -334,3 +334,16 @@ def test_gain_heatmap_washes_out_cells_the_corrected_test_does_not_support():
     assert list(weak[:3]) == pytest.approx([NOT_SIGNIFICANT_SHADE * c + (1 - NOT_SIGNIFICANT_SHADE) * 0.9
                                             for c in strong[:3]])
     assert np.ptp(weak[:3]) < 0.3 * np.ptp(strong[:3])     # far less saturated: reads as grey, not as a finding
+
+
+def test_the_table_states_only_the_orders_the_test_supports():
+    from hkdbench.analysis.tables import rank_test_lines
+
+    scores = pd.DataFrame([[4.0, 3.0, 2.0, 1.0]] * 8, columns=["kd", "dist", "fitnet", "none"])
+    ranks = rank_table(scores)
+    text = " ".join(rank_test_lines(friedman(ranks_within_pairs(scores)), ranks))
+    assert "kd above fitnet; kd above none (S); dist above none (S). No other order is supported." in text
+    disagree = pd.DataFrame([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]], columns=["kd", "dist", "none"])
+    text = " ".join(rank_test_lines(friedman(ranks_within_pairs(disagree)), rank_table(disagree)))
+    assert "does not reject" in text and "no order between methods is supported" in text and "above" not in text
+    assert "no order is tested" in rank_test_lines(None, rank_table(disagree))[0]
