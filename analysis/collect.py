@@ -54,9 +54,11 @@ ID_COLUMNS = ["run", "kind", "status", "method", "method_label", "method_setting
               "epochs"]
 # One table per setting: a table's runs share these; its title names all but the hash (for which setting_label speaks)
 SETTING_KEYS = ["dataset", "recipe", "epochs", "setting"]
+# selected_top1 / selected_epoch: test top-1 at the epoch whose validation top-1 is best (runs with data.val_split);
 # best_* / last_* are the accuracies of the weights the run keeps (best_weights / last_weights in its directory);
 # teacher_top1 is that of the teacher weights the run loaded (teacher_weights: best, last or checkpoint).
-RESULT_COLUMNS = ["best_top1", "best_epoch", "last_top1", "last_epoch", "best_top5", "last_top5", "best_weights",
+RESULT_COLUMNS = ["selected_top1", "selected_epoch",
+                  "best_top1", "best_epoch", "last_top1", "last_epoch", "best_top5", "last_top5", "best_weights",
                   "last_weights", "teacher_top1", "teacher_weights", "teacher_run", "ema_best_top1",
                   "ema_best_epoch", "ema_last_top1", "student_params", "method_extra_params", "train_time_s",
                   "images_per_s", "global_batch", "pipeline", "cohort_size"]
@@ -69,7 +71,8 @@ PROBE_COLUMNS = ["conflict_cosine_mean", "conflict_fraction_mean", "cka_diag_las
 PROVENANCE_COLUMNS = ["hash", "device", "gpu", "cpu", "cpu_count", "cpu_threads", "git_sha", "hkdbench", "torch",
                       "timm", "python", "host", "world_size", "started", "finished", "failure", "path"]
 
-INT_COLUMNS = ["seed", "epochs", "best_epoch", "last_epoch", "ema_best_epoch", "student_params", "method_extra_params",
+INT_COLUMNS = ["seed", "epochs", "selected_epoch",
+               "best_epoch", "last_epoch", "ema_best_epoch", "student_params", "method_extra_params",
                "global_batch", "batch_size", "img_size", "num_classes", "extra_params", "teacher_params", "warmup",
                "repeats", "world_size", "cpu_count", "cpu_threads"]
 
@@ -201,7 +204,8 @@ def _read_object(read: Callable[[], Dict[str, Any]], path: Path, consequence: st
 
 
 _NAMES = ["kind", "method", "teacher", "student", "dataset", "recipe", "teacher_family", "student_family"]
-_NUMBERS = ["best_top1", "last_top1", "best_top5", "last_top5", "teacher_top1", "best_epoch", "last_epoch", "seed",
+_NUMBERS = ["selected_top1", "selected_epoch",
+            "best_top1", "last_top1", "best_top5", "last_top5", "teacher_top1", "best_epoch", "last_epoch", "seed",
             "epochs", "train_time_s"]
 
 

@@ -22,12 +22,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO,  # noqa: E402
-                                          LOSS_PREFIX, STEP_KEY)
+                                          CONFLICT_PREFIX, LOSS_PREFIX, STEP_KEY)
 
 from .collect import OWN, SETTING_KEYS, cka_table, keyed  # noqa: E402
 from .order import BASELINE, REFERENCE, method_of, ordered, palette  # noqa: E402
-from .stats import BOOTSTRAP_RESAMPLES, by_seed, paired_difference  # noqa: E402
-from .tables import ComparisonTable, comparison_tables, difference_text  # noqa: E402
+from .stats import (BOOTSTRAP_RESAMPLES, by_seed, holm, paired_difference, significant,  # noqa: E402
+                    supported_orders)
+from .tables import (PRIMARY, ComparisonTable, comparison_tables, difference_text, metric_words,  # noqa: E402
+                     signed)
 
 FORMATS = ("png", "pdf")
 DPI = 150
@@ -78,7 +80,8 @@ def _pair_setting(frame: pd.DataFrame) -> str:
 
 
 def _legend(fig, methods: Sequence[str], pal: Dict[str, str], **kw) -> None:
-    handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2, label=m if m != BASELINE else "none (alone)")
+    handles = [plt.Line2D([], [], color=pal[m], marker="o", lw=2, label=m) if m != BASELINE else
+               plt.Line2D([], [], color=pal[m], marker="s", mfc="none", mew=1.5, ls="--", lw=2, label="none (alone)")
                for m in methods]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), title="method", **kw)
 
@@ -87,18 +90,30 @@ def _legend(fig, methods: Sequence[str], pal: Dict[str, str], **kw) -> None:
 # Per setting: gain heatmaps, ranks, cost against gain
 # --------------------------------------------------------------------------------------------------------------
 
+NOT_SIGNIFICANT_SHADE = 0.25  # how much of a not-significant cell's colour is kept (the rest is light grey)
+
+
+def _cell_colour(cmap, value: float, limit: float, strong: bool):
+    """The diverging colour of ``value``; washed out towards grey where the corrected test does not support it."""
+    rgba = np.array(cmap((value + limit) / (2 * limit)))
+    if not strong:
+        rgba[:3] = NOT_SIGNIFICANT_SHADE * rgba[:3] + (1 - NOT_SIGNIFICANT_SHADE) * 0.9
+    return rgba
+
+
 def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
     """Per setting, one panel per method over teacher x student: the paired gain over the student alone on a
-    diverging scale centred on 0, its 95 % interval written in the cell (``*`` where it excludes 0)."""
+    diverging scale centred on 0, its 95 % interval written in the cell (``*`` where the Holm-corrected test
+    rejects 0); only those cells are coloured at full strength, the others washed out towards grey."""
     _style()
     paths: List[Path] = []
     for table in tables:
-        gains = {key: c.vs_alone for key, c in table.cells.items() if c.vs_alone is not None}
+        gains = {key: c for key, c in table.cells.items() if c.vs_alone is not None}
         if not gains:
             continue
         teachers = sorted({t for t, _ in table.rows})
         students = sorted({s for _, s in table.rows})
-        limit = max(abs(d.mean) for d in gains.values()) or 1.0
+        limit = max(abs(c.vs_alone.mean) for c in gains.values()) or 1.0
         rows, cols = _grid(len(table.methods))
         # a panel is as wide as its students, or as its title (a label such as kd[temperature=4]) needs
         width = max(1.5 * len(students), 0.13 * max(len(m) for m in table.methods))
@@ -108,18 +123,19 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
                                  squeeze=False, layout="constrained")
         cmap = plt.get_cmap("RdBu")
         for ax, m in zip(axes.flat, table.methods):
-            grid = np.full((len(teachers), len(students)), np.nan)
+            grid = np.full((len(teachers), len(students), 4), [0.933, 0.933, 0.933, 1.0])
             for i, t in enumerate(teachers):
                 for j, s in enumerate(students):
-                    d = gains.get(((t, s), m))
-                    if d is not None:
-                        grid[i, j] = d.mean
-                        text = difference_text(d, 1).replace(" [", "\n[")
-                        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                                color="white" if abs(d.mean) > 0.6 * limit else "black")
-                    else:
+                    c = gains.get(((t, s), m))
+                    if c is None:
                         ax.text(j, i, "no run", ha="center", va="center", fontsize=8, color="#888888")
-            ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+                        continue
+                    d, strong = c.vs_alone, significant(c.vs_alone, c.holm_alone)
+                    grid[i, j] = _cell_colour(cmap, d.mean, limit, strong)
+                    text = difference_text(d, 1, c.holm_alone).replace(" [", "\n[")
+                    ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                            color="white" if strong and abs(d.mean) > 0.6 * limit else "black")
+            ax.imshow(grid, aspect="auto")
             ax.set_facecolor("#eeeeee")
             ax.grid(False)
             ax.set_title(m)
@@ -132,9 +148,9 @@ def gain_heatmaps(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
             ax.axis("off")
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"{table.metric} − student alone (points)")
-        fig.suptitle(f"Gain in test {table.metric.replace('_', ' ')} over the student alone, mean [95 % t interval] "
-                     f"of the seed-paired difference, * excludes 0\n{_setting_words(table)}; {table.pairing_note}",
-                     fontsize=11)
+        fig.suptitle(f"Gain in {metric_words(table.metric)} over the student alone, mean [95 % t interval] of the "
+                     f"seed-paired difference; * and full colour: Holm-corrected p < 0.05 over the table's cells, "
+                     f"washed out: not significant\n{_setting_words(table)}; {table.pairing_note}", fontsize=11)
         paths += _save(fig, out_dir, _setting_stem("gain_heatmap", table))
     return paths
 
@@ -161,9 +177,73 @@ def rank_plots(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
         ax.set_xlim(0.5, len(ranks) + 0.5)
         ax.set_xticks(range(1, len(ranks) + 1))
         ax.set_xlabel(f"average rank over {int(ranks['pairs'].iloc[0])} teacher → student pairs (1 = best)")
-        ax.set_title(f"Average rank of best top-1 with 95 % bootstrap interval over pairs ({BOOTSTRAP_RESAMPLES} "
-                     f"resamples)\n{_setting_words(table)}; overlapping intervals: no supported order", fontsize=10)
+        ax.set_title(f"Average rank of {metric_words(table.metric)} with 95 % bootstrap interval over pairs and "
+                     f"seeds ({BOOTSTRAP_RESAMPLES} resamples)\n{_setting_words(table)}; the orders a test supports: "
+                     "the critical-difference diagram", fontsize=10)
         paths += _save(fig, out_dir, _setting_stem("ranks", table))
+    return paths
+
+
+def _cliques(ranks: Dict[str, float], cd: float) -> List[Tuple[float, float]]:
+    """The (lowest, highest) average rank of every maximal run of methods, in rank order, whose extremes differ by
+    at most the critical difference: the bars of a critical-difference diagram (methods under one bar are not told
+    apart by the test)."""
+    values = sorted(ranks.values())
+    spans = []
+    for i, low in enumerate(values):
+        j = max(k for k in range(i, len(values)) if values[k] - low <= cd)
+        if j > i and not any(a <= low and values[j] <= b for a, b in spans):
+            spans.append((low, values[j]))
+    return spans
+
+
+def _cd_axis(ax, ranks: Dict[str, float], cd: float, k: int) -> None:
+    """Demsar's (2006) diagram on ``ax``: a rank axis, each method at its average rank (best half on the left),
+    the critical difference as a scale bar and a bar under every group the test does not separate."""
+    ax.set_xlim(0.5, k + 0.5)
+    ax.hlines(0, 1, k, color="black", lw=1)
+    for r in range(1, k + 1):
+        ax.vlines(r, -0.08, 0.08, color="black", lw=1)
+        ax.text(r, 0.18, str(r), ha="center", fontsize=9)
+    ax.plot([1, 1 + cd], [0.7, 0.7], color="black", lw=2)
+    ax.text(1 + cd / 2, 0.8, f"CD = {cd:.2f}", ha="center", fontsize=9)
+    ordered_items = sorted(ranks.items(), key=lambda kv: kv[1])
+    half = (len(ordered_items) + 1) // 2
+    for i, (m, r) in enumerate(ordered_items):
+        left = i < half
+        level = -0.45 - 0.32 * (i if left else len(ordered_items) - 1 - i)
+        end = 0.6 if left else k + 0.4
+        ax.plot([r, r, end], [0, level, level], color="#333333", lw=1)
+        ax.text(end - 0.05 if left else end + 0.05, level, f"{m if m != BASELINE else 'none (S)'} ({r:.2f})",
+                ha="right" if left else "left", va="center", fontsize=9)
+    for n, (low, high) in enumerate(_cliques(ranks, cd)):
+        y = -0.2 - 0.1 * n
+        ax.plot([low - 0.03, high + 0.03], [y, y], color="black", lw=3, solid_capstyle="butt")
+    ax.set_ylim(-0.6 - 0.32 * half, 1.0)
+    ax.axis("off")
+
+
+def cd_diagrams(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
+    """Per setting, the critical-difference diagram of the Nemenyi test after Friedman's (Demsar 2006): the
+    average ranks across pairs on one axis, joined by a bar where they differ by less than the critical
+    difference. The title gives the Friedman test; where it does not reject, every method is under one bar."""
+    _style()
+    paths: List[Path] = []
+    for table in tables:
+        test = table.rank_test()
+        if test is None:
+            continue
+        ranks = table.ranks()["mean_rank"].to_dict()
+        cd = test.cd if test.rejects else float("inf")
+        fig, ax = plt.subplots(figsize=(8.5, 1.6 + 0.18 * len(ranks)))
+        _cd_axis(ax, ranks, min(cd, len(ranks) - 1.0), len(ranks))
+        orders = len(supported_orders(ranks, test))
+        verdict = (f"F rejects equal ranks; {orders} order(s) supported" if test.rejects else
+                   "F does not reject equal ranks: no order supported, one bar")
+        ax.set_title(f"Critical-difference diagram (Nemenyi, α = 0.05) of {metric_words(table.metric)}, "
+                     f"{test.pairs} pairs\nFriedman χ² = {test.chi2:.2f} (p = {test.p_chi2:.3g}), Iman–Davenport "
+                     f"F = {test.f:.2f} (p = {test.p_f:.3g}): {verdict}\n{_setting_words(table)}", fontsize=10)
+        paths += _save(fig, out_dir, _setting_stem("cd_diagram", table))
     return paths
 
 
@@ -244,7 +324,8 @@ def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float]
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
     _legend(fig, methods, pal)
-    fig.suptitle(f"Gain in best top-1 against {what}: one point per method and pair, bar = 95 % t interval of the "
+    fig.suptitle(f"Gain in {metric_words(table.metric)} against {what}: one point per method and pair, bar = 95 % t "
+                 f"interval of the "
                  f"seed-paired gain (◆ the student alone)\n{_setting_words(table)}; {table.pairing_note}", y=1.03,
                  fontsize=11)
     fig.tight_layout()
@@ -363,28 +444,39 @@ def _pairs(epochs: pd.DataFrame):
         yield (t, s, d, st), g, base
 
 
+DODGE = 0.04  # epochs between two methods' points: series with equal values stay apart (the student alone vs KD)
+
+
 def _band_plot(ax, frame: pd.DataFrame, y: str, pal: Dict[str, str], methods: Sequence[str],
-               x: str = "epoch") -> None:
+               x: str = "epoch", dodge: float = DODGE) -> None:
     """Mean over seeds per ``x`` (epoch or step), with a band from the lowest to the highest seed; markers only where
-    the points are few enough to tell apart."""
-    for m in methods:
+    the points are few enough to tell apart. Each method's points are shifted by a small ``dodge`` along x, and the
+    student alone is drawn last, dashed with open squares, so that a line under another of the same values (the
+    student alone under KD's) stays visible."""
+    drawn = [m for m in methods if m != BASELINE] + [m for m in methods if m == BASELINE]
+    for m in drawn:
         mg = frame[frame["method_label"] == m][[x, y, "run"]].copy()
         mg[y] = pd.to_numeric(mg[y], errors="coerce")
         mg = mg.dropna(subset=[y])
         if mg.empty:
             continue
         stats = mg.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
-        ax.plot(stats[x], stats["mean"], "--" if m == BASELINE else "-", marker="o" if len(stats) <= 40 else None,
-                ms=4, color=pal[m], lw=1.8)
+        xs = stats[x].astype(float) + (list(methods).index(m) - (len(methods) - 1) / 2) * dodge
+        alone, few = m == BASELINE, len(stats) <= 40
+        ax.plot(xs, stats["mean"], "--" if alone else "-", marker=("s" if alone else "o") if few else None,
+                ms=6 if alone else 4, mfc="none" if alone else pal[m], mew=1.5, color=pal[m], lw=2.2 if alone else 1.8,
+                zorder=4 if alone else 2)
         if mg["run"].nunique() > 1:
-            ax.fill_between(stats[x].astype(float), stats["min"], stats["max"], color=pal[m], alpha=0.15, lw=0)
+            ax.fill_between(xs, stats["min"], stats["max"], color=pal[m], alpha=0.15, lw=0)
 
 
 def _epoch_words(frame: pd.DataFrame) -> str:
     n = frame["epoch"].nunique()
     seeds = frame.groupby("method_label")["run"].nunique()
     seeds = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()}-{seeds.max()}"
-    return f"{n} epoch{'s' if n != 1 else ''}, {seeds} seeds per series; line: mean, band: lowest to highest seed"
+    few = " (too few for a curve: read them as points)" if n < 3 else ""
+    return (f"{n} point{'s' if n != 1 else ''} per line (one per evaluated epoch){few}, {seeds} seeds per series; "
+            f"line: mean, band: lowest to highest seed; points shifted by ±{DODGE:g} epoch per method to stay apart")
 
 
 def _cka_groups(cka: pd.DataFrame):
@@ -412,9 +504,9 @@ _STAGES = ["teacher_stage", "student_stage"]
 def cka_change(g: pd.DataFrame, base: pd.DataFrame) -> Tuple[Optional[pd.DataFrame], str]:
     """Per method label and stage pair, the mean over seeds of the last probed CKA minus the reference's, and which
     reference: the student alone (``base``, probed against the same teacher run) where there is one, else KD (their
-    default labels). Columns: method_label, teacher_stage, student_stage, cka, reference, change, n (runs),
-    significant (the seed-paired difference's 95 % t interval excludes 0). None where the reference or anything to
-    compare with it is missing."""
+    default labels). Columns: method_label, teacher_stage, student_stage, cka, reference, change, n (runs), p (the
+    seed-paired difference's t test), p_holm (Holm-corrected over every cell of the figure: one family) and
+    significant (p_holm < 0.05). None where the reference or anything to compare with it is missing."""
     ref = BASELINE if not base.empty else REFERENCE
     last = _last_probes(pd.concat([g, base], ignore_index=True))
     ref_rows = last[last["method_label"] == ref]
@@ -425,8 +517,10 @@ def cka_change(g: pd.DataFrame, base: pd.DataFrame) -> Tuple[Optional[pd.DataFra
     for (m, i, j), cell in last[last["method_label"] != ref].groupby(["method_label"] + _STAGES):
         paired = paired_difference(by_seed(cell, "cka"), ref_seeds.get((i, j), {}))
         rows.append({"method_label": m, "teacher_stage": i, "student_stage": j, "cka": cell["cka"].mean(),
-                     "n": cell["run"].nunique(), "significant": paired is not None and paired.excludes_zero})
+                     "n": cell["run"].nunique(), "p": paired.p if paired is not None else None})
     out = pd.DataFrame(rows).join(ref_rows.groupby(_STAGES)["cka"].mean().rename("reference"), on=_STAGES)
+    out["p_holm"] = holm([None if pd.isna(p) else p for p in out["p"]])
+    out["significant"] = [p is not None and not pd.isna(p) and p < 0.05 for p in out["p_holm"]]
     out["change"] = out["cka"] - out["reference"]
     return out, ref
 
@@ -437,7 +531,7 @@ def _change_panel(ax, cells: pd.DataFrame, ts: List[int], ss: List[int], cmap, l
         grid[ts.index(c.teacher_stage), ss.index(c.student_stage)] = c.change
         if not np.isnan(c.change):
             star = "*" if c.significant else ""
-            ax.text(ss.index(c.student_stage), ts.index(c.teacher_stage), f"{c.change:+.2f}{star}", ha="center",
+            ax.text(ss.index(c.student_stage), ts.index(c.teacher_stage), f"{signed(c.change)}{star}", ha="center",
                     va="center", fontsize=8, color="white" if abs(c.change) > 0.6 * limit else "black")
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit)
     ax.set_facecolor("#eeeeee")
@@ -454,17 +548,17 @@ def _change_title(kernel: str, ref: str) -> str:
 
 def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:
     """Per pair and kernel, each method's last-epoch CKA minus the reference's (:func:`cka_change`), per (teacher
-    stage, student stage), on a diverging scale centred on 0; the title names the reference."""
+    stage, student stage), on a diverging scale centred on 0 and shared by every CKA-change figure (so that their
+    colours compare); the title names the reference."""
     _style()
     paths: List[Path] = []
-    for (t, s, d, st, kernel), g, base in _cka_groups(cka):
-        change, ref = cka_change(g, base)
-        if change is None:
-            continue
+    figures = [(key, g) + cka_change(g, base) for key, g, base in _cka_groups(cka)]
+    figures = [f for f in figures if f[2] is not None]
+    changes = [float(f[2]["change"].abs().max()) for f in figures]
+    limit = max([c for c in changes if c > 0], default=0.01)  # also when every cell is NaN (no reference there)
+    for (t, s, d, st, kernel), g, change, ref in figures:
         methods = ordered(change["method_label"])
         ts, ss = sorted(set(change["teacher_stage"])), sorted(set(change["student_stage"]))
-        limit = float(change["change"].abs().max())
-        limit = limit if limit > 0 else 0.01  # also when every cell is NaN (no reference at those stages)
         n = change.groupby("method_label")["n"].max()
         rows, ncols = _grid(len(methods))
         fig, axes = plt.subplots(rows, ncols, figsize=(3.2 * ncols + 1.0, 3.0 * rows + 0.8), squeeze=False)
@@ -482,8 +576,8 @@ def cka_change_heatmaps(cka: pd.DataFrame, out_dir) -> List[Path]:
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(-limit, limit))
         fig.colorbar(sm, ax=axes.ravel().tolist(), shrink=0.8, label=f"CKA − CKA of {ref}")
         fig.suptitle(f"{_change_title(kernel, ref)}\nlast probed epoch, mean over seeds: {t} → {s}, "
-                     f"{d}{_pair_setting(g)}; * the seed-paired difference's 95 % t interval excludes 0", y=1.03,
-                     fontsize=11)
+                     f"{d}{_pair_setting(g)}; * Holm-corrected p < 0.05 over this figure's cells (seed-paired t "
+                     f"tests); colour scale ±{limit:.2f}, shared by every CKA-change figure", y=1.03, fontsize=11)
         paths += _save(fig, out_dir, _slug("cka_change", kernel, t, "to", s, d, st))
     return paths
 
@@ -510,7 +604,8 @@ def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
         for ax in axes[:, 0]:
             ax.set_ylabel(f"CKA ({kernel})")
         _legend(fig, methods, pal)
-        alone = "" if base.empty else "\ndashed: the student alone, probed against the same teacher run"
+        alone = "" if base.empty else ("\ndashed with open squares, drawn on top: the student alone, probed against "
+                                       "the same teacher run")
         fig.suptitle(f"CKA ({kernel}) per teacher-stage / student-stage pair over training: {t} → {s}, {d}"
                      f"{_pair_setting(g)}\n"
                      f"{_epoch_words(frame)}{alone}", y=1.02, fontsize=11)
@@ -521,6 +616,21 @@ def cka_epoch_curves(cka: pd.DataFrame, out_dir) -> List[Path]:
 _CONFLICT_PANELS = [(CONFLICT_COSINE, "cosine(g_task, g_distill)"),
                     (CONFLICT_FRACTION, "fraction of probed steps with cosine < 0"),
                     (CONFLICT_NORM_RATIO, "‖g_distill‖ / ‖g_task‖ (log)")]
+CONFLICT_STEPS = CONFLICT_PREFIX + "steps"   # how many steps an epoch's conflict values average
+
+
+def _conflict_panels(g: pd.DataFrame) -> List[Tuple[str, str]]:
+    """The panels, the fraction's label saying its resolution: with k probed steps an epoch it moves in steps of
+    1 / k (3 probes: 0, 1/3, 2/3 or 1)."""
+    steps = pd.to_numeric(g.get(CONFLICT_STEPS, pd.Series(dtype=float)), errors="coerce").dropna()
+    if steps.empty:
+        return _CONFLICT_PANELS
+    low, high = int(steps.min()), int(steps.max())
+    k, unit = (f"{low}", f"1/{low}") if low == high else (f"{low}-{high}", "1/k")
+    fraction = f"fraction of probed steps with cosine < 0\n({k} probed steps an epoch: multiples of {unit})"
+    return [(c, fraction if c == CONFLICT_FRACTION else label) for c, label in _CONFLICT_PANELS]
+
+
 OUTLIER_RATIO = 100.0  # a norm ratio above this is labelled: the task gradient is then negligible after clipping
 
 
@@ -541,7 +651,7 @@ def conflict_points(epochs: pd.DataFrame, out_dir) -> List[Path]:
         epochs_seen = sorted(g["epoch"].unique())
         seeds = sorted(g["seed"].dropna().unique())
         fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-        for ax, (col, label) in zip(axes, _CONFLICT_PANELS):
+        for ax, (col, label) in zip(axes, _conflict_panels(g)):
             if col not in g:
                 continue
             outliers: List[Tuple[float, int]] = []
@@ -605,7 +715,7 @@ def convergence_curves(epochs: pd.DataFrame, out_dir) -> List[Path]:
             ax.set_ylabel(label)
             ax.xaxis.get_major_locator().set_params(integer=True)
         _legend(fig, methods, pal)
-        fig.suptitle(f"Convergence: {t} → {s}, {d}{_pair_setting(g)} (dashed: student alone)\n"
+        fig.suptitle(f"Convergence: {t} → {s}, {d}{_pair_setting(g)} (dashed, open squares: student alone)\n"
                      f"{_epoch_words(frame)}", y=1.04, fontsize=11)
         fig.tight_layout()
         paths += _save(fig, out_dir, _slug("convergence", t, "to", s, d, st))
@@ -631,7 +741,7 @@ def loss_curves(steps: pd.DataFrame, out_dir) -> List[Path]:
         panels = [p for p in _LOSS_PANELS if p[0] in frame and frame[p[0]].notna().any()]
         fig, axes = plt.subplots(1, len(panels), figsize=(5.8 * len(panels), 4.4), squeeze=False)
         for ax, (col, label) in zip(axes[0], panels):
-            _band_plot(ax, frame, col, pal, methods, x=STEP_KEY)
+            _band_plot(ax, frame, col, pal, methods, x=STEP_KEY, dodge=0.0)
             ax.set_xlabel("step (optimiser steps done)")
             ax.set_ylabel(label)
         _legend(fig, methods, pal)
@@ -674,6 +784,8 @@ FIGURES: List[Figure] = [
     Figure("gain", "Gain over the student alone, with intervals (teacher × student, per method)",
            lambda t, out: gain_heatmaps(t.comparisons, out)),
     Figure("ranks", "Average rank across pairs", lambda t, out: rank_plots(t.comparisons, out)),
+    Figure("cd_diagram", "Critical-difference diagram (Friedman, Nemenyi)",
+           lambda t, out: cd_diagrams(t.comparisons, out)),
     Figure("cost_time", "Gain against training time", lambda t, out: cost_time_plots(t.comparisons, t.runs, out)),
     Figure("cost_flops", "Gain against train FLOPs per image",
            lambda t, out: cost_flops_plots(t.comparisons, t.runs, out)),
@@ -686,7 +798,7 @@ FIGURES: List[Figure] = [
 ]
 
 
-def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir, metric: str = "best_top1",
+def all_plots(runs: pd.DataFrame, epochs: pd.DataFrame, out_dir, metric: str = PRIMARY,
               tables: Sequence[ComparisonTable] = None, cka: Optional[pd.DataFrame] = None,
               steps: Optional[pd.DataFrame] = None) -> Dict[str, List[Path]]:
     """Every figure of :data:`FIGURES`, by kind. ``cka``: :func:`.collect.collect_cka`'s table; without it, the one

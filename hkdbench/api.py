@@ -160,9 +160,11 @@ def list_runs(runs_dir: Optional[str | Path] = None, **filters: Sequence[str]) -
     return runs_table(_store_root(runs_dir), {k: [v] if isinstance(v, str) else list(v) for k, v in filters.items()})
 
 
-def report(runs_dir: Optional[str | Path] = None, out: str | Path = "results", metric: str = "best_top1",
+def report(runs_dir: Optional[str | Path] = None, out: str | Path = "results", metric: str = "primary",
            published: Sequence[str | Path] = ("ofa-kd",)) -> Path:
     """Writes every table and figure of the store with an index README.md into ``out``; returns the index's path.
+    ``metric``: 'primary' (the validation-selected epoch where a table's runs have one, else the last epoch) or a
+    summary column (``hkdbench report --metric``).
     ``published``: the tables of published numbers set beside ours ('ofa-kd', the shipped cells, or CSV files in
     their format: ``hkdbench report --published``)."""
     from hkdbench.analysis.report import make_report

@@ -104,8 +104,9 @@ def test_a_run_without_a_model_says_which_option_gives_it(capsys):
     (["overhead", "--teacher", "resnet_mini", "--student", "vit_mini", "--img-size", "0"], "--img-size: must be >= 1"),
     (["methods", "--pair", "resnet_mini", "vit_mini", "--num-classes", "1"], "--num-classes: must be >= 2"),
     (["report", "--metric", "top1"], "argument --metric: invalid choice: 'top1'"),
-    (["table", "--metric", "foo"], "argument --metric: invalid choice: 'foo' (choose from 'best_top1', 'last_top1', "
-                                   "'best_top5', 'last_top5', 'ema_best_top1', 'ema_last_top1')"),
+    (["table", "--metric", "foo"], "argument --metric: invalid choice: 'foo' (choose from 'primary', 'selected_top1', "
+                                   "'last_top1', 'best_top1', 'best_top5', 'last_top5', 'ema_best_top1', "
+                                   "'ema_last_top1')"),
 ])
 def test_every_number_and_name_on_the_command_line_is_checked_before_anything_is_written(argv, message, capsys,
                                                                                          tmp_path):
