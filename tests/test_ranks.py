@@ -100,8 +100,6 @@ def test_the_config_validates_world_and_sync_bn():
     (3, 2, [], "none", "cannot be spread over 2 processes"),
     (4, 2, ["train.sync_bn=true"], "none", "train.sync_bn=true needs every rank's BatchNorm statistics"),
     (2, 2, ["train.sync_bn=true"], "none", "runs on CUDA GPUs only"),
-    (2, 1, [], "crd", "exchanges values between the ranks inside its forward"),
-    (4, 2, [], "spofa", "exchanges values between the ranks inside its forward"),
 ])
 def test_what_cannot_run_as_the_reference_did_is_refused(world, processes, extra, method, match):
     teacher = None if method == "none" else "resnet_mini"
@@ -112,7 +110,8 @@ def test_what_cannot_run_as_the_reference_did_is_refused(world, processes, extra
 
 
 def test_an_emulated_run_is_refused_before_anything_is_written(fmnist_available, tmp_path):
-    cfg = cfg_of("crd", world=2, teacher="resnet_mini", student="vit_mini", checkpoint=_teacher_checkpoint(tmp_path))
+    cfg = cfg_of("kd", world=2, teacher="resnet_mini", extra=["train.sync_bn=true"],
+                 checkpoint=_teacher_checkpoint(tmp_path))
     with pytest.raises(ConfigError, match="run 2 processes"):
         train(cfg, runs_dir=str(tmp_path / "runs"), progress=False)
     assert not (tmp_path / "runs" / cfg.run_name()).exists()
@@ -150,11 +149,15 @@ def _stop_after(calls: int):
     return lambda: next(count) >= calls
 
 
-@pytest.mark.parametrize("method,student", [("kd", "resnet_mini"), ("pat", "vit_mini")])
-def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available, tmp_path, method, student):
+@pytest.mark.parametrize("method,student,extra", [("kd", "resnet_mini", []), ("pat", "vit_mini", []),
+                                                   ("crd", "resnet_mini", ["method.nce_k=64"]),
+                                                   ("spofa", "resnet_mini", [])])
+def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available, tmp_path, method, student, extra):
     """Two ranks emulated in one process, stopped at step 2 of epoch 1 and resumed: every rank's generators (drop
-    path), BatchNorm's statistics and PAT's per-rank feedback come back, and the run equals an uninterrupted one."""
-    cfg = cfg_of(method, world=2, student=student, teacher="resnet_mini", checkpoint=_teacher_checkpoint(tmp_path))
+    path), BatchNorm's statistics, PAT's per-rank feedback, CRD's banks and Z (a resumed CRD asks every rank for Z
+    again, and keeps the saved one), SPOFA's baselines come back, and the run equals an uninterrupted one."""
+    cfg = cfg_of(method, world=2, student=student, teacher="resnet_mini", checkpoint=_teacher_checkpoint(tmp_path),
+                 extra=extra)
     straight = train(cfg, runs_dir=str(tmp_path / "a"), progress=False)
     stopped = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, should_stop=_stop_after(6))
     assert stopped.status == "interrupted"

@@ -48,6 +48,8 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
     wrapped = runs.dist.wrap(setup.module, setup.method.find_unused_parameters) if ddp else setup.module
     m.student, m.ema = student, ema
     m.ranks = RankStates(layout, setup.module, runs.device)
+    if layout.emulated:  # the values a rank's forward takes from every rank, as DDP's collectives give them
+        setup.method.exchange = m.ranks.exchange
     m.state = {"epoch": 0, "step": 0, "history": [], "partial": None,
                "teacher_top1": teacher_top1 if uses_teacher else None}
     if m.saved is not None:

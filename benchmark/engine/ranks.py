@@ -16,10 +16,17 @@ What a rank of the reference is, and how an emulated one (``per_process > 1``) i
   in rank order (:class:`PairwiseSum`; across processes by an all-reduce SUM), then scaled by ``1 / world``: with
   power-of-two counts the same bits on 1 process x 4 ranks as on 2 x 2 (and as DDP's ``sum(g / P)`` on 2 x 1).
 
+* the values its forward takes from every rank (``Distiller.exchange``: CRD's first-batch Z, SPOFA's mean
+  statistics): a step whose method asks for them (``Distiller.takes_rank_means``) first runs every rank's forward
+  as that rank, its generators and buffers restored afterwards, to collect them; their mean is then summed as
+  DDP's all-reduce gives it (a balanced tree in rank order, across processes an all-reduce, over ``world``), and
+  each rank's real forward takes it (:class:`EmulatedExchange`);
+* the state every rank holds identically and changes with every rank's values (CRD's banks and Z, SPOFA's
+  baselines; ``_same_on_every_rank``): one copy, changed once every rank of the step has run its forward, with
+  every rank's values in rank order, as each DDP rank changes its own copy after an all-gather.
+
 What cannot be emulated is refused before anything is written (:func:`check_layout`): ``train.sync_bn`` (the
-statistics of every rank's slice at every layer, in one forward) and a method that exchanges values between the
-ranks inside its forward (``Distiller.syncs_ranks_in_forward``: CRD's first-batch Z and bank update, SPOFA's mean
-statistic), which emulated ranks, run one after another, could not give it.
+statistics of every rank's slice at every layer, in one forward).
 """
 from __future__ import annotations
 
@@ -31,10 +38,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hkdbench.methods import get_method
-
 from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.engine.distributed import ignored_names
+from hkdbench.benchmark.engine.exchange import EmulatedExchange
 from hkdbench.benchmark.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 
 
@@ -81,9 +87,6 @@ def check_layout(cfg: RunConfig, processes: int, device: torch.device) -> None:
         raise ConfigError(f"{emulated}, and train.sync_bn=true needs every rank's BatchNorm statistics at every layer "
                           f"in one forward, which ranks run in turn cannot give: run {world} processes (one per rank), "
                           "or leave train.sync_bn off")
-    if get_method(cfg.method).syncs_ranks_in_forward:
-        raise ConfigError(f"{emulated}, and method {cfg.method!r} exchanges values between the ranks inside its "
-                          f"forward, which ranks run in turn cannot give: run {world} processes (one per rank)")
 
 
 class PairwiseSum:
@@ -127,7 +130,10 @@ class RankStates:
 
     def __init__(self, layout: RankLayout, module: nn.Module, device: torch.device):
         self.layout, self.module, self.device = layout, module, device
-        self.per_rank = ignored_names(module)  # e.g. PAT's feedback: every rank its own
+        # kept identical on every rank by the method itself, through the exchange (CRD's banks): one copy here
+        self.same_on_every_rank = set(ignored_names(module, "_same_on_every_rank"))
+        self.per_rank = [n for n in ignored_names(module) if n not in self.same_on_every_rank]  # PAT's feedback
+        self.exchange = EmulatedExchange(layout)  # Distiller.exchange where this process trains several ranks
         self._rngs: Dict[int, Any] = {}  # local index >= 1 -> its generators' state
         self._buffers: Dict[int, Dict[str, torch.Tensor]] = {
             j: {name: buf.clone() for name, buf in self._own_buffers().items()}
@@ -161,11 +167,31 @@ class RankStates:
                     for name, saved in shared.items():
                         self.module.get_buffer(name).copy_(saved)
 
+    @contextlib.contextmanager
+    def restoring(self):
+        """Runs the block (a collecting pass) and puts back the generators and every buffer it may have changed
+        (BatchNorm's, a rank's own), so the step's real pass starts from the same state."""
+        rng = rng_state(self.device)
+        saved = {name: buf.clone() for name, buf in self.module.named_buffers()
+                 if name not in self.same_on_every_rank}
+        try:
+            yield
+        finally:
+            set_rng_state(rng, self.device)
+            with torch.no_grad():
+                for name, buf in saved.items():
+                    self.module.get_buffer(name).copy_(buf)
+
     def _own_buffers(self) -> Dict[str, torch.Tensor]:
         return {name: self.module.get_buffer(name) for name in self.per_rank}
 
     def _shared_buffers(self) -> Dict[str, torch.Tensor]:
-        return {name: buf.clone() for name, buf in self.module.named_buffers() if name not in self.per_rank}
+        return {name: buf.clone() for name, buf in self._rank_zero_buffers()}
+
+    def _rank_zero_buffers(self):
+        """The buffers every rank takes from rank 0 (DDP's broadcast): neither a rank's own nor kept identical."""
+        return [(name, buf) for name, buf in self.module.named_buffers()
+                if name not in self.per_rank and name not in self.same_on_every_rank]
 
     def _swap_buffers(self, incoming: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         outgoing = self._own_buffers()
@@ -187,7 +213,7 @@ class RankStates:
         """Takes this process's ranks' states from a checkpoint's ``states`` (every rank's); returns the first local
         rank's generator state (None where the checkpoint has none: an epoch's end, which the next epoch re-seeds)."""
         for j, rank in enumerate(self.layout.ranks):
-            buffers = {k: v.to(self.device) for k, v in states[rank]["buffers"].items()}
+            buffers = {k: v.to(self.device) for k, v in states[rank]["buffers"].items() if k in self.per_rank}
             if j:
                 self._rngs[j], self._buffers[j] = states[rank]["rng"], buffers
             else:
@@ -209,8 +235,8 @@ class RankStates:
         if self.layout.processes <= 1:
             return
         with torch.no_grad():
-            for name, buf in self.module.named_buffers():
-                if name in self.per_rank or buf.numel() == 0:
+            for _, buf in self._rank_zero_buffers():
+                if buf.numel() == 0:
                     continue
                 tmp = buf.detach().to(_collective_device())
                 dist.broadcast(tmp, 0)
