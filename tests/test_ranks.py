@@ -8,7 +8,8 @@ from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.data.stream import DataStream, step_seed
-from hkdbench.benchmark.engine.ranks import PairwiseSum, RankLayout, check_layout, rank_seed
+from hkdbench.benchmark.engine.pairwise import PairwiseSum
+from hkdbench.benchmark.engine.ranks import RankLayout, check_layout, rank_seed
 from hkdbench.benchmark.engine.trainer import train, train_cohort
 from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
@@ -89,9 +90,11 @@ def test_pairwise_sum_is_a_balanced_tree_in_rank_order():
 
 # -- what is refused ---------------------------------------------------------------------------------------------------
 
-def test_the_config_validates_world_and_sync_bn():
+def test_the_config_validates_world_sync_bn_and_dist_bn():
     for bad, match in ((["train.world=0"], "train.world must be in"),
-                       (["train.sync_bn=true"], "needs train.world > 1")):
+                       (["train.sync_bn=true"], "needs train.world > 1"),
+                       (["train.dist_bn=reduce"], "train.dist_bn=reduce needs train.world > 1"),
+                       (["train.world=2", "train.dist_bn="], "must be 'broadcast' .* or 'reduce'")):
         with pytest.raises(ConfigError, match=match):
             cfg_of(world=1, extra=bad)
 
@@ -151,7 +154,9 @@ def _stop_after(calls: int):
 
 @pytest.mark.parametrize("method,student,extra", [("kd", "resnet_mini", []), ("pat", "vit_mini", []),
                                                    ("crd", "resnet_mini", ["method.nce_k=64"]),
-                                                   ("spofa", "resnet_mini", [])])
+                                                   ("spofa", "resnet_mini", []),
+                                                   ("kd", "resnet_mini", ["train.dist_bn=reduce",
+                                                                          "train.ema_decay=0.9"])])
 def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available, tmp_path, method, student, extra):
     """Two ranks emulated in one process, stopped at step 2 of epoch 1 and resumed: every rank's generators (drop
     path), BatchNorm's statistics, PAT's per-rank feedback, CRD's banks and Z (a resumed CRD asks every rank for Z
@@ -164,8 +169,9 @@ def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available,
     resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
     a, b = straight.run_dir, resumed.run_dir
     assert [without_timing(r) for r in a.metrics()] == [without_timing(r) for r in b.metrics()]
-    wa, wb = torch.load(a.path / "final.pt"), torch.load(b.path / "final.pt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name in ("final.pt", "final_ema.pt") if cfg.train.ema_decay else ("final.pt",):
+        wa, wb = torch.load(a.path / name), torch.load(b.path / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def test_a_cohort_on_emulated_ranks_equals_its_members_alone(fmnist_available, tmp_path):

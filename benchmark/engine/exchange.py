@@ -7,7 +7,7 @@ A step runs in two passes when the method asks for a mean over the ranks (``Dist
    to record the values it asks the mean of; what it asks to change is dropped;
 2. **the step**: every local rank's forward and backward; its i-th :meth:`EmulatedExchange.mean` returns the i-th
    mean of pass 1, summed as DDP's all-reduce sums it: the local ranks' values as a balanced tree in rank order
-   (:class:`~hkdbench.benchmark.engine.ranks.PairwiseSum`), the processes' sums by an all-reduce, over ``world``
+   (:class:`~hkdbench.benchmark.engine.pairwise.PairwiseSum`), the processes' sums by an all-reduce, over ``world``
    (2 ranks: (a + b) / 2 as gloo's; 4 on 1 or 2 processes: ((a + b) + (c + d)) / 4 both).
 
 A change of the state every rank holds (:meth:`EmulatedExchange.update_shared`: CRD's banks and Z, SPOFA's baselines)
@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from hkdbench.methods import RankExchange
+
+from hkdbench.benchmark.engine.pairwise import PairwiseSum
 
 
 class EmulatedExchange(RankExchange):
@@ -70,8 +72,6 @@ class EmulatedExchange(RankExchange):
 
     def settle_means(self) -> None:
         """The means of pass 1's values over every rank of train.world (the sum over processes: one all-reduce)."""
-        from hkdbench.benchmark.engine.ranks import PairwiseSum
-
         counts = {len(r) for r in self._records}
         if len(counts) != 1:
             raise RuntimeError(f"the ranks asked for different numbers of means over the ranks ({sorted(counts)}): "

@@ -224,8 +224,12 @@ class CohortLoop:
         cfg, ctx, runs = m.cfg, m.ctx, self.runs
         lr = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
         record = epoch_record(epoch, m.sums, lr, runs.world_size, runs.dist is not None)
+        if m.ranks.bn is not None:  # train.dist_bn='reduce': timm's distribute_bn after every epoch
+            m.ranks.bn.reduce_model()
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             scores = evaluate(ctx.module.student, test_loader, runs.device, ctx.dtype, ctx.channels_last)
+            if m.ranks.bn is not None:  # ... and the EMA's before its evaluation
+                m.ranks.bn.reduce_ema()
             ema = (evaluate(m.ema.module, test_loader, runs.device, ctx.dtype, ctx.channels_last)
                    if m.ema is not None else None)
             record.update(evaluation_fields(scores, ema))

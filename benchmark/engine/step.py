@@ -169,7 +169,8 @@ class TrainStep:
 
     def _emulated_step(self, batches: List[Batch], epoch: int, step: int, shared_teachers: List[Optional[Features]],
                        before_read: Optional[Callable[[], None]]) -> Tuple[Dict[str, float], int]:
-        from hkdbench.benchmark.engine.ranks import PairwiseSum, take_grads
+        from hkdbench.benchmark.engine.pairwise import PairwiseSum
+        from hkdbench.benchmark.engine.ranks import take_grads
 
         lr = self.schedule.apply(epoch, step)
         self.module.train()
@@ -177,6 +178,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         exchange = self.ranks.exchange
         exchange.begin_step()
+        self.ranks.begin_step()
         if self.method.takes_rank_means():
             shared_teachers = self._collect_rank_means(batches, epoch, shared_teachers)
         grads, terms, correct = PairwiseSum(), [], 0
@@ -184,6 +186,8 @@ class TrainStep:
             exchange.next_rank()
             with self.ranks.as_rank(j):
                 losses, hits = self._rank_backward(batch, epoch, step, shared, probe=j == 0)
+                if self.ranks.bn is not None:
+                    self.ranks.bn.after_micro_batch(j)
             grads.add(take_grads(params))
             terms.append(self._host_tensors(losses))
             correct = correct + hits
@@ -234,7 +238,11 @@ class TrainStep:
         self.scaler.update()
         self.ranks.sync_shared_buffers()
         if self.ema is not None:
-            self.ema.update(self.module.student.model)
+            bn = self.ranks.bn  # train.dist_bn='reduce': every rank's EMA follows its own BatchNorm statistics
+            with bn.first_rank_statistics() if bn is not None else contextlib.nullcontext():
+                self.ema.update(self.module.student.model)
+            if bn is not None:
+                bn.after_optimiser_step()
 
     def _host_tensors(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The step's loss terms (float32, as logged before) and the method's statistics (in their own dtype), on the
