@@ -27,6 +27,10 @@ The contract, beyond ``losses``:
   the student or the method may get no gradient in a step (PAT's fusion branch before feedback exists); DDP is
   then wrapped with unused-parameter detection, which costs a graph traversal per step, so it is off otherwise.
   ``tests/test_contract.py`` checks that a method without it gives every trainable parameter a gradient.
+* **Values of every rank.** A forward that needs a value of every DDP rank (a mean, or a change of state all ranks
+  hold, as CRD's Z and banks, SPOFA's baselines) asks :attr:`Distiller.exchange` (:class:`RankExchange`, whose rules
+  it keeps) and says in :meth:`Distiller.takes_rank_means` when it takes a mean: ranks trained in turn in one process
+  then give it the same values as one process per rank (``benchmark/engine/exchange.py``).
 * **Unsupported pairs.** A method that cannot be built for a teacher/student pair raises
   ``NotImplementedError`` with the reason from its constructor. The harness reports it as an error of that run
   before the student's first step (``hkdbench train`` exits 2 with the reason), ``hkdbench methods

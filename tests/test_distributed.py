@@ -5,6 +5,8 @@
   equal 1 process, with augmentation, mixup and BatchNorm (engine/ranks.py);
 * methods with state work under DDP: SPOFA's EMA baselines and CRD's memory banks are identical on every rank,
   PAT's feedback is per rank; the run store holds one run (rank 0's files) with world size 2 and global batch 128;
+* CRD and SPOFA (values of every rank in the forward) and train.dist_bn=reduce give the same run on 2 gloo
+  processes and on 1 process emulating 2 ranks, and 4 ranks on 2 processes as on 1;
 * the loaders shard every global batch disjointly and keep the single-process order.
 """
 import dataclasses

@@ -8,6 +8,7 @@ from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.data.stream import DataStream, step_seed
+from hkdbench.benchmark.engine.exchange import EmulatedExchange
 from hkdbench.benchmark.engine.pairwise import PairwiseSum
 from hkdbench.benchmark.engine.ranks import RankLayout, check_layout, rank_seed
 from hkdbench.benchmark.engine.trainer import train, train_cohort
@@ -86,6 +87,32 @@ def test_pairwise_sum_is_a_balanced_tree_in_rank_order():
     assert torch.equal(total, (g[0] + g[1]) + (g[2] + g[3]))
     assert not torch.equal(total, ((g[0] + g[1]) + g[2]) + g[3])  # the sequential sum would differ
     assert none is None and torch.equal(one, g[2])
+
+
+def test_the_emulated_exchange_gives_ddps_mean_and_one_change_with_every_rank():
+    """Four ranks in one process: the collecting pass records each rank's value and changes nothing; each rank's
+    real pass takes ((a + b) + (c + d)) / 4, what 2 processes x 2 ranks and their all-reduce give (here 0, where
+    the sum in rank order would give 1 / 4); the shared state changes once, with every rank's values in rank order;
+    a mean the step did not collect is an error, not another run."""
+    exchange = EmulatedExchange(RankLayout(4))
+    exchange.begin_step()
+    values = [torch.tensor(v) for v in (1e8, 1.0, -1e8, 1.0)]  # float32: the order of the sum shows
+    for v in values:
+        with exchange.collecting():
+            assert exchange.mean(v) is v
+            exchange.update_shared(lambda *_: pytest.fail("a collecting pass changes nothing"), v[None])
+    exchange.settle_means()
+    changes = []
+    for v in values:
+        exchange.next_rank()
+        assert exchange.mean(v).item() == 0.0
+        exchange.update_shared(changes.append, v[None])
+    exchange.finish_step()
+    assert len(changes) == 1 and torch.equal(changes[0], torch.stack(values))
+    exchange.begin_step()
+    exchange.next_rank()
+    with pytest.raises(RuntimeError, match="did not announce"):
+        exchange.mean(values[0])
 
 
 # -- what is refused ---------------------------------------------------------------------------------------------------
@@ -175,11 +202,11 @@ def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available,
 
 
 def test_a_cohort_on_emulated_ranks_equals_its_members_alone(fmnist_available, tmp_path):
-    """none and kd on 2 emulated ranks as one cohort (one stream, every draw shared, one teacher pass per rank's
-    batch) write what each writes alone."""
+    """none, kd and spofa on 2 emulated ranks as one cohort (one stream, every draw shared, one teacher pass per
+    rank's batch, which SPOFA's collecting pass takes too) write what each writes alone."""
     checkpoint = _teacher_checkpoint(tmp_path)
     cfgs = [cfg_of(m, world=2, student="vit_mini", teacher="resnet_mini", checkpoint=checkpoint)
-            for m in ("none", "kd")]
+            for m in ("none", "kd", "spofa")]
     together = train_cohort(cfgs, str(tmp_path / "cohort"), progress=False)
     for cfg, member in zip(cfgs, together):
         alone = train(cfg, runs_dir=str(tmp_path / f"alone_{cfg.method}"), progress=False)

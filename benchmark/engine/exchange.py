@@ -94,8 +94,10 @@ class EmulatedExchange(RankExchange):
 
     def finish_step(self) -> None:
         """The changes the ranks asked for, each once: with values, every rank's concatenated in rank order."""
-        slots = list(zip(*self._updates, strict=True)) if self._updates else []
-        for slot in slots:
+        if len({len(u) for u in self._updates}) > 1:
+            raise RuntimeError("the ranks asked for different changes of the state they share: a method's forward "
+                               "must ask for the same ones on every rank")
+        for slot in zip(*self._updates):
             update, values = slot[0]
             if not values:
                 update()  # every rank asked for the same change (the exchange's rules)
