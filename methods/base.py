@@ -27,6 +27,10 @@ The contract, beyond ``losses``:
   the student or the method may get no gradient in a step (PAT's fusion branch before feedback exists); DDP is
   then wrapped with unused-parameter detection, which costs a graph traversal per step, so it is off otherwise.
   ``tests/test_contract.py`` checks that a method without it gives every trainable parameter a gradient.
+* **Values of every rank.** A forward that needs a value of every DDP rank (a mean, or a change of state all ranks
+  hold, as CRD's Z and banks, SPOFA's baselines) asks :attr:`Distiller.exchange` (:class:`RankExchange`, whose rules
+  it keeps) and says in :meth:`Distiller.takes_rank_means` when it takes a mean: ranks trained in turn in one process
+  then give it the same values as one process per rank (``benchmark/engine/exchange.py``).
 * **Unsupported pairs.** A method that cannot be built for a teacher/student pair raises
   ``NotImplementedError`` with the reason from its constructor. The harness reports it as an error of that run
   before the student's first step (``hkdbench train`` exits 2 with the reason), ``hkdbench methods
@@ -38,9 +42,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -96,6 +101,46 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     return kl * temperature ** 2
 
 
+class RankExchange:
+    """How a method's forward takes values from every rank of the run (``train.world``), as DDP's collectives give
+    them: the process group's ranks here (each process one rank; alone, the value itself). Where a process trains
+    several ranks in turn the engine puts its own in ``Distiller.exchange`` (``benchmark/engine/ranks.py``), which
+    gives the same values. The rules a method keeps so that both give the same run:
+
+    * a value it takes the mean of is computed from the rank's own inputs, not from an earlier mean;
+    * state that every rank holds identically (CRD's banks and Z, SPOFA's baselines) changes only through
+      :meth:`update_shared`, and the forward does not read it again after asking for the change."""
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """``value``'s mean over the ranks: the sum in one all-reduce, over the number of ranks."""
+        if not _distributed():
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / dist.get_world_size()
+
+    def update_shared(self, update: Callable[..., None], *values: torch.Tensor) -> None:
+        """Calls ``update`` once with each of ``values`` of every rank concatenated along dim 0 in rank order (none:
+        once without): under DDP at once, after an all-gather; the engine's once every rank of the step has run."""
+        update(*(_gathered(v) for v in values))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _gathered(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank concatenated along dim 0 (itself without a process group); no gradient."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+DISTRIBUTED = RankExchange()
+
+
 class UnsupportedPairError(HkdbenchError, NotImplementedError):
     """A method's ``NotImplementedError`` from its constructor: it cannot be built for this teacher/student pair."""
 
@@ -119,10 +164,9 @@ class Distiller(nn.Module):
     needs_sample_indices: ClassVar[bool] = False
     # True: some trainable parameter may get no gradient in a step, so DDP must look for unused parameters
     find_unused_parameters: ClassVar[bool] = False
-    # Set when the method exchanges values between DDP ranks inside its forward (an all-reduce or all-gather whose
-    # result that forward uses, as CRD's first-batch Z): ranks emulated one after another in a process
-    # (train.world > processes, benchmark/engine/ranks.py) cannot give it, so such a run is refused
-    syncs_ranks_in_forward: ClassVar[bool] = False
+    # How the forward reaches the other ranks of train.world (RankExchange): torch.distributed's collectives, or the
+    # engine's where a process trains several ranks in turn (benchmark/engine/ranks.py sets it)
+    exchange: RankExchange = DISTRIBUTED
 
     def __init__(self, cfg, student: TappedModel, teacher: Optional[TappedModel], num_classes: int,
                  criterion: Optional[nn.Module] = None, train_set: Optional[TrainingSet] = None):
@@ -212,6 +256,11 @@ class Distiller(nn.Module):
         or a list of parameters) and ``lr_scale`` and/or ``weight_decay``. Parameters not listed go in the default
         groups with the student's. Default: none (the reference's single set of groups)."""
         return []
+
+    def takes_rank_means(self) -> bool:
+        """Whether this step's forward takes a mean over the ranks (:meth:`RankExchange.mean`): where a process
+        trains several ranks in turn, it then runs every rank's forward once to collect them first. Default: never."""
+        return False
 
     # -- logging and reporting ------------------------------------------------------------------------------------
     def statistics(self) -> Dict[str, torch.Tensor]:

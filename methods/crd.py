@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import TASK_LOSS, Distiller, TrainingSet, check_numbers
+from .base import DISTRIBUTED, TASK_LOSS, Distiller, RankExchange, TrainingSet, check_numbers
 from .registry import register_method
 
 NCE_EPS = 1e-7  # the reference's eps in the NCE loss's denominators
@@ -54,15 +53,6 @@ def nce_loss(scores: torch.Tensor, num_data: int) -> torch.Tensor:
     return -(log_pos.sum() + log_neg.sum()) / batch
 
 
-def _all_ranks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every DDP rank concatenated along dim 0 (itself without a process group); no gradient."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 class ContrastMemory(nn.Module):
     """The two momentum memory banks and their normalisation constants (all buffers: a resume is exact)."""
 
@@ -77,45 +67,53 @@ class ContrastMemory(nn.Module):
         self.register_buffer("z_teacher", torch.tensor(-1.0))
         # whether both Z are estimated, kept on the host: reading the buffers would synchronise on every step
         self._z_known = False
-        # kept identical on every rank by update() and _scores() themselves: DDP's broadcast of rank 0's buffers
-        # at every forward would copy the banks again (~51 MB a step on CIFAR-100, ~1.3 GB on ImageNet)
+        # kept identical on every rank through the exchange (Z from every rank's batch, every rank's batch in the
+        # update): DDP's broadcast of rank 0's buffers at every forward would copy the banks again (~51 MB a step on
+        # CIFAR-100, ~1.3 GB on ImageNet)
         self._ddp_params_and_buffers_to_ignore = ["memory_student", "memory_teacher", "z_student", "z_teacher"]
+        # ... identical on every rank, not a rank's own (as PAT's feedback): ranks trained in turn share one copy
+        self._same_on_every_rank = list(self._ddp_params_and_buffers_to_ignore)
 
-    def _scores(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """exp(<bank[rows], v> / T) / Z, (B, 1 + K), in float32 (exp(1/0.07) overflows fp16). The dot products
-        come from v @ bank^T (B, N), of which the sampled columns are taken: the reference's values without
-        gathering the (B, 1 + K, D) rows (1 GB per side at B 128, K 16384; 20x slower on a CPU here). The bank
-        is copied because the backward needs it as it was and the update below changes it in place."""
+    def _scores(self, bank: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, z: torch.Tensor,
+                exchange: RankExchange) -> Tuple[torch.Tensor, torch.Tensor]:
+        """exp(<bank[rows], v> / T) / Z, (B, 1 + K), in float32 (exp(1/0.07) overflows fp16), and the Z it took.
+        The dot products come from v @ bank^T (B, N), of which the sampled columns are taken: the reference's values
+        without gathering the (B, 1 + K, D) rows (1 GB per side at B 128, K 16384; 20x slower on a CPU here). The
+        bank is copied because the backward needs it as it was and the update after the step changes it in place."""
         with torch.autocast(v.device.type, enabled=False):  # autocast would run the product in bf16/fp16
             raw = torch.exp((v.float() @ bank.clone().T).gather(1, rows) / self.temperature)
         if not self._z_known:  # the reference's Z: N times the mean of the first batch's raw scores (every rank's)
-            mean = raw.detach().mean()
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(mean)
-                mean /= dist.get_world_size()
             # on the device, without reading z: a float32 product rounds as the float64 one did before
-            z.copy_(torch.where(z < 0, mean * bank.shape[0], z))
-        return raw / z
+            z = torch.where(z < 0, exchange.mean(raw.detach().mean()) * bank.shape[0], z)
+        return raw / z, z
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._z_known = False  # the loaded Z may be -1 (not estimated yet)
 
-    def forward(self, v_student: torch.Tensor, v_teacher: torch.Tensor, rows: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, v_student: torch.Tensor, v_teacher: torch.Tensor, rows: torch.Tensor,
+                exchange: RankExchange = DISTRIBUTED) -> Tuple[torch.Tensor, torch.Tensor]:
         """Scores of the student's embeddings against the teacher's bank and of the teacher's against the
-        student's, at ``rows`` (B, 1 + K; column 0 = each sample's own index); then the banks' momentum update."""
-        out_student = self._scores(self.memory_teacher, v_student, rows, self.z_student)
-        out_teacher = self._scores(self.memory_student, v_teacher, rows, self.z_teacher)
-        self._z_known = True
-        self.update(rows[:, 0], v_student.detach().float(), v_teacher.detach().float())
+        student's, at ``rows`` (B, 1 + K; column 0 = each sample's own index); then Z fixed and the banks' momentum
+        update with every rank's batch (``exchange.update_shared``: under DDP at once, emulated ranks after the
+        last one's forward, so that every rank scores against the banks as the step found them)."""
+        out_student, z_student = self._scores(self.memory_teacher, v_student, rows, self.z_student, exchange)
+        out_teacher, z_teacher = self._scores(self.memory_student, v_teacher, rows, self.z_teacher, exchange)
+        if not self._z_known:
+            exchange.update_shared(lambda: self._fix_z(z_student, z_teacher))
+        exchange.update_shared(self.update, rows[:, 0], v_student.detach().float(), v_teacher.detach().float())
         return out_student, out_teacher
 
     @torch.no_grad()
+    def _fix_z(self, z_student: torch.Tensor, z_teacher: torch.Tensor) -> None:
+        self.z_student.copy_(z_student)
+        self.z_teacher.copy_(z_teacher)
+        self._z_known = True
+
+    @torch.no_grad()
     def update(self, index: torch.Tensor, v_student: torch.Tensor, v_teacher: torch.Tensor) -> None:
-        """Each bank's rows at ``index`` become normalize(m * row + (1 - m) * v); under DDP every rank applies
-        every rank's batch, so the banks stay identical across ranks."""
-        index, v_student, v_teacher = _all_ranks(index), _all_ranks(v_student), _all_ranks(v_teacher)
+        """Each bank's rows at ``index`` (every rank's batch) become normalize(m * row + (1 - m) * v): every rank
+        applies every rank's batch, so the banks stay identical across ranks."""
         for bank, v in ((self.memory_student, v_student), (self.memory_teacher, v_teacher)):
             mixed = bank[index] * self.momentum + v * (1 - self.momentum)
             bank.index_copy_(0, index, F.normalize(mixed, dim=1))
@@ -155,7 +153,6 @@ class CRD(Distiller):
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Tian et al., ICLR 2020, Contrastive Representation Distillation"
     needs_sample_indices = True
-    syncs_ranks_in_forward = True  # the first batch's Z and the banks' update: every rank's embeddings
 
     @dataclass(frozen=True)
     class Config:
@@ -190,12 +187,15 @@ class CRD(Distiller):
         heads = nn.ModuleList([self.embed_student, self.embed_teacher])
         return [{"params": heads, "lr_scale": self.cfg.head_lr_scale}]
 
+    def takes_rank_means(self) -> bool:
+        return not self.memory._z_known  # the first batch's Z (or the first after a resume)
+
     def losses(self, student, teacher, targets, epoch=0):
         if targets.index is None:
             raise ValueError("crd needs Targets.index (each sample's training-set index) on every step")
         v_student = self.embed_student(student.pre_logits)
         v_teacher = self.embed_teacher(teacher.pre_logits)
-        out_student, out_teacher = self.memory(v_student, v_teacher, self.sampler(targets.index))
+        out_student, out_teacher = self.memory(v_student, v_teacher, self.sampler(targets.index), self.exchange)
         contrast = nce_loss(out_student, self.num_data) + nce_loss(out_teacher, self.num_data)
         return {TASK_LOSS: self.cfg.gt_weight * self.task_loss(student.logits, targets),
                 "crd": self.cfg.crd_weight * contrast}

@@ -21,7 +21,8 @@ Deviations from the reference code, all deliberate:
 * the EMA baselines and their "initialised" flags are registered buffers (the reference keeps Python floats),
   so they are in the state dict and survive a resume;
 * under torch.distributed the batch statistic is averaged over ranks before the EMA update, so every rank
-  holds the same baseline (the reference updates each rank from its own shard);
+  holds the same baseline (the reference updates each rank from its own shard); ranks emulated in turn take the
+  same mean (``Distiller.exchange``);
 * prefix (cls/dist) tokens are always dropped by the token branches (they come split off in ``Features.prefix``;
   the reference's PatchMerging strips 1 or 2 of them by counting tokens, and keeps them when nothing is merged);
 * the probe gradients are computed in closed form instead of by autograd on a detached copy (same values, see
@@ -33,11 +34,10 @@ from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import TASK_LOSS
+from .base import DISTRIBUTED, TASK_LOSS, RankExchange
 from .ofa import OFA, enhanced_target, ofa_loss
 from .registry import register_method
 
@@ -52,15 +52,6 @@ def soft_ce_logit_grad(logits: torch.Tensor, target: torch.Tensor, temperature: 
     return (target.sum(-1, keepdim=True) * p - target) / temperature
 
 
-def _dist_mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of ``value`` over all ranks (itself when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / dist.get_world_size()
-    return value
-
-
 class EmaBaseline(nn.Module):
     """A momentum EMA of a scalar statistic; its state is buffers (checkpointed, moved with the module)."""
 
@@ -71,24 +62,30 @@ class EmaBaseline(nn.Module):
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
-    def update(self, s: torch.Tensor) -> torch.Tensor:
-        """Folds the batch statistic ``s`` in; returns the deviation mu_prev - s (0 on the first call).
+    def update(self, s: torch.Tensor, exchange: RankExchange = DISTRIBUTED) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Folds the batch statistic ``s``, averaged over the ranks, in; returns the deviation mu_prev - s (0 on the
+        first call) and the new mu. The buffers change through ``exchange.update_shared`` (under DDP at once;
+        emulated ranks after the last one's forward, so every rank reads the step's mu_prev).
 
         Written without Python branching on tensor values, so it never synchronises with the device.
         """
-        s = _dist_mean(s.detach().float().reshape(()))
+        s = exchange.mean(s.detach().float().reshape(()))
         prev = self.mu.clone()
         dev = torch.where(self.initialised, prev - s, torch.zeros_like(s))
-        self.mu.copy_(torch.where(self.initialised, self.momentum * prev + (1 - self.momentum) * s, s))
+        mu = torch.where(self.initialised, self.momentum * prev + (1 - self.momentum) * s, s)
+        exchange.update_shared(lambda: self._commit(mu))
+        return dev, mu
+
+    @torch.no_grad()
+    def _commit(self, mu: torch.Tensor) -> None:
+        self.mu.copy_(mu)
         self.initialised.fill_(True)
-        return dev
 
 
 @register_method
 class SPOFA(OFA):
     name = "spofa"
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
-    syncs_ranks_in_forward = True  # its deviation mu_prev - s takes s averaged over the ranks
     paper = "arXiv 2606.24557 (2026), HKD via Geometry Decoupling and Momentum-Aware Gradient Regulation"
     projector_style = "spofa"
 
@@ -122,12 +119,17 @@ class SPOFA(OFA):
         """w_i = clip(1 - feature_scale * (mu_prev - s_i), lo, hi), s_i = mean cosine of branch and teacher logits."""
         with torch.no_grad():
             s = F.cosine_similarity(branch_logits.detach().float(), teacher_logits.detach().float(), dim=-1).mean()
-            dev = self.feature_scalers[str(stage)].update(s)
+            dev, _ = self.feature_scalers[str(stage)].update(s, self.exchange)
             lo, hi = self.cfg.feature_clamp
             return (1 - self.cfg.feature_scale * dev).clamp(lo, hi)
 
     def output_weights(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets) -> torch.Tensor:
         """omega_b from the cosine of the CE and OFA logit gradients against the (updated) EMA baseline."""
+        return self._output_weights(logits, teacher_logits, targets)[0]
+
+    def _output_weights(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """omega_b and the updated baseline mu it was measured against."""
         cfg = self.cfg
         with torch.no_grad():
             logits = logits.detach().float()
@@ -139,10 +141,9 @@ class SPOFA(OFA):
             w = enhanced_target(teacher_logits, targets.hard, cfg.eps_values[-1], cfg.temperature)
             g_ofa = soft_ce_logit_grad(logits, w, cfg.temperature)
             c = F.cosine_similarity(g_ce, g_ofa, dim=-1)
-            self.output_scaler.update(c.mean())
-            mu = self.output_scaler.mu
+            _, mu = self.output_scaler.update(c.mean(), self.exchange)
             lo, hi = cfg.output_clamp
-            return (1 - cfg.output_rate * cfg.output_scale * (mu - c).clamp_min(0)).clamp(lo, hi)
+            return (1 - cfg.output_rate * cfg.output_scale * (mu - c).clamp_min(0)).clamp(lo, hi), mu
 
     # -- the loss -------------------------------------------------------------------------------------------------
     def losses(self, student, teacher, targets, epoch=0):
@@ -160,8 +161,8 @@ class SPOFA(OFA):
             branch_loss = branch_loss + term
         per_sample = ofa_loss(student.logits, t_logits, targets.hard, eps[-1], cfg.temperature, reduction="none")
         if adaptive:
-            omega = self.output_weights(student.logits, t_logits, targets)
-            last.update(omega_mean=omega.mean(), omega_min=omega.min(), mu_output=self.output_scaler.mu.clone())
+            omega, mu = self._output_weights(student.logits, t_logits, targets)
+            last.update(omega_mean=omega.mean(), omega_min=omega.min(), mu_output=mu)
             per_sample = omega * per_sample
         self._last = {k: v.detach() for k, v in last.items()}
         return {
@@ -169,6 +170,9 @@ class SPOFA(OFA):
             "kd": cfg.kd_weight * per_sample.mean(),
             "ofa": cfg.ofa_weight * branch_loss,
         }
+
+    def takes_rank_means(self) -> bool:
+        return self.cfg.enable_adaptive  # every training step: the branch and output statistics
 
     def statistics(self) -> Dict[str, torch.Tensor]:
         return dict(self._last)

@@ -5,8 +5,11 @@
   equal 1 process, with augmentation, mixup and BatchNorm (engine/ranks.py);
 * methods with state work under DDP: SPOFA's EMA baselines and CRD's memory banks are identical on every rank,
   PAT's feedback is per rank; the run store holds one run (rank 0's files) with world size 2 and global batch 128;
+* CRD and SPOFA (values of every rank in the forward) and train.dist_bn=reduce give the same run on 2 gloo
+  processes and on 1 process emulating 2 ranks, and 4 ranks on 2 processes as on 1;
 * the loaders shard every global batch disjointly and keep the single-process order.
 """
+import dataclasses
 import json
 import math
 import os
@@ -170,6 +173,108 @@ def test_a_run_is_the_same_on_every_spread_of_its_ranks(tmp_path, world):
     for name in ("final.pt", "best.pt"):
         wa, wb = torch.load(a / name), torch.load(b / name)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def _exchanging_cfg(tmp_path, method: str, world: int):
+    """CRD (Z from every rank's first batch, the banks updated with every rank's) or SPOFA (its statistics averaged
+    over the ranks at every step) into a BatchNorm student under RandAugment, mixup/cutmix, erasing and drop path."""
+    extra = ["method.nce_k=64"] if method == "crd" else []
+    return resolve_run_config(kind="student", student="resnet_mini", teacher="resnet_mini", method=method,
+                              recipe="demo", teacher_checkpoint=_teacher_checkpoint(tmp_path),
+                              overrides=AUGMENTED + extra + [f"train.world={world}", "train.drop_path=0.1"])
+
+
+def _assert_same_run(a, b):
+    """Equal metrics (see _assert_same_metrics) and equal kept weights (the EMA's too), bit for bit."""
+    _assert_same_metrics(a, b)
+    kept = sorted(p.name for p in a.glob("*.pt") if p.name != "checkpoint.pt")
+    assert kept == sorted(p.name for p in b.glob("*.pt") if p.name != "checkpoint.pt") and "final.pt" in kept
+    for name in kept:
+        wa, wb = torch.load(a / name), torch.load(b / name)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+@pytest.mark.parametrize("method", ["crd", "spofa"])
+def test_values_of_every_rank_are_the_same_on_emulated_ranks(tmp_path, method):
+    """train.world=2 on 2 gloo processes (DDP, the methods' own all-reduce and all-gather) and on 1 process that
+    trains both ranks in turn (engine/exchange.py): the same weights bit for bit, the same banks, Z and EMA
+    baselines, the same metrics. Z and SPOFA's statistic are means of two float32 values, (a + b) / 2 on both."""
+    from hkdbench.benchmark.engine.trainer import train
+
+    cfg = _exchanging_cfg(tmp_path, method, 2)
+    ranks, runs = _spawn(cfg, tmp_path)
+    assert [r["status"] for r in ranks] == ["done", "done"]
+    kept = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_checkpoint=True))  # not in the hash
+    one = train(kept, runs_dir=str(tmp_path / "one"), progress=False)
+    _assert_same_run(runs / cfg.run_name(), one.run_dir.path)
+    emulated = torch.load(one.run_dir.checkpoint_file, weights_only=False)["module"]
+    shared = [k for k in ranks[0]["module"] if k.startswith("method.") and (".memory." in k or k.endswith(".mu"))]
+    assert shared, "the method keeps state every rank holds"
+    for k in shared:
+        assert torch.equal(ranks[0]["module"][k], emulated[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["crd", "spofa"])
+def test_values_of_every_rank_are_the_same_on_four_emulated_ranks(tmp_path, method):
+    """train.world=4 on 2 processes of 2 ranks each and on 1 process of 4: the same run bit for bit (the means
+    are ((a + b) + (c + d)) / 4 on both; the banks' update gathers the same rows in the same order)."""
+    from hkdbench.benchmark.engine.trainer import train
+
+    cfg = _exchanging_cfg(tmp_path, method, 4)
+    out, spread = tmp_path / "out", tmp_path / "spread"
+    out.mkdir()
+    mp.spawn(_layout_worker, args=(2, _free_port(), cfg.to_dict(), str(spread), str(out)), nprocs=2, join=True)
+    assert [torch.load(out / f"rank{r}.pt") for r in range(2)] == [["done"]] * 2
+    one = train(cfg, runs_dir=str(tmp_path / "one"), progress=False)
+    _assert_same_run(spread / cfg.run_name(), one.run_dir.path)
+
+
+def _dist_bn_cfg(tmp_path, world: int, dist_bn: str = "reduce"):
+    """KD into a BatchNorm student with an EMA (decay 0.9: it moves within a few steps), 2 epochs."""
+    return resolve_run_config(kind="student", student="resnet_mini", teacher="resnet_mini", method="kd",
+                              recipe="demo", teacher_checkpoint=_teacher_checkpoint(tmp_path),
+                              overrides=AUGMENTED + [f"train.world={world}", f"train.dist_bn={dist_bn}",
+                                                     "train.ema_decay=0.9"])
+
+
+def _spread_and_one(cfg, tmp_path):
+    """The run on 2 gloo processes and in 1 process: their run directories."""
+    from hkdbench.benchmark.engine.trainer import train
+
+    out, spread = tmp_path / "out", tmp_path / "spread"
+    out.mkdir()
+    mp.spawn(_layout_worker, args=(2, _free_port(), cfg.to_dict(), str(spread), str(out)), nprocs=2, join=True)
+    assert [torch.load(out / f"rank{r}.pt") for r in range(2)] == [["done"]] * 2
+    return spread / cfg.run_name(), train(cfg, runs_dir=str(tmp_path / "one"), progress=False).run_dir.path
+
+
+def test_dist_bn_reduce_is_the_same_on_emulated_ranks(tmp_path):
+    """timm's --dist-bn reduce, train.world=2: on 2 gloo processes (an all-reduce of each rank's BatchNorm
+    statistics after every epoch, of each rank's EMA's before its evaluation) and on 1 process (each rank's
+    statistics after its last micro-batch, each rank's EMA of its own): the same weights, EMA's included, bit for
+    bit ((a + b) / 2.0 on both), and the same metrics. Against 'broadcast' (rank 0's): other running statistics,
+    the same parameters (training reads the batch's statistics, not the running ones)."""
+    from hkdbench.benchmark.engine.trainer import train
+
+    cfg = _dist_bn_cfg(tmp_path, 2)
+    spread, one = _spread_and_one(cfg, tmp_path)
+    _assert_same_run(spread, one)
+    broadcast = train(_dist_bn_cfg(tmp_path, 2, "broadcast"), runs_dir=str(tmp_path / "b"), progress=False)
+    for name in ("final.pt", "final_ema.pt"):
+        reduced, rank0 = torch.load(one / name), torch.load(broadcast.run_dir.path / name)
+        stats = [k for k in reduced if "running_" in k]
+        assert stats and all(not torch.equal(reduced[k], rank0[k]) for k in stats), name
+        if name == "final.pt":
+            assert all(torch.equal(reduced[k], rank0[k]) for k in reduced if "running_" not in k
+                       and "num_batches" not in k)
+
+
+@pytest.mark.slow
+def test_dist_bn_reduce_is_the_same_on_four_emulated_ranks(tmp_path):
+    """train.world=4 with dist_bn=reduce on 2 processes of 2 ranks and on 1 of 4: the same run bit for bit (the
+    statistics summed ((a + b) + (c + d)) on both)."""
+    _assert_same_run(*_spread_and_one(_dist_bn_cfg(tmp_path, 4), tmp_path))
 
 
 @pytest.mark.parametrize("method", ["spofa", "pat", "crd"])

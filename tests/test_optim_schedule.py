@@ -24,7 +24,7 @@ TRAIN_PY_DEFAULTS = dict(
     decay_epochs=100, decay_rate=0.1, lr_noise=None, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
     lr_k_decay=1.0, smoothing=0.1, batch_size=128, hflip=0.5, scale=[0.08, 1.0], color_jitter=0.4, aa=None,
     reprob=0.0, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
-    model_ema=False, model_ema_decay=[0.9998], drop=0.0, drop_path=None, seed=42)
+    model_ema=False, model_ema_decay=[0.9998], drop=0.0, drop_path=None, seed=42, dist_bn="reduce")
 REFERENCE_YAML = {
     # OFAKD (and PAT) configs/cifar/cnn.yaml
     "cifar-cnn": dict(epochs=300, batch_size=128, lr=0.05, min_lr=1e-3, opt="sgd", weight_decay=2e-3,
@@ -395,6 +395,8 @@ def test_recipe_fields_are_the_reference_arguments(recipe):
     # --amp: float16 autocast with a GradScaler; amp false: float32; unstated: the project's default (auto)
     assert cfg.train.precision == {True: "fp16", False: "fp32"}.get(getattr(ref, "amp", None), "auto")
     assert cfg.train.world == AUTHORS_RUNS.get(recipe, (None, None, 1))[2]
+    # --dist-bn: train.py's, where there are ranks to distribute over (our default: rank 0's statistics)
+    assert cfg.train.dist_bn == (ref.dist_bn if cfg.train.world > 1 else "broadcast")
     o, d, t = cfg.optim, cfg.data, cfg.train
     assert (o.name, o.lr, o.weight_decay, o.momentum) == (ref.opt, ref.lr, ref.weight_decay, ref.momentum)
     assert (o.sched, o.sched_on_updates, o.warmup_epochs, o.warmup_lr) == (ref.sched, False, ref.warmup_epochs,

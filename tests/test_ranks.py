@@ -8,7 +8,9 @@ from hkdbench.benchmark.core.config import ConfigError, DataConfig
 from hkdbench.benchmark.data import loaders
 from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.data.stream import DataStream, step_seed
-from hkdbench.benchmark.engine.ranks import PairwiseSum, RankLayout, check_layout, rank_seed
+from hkdbench.benchmark.engine.exchange import EmulatedExchange
+from hkdbench.benchmark.engine.pairwise import PairwiseSum
+from hkdbench.benchmark.engine.ranks import RankLayout, check_layout, rank_seed
 from hkdbench.benchmark.engine.trainer import train, train_cohort
 from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
@@ -87,11 +89,39 @@ def test_pairwise_sum_is_a_balanced_tree_in_rank_order():
     assert none is None and torch.equal(one, g[2])
 
 
+def test_the_emulated_exchange_gives_ddps_mean_and_one_change_with_every_rank():
+    """Four ranks in one process: the collecting pass records each rank's value and changes nothing; each rank's
+    real pass takes ((a + b) + (c + d)) / 4, what 2 processes x 2 ranks and their all-reduce give (here 0, where
+    the sum in rank order would give 1 / 4); the shared state changes once, with every rank's values in rank order;
+    a mean the step did not collect is an error, not another run."""
+    exchange = EmulatedExchange(RankLayout(4))
+    exchange.begin_step()
+    values = [torch.tensor(v) for v in (1e8, 1.0, -1e8, 1.0)]  # float32: the order of the sum shows
+    for v in values:
+        with exchange.collecting():
+            assert exchange.mean(v) is v
+            exchange.update_shared(lambda *_: pytest.fail("a collecting pass changes nothing"), v[None])
+    exchange.settle_means()
+    changes = []
+    for v in values:
+        exchange.next_rank()
+        assert exchange.mean(v).item() == 0.0
+        exchange.update_shared(changes.append, v[None])
+    exchange.finish_step()
+    assert len(changes) == 1 and torch.equal(changes[0], torch.stack(values))
+    exchange.begin_step()
+    exchange.next_rank()
+    with pytest.raises(RuntimeError, match="did not announce"):
+        exchange.mean(values[0])
+
+
 # -- what is refused ---------------------------------------------------------------------------------------------------
 
-def test_the_config_validates_world_and_sync_bn():
+def test_the_config_validates_world_sync_bn_and_dist_bn():
     for bad, match in ((["train.world=0"], "train.world must be in"),
-                       (["train.sync_bn=true"], "needs train.world > 1")):
+                       (["train.sync_bn=true"], "needs train.world > 1"),
+                       (["train.dist_bn=reduce"], "train.dist_bn=reduce needs train.world > 1"),
+                       (["train.world=2", "train.dist_bn="], "must be 'broadcast' .* or 'reduce'")):
         with pytest.raises(ConfigError, match=match):
             cfg_of(world=1, extra=bad)
 
@@ -100,8 +130,6 @@ def test_the_config_validates_world_and_sync_bn():
     (3, 2, [], "none", "cannot be spread over 2 processes"),
     (4, 2, ["train.sync_bn=true"], "none", "train.sync_bn=true needs every rank's BatchNorm statistics"),
     (2, 2, ["train.sync_bn=true"], "none", "runs on CUDA GPUs only"),
-    (2, 1, [], "crd", "exchanges values between the ranks inside its forward"),
-    (4, 2, [], "spofa", "exchanges values between the ranks inside its forward"),
 ])
 def test_what_cannot_run_as_the_reference_did_is_refused(world, processes, extra, method, match):
     teacher = None if method == "none" else "resnet_mini"
@@ -112,7 +140,8 @@ def test_what_cannot_run_as_the_reference_did_is_refused(world, processes, extra
 
 
 def test_an_emulated_run_is_refused_before_anything_is_written(fmnist_available, tmp_path):
-    cfg = cfg_of("crd", world=2, teacher="resnet_mini", student="vit_mini", checkpoint=_teacher_checkpoint(tmp_path))
+    cfg = cfg_of("kd", world=2, teacher="resnet_mini", extra=["train.sync_bn=true"],
+                 checkpoint=_teacher_checkpoint(tmp_path))
     with pytest.raises(ConfigError, match="run 2 processes"):
         train(cfg, runs_dir=str(tmp_path / "runs"), progress=False)
     assert not (tmp_path / "runs" / cfg.run_name()).exists()
@@ -150,27 +179,34 @@ def _stop_after(calls: int):
     return lambda: next(count) >= calls
 
 
-@pytest.mark.parametrize("method,student", [("kd", "resnet_mini"), ("pat", "vit_mini")])
-def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available, tmp_path, method, student):
+@pytest.mark.parametrize("method,student,extra", [("kd", "resnet_mini", []), ("pat", "vit_mini", []),
+                                                   ("crd", "resnet_mini", ["method.nce_k=64"]),
+                                                   ("spofa", "resnet_mini", []),
+                                                   ("kd", "resnet_mini", ["train.dist_bn=reduce",
+                                                                          "train.ema_decay=0.9"])])
+def test_an_emulated_run_stopped_mid_epoch_resumes_bit_for_bit(fmnist_available, tmp_path, method, student, extra):
     """Two ranks emulated in one process, stopped at step 2 of epoch 1 and resumed: every rank's generators (drop
-    path), BatchNorm's statistics and PAT's per-rank feedback come back, and the run equals an uninterrupted one."""
-    cfg = cfg_of(method, world=2, student=student, teacher="resnet_mini", checkpoint=_teacher_checkpoint(tmp_path))
+    path), BatchNorm's statistics, PAT's per-rank feedback, CRD's banks and Z (a resumed CRD asks every rank for Z
+    again, and keeps the saved one), SPOFA's baselines come back, and the run equals an uninterrupted one."""
+    cfg = cfg_of(method, world=2, student=student, teacher="resnet_mini", checkpoint=_teacher_checkpoint(tmp_path),
+                 extra=extra)
     straight = train(cfg, runs_dir=str(tmp_path / "a"), progress=False)
     stopped = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, should_stop=_stop_after(6))
     assert stopped.status == "interrupted"
     resumed = train(cfg, runs_dir=str(tmp_path / "b"), progress=False, resume=True)
     a, b = straight.run_dir, resumed.run_dir
     assert [without_timing(r) for r in a.metrics()] == [without_timing(r) for r in b.metrics()]
-    wa, wb = torch.load(a.path / "final.pt"), torch.load(b.path / "final.pt")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name in ("final.pt", "final_ema.pt") if cfg.train.ema_decay else ("final.pt",):
+        wa, wb = torch.load(a.path / name), torch.load(b.path / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 def test_a_cohort_on_emulated_ranks_equals_its_members_alone(fmnist_available, tmp_path):
-    """none and kd on 2 emulated ranks as one cohort (one stream, every draw shared, one teacher pass per rank's
-    batch) write what each writes alone."""
+    """none, kd and spofa on 2 emulated ranks as one cohort (one stream, every draw shared, one teacher pass per
+    rank's batch, which SPOFA's collecting pass takes too) write what each writes alone."""
     checkpoint = _teacher_checkpoint(tmp_path)
     cfgs = [cfg_of(m, world=2, student="vit_mini", teacher="resnet_mini", checkpoint=checkpoint)
-            for m in ("none", "kd")]
+            for m in ("none", "kd", "spofa")]
     together = train_cohort(cfgs, str(tmp_path / "cohort"), progress=False)
     for cfg, member in zip(cfgs, together):
         alone = train(cfg, runs_dir=str(tmp_path / f"alone_{cfg.method}"), progress=False)

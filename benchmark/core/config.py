@@ -488,6 +488,11 @@ class TrainConfig:
                             "trains world / processes of them in turn")
     sync_bn: bool = setting(False, "timm's --sync-bn: BatchNorm statistics over every rank's slice (world > 1, one "
                                    "GPU per rank)")
+    # timm's --dist-bn (engine/dist_bn.py); its default 'reduce' is what OFA-KD's and PAT's train.py ran, ours
+    # 'broadcast' is what every run did before the field (rank 0's statistics, DDP's buffer broadcast)
+    dist_bn: str = setting("broadcast", "timm's --dist-bn (world > 1): 'broadcast' evaluates and keeps rank 0's "
+                                        "BatchNorm running statistics, 'reduce' their mean over the ranks after "
+                                        "every epoch (the EMA's at evaluated epochs)")
     def __post_init__(self):
         if self.log not in TRACKERS:
             raise ValueError(f"train.log must be one of {', '.join(TRACKERS)}, got {self.log!r}")
@@ -517,6 +522,12 @@ class TrainConfig:
         if self.sync_bn and self.world == 1:
             raise ValueError("train.sync_bn=true needs train.world > 1 (with one rank BatchNorm already sees the "
                              "whole batch)")
+        if self.dist_bn not in ("broadcast", "reduce"):
+            raise ValueError(f"train.dist_bn must be 'broadcast' (rank 0's BatchNorm statistics) or 'reduce' (their "
+                             f"mean over the ranks), got {self.dist_bn!r}")
+        if self.dist_bn == "reduce" and self.world == 1:
+            raise ValueError("train.dist_bn=reduce needs train.world > 1 (with one rank there is nothing to average): "
+                             "set train.dist_bn=broadcast")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.channels_last not in ("auto", "yes", "no"):

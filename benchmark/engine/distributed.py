@@ -20,7 +20,8 @@ The trainer takes a ``dist_ctx`` (an instance of :class:`DistContext`) and asks 
   (:meth:`DistContext.from_rank`), so no rank waits in a collective of a run the others have left and, in a
   cohort, no rank pairs one member's collectives with another member's.
 
-Methods with state: SPOFA all-reduces its EMA statistic itself; PAT lists its per-rank feedback buffers in
+Methods with state: SPOFA all-reduces its EMA statistic and CRD gathers its banks' update through
+``Distiller.exchange`` (CRD also lists its banks as ``_same_on_every_rank``); PAT lists its per-rank feedback buffers in
 ``_ddp_params_and_buffers_to_ignore``, which :meth:`DistContext.wrap` collects from every submodule (with the
 submodule's prefix) so that DDP neither broadcasts nor shape-checks them.
 """
@@ -76,11 +77,12 @@ def reduce_sums(values: List[float]) -> List[float]:
     return t.cpu().tolist()
 
 
-def ignored_names(root: nn.Module) -> List[str]:
-    """Every submodule's ``_ddp_params_and_buffers_to_ignore``, prefixed with that submodule's name."""
+def ignored_names(root: nn.Module, listed_in: str = "_ddp_params_and_buffers_to_ignore") -> List[str]:
+    """Every submodule's ``_ddp_params_and_buffers_to_ignore`` (or another list, ``listed_in``), prefixed with that
+    submodule's name."""
     names: List[str] = []
     for prefix, sub in root.named_modules():
-        for name in getattr(sub, "_ddp_params_and_buffers_to_ignore", ()) or ():
+        for name in getattr(sub, listed_in, ()) or ():
             names.append(f"{prefix}.{name}" if prefix else name)
     return names
 

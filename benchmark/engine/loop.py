@@ -232,6 +232,8 @@ class CohortLoop:
         cfg, ctx, runs = m.cfg, m.ctx, self.runs
         lr = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
         record = epoch_record(epoch, m.sums, lr, runs.world_size, runs.dist is not None)
+        if m.ranks.bn is not None:  # train.dist_bn='reduce': timm's distribute_bn after every epoch
+            m.ranks.bn.reduce_model()
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             student, ema = ctx.module.student, (m.ema.module if m.ema is not None else None)
 
@@ -239,8 +241,10 @@ class CohortLoop:
                 if model is None or loader is None:
                     return None
                 return evaluate(model, loader, runs.device, ctx.dtype, ctx.channels_last)
-            record.update(evaluation_fields(score(student, test_loader), score(ema, test_loader),
-                                            score(student, self.val_loader), score(ema, self.val_loader)))
+            scores, val = score(student, test_loader), score(student, self.val_loader)
+            if m.ranks.bn is not None:  # ... and the EMA's before its evaluation
+                m.ranks.bn.reduce_ema()
+            record.update(evaluation_fields(scores, score(ema, test_loader), val, score(ema, self.val_loader)))
         if ctx.probes is not None:
             record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
         return record

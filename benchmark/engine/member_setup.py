@@ -11,6 +11,7 @@ from hkdbench.benchmark.core.store import atomic_write_json
 from hkdbench.benchmark.engine.environment import environment
 from hkdbench.benchmark.engine.lifecycle import RunLifecycle
 from hkdbench.benchmark.engine.member import Member
+from hkdbench.benchmark.engine.dist_bn import RankBatchNorm
 from hkdbench.benchmark.engine.ranks import RankStates
 from hkdbench.benchmark.engine.records import check_kept_best, restore_checkpoint
 from hkdbench.benchmark.engine.seeding import rng_state, seed_everything
@@ -48,7 +49,10 @@ def build_member(m: Member, runs: RunLifecycle, teacher, teacher_top1: Optional[
     ddp = runs.dist is not None and not layout.emulated
     wrapped = runs.dist.wrap(setup.module, setup.method.find_unused_parameters) if ddp else setup.module
     m.student, m.ema = student, ema
-    m.ranks = RankStates(layout, setup.module, runs.device)
+    bn = RankBatchNorm(layout, setup.module, ema) if cfg.train.dist_bn == "reduce" else None
+    m.ranks = RankStates(layout, setup.module, runs.device, bn)
+    if layout.emulated:  # the values a rank's forward takes from every rank, as DDP's collectives give them
+        setup.method.exchange = m.ranks.exchange
     m.state = {"epoch": 0, "step": 0, "history": [], "partial": None,
                "teacher_top1": teacher_top1 if uses_teacher else None}
     if m.saved is not None:

@@ -9,17 +9,26 @@ What a rank of the reference is, and how an emulated one (``per_process > 1``) i
   swapped in for its micro-batch (:meth:`RankStates.as_rank`);
 * its per-rank buffers, the ones a method keeps out of DDP's broadcast (``_ddp_params_and_buffers_to_ignore``,
   e.g. PAT's feedback): one copy per rank, swapped in likewise;
-* the other buffers (BatchNorm's running statistics) are rank 0's: DDP broadcasts rank 0's at every forward, so a
-  rank's own update never outlives its step. A rank other than 0 has them put back after its micro-batch, and
-  after the step every process takes process 0's (:meth:`RankStates.sync_shared_buffers`);
+* the other buffers (BatchNorm's running statistics) are rank 0's: DDP broadcasts rank 0's before every forward,
+  so a rank's own update outlives its step only where ``train.dist_bn='reduce'`` averages the ranks' at the epoch's
+  end (``dist_bn.py``). Every rank starts its micro-batch from them as the step found them
+  (:meth:`RankStates.begin_step`), a rank other than 0 has them put back after it, and after the step every process
+  takes process 0's (:meth:`RankStates.sync_shared_buffers`);
 * its gradient: the mean over the ranks, as DDP's all-reduce. The ranks' gradients are summed as a balanced tree
-  in rank order (:class:`PairwiseSum`; across processes by an all-reduce SUM), then scaled by ``1 / world``: with
+  in rank order (``pairwise.PairwiseSum``; across processes by an all-reduce SUM), then scaled by ``1 / world``: with
   power-of-two counts the same bits on 1 process x 4 ranks as on 2 x 2 (and as DDP's ``sum(g / P)`` on 2 x 1).
 
+* the values its forward takes from every rank (``Distiller.exchange``: CRD's first-batch Z, SPOFA's mean
+  statistics): a step whose method asks for them (``Distiller.takes_rank_means``) first runs every rank's forward
+  as that rank, its generators and buffers restored afterwards, to collect them; their mean is then summed as
+  DDP's all-reduce gives it (a balanced tree in rank order, across processes an all-reduce, over ``world``), and
+  each rank's real forward takes it (:class:`EmulatedExchange`);
+* the state every rank holds identically and changes with every rank's values (CRD's banks and Z, SPOFA's
+  baselines; ``_same_on_every_rank``): one copy, changed once every rank of the step has run its forward, with
+  every rank's values in rank order, as each DDP rank changes its own copy after an all-gather.
+
 What cannot be emulated is refused before anything is written (:func:`check_layout`): ``train.sync_bn`` (the
-statistics of every rank's slice at every layer, in one forward) and a method that exchanges values between the
-ranks inside its forward (``Distiller.syncs_ranks_in_forward``: CRD's first-batch Z and bank update, SPOFA's mean
-statistic), which emulated ranks, run one after another, could not give it.
+statistics of every rank's slice at every layer, in one forward).
 """
 from __future__ import annotations
 
@@ -31,10 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from hkdbench.methods import get_method
-
 from hkdbench.benchmark.core.config import ConfigError, RunConfig
+from hkdbench.benchmark.engine.dist_bn import RankBatchNorm
 from hkdbench.benchmark.engine.distributed import ignored_names
+from hkdbench.benchmark.engine.exchange import EmulatedExchange
 from hkdbench.benchmark.engine.seeding import epoch_seed, rng_state, seed_everything, set_rng_state
 
 
@@ -81,34 +90,6 @@ def check_layout(cfg: RunConfig, processes: int, device: torch.device) -> None:
         raise ConfigError(f"{emulated}, and train.sync_bn=true needs every rank's BatchNorm statistics at every layer "
                           f"in one forward, which ranks run in turn cannot give: run {world} processes (one per rank), "
                           "or leave train.sync_bn off")
-    if get_method(cfg.method).syncs_ranks_in_forward:
-        raise ConfigError(f"{emulated}, and method {cfg.method!r} exchanges values between the ranks inside its "
-                          f"forward, which ranks run in turn cannot give: run {world} processes (one per rank)")
-
-
-class PairwiseSum:
-    """Per-parameter gradient lists summed as a balanced binary tree in the order they are added (a pairwise
-    summation: at most log2(n) + 1 lists held). ``None`` is a parameter without a gradient in that list."""
-
-    def __init__(self):
-        self._stack: List[tuple] = []  # (level, grads)
-
-    def add(self, grads: List[Optional[torch.Tensor]]) -> None:
-        level = 0
-        while self._stack and self._stack[-1][0] == level:
-            grads = _add(self._stack.pop()[1], grads)
-            level += 1
-        self._stack.append((level, grads))
-
-    def total(self) -> List[Optional[torch.Tensor]]:
-        _, total = self._stack.pop()
-        while self._stack:
-            total = _add(self._stack.pop()[1], total)
-        return total
-
-
-def _add(left: List[Optional[torch.Tensor]], right: List[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
-    return [b if a is None else a if b is None else a.add_(b) for a, b in zip(left, right)]
 
 
 def take_grads(params: Sequence[nn.Parameter]) -> List[Optional[torch.Tensor]]:
@@ -125,9 +106,15 @@ class RankStates:
     (the process's generators are its rank's); with several it keeps every rank's state but the first's, which is
     in the global generators and the module, as with one rank."""
 
-    def __init__(self, layout: RankLayout, module: nn.Module, device: torch.device):
+    def __init__(self, layout: RankLayout, module: nn.Module, device: torch.device,
+                 bn: Optional[RankBatchNorm] = None):
         self.layout, self.module, self.device = layout, module, device
-        self.per_rank = ignored_names(module)  # e.g. PAT's feedback: every rank its own
+        self.bn = bn  # every rank's BatchNorm statistics, where train.dist_bn='reduce' averages them
+        # kept identical on every rank by the method itself, through the exchange (CRD's banks): one copy here
+        self.same_on_every_rank = set(ignored_names(module, "_same_on_every_rank"))
+        self.per_rank = [n for n in ignored_names(module) if n not in self.same_on_every_rank]  # PAT's feedback
+        self.exchange = EmulatedExchange(layout)  # Distiller.exchange where this process trains several ranks
+        self._step_start: Optional[Dict[str, torch.Tensor]] = None  # the shared buffers as the step found them
         self._rngs: Dict[int, Any] = {}  # local index >= 1 -> its generators' state
         self._buffers: Dict[int, Dict[str, torch.Tensor]] = {
             j: {name: buf.clone() for name, buf in self._own_buffers().items()}
@@ -145,8 +132,11 @@ class RankStates:
     @contextlib.contextmanager
     def as_rank(self, j: int):
         """Runs the block as local rank ``j``: its generators and per-rank buffers swapped in (rank 0's stay where
-        they are), the shared buffers put back afterwards unless it is global rank 0."""
+        they are), the shared buffers as the step found them (DDP broadcasts rank 0's before every rank's forward)
+        and put back afterwards unless it is global rank 0."""
         shared = None if self.layout.ranks[j] == 0 else self._shared_buffers()
+        if shared is not None and self._step_start is not None:  # rank 0 ran before it here
+            self._put(self._step_start)
         if j:
             first_rng, first_buffers = rng_state(self.device), self._swap_buffers(self._buffers[j])
             set_rng_state(self._rngs[j], self.device)
@@ -157,15 +147,42 @@ class RankStates:
                 self._rngs[j], self._buffers[j] = rng_state(self.device), self._swap_buffers(first_buffers)
                 set_rng_state(first_rng, self.device)
             if shared is not None:
-                with torch.no_grad():
-                    for name, saved in shared.items():
-                        self.module.get_buffer(name).copy_(saved)
+                self._put(shared)
+
+    def begin_step(self) -> None:
+        """Keeps the shared buffers as the step finds them where global rank 0 runs first here, for its other ranks
+        (a rank's statistics after its micro-batch are then DDP's: what train.dist_bn='reduce' averages)."""
+        first_is_zero = self.layout.emulated and self.layout.ranks[0] == 0
+        self._step_start = self._shared_buffers() if first_is_zero else None
+
+    @torch.no_grad()
+    def _put(self, values: Dict[str, torch.Tensor]) -> None:
+        for name, saved in values.items():
+            self.module.get_buffer(name).copy_(saved)
+
+    @contextlib.contextmanager
+    def restoring(self):
+        """Runs the block (a collecting pass) and puts back the generators and every buffer it may have changed
+        (BatchNorm's, a rank's own), so the step's real pass starts from the same state."""
+        rng = rng_state(self.device)
+        saved = {name: buf.clone() for name, buf in self.module.named_buffers()
+                 if name not in self.same_on_every_rank}
+        try:
+            yield
+        finally:
+            set_rng_state(rng, self.device)
+            self._put(saved)
 
     def _own_buffers(self) -> Dict[str, torch.Tensor]:
         return {name: self.module.get_buffer(name) for name in self.per_rank}
 
     def _shared_buffers(self) -> Dict[str, torch.Tensor]:
-        return {name: buf.clone() for name, buf in self.module.named_buffers() if name not in self.per_rank}
+        return {name: buf.clone() for name, buf in self._rank_zero_buffers()}
+
+    def _rank_zero_buffers(self):
+        """The buffers every rank takes from rank 0 (DDP's broadcast): neither a rank's own nor kept identical."""
+        return [(name, buf) for name, buf in self.module.named_buffers()
+                if name not in self.per_rank and name not in self.same_on_every_rank]
 
     def _swap_buffers(self, incoming: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         outgoing = self._own_buffers()
@@ -181,17 +198,22 @@ class RankStates:
         for j in range(1, self.layout.per_process):
             states[self.layout.ranks[j]] = {"rng": self._rngs.get(j),
                                             "buffers": {k: v.detach().cpu() for k, v in self._buffers[j].items()}}
+        if self.bn is not None:
+            for j, rank in enumerate(self.layout.ranks):
+                states[rank]["ema_bn"] = self.bn.ema_state(j)
         return states
 
     def load(self, states: Dict[int, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         """Takes this process's ranks' states from a checkpoint's ``states`` (every rank's); returns the first local
         rank's generator state (None where the checkpoint has none: an epoch's end, which the next epoch re-seeds)."""
         for j, rank in enumerate(self.layout.ranks):
-            buffers = {k: v.to(self.device) for k, v in states[rank]["buffers"].items()}
+            buffers = {k: v.to(self.device) for k, v in states[rank]["buffers"].items() if k in self.per_rank}
             if j:
                 self._rngs[j], self._buffers[j] = states[rank]["rng"], buffers
             else:
                 self._swap_buffers(buffers)
+            if self.bn is not None:
+                self.bn.load_ema_state(j, states[rank].get("ema_bn"))
         return states[self.layout.ranks[0]]["rng"]
 
     # -- the step's collective parts ---------------------------------------------------------------------------
@@ -209,8 +231,8 @@ class RankStates:
         if self.layout.processes <= 1:
             return
         with torch.no_grad():
-            for name, buf in self.module.named_buffers():
-                if name in self.per_rank or buf.numel() == 0:
+            for _, buf in self._rank_zero_buffers():
+                if buf.numel() == 0:
                     continue
                 tmp = buf.detach().to(_collective_device())
                 dist.broadcast(tmp, 0)

@@ -169,19 +169,29 @@ class TrainStep:
 
     def _emulated_step(self, batches: List[Batch], epoch: int, step: int, shared_teachers: List[Optional[Features]],
                        before_read: Optional[Callable[[], None]]) -> Tuple[Dict[str, float], int]:
-        from hkdbench.benchmark.engine.ranks import PairwiseSum, take_grads
+        from hkdbench.benchmark.engine.pairwise import PairwiseSum
+        from hkdbench.benchmark.engine.ranks import take_grads
 
         lr = self.schedule.apply(epoch, step)
         self.module.train()
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer.zero_grad(set_to_none=True)
+        exchange = self.ranks.exchange
+        exchange.begin_step()
+        self.ranks.begin_step()
+        if self.method.takes_rank_means():
+            shared_teachers = self._collect_rank_means(batches, epoch, shared_teachers)
         grads, terms, correct = PairwiseSum(), [], 0
         for j, (batch, shared) in enumerate(zip(batches, shared_teachers)):
+            exchange.next_rank()
             with self.ranks.as_rank(j):
                 losses, hits = self._rank_backward(batch, epoch, step, shared, probe=j == 0)
+                if self.ranks.bn is not None:
+                    self.ranks.bn.after_micro_batch(j)
             grads.add(take_grads(params))
             terms.append(self._host_tensors(losses))
             correct = correct + hits
+        exchange.finish_step()
         self.ranks.mean_gradients(params, grads.total())
         self._optimise()
         if before_read is not None:
@@ -189,6 +199,24 @@ class TrainStep:
         host = self._read_means(terms, correct)
         host["lr"] = lr
         return host, int(host.pop("correct"))
+
+    def _collect_rank_means(self, batches: List[Batch], epoch: int, shared_teachers: List[Optional[Features]]
+                            ) -> List[Optional[Features]]:
+        """The collecting pass (``engine/exchange.py``): every rank's forward as that rank, its generators and
+        buffers put back afterwards, for the values its method takes the mean of over the ranks. With gradients
+        on, as the real pass: the same kernels (an attention without gradients may take another, a compiled module
+        another graph), so the same values. Returns each rank's plain teacher pass, which the real pass reuses."""
+        exchange, teachers = self.ranks.exchange, []
+        for j, (batch, shared) in enumerate(zip(batches, shared_teachers)):
+            stages = self.method.plain_teacher_stages()
+            if shared is None and stages is not None:
+                shared = self.teacher_pass(batch.images, stages)
+            with self.ranks.as_rank(j), self.ranks.restoring(), exchange.collecting():
+                with _autocast(self.device, self.dtype), self.method.sharing_teacher_pass(batch.images, shared):
+                    self.module(batch.images, batch.targets, epoch)
+            teachers.append(shared)
+        exchange.settle_means()
+        return teachers
 
     def _rank_backward(self, batch: Batch, epoch: int, step: int, shared: Optional[Features], probe: bool):
         """One rank's forward, losses and backward (its gradients left on the parameters); its loss terms and
@@ -210,7 +238,11 @@ class TrainStep:
         self.scaler.update()
         self.ranks.sync_shared_buffers()
         if self.ema is not None:
-            self.ema.update(self.module.student.model)
+            bn = self.ranks.bn  # train.dist_bn='reduce': every rank's EMA follows its own BatchNorm statistics
+            with bn.first_rank_statistics() if bn is not None else contextlib.nullcontext():
+                self.ema.update(self.module.student.model)
+            if bn is not None:
+                bn.after_optimiser_step()
 
     def _host_tensors(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The step's loss terms (float32, as logged before) and the method's statistics (in their own dtype), on the

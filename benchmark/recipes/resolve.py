@@ -109,6 +109,8 @@ _PAT_CIFAR = "PAT command_cifar.sh: `--nproc_per_node=1 ... --amp --model-ema`"
 _PAT_IMAGENET = "PAT command_imagenet.sh: `--nproc_per_node=4 ... --amp --model-ema`"
 _EMA_DEFAULT = "train.py's --model-ema-decay default 0.9998 (no PAT YAML sets it)"
 _FP16 = "`--amp`: timm's native AMP, float16 autocast with a GradScaler"
+_DIST_BN = ("train.py's --dist-bn default 'reduce' (OFAKD's and PAT's): BatchNorm running statistics averaged over "
+            "the ranks after every epoch")
 
 # Named recipes for the authors' real runs; ``auto-ofa-runs`` / ``auto-pat-runs`` pick one by student family as
 # ``auto`` picks the released YAML. docs/reference/recipes.md: "The authors' runs against the released YAML".
@@ -117,6 +119,7 @@ RUNS_VARIANTS: Dict[str, RunsVariant] = {
         "train.world": (8, f"{_OFA_README}; the author's log in OFAKD #14 has 48 steps per epoch (50000 // 1024)"),
         "optim.lr": (0.1, f"{_OFA_14}: lr 0.1 (YAML 0.05)"),
         "train.precision": ("fp32", f"{_OFA_14}: amp false"),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
     "cifar-vit-ofa-runs": RunsVariant("cifar-vit", "OFA-KD", {
         "train.world": (8, _OFA_README),
@@ -124,14 +127,17 @@ RUNS_VARIANTS: Dict[str, RunsVariant] = {
         "train.ema_decay": (0.99996, f"{_OFA_19}: model_ema true, model_ema_decay 0.99996"),
         "train.drop_path": (0.0, f"{_OFA_19}: drop_path 0.0 (Swin's default 0.1)"),
         "train.precision": ("fp16", f"{_OFA_19}: amp true; {_FP16}"),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
     "imagenet-cnn-ofa-runs": RunsVariant("imagenet-cnn", "OFA-KD", {
         "train.world": (8, _OFA_README),
         "train.drop_path": (0.0, f"{_OFA_15}: drop_path 0.0"),
         "train.precision": ("fp16", f"{_OFA_15}: amp true; {_FP16}"),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
     "imagenet-vit-ofa-runs": RunsVariant("imagenet-vit", "OFA-KD", {
         "train.world": (8, _OFA_README),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
     "cifar-cnn-pat-runs": RunsVariant("cifar-cnn", "PAT", {
         "train.world": (1, _PAT_CIFAR),
@@ -147,11 +153,13 @@ RUNS_VARIANTS: Dict[str, RunsVariant] = {
         "train.world": (4, _PAT_IMAGENET),
         "train.ema_decay": (0.9998, f"{_PAT_IMAGENET}; {_EMA_DEFAULT}"),
         "train.precision": ("fp16", f"{_PAT_IMAGENET}; {_FP16}"),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
     # PAT's configs/imagenet/vit_mlp.yaml sets model_ema_decay 0.99996, as imagenet-vit already does
     "imagenet-vit-pat-runs": RunsVariant("imagenet-vit", "PAT", {
         "train.world": (4, _PAT_IMAGENET),
         "train.precision": ("fp16", f"{_PAT_IMAGENET}; {_FP16}"),
+        "train.dist_bn": ("reduce", _DIST_BN),
     }),
 }
 # auto-<suffix>: the variant <auto's pick>-<suffix>
