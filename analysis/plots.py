@@ -24,8 +24,8 @@ import pandas as pd  # noqa: E402
 from hkdbench.benchmark.core.store import (CONFLICT_COSINE, CONFLICT_FRACTION, CONFLICT_NORM_RATIO,  # noqa: E402
                                           CONFLICT_PREFIX, LOSS_PREFIX, STEP_KEY)
 
-from .collect import OWN, SETTING_KEYS, cka_table, keyed  # noqa: E402
-from .order import BASELINE, REFERENCE, method_of, ordered, palette  # noqa: E402
+from .collect import OWN, cka_table, keyed  # noqa: E402
+from .order import BASELINE, REFERENCE, ordered, palette  # noqa: E402
 from .stats import (BOOTSTRAP_RESAMPLES, by_seed, holm, paired_difference, significant,  # noqa: E402
                     supported_orders)
 from .tables import (PRIMARY, ComparisonTable, comparison_tables, difference_text, metric_words,  # noqa: E402
@@ -247,37 +247,24 @@ def cd_diagrams(tables: Sequence[ComparisonTable], out_dir) -> List[Path]:
     return paths
 
 
-def _train_hours(runs: pd.DataFrame, table: ComparisonTable) -> Dict[Tuple[str, str, str], float]:
-    """Mean training time per run (hours, from the summaries) of every (teacher, student, method) of a table;
-    the student alone under (teacher, student, 'none') for each of its pairs."""
-    done = keyed(runs[(runs["kind"] == "student") & (runs["status"] == "done")], SETTING_KEYS)
-    mine = done[np.logical_and.reduce([done[k] == v for k, v in table.key.items()])]
-    hours = pd.to_numeric(mine["train_time_s"], errors="coerce") / 3600
-    out = {}
-    for (t, s) in table.rows:
-        for m in [BASELINE] + table.methods:
-            sel = (mine["student"] == s) & (mine["method_label"] == m) & (
-                (mine["teacher"] == t) if method_of(m) != BASELINE else True)
-            if sel.any():
-                out[(t, s, m)] = float(hours[sel].mean())
-    return out
-
-
-def _overhead_flops(runs: pd.DataFrame) -> Dict[Tuple[str, str, str], float]:
-    """Train GFLOPs per image of every (teacher, student, method) that `hkdbench overhead` measured (the median
-    over its records: FLOPs per image do not depend on batch size or device)."""
+def _overhead_medians(runs: pd.DataFrame, column: str) -> Dict[Tuple[str, str, str], float]:
+    """The median of ``column`` over the records `hkdbench overhead` measured of every (teacher, student, method):
+    a cost measured in isolation (train step time at one batch size and device; GFLOPs per image), not a run's wall
+    time, which depends on what else the machine ran and on the cohort it trained in."""
     ov = runs[(runs["kind"] == "overhead") & (runs["status"] == "done")]
-    if ov.empty:
+    if ov.empty or column not in ov:
         return {}
-    flops = pd.to_numeric(ov["train_gflops_per_image"], errors="coerce")
-    return {k: float(v) for k, v in flops.groupby([ov["overhead_teacher"], ov["student"], ov["method_label"]]).median()
-            .items() if not pd.isna(v)}
+    values = pd.to_numeric(ov[column], errors="coerce")
+    return {k: float(v) for k, v in values.groupby([ov["overhead_teacher"], ov["student"], ov["method_label"]])
+            .median().items() if not pd.isna(v)}
 
 
-def _device_words(runs: pd.DataFrame) -> str:
-    train = runs[(runs["kind"] == "student") & (runs["status"] == "done")]
-    devices = sorted({"GPU" if str(d).startswith("cuda") else "CPU" for d in train["device"].dropna()})
-    return "/".join(devices) or "device"
+def _overhead_setup(runs: pd.DataFrame) -> str:
+    """Where the overhead records were measured: batch size(s), resolution(s) and device(s), in words."""
+    ov = runs[(runs["kind"] == "overhead") & (runs["status"] == "done")]
+    parts = [", ".join(sorted({f"{v:g}" if isinstance(v, float) else str(v) for v in ov[c].dropna()}))
+             if c in ov else "?" for c in ("batch_size", "img_size", "device")]
+    return f"batch {parts[0]}, {parts[1]} px, {parts[2]}"
 
 
 def _log_axis(axis) -> None:
@@ -299,6 +286,9 @@ def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float]
     if not pairs:
         return []
     methods = [BASELINE] + table.methods
+    # methods of equal cost (KD, DKD, DIST: one teacher pass, logits only) would hide each other at one x: each is
+    # drawn a little apart, by a factor on the log axis far below the differences the figure is read for
+    dodge = {m: DODGE_FACTOR ** (i - (len(methods) - 1) / 2) for i, m in enumerate(methods)}
     pal = palette(methods)
     rows, cols = _grid(len(pairs), 3)
     fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.9 * rows), squeeze=False)
@@ -307,6 +297,7 @@ def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float]
             x = cost.get((pair[0], pair[1], m))
             if x is None:
                 continue
+            x *= dodge[m]
             if m == BASELINE:
                 ax.plot(x, 0.0, "D", color=pal[m], ms=8, mec="black")
                 continue
@@ -325,29 +316,28 @@ def _cost_figure(table: ComparisonTable, cost: Dict[Tuple[str, str, str], float]
         ax.axis("off")
     _legend(fig, methods, pal)
     fig.suptitle(f"Gain in {metric_words(table.metric)} against {what}: one point per method and pair, bar = 95 % t "
-                 f"interval of the "
-                 f"seed-paired gain (◆ the student alone)\n{_setting_words(table)}; {table.pairing_note}", y=1.03,
-                 fontsize=11)
+                 f"interval of the seed-paired gain (◆ the student alone; methods of equal cost drawn a hair apart)"
+                 f"\n{_setting_words(table)}; {table.pairing_note}", y=1.03, fontsize=11)
     fig.tight_layout()
     return _save(fig, out_dir, stem)
 
 
 def cost_time_plots(tables: Sequence[ComparisonTable], runs: pd.DataFrame, out_dir) -> List[Path]:
-    """Gain against the measured training time per run, in device-hours (the runs' own ``train_time_s``)."""
+    """Gain against the train step time `hkdbench overhead` measured (median ms), for the pairs it measured."""
     _style()
-    device = _device_words(runs)
+    step_ms, setup = _overhead_medians(runs, "step_time_ms"), _overhead_setup(runs)
     paths: List[Path] = []
     for table in tables:
-        paths += _cost_figure(table, _train_hours(runs, table), f"training time per run ({device}-hours, log)",
-                              f"training time ({device}-hours per run, from the run summaries)", out_dir,
-                              _setting_stem("cost_time", table))
+        paths += _cost_figure(table, step_ms, "train step time (ms, median; log)",
+                              f"the measured train step time (hkdbench overhead: {setup}; measured pairs only)",
+                              out_dir, _setting_stem("cost_time", table))
     return paths
 
 
 def cost_flops_plots(tables: Sequence[ComparisonTable], runs: pd.DataFrame, out_dir) -> List[Path]:
     """Gain against train GFLOPs per image, for the pairs that `hkdbench overhead` measured."""
     _style()
-    flops = _overhead_flops(runs)
+    flops = _overhead_medians(runs, "train_gflops_per_image")
     paths: List[Path] = []
     for table in tables:
         paths += _cost_figure(table, flops, "train GFLOPs per image (log)",
@@ -444,6 +434,7 @@ def _pairs(epochs: pd.DataFrame):
         yield (t, s, d, st), g, base
 
 
+DODGE_FACTOR = 1.02  # on a log cost axis: 2 % between two methods' points
 DODGE = 0.04  # epochs between two methods' points: series with equal values stay apart (the student alone vs KD)
 
 
@@ -786,7 +777,7 @@ FIGURES: List[Figure] = [
     Figure("ranks", "Average rank across pairs", lambda t, out: rank_plots(t.comparisons, out)),
     Figure("cd_diagram", "Critical-difference diagram (Friedman, Nemenyi)",
            lambda t, out: cd_diagrams(t.comparisons, out)),
-    Figure("cost_time", "Gain against training time", lambda t, out: cost_time_plots(t.comparisons, t.runs, out)),
+    Figure("cost_time", "Gain against measured step time", lambda t, out: cost_time_plots(t.comparisons, t.runs, out)),
     Figure("cost_flops", "Gain against train FLOPs per image",
            lambda t, out: cost_flops_plots(t.comparisons, t.runs, out)),
     Figure("overhead", "Training overhead per method", lambda t, out: overhead_bars(t.runs, out)),
