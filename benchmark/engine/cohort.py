@@ -24,15 +24,27 @@ def stream_key(cfg: RunConfig) -> str:
     return json.dumps(_plain(body), sort_keys=True, default=str)
 
 
+def reads_stored(cfg: RunConfig) -> bool:
+    """Whether the run reads stored teacher outputs (engine/teacher_outputs.py): ``train.teacher_outputs=stored``, a
+    method that reads only the teacher's logits or pre-logits, and no CKA probe (it probes the teacher's stages)."""
+    from hkdbench.methods import LOGITS, PRE_LOGITS, get_method
+
+    method = get_method(cfg.method)
+    return (cfg.train.teacher_outputs == "stored" and cfg.kind != "teacher" and cfg.teacher is not None
+            and method.uses_teacher and method.teacher_reads in (LOGITS, PRE_LOGITS) and not cfg.train.probe_every)
+
+
 def teacher_key(cfg: RunConfig) -> Optional[str]:
-    """Which teacher weights a run distils from (None: it uses no teacher)."""
+    """Which teacher weights a run distils from (None: it uses no teacher), and whether it reads them live or stored:
+    a cohort is all one or all the other (a stored cohort holds no teacher)."""
     from hkdbench.methods import get_method
 
     if cfg.kind == "teacher" or cfg.teacher is None or not get_method(cfg.method).uses_teacher:
         return None
     t = cfg.teacher
     source = cfg.teacher_run or t.checkpoint or t.pretrained or "scratch"
-    return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256])
+    return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256,
+                       "stored" if reads_stored(cfg) else "live"])
 
 
 def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
@@ -79,7 +91,7 @@ def check_cohort(cfgs: Sequence[RunConfig]) -> None:
     if len(streams) > 1 or len(teachers) > 1:
         raise ConfigError("these runs cannot share one data stream and one teacher: a cohort's runs must have the "
                           "same student, data settings, seed, label smoothing, precision and channels_last, and "
-                          f"the same teacher; got {len(streams)} streams and {len(teachers)} teachers for "
+                          "the same teacher, read the same way (live, or stored: train.teacher_outputs); got {len(streams)} streams and {len(teachers)} teachers for "
                           f"{', '.join(names)}")
 
 
