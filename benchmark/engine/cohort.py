@@ -35,22 +35,21 @@ def reads_stored(cfg: RunConfig) -> bool:
 
 
 def teacher_key(cfg: RunConfig) -> Optional[str]:
-    """Which teacher weights a run distils from (None: it uses no teacher), and whether it reads them live or stored:
-    a cohort is all one or all the other (a stored cohort holds no teacher)."""
+    """Which teacher weights a run distils from (None: it uses no teacher)."""
     from hkdbench.methods import get_method
 
     if cfg.kind == "teacher" or cfg.teacher is None or not get_method(cfg.method).uses_teacher:
         return None
     t = cfg.teacher
     source = cfg.teacher_run or t.checkpoint or t.pretrained or "scratch"
-    return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256,
-                       "stored" if reads_stored(cfg) else "live"])
+    return json.dumps([t.name, source, t.weights, t.checkpoint_ema, t.pretrained_sha256])
 
 
 def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
-    """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher); a run without a
-    teacher joins the first cohort of its stream (its own when there is none). Teacher runs never join one; a run
-    listed twice (the student alone serves every teacher) is trained once."""
+    """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher, whether it reads stored
+    teacher outputs: such a cohort holds no teacher, the others run it live); a run without a teacher joins the first
+    cohort of its stream (its own when there is none). Teacher runs never join one; a run listed twice (the student
+    alone serves every teacher) is trained once."""
     unique: Dict[str, RunConfig] = {}
     for cfg in cfgs:
         unique.setdefault(cfg.run_name(), cfg)
@@ -64,7 +63,7 @@ def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
             continue
         stream, teacher = stream_key(cfg), teacher_key(cfg)
         if teacher is not None:
-            key = json.dumps([stream, teacher])
+            key = json.dumps([stream, teacher, reads_stored(cfg)])
             first_of_stream.setdefault(stream, key)
             groups.setdefault(key, []).append(cfg)
     for cfg in cfgs:
@@ -91,7 +90,7 @@ def check_cohort(cfgs: Sequence[RunConfig]) -> None:
     if len(streams) > 1 or len(teachers) > 1:
         raise ConfigError("these runs cannot share one data stream and one teacher: a cohort's runs must have the "
                           "same student, data settings, seed, label smoothing, precision and channels_last, and "
-                          "the same teacher, read the same way (live, or stored: train.teacher_outputs); got {len(streams)} streams and {len(teachers)} teachers for "
+                          f"the same teacher; got {len(streams)} streams and {len(teachers)} teachers for "
                           f"{', '.join(names)}")
 
 

@@ -260,6 +260,51 @@ class OutputsWriter:
         return {k: torch.stack(v) for k, v in steps.items()}
 
 
+def estimated_bytes(cfgs: Sequence[RunConfig], device: torch.device) -> int:
+    """The size of the outputs the readers among ``cfgs`` need (every epoch), counted without loading anything: the
+    pre-logit width from the teacher built on the meta device."""
+    from hkdbench.benchmark.data.datasets import dataset_info
+    from hkdbench.benchmark.data.loaders import train_steps_per_epoch
+
+    readers = [c for c in cfgs if reads_stored(c)]
+    first, contents = readers[0], stored_contents(readers)
+    info = dataset_info(first.data.dataset)
+    per_sample = info.num_classes
+    if "pre_logits" in contents:
+        with torch.device("meta"):
+            model = zoo_entry(first.teacher.name).build(info.num_classes, info.in_chans, first.data.img_size)
+        per_sample += getattr(model, "head_hidden_size", None) or model.num_features
+    dtype = autocast_dtype(first.train.precision, device) or torch.float32
+    samples = train_steps_per_epoch(first.data, first.train.world) * first.data.batch_size * first.train.world
+    return max(c.train.epochs for c in readers) * samples * per_sample * dtype.itemsize
+
+
+def describe_outputs(cfgs: Sequence[RunConfig], store: RunStore, device: torch.device) -> str:
+    """What ``hkdbench teacher-outputs --dry-run`` prints: where the outputs go, what they hold, their size, which
+    epochs are stored. A teacher run not yet trained cannot name them (their name holds its weights' hash)."""
+    readers = [c for c in cfgs if reads_stored(c)]
+    first = readers[0]
+    epochs = max(c.train.epochs for c in readers)
+    size = f"{_in_units(estimated_bytes(readers, device))} for {epochs} epochs"
+    what = f"{first.teacher.name} {' + '.join(stored_contents(readers))}"
+    source = teacher_source(first)
+    if source.is_run and not source.run_dir(store).is_done:
+        return (f"teacher outputs of {what}: about {size}; its teacher run {source.run_dir(store).path.name} is "
+                "not finished (it is trained first)")
+    outputs = find_outputs(first, store, device, stored_contents(readers))
+    missing = outputs.missing_epochs(epochs)
+    return (f"teacher outputs of {what} at {outputs.folder.path}: about {size}; "
+            f"{epochs - len(missing)} of {epochs} epochs stored")
+
+
+def _in_units(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} TB"
+
+
 def check_can_store(cfgs: Sequence[RunConfig], distributed: bool, store: RunStore, device: torch.device,
                     epochs: int) -> None:
     """Under DDP the outputs are read, not written (one process computes them for every rank): a clear error before

@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from hkdbench.methods import get_method
 
-from hkdbench.benchmark.core.config import RunConfig
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.data.datasets import dataset_info
 from hkdbench.benchmark.engine.cohort import check_cohort, reads_stored
@@ -86,9 +86,20 @@ class CohortTrainer:
             return None, None
         if source.is_run and (note := teacher_settings_note(cfg, source.run_config)):
             self.runs.say(note)
-        if reads_stored(cfg):
+        if self._reads_stored():
             return self._stored_teacher(source, num_classes, in_chans)
         return self._live_teacher(source, num_classes, in_chans)
+
+    def _reads_stored(self) -> bool:
+        """The cohort reads stored teacher outputs when every member that uses the teacher does; else the teacher
+        runs live, and the members that asked for stored outputs share its pass (the same numbers)."""
+        users = [c for c in self.runs.cfgs if teacher_source(c) is not None]
+        asked = [c for c in users if c.train.teacher_outputs == "stored"]
+        if asked and len(asked) < len(users) or any(not reads_stored(c) for c in asked):
+            live = sorted({c.method for c in users if not reads_stored(c)})
+            self.runs.say(f"train.teacher_outputs=stored: {', '.join(live)} needs the live teacher (it reads more "
+                          "than its logits or pre-logits, or probes it), so this cohort runs the teacher live")
+        return bool(users) and all(reads_stored(c) for c in users)
 
     def _live_teacher(self, source: TeacherSource, num_classes: int, in_chans: int) -> Teacher:
         teacher, top1 = load_for_student(source, self.runs.store, num_classes, in_chans, self.runs.say,
@@ -154,3 +165,17 @@ def train_cohort(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, resu
     the others went on) or 'owned' (another process holds its lock, with ``wait_for_lock=False``)."""
     return CohortTrainer(cfgs, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(
         resume, restart, wait_for_lock)
+
+
+def compute_teacher_outputs(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, device: Optional[str] = None,
+                            echo: bool = True):
+    """``hkdbench teacher-outputs``: the stored teacher outputs that ``cfgs`` read (one cohort's), their missing
+    epochs computed (the teacher run trained first when needed), no run of ``cfgs`` trained. Returns them."""
+    readers = [c for c in cfgs if reads_stored(c)]
+    if not readers:
+        raise ConfigError("none of these runs reads stored teacher outputs: a method that reads only the teacher's "
+                          "logits or pre-logits (kd, dkd, dist, ofa, spofa, crd, hcd), a teacher, no CKA probe")
+    trainer = CohortTrainer(readers, RunStore(runs_dir), device=device, progress=False, echo=echo)
+    info = dataset_info(readers[0].data.dataset)
+    teacher, _ = trainer.prepare_teacher(readers[0], info.num_classes, info.in_chans)
+    return teacher.outputs
