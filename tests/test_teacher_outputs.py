@@ -227,3 +227,32 @@ def test_the_cli_dry_run_prints_the_size_and_writes_nothing(tmp_path):
     assert json.loads(next((tmp_path / "_teacher_outputs").glob("*/manifest.json")).read_text())["shards"]
     with pytest.raises(ConfigError, match="none of these runs reads stored teacher outputs"):
         compute_teacher_outputs([cfg_of("kd")], str(tmp_path), echo=False)
+
+
+@pytest.mark.slow
+def test_a_sweep_computes_each_teachers_outputs_once_and_a_method_added_later_runs_no_teacher(tmp_path,
+                                                                                               monkeypatch):
+    from test_sweep import TINY as TINY_DATA, hkdbench, tiny_preset
+
+    grid = {"students": ["vit_mini", "mixer_mini"], "methods": ["kd", "crd"]}
+    stored_train = {"epochs": 2, "teacher_outputs": "stored"}
+    live = tiny_preset(tmp_path, "live", **grid)
+    stored = tiny_preset(tmp_path, "stored", **grid, overrides={"data": TINY_DATA, "train": stored_train})
+    assert hkdbench("sweep", live, "--runs-dir", tmp_path / "live")[0] == 0
+    code, out, _ = hkdbench("sweep", stored, "--runs-dir", tmp_path / "stored")
+    assert code == 0 and "5 runs: 5 to run" in out
+    live_runs, stored_runs = RunStore(tmp_path / "live").runs(), RunStore(tmp_path / "stored").runs()
+    assert [r.path.name for r in live_runs] == [r.path.name for r in stored_runs]  # the same hashes
+    for a, b in zip(live_runs, stored_runs):
+        if not a.path.name.startswith("teacher_"):
+            assert_same_run(a, b)
+    # both students (the same crop) read one set of outputs: the teacher ran once for the four runs
+    (folder,) = outputs_folders(tmp_path / "stored")
+    assert sum("computing its outputs" in r.log_file.read_text() for r in stored_runs) == 1
+    # a method added to the finished cells: its runs train, no teacher is built
+    no_teacher_built(monkeypatch)
+    more = tiny_preset(tmp_path, "stored", students=grid["students"], methods=["kd", "crd", "dkd"],
+                       overrides={"data": TINY_DATA, "train": stored_train})
+    code, out, _ = hkdbench("sweep", more, "--runs-dir", tmp_path / "stored")
+    assert code == 0 and "2 to run, 5 skipped (5 done)" in out
+    assert len(RunStore(tmp_path / "stored").runs()) == 7 and outputs_folders(tmp_path / "stored") == [folder]

@@ -4,11 +4,12 @@ data stream, computed once and read by every run that distils from that teacher 
 
 Every batch is a pure function of (seed, epoch, step, rank) (``data/stream.py``) and the teacher runs in eval mode
 without gradients, so its outputs are a pure function of what :func:`made_by` records: the teacher's weights (the
-SHA-256 of the file they are loaded from), the data stream (``cohort.stream_key``), the dtype and memory format of
-the pass, and what is stored. They are kept under a name hashed from that (``<runs>/_teacher_outputs/``, named by
-``core/store.py``), one shard per epoch in the dtype the pass ran in; a manifest lists each finished shard with its
-SHA-256, written after the shard is renamed into place. A shard not listed, missing, or whose bytes differ from the
-listed SHA-256 is computed again; a manifest made by other weights or another stream is refused.
+SHA-256 of the file they are loaded from), the data stream (``cohort.stream_key``, the student by its crop: the
+students of one teacher share them), the dtype and memory format of the pass, and what is stored. They are kept
+under a name hashed from that (``<runs>/_teacher_outputs/``, named by ``core/store.py``), one shard per epoch in the
+dtype the pass ran in; a manifest lists each finished shard with its SHA-256, written after the shard is renamed into
+place. A shard not listed, missing, or whose bytes differ from the listed SHA-256 is computed again; a manifest made
+by other weights or another stream is refused.
 
 A reading run builds no teacher: methods get a :class:`RecordedTeacher` (the widths their projectors need, from the
 manifest) and every step's outputs from the shard. Only logits and pre-logits are stored: stage features are tens
@@ -76,6 +77,9 @@ def made_by(cfg: RunConfig, store: RunStore, device: torch.device, contents: Seq
     for setting in ("precision", "channels_last"):  # resolved below, as the pass runs them on this device
         stream.pop(setting)
     stream["data"] = identity(cfg.data)  # the data settings that decide the batches (not data.workers)
+    # the student gives the batches only its crop (the rest of its settings are resolved into the data settings): the
+    # students of one teacher at one crop read one set of outputs
+    stream["crop_pct"] = cfg.data.crop_pct or zoo_entry(stream.pop("student")).crop_pct
     dtype = autocast_dtype(cfg.train.precision, device)
     return {"format": FORMAT, "teacher": teacher_weights_identity(teacher_source(cfg), store), "stream": stream,
             "dtype": str(dtype or torch.float32), "channels_last": use_channels_last(cfg.train.channels_last, device),
