@@ -41,6 +41,17 @@ def outputs_folders(runs_dir):
     return RunStore(runs_dir).teacher_outputs()
 
 
+def count_teacher_builds(monkeypatch):
+    """[how many times the teacher's model was built from here on]."""
+    count, build = [0], teacher_module.TeacherSource.build
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return build(*args, **kwargs)
+    monkeypatch.setattr(teacher_module.TeacherSource, "build", counted)
+    return count
+
+
 def no_teacher_built(monkeypatch):
     """Any build of the teacher's model from here on fails the test."""
     def refuse(*args, **kwargs):
@@ -239,20 +250,26 @@ def test_a_sweep_computes_each_teachers_outputs_once_and_a_method_added_later_ru
     live = tiny_preset(tmp_path, "live", **grid)
     stored = tiny_preset(tmp_path, "stored", **grid, overrides={"data": TINY_DATA, "train": stored_train})
     assert hkdbench("sweep", live, "--runs-dir", tmp_path / "live")[0] == 0
+    builds = count_teacher_builds(monkeypatch)
     code, out, _ = hkdbench("sweep", stored, "--runs-dir", tmp_path / "stored")
-    assert code == 0 and "5 runs: 5 to run" in out
+    assert code == 0 and "5 runs; 5 to run" in out
     live_runs, stored_runs = RunStore(tmp_path / "live").runs(), RunStore(tmp_path / "stored").runs()
     assert [r.path.name for r in live_runs] == [r.path.name for r in stored_runs]  # the same hashes
     for a, b in zip(live_runs, stored_runs):
         if not a.path.name.startswith("teacher_"):
             assert_same_run(a, b)
-    # both students (the same crop) read one set of outputs: the teacher ran once for the four runs
+    # the teacher run's job computed the outputs once for both students (the same crop): one teacher pass per step
+    # for the sweep's four runs, the students' jobs built no teacher
     (folder,) = outputs_folders(tmp_path / "stored")
-    assert sum("computing its outputs" in r.log_file.read_text() for r in stored_runs) == 1
+    assert builds == [1] and "teacher outputs resnet_mini_" in out
+    code, out, _ = hkdbench("status", stored, "--runs-dir", tmp_path / "stored")
+    assert code == 0 and f"teacher outputs {folder.path.name}: resnet_mini (teacher_resnet_mini_" in out
+    assert "logits + pre_logits, seed 0, 2 epoch(s) stored, idle" in out
     # a method added to the finished cells: its runs train, no teacher is built
     no_teacher_built(monkeypatch)
     more = tiny_preset(tmp_path, "stored", students=grid["students"], methods=["kd", "crd", "dkd"],
                        overrides={"data": TINY_DATA, "train": stored_train})
     code, out, _ = hkdbench("sweep", more, "--runs-dir", tmp_path / "stored")
     assert code == 0 and "2 to run, 5 skipped (5 done)" in out
-    assert len(RunStore(tmp_path / "stored").runs()) == 7 and outputs_folders(tmp_path / "stored") == [folder]
+    assert len(RunStore(tmp_path / "stored").runs()) == 7
+    assert [o.path for o in outputs_folders(tmp_path / "stored")] == [folder.path]

@@ -562,15 +562,20 @@ class RunDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def is_locked(self) -> bool:
-        if not self.lock_file.exists():
-            return False
-        with open(self.lock_file) as f:  # read-only: status works on a store it cannot write (flock needs none)
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
+        return _flock_held(self.lock_file)
+
+
+def _flock_held(lock_file: Path) -> bool:
+    """Whether a live process holds the flock on ``lock_file``."""
+    if not lock_file.exists():
+        return False
+    with open(lock_file) as f:  # read-only: status works on a store it cannot write (flock needs none)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 class RunLockedError(HkdbenchError, RuntimeError):
@@ -702,6 +707,20 @@ class TeacherOutputsDir:
     def remove_stray_temp_files(self) -> List[str]:
         """Temp files a killed writer left (call under the lock)."""
         return RunDir.remove_stray_temp_files(self)  # type: ignore[arg-type]  # the same rule on its folder
+
+    def is_locked(self) -> bool:
+        return _flock_held(self.lock_file)
+
+    def describe(self) -> str:
+        """One line for ``hkdbench status``: whose outputs, what they hold, how many epochs, being written or not."""
+        manifest = self.manifest() or {}
+        made_by = manifest.get("made_by", {})
+        teacher = made_by.get("teacher", {})
+        source = teacher.get("run") or teacher.get("pretrained") or "checkpoint"
+        state = "being written" if self.is_locked() else "idle"
+        return (f"teacher outputs {self.path.name}: {teacher.get('model', '?')} ({source}), "
+                f"{' + '.join(made_by.get('contents', []))}, seed {made_by.get('stream', {}).get('seed', '?')}, "
+                f"{len(manifest.get('shards', {}))} epoch(s) stored, {state}")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -145,7 +145,16 @@ class Sweep:
         threads = self.preset.slurm.cpus_per_task
         cfgs = [s.cfg.to_dict() for s in cohort.specs]
         return RunJob(cfgs[0] if len(cfgs) == 1 else cfgs, str(self.root), self.device, threads,
-                      self.preset.slurm.stop_wait)
+                      self.preset.slurm.stop_wait, outputs_for=[s.cfg.to_dict() for s in self.outputs_readers(cohort)])
+
+    def outputs_readers(self, cohort: Cohort) -> List[RunSpec]:
+        """A teacher run's student runs that read its stored outputs and are not done: its job computes those
+        outputs after training it, so that the student jobs, which wait for it, find them (none for other jobs)."""
+        from hkdbench.benchmark.engine.cohort import reads_stored
+
+        teachers = {s.name for s in cohort.specs if s.kind == "teacher"}
+        return [s for s in self.plan.students if s.teacher_run in teachers and reads_stored(s.cfg)
+                and not self.store.run_dir(s.cfg).is_done]
 
     def record(self, cohort: Cohort, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
         """The job's line in each of its runs' ``jobs.jsonl`` and in the sweep's ``submissions.jsonl``."""
