@@ -121,7 +121,8 @@ def test_a_cohort_with_a_method_that_needs_the_live_teacher_runs_it_live(tmp_pat
     assert [r.status for r in results] == ["done", "done"]
     assert outputs_folders(tmp_path) == []
     assert "fitnet needs the live teacher" in results[0].run_dir.log_file.read_text()
-    assert [len(g) for g in group_cohorts([stored_cfg("kd"), stored_cfg("fitnet"), stored_cfg("none")])] == [2, 1]
+    # kept together: split, the teacher would run once for the readers' outputs and again for fitnet
+    assert [len(g) for g in group_cohorts([stored_cfg("kd"), stored_cfg("fitnet"), stored_cfg("none")])] == [3]
 
 
 def _damage(folder, how):
@@ -250,6 +251,8 @@ def test_a_sweep_computes_each_teachers_outputs_once_and_a_method_added_later_ru
     live = tiny_preset(tmp_path, "live", **grid)
     stored = tiny_preset(tmp_path, "stored", **grid, overrides={"data": TINY_DATA, "train": stored_train})
     assert hkdbench("sweep", live, "--runs-dir", tmp_path / "live")[0] == 0
+    code, out, _ = hkdbench("sweep", stored, "--runs-dir", tmp_path / "stored", "--dry-run")
+    assert code == 0 and "also compute the stored teacher outputs that 4 student run(s) read" in out
     builds = count_teacher_builds(monkeypatch)
     code, out, _ = hkdbench("sweep", stored, "--runs-dir", tmp_path / "stored")
     assert code == 0 and "5 runs; 5 to run" in out

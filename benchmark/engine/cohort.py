@@ -34,6 +34,12 @@ def reads_stored(cfg: RunConfig) -> bool:
             and method.uses_teacher and method.teacher_reads in (LOGITS, PRE_LOGITS) and not cfg.train.probe_every)
 
 
+def cohort_reads_stored(cfgs: Sequence[RunConfig]) -> bool:
+    """Whether a cohort reads stored teacher outputs: every member that uses a teacher reads them."""
+    users = [c for c in cfgs if teacher_key(c) is not None]
+    return bool(users) and all(reads_stored(c) for c in users)
+
+
 def teacher_key(cfg: RunConfig) -> Optional[str]:
     """Which teacher weights a run distils from (None: it uses no teacher)."""
     from hkdbench.methods import get_method
@@ -46,10 +52,11 @@ def teacher_key(cfg: RunConfig) -> Optional[str]:
 
 
 def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
-    """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher, whether it reads stored
-    teacher outputs: such a cohort holds no teacher, the others run it live); a run without a teacher joins the first
-    cohort of its stream (its own when there is none). Teacher runs never join one; a run listed twice (the student
-    alone serves every teacher) is trained once."""
+    """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher); a run without a
+    teacher joins the first cohort of its stream (its own when there is none). Teacher runs never join one; a run
+    listed twice (the student alone serves every teacher) is trained once. A cohort reads stored teacher outputs
+    when all its teacher users can (:func:`cohort_reads_stored`); one that holds a method reading the teacher's
+    stages runs it live, its stored readers sharing that pass (kept together: split, the teacher would run twice)."""
     unique: Dict[str, RunConfig] = {}
     for cfg in cfgs:
         unique.setdefault(cfg.run_name(), cfg)
@@ -63,7 +70,7 @@ def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
             continue
         stream, teacher = stream_key(cfg), teacher_key(cfg)
         if teacher is not None:
-            key = json.dumps([stream, teacher, reads_stored(cfg)])
+            key = json.dumps([stream, teacher])
             first_of_stream.setdefault(stream, key)
             groups.setdefault(key, []).append(cfg)
     for cfg in cfgs:

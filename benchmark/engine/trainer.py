@@ -28,7 +28,7 @@ from hkdbench.methods import get_method
 from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.data.datasets import dataset_info
-from hkdbench.benchmark.engine.cohort import check_cohort, reads_stored
+from hkdbench.benchmark.engine.cohort import check_cohort, cohort_reads_stored, reads_stored
 from hkdbench.benchmark.engine.evaluation import select_device
 from hkdbench.benchmark.engine.lifecycle import DivergedError, RunExistsError, RunLifecycle, unfinished_run_error
 from hkdbench.benchmark.engine.loop import CohortLoop
@@ -94,12 +94,12 @@ class CohortTrainer:
         """The cohort reads stored teacher outputs when every member that uses the teacher does; else the teacher
         runs live, and the members that asked for stored outputs share its pass (the same numbers)."""
         users = [c for c in self.runs.cfgs if teacher_source(c) is not None]
-        asked = [c for c in users if c.train.teacher_outputs == "stored"]
-        if asked and len(asked) < len(users) or any(not reads_stored(c) for c in asked):
+        if any(c.train.teacher_outputs == "stored" for c in users) and not cohort_reads_stored(users):
             live = sorted({c.method for c in users if not reads_stored(c)})
             self.runs.say(f"train.teacher_outputs=stored: {', '.join(live)} needs the live teacher (it reads more "
-                          "than its logits or pre-logits, or probes it), so this cohort runs the teacher live")
-        return bool(users) and all(reads_stored(c) for c in users)
+                          "than its logits or pre-logits, probes it, or asked for it live), so this cohort runs the "
+                          "teacher live")
+        return cohort_reads_stored(users)
 
     def _live_teacher(self, source: TeacherSource, num_classes: int, in_chans: int) -> Teacher:
         teacher, top1 = load_for_student(source, self.runs.store, num_classes, in_chans, self.runs.say,
