@@ -276,3 +276,50 @@ def test_a_sweep_computes_each_teachers_outputs_once_and_a_method_added_later_ru
     assert code == 0 and "2 to run, 5 skipped (5 done)" in out
     assert len(RunStore(tmp_path / "stored").runs()) == 7
     assert [o.path for o in outputs_folders(tmp_path / "stored")] == [folder.path]
+
+
+KILLED_WRITER = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from test_teacher_outputs import stored_cfg
+from hkdbench.benchmark.core.store import open_temp
+from hkdbench.benchmark.engine import teacher_outputs
+from hkdbench.benchmark.engine.trainer import compute_teacher_outputs
+
+write_epoch = teacher_outputs.StoredOutputs.write_epoch
+
+def write_then_hang(self, epoch, tensors, extra):
+    if epoch == 0:
+        return write_epoch(self, epoch, tensors, extra)
+    fd, _ = open_temp(self.folder.shard_file(epoch))  # half a shard in its temp file, then the kill
+    os.write(fd, b"half a shard")
+    print("WRITING", flush=True)
+    time.sleep(600)
+
+teacher_outputs.StoredOutputs.write_epoch = write_then_hang
+compute_teacher_outputs([stored_cfg("kd")], {runs!r}, echo=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_way_leaves_nothing_a_reader_takes(tmp_path):
+    import os
+    import signal
+    from pathlib import Path
+
+    store = tmp_path / "stored"
+    script = KILLED_WRITER.format(tests=str(Path(__file__).parent), runs=str(store))
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "WRITING"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    (folder,) = outputs_folders(store)
+    assert sorted(folder.manifest()["shards"]) == ["0"] and list(folder.path.glob(".epoch_1.pt.*"))
+    assert not folder.is_locked()  # the kill let go of the lock
+    (live,) = train_all([cfg_of("kd")], tmp_path / "live").values()
+    (stored,) = train_all([stored_cfg("kd")], store).values()
+    assert_same_run(live.run_dir, stored.run_dir)
+    assert "for epoch(s) 2 into" in stored.run_dir.log_file.read_text()
+    assert not list(folder.path.glob(".epoch_*")) and sorted(folder.manifest()["shards"]) == ["0", "1"]
