@@ -2,6 +2,7 @@
 CPU; no teacher built once they are stored; damaged, missing, cut-off or unlisted shards computed again; outputs of
 other weights or another stream never taken."""
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -179,6 +180,27 @@ def test_a_shard_damaged_during_training_is_a_clear_error_and_the_resume_compute
     (live,) = train_all([cfg_of("kd")], tmp_path / "live").values()
     resumed = train(stored_cfg("kd"), runs_dir=str(store), resume=True, progress=False, echo=False)
     assert_same_run(live.run_dir, resumed.run_dir)
+
+
+def test_a_checkpoint_teacher_is_keyed_by_its_file_and_measured_once(tmp_path):
+    from test_cohort import TINY
+
+    from hkdbench.benchmark.models.zoo import create_model
+    from hkdbench.benchmark.recipes.resolve import resolve_run_config
+
+    torch.manual_seed(0)
+    torch.save(create_model("resnet_mini", 10, in_chans=1, img_size=16).model.state_dict(), tmp_path / "t.pt")
+
+    def cfg(extra):
+        return resolve_run_config(kind="student", student="vit_mini", teacher="resnet_mini", method="dkd",
+                                  recipe="demo", teacher_checkpoint=str(tmp_path / "t.pt"),
+                                  overrides=[*TINY, "train.epochs=1", *extra])
+    live = train(cfg([]), runs_dir=str(tmp_path / "live"), progress=False, echo=False)
+    stored = train(cfg(STORED), runs_dir=str(tmp_path / "stored"), progress=False, echo=False)
+    assert_same_run(live.run_dir, stored.run_dir)  # teacher_top1 included: the writer measured it as the loop does
+    (folder,) = outputs_folders(tmp_path / "stored")
+    assert folder.manifest()["made_by"]["teacher"]["checkpoint_sha256"] == hashlib.sha256(
+        (tmp_path / "t.pt").read_bytes()).hexdigest()
 
 
 def test_outputs_made_by_other_weights_are_refused_before_anything_is_written(tmp_path):
