@@ -215,6 +215,17 @@ def test_outputs_made_by_other_weights_are_refused_before_anything_is_written(tm
     assert not RunStore(store).run_dir(cfg).path.exists()
 
 
+def test_under_ddp_the_outputs_must_be_computed_first(tmp_path):
+    from hkdbench.benchmark.engine.teacher_outputs import check_can_store
+
+    store, cpu = RunStore(tmp_path), torch.device("cpu")
+    compute_teacher_outputs([stored_cfg("kd", 1)], str(tmp_path), echo=False)
+    check_can_store([stored_cfg("kd", 1)], True, store, cpu, 1)  # all there: read under DDP
+    with pytest.raises(ConfigError, match="run `hkdbench teacher-outputs` with the same settings on one process"):
+        check_can_store([stored_cfg("kd", 2)], True, store, cpu, 2)  # epoch 2 missing
+    check_can_store([stored_cfg("kd", 2)], False, store, cpu, 2)  # one process: it computes them itself
+
+
 def test_new_weights_or_another_stream_get_outputs_of_their_own(tmp_path):
     store = tmp_path / "runs"
     first = compute_teacher_outputs([stored_cfg("kd", 1)], str(store), echo=False)
