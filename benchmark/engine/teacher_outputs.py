@@ -71,17 +71,24 @@ def teacher_weights_identity(source: TeacherSource, store: RunStore) -> Dict[str
             "sha256": file_sha256(t_dir.weights_file(t.weights))}
 
 
-def made_by(cfg: RunConfig, store: RunStore, device: torch.device, contents: Sequence[str]) -> Dict[str, Any]:
-    """Everything the stored outputs are a function of, as the manifest records it (and its hash names them)."""
+def stream_identity(cfg: RunConfig) -> Dict[str, Any]:
+    """What decides the batches the teacher sees: ``cohort.stream_key`` less the pass's precision and memory format
+    (:func:`made_by` records them as the device resolves them), with the student by its crop."""
     stream = json.loads(stream_key(cfg))
-    for setting in ("precision", "channels_last"):  # resolved below, as the pass runs them on this device
+    for setting in ("precision", "channels_last"):
         stream.pop(setting)
     stream["data"] = identity(cfg.data)  # the data settings that decide the batches (not data.workers)
     # the student gives the batches only its crop (the rest of its settings are resolved into the data settings): the
     # students of one teacher at one crop read one set of outputs
     stream["crop_pct"] = cfg.data.crop_pct or zoo_entry(stream.pop("student")).crop_pct
+    return stream
+
+
+def made_by(cfg: RunConfig, store: RunStore, device: torch.device, contents: Sequence[str]) -> Dict[str, Any]:
+    """Everything the stored outputs are a function of, as the manifest records it (and its hash names them)."""
     dtype = autocast_dtype(cfg.train.precision, device)
-    return {"format": FORMAT, "teacher": teacher_weights_identity(teacher_source(cfg), store), "stream": stream,
+    return {"format": FORMAT, "teacher": teacher_weights_identity(teacher_source(cfg), store),
+            "stream": stream_identity(cfg),
             "dtype": str(dtype or torch.float32), "channels_last": use_channels_last(cfg.train.channels_last, device),
             "contents": list(contents)}
 
