@@ -356,3 +356,15 @@ def test_a_writer_killed_mid_way_leaves_nothing_a_reader_takes(tmp_path):
     assert_same_run(live.run_dir, stored.run_dir)
     assert "for epoch(s) 2 into" in stored.run_dir.log_file.read_text()
     assert not list(folder.path.glob(".epoch_*")) and sorted(folder.manifest()["shards"]) == ["0", "1"]
+
+
+def test_the_speed_tool_counts_the_teacher_passes_of_each_way(tmp_path):
+    from hkdbench.benchmark.tools.teacher_outputs_speed import STORED as TOOL_STORED, plan_configs, teacher_passes
+
+    def plans(methods):
+        args = ("resnet_mini", ["vit_mini", "mixer_mini"], methods, 1, tmp_path, None)
+        return {"live": plan_configs(*args), "stored": plan_configs(*args, TOOL_STORED)}
+    # FitNet keeps each cohort live: stored outputs save no pass over cohorts
+    assert teacher_passes(plans(["none", "kd", "dkd", "fitnet", "ofa"])) == {"separate": 8, "cohorts": 2, "stored": 2}
+    # logit readers only: one pass for both students (the same crop), whatever the methods
+    assert teacher_passes(plans(["kd", "dkd", "crd"])) == {"separate": 6, "cohorts": 2, "stored": 1}
