@@ -226,6 +226,13 @@ def test_under_ddp_the_outputs_must_be_computed_first(tmp_path):
     check_can_store([stored_cfg("kd", 2)], False, store, cpu, 2)  # one process: it computes them itself
 
 
+def test_settings_that_json_reads_back_otherwise_still_match_their_manifest(tmp_path):
+    cfg = stored_cfg("kd", 1, ["data.rrc_scale=[0.35, 1.0]"])  # a tuple in the config, a list in the manifest
+    first = compute_teacher_outputs([cfg], str(tmp_path), echo=False)
+    again = compute_teacher_outputs([cfg], str(tmp_path), echo=False)
+    assert first.folder.path == again.folder.path and again.missing_epochs(1) == []
+
+
 def test_new_weights_or_another_stream_get_outputs_of_their_own(tmp_path):
     store = tmp_path / "runs"
     first = compute_teacher_outputs([stored_cfg("kd", 1)], str(store), echo=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -60,8 +61,6 @@ def teacher_weights_identity(source: TeacherSource, store: RunStore) -> Dict[str
 
     t = source.cfg.teacher
     if source.kind == CHECKPOINT:
-        from pathlib import Path
-
         return {"model": t.name, "checkpoint_sha256": file_sha256(Path(t.checkpoint)), "ema": t.checkpoint_ema}
     if source.kind == PRETRAINED:
         return {"model": t.name, "pretrained": t.pretrained,
@@ -87,10 +86,10 @@ def stream_identity(cfg: RunConfig) -> Dict[str, Any]:
 def made_by(cfg: RunConfig, store: RunStore, device: torch.device, contents: Sequence[str]) -> Dict[str, Any]:
     """Everything the stored outputs are a function of, as the manifest records it (and its hash names them)."""
     dtype = autocast_dtype(cfg.train.precision, device)
-    return {"format": FORMAT, "teacher": teacher_weights_identity(teacher_source(cfg), store),
-            "stream": stream_identity(cfg),
-            "dtype": str(dtype or torch.float32), "channels_last": use_channels_last(cfg.train.channels_last, device),
-            "contents": list(contents)}
+    body = {"format": FORMAT, "teacher": teacher_weights_identity(teacher_source(cfg), store),
+            "stream": stream_identity(cfg), "dtype": str(dtype or torch.float32),
+            "channels_last": use_channels_last(cfg.train.channels_last, device), "contents": list(contents)}
+    return json.loads(json.dumps(body, default=str))  # as the manifest reads back (tuples as lists), to compare
 
 
 def outputs_name(body: Dict[str, Any]) -> str:
