@@ -12,7 +12,7 @@ place. A shard not listed, missing, or whose bytes differ from the listed SHA-25
 by other weights or another stream is refused.
 
 A reading run builds no teacher: methods get a :class:`RecordedTeacher` (the widths their projectors need, from the
-manifest) and every step's outputs from the shard. Only logits and pre-logits are stored: stage features are tens
+manifest) and every step's outputs from the shard. Only logits and pre-logits are stored: stage features are hundreds
 of times larger (a Swin-T stage-4 map is 49x768 values a sample against 100 logits), and PAT's prompted pass is not
 a plain pass at all.
 """
