@@ -5,7 +5,8 @@ import importlib
 import importlib.util
 import pkgutil
 
-from .base import TASK_LOSS, Distiller, RankExchange, Targets, TrainingSet, check_numbers, kd_kl
+from .base import (LOGITS, OWN_PASS, PRE_LOGITS, STAGES, TASK_LOSS, TEACHER_READS, Distiller, RankExchange, Targets,
+                   TrainingSet, check_numbers, kd_kl)
 from .registry import (MethodCodeChangedError, check_method_code, get_method, list_methods, method_code,
                        method_config, method_settings, method_source, register_method, unregister_method)
 
@@ -68,6 +69,7 @@ def _import_plugin(item: str, do_import):
         raise ConfigError(f"method plugin {item!r} (from HKDBENCH_METHODS) cannot be imported: {err}") from None
 
 
-__all__ = ["load_plugins", "TASK_LOSS", "Distiller", "RankExchange", "Targets", "TrainingSet", "check_numbers",
-           "kd_kl", "get_method", "list_methods", "method_config", "register_method", "unregister_method",
-           "method_code", "method_settings", "method_source", "check_method_code", "MethodCodeChangedError"]
+__all__ = ["load_plugins", "LOGITS", "PRE_LOGITS", "STAGES", "OWN_PASS", "TEACHER_READS",
+           "TASK_LOSS", "Distiller", "RankExchange", "Targets", "TrainingSet", "check_numbers", "kd_kl", "get_method",
+           "list_methods", "method_config", "register_method", "unregister_method", "method_code", "method_settings",
+           "method_source", "check_method_code", "MethodCodeChangedError"]

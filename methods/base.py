@@ -53,6 +53,12 @@ from hkdbench.benchmark.core.errors import HkdbenchError
 from hkdbench.benchmark.data.stream import Targets
 from hkdbench.benchmark.models.taps import Features, TappedModel
 
+# What a method reads of the teacher (Distiller.teacher_reads): its logits only; its logits and pre-logit embedding;
+# stage features of a plain pass; or a pass of its own (altered, or back-propagated through). The first two are what
+# stored teacher outputs hold (benchmark/engine/teacher_outputs.py); the others keep the live teacher.
+LOGITS, PRE_LOGITS, STAGES, OWN_PASS = "logits", "pre_logits", "stages", "own_pass"
+TEACHER_READS = (LOGITS, PRE_LOGITS, STAGES, OWN_PASS)
+
 # The key of the task (classification) term in a method's losses; the gradient-conflict probe measures every other
 # term against it.
 TASK_LOSS = "ce"
@@ -160,6 +166,10 @@ class Distiller(nn.Module):
     needs_teacher_grad: ClassVar[bool] = False
     # False for methods that train the student alone (no teacher is built or trained for them)
     uses_teacher: ClassVar[bool] = True
+    # What the method reads of the teacher (one of TEACHER_READS). LOGITS or PRE_LOGITS: the run can read stored teacher
+    # outputs (train.teacher_outputs=stored). The default, STAGES, keeps the live teacher: a plugin that reads only
+    # logits declares LOGITS to gain from stored outputs
+    teacher_reads: ClassVar[str] = STAGES
     # True: the method gets Targets.index every step and the TrainingSet as the constructor's train_set
     needs_sample_indices: ClassVar[bool] = False
     # True: some trainable parameter may get no gradient in a step, so DDP must look for unused parameters

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import DISTRIBUTED, TASK_LOSS, Distiller, RankExchange, TrainingSet, check_numbers
+from .base import DISTRIBUTED, PRE_LOGITS, TASK_LOSS, Distiller, RankExchange, TrainingSet, check_numbers
 from .registry import register_method
 
 NCE_EPS = 1e-7  # the reference's eps in the NCE loss's denominators
@@ -150,6 +150,7 @@ class NegativeSampler(nn.Module):
 @register_method
 class CRD(Distiller):
     name = "crd"
+    teacher_reads = PRE_LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Tian et al., ICLR 2020, Contrastive Representation Distillation"
     needs_sample_indices = True

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import TASK_LOSS, Distiller, check_numbers
+from .base import LOGITS, TASK_LOSS, Distiller, check_numbers
 from .registry import register_method
 
 _EPS = 1e-8
@@ -46,6 +46,7 @@ def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 @register_method
 class DIST(Distiller):
     name = "dist"
+    teacher_reads = LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Huang et al. NeurIPS 2022, Knowledge Distillation from A Stronger Teacher"
 

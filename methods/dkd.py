@@ -31,7 +31,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import TASK_LOSS, Distiller, check_numbers
+from .base import LOGITS, TASK_LOSS, Distiller, check_numbers
 from .registry import register_method
 
 
@@ -79,6 +79,7 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
 @register_method
 class DKD(Distiller):
     name = "dkd"
+    teacher_reads = LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Zhao et al. CVPR 2022, Decoupled Knowledge Distillation"
 

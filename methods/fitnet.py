@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models.taps import StageInfo, as_map, to_layout
 
-from .base import TASK_LOSS, Distiller, check_stages, kd_kl
+from .base import STAGES, TASK_LOSS, Distiller, check_stages, kd_kl
 from .registry import register_method
 
 
@@ -61,6 +61,7 @@ class HintProjector(nn.Module):
 @register_method
 class FitNet(Distiller):
     name = "fitnet"
+    teacher_reads = STAGES
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Romero et al. 2015, FitNets; heterogeneous form of OFA-KD (NeurIPS 2023) baselines"
 

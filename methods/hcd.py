@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
+from .base import PRE_LOGITS, TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
 from .ofa import build_branch_projector, init_weights
 from .registry import register_method
 
@@ -87,6 +87,7 @@ class ComplementaryFeatureMapper(nn.Module):
 @register_method
 class HCD(Distiller):
     name = "hcd"
+    teacher_reads = PRE_LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Heterogeneous Complementary Distillation, arXiv 2511.10942 (AAAI 2026); HCD-lite, partly inferred"
 

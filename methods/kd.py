@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import TASK_LOSS, Distiller, check_numbers, kd_kl
+from .base import LOGITS, TASK_LOSS, Distiller, check_numbers, kd_kl
 from .registry import register_method
 
 
 @register_method
 class KD(Distiller):
     name = "kd"
+    teacher_reads = LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network"
 

@@ -46,7 +46,7 @@ from timm.models.vision_transformer import Block
 
 from hkdbench.benchmark.models.taps import StageInfo
 
-from .base import TASK_LOSS, Distiller, check_numbers, check_stages
+from .base import LOGITS, TASK_LOSS, Distiller, check_numbers, check_stages
 from .registry import register_method
 
 PROJECTOR_STYLES = ("ofa", "spofa")
@@ -264,6 +264,7 @@ def build_branch_projector(info: StageInfo, student_dim: int, teacher_dim: int, 
 @register_method
 class OFA(Distiller):
     name = "ofa"
+    teacher_reads = LOGITS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Hao et al., NeurIPS 2023, One-for-All: Bridge the Gap Between Heterogeneous Architectures in KD"
     projector_style = "ofa"

@@ -88,7 +88,7 @@ import torch.nn.functional as F
 
 from hkdbench.benchmark.models.taps import STAGES, StageInfo, as_map, nchw_to_tokens, tokens_to_nchw
 
-from .base import TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
+from .base import OWN_PASS, TASK_LOSS, Distiller, check_numbers, check_stages, kd_kl
 from .ofa import init_weights
 from .registry import register_method
 
@@ -378,6 +378,7 @@ def probe_entry_layouts(teacher, stages, quirks: bool) -> Dict[int, EntryLayout]
 @register_method
 class PAT(Distiller):
     name = "pat"
+    teacher_reads = OWN_PASS
     version = 1  # of its computation: bump when its numbers change (tests/test_golden.py says when)
     paper = "Lin et al., Perspective-Aware Teaching: Adapting Knowledge for Heterogeneous Distillation, ICCV 2025"
     needs_teacher_grad = True

@@ -34,6 +34,11 @@ def register_method(cls: type) -> type:
         raise TypeError(f"{cls.__qualname__} must define a dataclass 'Config' of its hyperparameters")
     if not config_cls.__dataclass_params__.frozen:
         raise TypeError(f"{cls.__qualname__}.Config must be a frozen dataclass")
+    from .base import TEACHER_READS
+
+    if getattr(cls, "teacher_reads", None) not in TEACHER_READS:
+        raise TypeError(f"{cls.__qualname__}.teacher_reads must be one of {', '.join(TEACHER_READS)}, got "
+                        f"{getattr(cls, 'teacher_reads', None)!r}")
     if _is_builtin(cls) and not isinstance(cls.__dict__.get("version"), int):
         raise TypeError(f"built-in method {cls.__qualname__} must declare its computation's 'version' (an int)")
     if not _is_builtin(cls):

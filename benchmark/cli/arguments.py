@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher_options(p)
     _add_run_options(p, teacher_overrides=False)
 
+    p = sub.add_parser("teacher-outputs", help="compute and store a teacher's outputs on a run's data stream (every "
+                                               "epoch), read by its runs with train.teacher_outputs=stored")
+    _add_student_options(p)
+    _add_config_options(p, teacher_overrides=True)
+    p.add_argument("--runs-dir", default=None, help=RUNS_DIR_HELP)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dry-run", action="store_true", help="print where the outputs go, which epochs are stored and "
+                                                          "the size of all of them; compute and write nothing")
+
     p = sub.add_parser("config", help="print every field of a run's resolved config with its value, its default and "
                                       "its help (train's arguments; --model for a teacher run); writes nothing")
     _add_student_options(p)

@@ -123,7 +123,8 @@ def _dispatch(args) -> int:
         from hkdbench.methods import load_plugins
 
         load_plugins()
-    return getattr(commands, f"cmd_{args.command}")(args, overrides if hasattr(args, "overrides") else None)
+    command = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
+    return command(args, overrides if hasattr(args, "overrides") else None)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,29 @@ def cmd_teacher(args, overrides) -> int:
     return _train_until_done_or_stopped(lambda **kw: [train(cfg, **kw)], args)
 
 
+def cmd_teacher_outputs(args, overrides) -> int:
+    """Computes (or with --dry-run describes) the stored teacher outputs that ``train`` with the same options and
+    ``train.teacher_outputs=stored`` would read: one set per cohort of the methods asked for."""
+    from hkdbench.benchmark.core.store import RunStore
+    from hkdbench.benchmark.engine.cohort import group_cohorts, reads_stored
+    from hkdbench.benchmark.engine.evaluation import select_device
+    from hkdbench.benchmark.engine.teacher_outputs import describe_outputs
+    from hkdbench.benchmark.engine.trainer import compute_teacher_outputs
+
+    request = run_request(args, overrides).with_overrides(["train.teacher_outputs=stored"])
+    cfgs = checked_configs(request, _method_list(args.method), args.device)
+    cohorts = [g for g in group_cohorts(cfgs) if any(reads_stored(c) for c in g)]
+    if not cohorts:
+        compute_teacher_outputs(cfgs, args.runs_dir, args.device)  # says why none of them can
+    for cohort in cohorts:
+        if args.dry_run:
+            print(describe_outputs(cohort, RunStore(args.runs_dir), select_device(args.device)))
+        else:
+            outputs = compute_teacher_outputs(cohort, args.runs_dir, args.device)
+            print(f"teacher outputs: {outputs.folder.path} ({len(outputs.manifest()['shards'])} epochs stored)")
+    return 0
+
+
 def cmd_config(args, overrides) -> int:
     """Prints each resolved run config (one per --method) with every field's value, default and help."""
     from hkdbench.benchmark.cli.config_listing import format_config

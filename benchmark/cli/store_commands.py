@@ -82,6 +82,10 @@ def cmd_status(args, _overrides) -> int:
     store = RunStore(runs_dir)
     print(f"{title}; run store {store.root}")
     print(format_state_table(run_states(specs, store), order=specs))
+    names = {spec.name for spec in specs}
+    for outputs in store.teacher_outputs():  # the stored teacher outputs of these runs' teacher runs
+        if (outputs.manifest() or {}).get("made_by", {}).get("teacher", {}).get("run") in names:
+            print(outputs.describe())
     return 0
 
 

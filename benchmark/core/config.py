@@ -481,6 +481,11 @@ class TrainConfig:
     # result up to float rounding, so it is in env.json, not in the hash
     compile: bool = where_or_how(False, "torch.compile the student and the method's modules (same result up to float "
                                         "rounding)")
+    # Where the teacher's logits/pre-logits come from (engine/teacher_outputs.py): its live pass, or the outputs
+    # stored once per (teacher weights, data stream) in the run store; the same numbers either way, so not in the hash
+    teacher_outputs: str = where_or_how("live", "'live': run the teacher every step; 'stored': read its outputs, "
+                                                "computed once per teacher and data stream, from the run store "
+                                                "(methods that read only logits/pre-logits)")
     # How many ranks the reference spread its global batch over (data.batch_size per rank): part of what the run
     # computes (each rank's slice augmented, normalised and lossed on its own, the gradients averaged over the ranks);
     # the processes that run them are not: each trains world / processes ranks in turn (engine/ranks.py)
@@ -530,6 +535,8 @@ class TrainConfig:
                              "set train.dist_bn=broadcast")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.teacher_outputs not in ("live", "stored"):
+            raise ValueError(f"train.teacher_outputs must be live or stored, got {self.teacher_outputs!r}")
         if self.channels_last not in ("auto", "yes", "no"):
             raise ValueError(f"train.channels_last must be auto, yes or no, got {self.channels_last!r}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -24,6 +24,10 @@
         sweep.json       the sweep's manifest: preset, every run's config, one entry per invocation
         submissions.jsonl  one line per job the sweep submitted
     <runs>/_submitit/    submitit's job folders (logs, pickled jobs and results)
+    <runs>/_teacher_outputs/<teacher model>_<key>/   a teacher's outputs on one data stream (engine/teacher_outputs.py)
+        manifest.json    what made them (teacher weights, stream, precision, contents), its shapes, each shard's SHA-256
+        epoch_<e>.pt     the logits (and pre-logits) of every step and rank of epoch e, in the pass's dtype
+        lock             held (flock) by the process writing them
 
 This module is torch-free (the analysis reads the store through it); the torch side (weights, checkpoints) is
 ``engine/records.py``, which takes its file names from :class:`RunDir`.
@@ -62,6 +66,7 @@ from hkdbench.benchmark.core.errors import HkdbenchError, StoreError
 DEFAULT_RUNS_DIR = "runs"
 SWEEPS_DIR = "_sweeps"
 SUBMITIT_DIR = "_submitit"
+TEACHER_OUTPUTS_DIR = "_teacher_outputs"
 CONFIG_FILE = "config.json"  # the file that makes a directory a run directory
 
 
@@ -593,15 +598,20 @@ class RunDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def is_locked(self) -> bool:
-        if not self.lock_file.exists():
-            return False
-        with open(self.lock_file) as f:  # read-only: status works on a store it cannot write (flock needs none)
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
+        return _flock_held(self.lock_file)
+
+
+def _flock_held(lock_file: Path) -> bool:
+    """Whether a live process holds the flock on ``lock_file``."""
+    if not lock_file.exists():
+        return False
+    with open(lock_file) as f:  # read-only: status works on a store it cannot write (flock needs none)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
 
 
 class RunLockedError(HkdbenchError, RuntimeError):
@@ -698,6 +708,73 @@ class RunStore:
     @property
     def submitit_folder(self) -> Path:
         return self.root / SUBMITIT_DIR
+
+    def teacher_outputs_dir(self, name: str) -> "TeacherOutputsDir":
+        return TeacherOutputsDir(self.root / TEACHER_OUTPUTS_DIR / name)
+
+    def teacher_outputs(self) -> List["TeacherOutputsDir"]:
+        """The store's stored teacher outputs that have a manifest, by name."""
+        found = (TeacherOutputsDir(path) for path in sorted((self.root / TEACHER_OUTPUTS_DIR).glob("*")))
+        return [outputs for outputs in found if outputs.manifest_file.exists()]
+
+
+class TeacherOutputsDir:
+    """A teacher's stored outputs on one data stream: ``manifest.json`` (what made them, each finished epoch's shard
+    and its SHA-256, written after the shard), ``epoch_<e>.pt`` shards (atomic), ``lock``. A shard that the manifest
+    does not list, or lists with another SHA-256, is not taken."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    manifest_file = property(lambda self: self.path / "manifest.json")
+    lock_file = property(lambda self: self.path / "lock")
+
+    def shard_file(self, epoch: int) -> Path:
+        return self.path / f"epoch_{epoch}.pt"
+
+    def manifest(self) -> Optional[Dict[str, Any]]:
+        """manifest.json, None when there is none yet; a damaged one raises DamagedRunFileError."""
+        return _read_record(self.manifest_file, "the stored teacher outputs' manifest") \
+            if self.manifest_file.exists() else None
+
+    def write_manifest(self, body: Dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_file, body)
+
+    def remove_stray_temp_files(self) -> List[str]:
+        """Temp files a killed writer left (call under the lock)."""
+        return RunDir.remove_stray_temp_files(self)  # type: ignore[arg-type]  # the same rule on its folder
+
+    def is_locked(self) -> bool:
+        return _flock_held(self.lock_file)
+
+    def describe(self) -> str:
+        """One line for ``hkdbench status``: whose outputs, what they hold, how many epochs, being written or not."""
+        manifest = self.manifest() or {}
+        made_by = manifest.get("made_by", {})
+        teacher = made_by.get("teacher", {})
+        source = teacher.get("run") or teacher.get("pretrained") or "checkpoint"
+        state = "being written" if self.is_locked() else "idle"
+        return (f"teacher outputs {self.path.name}: {teacher.get('model', '?')} ({source}), "
+                f"{' + '.join(made_by.get('contents', []))}, seed {made_by.get('stream', {}).get('seed', '?')}, "
+                f"{len(manifest.get('shards', {}))} epoch(s) stored, {state}")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive flock on ``lock``: one writer at a time (readers of finished shards need none: a shard is
+        renamed into place whole and listed in the manifest after)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            lock_file = open(self.lock_file, "a+")
+        except OSError as err:
+            if err.errno in WRITE_ERRNOS:
+                raise StoreWriteError(describe_write_error(self.lock_file, err)) from err
+            raise
+        with lock_file as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class SweepDir:

@@ -24,6 +24,22 @@ def stream_key(cfg: RunConfig) -> str:
     return json.dumps(_plain(body), sort_keys=True, default=str)
 
 
+def reads_stored(cfg: RunConfig) -> bool:
+    """Whether the run reads stored teacher outputs (engine/teacher_outputs.py): ``train.teacher_outputs=stored``, a
+    method that reads only the teacher's logits or pre-logits, and no CKA probe (it probes the teacher's stages)."""
+    from hkdbench.methods import LOGITS, PRE_LOGITS, get_method
+
+    method = get_method(cfg.method)
+    return (cfg.train.teacher_outputs == "stored" and cfg.kind != "teacher" and cfg.teacher is not None
+            and method.uses_teacher and method.teacher_reads in (LOGITS, PRE_LOGITS) and not cfg.train.probe_every)
+
+
+def cohort_reads_stored(cfgs: Sequence[RunConfig]) -> bool:
+    """Whether a cohort reads stored teacher outputs: every member that uses a teacher reads them."""
+    users = [c for c in cfgs if teacher_key(c) is not None]
+    return bool(users) and all(reads_stored(c) for c in users)
+
+
 def teacher_key(cfg: RunConfig) -> Optional[str]:
     """Which teacher weights a run distils from (None: it uses no teacher)."""
     from hkdbench.methods import get_method
@@ -38,7 +54,9 @@ def teacher_key(cfg: RunConfig) -> Optional[str]:
 def group_cohorts(cfgs: Sequence[RunConfig]) -> List[List[RunConfig]]:
     """The runs grouped into cohorts, in order of first appearance: one per (stream, teacher); a run without a
     teacher joins the first cohort of its stream (its own when there is none). Teacher runs never join one; a run
-    listed twice (the student alone serves every teacher) is trained once."""
+    listed twice (the student alone serves every teacher) is trained once. A cohort reads stored teacher outputs
+    when all its teacher users can (:func:`cohort_reads_stored`); one that holds a method reading the teacher's
+    stages runs it live, its stored readers sharing that pass (kept together: split, the teacher would run twice)."""
     unique: Dict[str, RunConfig] = {}
     for cfg in cfgs:
         unique.setdefault(cfg.run_name(), cfg)

@@ -26,6 +26,7 @@ from hkdbench.benchmark.engine.records import (EpochSums, epoch_record, evaluati
                                                run_summary, save_checkpoint)
 from hkdbench.benchmark.engine.seeding import rng_state, set_rng_state
 from hkdbench.benchmark.engine.teacher import teacher_provenance
+from hkdbench.benchmark.engine.teacher_outputs import RecordedTeacher
 from hkdbench.benchmark.models.taps import Features
 from hkdbench.benchmark.models.zoo import zoo_entry
 from hkdbench.benchmark.core.store import LOSS_PREFIX
@@ -135,7 +136,7 @@ class CohortLoop:
             for step, batches in lookahead:  # one batch per rank this process trains
                 active = [m for m in members if m.trains_at(epoch, step)]
                 tic = time.perf_counter()
-                shared, users = self._teacher_passes(active, teacher, batches)
+                shared, users = self._teacher_passes(active, teacher, batches, epoch, step)
                 share = (time.perf_counter() - tic) / max(len(users), 1)
                 outcomes = [self._member_step(m, lookahead, batches, epoch, step, shared, share if m in users else 0.0)
                             for m in active]
@@ -150,11 +151,15 @@ class CohortLoop:
                     m.progress.close()
         return None
 
-    def _teacher_passes(self, active: List[Member], teacher, batches
+    def _teacher_passes(self, active: List[Member], teacher, batches, epoch: int, step: int
                         ) -> Tuple[Optional[List[Features]], List[Member]]:
         """The plain teacher pass of each rank's batch of the step and the members that share them (None and none
-        when fewer than two read one: a single reader runs it in its own step, as it always did)."""
+        when fewer than two read one: a single reader runs it in its own step, as it always did). A cohort that
+        reads stored outputs takes them from the store for every reader."""
         users = [m for m in active if m.ctx.method.uses_teacher and m.ctx.method.plain_teacher_stages() is not None]
+        if isinstance(teacher, RecordedTeacher):
+            return (teacher.outputs.features(epoch, step, self.runs.layout(active[0].cfg).ranks), users) \
+                if users else (None, [])
         if teacher is None or len(users) < 2:
             return None, []
         stages = set().union(*(m.ctx.method.plain_teacher_stages() for m in users))

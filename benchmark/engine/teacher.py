@@ -118,17 +118,24 @@ def load_for_student(source: TeacherSource, store: RunStore, num_classes: int, i
     teacher = source.build(num_classes, in_chans)
     if not source.is_run:
         return teacher, None
-    t_dir = source.run_dir(store)
-    refuse_failed(t_dir)
-    if not t_dir.is_done:
-        say(f"teacher {source.name}: no finished run at {t_dir.path}; training it first")
-        train_run(source.run_config)
+    t_dir = ensure_teacher_run(source, store, say, train_run)
     which = source.cfg.teacher.weights
     recorded = load_teacher_run(teacher, t_dir, which)
     scores = kept_weights_scores(recorded, which)  # best.pt of a run with data.val_split: its selected epoch
     say(f"teacher {source.name}: the {which} weights of {t_dir.path.name} "
         f"(epoch {recorded.get(f'{scores}_epoch', '?')}, top-1 {recorded[f'{scores}_top1']:.2f})")
     return teacher, recorded[f"{scores}_top1"]
+
+
+def ensure_teacher_run(source: TeacherSource, store: RunStore, say: Callable[[str], None],
+                       train_run: Callable[[RunConfig], None]) -> RunDir:
+    """The teacher run's directory, the run trained first when it has not finished (a FAILED one is refused)."""
+    t_dir = source.run_dir(store)
+    refuse_failed(t_dir)
+    if not t_dir.is_done:
+        say(f"teacher {source.name}: no finished run at {t_dir.path}; training it first")
+        train_run(source.run_config)
+    return t_dir
 
 
 def refuse_failed(t_dir: RunDir) -> None:

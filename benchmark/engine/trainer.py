@@ -25,17 +25,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from hkdbench.methods import get_method
 
-from hkdbench.benchmark.core.config import RunConfig
+from hkdbench.benchmark.core.config import ConfigError, RunConfig
 from hkdbench.benchmark.core.store import RunStore
 from hkdbench.benchmark.data.datasets import dataset_info
-from hkdbench.benchmark.engine.cohort import check_cohort
+from hkdbench.benchmark.engine.cohort import check_cohort, cohort_reads_stored, reads_stored
 from hkdbench.benchmark.engine.evaluation import select_device
 from hkdbench.benchmark.engine.lifecycle import DivergedError, RunExistsError, RunLifecycle, unfinished_run_error
 from hkdbench.benchmark.engine.loop import CohortLoop
 from hkdbench.benchmark.engine.member import RunResult
 from hkdbench.benchmark.engine.plan import teacher_settings_note
 from hkdbench.benchmark.engine.teacher import (ProbeTeacherMissingError, TeacherRunError, TeacherUnavailableError,
-                                               check_probe_teachers, load_for_student, teacher_source)
+                                               TeacherSource, check_probe_teachers, ensure_teacher_run,
+                                               load_for_student, teacher_source)
+from hkdbench.benchmark.engine.teacher_outputs import RecordedTeacher, check_can_store, ensure_outputs
 from hkdbench.benchmark.models.taps import TappedModel
 
 # the entry points' results and errors, importable from here with them
@@ -84,9 +86,38 @@ class CohortTrainer:
             return None, None
         if source.is_run and (note := teacher_settings_note(cfg, source.run_config)):
             self.runs.say(note)
+        if self._reads_stored():
+            return self._stored_teacher(source, num_classes, in_chans)
+        return self._live_teacher(source, num_classes, in_chans)
+
+    def _reads_stored(self) -> bool:
+        """The cohort reads stored teacher outputs when every member that uses the teacher does; else the teacher
+        runs live, and the members that asked for stored outputs share its pass (the same numbers)."""
+        users = [c for c in self.runs.cfgs if teacher_source(c) is not None]
+        if any(c.train.teacher_outputs == "stored" for c in users) and not cohort_reads_stored(users):
+            live = sorted({c.method for c in users if not reads_stored(c)})
+            self.runs.say(f"train.teacher_outputs=stored: {', '.join(live)} needs the live teacher (it reads more "
+                          "than its logits or pre-logits, probes it, or asked for it live), so this cohort runs the "
+                          "teacher live")
+        return cohort_reads_stored(users)
+
+    def _live_teacher(self, source: TeacherSource, num_classes: int, in_chans: int) -> Teacher:
         teacher, top1 = load_for_student(source, self.runs.store, num_classes, in_chans, self.runs.say,
                                          self._train_teacher_run)
         return teacher.to(self.runs.device), top1
+
+    def _stored_teacher(self, source: TeacherSource, num_classes: int, in_chans: int) -> Teacher:
+        """A stand-in teacher that hands out the stored outputs (train.teacher_outputs=stored), computed first where
+        missing or damaged: the live teacher is built only then, and let go before training."""
+        runs = self.runs
+        if source.is_run:
+            ensure_teacher_run(source, runs.store, runs.say, self._train_teacher_run)
+        readers = [c for c in runs.cfgs if reads_stored(c)]
+        epochs = max(c.train.epochs for c in readers)
+        check_can_store(readers, runs.dist is not None, runs.store, runs.device, epochs)
+        outputs = ensure_outputs(readers, runs.store, runs.device, epochs,
+                                 lambda: self._live_teacher(source, num_classes, in_chans), runs.say)
+        return RecordedTeacher(outputs).to(runs.device), outputs.teacher_top1
 
     def _train_teacher_run(self, t_cfg: RunConfig) -> None:
         trainer = CohortTrainer([t_cfg], self.runs.store, device=str(self.runs.device), progress=self.progress,
@@ -134,3 +165,17 @@ def train_cohort(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, resu
     the others went on) or 'owned' (another process holds its lock, with ``wait_for_lock=False``)."""
     return CohortTrainer(cfgs, RunStore(runs_dir), device=device, progress=progress, **kwargs).run(
         resume, restart, wait_for_lock)
+
+
+def compute_teacher_outputs(cfgs: Sequence[RunConfig], runs_dir: Optional[str] = None, device: Optional[str] = None,
+                            echo: bool = True):
+    """``hkdbench teacher-outputs``: the stored teacher outputs that ``cfgs`` read (one cohort's), their missing
+    epochs computed (the teacher run trained first when needed), no run of ``cfgs`` trained. Returns them."""
+    readers = [c for c in cfgs if reads_stored(c)]
+    if not readers:
+        raise ConfigError("none of these runs reads stored teacher outputs: a method that reads only the teacher's "
+                          "logits or pre-logits (kd, dkd, dist, ofa, spofa, crd, hcd), a teacher, no CKA probe")
+    trainer = CohortTrainer(readers, RunStore(runs_dir), device=device, progress=False, echo=echo)
+    info = dataset_info(readers[0].data.dataset)
+    teacher, _ = trainer.prepare_teacher(readers[0], info.num_classes, info.in_chans)
+    return teacher.outputs

@@ -109,6 +109,10 @@ class Sweep:
                  + f", then {len(s_todo)} student run(s)"
                  + (f" in {len(cohorts)} cohort(s), one job each" if self.cohort else "")
                  + (submitter.students_submitted_as if t_todo else ""))
+        readers = [r for t in t_todo for r in self.outputs_readers(Cohort([t.spec]))]
+        if readers:
+            self.say(f"  the teacher runs' jobs also compute the stored teacher outputs that {len(readers)} student "
+                     "run(s) read (train.teacher_outputs=stored)")
         for c in cohorts if self.cohort else []:
             self.say(f"  {c.describe()}")
         note = submitter.dry_run_note()
@@ -145,7 +149,22 @@ class Sweep:
         threads = self.preset.slurm.cpus_per_task
         cfgs = [s.cfg.to_dict() for s in cohort.specs]
         return RunJob(cfgs[0] if len(cfgs) == 1 else cfgs, str(self.root), self.device, threads,
-                      self.preset.slurm.stop_wait)
+                      self.preset.slurm.stop_wait, outputs_for=[s.cfg.to_dict() for s in self.outputs_readers(cohort)])
+
+    def outputs_readers(self, cohort: Cohort) -> List[RunSpec]:
+        """A teacher run's student runs that read its stored outputs and are not done: its job computes those
+        outputs after training it, so that the student jobs, which wait for it, find them (none for other jobs)."""
+        from hkdbench.benchmark.engine.cohort import cohort_reads_stored, group_cohorts, reads_stored
+
+        teachers = {s.name for s in cohort.specs if s.kind == "teacher"}
+        readers = [s for s in self.plan.students if s.teacher_run in teachers and reads_stored(s.cfg)
+                   and not self.store.run_dir(s.cfg).is_done]
+        if not self.cohort:
+            return readers
+        # in cohorts, a reader whose cohort runs the teacher live (it holds FitNet, PAT) shares that pass instead
+        live = {c.run_name() for group in group_cohorts([s.cfg for s in self.plan.students])
+                if not cohort_reads_stored(group) for c in group}
+        return [s for s in readers if s.name not in live]
 
     def record(self, cohort: Cohort, executor: str, job_id: str, stdout: str = "", stderr: str = "") -> None:
         """The job's line in each of its runs' ``jobs.jsonl`` and in the sweep's ``submissions.jsonl``."""

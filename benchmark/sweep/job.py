@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import submitit
 
@@ -40,8 +40,12 @@ class RunJob(submitit.helpers.Checkpointable):
     until it runs."""
 
     def __init__(self, cfg: Union[Dict[str, Any], List[Dict[str, Any]]], runs_dir: str, device: Optional[str] = None,
-                 threads: int = 1, stop_wait_s: float = 60.0, plugins: Optional[str] = None):
+                 threads: int = 1, stop_wait_s: float = 60.0, plugins: Optional[str] = None,
+                 outputs_for: Sequence[Dict[str, Any]] = ()):
         self.cfgs: List[Dict[str, Any]] = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+        # a teacher run's job: the student runs that read its stored outputs (train.teacher_outputs=stored), whose
+        # outputs it computes once the teacher is trained, before the student jobs (which wait for this one) start
+        self.outputs_for: List[Dict[str, Any]] = list(outputs_for)
         if not self.cfgs:
             raise ValueError("a RunJob needs at least one run config")
         self.runs_dir = str(runs_dir)
@@ -53,7 +57,8 @@ class RunJob(submitit.helpers.Checkpointable):
         self.plugins = _absolute_plugins(os.environ.get("HKDBENCH_METHODS", "") if plugins is None else plugins)
 
     def __getstate__(self) -> Dict[str, Any]:  # threads and events never travel
-        return {k: self.__dict__[k] for k in ("cfgs", "runs_dir", "device", "threads", "stop_wait_s", "plugins")}
+        return {k: self.__dict__[k] for k in ("cfgs", "runs_dir", "device", "threads", "stop_wait_s", "plugins",
+                                              "outputs_for")}
 
     def _load_plugins(self) -> None:
         """Imports the submitter's plugins unless this process has them (an inline sweep's, or a requeue's)."""
@@ -136,6 +141,8 @@ class RunJob(submitit.helpers.Checkpointable):
             results = train_cohort(cfgs, runs_dir=self.runs_dir, resume=True, device=device, progress=False,
                                    wait_for_lock=False, should_stop=should_stop, dist_ctx=dist_ctx)
             statuses = {cfg.run_name(): r.status for cfg, r in zip(cfgs, results)}
+            if set(statuses.values()) == {"done"}:
+                self._compute_teacher_outputs(device)
         except RunLockedError:  # a cohort of one whose lock another process holds (a larger one says 'owned')
             statuses = {cfg.run_name(): OWNED for cfg in cfgs}
         except TeacherUnavailableError:  # a stop request arrived while the job was training the shared teacher
@@ -152,6 +159,17 @@ class RunJob(submitit.helpers.Checkpointable):
         failed = [name for name, status in statuses.items() if status == "failed"]
         if failed:  # the trainer wrote each reason to the run's FAILED file
             self._outcome["error"] = _diverged_error(store, cfgs, statuses)
+
+    def _compute_teacher_outputs(self, device) -> None:
+        """The stored outputs of the finished teacher run for its student runs that read them: one set per data
+        stream the students share (``engine/teacher_outputs.py``)."""
+        from hkdbench.benchmark.engine.cohort import group_cohorts
+        from hkdbench.benchmark.engine.trainer import compute_teacher_outputs
+
+        for group in group_cohorts([run_config_from_dict(c) for c in self.outputs_for]):
+            outputs = compute_teacher_outputs(group, self.runs_dir, device)
+            print(f"hkdbench: teacher outputs {outputs.folder.path.name}: {len(outputs.manifest()['shards'])} "
+                  "epochs stored", flush=True)
 
     def _summarise(self, statuses: Dict[str, str]) -> Dict[str, Any]:
         """The job's return value: a run's status as a single run's job returns it; for a cohort, also its id and
@@ -200,7 +218,8 @@ class RunJob(submitit.helpers.Checkpointable):
                 print(f"hkdbench: trainer stopped ({self._outcome.get('status')}); requeueing", file=sys.stderr,
                       flush=True)
         return submitit.helpers.DelayedSubmission(
-            RunJob(self.cfgs, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins))
+            RunJob(self.cfgs, self.runs_dir, self.device, self.threads, self.stop_wait_s, self.plugins,
+                   self.outputs_for))
 
 
 def _diverged_error(store: RunStore, cfgs, statuses: Dict[str, str]) -> Exception:
