@@ -55,19 +55,19 @@ def test_a_non_finite_evaluation_loss_fails_the_run_never_done(fmnist_available,
 
 def test_non_finite_weights_at_the_end_of_an_epoch_fail_the_run(fmnist_available, runs_dir, monkeypatch):
     """Finite losses, but a weight that overflowed: the epoch's check of the weights catches it, names the tensor."""
-    from hkdbench.benchmark.engine.loop import CohortLoop
+    from hkdbench.benchmark.engine import loop
     from hkdbench.benchmark.engine.trainer import DivergedError, train
     from hkdbench.benchmark.recipes.resolve import resolve_run_config
 
-    record = CohortLoop._record_epoch
+    record = loop.epoch_metrics
 
-    def poisoned(self, m, epoch, test_loader):
-        out = record(self, m, epoch, test_loader)
+    def poisoned(m, *args):
+        out = record(m, *args)
         with torch.no_grad():
             m.student.model.fc.bias[3] = float("inf")
         return out
 
-    monkeypatch.setattr(CohortLoop, "_record_epoch", poisoned)
+    monkeypatch.setattr(loop, "epoch_metrics", poisoned)
     cfg = resolve_run_config(kind="teacher", student="resnet_mini", recipe="demo", overrides=TINY)
     with pytest.raises(DivergedError, match=r"diverged at the end of epoch 1: non-finite weights in 1 tensor\(s\) "
                                             r"\(student\.model\.fc\.bias\)"):

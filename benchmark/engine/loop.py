@@ -231,42 +231,11 @@ class CohortLoop:
                     save_checkpoint(m, epoch, step, m.sums, ranks)
         self.runs.stopped(m, epoch, step, saved)
 
-    def _record_epoch(self, m: Member, epoch: int, test_loader) -> Dict[str, object]:
-        """The epoch's metrics line: its training sums, the student's and the EMA's scores at an evaluated epoch,
-        the probes' values."""
-        cfg, ctx, runs = m.cfg, m.ctx, self.runs
-        lr = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
-        record = epoch_record(epoch, m.sums, lr, runs.world_size, runs.dist is not None)
-        if m.ranks.bn is not None:  # train.dist_bn='reduce': timm's distribute_bn after every epoch
-            m.ranks.bn.reduce_model()
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            student, ema = ctx.module.student, (m.ema.module if m.ema is not None else None)
-
-            def score(model, loader):  # None: no EMA, or no validation split
-                if model is None or loader is None:
-                    return None
-                return evaluate(model, loader, runs.device, ctx.dtype, ctx.channels_last)
-            scores, val = score(student, test_loader), score(student, self.val_loader)
-            if m.ranks.bn is not None:  # ... and the EMA's before its evaluation
-                m.ranks.bn.reduce_ema()
-            record.update(evaluation_fields(scores, score(ema, test_loader), val, score(ema, self.val_loader)))
-        if ctx.probes is not None:
-            record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
-        return record
-
-    def _diverged(self, m: Member, record: Dict[str, object]) -> str:
-        """What shows that the member diverged by the end of an epoch (its evaluation loss, its weights or its EMA's
-        not finite), in words; empty when nothing does."""
-        tensors = list(m.ctx.module.state_dict().items())
-        if m.ema is not None:
-            tensors += [(f"ema.{k}", v) for k, v in m.ema.module.state_dict().items()]
-        return describe(nonfinite_losses(record), nonfinite_tensors(tensors))
-
     def _end_epoch(self, m: Member, epoch: int, test_loader) -> None:
         runs, history = self.runs, m.state["history"]
-        record = self._record_epoch(m, epoch, test_loader)
+        record = epoch_metrics(m, epoch, self.runs, test_loader, self.val_loader)
         history.append(record)
-        seen = self._diverged(m, record)
+        seen = divergence_seen(m, record)
         (rank,) = self._first_rank([bool(seen)])  # a rank's own buffers (PAT's feedback) may diverge alone
         if rank is not None:
             seen, where = self._on_rank(seen, rank, f"at the end of epoch {epoch + 1}")
@@ -302,3 +271,36 @@ class CohortLoop:
         runs = self.runs
         summary = run_summary(m, teacher_provenance(m.cfg), runs.device, len(runs.cfgs))
         runs.finish(m, summary)
+
+
+def epoch_metrics(m: Member, epoch: int, runs: RunLifecycle, test_loader, val_loader) -> Dict[str, object]:
+    """The member's metrics line of an epoch: its training sums, the student's and the EMA's scores on the test set
+    and the validation split (``val_loader``; None: none) at an evaluated epoch, the probes' values."""
+    cfg, ctx = m.cfg, m.ctx
+    lr = ctx.schedule.value(epoch, ctx.steps - 1)  # the epoch's lr (its last step's, per update)
+    record = epoch_record(epoch, m.sums, lr, runs.world_size, runs.dist is not None)
+    if m.ranks.bn is not None:  # train.dist_bn='reduce': timm's distribute_bn after every epoch
+        m.ranks.bn.reduce_model()
+    if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        student, ema = ctx.module.student, (m.ema.module if m.ema is not None else None)
+
+        def score(model, loader):  # None: no EMA, or no validation split
+            if model is None or loader is None:
+                return None
+            return evaluate(model, loader, runs.device, ctx.dtype, ctx.channels_last)
+        scores, val = score(student, test_loader), score(student, val_loader)
+        if m.ranks.bn is not None:  # ... and the EMA's before its evaluation
+            m.ranks.bn.reduce_ema()
+        record.update(evaluation_fields(scores, score(ema, test_loader), val, score(ema, val_loader)))
+    if ctx.probes is not None:
+        record.update(ctx.probes.epoch_values(epoch, epoch + 1 == cfg.train.epochs))
+    return record
+
+
+def divergence_seen(m: Member, record: Dict[str, object]) -> str:
+    """What shows that the member diverged by the end of an epoch (its evaluation loss, its weights or its EMA's
+    not finite), in words; empty when nothing does."""
+    tensors = list(m.ctx.module.state_dict().items())
+    if m.ema is not None:
+        tensors += [(f"ema.{k}", v) for k, v in m.ema.module.state_dict().items()]
+    return describe(nonfinite_losses(record), nonfinite_tensors(tensors))
