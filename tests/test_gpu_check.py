@@ -43,7 +43,8 @@ def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
     out, summary = tiny_check
     parts = {p["name"]: p for p in summary["parts"]}
     assert list(parts) == ["env", "overhead_eager_swin_mini_resnet_mini", "stream_resnet_mini_vit_mini",
-                           "cohort_resnet_mini_vit_mini", "resume", "overhead_compile"]
+                           "cohort_resnet_mini_vit_mini", "resume", "teacher_outputs_ofa_resnet_mini",
+                           "teacher_outputs_logits_resnet_mini", "overhead_compile"]
     assert all(parts[n]["status"] == "ok" for n in list(parts)[:-1]), {n: p.get("error") for n, p in parts.items()}
     assert parts["overhead_compile"]["status"] == "skipped"
     assert summary["tiny"] is True and summary["install"].startswith("skipped")
@@ -58,7 +59,9 @@ def test_the_tiny_check_runs_every_part_and_writes_its_files(tiny_check):
     md = (out / "summary.md").read_text()
     for heading in ("# GPU check (tiny sizes)", "## Overhead: swin_mini -> resnet_mini, 32 px, batch 8, fp32, cpu",
                     "## Data stream: cifar-vit, kd resnet_mini -> vit_mini, 32 px, batch 16, float32, cpu",
-                    "## Cohort against separate runs (kd, dkd)", "## Stop and resume: kd resnet_mini -> vit_mini"):
+                    "## Cohort against separate runs (kd, dkd)", "## Stop and resume: kd resnet_mini -> vit_mini",
+                    "## Teacher outputs: separate runs, cohorts, stored (kd, fitnet)",
+                    "## Teacher outputs: separate runs, cohorts, stored (kd, dkd)"):
         assert heading in md
 
 
@@ -189,6 +192,7 @@ def test_the_parts_run_in_order_with_the_compiled_baselines_before_the_other_com
     names = [p.name for p in parts]
     assert names == ["env", "overhead_eager_swin_tiny_resnet18", "overhead_eager_convnext_tiny_deit_tiny",
                      "stream_resnet18_deit_tiny", "cohort_swin_tiny_resnet18", "cohort_resnet_mini_vit_mini", "resume",
+                     "teacher_outputs_ofa_swin_tiny", "teacher_outputs_logits_swin_tiny",
                      "overhead_compile_baselines_swin_tiny_resnet18",
                      "overhead_compile_baselines_convnext_tiny_deit_tiny",
                      "overhead_compile_methods_swin_tiny_resnet18", "overhead_compile_methods_convnext_tiny_deit_tiny"]
@@ -204,6 +208,11 @@ def test_the_parts_run_in_order_with_the_compiled_baselines_before_the_other_com
     assert (stream["img_size"], stream["batch_size"], stream["steps"], stream["precision"]) == (224, 128, 8, "bf16")
     assert stream["data_root"] == "/data"
     assert parts[4].args["batch_size"] == 32 and parts[5].args["batch_size"] == 128
+    ofa, logits = (p.args for p in parts[7:9])
+    assert ofa["students"] == logits["students"] == ["resnet18", "mobilenetv2_100", "deit_tiny"]
+    assert ofa["methods"] == ["none", "kd", "dkd", "fitnet", "ofa"] and logits["methods"] == ["kd", "dkd", "dist",
+                                                                                             "ofa", "crd"]
+    assert (ofa["teacher"], ofa["batch_size"], ofa["data_root"]) == ("swin_tiny", 32, "/data")
     assert "overhead_compile" not in " ".join(p.name for p in gpu_check.plan(gpu_check.FULL, None, None, False))
 
 
@@ -331,6 +340,57 @@ def test_the_cohort_part_goes_on_while_a_repeat_fits(tmp_path, monkeypatch):
                                  r["repeats_done"]))
     assert reports == [1, 2] and result["repeats_done"] == 2 and len(result["cohort_s"]) == 2
     assert "parts" not in result
+
+
+def test_the_teacher_outputs_part_measures_the_first_repeat_and_writes_it(tmp_path, monkeypatch):
+    written = []
+    real_write = gpu_check._write_json
+    monkeypatch.setattr(gpu_check, "_write_json", lambda path, body: written.append(body["repeats_done"]) or real_write(
+        path, body))
+    out = tmp_path / "outputs.json"
+    # a deadline already passed: the first repeat of the three ways is measured all the same, nothing after it
+    gpu_check.part_teacher_outputs(out, "cpu", "resnet_mini", ["vit_mini", "mixer_mini"], ["kd", "dkd"], 8, 1, 3,
+                                   None, deadline=time.time())
+    r = json.loads(out.read_text())
+    assert written == [1] and (r["repeats"], r["repeats_done"]) == (3, 1)
+    assert r["teacher_passes_per_step"] == {"separate": 4, "cohorts": 2, "stored": 1}  # one crop: one stream
+    assert all(len(r[f"{w}_s"]) == 1 and r[f"{w}_s"][0] > 0 for w in ("separate", "cohorts", "stored"))
+    assert r["stored_over_separate"] == pytest.approx(r["stored_s"][0] / r["separate_s"][0])
+    assert r["outputs_s"][0] > 0 and r["teacher_forward_ms"] > 0
+    md = "\n".join(gpu_check._teacher_outputs_markdown([{"kind": "teacher_outputs", "result": r}]))
+    assert "## Teacher outputs: separate runs, cohorts, stored (kd, dkd)" in md
+    assert "1 of 3 repeats, cpu" in md and "| separate |" in md and "| stored |" in md
+
+
+def test_the_teacher_outputs_timing_rotates_the_ways_and_reports_each_repeat(tmp_path, monkeypatch):
+    from hkdbench.benchmark.tools import teacher_outputs_speed as tos
+
+    order = []
+
+    def instant_way(way, plans, work, device, result):  # no training: only the order and the bookkeeping
+        order.append(way)
+        result[way].append({"separate": 4.0, "cohorts": 2.0, "stored": 1.0}[way])
+        if way == "stored":
+            result["outputs_s"].append(0.5)
+
+    monkeypatch.setattr(tos, "time_way", instant_way)
+    monkeypatch.setattr(tos, "_teacher_forward_ms", lambda setting, cfg, device: 100.0)
+    reports = []
+    r = tos.measure("resnet_mini", ["vit_mini"], ["kd"], 2, 3, tmp_path, "cpu", 8, deadline=time.time() + 600,
+                    on_progress=lambda result: reports.append(result["repeats_done"]))
+    assert order[1:] == ["separate", "cohorts", "stored", "cohorts", "stored", "separate", "stored", "separate",
+                         "cohorts"]  # order[0]: the untimed warm-up
+    assert reports == [1, 2, 3] and r["cohorts_over_separate"] == 0.5 and r["stored_over_separate"] == 0.25
+    # the teacher's share: 0.1 s a pass x 2 steps x passes a step (kd: 1 each way) over the way's time
+    assert r["teacher_share"] == pytest.approx({"separate": 0.05, "cohorts": 0.1, "stored": 0.2})
+
+
+def test_the_logit_readers_can_all_read_stored_outputs():
+    from hkdbench.methods import LOGITS, PRE_LOGITS, get_method
+    from hkdbench.benchmark.tools.teacher_outputs_speed import LOGIT_READERS
+
+    assert all(get_method(m).teacher_reads in (LOGITS, PRE_LOGITS) for m in LOGIT_READERS)
+    assert get_method("fitnet").teacher_reads not in (LOGITS, PRE_LOGITS)
 
 
 def _comparison(weights=0.0, metrics=None, note=None):

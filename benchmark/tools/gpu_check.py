@@ -12,6 +12,10 @@ one part is recorded (status, error, the tail of its log) and the others still r
   host read); the host synchronisations of one batch (torch's sync debug mode on CUDA); a further repeat only where
   it fits;
 * ``cohort_*``: ``cohort_speed``'s cohort/separate time ratio for one pair; a further repeat only where it fits;
+* ``teacher_outputs_*``: ``teacher_outputs_speed``'s measurement of one teacher with three students trained as
+  separate runs, in cohorts and from stored teacher outputs, once with the ``cifar100-ofa`` methods (each cohort
+  holds FitNet, which runs the teacher live) and once with methods that all read stored outputs; a further repeat
+  only where it fits;
 * ``resume``: one run trained straight through, the same run stopped mid-epoch by a stop request (the trainer's
   ``should_stop``, as a SIGTERM or Slurm's USR2 asks) and resumed, and a second straight run: the two straight
   runs' difference is the device's own nondeterminism, against which the resumed run's difference is judged;
@@ -49,6 +53,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hkdbench.benchmark.core.store import atomic_write_bytes
 from hkdbench.benchmark.tools.cohort_speed import OFA_METHODS
+from hkdbench.benchmark.tools.teacher_outputs_speed import LOGIT_READERS
 
 # overhead.BASELINES (the ratios' references), named here so that the parent process never imports torch
 BASELINES = ("none", "kd")
@@ -78,6 +83,12 @@ class Sizes:
     stream_batch: int
     stream_steps: int                    # batches per timed turn
     stream_repeats: int                  # at most, as cohort_repeats
+    outputs_teacher: str                 # the teacher-outputs parts: one teacher, its students, a part per
+    outputs_students: Tuple[str, ...]    # (label, methods) of outputs_plans
+    outputs_plans: Tuple[Tuple[str, Tuple[str, ...]], ...]
+    outputs_batch: int
+    outputs_steps: int
+    outputs_repeats: int                 # at most, as cohort_repeats
     shares: Dict[str, float] = field(default_factory=dict)
     cohort_shares: Tuple[float, ...] = ()  # one per cohort pair
 
@@ -89,8 +100,11 @@ FULL = Sizes(overhead_pairs=(("swin_tiny", "resnet18"), ("convnext_tiny", "deit_
              resume_pair=("swin_tiny", "resnet18"), resume_batch=32, resume_steps=6,
              stream_pair=("resnet18", "deit_tiny"), stream_img=224, stream_batch=128, stream_steps=8,
              stream_repeats=5,
-             shares={"env": 10, "overhead_eager": 40, "stream": 30, "resume": 60, "compile_baselines": 40,
-                     "compile_methods": 40},
+             outputs_teacher="swin_tiny", outputs_students=("resnet18", "mobilenetv2_100", "deit_tiny"),
+             outputs_plans=(("ofa", OFA_METHODS), ("logits", LOGIT_READERS)), outputs_batch=32, outputs_steps=8,
+             outputs_repeats=3,
+             shares={"env": 10, "overhead_eager": 40, "stream": 30, "resume": 60, "outputs": 55,
+                     "compile_baselines": 40, "compile_methods": 40},
              cohort_shares=(75, 30))
 # the plumbing only: one pair each, two methods that share the teacher in the cohort
 TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"),), overhead_batch=8, overhead_img=32, overhead_warmup=1,
@@ -98,9 +112,11 @@ TINY = Sizes(overhead_pairs=(("swin_mini", "resnet_mini"),), overhead_batch=8, o
              cohort_methods=("kd", "dkd"), cohort_batches=(16,), cohort_steps=(2,), cohort_repeats=1,
              resume_pair=("resnet_mini", "vit_mini"), resume_batch=16, resume_steps=3,
              stream_pair=("resnet_mini", "vit_mini"), stream_img=32, stream_batch=16, stream_steps=2,
-             stream_repeats=2,
-             shares={"env": 30, "overhead_eager": 60, "stream": 45, "resume": 90, "compile_baselines": 60,
-                     "compile_methods": 60},
+             stream_repeats=2, outputs_teacher="resnet_mini", outputs_students=("vit_mini", "mixer_mini"),
+             outputs_plans=(("ofa", ("kd", "fitnet")), ("logits", ("kd", "dkd"))), outputs_batch=8, outputs_steps=1,
+             outputs_repeats=1,
+             shares={"env": 30, "overhead_eager": 60, "stream": 45, "resume": 90, "outputs": 60,
+                     "compile_baselines": 60, "compile_methods": 60},
              cohort_shares=(90,))
 
 
@@ -141,6 +157,10 @@ def plan(sizes: Sizes, device: Optional[str], data_root: Optional[str], compile_
     parts.append(Part("resume", "resume", dict(device=device, teacher=sizes.resume_pair[0],
                                                student=sizes.resume_pair[1], batch_size=sizes.resume_batch,
                                                steps=sizes.resume_steps, data_root=data_root), sh["resume"]))
+    parts += [Part(f"teacher_outputs_{label}_{sizes.outputs_teacher}", "teacher_outputs", dict(
+        device=device, teacher=sizes.outputs_teacher, students=list(sizes.outputs_students), methods=list(methods),
+        batch_size=sizes.outputs_batch, steps=sizes.outputs_steps, repeats=sizes.outputs_repeats,
+        data_root=data_root), sh["outputs"]) for label, methods in sizes.outputs_plans]
     if compile_parts:
         parts += overhead_parts("overhead_compile_baselines", sh["compile_baselines"], BASELINES, compile=True)
         parts += overhead_parts("overhead_compile_methods", sh["compile_methods"], others, compile=True)
@@ -234,6 +254,18 @@ def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, me
     with tempfile.TemporaryDirectory(prefix="gpu_check_cohort_") as work:
         measure_pair(pair_setting(teacher, student, batch_size), methods, steps, repeats, Path(work), device,
                      data_root, deadline=deadline, on_progress=lambda result: _write_json(out, result))
+
+
+def part_teacher_outputs(out: Path, device: Optional[str], teacher: str, students: Sequence[str],
+                         methods: Sequence[str], batch_size: int, steps: int, repeats: int, data_root: Optional[str],
+                         deadline: Optional[float] = None) -> None:
+    """``teacher_outputs_speed``'s separate / cohorts / stored timing, written after each repeat; another repeat
+    only where it ends before ``deadline`` (the part's budget)."""
+    from hkdbench.benchmark.tools.teacher_outputs_speed import measure
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check_outputs_") as work:
+        measure(teacher, students, methods, steps, repeats, Path(work), device, batch_size, data_root,
+                deadline=deadline, on_progress=lambda result: _write_json(out, result))
 
 
 def part_stream(out: Path, device: Optional[str], teacher: str, student: str, img_size: int, batch_size: int,
@@ -380,7 +412,8 @@ def compare_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
 
 
 PARTS: Dict[str, Callable[..., None]] = {"env": part_env, "overhead": part_overhead, "stream": part_stream,
-                                         "cohort": part_cohort, "resume": part_resume}
+                                         "cohort": part_cohort, "resume": part_resume,
+                                         "teacher_outputs": part_teacher_outputs}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -483,7 +516,8 @@ def summary_markdown(summary: Dict[str, Any]) -> str:
         note = (p.get("error") or "").strip().splitlines()
         lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', '-')} | {note[-1][:160] if note else ''} |")
     lines += (_overhead_markdown(summary["parts"]) + _stream_markdown(summary["parts"])
-              + _cohort_markdown(summary["parts"]) + _resume_markdown(parts))
+              + _cohort_markdown(summary["parts"]) + _resume_markdown(parts)
+              + _teacher_outputs_markdown(summary["parts"]))
     return "\n".join(lines) + "\n"
 
 
@@ -535,6 +569,17 @@ def _cohort_markdown(parts: List[Dict[str, Any]]) -> List[str]:
     done = ", ".join(f"{r['teacher']} -> {r['student']} {r['repeats_done']} of {r['repeats']}" for r in results)
     return ["", f"## Cohort against separate runs ({methods})", "", format_results(results), "",
             f"Repeats measured within the budget: {done}."]
+
+
+def _teacher_outputs_markdown(parts: List[Dict[str, Any]]) -> List[str]:
+    from hkdbench.benchmark.tools.teacher_outputs_speed import format_result
+
+    lines: List[str] = []
+    for r in (p["result"] for p in parts if p["kind"] == "teacher_outputs" and p.get("result")):
+        lines += ["", f"## Teacher outputs: separate runs, cohorts, stored ({', '.join(r['methods'])})", "",
+                  format_result(r), "", "Each way's median time over the separate runs' (per repeat, interleaved); "
+                  "the teacher share is its forward times the passes a step over the way's time."]
+    return lines
 
 
 def _stream_markdown(parts: List[Dict[str, Any]]) -> List[str]:

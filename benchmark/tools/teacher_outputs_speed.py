@@ -16,6 +16,9 @@ Where the time goes: the teacher's forward on one batch (T, as ``cohort_speed`` 
 each way makes, so that T x passes is the teacher's share of each way's time. The teacher is the model with random
 weights saved once to a checkpoint (no teacher run is timed; cost does not depend on the weights).
 
+Under a time limit (``measure``'s deadline, as the GPU check gives it) a further repeat starts only when it will end
+in time. ``LOGIT_READERS`` are methods that can all read stored outputs: the plan where stored beats cohorts.
+
     python -m hkdbench.benchmark.tools.teacher_outputs_speed --teacher swin_tiny \\
         --students resnet18 mobilenetv2_100 deit_tiny --steps 2 --repeats 3
 """
@@ -29,23 +32,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from hkdbench.benchmark.tools.cohort_speed import (OFA_METHODS, _train_as_cohort, _train_separately, pair_setting,
-                                                   run_configs, save_random_teacher, teacher_forward_ms)
+from hkdbench.benchmark.tools.cohort_speed import (MARGIN, OFA_METHODS, _train_as_cohort, _train_separately,
+                                                   pair_setting, run_configs, save_random_teacher,
+                                                   teacher_forward_ms)
 
 WAYS = ("separate", "cohorts", "stored")
+# the methods that can all read stored outputs (teacher_reads LOGITS or PRE_LOGITS): where stored beats cohorts
+LOGIT_READERS = ("kd", "dkd", "dist", "ofa", "crd")
 STORED = ["train.teacher_outputs=stored"]
 
 
 def plan_configs(teacher: str, students: Sequence[str], methods: Sequence[str], steps: int, work: Path,
-                 batch_size: Optional[int], extra: Sequence[str] = ()) -> List[list]:
+                 batch_size: Optional[int], extra: Sequence[str] = (), data_root: Optional[str] = None) -> List[list]:
     """Per student, one config per method (``cohort_speed.run_configs``: one epoch of ``steps`` batches)."""
     plans = []
     for student in students:
         setting = pair_setting(teacher, student, batch_size)
         checkpoint = save_random_teacher(setting, work)
-        plans.append(run_configs(setting, checkpoint, methods, steps, extra=extra))
+        plans.append(run_configs(setting, checkpoint, methods, steps, data_root, extra=extra))
     return plans
 
 
@@ -100,34 +106,61 @@ def summary(times: Dict[str, List[float]]) -> Dict[str, Any]:
 
 
 def measure(teacher: str, students: Sequence[str], methods: Sequence[str], steps: int, repeats: int, work: Path,
-            device: Optional[str], batch_size: Optional[int]) -> Dict[str, Any]:
-    from hkdbench.benchmark.engine.evaluation import autocast_dtype, select_device, use_channels_last
+            device: Optional[str], batch_size: Optional[int], data_root: Optional[str] = None,
+            deadline: Optional[float] = None,
+            on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """The three ways timed side by side: the untimed warm-up, one repeat, the teacher's forward, then the other
+    repeats while one more fits before ``deadline`` (``time.time()``; None: all of them), as ``cohort_speed``'s
+    ``measure_pair`` under the GPU check; ``on_progress`` gets the result after each repeat."""
+    from hkdbench.benchmark.engine.evaluation import select_device
 
-    dev = select_device(device)
-    plans = {"live": plan_configs(teacher, students, methods, steps, work, batch_size),
-             "stored": plan_configs(teacher, students, methods, steps, work, batch_size, STORED)}
-    warm = {"live": plan_configs(teacher, students[:1], methods, 1, work, batch_size), "stored": []}
-    time_way("cohorts", warm, work, str(dev), {"cohorts": []})  # untimed: lazy imports, allocator pools
-    times: Dict[str, List[float]] = {w: [] for w in (*WAYS, "outputs_s")}
-    for r in range(repeats):
-        for way in WAYS[r % 3:] + WAYS[:r % 3]:
-            time_way(way, plans, work, str(dev), times)
-    first = plans["live"][0][0]
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    dev = str(select_device(device))
+    plans = {"live": plan_configs(teacher, students, methods, steps, work, batch_size, data_root=data_root),
+             "stored": plan_configs(teacher, students, methods, steps, work, batch_size, STORED, data_root)}
+    warm = {"live": plan_configs(teacher, students[:1], methods, 1, work, batch_size, data_root=data_root),
+            "stored": []}
+    time_way("cohorts", warm, work, dev, {"cohorts": []})  # untimed: lazy imports, allocator pools
     setting = pair_setting(teacher, students[0], batch_size)
-    dtype = autocast_dtype(first.train.precision, dev)
-    forward_ms = teacher_forward_ms(setting, dev, dtype, use_channels_last(first.train.channels_last, dev))
-    passes = teacher_passes(plans)
-    result = {"teacher": teacher, "students": list(students), "methods": list(methods), "steps": steps,
-              "repeats": repeats, "img_size": setting.img_size, "batch_size": setting.batch_size, "device": str(dev),
-              "teacher_forward_ms": forward_ms, "teacher_passes_per_step": passes, **summary(times)}
-    result["teacher_share"] = {w: forward_ms / 1000 * steps * passes[w] / result[f"{w}_s_median"] for w in WAYS}
+    result: Dict[str, Any] = {"teacher": teacher, "students": list(students), "methods": list(methods),
+                              "steps": steps, "repeats": repeats, "repeats_done": 0, "img_size": setting.img_size,
+                              "batch_size": setting.batch_size, "device": dev,
+                              "teacher_passes_per_step": teacher_passes(plans)}
+    times: Dict[str, List[float]] = {w: [] for w in (*WAYS, "outputs_s")}
+    longest = 0.0
+    for r in range(repeats):
+        if r and deadline is not None and time.time() + MARGIN * longest > deadline:
+            break  # another repeat would not end in time: what is measured stays whole
+        tic = time.perf_counter()
+        for way in WAYS[r % 3:] + WAYS[:r % 3]:
+            time_way(way, plans, work, dev, times)
+        longest = max(longest, time.perf_counter() - tic)
+        if r == 0:
+            result["teacher_forward_ms"] = _teacher_forward_ms(setting, plans["live"][0][0], dev)
+        result.update(summary(times), repeats_done=r + 1)
+        result["teacher_share"] = {w: result["teacher_forward_ms"] / 1000 * steps
+                                   * result["teacher_passes_per_step"][w] / result[f"{w}_s_median"] for w in WAYS}
+        if on_progress:
+            on_progress(result)
     return result
+
+
+def _teacher_forward_ms(setting, cfg, device: str) -> float:
+    """The teacher's forward on one batch in the runs' precision and memory format (``cohort_speed``'s timing)."""
+    import torch
+
+    from hkdbench.benchmark.engine.evaluation import autocast_dtype, use_channels_last
+
+    dev = torch.device(device)
+    return teacher_forward_ms(setting, dev, autocast_dtype(cfg.train.precision, dev),
+                              use_channels_last(cfg.train.channels_last, dev))
 
 
 def format_result(r: Dict[str, Any]) -> str:
     lines = [f"{r['teacher']} -> {', '.join(r['students'])}: {', '.join(r['methods'])}; {r['img_size']} px, batch "
-             f"{r['batch_size']}, {r['steps']} steps, {r['repeats']} repeats, {r['device']}; teacher forward "
-             f"{r['teacher_forward_ms']:.0f} ms a batch",
+             f"{r['batch_size']}, {r['steps']} steps, {r['repeats_done']} of {r['repeats']} repeats, {r['device']}; "
+             f"teacher forward {r['teacher_forward_ms']:.0f} ms a batch",
              "| way | median s | / separate | teacher passes a step | teacher share |", "|---|---:|---:|---:|---:|"]
     for way in WAYS:
         ratio = 1.0 if way == "separate" else r[f"{way}_over_separate"]
@@ -148,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default: cohort_speed's by input size")
     p.add_argument("--device", default=None)
+    p.add_argument("--data-root", default=None, help="where Fashion-MNIST is (default: the dataset's own lookup)")
     p.add_argument("--json", default=None, metavar="OUT")
     return p
 
@@ -160,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="teacher_outputs_speed_"))
     try:
         result = measure(args.teacher, args.students, args.methods, args.steps, args.repeats, work, args.device,
-                         args.batch_size)
+                         args.batch_size, args.data_root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(format_result(result))
