@@ -576,9 +576,11 @@ def _teacher_outputs_markdown(parts: List[Dict[str, Any]]) -> List[str]:
 
     lines: List[str] = []
     for r in (p["result"] for p in parts if p["kind"] == "teacher_outputs" and p.get("result")):
-        lines += ["", f"## Teacher outputs: separate runs, cohorts, stored ({', '.join(r['methods'])})", "",
-                  format_result(r), "", "Each way's median time over the separate runs' (per repeat, interleaved); "
-                  "the teacher share is its forward times the passes a step over the way's time."]
+        head, *table, outputs = format_result(r).splitlines()  # blank lines around the table, for Markdown
+        lines += ["", f"## Teacher outputs: separate runs, cohorts, stored ({', '.join(r['methods'])})", "", head,
+                  "", *table, "", f"{outputs.strip('()').capitalize()}. Each way's median time over the separate "
+                  "runs' (per repeat, interleaved); the teacher share is its forward times the passes a step over the "
+                  "way's time."]
     return lines
 
 
