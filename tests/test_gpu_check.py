@@ -352,7 +352,7 @@ def test_the_teacher_outputs_part_measures_the_first_repeat_and_writes_it(tmp_pa
     gpu_check.part_teacher_outputs(out, "cpu", "resnet_mini", ["vit_mini", "mixer_mini"], ["kd", "dkd"], 8, 1, 3,
                                    None, deadline=time.time())
     r = json.loads(out.read_text())
-    assert written == [1] and (r["repeats"], r["repeats_done"]) == (3, 1)
+    assert written == [0, 1] and (r["repeats"], r["repeats_done"]) == (3, 1) and r["warmup_s"] > 0
     assert r["teacher_passes_per_step"] == {"separate": 4, "cohorts": 2, "stored": 1}  # one crop: one stream
     assert all(len(r[f"{w}_s"]) == 1 and r[f"{w}_s"][0] > 0 for w in ("separate", "cohorts", "stored"))
     assert r["stored_over_separate"] == pytest.approx(r["stored_s"][0] / r["separate_s"][0])
@@ -360,6 +360,10 @@ def test_the_teacher_outputs_part_measures_the_first_repeat_and_writes_it(tmp_pa
     md = "\n".join(gpu_check._teacher_outputs_markdown([{"kind": "teacher_outputs", "result": r}]))
     assert "## Teacher outputs: separate runs, cohorts, stored (kd, dkd)" in md
     assert "1 of 3 repeats, cpu" in md and "| separate |" in md and "| stored |" in md
+    cut = {k: v for k, v in r.items() if k in ("teacher", "students", "methods", "img_size", "batch_size")}
+    md = "\n".join(gpu_check._teacher_outputs_markdown([{"kind": "teacher_outputs", "result": {
+        **cut, "repeats_done": 0, "warmup_s": 12.0}}]))
+    assert "no repeat measured within the budget (the warm-up, one cohort of one step, took 12.0 s)" in md
 
 
 def test_the_teacher_outputs_timing_rotates_the_ways_and_reports_each_repeat(tmp_path, monkeypatch):
@@ -380,7 +384,7 @@ def test_the_teacher_outputs_timing_rotates_the_ways_and_reports_each_repeat(tmp
                     on_progress=lambda result: reports.append(result["repeats_done"]))
     assert order[1:] == ["separate", "cohorts", "stored", "cohorts", "stored", "separate", "stored", "separate",
                          "cohorts"]  # order[0]: the untimed warm-up
-    assert reports == [1, 2, 3] and r["cohorts_over_separate"] == 0.5 and r["stored_over_separate"] == 0.25
+    assert reports == [0, 1, 2, 3] and r["cohorts_over_separate"] == 0.5 and r["stored_over_separate"] == 0.25
     # the teacher's share: 0.1 s a pass x 2 steps x passes a step (kd: 1 each way) over the way's time
     assert r["teacher_share"] == pytest.approx({"separate": 0.05, "cohorts": 0.1, "stored": 0.2})
 

@@ -259,8 +259,8 @@ def part_cohort(out: Path, device: Optional[str], teacher: str, student: str, me
 def part_teacher_outputs(out: Path, device: Optional[str], teacher: str, students: Sequence[str],
                          methods: Sequence[str], batch_size: int, steps: int, repeats: int, data_root: Optional[str],
                          deadline: Optional[float] = None) -> None:
-    """``teacher_outputs_speed``'s separate / cohorts / stored timing, written after each repeat; another repeat
-    only where it ends before ``deadline`` (the part's budget)."""
+    """``teacher_outputs_speed``'s separate / cohorts / stored timing, written after the warm-up (the plan's teacher
+    passes) and after each repeat; another repeat only where it ends before ``deadline`` (the part's budget)."""
     from hkdbench.benchmark.tools.teacher_outputs_speed import measure
 
     with tempfile.TemporaryDirectory(prefix="gpu_check_outputs_") as work:
@@ -576,8 +576,14 @@ def _teacher_outputs_markdown(parts: List[Dict[str, Any]]) -> List[str]:
 
     lines: List[str] = []
     for r in (p["result"] for p in parts if p["kind"] == "teacher_outputs" and p.get("result")):
+        lines += ["", f"## Teacher outputs: separate runs, cohorts, stored ({', '.join(r['methods'])})", ""]
+        if not r["repeats_done"]:
+            lines.append(f"{r['teacher']} -> {', '.join(r['students'])}, {r['img_size']} px, batch "
+                         f"{r['batch_size']}: no repeat measured within the budget (the warm-up, one cohort of one "
+                         f"step, took {r['warmup_s']:.1f} s).")
+            continue
         head, *table, outputs = format_result(r).splitlines()  # blank lines around the table, for Markdown
-        lines += ["", f"## Teacher outputs: separate runs, cohorts, stored ({', '.join(r['methods'])})", "", head,
+        lines += [head,
                   "", *table, "", f"{outputs.strip('()').capitalize()}. Each way's median time over the separate "
                   "runs' (per repeat, interleaved); the teacher share is its forward times the passes a step over the "
                   "way's time."]

@@ -111,7 +111,8 @@ def measure(teacher: str, students: Sequence[str], methods: Sequence[str], steps
             on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """The three ways timed side by side: the untimed warm-up, one repeat, the teacher's forward, then the other
     repeats while one more fits before ``deadline`` (``time.time()``; None: all of them), as ``cohort_speed``'s
-    ``measure_pair`` under the GPU check; ``on_progress`` gets the result after each repeat."""
+    ``measure_pair`` under the GPU check; ``on_progress`` gets the result after the warm-up (``repeats_done`` 0:
+    the passes and ``warmup_s``, one cohort's single step) and after each repeat."""
     from hkdbench.benchmark.engine.evaluation import select_device
 
     if repeats < 1:
@@ -121,12 +122,16 @@ def measure(teacher: str, students: Sequence[str], methods: Sequence[str], steps
              "stored": plan_configs(teacher, students, methods, steps, work, batch_size, STORED, data_root)}
     warm = {"live": plan_configs(teacher, students[:1], methods, 1, work, batch_size, data_root=data_root),
             "stored": []}
+    tic = time.perf_counter()
     time_way("cohorts", warm, work, dev, {"cohorts": []})  # untimed: lazy imports, allocator pools
     setting = pair_setting(teacher, students[0], batch_size)
     result: Dict[str, Any] = {"teacher": teacher, "students": list(students), "methods": list(methods),
                               "steps": steps, "repeats": repeats, "repeats_done": 0, "img_size": setting.img_size,
                               "batch_size": setting.batch_size, "device": dev,
-                              "teacher_passes_per_step": teacher_passes(plans)}
+                              "teacher_passes_per_step": teacher_passes(plans),
+                              "warmup_s": time.perf_counter() - tic}
+    report = on_progress or (lambda result: None)
+    report(result)  # the plan and the warm-up's cost, kept where not one repeat fits
     times: Dict[str, List[float]] = {w: [] for w in (*WAYS, "outputs_s")}
     longest = 0.0
     for r in range(repeats):
@@ -141,8 +146,7 @@ def measure(teacher: str, students: Sequence[str], methods: Sequence[str], steps
         result.update(summary(times), repeats_done=r + 1)
         result["teacher_share"] = {w: result["teacher_forward_ms"] / 1000 * steps
                                    * result["teacher_passes_per_step"][w] / result[f"{w}_s_median"] for w in WAYS}
-        if on_progress:
-            on_progress(result)
+        report(result)
     return result
 
 
