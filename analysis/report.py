@@ -62,8 +62,9 @@ STATISTICS_LINES = [
     "defaults (`kd[temperature=4]`) and, after `teacher:`, how its teacher was trained where that differs within "
     "the table (`kd[teacher: train.epochs=7]`). Runs of different labels or settings are never averaged together; a "
     "table's title names the setting fields that differ from the other settings of its dataset and recipe.",
-    "- Cost figures: training time per run in device-hours (the runs' own `train_time_s`), and train GFLOPs per image "
-    "from `hkdbench overhead` (only the pairs it measured).", ""]
+    "- Cost figures: the train step time (median ms) and the train GFLOPs per image that `hkdbench overhead` measured "
+    "(only the pairs it measured), not a run's wall time, which depends on what else the machine ran and on the "
+    "cohort it trained in; methods of equal cost are drawn a hair apart.", ""]
 
 
 def tidy_tables(runs_dir) -> Dict[str, pd.DataFrame]:
