@@ -343,6 +343,18 @@ def _read_only(folder: Path) -> bool:
     return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
 
 
+def _open_lock_file(folder: Path, lock_file: Path):
+    """``lock_file`` in ``folder`` (created), open for a flock; a store that cannot be written is a StoreWriteError
+    naming the file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(lock_file, "a+")
+    except OSError as err:
+        if err.errno in WRITE_ERRNOS:
+            raise StoreWriteError(describe_write_error(lock_file, err)) from err
+        raise
+
+
 def git_sha() -> Optional[str]:
     here = Path(__file__).resolve().parent
     try:
@@ -579,14 +591,7 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self, wait: bool = True) -> Iterator[None]:
         """An exclusive flock on ``lock``: never two processes training the same run."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            lock_file = open(self.lock_file, "a+")
-        except OSError as err:
-            if err.errno in WRITE_ERRNOS:
-                raise StoreWriteError(describe_write_error(self.lock_file, err)) from err
-            raise
-        with lock_file as f:
+        with _open_lock_file(self.path, self.lock_file) as f:
             flags = fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)
             try:
                 fcntl.flock(f, flags)
@@ -762,14 +767,7 @@ class TeacherOutputsDir:
     def lock(self) -> Iterator[None]:
         """An exclusive flock on ``lock``: one writer at a time (readers of finished shards need none: a shard is
         renamed into place whole and listed in the manifest after)."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            lock_file = open(self.lock_file, "a+")
-        except OSError as err:
-            if err.errno in WRITE_ERRNOS:
-                raise StoreWriteError(describe_write_error(self.lock_file, err)) from err
-            raise
-        with lock_file as f:
+        with _open_lock_file(self.path, self.lock_file) as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
