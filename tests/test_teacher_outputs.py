@@ -365,6 +365,23 @@ def test_a_writer_killed_mid_way_leaves_nothing_a_reader_takes(tmp_path):
     assert not list(folder.path.glob(".epoch_*")) and sorted(folder.manifest()["shards"]) == ["0", "1"]
 
 
+def test_the_speed_tools_floor_is_the_cohorts_less_each_students_teacher_cost():
+    from hkdbench.benchmark.tools.teacher_outputs_speed import summary, teacher_cost_s
+
+    run_s = {"r18/none": 10.0, "r18/kd": 13.0, "r18/fitnet": 15.0, "deit/none": 20.0, "deit/kd": 21.0,
+             "deit/fitnet": 24.0}
+    assert teacher_cost_s(run_s) == pytest.approx(3.0 + 1.0)  # kd less none, per student
+    # a kd run that happened to be faster than none costs nothing (clipped at 0, not negative)
+    assert teacher_cost_s({"r18/none": 10.0, "r18/kd": 9.0, "deit/none": 20.0, "deit/kd": 22.0}) == pytest.approx(2.0)
+    assert teacher_cost_s({"r18/kd": 13.0, "r18/fitnet": 15.0}) is None  # no none run: no floor
+    times = {"separate": [103.0, 200.0], "cohorts": [50.0, 100.0], "stored": [40.0, 100.0], "outputs_s": [1.0, 1.0],
+             "run_s": [run_s, {k: 2 * v for k, v in run_s.items()}]}
+    out = summary(times)
+    assert out["no_teacher_floor_s"] == pytest.approx([50.0 - 4.0, 100.0 - 8.0])
+    assert out["floor_over_separate"] == pytest.approx((46 / 103 + 92 / 200) / 2)
+    assert "floor_over_separate" not in summary({**times, "run_s": []})  # no separate run timed alone
+
+
 def test_the_speed_tool_counts_the_teacher_passes_of_each_way(tmp_path):
     from hkdbench.benchmark.tools.teacher_outputs_speed import STORED as TOOL_STORED, plan_configs, teacher_passes
 

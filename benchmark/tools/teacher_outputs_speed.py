@@ -14,7 +14,10 @@ medians reported (on a shared machine absolute times drift, ratios taken side by
 
 Where the time goes: the teacher's forward on one batch (T, as ``cohort_speed`` times it) and the teacher passes
 each way makes, so that T x passes is the teacher's share of each way's time. The teacher is the model with random
-weights saved once to a checkpoint (no teacher run is timed; cost does not depend on the weights).
+weights saved once to a checkpoint (no teacher run is timed; cost does not depend on the weights). Each separate
+run is also timed alone, so that a student's ``kd`` run less its ``none`` run is what the teacher costs a run
+(building, loading and running it). The cohorts' time less that cost once per student is the floor of any way
+that shares the teacher: cohorts whose teacher costs nothing, as stored outputs computed by an earlier sweep.
 
 Under a time limit (``measure``'s deadline, as the GPU check gives it) a further repeat starts only when it will end
 in time. ``LOGIT_READERS`` are methods that can all read stored outputs: the plan where stored beats cohorts.
@@ -70,15 +73,39 @@ def _stored(plans, runs_dir: str, device: str) -> float:
     return outputs_s
 
 
-def time_way(way: str, plans: Dict[str, list], work: Path, device: str, result: Dict[str, List[float]]) -> None:
+def _separately_timed(cfgs, runs_dir: str, device: str, run_s: Dict[str, float]) -> None:
+    """Trains each run alone, as ``_train_separately``, keeping each one's seconds under ``student/method``."""
+    for cfg in cfgs:
+        tic = time.perf_counter()
+        _train_separately([cfg], runs_dir, device)
+        run_s[f"{cfg.student.name}/{cfg.method}"] = time.perf_counter() - tic
+
+
+def time_way(way: str, plans: Dict[str, list], work: Path, device: str, result: Dict[str, list]) -> None:
     runs_dir = work / f"runs_{way}"
+    run_s: Dict[str, float] = {}
     tic = time.perf_counter()
     if way == "stored":
         result["outputs_s"].append(_stored(plans["stored"], str(runs_dir), device))
     for cfgs in plans["live"] if way != "stored" else []:
-        (_train_separately if way == "separate" else _train_as_cohort)(cfgs, str(runs_dir), device)
+        if way == "separate":
+            _separately_timed(cfgs, str(runs_dir), device, run_s)
+        else:
+            _train_as_cohort(cfgs, str(runs_dir), device)
     result[way].append(time.perf_counter() - tic)
+    if way == "separate":
+        result["run_s"].append(run_s)
     shutil.rmtree(runs_dir, ignore_errors=True)
+
+
+def teacher_cost_s(run_s: Dict[str, float]) -> Optional[float]:
+    """What the teacher costs one run of each student, summed over the students: its ``kd`` run's seconds less its
+    ``none`` run's (building, loading and running the teacher; the KD loss itself is negligible; a ``kd`` run that
+    happened to be faster costs 0). None where the plan lacks ``none`` or ``kd``."""
+    students = {key.split("/")[0] for key in run_s}
+    if not all(f"{s}/{m}" in run_s for s in students for m in ("none", "kd")):
+        return None
+    return sum(max(0.0, run_s[f"{s}/kd"] - run_s[f"{s}/none"]) for s in students)
 
 
 def teacher_passes(plans: Dict[str, list]) -> Dict[str, int]:
@@ -96,12 +123,17 @@ def teacher_passes(plans: Dict[str, list]) -> Dict[str, int]:
             "stored": len(streams) + live_cohorts}
 
 
-def summary(times: Dict[str, List[float]]) -> Dict[str, Any]:
+def summary(times: Dict[str, list]) -> Dict[str, Any]:
     out: Dict[str, Any] = {f"{w}_s": times[w] for w in WAYS}
-    out["outputs_s"] = times["outputs_s"]
+    out.update(outputs_s=times["outputs_s"], run_s=times["run_s"])
     for way in ("cohorts", "stored"):
         out[f"{way}_over_separate"] = statistics.median(a / b for a, b in zip(times[way], times["separate"]))
     out.update({f"{w}_s_median": statistics.median(times[w]) for w in WAYS})
+    costs = [teacher_cost_s(run_s) for run_s in times["run_s"]]
+    if costs and None not in costs:  # per repeat, over that repeat's separate runs, as the ways' ratios
+        out["no_teacher_floor_s"] = [c - t for c, t in zip(times["cohorts"], costs)]
+        out["floor_over_separate"] = statistics.median(f / s for f, s in zip(out["no_teacher_floor_s"],
+                                                                              times["separate"]))
     return out
 
 
@@ -132,7 +164,7 @@ def measure(teacher: str, students: Sequence[str], methods: Sequence[str], steps
                               "warmup_s": time.perf_counter() - tic}
     report = on_progress or (lambda result: None)
     report(result)  # the plan and the warm-up's cost, kept where not one repeat fits
-    times: Dict[str, List[float]] = {w: [] for w in (*WAYS, "outputs_s")}
+    times: Dict[str, list] = {w: [] for w in (*WAYS, "outputs_s", "run_s")}
     longest = 0.0
     for r in range(repeats):
         if r and deadline is not None and time.time() + MARGIN * longest > deadline:
@@ -171,6 +203,10 @@ def format_result(r: Dict[str, Any]) -> str:
         lines.append(f"| {way} | {r[f'{way}_s_median']:.1f} | {ratio:.2f}x | {r['teacher_passes_per_step'][way]} | "
                      f"{r['teacher_share'][way]:.0%} |")
     lines.append(f"(stored: the outputs took {statistics.median(r['outputs_s']):.1f} s of it)")
+    if "floor_over_separate" in r:
+        lines.append(f"no-teacher floor: {statistics.median(r['no_teacher_floor_s']):.1f} s, "
+                     f"{r['floor_over_separate']:.2f}x the separate runs (the cohorts less what their teacher costs "
+                     f"them: every run's own student work, the data shared)")
     return "\n".join(lines)
 
 
