@@ -114,6 +114,9 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+UNKNOWN = "<unknown>"  # a label input not recorded yet (a run not started): never sets a run apart
+
+
 def _items(mapping: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
     """A nested mapping as ``{dotted key: value text}``."""
     out: Dict[str, str] = {}
@@ -244,7 +247,9 @@ def run_row(path: Path, root: Optional[Path] = None) -> Dict[str, Any]:
     # what label_runs compares between runs, dropped after it
     row.update({"_settings": settings or [], "_setting": _items(_setting_body(config) or {}),
                 "_teacher": _teacher_items(config), "_method_cfg": _items(config.get("method_cfg") or {}),
-                "_code": _items({"code": config.get("method_code"), "pipeline": env.get("pipeline")})})
+                "_code": _items({"code": config.get("method_code"),
+                                 # a run not started yet (no env.json) has no pipeline version: unknown, not another
+                                 "pipeline": env.get("pipeline") if rd.env_file.exists() else UNKNOWN})})
     row.update({"gpu": env.get("gpu"), "cpu": env.get("cpu"), "cpu_count": env.get("cpu_count"),
                 "cpu_threads": env.get("cpu_threads"), "git_sha": env.get("git_sha"), "hkdbench": env.get("hkdbench"),
                 "torch": env.get("torch"), "timm": env.get("timm"), "python": env.get("python"),
@@ -283,14 +288,16 @@ _LABEL_INPUTS = ["_settings", "_setting", "_teacher", "_method_cfg", "_code"]
 def _apart(df: pd.DataFrame, keys: List[str], column: str, absent: Optional[str] = None) -> pd.Series:
     """Per row, the ``key=value`` items of its ``column`` (a dict of value texts) whose key has not one value in every
     row of its group (``keys``): what sets the row apart within the group. A key a row lacks is written with the
-    text ``absent``, or left out of that row's items where ``absent`` is None."""
+    text ``absent``, or left out of that row's items where ``absent`` is None. A value ``UNKNOWN`` neither differs
+    from the others nor joins its row's items."""
     out = pd.Series([[] for _ in range(len(df))], index=df.index, dtype=object)
     for idx in keyed(df, keys).groupby(keys).groups.values():
         dicts = df.loc[idx, column]
         names = sorted({k for d in dicts for k in d})
-        differ = [k for k in names if len({d.get(k) for d in dicts}) > 1]
+        differ = [k for k in names if len({d.get(k) for d in dicts} - {UNKNOWN}) > 1]
         for i, d in dicts.items():
-            out.at[i] = [f"{k}={d.get(k, absent)}" for k in differ if k in d or absent is not None]
+            out.at[i] = [f"{k}={d.get(k, absent)}" for k in differ
+                         if (k in d or absent is not None) and d.get(k) != UNKNOWN]
     return out
 
 

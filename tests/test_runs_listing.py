@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def store(tmp_path):
-    """The committed demo store's kd runs into resnet_mini and its teacher runs, plus one run in each other state:
+    """The committed results store's kd runs and its teacher runs, plus one run in each other state:
     a copy of a done run left partial (its checkpoint, one epoch), pending (its config only), failed, and one whose
     lock a process holds."""
     source = REPO / "results" / "runs"
@@ -27,7 +27,7 @@ def store(tmp_path):
     names = [p.name for p in source.iterdir() if p.name.startswith(("kd_", "teacher_"))]
     for name in names:
         shutil.copytree(source / name, runs / name)
-    done = RunDir(runs / sorted(n for n in names if n.startswith("kd_vit_mini_to_resnet_mini"))[0])
+    done = RunDir(runs / sorted(n for n in names if n.startswith("kd_") and "_to_resnet_mini_" in n)[0])
     for state in ("partial", "pending", "failed", "running"):
         rd = RunDir(runs / f"{state}_copy")
         rd.path.mkdir()
@@ -50,14 +50,19 @@ def test_every_run_with_its_state_and_accuracies(store, capsys):
     table = pd.read_csv(io.StringIO(_listing(capsys, "--runs-dir", str(runs), "--format", "csv")))
     assert len(table) == len(RunStore(runs).runs())
     by_run = table.set_index("run")
-    summary = done.summary()
+    summary, config = done.summary(), json.loads(done.config_file.read_text())
+    epochs = config["train"]["epochs"]
     row = by_run.loc[done.path.name]
     assert (row["method"], row["pair"], row["dataset"], row["setting"], row["seed"], row["status"], row["epoch"]) == \
-        ("kd", "vit_mini -> resnet_mini", "fashion-mnist", "demo", summary["seed"], "done", "2/2")
+        ("kd", f"{config['teacher']['name']} -> resnet_mini", "fashion-mnist", config["recipe"], summary["seed"],
+         "done", f"{epochs}/{epochs}")
     assert (row["last_top1"], row["best_top1"]) == (summary["last_top1"], summary["best_top1"])
     first = json.loads(done.metrics_file.read_text().splitlines()[0])
-    assert by_run.loc["partial_copy", ["status", "epoch", "last_top1"]].tolist() == ["partial", "1/2", first["top1"]]
-    assert by_run.loc["pending_copy", ["status", "epoch"]].tolist() == ["pending", "0/2"]
+    assert by_run.loc["partial_copy", ["status", "epoch", "last_top1"]].tolist() == \
+        ["partial", f"1/{epochs}", first["top1"]]
+    assert by_run.loc["pending_copy", ["status", "epoch"]].tolist() == ["pending", f"0/{epochs}"]
+    # not started, it has no pipeline version yet: unknown, which sets no label apart (the done run's is plain kd too)
+    assert by_run.loc["pending_copy", "method"] == "kd"
     assert pd.isna(by_run.loc["pending_copy", "last_top1"])
     assert by_run.loc["failed_copy", "status"] == "failed"
     teacher = next(r for r in table.itertuples() if r.run.startswith("teacher_resnet_mini"))
@@ -108,9 +113,11 @@ def test_the_table_is_aligned_and_newest_first(store, capsys):
     lines = _listing(capsys, "--runs-dir", str(runs)).splitlines()
     assert lines[0].split()[:4] == ["method", "pair", "dataset", "setting"] and "best top-1 (test)" in lines[0]
     assert len(lines) == len(RunStore(runs).runs()) + 1
+    unit = {"s": 1, "min": 60, "h": 3600, "d": 86400}
     ages = [line.split()[-2:] for line in lines[1:]]
     assert ages[0][1] in ("s", "min")  # the copies just made come first
-    assert ages[-1][1] == "d"  # the committed runs finished days ago (their summaries' time)
+    seconds = [int(n) * unit[u] for n, u in ages]
+    assert seconds == sorted(seconds) and seconds[-1] > seconds[0]  # the committed runs finished before (summaries)
 
 
 def test_an_empty_store_and_a_missing_one(tmp_path, capsys):
