@@ -83,18 +83,18 @@ def _separately_timed(cfgs, runs_dir: str, device: str, run_s: Dict[str, float])
 
 def time_way(way: str, plans: Dict[str, list], work: Path, device: str, result: Dict[str, list]) -> None:
     runs_dir = work / f"runs_{way}"
-    run_s: Dict[str, float] = {}
     tic = time.perf_counter()
     if way == "stored":
         result["outputs_s"].append(_stored(plans["stored"], str(runs_dir), device))
-    for cfgs in plans["live"] if way != "stored" else []:
-        if way == "separate":
+    elif way == "separate":
+        run_s: Dict[str, float] = {}
+        for cfgs in plans["live"]:
             _separately_timed(cfgs, str(runs_dir), device, run_s)
-        else:
+        result["run_s"].append(run_s)
+    else:
+        for cfgs in plans["live"]:
             _train_as_cohort(cfgs, str(runs_dir), device)
     result[way].append(time.perf_counter() - tic)
-    if way == "separate":
-        result["run_s"].append(run_s)
     shutil.rmtree(runs_dir, ignore_errors=True)
 
 
